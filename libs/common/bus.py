@@ -1,0 +1,560 @@
+"""The NeoPulse message bus on ZeroMQ.
+
+Wire format
+-----------
+PUB/SUB: one frame ``topic NUL header payload``. ``topic`` is dotted ASCII ending in ``.``
+(``tick.nse_cm.2885.``) so a prefix subscription to token 2885 never receives 28850.
+``header`` is ``<IQ``: the publisher's random epoch (changes on restart) and a per-topic
+sequence number, so subscribers filtering by prefix still see contiguous numbers and can
+count gaps. ``payload`` is a msgpack-encoded message from ``libs.common.messages``.
+
+Requests: clients are DEALER sockets, servers ROUTER. A request is
+``["", corr, payload]`` and the reply echoes ``corr``; the server may answer later
+(deferred), so a slow downstream never blocks it. After a timeout the client closes and
+reopens its socket (Lazy Pirate), so a stale reply can never be taken for a new one.
+
+Nothing on the wire can crash a service: malformed, unknown or oversized frames are
+counted, logged (rate limited) and dropped, or answered with an error ``Reply``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from libs.common.messages import Codec, Message, Reply
+
+_HDR = struct.Struct("<IQ")
+_HDR_LEN = _HDR.size
+_CORR = struct.Struct("<Q")
+SEP = b"\x00"
+
+
+class RequestTimeout(Exception):
+    """No reply within the timeout; names the endpoint so the operator knows who is down."""
+
+    def __init__(self, endpoint: str, timeout_ms: int) -> None:
+        super().__init__(f"no reply from {endpoint} within {timeout_ms} ms")
+        self.endpoint = endpoint
+
+
+def topic(*parts: str) -> bytes:
+    """``topic("tick", "nse_cm", "2885")`` → ``b"tick.nse_cm.2885."``."""
+    return ("".join(p + "." for p in parts)).encode("ascii")
+
+
+@dataclass
+class BusStats:
+    """Counters every socket wrapper keeps; published in heartbeats."""
+
+    received: int = 0
+    sent: int = 0
+    gaps: int = 0
+    malformed: int = 0
+    oversized: int = 0
+    timeouts: int = 0
+    last_error: str = ""
+    _last_log: float = field(default=0.0, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received, "sent": self.sent, "gaps": self.gaps,
+            "malformed": self.malformed, "oversized": self.oversized, "timeouts": self.timeouts,
+        }
+
+
+def _rate_limited_warn(stats: BusStats, log: Any, event: str, **kw: Any) -> None:
+    now = time.monotonic()
+    if log is not None and now - stats._last_log > 1.0:
+        stats._last_log = now
+        log.warning(event, **kw)
+
+
+# --------------------------------------------------------------------------- socket factory
+
+
+class Bus:
+    """Owns the ZeroMQ context and applies socket options (and CURVE) in one place."""
+
+    def __init__(self, cfg: Any | None = None, log: Any = None, ctx: zmq.Context[Any] | None = None) -> None:
+        self.ctx: zmq.Context[Any] = ctx or zmq.Context()
+        self.cfg = cfg
+        self.log = log
+        self.max_frame = getattr(getattr(cfg, "bus", None), "max_frame_bytes", 1_048_576)
+        self.sndhwm = getattr(getattr(cfg, "bus", None), "sndhwm", 1_000_000)
+        self.timeout_ms = getattr(getattr(cfg, "bus", None), "request_timeout_ms", 2500)
+        self.security: Any = None  # set by libs.common.security when bus.curve is on
+
+    def socket(self, kind: int, *, server: bool) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        if self.security is not None:
+            self.security.apply(sock, server=server)
+        return sock
+
+    def publisher(self, endpoint: str, bind: bool = True) -> Publisher:
+        return Publisher(self, endpoint, bind=bind)
+
+    def subscriber(self, endpoints: Iterable[str], topics: Iterable[bytes] = (b"",)) -> Subscriber:
+        return Subscriber(self, list(endpoints), list(topics))
+
+    def server(self, endpoint: str) -> Server:
+        return Server(self, endpoint)
+
+    def client(self, endpoint: str, timeout_ms: int | None = None) -> Client:
+        return Client(self, endpoint, timeout_ms or self.timeout_ms)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+# --------------------------------------------------------------------------- PUB/SUB
+
+
+class Publisher:
+    """PUB socket with per-topic sequence numbers."""
+
+    def __init__(self, bus: Bus, endpoint: str, bind: bool = True) -> None:
+        self.endpoint = endpoint
+        self.sock = bus.socket(zmq.PUB, server=bind)
+        self.sock.setsockopt(zmq.SNDHWM, bus.sndhwm)
+        if bind:
+            _prepare_ipc(endpoint)
+            self.sock.bind(endpoint)
+        else:
+            self.sock.connect(endpoint)
+        self.epoch = int.from_bytes(os.urandom(4), "little")
+        self._seq: dict[bytes, int] = {}
+        self._encode = Codec().encode
+        self.stats = BusStats()
+
+    def publish(self, topic: bytes, msg: Message) -> None:
+        self.publish_raw(topic, self._encode(msg))
+
+    def publish_raw(self, topic: bytes, payload: bytes) -> None:
+        seq = self._seq.get(topic, 0) + 1
+        self._seq[topic] = seq
+        self.sock.send(b"".join((topic, SEP, _HDR.pack(self.epoch, seq), payload)))
+        self.stats.sent += 1
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class Subscriber:
+    """SUB socket that decodes, counts gaps per topic, and drops what it cannot read."""
+
+    def __init__(self, bus: Bus, endpoints: list[str], topics: list[bytes]) -> None:
+        self.sock = bus.socket(zmq.SUB, server=False)
+        self.sock.setsockopt(zmq.RCVHWM, bus.sndhwm)
+        for t in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, t)
+        for ep in endpoints:
+            self.sock.connect(ep)
+        self.endpoints = endpoints
+        self._decode = Codec().decode
+        self._last: dict[bytes, tuple[int, int]] = {}
+        self.stats = BusStats()
+        self.log = bus.log
+        self.max_frame = bus.max_frame
+
+    def subscribe(self, prefix: bytes) -> None:
+        self.sock.setsockopt(zmq.SUBSCRIBE, prefix)
+
+    def unsubscribe(self, prefix: bytes) -> None:
+        self.sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
+
+    def parse(self, frame: bytes) -> tuple[bytes, Message] | None:
+        """Split, check sequence and decode one frame; None when it was dropped."""
+        stats = self.stats
+        i = frame.find(SEP)
+        if i <= 0 or len(frame) < i + 1 + _HDR_LEN:
+            stats.malformed += 1
+            _rate_limited_warn(stats, self.log, "bus_malformed_frame", size=len(frame))
+            return None
+        tpc = frame[:i]
+        epoch, seq = _HDR.unpack_from(frame, i + 1)
+        last = self._last.get(tpc)
+        if last is not None and last[0] == epoch and seq != last[1] + 1 and seq > last[1]:
+            stats.gaps += seq - last[1] - 1
+        self._last[tpc] = (epoch, seq)
+        try:
+            msg = self._decode(frame[i + 1 + _HDR_LEN:])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            stats.malformed += 1
+            stats.last_error = str(exc)[:200]
+            _rate_limited_warn(stats, self.log, "bus_undecodable_message", topic=tpc[:64], error=str(exc)[:200])
+            return None
+        stats.received += 1
+        return tpc, msg
+
+    def drain(self, handler: Callable[[bytes, Message], None], limit: int = 10_000) -> int:
+        """Receive everything queued (up to ``limit``) and hand each message to ``handler``."""
+        recv = self.sock.recv
+        parse = self.parse
+        n = 0
+        while n < limit:
+            try:
+                frame = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            n += 1
+            parsed = parse(frame)
+            if parsed is not None:
+                handler(parsed[0], parsed[1])
+        return n
+
+    def recv(self, timeout_ms: int) -> tuple[bytes, Message] | None:
+        """Blocking receive of one decodable message (for CLI tools and tests)."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0 or not self.sock.poll(left):
+                return None
+            parsed = self.parse(self.sock.recv())
+            if parsed is not None:
+                return parsed
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class Responder:
+    """Where a deferred reply goes: the client identity and correlation id."""
+
+    __slots__ = ("_corr", "_ident", "_server")
+
+    def __init__(self, server: Server, ident: bytes, corr: bytes) -> None:
+        self._server = server
+        self._ident = ident
+        self._corr = corr
+
+    def send(self, msg: Message) -> None:
+        self._server.send_reply(self._ident, self._corr, msg)
+
+
+RequestHandler = Callable[[Message, Responder], "Message | None"]
+
+
+class Server:
+    """ROUTER socket answering ``[corr, payload]`` requests. A handler returns a reply now,
+    or ``None`` and answers later through the ``Responder``."""
+
+    def __init__(self, bus: Bus, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.sock = bus.socket(zmq.ROUTER, server=True)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        _prepare_ipc(endpoint)
+        self.sock.bind(endpoint)
+        self._codec = Codec()
+        self.stats = BusStats()
+        self.log = bus.log
+        self.handler: RequestHandler | None = None
+
+    def send_reply(self, ident: bytes, corr: bytes, msg: Message) -> None:
+        try:
+            self.sock.send_multipart([ident, b"", corr, self._codec.encode(msg)], zmq.NOBLOCK)
+            self.stats.sent += 1
+        except zmq.ZMQError as exc:  # client gone or queue full: the client's timeout handles it
+            self.stats.last_error = str(exc)
+
+    def drain(self, limit: int = 1000) -> int:
+        handler = self.handler
+        assert handler is not None, "Server.handler must be set before draining"
+        n = 0
+        while n < limit:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            n += 1
+            if len(frames) != 4 or frames[1] != b"" or len(frames[2]) != _CORR.size:
+                self.stats.malformed += 1
+                _rate_limited_warn(self.stats, self.log, "bus_malformed_request", frames=len(frames))
+                if len(frames) >= 2:
+                    corr = frames[2] if len(frames) > 2 and len(frames[2]) == _CORR.size else b"\0" * 8
+                    self.send_reply(frames[0], corr, Reply(ok=False, code="malformed",
+                                                           error="malformed request envelope"))
+                continue
+            ident, _, corr, payload = frames
+            try:
+                msg = self._codec.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.stats.malformed += 1
+                _rate_limited_warn(self.stats, self.log, "bus_undecodable_request", error=str(exc)[:200])
+                self.send_reply(ident, corr, Reply(ok=False, code="malformed",
+                                                   error=f"malformed request: {str(exc)[:200]}"))
+                continue
+            self.stats.received += 1
+            responder = Responder(self, ident, corr)
+            try:
+                reply = handler(msg, responder)
+            except Exception as exc:  # a handler bug answers with an error and never kills the loop
+                if self.log is not None:
+                    self.log.exception("request_handler_failed", kind=type(msg).__name__)
+                reply = Reply(ok=False, code="internal", error=f"internal error: {type(exc).__name__}: {exc}")
+            if reply is not None:
+                responder.send(reply)
+        return n
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class Client:
+    """Blocking request client (CLI, tests, simple tools). Lazy Pirate: after a timeout the
+    socket is closed and reopened, and ``RequestTimeout`` names the endpoint."""
+
+    def __init__(self, bus: Bus, endpoint: str, timeout_ms: int) -> None:
+        self.bus = bus
+        self.endpoint = endpoint
+        self.timeout_ms = timeout_ms
+        self._codec = Codec()
+        self._corr = itertools.count(int.from_bytes(os.urandom(3), "little"))
+        self.stats = BusStats()
+        self.sock = self._open()
+
+    def _open(self) -> zmq.Socket[Any]:
+        sock = self.bus.socket(zmq.DEALER, server=False)
+        sock.connect(self.endpoint)
+        return sock
+
+    def reopen(self) -> None:
+        self.sock.close(0)
+        self.sock = self._open()
+
+    def request(self, msg: Message, timeout_ms: int | None = None, retries: int = 0) -> Message:
+        timeout = timeout_ms or self.timeout_ms
+        payload = self._codec.encode(msg)
+        for attempt in range(retries + 1):
+            corr = _CORR.pack(next(self._corr) & 0xFFFFFFFFFFFFFFFF)
+            self.sock.send_multipart([b"", corr, payload])
+            deadline = time.monotonic() + timeout / 1000
+            while True:
+                left = int((deadline - time.monotonic()) * 1000)
+                if left <= 0 or not self.sock.poll(left):
+                    break
+                frames = self.sock.recv_multipart()
+                if len(frames) == 3 and frames[1] == corr:
+                    self.stats.received += 1
+                    return self._codec.decode(frames[2])
+                # a stale reply from an earlier, timed-out request: ignore it
+            self.stats.timeouts += 1
+            self.reopen()
+            if attempt == retries:
+                break
+        raise RequestTimeout(self.endpoint, timeout)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class AsyncClient:
+    """Non-blocking request client for use inside a ``Reactor``: replies and timeouts come
+    back as callbacks, so a stuck peer never wedges the service."""
+
+    def __init__(self, bus: Bus, reactor: Reactor, endpoint: str, timeout_ms: int | None = None) -> None:
+        self.bus = bus
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.timeout_ms = timeout_ms or bus.timeout_ms
+        self._codec = Codec()
+        self._corr = itertools.count(1)
+        self._pending: dict[bytes, tuple[float, Callable[[Message | Exception], None]]] = {}
+        self.stats = BusStats()
+        self.sock = self._open()
+        reactor.call_every(0.05, self._expire)
+
+    def _open(self) -> zmq.Socket[Any]:
+        sock = self.bus.socket(zmq.DEALER, server=False)
+        sock.connect(self.endpoint)
+        self.reactor.add_reader(sock, self._on_readable)
+        return sock
+
+    def request(self, msg: Message, callback: Callable[[Message | Exception], None],
+                timeout_ms: int | None = None) -> None:
+        corr = _CORR.pack(next(self._corr))
+        deadline = time.monotonic() + (timeout_ms or self.timeout_ms) / 1000
+        self._pending[corr] = (deadline, callback)
+        try:
+            self.sock.send_multipart([b"", corr, self._codec.encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            del self._pending[corr]
+            callback(RequestTimeout(self.endpoint, 0))
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 3:
+                self.stats.malformed += 1
+                continue
+            entry = self._pending.pop(frames[1], None)
+            if entry is None:
+                continue  # late reply after a timeout
+            try:
+                reply: Message | Exception = self._codec.decode(frames[2])
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                reply = exc
+            self.stats.received += 1
+            entry[1](reply)
+
+    def _expire(self) -> None:
+        if not self._pending:
+            return
+        now = time.monotonic()
+        expired = [c for c, (deadline, _) in self._pending.items() if deadline <= now]
+        if not expired:
+            return
+        callbacks = [self._pending.pop(c)[1] for c in expired]
+        self.stats.timeouts += len(expired)
+        # Lazy Pirate: a fresh socket so nothing stale is delivered later. Requests still in
+        # flight on the old socket are failed too: their replies could never arrive now.
+        callbacks.extend(cb for _, cb in self._pending.values())
+        self._pending.clear()
+        self.reactor.remove_reader(self.sock)
+        self.sock.close(0)
+        self.sock = self._open()
+        for cb in callbacks:
+            cb(RequestTimeout(self.endpoint, self.timeout_ms))
+
+    def close(self) -> None:
+        self.reactor.remove_reader(self.sock)
+        self.sock.close(0)
+
+
+# --------------------------------------------------------------------------- reactor
+
+
+class Reactor:
+    """A single-threaded event loop over ``zmq.Poller`` with timers and a thread-safe queue.
+
+    Readers drain their sockets completely when woken, which keeps per-message overhead
+    to a non-blocking ``recv`` and a decode. Blocking work (broker SDK calls) runs in a
+    thread pool and comes back through ``call_soon_threadsafe``.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self.ctx = ctx
+        self.poller = zmq.Poller()
+        self._readers: dict[Any, Callable[[], Any]] = {}
+        self._timers: list[tuple[float, int, Callable[[], Any], float | None]] = []
+        self._cancelled: set[int] = set()
+        self._ids = itertools.count()
+        self._queue: deque[Callable[[], Any]] = deque()
+        self._wake_addr = f"inproc://reactor-wake-{id(self)}"
+        self._wake_pull = ctx.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._wake_push = ctx.socket(zmq.PUSH)
+        self._wake_push.setsockopt(zmq.LINGER, 0)
+        self._wake_push.connect(self._wake_addr)
+        self.add_reader(self._wake_pull, self._on_wake)
+        self.running = False
+        self.error_handler: Callable[[str, BaseException], None] | None = None
+
+    def add_reader(self, sock: Any, fn: Callable[[], Any]) -> None:
+        self._readers[sock] = fn
+        self.poller.register(sock, zmq.POLLIN)
+
+    def remove_reader(self, sock: Any) -> None:
+        if self._readers.pop(sock, None) is not None:
+            self.poller.unregister(sock)
+
+    def call_later(self, delay: float, fn: Callable[[], Any]) -> int:
+        tid = next(self._ids)
+        heapq.heappush(self._timers, (time.monotonic() + delay, tid, fn, None))
+        return tid
+
+    def call_every(self, interval: float, fn: Callable[[], Any]) -> int:
+        tid = next(self._ids)
+        heapq.heappush(self._timers, (time.monotonic() + interval, tid, fn, interval))
+        return tid
+
+    def cancel(self, tid: int) -> None:
+        self._cancelled.add(tid)
+
+    def call_soon_threadsafe(self, fn: Callable[[], Any]) -> None:
+        self._queue.append(fn)
+        with self._wake_lock:
+            try:
+                self._wake_push.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _on_wake(self) -> None:
+        while True:
+            try:
+                self._wake_pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        while self._queue:
+            self._guard("threadsafe_callback", self._queue.popleft())
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            if self.error_handler is not None:
+                self.error_handler(what, exc)
+            else:
+                raise
+
+    def stop(self) -> None:
+        self.running = False
+
+    def run(self) -> None:
+        self.running = True
+        timers = self._timers
+        while self.running:
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                when, tid, fn, interval = heapq.heappop(timers)
+                if tid in self._cancelled:
+                    self._cancelled.discard(tid)
+                    continue
+                if interval is not None:
+                    heapq.heappush(timers, (max(when + interval, now), tid, fn, interval))
+                self._guard("timer", fn)
+                if not self.running:
+                    return
+            timeout = 100.0
+            if timers:
+                timeout = min(timeout, max(0.0, (timers[0][0] - time.monotonic()) * 1000))
+            try:
+                events = self.poller.poll(timeout)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ETERM:
+                    return
+                raise
+            for sock, _ in events:
+                fn = self._readers.get(sock)
+                if fn is not None:
+                    self._guard("reader", fn)
+
+    def close(self) -> None:
+        self._wake_pull.close(0)
+        self._wake_push.close(0)
+
+
+def _prepare_ipc(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

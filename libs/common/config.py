@@ -1,0 +1,348 @@
+"""Configuration: ``neopulse.toml`` → environment → flags, as frozen msgspec Structs.
+
+Layering (later wins):
+1. defaults in the Structs below;
+2. the TOML file named by ``NEOPULSE_CONFIG``, else ``./neopulse.toml`` if present;
+3. ``.env`` (in the working directory, or ``NEOPULSE_ENV_FILE``) — for secrets;
+4. environment variables ``NEOPULSE_<SECTION>__<KEY>`` (lists/tables as JSON).
+
+Unknown sections or keys are rejected. A bad config raises ``ConfigError`` with one line
+naming the key; service entry points turn that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+
+ENV_PREFIX = "NEOPULSE_"
+# Environment variables that are not config keys.
+RESERVED_ENV = {"NEOPULSE_HOME", "NEOPULSE_CONFIG", "NEOPULSE_LIVE", "NEOPULSE_ENV_FILE", "NEOPULSE_SERVICE"}
+
+
+class ConfigError(Exception):
+    """A bad configuration value. ``str(err)`` is the one line shown to the operator."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class BusConfig(_Section, frozen=True):
+    """ZeroMQ endpoints. ``base_port`` shifts every default endpoint together."""
+
+    host: str = "127.0.0.1"
+    base_port: Port = 7100
+    request_timeout_ms: PositiveInt = 2500
+    max_frame_bytes: PositiveInt = 1_048_576
+    sndhwm: NonNegInt = 1_000_000
+    curve: bool = False
+    keys_dir: str = ""  # default: $NEOPULSE_HOME/keys
+    # Explicit endpoint overrides; empty means derived from host and base_port.
+    feed_pub: str = ""
+    feed_rep: str = ""
+    risk_rep: str = ""
+    risk_pub: str = ""
+    execution_rep: str = ""
+    execution_pub: str = ""
+    notifier_pub: str = ""
+
+    def endpoint(self, name: str) -> str:
+        explicit = getattr(self, name)
+        if explicit:
+            return str(explicit)
+        offsets = {
+            "feed_pub": 1, "feed_rep": 2, "risk_rep": 101, "risk_pub": 102,
+            "execution_rep": 201, "execution_pub": 202, "notifier_pub": 401,
+        }
+        return f"tcp://{self.host}:{self.base_port + offsets[name]}"
+
+
+class FeedConfig(_Section, frozen=True):
+    source: str = "sim"  # sim | replay | kotak
+    instruments: list[str] = msgspec.field(
+        default_factory=lambda: ["RELIANCE-EQ", "INFY-EQ", "TCS-EQ", "HDFCBANK-EQ", "SBIN-EQ"]
+    )
+    sim_rate: PositiveFloat = 20.0  # ticks per second per instrument
+    sim_seed: int = 42
+    sim_volatility: NonNegFloat = 0.0008  # per-tick relative step
+    replay_path: str = ""
+    replay_speed: str = "1"  # a factor, or "max"
+    replay_loop: bool = False
+    watchdog_s: PositiveFloat = 10.0
+    market_hours: str = "09:15-15:30"
+    timezone: str = "Asia/Kolkata"
+    reconnect_min_s: PositiveFloat = 0.5
+    reconnect_max_s: PositiveFloat = 30.0
+    record: bool = True
+    max_subscriptions: PositiveInt = 3000
+
+
+class RiskConfig(_Section, frozen=True):
+    max_qty: PositiveInt = 1000
+    max_notional: PositiveFloat = 1_000_000.0
+    max_open_positions: PositiveInt = 10
+    max_orders_per_sec: PositiveInt = 10
+    max_daily_loss: PositiveFloat = 5_000.0
+    cost_rate: Fraction = 0.00035
+    default_capital: PositiveFloat = 100_000.0
+
+
+class ExecutionConfig(_Section, frozen=True):
+    broker: str = "paper"  # paper | kotak
+    protection_pct: Annotated[float, Meta(gt=0, le=20)] = 1.0
+    reconcile_s: PositiveFloat = 60.0
+    pool_workers: PositiveInt = 20
+    orders_per_sec: PositiveFloat = 10.0
+    requests_per_sec: PositiveFloat = 25.0
+    broker_timeout_s: PositiveFloat = 10.0
+    logout_at: str = "15:45"
+
+
+class PaperConfig(_Section, frozen=True):
+    slippage_bps: NonNegFloat = 2.0
+    capital: PositiveFloat = 1_000_000.0
+
+
+class DatabaseConfig(_Section, frozen=True):
+    url: str = ""  # empty: embedded PostgreSQL under $NEOPULSE_HOME/pgdata
+
+
+class KotakConfig(_Section, frozen=True):
+    environment: str = "prod"
+    consumer_key: str = ""
+    mobile: str = ""
+    ucc: str = ""
+    mpin: str = ""
+    totp_secret: str = ""
+    base_url: str = ""  # test/sandbox override for the REST endpoints
+    sfeed_url: str = ""  # test/sandbox override for the market-data websocket
+    feed_user: str = ""  # use these SFeed credentials directly instead of asking execution
+    feed_auth: str = ""
+
+
+class TelegramConfig(_Section, frozen=True):
+    token: str = ""
+    chat_id: str = ""
+    api_url: str = "https://api.telegram.org"
+    max_per_sec: PositiveFloat = 1.0
+
+
+class NotifierConfig(_Section, frozen=True):
+    silence_s: PositiveFloat = 5.0
+    summary_at: str = "15:45"
+    webhook_url: str = ""
+    aggregate_ms: PositiveInt = 1000
+
+
+class LogConfig(_Section, frozen=True):
+    level: str = "INFO"
+    max_bytes: PositiveInt = 20_000_000
+    backups: NonNegInt = 5
+
+
+class StrategyInstance(_Section, frozen=True):
+    """One ``[[strategy]]`` entry: which strategy runs, under which id, with which params."""
+
+    name: str
+    id: str
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    instruments: list[str] = msgspec.field(default_factory=list)
+    on_error: str = "continue"  # continue | stop
+
+
+def _default_strategies() -> list[StrategyInstance]:
+    return [StrategyInstance(name="momentum", id="mom1")]
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
+    feed: FeedConfig = msgspec.field(default_factory=FeedConfig)
+    risk: RiskConfig = msgspec.field(default_factory=RiskConfig)
+    execution: ExecutionConfig = msgspec.field(default_factory=ExecutionConfig)
+    paper: PaperConfig = msgspec.field(default_factory=PaperConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    kotak: KotakConfig = msgspec.field(default_factory=KotakConfig)
+    telegram: TelegramConfig = msgspec.field(default_factory=TelegramConfig)
+    notifier: NotifierConfig = msgspec.field(default_factory=NotifierConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    strategy: list[StrategyInstance] = msgspec.field(default_factory=_default_strategies)
+
+    @property
+    def home(self) -> Path:
+        return home_dir()
+
+
+SECRET_KEYS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("kotak", "consumer_key"), ("kotak", "mobile"), ("kotak", "ucc"), ("kotak", "mpin"),
+        ("kotak", "totp_secret"), ("kotak", "feed_auth"),
+        ("telegram", "token"), ("telegram", "chat_id"),
+    }
+)
+
+_SECTIONS = {f: t for f, t in zip(Config.__struct_fields__, Config.__annotations__.values(), strict=True)}
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("NEOPULSE_HOME", "./var")).resolve()
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        print(
+            f"warning: {path} is readable by other users; run `chmod 600 {path}` (it holds secrets)",
+            file=sys.stderr,
+        )
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _coerce_env(raw: str) -> Any:
+    text = raw.strip()
+    if text[:1] in "[{":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> None:
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].partition("__")
+        section, key = section.lower(), key.lower()
+        if section not in _SECTIONS or section == "strategy":
+            raise ConfigError(f"{name}: unknown config section `{section}`")
+        value = _coerce_env(raw)
+        sect = data.setdefault(section, {})
+        if not isinstance(sect, dict):
+            raise ConfigError(f"{name}: section `{section}` is not a table")
+        sect[key] = value
+
+
+def _explain(err: msgspec.ValidationError, source: str) -> str:
+    text = str(err)
+    # msgspec: "Object contains unknown field `foo` - at `$.risk`"
+    msg, _, path = text.partition(" - at `")
+    path = path.rstrip("`").removeprefix("$").lstrip(".")
+    if msg.startswith("Object contains unknown field"):
+        field = msg.split("`")[1]
+        where = f"{path}.{field}" if path else field
+        return f"config error: unknown key `{where}` ({source})"
+    return f"config error: {path or 'config'}: {msg} ({source})"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """Load and validate the configuration. Raises ``ConfigError`` with one clear line."""
+    environ = dict(os.environ if env is None else env)
+    env_file = Path(environ.get("NEOPULSE_ENV_FILE", ".env"))
+    if env_file.is_file():
+        merged = _read_env_file(env_file)
+        merged.update(environ)
+        environ = merged
+
+    cfg_path: Path | None
+    if path is not None:
+        cfg_path = Path(path)
+    elif environ.get("NEOPULSE_CONFIG"):
+        cfg_path = Path(environ["NEOPULSE_CONFIG"])
+    else:
+        cfg_path = Path("neopulse.toml") if Path("neopulse.toml").is_file() else None
+
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if cfg_path is not None:
+        try:
+            data = tomllib.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config error: file not found: {cfg_path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config error: {cfg_path}: invalid TOML: {exc}") from None
+        source = str(cfg_path)
+    _apply_env(data, environ)
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, source + " + environment")) from None
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    checks = [
+        (cfg.feed.source in {"sim", "replay", "kotak"}, "feed.source", "must be sim, replay or kotak"),
+        (cfg.execution.broker in {"paper", "kotak"}, "execution.broker", "must be paper or kotak"),
+        (cfg.log.level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "log.level", "must be DEBUG..ERROR"),
+        (cfg.feed.replay_speed == "max" or _is_positive_number(cfg.feed.replay_speed),
+         "feed.replay_speed", "must be a positive number or `max`"),
+        (cfg.feed.reconnect_min_s <= cfg.feed.reconnect_max_s, "feed.reconnect_min_s",
+         "must not exceed feed.reconnect_max_s"),
+        (len({s.id for s in cfg.strategy}) == len(cfg.strategy), "strategy.id", "ids must be unique"),
+    ]
+    for ok, key, problem in checks:
+        if not ok:
+            raise ConfigError(f"config error: `{key}` {problem}")
+    _parse_hours(cfg.feed.market_hours)
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _parse_hours(text: str) -> tuple[int, int]:
+    """``"09:15-15:30"`` → minutes since midnight (start, end)."""
+    try:
+        start, end = text.split("-")
+        h1, m1 = (int(x) for x in start.split(":"))
+        h2, m2 = (int(x) for x in end.split(":"))
+    except ValueError:
+        raise ConfigError(f"config error: `feed.market_hours` must look like 09:15-15:30, got {text!r}") from None
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
+def secret_values(cfg: Config) -> list[str]:
+    """Every non-empty secret string, for log redaction."""
+    out = []
+    for section, key in SECRET_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value and len(value) >= 4:
+            out.append(value)
+    return out
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with every secret replaced — safe to print."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg)
+    for section, key in SECRET_KEYS:
+        if data.get(section, {}).get(key):
+            data[section][key] = "***"
+    return data

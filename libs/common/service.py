@@ -1,0 +1,184 @@
+"""The one service lifecycle every NeoPulse process uses.
+
+``Service`` owns: config, logging, the bus context, the reactor, a PUB socket with a
+``Heartbeat`` every second, SIGINT/SIGTERM handling, a task registry, the run file under
+``$NEOPULSE_HOME/run/`` and a clean exit within 5 s. Subclasses fill in ``on_start``,
+``on_stop`` and ``status_info`` and register sockets with ``self.reactor``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from libs.common import config as config_mod
+from libs.common.bus import AsyncClient, Bus, Publisher, Reactor, Subscriber, topic
+from libs.common.config import Config, ConfigError
+from libs.common.log import setup_logging
+from libs.common.messages import Heartbeat
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+class Service:
+    """Base class for a NeoPulse process. Subclasses set ``name`` and override hooks."""
+
+    name = "service"
+
+    def __init__(self, cfg: Config, name: str | None = None, pub_endpoint: str | None = None) -> None:
+        if name:
+            self.name = name
+        self.cfg = cfg
+        self.home = config_mod.home_dir()
+        self.log: Any = setup_logging(
+            self.name, self.home, cfg.log.level, config_mod.secret_values(cfg),
+            max_bytes=cfg.log.max_bytes, backups=cfg.log.backups,
+        )
+        self.started_ns = time.time_ns()
+        self.bus = Bus(cfg, self.log)
+        if cfg.bus.curve:
+            from libs.common.security import install_curve
+
+            install_curve(self.bus, cfg, self.name)
+        self.reactor = Reactor(self.bus.ctx)
+        self.reactor.error_handler = self._on_task_error
+        self.pub: Publisher | None = None
+        if pub_endpoint is not None:
+            self.pub = self.bus.publisher(pub_endpoint)
+        self.tasks: dict[str, int] = {}
+        self.subscribers: list[Subscriber] = []
+        self.clients: list[AsyncClient] = []
+        self._hb_topic = topic("hb", self.name)
+        self.exit_code = EXIT_OK
+        self.stop_reason = ""
+
+    # ----------------------------------------------------------------- hooks
+    def on_start(self) -> None:
+        """Bind/connect sockets, load state. Raise to refuse to start."""
+
+    def on_stop(self) -> None:
+        """Flush and release resources. Must finish quickly (the whole exit is ≤ 5 s)."""
+
+    def status_info(self) -> dict[str, Any]:
+        """Extra fields for the heartbeat and ``neopulse status``."""
+        return {}
+
+    # ----------------------------------------------------------------- helpers
+    def add_task(self, name: str, interval: float, fn: Callable[[], Any]) -> None:
+        """Register a periodic task; failures are logged and the task keeps its schedule."""
+        self.tasks[name] = self.reactor.call_every(interval, fn)
+
+    def subscribe(self, endpoints: list[str], topics: list[bytes],
+                  handler: Callable[[bytes, Any], None]) -> Subscriber:
+        sub = self.bus.subscriber(endpoints, topics)
+        self.reactor.add_reader(sub.sock, lambda: sub.drain(handler))
+        self.subscribers.append(sub)
+        return sub
+
+    def client(self, endpoint: str, timeout_ms: int | None = None) -> AsyncClient:
+        cli = AsyncClient(self.bus, self.reactor, endpoint, timeout_ms)
+        self.clients.append(cli)
+        return cli
+
+    def bus_stats(self) -> dict[str, Any]:
+        totals = {"gaps": 0, "malformed": 0, "timeouts": 0}
+        for s in self.subscribers:
+            totals["gaps"] += s.stats.gaps
+            totals["malformed"] += s.stats.malformed
+        for c in self.clients:
+            totals["timeouts"] += c.stats.timeouts
+        return totals
+
+    def heartbeat(self) -> None:
+        if self.pub is None:
+            return
+        info = {**self.bus_stats(), **self.status_info()}
+        self.pub.publish(self._hb_topic, Heartbeat(service=self.name, pid=os.getpid(),
+                                                   started_ns=self.started_ns, info=info))
+
+    def stop(self, reason: str = "", exit_code: int | None = None) -> None:
+        if exit_code is not None:
+            self.exit_code = exit_code
+        self.stop_reason = reason or self.stop_reason
+        self.reactor.stop()
+
+    def _on_task_error(self, what: str, exc: BaseException) -> None:
+        self.log.error("task_failed", where=what, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+    def _write_run_file(self) -> Path:
+        run_dir = self.home / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / f"{self.name}.json"
+        path.write_text(json.dumps({
+            "service": self.name, "pid": os.getpid(), "started_ns": self.started_ns,
+            "pub": self.pub.endpoint if self.pub else "",
+        }))
+        return path
+
+    # ----------------------------------------------------------------- lifecycle
+    def run(self) -> int:
+        def _on_signal(signum: int, _frame: Any) -> None:
+            self.log.info("signal_received", signal=signal.Signals(signum).name)
+            self.stop(f"signal {signal.Signals(signum).name}")
+
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+        run_file: Path | None = None
+        try:
+            self.on_start()
+            run_file = self._write_run_file()
+            self.add_task("heartbeat", 1.0, self.heartbeat)
+            self.heartbeat()
+            self.log.info("service_started", pub=self.pub.endpoint if self.pub else None)
+            self.reactor.run()
+        except Exception as exc:
+            self.log.exception("service_crashed", error=f"{type(exc).__name__}: {exc}")
+            self.exit_code = EXIT_ERROR
+            self.stop_reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            t0 = time.monotonic()
+            try:
+                self.on_stop()
+            except Exception:
+                self.log.exception("on_stop_failed")
+            for s in self.subscribers:
+                s.close()
+            for c in self.clients:
+                c.close()
+            if self.pub is not None:
+                self.pub.close()
+            self.reactor.close()
+            self.bus.close()
+            if run_file is not None:
+                run_file.unlink(missing_ok=True)
+            self.log.info("service_stopped", reason=self.stop_reason or "stopped",
+                          exit_code=self.exit_code, stop_ms=round((time.monotonic() - t0) * 1000, 1))
+        return self.exit_code
+
+
+def load_config_or_exit() -> Config:
+    """Load config for a service entry point; a bad config prints one line and exits 2."""
+    try:
+        return config_mod.load_config()
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def main_for(factory: Callable[[Config], Service]) -> None:
+    """Standard ``__main__``: load config, build the service, run it, exit with its code."""
+    cfg = load_config_or_exit()
+    try:
+        svc = factory(cfg)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    raise SystemExit(svc.run())

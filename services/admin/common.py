@@ -1,0 +1,88 @@
+"""Shared plumbing for ``neopulse`` commands: config, bus requests, output, exit codes.
+
+Exit codes (DESIGN §9): 0 ok, 1 refused/rejected, 2 usage or config error, 3 a service
+is unreachable (the message names the service and its endpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import typer
+
+from libs.common.bus import Bus, RequestTimeout
+from libs.common.config import Config, ConfigError, load_config
+from libs.common.messages import Message, Reply, to_builtins
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+# endpoint config name → the service that binds it
+ENDPOINT_OWNER = {
+    "feed_rep": "feed", "feed_pub": "feed", "risk_rep": "risk", "risk_pub": "risk",
+    "execution_rep": "execution", "execution_pub": "execution", "notifier_pub": "notifier",
+}
+
+
+def fail(message: str, code: int) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def get_config() -> Config:
+    try:
+        return load_config()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+class AdminClient:
+    """One bus context for a CLI invocation; ``ask`` exits 3 naming the service when down."""
+
+    def __init__(self, cfg: Config | None = None, timeout_ms: int | None = None) -> None:
+        self.cfg = cfg or get_config()
+        self.bus = Bus(self.cfg)
+        if self.cfg.bus.curve:
+            from libs.common.security import install_curve
+
+            install_curve(self.bus, self.cfg, "admin")
+        self.timeout_ms = timeout_ms or self.cfg.bus.request_timeout_ms
+
+    def ask(self, endpoint_name: str, msg: Message, timeout_ms: int | None = None) -> Message:
+        endpoint = self.cfg.bus.endpoint(endpoint_name)
+        client = self.bus.client(endpoint, timeout_ms or self.timeout_ms)
+        try:
+            return client.request(msg)
+        except RequestTimeout:
+            owner = ENDPOINT_OWNER.get(endpoint_name, endpoint_name)
+            fail(f"{owner} is unreachable at {endpoint} (no reply within "
+                 f"{timeout_ms or self.timeout_ms} ms) — is it running?", EXIT_UNREACHABLE)
+        finally:
+            client.close()
+
+    def ask_ok(self, endpoint_name: str, msg: Message, timeout_ms: int | None = None) -> Any:
+        """Send a request whose answer is a ``Reply``; exit 1 with its error when not ok."""
+        reply = self.ask(endpoint_name, msg, timeout_ms)
+        if not isinstance(reply, Reply):
+            return reply
+        if not reply.ok:
+            fail(f"refused: {reply.error}", EXIT_REFUSED)
+        return reply.data
+
+    def close(self) -> None:
+        self.bus.close()
+
+
+def emit(data: Any, as_json: bool, human: str | None = None) -> None:
+    """Print ``data`` as JSON (``--json``) or the human text."""
+    if as_json:
+        sys.stdout.write(json.dumps(to_builtins(data), indent=2, default=str) + "\n")
+    else:
+        typer.echo(human if human is not None else json.dumps(to_builtins(data), indent=2, default=str))
+
+
+JSON_OPT = typer.Option(False, "--json", help="Print machine-readable JSON.")
