@@ -404,4 +404,4 @@ class Codec:
 
 def to_builtins(msg: Any) -> Any:
     """Plain JSON-friendly values (Decimals as strings) for printing and ``--json``."""
-    return msgspec.to_builtins(msg, decimal_format="string")
+    return msgspec.to_builtins(msg)  # Decimal → str is msgspec's default
