@@ -225,22 +225,33 @@ def _coerce_env(raw: str) -> Any:
     return raw
 
 
-def _apply_env(data: dict[str, Any], env: dict[str, str]) -> None:
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    """Merge ``NEOPULSE_<SECTION>__<KEY>`` values into ``data``; returns ``section.key`` → variable."""
+    origins: dict[str, str] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV or "__" not in name:
             continue
         section, _, key = name[len(ENV_PREFIX):].partition("__")
         section, key = section.lower(), key.lower()
         if section not in _SECTIONS or section == "strategy":
-            raise ConfigError(f"{name}: unknown config section `{section}`")
+            raise ConfigError(f"config error: {name}: unknown config section `{section}`")
         value = _coerce_env(raw)
         sect = data.setdefault(section, {})
         if not isinstance(sect, dict):
             raise ConfigError(f"{name}: section `{section}` is not a table")
         sect[key] = value
+        origins[f"{section}.{key}"] = name
+    return origins
 
 
-def _explain(err: msgspec.ValidationError, source: str) -> str:
+def _env_var_for(path: str, origins: dict[str, str]) -> str | None:
+    """The environment variable that set ``path`` (``risk.max_qty``, ``feed.instruments[0]``)."""
+    section, _, rest = path.partition(".")
+    key = rest.split(".")[0].split("[")[0]
+    return origins.get(f"{section}.{key}")
+
+
+def _explain(err: msgspec.ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
     text = str(err)
     # msgspec: "Object contains unknown field `foo` - at `$.risk`"
     msg, _, path = text.partition(" - at `")
@@ -248,7 +259,13 @@ def _explain(err: msgspec.ValidationError, source: str) -> str:
     if msg.startswith("Object contains unknown field"):
         field = msg.split("`")[1]
         where = f"{path}.{field}" if path else field
+        var = _env_var_for(where, origins or {})
+        if var:
+            return f"config error: {var}: unknown key `{where}`"
         return f"config error: unknown key `{where}` ({source})"
+    var = _env_var_for(path, origins or {})
+    if var:
+        return f"config error: {var}: `{path}`: {msg}"
     return f"config error: {path or 'config'}: {msg} ({source})"
 
 
@@ -283,18 +300,18 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config error: {cfg_path}: invalid TOML: {exc}") from None
         source = str(cfg_path)
-    _apply_env(data, environ)
+    origins = _apply_env(data, environ)
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     try:
         cfg = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, source + " + environment")) from None
-    _validate(cfg)
+        raise ConfigError(_explain(exc, source + " + environment", origins)) from None
+    _validate(cfg, origins)
     return cfg
 
 
-def _validate(cfg: Config) -> None:
+def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     checks = [
         (cfg.feed.source in {"sim", "replay", "kotak"}, "feed.source", "must be sim, replay or kotak"),
         (cfg.execution.broker in {"paper", "kotak"}, "execution.broker", "must be paper or kotak"),
@@ -307,7 +324,8 @@ def _validate(cfg: Config) -> None:
     ]
     for ok, key, problem in checks:
         if not ok:
-            raise ConfigError(f"config error: `{key}` {problem}")
+            var = (origins or {}).get(key)
+            raise ConfigError(f"config error: {var + ': ' if var else ''}`{key}` {problem}")
     _parse_hours(cfg.feed.market_hours)
 
 
