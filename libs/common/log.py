@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 _configured = False
+_last_args: tuple[Any, ...] | None = None
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -43,7 +44,8 @@ def setup_logging(
     console: bool | None = None,
 ) -> structlog.stdlib.BoundLogger:
     """Configure structlog for this process and return a logger bound to ``service``."""
-    global _configured
+    global _configured, _last_args
+    _last_args = (service, home, level, list(secrets), max_bytes, backups, console)
     log_dir = home / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     secrets = list(secrets)
@@ -139,6 +141,13 @@ def _wrap_redaction(handler: logging.Handler, secrets: list[str]) -> None:
             return text
 
     handler.setFormatter(_Chain())
+
+
+def reapply_logging() -> None:
+    """Re-install our configuration (after a library replaced structlog's, as the Kotak SDK
+    does on import)."""
+    if _last_args is not None:
+        setup_logging(*_last_args)
 
 
 def get_logger(name: str = "neopulse") -> Any:

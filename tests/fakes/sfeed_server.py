@@ -33,7 +33,7 @@ In-process use (the server runs its own event loop in a daemon thread)::
 
 Process mode (streams a random walk for whatever is subscribed)::
 
-    python -m tests.fakes.sfeed_server --port 0 --control-port 0 --rate 5
+    python -m tests.fakes.sfeed_server --port 0 --control-port 0 --rate 5   # default 2 Hz
 
 It prints one line when ready, then serves until SIGTERM/SIGINT::
 
@@ -45,9 +45,11 @@ each gets one JSON line back, ``{"ok": true, ...}`` or ``{"ok": false, "error": 
 
 =================================  ===========================================
 ``status``                         counters, silence flag, subscriptions
-``silence`` / ``resume``           stop / restart all traffic, TCP stays open
+``silence [CONN_ID ...]``          stop all traffic (or only those connections'),
+                                   TCP stays open
+``resume``                         undo every silence
 ``drop``                           abort every connection (client sees 1006)
-``close [CODE]``                   close every connection with a close frame
+``close [CODE]``                   close every connection with a close frame (1001)
 ``garbage-binary [N]``             N malformed binary frames to each client
 ``garbage-text [N]``               N malformed text frames to each client
 ``tick SEG TOKEN LTP [VOLUME]``    push a scrip update
@@ -274,7 +276,9 @@ def encode_market_picture(
         # The touch line always carries exactly one bid and one ask row.
         bids = bids or [DepthRow(0, 0, 0)]
         asks = asks or [DepthRow(0, 0, 0)]
-    p = lambda v: to_wire_price(v, divider)  # noqa: E731
+    def p(value: Price) -> int:
+        return to_wire_price(value, divider)
+
     ltp, close = p(s.ltp), p(s.close)
     net, pct = _net_change(ltp, close)
     body = _MP_BODY.pack(
@@ -292,7 +296,9 @@ def encode_market_picture(
 
 
 def encode_index(s: IndexState, exchange_id: int, divider: int, seq: int = 0) -> bytes:
-    p = lambda v: to_wire_price(v, divider)  # noqa: E731
+    def p(value: Price) -> int:
+        return to_wire_price(value, divider)
+
     value, close = p(s.value), p(s.close)
     _, pct = _net_change(value, close)
     body = _INDEX_BODY.pack(
@@ -336,7 +342,7 @@ def _bogus_market_picture() -> bytes:
     instrument "0" with every price 0.0, which a consumer has to discard.
     """
     body = bytearray(_MP_BODY.size)
-    struct.pack_into("<II", body, 84, 0xFFFFFFFF, 0xFFFFFFFF)  # buy/sell depth counts
+    struct.pack_into("<II", body, 80, 0xFFFFFFFF, 0xFFFFFFFF)  # buy/sell depth counts
     return _header(_HEADER.size + len(body), MSG_MARKET_PICTURE, 1, LEVEL_DEPTH, 0, 0) + bytes(body)
 
 
@@ -380,6 +386,7 @@ class _Conn:
     # raw key -> canonical (segment, numeric token) the packets are built for
     canonical: dict[Key, Key] = field(default_factory=dict)
     exchange_subscribed: bool = False
+    silent: bool = False
     seq: int = 0
 
     def next_seq(self) -> int:
@@ -458,6 +465,7 @@ class FakeSFeedServer:
         self._server: Server | None = None
         self._control_server: asyncio.Server | None = None
         self._walk_task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
         self._stopped = threading.Event()
 
     # -- lifecycle --------------------------------------------------------
@@ -622,12 +630,19 @@ class FakeSFeedServer:
         """One frame exactly as given, to every authenticated connection."""
         return self._call(self._broadcast_frames([frame]))
 
-    def go_silent(self) -> None:
-        """Send nothing (no data, no acks, no pongs) and stop reading; TCP stays open."""
-        self._call(self._set_silent(True))
+    def go_silent(self, connection_ids: Iterable[int] | None = None) -> None:
+        """Send nothing (no data, no acks, no pongs) and stop reading; TCP stays open.
+
+        Without ``connection_ids`` the whole server goes silent, including connections
+        opened later (their websocket handshake completes, their auth is never
+        answered). With ids, only those open connections hang; new ones work.
+        """
+        ids = None if connection_ids is None else frozenset(connection_ids)
+        self._call(self._set_silent(True, ids))
 
     def resume(self) -> None:
-        self._call(self._set_silent(False))
+        """Undo every ``go_silent``. Updates pushed meanwhile are not replayed."""
+        self._call(self._set_silent(False, None))
 
     def drop_all(self, *, code: int | None = None, reason: str = "") -> int:
         """Abort every connection (no close frame: the client sees 1006), or close
@@ -654,6 +669,7 @@ class FakeSFeedServer:
         self._conns[conn.id] = conn
         self._connections_total += 1
         if self._silent:
+            conn.silent = True
             ws.transport.pause_reading()
         try:
             async for raw in ws:
@@ -811,7 +827,7 @@ class FakeSFeedServer:
         return packets
 
     async def _send(self, conn: _Conn, frame: bytes | str, packets: int = 0) -> bool:
-        if self._silent:
+        if self._silent or conn.silent:
             return False
         try:
             await conn.ws.send(frame)
@@ -894,9 +910,13 @@ class FakeSFeedServer:
                 sent += int(await self._send(conn, pkt, 1))
         return sent
 
-    async def _set_silent(self, silent: bool) -> None:
-        self._silent = silent
+    async def _set_silent(self, silent: bool, ids: frozenset[int] | None) -> None:
+        if ids is None:
+            self._silent = silent
         for conn in self._conns.values():
+            if ids is not None and conn.id not in ids:
+                continue
+            conn.silent = silent
             # Not reading means client pings are never answered with pongs.
             if silent:
                 conn.ws.transport.pause_reading()
@@ -909,8 +929,11 @@ class FakeSFeedServer:
             if code is None:
                 conn.ws.transport.abort()
             else:
-                with contextlib.suppress(ConnectionClosed):
-                    await asyncio.wait_for(conn.ws.close(code, reason), timeout=2)
+                # Don't wait for the closing handshake: the caller may be the client's
+                # own event loop thread, which can't answer while it waits for us.
+                task = asyncio.get_running_loop().create_task(conn.ws.close(code, reason))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
         return len(conns)
 
     # -- random walk (process mode) ----------------------------------------
@@ -1003,10 +1026,11 @@ class FakeSFeedServer:
                 subs = {str(c.id): sorted(f"{s}|{t}" for s, t in c.subs) for c in self._conns.values()}
                 return {"ok": True, "stats": dataclasses.asdict(self.stats()), "subscriptions": subs}
             case "silence":
-                await self._set_silent(True)
+                ids = frozenset(int(a) for a in args) if args else None
+                await self._set_silent(True, ids)
                 return {"ok": True}
             case "resume":
-                await self._set_silent(False)
+                await self._set_silent(False, None)
                 return {"ok": True}
             case "drop":
                 return {"ok": True, "dropped": await self._drop_all(None, "")}

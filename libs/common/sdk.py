@@ -1,0 +1,35 @@
+"""Import the Kotak SDK (``neo_api_client``) without letting it take over logging.
+
+On import the SDK replaces the process-wide structlog configuration, adds its own stdout
+handler, and opens ``./logs/neo-api-client.log``. Every NeoPulse module that needs the SDK
+imports it through ``import_sdk()``, which switches the SDK's file log off, restores our
+structlog setup and routes the SDK's records through our (redacting) handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+_sdk: ModuleType | None = None
+
+
+def import_sdk() -> ModuleType:
+    global _sdk
+    if _sdk is not None:
+        return _sdk
+    os.environ.setdefault("NEO_LOG_FILE_ENABLED", "false")
+    os.environ.setdefault("NEO_LOG_LEVEL", "WARNING")
+    import neo_api_client
+
+    from libs.common.log import reapply_logging
+
+    sdk_logger = logging.getLogger("neo_api_client")
+    for handler in list(sdk_logger.handlers):
+        sdk_logger.removeHandler(handler)
+    sdk_logger.propagate = True
+    sdk_logger.setLevel(logging.WARNING)
+    reapply_logging()
+    _sdk = neo_api_client
+    return neo_api_client
