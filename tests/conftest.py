@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# The Kotak SDK opens ./logs/neo-api-client.log on import unless told not to.
+os.environ.setdefault("NEO_LOG_FILE_ENABLED", "false")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
