@@ -1,0 +1,565 @@
+"""The Strategy API: one class runs live, on paper and in backtests.
+
+Write a strategy by subclassing ``Strategy`` and overriding the hooks you need::
+
+    class Breakout(Strategy):
+        name = "breakout"
+
+        class Params(StrategyParams, frozen=True):
+            lookback: int = 100
+            quantity: int = 1
+
+        def on_start(self) -> None:
+            self.highs: dict[str, float] = {}
+
+        def on_tick(self, tick: Tick) -> None:
+            key = self.key_of(tick)
+            high = self.highs.get(key, tick.ltp)
+            if tick.ltp > high and self.is_flat(tick):
+                self.buy(tick, self.params.quantity, stop_loss=tick.ltp * 0.995)
+            self.highs[key] = max(high, tick.ltp)
+
+A strategy is pure: it imports no sockets. Its helpers (``buy``, ``sell``, ``exit``)
+build complete ``OrderRequest``s and queue them; the host (``service.py`` live,
+``services.backtest`` offline) sends them to risk once the hook has returned. If a hook
+raises, everything it queued is discarded, the error is logged with the strategy id, and
+the instance continues or stops per ``[[strategy]] on_error``. Risk and execution never
+see a half-built order.
+
+The strategy keeps its own positions and open orders from execution's events
+(``OrderUpdate``, ``Fill``), so ``buy``/``sell`` refuse to enter twice: they return ``None``
+while a position or an order in that instrument is open or still in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Any, ClassVar
+
+import msgspec
+
+from libs.common.clock import Clock
+from libs.common.instruments import Instrument, MasterData
+from libs.common.messages import (
+    TERMINAL_STATES,
+    Fill,
+    OrderRequest,
+    OrderUpdate,
+    Position,
+    RiskVerdict,
+    Sizing,
+    Tick,
+)
+from libs.common.money import snap, to_decimal
+from services.strategy.bars import Bar, BarAggregator
+
+__all__ = [
+    "Bar", "NoParams", "ParamsError", "PositionState", "Sizing", "Strategy", "StrategyContext",
+    "StrategyParams", "Tick",
+]
+
+_EMPTY: tuple[OrderRequest, ...] = ()
+UNCONFIRMED_TTL_S = 15.0  # how long an order whose risk reply timed out blocks re-entry
+_LOG_FIRST_ERRORS = 5
+_LOG_EVERY_ERRORS = 1000
+
+
+class ParamsError(ValueError):
+    """Strategy parameters that do not fit the strategy's ``Params`` Struct."""
+
+
+class StrategyParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base for a strategy's typed parameters (``[[strategy]] params`` in config, or
+    ``--param k=v`` on the command line). Unknown keys are rejected; values are converted
+    (``"5"`` → ``5``) and validated against the annotations (``Annotated[int, Meta(gt=0)]``)."""
+
+
+class NoParams(StrategyParams, frozen=True):
+    """For strategies without parameters."""
+
+
+class StrategyContext:
+    """What a strategy may use from its host: its id, a clock, the instrument master, a
+    logger, its instruments and a request-id factory. Built by the host, never by the
+    strategy."""
+
+    def __init__(self, strategy_id: str, *, clock: Clock | None = None, master: MasterData | None = None,
+                 log: Any = None, instruments: Iterable[str] = (), on_error: str = "continue",
+                 request_ids: Callable[[], str] | None = None) -> None:
+        if on_error not in ("continue", "stop"):
+            raise ParamsError(f"strategy {strategy_id}: on_error must be `continue` or `stop`, got {on_error!r}")
+        self.strategy_id = strategy_id
+        self.clock = clock or Clock()
+        self.master = master
+        if log is None:
+            import structlog
+
+            log = structlog.get_logger("strategy")
+        self.log = log
+        self.instruments = list(instruments)
+        self.on_error = on_error
+        self.new_request_id = request_ids or self._uuid_ids
+
+    def _uuid_ids(self) -> str:
+        return f"{self.strategy_id}-{uuid.uuid4().hex[:16]}"
+
+    @staticmethod
+    def sequential_ids(strategy_id: str) -> Callable[[], str]:
+        """Deterministic ids ``<id>-000001``… for backtests (byte-identical reports)."""
+        counter = itertools.count(1)
+        return lambda: f"{strategy_id}-{next(counter):06d}"
+
+
+class PositionState:
+    """The strategy's net position in one instrument, from its own fills."""
+
+    __slots__ = ("avg_price", "key", "last_price", "quantity", "realised", "segment", "symbol", "token")
+
+    def __init__(self, key: str, symbol: str = "") -> None:
+        self.key = key
+        self.segment, _, self.token = key.partition("|")
+        self.symbol = symbol
+        self.quantity = 0  # signed: + long, - short
+        self.avg_price = 0.0
+        self.realised = 0.0
+        self.last_price = 0.0
+
+    @property
+    def unrealised(self) -> float:
+        if not self.quantity or not self.last_price:
+            return 0.0
+        return (self.last_price - self.avg_price) * self.quantity
+
+    def apply(self, side: str, qty: int, price: float) -> None:
+        """Book a fill: average in when adding, realise PnL when reducing or reversing."""
+        signed = qty if side == "BUY" else -qty
+        q = self.quantity
+        if q == 0 or (q > 0) == (signed > 0):
+            total = q + signed
+            self.avg_price = (self.avg_price * abs(q) + price * qty) / abs(total)
+            self.quantity = total
+            return
+        closing = min(abs(q), qty)
+        direction = 1 if q > 0 else -1
+        self.realised += (price - self.avg_price) * closing * direction
+        total = q + signed
+        self.quantity = total
+        if total == 0:
+            self.avg_price = 0.0
+        elif (total > 0) != (q > 0):  # reversed through zero: the rest opens at this price
+            self.avg_price = price
+
+    def __repr__(self) -> str:
+        return f"PositionState({self.key} qty={self.quantity} avg={self.avg_price:.2f} realised={self.realised:.2f})"
+
+
+class Strategy:
+    """Base class of every strategy. Override the hooks; call the helpers.
+
+    Class attributes:
+        name: the registry name (``momentum``, ``macd``).
+        Params: a ``StrategyParams`` Struct; an instance is ``self.params``.
+        bar_interval_s: bar length for ``on_bar`` (a ``bar_seconds`` parameter overrides it).
+        bar_fill_gaps: emit flat bars for minutes without ticks (see ``bars.py``).
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[StrategyParams]] = NoParams
+    bar_interval_s: ClassVar[float] = 60.0
+    bar_fill_gaps: ClassVar[bool] = False
+
+    def __init__(self, ctx: StrategyContext, params: StrategyParams | dict[str, Any] | None = None) -> None:
+        self.ctx = ctx
+        self.id = ctx.strategy_id
+        self.log = ctx.log
+        self.params: Any = self.parse_params(params)
+        self.positions: dict[str, PositionState] = {}
+        self.pending: dict[str, OrderRequest] = {}  # request_id → sent, execution not heard from yet
+        self.unconfirmed: dict[str, int] = {}  # request_id → deadline (risk reply timed out)
+        self.open_orders: dict[str, OrderUpdate] = {}  # order_id → last non-terminal update
+        self.last: dict[str, Tick] = {}  # key → last tick
+        self.errors = 0
+        self.halted = ""  # set when on_error=stop and a hook raised: the reason
+        self.instruments: list[Instrument] = []
+        self._outbox: list[OrderRequest] = []
+        self._exit_ids: set[str] = set()
+        self._fill_ids: set[str] = set()
+        self._fill_qty: dict[str, int] = {}  # order_id → quantity seen in Fill messages
+        self._known_qty: dict[str, int] = {}  # order_id → filled_qty seen in OrderUpdates
+        self._applied_qty: dict[str, int] = {}  # order_id → quantity booked into positions
+        self._bars: dict[str, BarAggregator] = {}
+        self._wants_bars = type(self).on_bar is not Strategy.on_bar
+        self._bar_interval = float(getattr(self.params, "bar_seconds", self.bar_interval_s))
+        self._bar_start_ns: int | None = None
+
+    # ================================================================== hooks
+    def on_start(self) -> None:
+        """Called once before the first tick. Set up indicators and state here;
+        ``self.instruments`` holds the resolved instruments of this instance."""
+
+    def on_tick(self, tick: Tick) -> None:
+        """Called for every tick of this instance's instruments (hot path: keep it cheap —
+        no logging, no Decimal, no I/O per tick)."""
+
+    def on_bar(self, bar: Bar) -> None:
+        """Called when a bar of ``bar_interval_s`` closes (exchange time). Only strategies
+        that override it pay for bar aggregation. Called before ``on_tick`` of the tick
+        that closed the bar."""
+
+    def on_fill(self, fill: Fill) -> None:
+        """Called after each of this strategy's fills; ``self.positions`` already includes it."""
+
+    def on_order(self, update: OrderUpdate) -> None:
+        """Called when one of this strategy's orders changes state (ACK, OPEN, COMPLETE,
+        REJECTED, CANCELLED…); ``self.open_orders`` is already updated."""
+
+    def on_reject(self, request: OrderRequest, reason: str) -> None:
+        """Called when risk refuses an order; ``reason`` is risk's message."""
+
+    def on_stop(self) -> None:
+        """Called once when the instance stops (signal, error with on_error=stop, end of
+        a backtest). Orders queued here are still sent when the host can."""
+
+    # ================================================================== helpers
+    def buy(self, instrument: str | Tick, quantity: int | None = None, *, price: float | Decimal | None = None,
+            stop_loss: float | Decimal | None = None, target: float | Decimal | None = None,
+            sizing: Sizing | None = None, product: str = "MIS") -> OrderRequest | None:
+        """Open a long position from flat.
+
+        ``price`` None means market intent (execution makes it a protected LIMIT).
+        ``stop_loss``/``target`` make it a bracket: execution places the exits after the
+        entry fills and cancels one when the other fills. Give ``sizing`` (and no
+        ``quantity``) to let risk size the order from capital and risk %.
+        Returns the queued request, or ``None`` when a position or an order in this
+        instrument is already open or in flight (no double entry).
+        """
+        return self._entry("BUY", instrument, quantity, price, stop_loss, target, sizing, product)
+
+    def sell(self, instrument: str | Tick, quantity: int | None = None, *, price: float | Decimal | None = None,
+             stop_loss: float | Decimal | None = None, target: float | Decimal | None = None,
+             sizing: Sizing | None = None, product: str = "MIS") -> OrderRequest | None:
+        """Open a short position from flat; arguments as for ``buy`` (stop above, target below)."""
+        return self._entry("SELL", instrument, quantity, price, stop_loss, target, sizing, product)
+
+    def exit(self, instrument: str | Tick, *, price: float | Decimal | None = None,
+             product: str = "MIS") -> OrderRequest | None:
+        """Close the whole position in ``instrument`` (reduce-only, market intent unless
+        ``price``). Returns ``None`` when flat or when an exit is already in flight."""
+        key = self.key_of(instrument)
+        pos = self.positions.get(key)
+        if pos is None or pos.quantity == 0:
+            return None
+        for rid in self._exit_ids:
+            req = self.pending.get(rid)
+            if req is not None and self._req_key(req) == key:
+                return None
+        for upd in self.open_orders.values():
+            if upd.request_id in self._exit_ids and f"{upd.segment}|{upd.token}" == key:
+                return None
+        side = "SELL" if pos.quantity > 0 else "BUY"
+        req = self._build(side, key, abs(pos.quantity), price, None, None, None, product,
+                          reduce_only=True, purpose="EXIT")
+        self._exit_ids.add(req.request_id)
+        return req
+
+    def position(self, instrument: str | Tick) -> int:
+        """Signed quantity held in ``instrument`` (+ long, - short, 0 flat)."""
+        pos = self.positions.get(self.key_of(instrument))
+        return pos.quantity if pos is not None else 0
+
+    def is_flat(self, instrument: str | Tick) -> bool:
+        """True when there is no position and no order open or in flight in ``instrument``."""
+        key = self.key_of(instrument)
+        return self.position(key) == 0 and not self.has_orders(key)
+
+    def has_orders(self, instrument: str | Tick) -> bool:
+        """True when an order in ``instrument`` is in flight or open at the broker."""
+        key = self.key_of(instrument)
+        for req in self._outbox:
+            if self._req_key(req) == key:
+                return True
+        for req in self.pending.values():
+            if self._req_key(req) == key:
+                return True
+        return any(f"{u.segment}|{u.token}" == key for u in self.open_orders.values())
+
+    def key_of(self, instrument: str | Tick) -> str:
+        """``segment|token`` of a tick, a ``segment|token`` string or a trading symbol."""
+        if isinstance(instrument, Tick):
+            return f"{instrument.segment}|{instrument.token}"
+        if "|" in instrument:
+            return instrument
+        master = self.ctx.master
+        if master is None:
+            raise ValueError(f"cannot resolve symbol {instrument!r} without an instrument master")
+        return master.resolve(instrument).key
+
+    def price_offset(self, instrument: str | Tick, base: float, pct: float, mode: str = "nearest") -> Decimal:
+        """``base × (1 + pct/100)`` snapped to the instrument's tick size (``mode``:
+        nearest, up, down). Handy for stops and targets in percent."""
+        return snap(base * (1.0 + pct / 100.0), self._tick_size(self.key_of(instrument)), mode)
+
+    # ================================================================== host API
+    # The host (live service, backtest) calls these; strategies do not.
+    @classmethod
+    def parse_params(cls, raw: StrategyParams | dict[str, Any] | None) -> StrategyParams:
+        """Validate ``raw`` into ``cls.Params``; ``ParamsError`` names the bad key."""
+        if isinstance(raw, cls.Params):
+            return raw
+        try:
+            return msgspec.convert(raw or {}, cls.Params, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ParamsError(f"strategy {cls.name or cls.__name__}: params: {exc}") from None
+
+    def dispatch_start(self) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        """Resolve instruments and run ``on_start``. A failure here always stops the instance."""
+        master = self.ctx.master
+        if master is not None:
+            self.instruments = [master.resolve(name) for name in self.ctx.instruments]
+        self._bar_start_ns = self.ctx.clock.now_ns()
+        try:
+            self.on_start()
+        except Exception as exc:
+            self._outbox.clear()
+            self._failed("on_start", exc, force_stop=True)
+            return _EMPTY
+        return self._commit()
+
+    def dispatch_tick(self, tick: Tick) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        """Book the tick, build bars, run ``on_bar``/``on_tick``; return the orders to send."""
+        if self.halted:
+            return _EMPTY
+        key = f"{tick.segment}|{tick.token}"
+        self.last[key] = tick
+        pos = self.positions.get(key)
+        if pos is not None:
+            pos.last_price = tick.ltp
+        try:
+            if self._wants_bars:
+                agg = self._bars.get(key)
+                if agg is None:
+                    agg = self._bars[key] = BarAggregator(key, self._bar_interval, start_ns=self._bar_start_ns,
+                                                          fill_gaps=self.bar_fill_gaps)
+                bars = agg.update_tick(tick)
+                if bars:
+                    for bar in bars:
+                        self.on_bar(bar)
+            self.on_tick(tick)
+        except Exception as exc:
+            self._outbox.clear()
+            self._failed("on_tick", exc)
+            return _EMPTY
+        if self._outbox:
+            return self._commit()
+        return _EMPTY
+
+    def dispatch_timer(self, now_ns: int) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        """Periodic housekeeping: close bars whose time has passed, release orders whose risk
+        reply never came (after ``UNCONFIRMED_TTL_S``)."""
+        if self.unconfirmed:
+            for rid, deadline in list(self.unconfirmed.items()):
+                if now_ns >= deadline:
+                    del self.unconfirmed[rid]
+                    self._exit_ids.discard(rid)
+                    if self.pending.pop(rid, None) is not None:
+                        self.log.warning("order_unconfirmed_released", strategy_id=self.id, request_id=rid)
+        if self.halted or not self._wants_bars:
+            return _EMPTY
+        return self._guarded("on_bar", lambda: self._flush_bars(now_ns))
+
+    def dispatch_verdict(self, request: OrderRequest, verdict: RiskVerdict | Exception) -> list[OrderRequest] | tuple[
+            OrderRequest, ...]:
+        """Risk's answer (or the transport error) for ``request``."""
+        rid = request.request_id
+        if isinstance(verdict, Exception):
+            if rid in self.pending:
+                # The order may or may not have reached execution: keep blocking re-entry until
+                # execution reports it or the TTL passes.
+                self.unconfirmed[rid] = self.ctx.clock.now_ns() + int(UNCONFIRMED_TTL_S * 1e9)
+            self.log.warning("order_request_failed", strategy_id=self.id, request_id=rid, error=str(verdict))
+            return _EMPTY
+        if verdict.approved:
+            return _EMPTY
+        self.pending.pop(rid, None)
+        self.unconfirmed.pop(rid, None)
+        self._exit_ids.discard(rid)
+        return self._guarded("on_reject", lambda: self.on_reject(request, verdict.reason))
+
+    def dispatch_order(self, update: OrderUpdate) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        """An ``OrderUpdate`` for this strategy: track open orders and reconcile fills."""
+        self.pending.pop(update.request_id, None)
+        self.unconfirmed.pop(update.request_id, None)
+        oid = update.order_id
+        if update.status in TERMINAL_STATES:
+            self.open_orders.pop(oid, None)
+            self._exit_ids.discard(update.request_id)
+        else:
+            self.open_orders[oid] = update
+        if update.filled_qty > self._known_qty.get(oid, 0):
+            self._known_qty[oid] = update.filled_qty
+            price = float(update.avg_price) if update.avg_price is not None else 0.0
+            self._book(oid, f"{update.segment}|{update.token}", update.symbol, update.side, price)
+        return self._guarded("on_order", lambda: self.on_order(update))
+
+    def dispatch_fill(self, fill: Fill) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        """A ``Fill`` for this strategy: book it into the position, then ``on_fill``."""
+        if fill.fill_id in self._fill_ids:
+            return _EMPTY
+        self._fill_ids.add(fill.fill_id)
+        oid = fill.order_id
+        self._fill_qty[oid] = self._fill_qty.get(oid, 0) + fill.quantity
+        self._book(oid, f"{fill.segment}|{fill.token}", fill.symbol, fill.side, float(fill.price))
+        return self._guarded("on_fill", lambda: self.on_fill(fill))
+
+    def dispatch_stop(self) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        """Run ``on_stop`` (isolated)."""
+        try:
+            self.on_stop()
+        except Exception as exc:
+            self._outbox.clear()
+            self._failed("on_stop", exc)
+            return _EMPTY
+        return self._commit()
+
+    def restore(self, positions: Iterable[Position]) -> None:
+        """Adopt positions reported by execution (after a restart) so the instance never
+        re-enters what it already holds."""
+        for p in positions:
+            if p.strategy_id and p.strategy_id != self.id:
+                continue
+            key = f"{p.segment}|{p.token}"
+            pos = self.positions.get(key) or PositionState(key, p.symbol)
+            pos.quantity = p.quantity
+            pos.avg_price = float(p.avg_price)
+            pos.realised = float(p.realised_pnl)
+            self.positions[key] = pos
+
+    def status(self) -> dict[str, Any]:
+        """Small summary for heartbeats and reports."""
+        return {
+            "strategy_id": self.id, "strategy": self.name, "errors": self.errors,
+            "halted": self.halted, "pending": len(self.pending), "open_orders": len(self.open_orders),
+            "positions": {k: p.quantity for k, p in self.positions.items() if p.quantity},
+        }
+
+    # ================================================================== internals
+    def _book(self, oid: str, key: str, symbol: str, side: str, price: float) -> None:
+        """Book whatever part of ``oid``'s fills is not in the position yet. Fills and order
+        updates may arrive in either order; the position follows the larger of the two."""
+        target = max(self._fill_qty.get(oid, 0), self._known_qty.get(oid, 0))
+        delta = target - self._applied_qty.get(oid, 0)
+        if delta <= 0 or price <= 0:
+            return
+        self._applied_qty[oid] = target
+        pos = self.positions.get(key)
+        if pos is None:
+            pos = self.positions[key] = PositionState(key, symbol)
+            last = self.last.get(key)
+            pos.last_price = last.ltp if last is not None else price
+        pos.apply(side, delta, price)
+
+    def _entry(self, side: str, instrument: str | Tick, quantity: int | None, price: float | Decimal | None,
+               stop_loss: float | Decimal | None, target: float | Decimal | None, sizing: Sizing | None,
+               product: str) -> OrderRequest | None:
+        key = self.key_of(instrument)
+        if self.position(key) != 0 or self.has_orders(key):
+            return None
+        if quantity is None:
+            quantity = 0 if sizing is not None else int(getattr(self.params, "quantity", 0))
+        if quantity < 0 or (quantity == 0 and sizing is None):
+            raise ValueError(f"{side.lower()} needs a positive quantity or sizing, got {quantity}")
+        return self._build(side, key, quantity, price, stop_loss, target, sizing, product,
+                           reduce_only=False, purpose="ENTRY")
+
+    def _build(self, side: str, key: str, quantity: int, price: float | Decimal | None,
+               stop_loss: float | Decimal | None, target: float | Decimal | None, sizing: Sizing | None,
+               product: str, *, reduce_only: bool, purpose: str) -> OrderRequest:
+        segment, _, token = key.partition("|")
+        tick_size = self._tick_size(key)
+        buy = side == "BUY"
+        req = OrderRequest(
+            request_id=self.ctx.new_request_id(),
+            strategy_id=self.id,
+            side=side,
+            quantity=quantity,
+            symbol=self._symbol(key),
+            segment=segment,
+            token=token,
+            price=self._price(price, tick_size, "nearest"),
+            stop_loss=self._price(stop_loss, tick_size, "down" if buy else "up"),
+            target=self._price(target, tick_size, "up" if buy else "down"),
+            product=product,
+            sizing=sizing,
+            reduce_only=reduce_only,
+            purpose=purpose,
+            ts_ns=self.ctx.clock.now_ns(),
+        )
+        # Queue only a complete request: nothing half-built can leave the strategy.
+        self._outbox.append(req)
+        return req
+
+    @staticmethod
+    def _price(value: float | Decimal | None, tick_size: Decimal, mode: str) -> Decimal | None:
+        if value is None:
+            return None
+        if isinstance(value, Decimal):
+            return value
+        if tick_size > 0:
+            return snap(value, tick_size, mode)
+        return to_decimal(round(value, 2))
+
+    def _tick_size(self, key: str) -> Decimal:
+        master = self.ctx.master
+        inst = master.by_key.get(key) if master is not None else None
+        return inst.tick_size if inst is not None else Decimal("0.05")
+
+    def _symbol(self, key: str) -> str:
+        master = self.ctx.master
+        inst = master.by_key.get(key) if master is not None else None
+        if inst is not None:
+            return inst.symbol
+        last = self.last.get(key)
+        return last.symbol if last is not None else ""
+
+    @staticmethod
+    def _req_key(req: OrderRequest) -> str:
+        return f"{req.segment}|{req.token}"
+
+    def _commit(self) -> list[OrderRequest]:
+        out = self._outbox
+        self._outbox = []
+        for req in out:
+            self.pending[req.request_id] = req
+        return out
+
+    def _guarded(self, hook: str, fn: Callable[[], Any]) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        if self.halted:
+            return _EMPTY
+        try:
+            fn()
+        except Exception as exc:
+            self._outbox.clear()
+            self._failed(hook, exc)
+            return _EMPTY
+        return self._commit() if self._outbox else _EMPTY
+
+    def _flush_bars(self, now_ns: int) -> None:
+        for agg in self._bars.values():
+            bars = agg.flush(now_ns)
+            if bars:
+                for bar in bars:
+                    self.on_bar(bar)
+
+    def _failed(self, hook: str, exc: Exception, force_stop: bool = False) -> None:
+        self.errors += 1
+        n = self.errors
+        stop = force_stop or self.ctx.on_error == "stop"
+        if stop:
+            self.halted = f"strategy {self.id} stopped: {hook} raised {type(exc).__name__}: {exc}"
+        if stop or n <= _LOG_FIRST_ERRORS or n % _LOG_EVERY_ERRORS == 0:
+            self.log.error("strategy_hook_failed", strategy_id=self.id, hook=hook, errors=n,
+                           error=f"{type(exc).__name__}: {exc}", action="stop" if stop else "continue",
+                           exc_info=exc)
