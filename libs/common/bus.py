@@ -99,7 +99,12 @@ class Bus:
     def socket(self, kind: int, *, server: bool) -> zmq.Socket[Any]:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        if server:
+            # Only on binders: libzmq treats an oversized frame as a protocol error and
+            # terminates the session without reconnecting, so on a SUB/DEALER one big
+            # publication or reply would cut that peer off for good. Subscribers count and
+            # drop oversized frames themselves (Subscriber.parse).
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         if self.security is not None:
             self.security.apply(sock, server=server)
         return sock
@@ -179,6 +184,10 @@ class Subscriber:
     def parse(self, frame: bytes) -> tuple[bytes, Message] | None:
         """Split, check sequence and decode one frame; None when it was dropped."""
         stats = self.stats
+        if len(frame) > self.max_frame:
+            stats.oversized += 1
+            _rate_limited_warn(stats, self.log, "bus_oversized_frame", size=len(frame))
+            return None
         i = frame.find(SEP)
         if i <= 0 or len(frame) < i + 1 + _HDR_LEN:
             stats.malformed += 1

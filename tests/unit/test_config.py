@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from libs.common.config import (
 
 def _write(path: Path, text: str, mode: int = 0o600) -> Path:
     path.write_text(text)
-    os.chmod(path, mode)
+    path.chmod(mode)
     return path
 
 
@@ -128,15 +127,23 @@ def test_bad_file_value_is_one_line_naming_the_key(tmp_path: Path, toml: str, ex
 @pytest.mark.parametrize(
     ("var", "value", "expected"),
     [
-        ("NEOPULSE_RISK__MAX_QTYY", "5", "config error: NEOPULSE_RISK__MAX_QTYY: unknown key `risk.max_qtyy`"),
-        ("NEOPULSE_RISK__MAX_QTY", "lots", "config error: NEOPULSE_RISK__MAX_QTY: `risk.max_qty`: Expected `int`"),
-        ("NEOPULSE_BUS__CURVE", "maybe", "config error: NEOPULSE_BUS__CURVE: `bus.curve`: Expected `bool`"),
-        ("NEOPULSE_RISKK__MAX_QTY", "5", "config error: NEOPULSE_RISKK__MAX_QTY: unknown config section `riskk`"),
-        ("NEOPULSE_FEED__SOURCE", "yahoo", "config error: NEOPULSE_FEED__SOURCE: `feed.source` must be"),
-        ("NEOPULSE_FEED__INSTRUMENTS", "[1, 2]", "config error: NEOPULSE_FEED__INSTRUMENTS: `feed.instruments[0]`"),
+        ("NEOPULSE_RISK__MAX_QTYY", "5",
+         "config error: NEOPULSE_RISK__MAX_QTYY: unknown key `risk.max_qtyy`"),
+        ("NEOPULSE_RISK__MAX_QTY", "lots",
+         "config error: NEOPULSE_RISK__MAX_QTY: `risk.max_qty`: Expected `int`"),
+        ("NEOPULSE_BUS__CURVE", "maybe",
+         "config error: NEOPULSE_BUS__CURVE: `bus.curve`: Expected `bool`"),
+        ("NEOPULSE_RISKK__MAX_QTY", "5",
+         "config error: NEOPULSE_RISKK__MAX_QTY: unknown config section `riskk`"),
+        ("NEOPULSE_FEED__SOURCE", "yahoo",
+         "config error: NEOPULSE_FEED__SOURCE: `feed.source` must be"),
+        ("NEOPULSE_FEED__INSTRUMENTS", "[1, 2]",
+         "config error: NEOPULSE_FEED__INSTRUMENTS: `feed.instruments[0]`"),
     ],
 )
-def test_bad_environment_value_names_the_variable(tmp_path: Path, var: str, value: str, expected: str) -> None:
+def test_bad_environment_value_names_the_variable(
+    tmp_path: Path, var: str, value: str, expected: str
+) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(env={"NEOPULSE_ENV_FILE": str(tmp_path / "none.env"), var: value})
 
