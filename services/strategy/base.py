@@ -252,6 +252,9 @@ class Strategy:
         pos = self.positions.get(key)
         if pos is None or pos.quantity == 0:
             return None
+        for req in self._outbox:
+            if req.purpose == "EXIT" and self._req_key(req) == key:
+                return None
         for rid in self._exit_ids:
             req = self.pending.get(rid)
             if req is not None and self._req_key(req) == key:
