@@ -84,8 +84,10 @@ class FeedConfig(_Section, frozen=True):
     replay_path: str = ""
     replay_speed: str = "1"  # a factor, or "max"
     replay_loop: bool = False
+    replay_delay_s: NonNegFloat = 2.0  # replay starts at the first Subscribe request, or after this
     watchdog_s: PositiveFloat = 10.0
     market_hours: str = "09:15-15:30"
+    market_days: list[int] = msgspec.field(default_factory=lambda: [0, 1, 2, 3, 4])  # Mon=0 .. Sun=6
     timezone: str = "Asia/Kolkata"
     reconnect_min_s: PositiveFloat = 0.5
     reconnect_max_s: PositiveFloat = 30.0

@@ -1,0 +1,1 @@
+"""The market-data feed: one source (sim, replay or Kotak SFeed) published as ``Tick``s."""

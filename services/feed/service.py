@@ -1,0 +1,267 @@
+"""The feed process: one tick source published on the bus, with a request port.
+
+PUB ``feed_pub``:
+    ``tick.<segment>.<token>.``  ``Tick`` — hot path: a dict lookup and a msgspec encode
+    ``feedstatus.``              ``FeedStatus`` on every connection-state change
+    ``hb.feed.``                 ``Heartbeat`` every second (from the Service base)
+
+ROUTER ``feed_rep``:
+    ``Subscribe``     add instruments (trading symbol or ``segment|token``); the feed keeps
+                      the union of ``feed.instruments`` and every request, up to
+                      ``feed.max_subscriptions``. An unknown name refuses the whole request
+                      with ``code="unknown_instrument"`` and names it.
+    ``GetStatus``     state, source, counters
+    ``GetLastTicks``  the latest tick of the named (or every subscribed) instrument
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from libs.common.bus import Responder, Server, topic
+from libs.common.clock import Clock
+from libs.common.config import Config, ConfigError
+from libs.common.instruments import Instrument, MasterData, UnknownInstrument
+from libs.common.messages import (
+    Codec,
+    FeedStatus,
+    GetLastTicks,
+    GetStatus,
+    Message,
+    Reply,
+    Subscribe,
+    Tick,
+    to_builtins,
+)
+from libs.common.service import Service
+from services.feed.recorder import TickRecorder
+from services.feed.sources import CONNECTING, Source
+from services.feed.watchdog import MarketHours
+
+FEEDSTATUS_TOPIC = topic("feedstatus")
+
+
+class FeedService(Service):
+    name = "feed"
+
+    def __init__(self, cfg: Config, clock: Clock | None = None, master: MasterData | None = None) -> None:
+        super().__init__(cfg, pub_endpoint=cfg.bus.endpoint("feed_pub"))
+        self.clock = clock or Clock()
+        self.hours = MarketHours.from_config(cfg.feed)  # validates hours, days and timezone
+        self.master = master if master is not None else MasterData.load_for_home(self.home)
+        self.subs: dict[str, Instrument] = {}
+        try:
+            initial = self._resolve(cfg.feed.instruments)
+        except UnknownInstrument as exc:
+            raise ConfigError(f"config error: `feed.instruments`: {exc}") from None
+        if len(initial) > cfg.feed.max_subscriptions:
+            raise ConfigError(f"config error: `feed.instruments` lists {len(initial)} instruments, "
+                              f"more than feed.max_subscriptions ({cfg.feed.max_subscriptions})")
+        for inst in initial:
+            self.subs[inst.key] = inst
+        self.state = ""
+        self.detail = ""
+        self.ticks = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self.tick_rate = 0.0
+        # hot-path state
+        assert self.pub is not None
+        self._publish_raw = self.pub.publish_raw
+        self._encode = Codec().encode
+        self._topics: dict[tuple[str, str], bytes] = {}
+        self._last: dict[tuple[str, str], Tick] = {}
+        self.recorder: TickRecorder | None = None
+        self._rec_append: Any = None
+        self.source: Source = self._make_source()
+        if cfg.feed.record and self.source.name != "replay":
+            self.recorder = TickRecorder(self.home / "ticks", self.clock, self.hours.tz, self.log)
+            self._rec_append = self.recorder.buf.append
+        self.server: Server | None = None
+
+    # ----------------------------------------------------------------- wiring
+    def _make_source(self) -> Source:
+        kind = self.cfg.feed.source
+        if kind == "sim":
+            from services.feed.sources.sim import SimSource
+
+            return SimSource(self)
+        if kind == "replay":
+            from services.feed.sources.replay import ReplaySource
+
+            return ReplaySource(self)
+        from services.feed.sources.kotak import KotakSource
+
+        return KotakSource(self)
+
+    def on_start(self) -> None:
+        self.server = self.bus.server(self.cfg.bus.endpoint("feed_rep"))
+        self.server.handler = self.handle_request
+        server = self.server
+        self.reactor.add_reader(server.sock, server.drain)
+        if self.recorder is not None:
+            self.recorder.flush()  # opens today's file now, so a bad ticks dir shows at start
+            self.add_task("recorder_flush", 0.25, self._flush_recorder)
+        self.add_task("tick_rate", 1.0, self._update_rate)
+        self.set_state(CONNECTING, f"source {self.source.name}")
+        self.source.start(list(self.subs.values()))
+        self.log.info("feed_started", source=self.source.name, subscribed=len(self.subs),
+                      pub=self.cfg.bus.endpoint("feed_pub"), rep=self.cfg.bus.endpoint("feed_rep"),
+                      recording=str(self.recorder.path) if self.recorder else None)
+
+    def on_stop(self) -> None:
+        self.source.stop()
+        if self.state:
+            self.set_state("DOWN", "feed stopped")
+        if self.recorder is not None:
+            self.recorder.close()
+        if self.server is not None:
+            self.reactor.remove_reader(self.server.sock)
+            self.server.close()
+
+    def _flush_recorder(self) -> None:
+        assert self.recorder is not None
+        self.recorder.flush()
+
+    def _update_rate(self) -> None:
+        now = time.monotonic()
+        t0, n0 = self._rate_mark
+        self.tick_rate = (self.ticks - n0) / max(now - t0, 1e-6)
+        self._rate_mark = (now, self.ticks)
+
+    # ----------------------------------------------------------------- hot path
+    def _topic_for(self, key: tuple[str, str]) -> bytes:
+        t = topic("tick", key[0], key[1])
+        self._topics[key] = t
+        return t
+
+    def publish_tick(self, tick: Tick) -> None:
+        key = (tick.segment, tick.token)
+        t = self._topics.get(key) or self._topic_for(key)
+        payload = self._encode(tick)
+        self._publish_raw(t, payload)
+        self._last[key] = tick
+        if self._rec_append is not None:
+            self._rec_append(payload)
+        self.ticks += 1
+
+    def publish_ticks(self, ticks: list[Tick]) -> None:
+        topics, last, enc, send = self._topics, self._last, self._encode, self._publish_raw
+        rec = self._rec_append
+        for tick in ticks:
+            key = (tick.segment, tick.token)
+            t = topics.get(key) or self._topic_for(key)
+            payload = enc(tick)
+            send(t, payload)
+            last[key] = tick
+            if rec is not None:
+                rec(payload)
+        self.ticks += len(ticks)
+        if rec is not None and len(self.recorder.buf) > 50_000:  # type: ignore[union-attr]
+            self._flush_recorder()
+
+    # ----------------------------------------------------------------- state
+    def set_state(self, state: str, detail: str = "") -> None:
+        """Publish ``FeedStatus`` when the connection state changes."""
+        if state == self.state:
+            self.detail = detail or self.detail
+            return
+        self.state, self.detail = state, detail
+        self.log.info("feed_state", state=state, detail=detail, source=self.source.name)
+        self.publish_status(detail)
+
+    def publish_status(self, detail: str) -> None:
+        """Publish the current state with ``detail`` (also used for exchange market-status news)."""
+        if self.pub is None:
+            return
+        self.pub.publish(FEEDSTATUS_TOPIC, FeedStatus(
+            state=self.state, source=self.cfg.feed.source, detail=detail,
+            reconnects=int(getattr(self.source, "reconnects", 0)),
+            subscribed=len(self.subs),
+        ))
+
+    # ----------------------------------------------------------------- requests
+    def _resolve(self, names: list[str]) -> list[Instrument]:
+        """Resolve every name or raise ``UnknownInstrument`` naming all the unknown ones."""
+        found: list[Instrument] = []
+        unknown: list[str] = []
+        for name in names:
+            try:
+                found.append(self.master.resolve(name))
+            except UnknownInstrument:
+                unknown.append(name)
+        if unknown:
+            raise UnknownInstrument(", ".join(unknown))
+        return found
+
+    def handle_request(self, msg: Message, _responder: Responder) -> Message | None:
+        match msg:
+            case Subscribe():
+                return self.subscribe(msg.instruments, msg.requester)
+            case GetStatus():
+                return Reply(ok=True, data=self.status())
+            case GetLastTicks():
+                return self.last_ticks(msg.instruments)
+            case _:
+                return Reply(ok=False, code="unsupported",
+                             error=f"the feed does not handle {type(msg).__name__}")
+
+    def subscribe(self, names: list[str], requester: str = "") -> Reply:
+        try:
+            insts = self._resolve(names)
+        except UnknownInstrument as exc:
+            return Reply(ok=False, code="unknown_instrument", error=str(exc))
+        new: list[Instrument] = []
+        seen: set[str] = set()
+        for inst in insts:
+            if inst.key not in self.subs and inst.key not in seen:
+                seen.add(inst.key)
+                new.append(inst)
+        limit = self.cfg.feed.max_subscriptions
+        if len(self.subs) + len(new) > limit:
+            return Reply(ok=False, code="subscription_limit",
+                         error=f"subscription limit reached: {len(self.subs)} subscribed + "
+                               f"{len(new)} new > feed.max_subscriptions ({limit})")
+        for inst in new:
+            self.subs[inst.key] = inst
+        self.source.requested()
+        if new:
+            self.source.add_instruments(new)
+            self.log.info("feed_subscribed", requester=requester, added=[i.key for i in new][:50],
+                          added_count=len(new), total=len(self.subs))
+        return Reply(ok=True, data={"subscribed": [i.key for i in insts], "added": [i.key for i in new],
+                                    "total": len(self.subs)})
+
+    def last_ticks(self, names: list[str]) -> Reply:
+        if names:
+            try:
+                keys = [(i.segment, i.token) for i in self._resolve(names)]
+            except UnknownInstrument as exc:
+                return Reply(ok=False, code="unknown_instrument", error=str(exc))
+        else:
+            keys = list(self._last)
+        ticks = [self._last[k] for k in keys if k in self._last]
+        return Reply(ok=True, data=to_builtins(ticks))
+
+    def status(self) -> dict[str, Any]:
+        server = self.server
+        return {
+            "service": self.name,
+            "source": self.source.name,
+            "state": self.state,
+            "detail": self.detail,
+            "subscribed": len(self.subs),
+            "instruments": list(self.subs)[:100],
+            "ticks": self.ticks,
+            "ticks_per_s": round(self.tick_rate, 1),
+            "market_open": self.hours.is_open(self.clock),
+            "source_stats": self.source.stats(),
+            "recorder": self.recorder.stats() if self.recorder else None,
+            "requests": server.stats.as_dict() if server else {},
+        }
+
+    def status_info(self) -> dict[str, Any]:
+        server = self.server
+        return {"state": self.state, "source": self.source.name, "subscribed": len(self.subs),
+                "ticks": self.ticks, "ticks_per_s": round(self.tick_rate, 1),
+                "malformed_requests": server.stats.malformed if server else 0}
