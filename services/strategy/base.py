@@ -63,6 +63,7 @@ __all__ = [
 
 _EMPTY: tuple[OrderRequest, ...] = ()
 UNCONFIRMED_TTL_S = 15.0  # how long an order whose risk reply timed out blocks re-entry
+BAR_FLUSH_GRACE_NS = 2_000_000_000  # a quiet bar closes this long after its end (clock skew)
 _LOG_FIRST_ERRORS = 5
 _LOG_EVERY_ERRORS = 1000
 
@@ -371,7 +372,7 @@ class Strategy:
                         self.log.warning("order_unconfirmed_released", strategy_id=self.id, request_id=rid)
         if self.halted or not self._wants_bars:
             return _EMPTY
-        return self._guarded("on_bar", lambda: self._flush_bars(now_ns))
+        return self._guarded("on_bar", lambda: self._flush_bars(now_ns - BAR_FLUSH_GRACE_NS))
 
     def dispatch_verdict(self, request: OrderRequest, verdict: RiskVerdict | Exception) -> list[OrderRequest] | tuple[
             OrderRequest, ...]:

@@ -218,7 +218,7 @@ def test_bars_reach_on_bar_only_for_strategies_that_want_them() -> None:
         strat.dispatch_tick(_tick(100.0 + i, T0 + i * S))
     assert [b.start_ns for b in got] == [T0, T0 + 60 * S]
     assert got[0].open == 100.0 and got[0].close == 159.0
-    strat.dispatch_timer(T0 + 181 * S)  # quiet instrument: the timer closes the bar
+    strat.dispatch_timer(T0 + 183 * S)  # quiet instrument: the timer closes the bar (after the grace)
     assert len(got) == 3
     assert Probe(_ctx())._wants_bars is False
 

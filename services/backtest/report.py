@@ -1,0 +1,325 @@
+"""Backtest bookkeeping and report: trades, PnL after costs, drawdown, exposure, equity curve.
+
+The ``Book`` is fed the same ``Fill``s the strategy receives and every tick's price. Money
+is exact (``Decimal``) for the totals, so the report is internally consistent to the paisa:
+
+- ``net_pnl = gross_pnl - turnover × cost_rate`` (cost rate 0.00035 by default);
+- the trades' PnLs add up to ``gross_pnl`` (a position still open at the end is one trade,
+  marked at the last price and flagged ``open``);
+- the equity curve (net, after costs, marked to market) ends at ``net_pnl``.
+
+Nothing time- or run-dependent (wall clock, random ids) goes into the report, so two runs
+over the same input give byte-identical JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from libs.common.clock import IST
+from libs.common.messages import Fill
+from libs.common.money import to_decimal
+
+ZERO = Decimal(0)
+CURVE_POINTS = 1000  # at most this many points of the equity curve go into the report
+
+
+@dataclass(slots=True)
+class Trade:
+    """One round trip in one instrument: from flat, back to flat (or still open at the end)."""
+
+    symbol: str
+    key: str
+    direction: str  # LONG | SHORT
+    entry_ns: int
+    quantity: int = 0  # largest absolute position during the trade
+    exit_ns: int = 0
+    buy_qty: int = 0
+    sell_qty: int = 0
+    buy_value: Decimal = ZERO
+    sell_value: Decimal = ZERO
+    fills: int = 0
+    open: bool = False
+    mark: Decimal = ZERO  # price an open trade is marked at
+
+    @property
+    def pnl(self) -> Decimal:
+        """Gross PnL: sells - buys, with any open quantity marked at ``mark``."""
+        held = self.buy_qty - self.sell_qty
+        return self.sell_value - self.buy_value + held * self.mark
+
+    @property
+    def turnover(self) -> Decimal:
+        return self.buy_value + self.sell_value
+
+    def as_dict(self, cost_rate: Decimal) -> dict[str, Any]:
+        entry_qty = self.buy_qty if self.direction == "LONG" else self.sell_qty
+        exit_qty = self.sell_qty if self.direction == "LONG" else self.buy_qty
+        entry_val = self.buy_value if self.direction == "LONG" else self.sell_value
+        exit_val = self.sell_value if self.direction == "LONG" else self.buy_value
+        cost = self.turnover * cost_rate
+        return {
+            "symbol": self.symbol, "direction": self.direction, "quantity": self.quantity,
+            "entry_time": _iso(self.entry_ns), "exit_time": _iso(self.exit_ns) if self.exit_ns else None,
+            "entry_price": _num(entry_val / entry_qty) if entry_qty else None,
+            "exit_price": _num(exit_val / exit_qty) if exit_qty else None,
+            "pnl": _num(self.pnl), "cost": _num(cost), "net_pnl": _num(self.pnl - cost),
+            "fills": self.fills, "open": self.open,
+        }
+
+
+@dataclass(slots=True)
+class _Inst:
+    key: str
+    symbol: str
+    qty: int = 0
+    avg: float = 0.0  # float average entry, for the per-tick equity curve only
+    mark: float = 0.0
+    trade: Trade | None = None
+
+
+@dataclass
+class Book:
+    """Fills and marks → trades, exact totals and a marked-to-market equity curve."""
+
+    cost_rate: Decimal = Decimal("0.00035")
+    sample_ns: int = 60 * 1_000_000_000  # equity curve resolution (plus every fill)
+    trades: list[Trade] = field(default_factory=list)
+    turnover: Decimal = ZERO
+    fills: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    max_drawdown: float = 0.0
+    peak: float = 0.0
+    exposure_ns: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    _insts: dict[str, _Inst] = field(default_factory=dict)
+    _realised: float = 0.0  # float mirror of realised gross, for the curve
+    _unreal: float = 0.0
+    _cost: float = 0.0
+    _open_count: int = 0
+    _open_since: int = 0
+    _next_sample: int = 0
+
+    def __post_init__(self) -> None:
+        self._rate_f = float(self.cost_rate)
+
+    # ------------------------------------------------------------------ feeding
+    def on_tick(self, key: str, ts_ns: int, price: float) -> None:
+        """A traded price: update the mark and, while exposed, the equity curve/drawdown."""
+        if not self.first_ns:
+            self.first_ns = ts_ns
+            self._next_sample = ts_ns
+        self.last_ns = ts_ns
+        inst = self._insts.get(key)
+        if inst is None:
+            return
+        if inst.qty:
+            self._unreal += inst.qty * (price - inst.mark)
+        inst.mark = price
+        if self._open_count:
+            self._observe(ts_ns)
+
+    def mark(self, key: str, symbol: str, price: float) -> None:
+        """Register an instrument's price before any fill (so open trades mark correctly)."""
+        inst = self._insts.get(key)
+        if inst is None:
+            self._insts[key] = _Inst(key, symbol, mark=price)
+        else:
+            inst.mark = price
+
+    def on_fill(self, fill: Fill, ts_ns: int) -> None:
+        """Book a fill (exact money) into its instrument's current trade."""
+        key = f"{fill.segment}|{fill.token}"
+        inst = self._insts.get(key)
+        if inst is None:
+            inst = self._insts[key] = _Inst(key, fill.symbol, mark=float(fill.price))
+        if not self.first_ns:
+            self.first_ns = self._next_sample = ts_ns
+        self.last_ns = max(self.last_ns, ts_ns)
+        self.fills += 1
+        price = fill.price
+        pf = float(price)
+        remaining = fill.quantity
+        buy = fill.side == "BUY"
+        while remaining:
+            if inst.trade is None:
+                inst.trade = Trade(symbol=inst.symbol or fill.symbol, key=key,
+                                   direction="LONG" if buy else "SHORT", entry_ns=ts_ns)
+                self.trades.append(inst.trade)
+                if self._open_count == 0:
+                    self._open_since = ts_ns
+                self._open_count += 1
+            trade = inst.trade
+            # the part of this fill that belongs to the current trade (a reversal splits it)
+            if inst.qty == 0 or (inst.qty > 0) == buy:
+                part = remaining
+            else:
+                part = min(remaining, abs(inst.qty))
+            signed = part if buy else -part
+            value = price * part
+            if buy:
+                trade.buy_qty += part
+                trade.buy_value += value
+            else:
+                trade.sell_qty += part
+                trade.sell_value += value
+            trade.fills += 1
+            self.turnover += value
+            self._cost += float(value) * self._rate_f
+            # float mirror for the curve: realise on reduction, re-average on increase
+            q = inst.qty
+            if q == 0 or (q > 0) == buy:
+                inst.avg = (inst.avg * abs(q) + pf * part) / (abs(q) + part)
+                self._unreal += signed * (inst.mark - pf)
+            else:
+                self._realised += (pf - inst.avg) * part * (1 if q > 0 else -1)
+                self._unreal += signed * (inst.mark - inst.avg)
+            inst.qty = q + signed
+            trade.quantity = max(trade.quantity, abs(inst.qty))
+            remaining -= part
+            if inst.qty == 0:
+                inst.avg = 0.0
+                trade.exit_ns = ts_ns
+                inst.trade = None
+                self._open_count -= 1
+                if self._open_count == 0:
+                    self.exposure_ns += ts_ns - self._open_since
+        self._observe(ts_ns, force=True)
+
+    def _observe(self, ts_ns: int, force: bool = False) -> None:
+        eq = self._realised + self._unreal - self._cost
+        if eq > self.peak:
+            self.peak = eq
+        elif self.peak - eq > self.max_drawdown:
+            self.max_drawdown = self.peak - eq
+        if force or ts_ns >= self._next_sample:
+            self.curve.append((ts_ns, eq))
+            self._next_sample = ts_ns + self.sample_ns
+
+    # ------------------------------------------------------------------ results
+    def finish(self) -> None:
+        """Mark open trades at the last price and close the exposure window."""
+        for inst in self._insts.values():
+            if inst.trade is not None:
+                inst.trade.open = True
+                inst.trade.mark = to_decimal(inst.mark)
+        if self._open_count:
+            self.exposure_ns += self.last_ns - self._open_since
+            self._open_since = self.last_ns
+
+    @property
+    def gross(self) -> Decimal:
+        return sum((t.pnl for t in self.trades), ZERO)
+
+    @property
+    def cost(self) -> Decimal:
+        return self.turnover * self.cost_rate
+
+    @property
+    def net(self) -> Decimal:
+        return self.gross - self.cost
+
+    def equity_curve(self) -> list[tuple[int, float]]:
+        """At most ``CURVE_POINTS`` points (evenly thinned), starting at 0 and ending exactly at net."""
+        pts = [(self.first_ns, 0.0), *self.curve]
+        if len(pts) > CURVE_POINTS:
+            step = len(pts) / (CURVE_POINTS - 1)
+            pts = [pts[int(i * step)] for i in range(CURVE_POINTS - 1)]
+        pts.append((self.last_ns, float(self.net)))
+        return pts
+
+    def summary(self) -> dict[str, Any]:
+        closed = [t for t in self.trades if not t.open]
+        wins = sum(1 for t in closed if t.pnl > 0)
+        span = max(0, self.last_ns - self.first_ns)
+        net = self.net
+        # the drawdown of the final mark can exceed the sampled one: include the end point
+        final = float(net)
+        max_dd = max(self.max_drawdown, self.peak - final)
+        return {
+            "trades": len(self.trades),
+            "closed_trades": len(closed),
+            "open_trades": len(self.trades) - len(closed),
+            "wins": wins,
+            "losses": sum(1 for t in closed if t.pnl < 0),
+            "win_rate": round(wins / len(closed), 4) if closed else 0.0,
+            "gross_pnl": _num(self.gross),
+            "turnover": _num(self.turnover),
+            "cost_rate": _num(self.cost_rate),
+            "cost": _num(self.cost),
+            "net_pnl": _num(net),
+            "max_drawdown": round(max_dd, 2),
+            "exposure_s": round(self.exposure_ns / 1e9, 3),
+            "exposure_pct": round(100.0 * self.exposure_ns / span, 2) if span else 0.0,
+            "fills": self.fills,
+        }
+
+
+def _num(d: Decimal) -> float:
+    return float(d)
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, IST).isoformat(timespec="milliseconds")
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """Stable JSON: sorted keys, fixed separators (byte-identical for identical reports)."""
+    return json.dumps(report, sort_keys=True, indent=2, ensure_ascii=True) + "\n"
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The human summary."""
+    s = report["summary"]
+    lines = [
+        f"backtest  {report['strategy']}  ({report['ticks']} ticks, {report['start']} → {report['end']})",
+        f"  trades        {s['trades']}  (closed {s['closed_trades']}, open {s['open_trades']}, "
+        f"wins {s['wins']}, losses {s['losses']}, win rate {s['win_rate'] * 100:.1f} %)",
+        f"  gross PnL     {s['gross_pnl']:,.2f}",
+        f"  cost          {s['cost']:,.2f}  (turnover {s['turnover']:,.2f} × {s['cost_rate']})",
+        f"  net PnL       {s['net_pnl']:,.2f}",
+        f"  max drawdown  {s['max_drawdown']:,.2f}",
+        f"  exposure      {s['exposure_s']:,.0f} s  ({s['exposure_pct']} % of the time)",
+        f"  orders        {report['orders']['requested']} requested, {report['orders']['approved']} approved, "
+        f"{report['orders']['rejected']} rejected; strategy errors {report['errors']}",
+    ]
+    for reason, n in sorted(report["rejections"].items(), key=lambda kv: -kv[1])[:5]:
+        lines.append(f"    rejected ×{n}: {reason}")
+    return "\n".join(lines)
+
+
+def write_equity_png(report: dict[str, Any], path: Path) -> Path:
+    """Plot the net equity curve (after costs) to ``path`` (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    curve = report["equity_curve"]
+    xs = [datetime.fromtimestamp(ns / 1e9, IST) for ns, _ in curve]
+    ys = [eq for _, eq in curve]
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    try:
+        ax.plot(xs, ys, color="#1f6feb", linewidth=1.2, drawstyle="steps-post")
+        ax.axhline(0, color="#888888", linewidth=0.8)
+        ax.fill_between(xs, ys, 0, step="post", alpha=0.15, color="#1f6feb")
+        s = report["summary"]
+        ax.set_title(f"{report['strategy']}: net PnL {s['net_pnl']:,.2f} after costs "
+                     f"({s['trades']} trades, max drawdown {s['max_drawdown']:,.2f})")
+        ax.set_ylabel("net equity (₹)")
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=IST))
+        ax.grid(True, alpha=0.3)
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return path
