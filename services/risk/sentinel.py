@@ -253,6 +253,7 @@ class RiskSentinel:
 
     def evaluate(self, req: OrderRequest) -> tuple[RiskVerdict, ExecuteOrder | None]:
         """Like ``check``, and for an approval also the ``ExecuteOrder`` to send execution."""
+        reason: str | None
         norm = msgspec.structs.replace(req, ts_ns=0)
         seen = self._seen.get(req.request_id)
         if seen is not None:
@@ -564,6 +565,12 @@ class RiskSentinel:
             RecordRiskEvent(event="kill_switch_off", reason=reason or "switched off", source=source,
                             data=data, request_id=f"risk-ks-off-{now}", ts_ns=now),
         )
+
+    def new_day(self) -> None:
+        """A new trading day began while running: a fresh loss budget (the kill switch stays;
+        the positions and PnL come from the next ``restore``)."""
+        self.loss_breached = False
+        self.breach_reason = ""
 
     def restore(self, day: DayState) -> Sequence[Event]:
         """Rebuild the day from execution's ledger. A tripped kill switch or a latched loss

@@ -1,0 +1,406 @@
+"""The risk process: ``RiskSentinel`` wired to the bus.
+
+ROUTER ``risk_rep``:
+    ``OrderRequest``  → ``RiskVerdict``. An approved order goes to execution as
+                        ``ExecuteOrder``; the verdict is sent once execution has committed
+                        the PENDING row, carrying its ``order_id``. A rejection is answered
+                        at once. Until the day is loaded from execution every order is
+                        refused with "risk is starting: day state not loaded".
+    ``KillSwitch``    → ``Reply(data=RiskState dict + day_loaded)``; on/off or query.
+    ``GetRiskState``  → ``RiskState``.   ``GetStatus`` → ``Reply(data={...})``.
+PUB ``risk_pub``: ``risk.state.`` (on change and every second), ``verdict.<strategy_id>.``
+    (every verdict), ``alert.risk.``, ``hb.risk.``.
+SUB: feed ``tick.`` (marks); execution ``fill.`` and ``order.``.
+Requests to execution (``execution_rep``, never blocking the loop): ``GetDayState`` at
+start (retried every second until it answers), ``ExecuteOrder``, and the risk events
+(``RecordRiskEvent``, ``CancelEntries``), which are delivered in order and retried until
+execution answers, so a kill switch is recorded even if execution was briefly down.
+
+The kill switch and the loss breach are also written to ``$NEOPULSE_HOME/run/risk-day.json``
+so that a restart while execution is down still starts HALTED (a restart never unlocks a
+tripped switch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from libs.common.bus import RequestTimeout, Responder, Server, topic
+from libs.common.clock import Clock, trading_day
+from libs.common.config import Config
+from libs.common.instruments import MasterData
+from libs.common.messages import (
+    Alert,
+    CancelEntries,
+    DayState,
+    ExecuteOrder,
+    Fill,
+    GetDayState,
+    GetRiskState,
+    GetStatus,
+    KillSwitch,
+    Message,
+    OrderRequest,
+    OrderUpdate,
+    RecordRiskEvent,
+    Reply,
+    RiskVerdict,
+    Subscribe,
+    Tick,
+    to_builtins,
+)
+from libs.common.service import Service
+from services.risk.sentinel import Event, RiskSentinel
+
+STATE_TOPIC = topic("risk", "state")
+ALERT_TOPIC = topic("alert", "risk")
+STARTING_REASON = "risk is starting: day state not loaded"
+_TOPIC_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+DAY_RETRY_S = 1.0
+DELIVER_RETRY_S = 1.0
+DAY_CHECK_S = 30.0
+
+
+def _safe(part: str) -> str:
+    return _TOPIC_SAFE.sub("_", part) or "_"
+
+
+class RiskService(Service):
+    name = "risk"
+
+    def __init__(self, cfg: Config, clock: Clock | None = None, master: MasterData | None = None) -> None:
+        super().__init__(cfg, pub_endpoint=cfg.bus.endpoint("risk_pub"))
+        self.clock = clock or Clock()
+        self.master = master if master is not None else MasterData.load_for_home(self.home)
+        self.sentinel = RiskSentinel(cfg.risk, self.master, self.clock)
+        self.day_loaded = False
+        self.day_attempts = 0
+        self._day_pending = False
+        # Approved orders waiting for execution's acknowledgement: request_id → waiting replies.
+        self._inflight: dict[str, list[Responder]] = {}
+        self._events: deque[RecordRiskEvent | CancelEntries] = deque()
+        self._delivering = False
+        self._early_fills: list[Fill] = []
+        self._marked: set[str] = set()
+        self._last_state: tuple[str, bool] | None = None
+        self._state_file = self.home / "run" / "risk-day.json"
+        self.server: Server | None = None
+        # Two attempts at ExecuteOrder must fit inside a strategy's own request timeout.
+        self._exec_timeout_ms = max(200, cfg.bus.request_timeout_ms * 2 // 5)
+
+    # ----------------------------------------------------------------- lifecycle
+    def on_start(self) -> None:
+        bus = self.cfg.bus
+        self.server = self.bus.server(bus.endpoint("risk_rep"))
+        self.server.handler = self._on_request
+        server = self.server
+        self.reactor.add_reader(server.sock, server.drain)
+        self.execution = self.client(bus.endpoint("execution_rep"), self._exec_timeout_ms)
+        self.feed = self.client(bus.endpoint("feed_rep"))
+        self.subscribe([bus.endpoint("feed_pub")], [b"tick."], self._on_feed)
+        self.subscribe([bus.endpoint("execution_pub")], [b"fill.", b"order."], self._on_execution)
+        self._restore_local()
+        self._load_day()
+        self.add_task("risk_state", 1.0, self._publish_state)
+        self.add_task("deliver_events", DELIVER_RETRY_S, self._deliver)
+        self.add_task("day_check", DAY_CHECK_S, self._check_day)
+        self.log.info("risk_starting", rep=server.endpoint, execution=self.execution.endpoint,
+                      max_qty=self.cfg.risk.max_qty, max_notional=self.cfg.risk.max_notional,
+                      max_daily_loss=self.cfg.risk.max_daily_loss,
+                      max_orders_per_sec=self.cfg.risk.max_orders_per_sec)
+
+    def on_stop(self) -> None:
+        if self.server is not None:
+            self.reactor.remove_reader(self.server.sock)
+            self.server.close()
+        if self._events:
+            self.log.warning("risk_events_undelivered", count=len(self._events),
+                             events=[e.__class__.__name__ for e in self._events])
+
+    def status_info(self) -> dict[str, Any]:
+        st = self.sentinel.state()
+        server = self.server.stats if self.server is not None else None
+        return {
+            "state": st.state, "net_pnl": round(st.net_pnl, 2), "kill_switch": st.kill_switch,
+            "day_loaded": self.day_loaded, "trading_day": self.sentinel.trading_day,
+            "approved": self.sentinel.approved, "rejected": self.sentinel.rejected,
+            "inflight": len(self._inflight), "events_pending": len(self._events),
+            "open_positions": st.open_positions,
+            "requests": server.received if server else 0,
+            "malformed_requests": server.malformed if server else 0,
+        }
+
+    # ----------------------------------------------------------------- requests
+    def _on_request(self, msg: Message, responder: Responder) -> Message | None:
+        match msg:
+            case OrderRequest():
+                return self._on_order(msg, responder)
+            case KillSwitch():
+                return self._on_kill_switch(msg)
+            case GetRiskState():
+                return self.sentinel.state()
+            case GetStatus():
+                return Reply(ok=True, data={"service": self.name, **self.status_info(), **self.bus_stats()})
+            case _:
+                return Reply(ok=False, code="unsupported",
+                             error=f"risk does not handle {type(msg).__name__} requests")
+
+    def _on_order(self, req: OrderRequest, responder: Responder) -> RiskVerdict | None:
+        waiting = self._inflight.get(req.request_id)
+        if waiting is not None:  # a retry while execution is still answering the first one
+            waiting.append(responder)
+            return None
+        if not self.day_loaded:
+            verdict = RiskVerdict(request_id=req.request_id, approved=False, reason=STARTING_REASON,
+                                  state=self.sentinel.current_state)
+            self._announce(req, verdict)
+            return verdict
+        verdict, execute = self.sentinel.evaluate(req)
+        if execute is None:
+            self._announce(req, verdict)
+            return verdict
+        self._inflight[req.request_id] = [responder]
+        self._send_execute(req, execute, attempt=1)
+        self._ensure_marked(execute)
+        return None
+
+    def _send_execute(self, req: OrderRequest, execute: ExecuteOrder, attempt: int) -> None:
+        def done(reply: Message | Exception) -> None:
+            self._on_execute_reply(req, execute, attempt, reply)
+
+        self.execution.request(execute, done)
+
+    def _on_execute_reply(self, req: OrderRequest, execute: ExecuteOrder, attempt: int,
+                          reply: Message | Exception) -> None:
+        rid = req.request_id
+        if isinstance(reply, Reply) and reply.ok:
+            data = reply.data if isinstance(reply.data, dict) else {}
+            verdict = self.sentinel.confirm(rid, str(data.get("order_id", "")))
+            if verdict is None:  # cannot happen unless the request was forgotten meanwhile
+                verdict = RiskVerdict(request_id=rid, approved=True, quantity=execute.quantity,
+                                      order_id=str(data.get("order_id", "")),
+                                      state=self.sentinel.current_state)
+        elif isinstance(reply, RequestTimeout) and attempt == 1:
+            self.log.warning("execution_timeout_retrying", request_id=rid, endpoint=reply.endpoint)
+            self._send_execute(req, execute, attempt=2)  # execution is idempotent on request_id
+            return
+        elif isinstance(reply, Reply):
+            verdict = self.sentinel.execution_failed(rid, f"execution refused: {reply.error or reply.code}")
+        elif isinstance(reply, Exception):
+            verdict = self.sentinel.execution_failed(rid, f"execution unreachable: {reply}")
+        else:
+            verdict = self.sentinel.execution_failed(
+                rid, f"execution answered with an unexpected {type(reply).__name__}")
+        self._announce(req, verdict)
+        for responder in self._inflight.pop(rid, []):
+            responder.send(verdict)
+
+    def _announce(self, req: OrderRequest, verdict: RiskVerdict) -> None:
+        """Log and publish every verdict (the notifier announces rejections)."""
+        if verdict.approved:
+            self.log.info("order_approved", request_id=req.request_id, order_id=verdict.order_id,
+                          strategy_id=req.strategy_id, symbol=req.symbol or f"{req.segment}|{req.token}",
+                          side=req.side, quantity=verdict.quantity,
+                          price=str(req.price) if req.price is not None else "market")
+        else:
+            self.log.info("order_rejected", request_id=req.request_id, reason=verdict.reason,
+                          strategy_id=req.strategy_id, symbol=req.symbol or f"{req.segment}|{req.token}",
+                          side=req.side, quantity=req.quantity,
+                          price=str(req.price) if req.price is not None else "market")
+        assert self.pub is not None
+        self.pub.publish(topic("verdict", _safe(req.strategy_id)), verdict)
+        self._publish_state_if_changed()
+
+    def _ensure_marked(self, execute: ExecuteOrder) -> None:
+        """Ask the feed for ticks of a traded instrument, so its position is marked to market."""
+        key = f"{execute.segment}|{execute.token}"
+        if key in self._marked:
+            return
+        self._marked.add(key)
+
+        def done(reply: Message | Exception) -> None:
+            if not (isinstance(reply, Reply) and reply.ok):
+                self._marked.discard(key)  # try again with the next order
+
+        self.feed.request(Subscribe(instruments=[key], requester=self.name), done)
+
+    def _on_kill_switch(self, msg: KillSwitch) -> Reply:
+        if not msg.query:
+            events = self.sentinel.set_kill_switch(msg.on, msg.reason, source=msg.source or "cli")
+            self.log.warning("kill_switch", on=msg.on, reason=msg.reason, source=msg.source,
+                             request_id=msg.request_id, state=self.sentinel.current_state)
+            self._dispatch(events)
+            self._persist_local()
+        return Reply(ok=True, data=self._state_data())
+
+    def _state_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = to_builtins(self.sentinel.state())
+        data["day_loaded"] = self.day_loaded
+        data["trading_day"] = self.sentinel.trading_day
+        return data
+
+    # ----------------------------------------------------------------- subscriptions
+    def _on_feed(self, _topic: bytes, msg: Any) -> None:
+        if type(msg) is Tick:
+            events = self.sentinel.on_tick(msg)
+            if events:
+                self._dispatch(events)
+
+    def _on_execution(self, _topic: bytes, msg: Any) -> None:
+        if isinstance(msg, Fill):
+            if not self.day_loaded:
+                self._early_fills.append(msg)  # applied after the day is restored
+                return
+            events = self.sentinel.on_fill(msg)
+            if events:
+                self._dispatch(events)
+            self._publish_state_if_changed()
+        elif isinstance(msg, OrderUpdate):
+            self.sentinel.on_order_update(msg)
+
+    # ----------------------------------------------------------------- events to execution
+    def _dispatch(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, Alert):
+                assert self.pub is not None
+                self.pub.publish(ALERT_TOPIC, ev)
+                self.log.warning("risk_alert", code=ev.code, text=ev.text)
+            else:
+                self._events.append(ev)
+        self._persist_local()
+        self._publish_state_if_changed(force=True)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Send the oldest undelivered risk event; retried every second until execution answers."""
+        if self._delivering or not self._events:
+            return
+        ev = self._events[0]
+        self._delivering = True
+
+        def done(reply: Message | Exception) -> None:
+            self._delivering = False
+            if isinstance(reply, Exception):
+                self.log.warning("risk_event_not_delivered", kind=type(ev).__name__, error=str(reply),
+                                 pending=len(self._events))
+                return
+            if self._events and self._events[0] is ev:
+                self._events.popleft()
+            if isinstance(reply, Reply) and not reply.ok:
+                self.log.error("risk_event_refused", kind=type(ev).__name__, error=reply.error,
+                               code=reply.code)
+            else:
+                self.log.info("risk_event_delivered", kind=type(ev).__name__, request_id=ev.request_id)
+                if isinstance(ev, RecordRiskEvent):
+                    self._persist_local(recorded=True)
+            self._deliver()
+
+        self.execution.request(ev, done)
+
+    # ----------------------------------------------------------------- day state
+    def _load_day(self) -> None:
+        if self._day_pending:
+            return
+        self._day_pending = True
+        self.day_attempts += 1
+        self.execution.request(GetDayState(), self._on_day_state)
+
+    def _on_day_state(self, reply: Message | Exception) -> None:
+        self._day_pending = False
+        if not isinstance(reply, DayState):
+            if self.day_attempts == 1 or self.day_attempts % 10 == 0:
+                why = str(reply) if isinstance(reply, Exception) else getattr(reply, "error", "")
+                why = why or type(reply).__name__
+                self.log.warning("day_state_unavailable", attempts=self.day_attempts, error=why,
+                                 execution=self.execution.endpoint)
+            self.reactor.call_later(DAY_RETRY_S, self._load_day)
+            return
+        events = self.sentinel.restore(reply)
+        early, self._early_fills = self._early_fills, []
+        for f in early:
+            events = (*events, *self.sentinel.on_fill(f))
+        first = not self.day_loaded
+        self.day_loaded = True
+        st = self.sentinel.state()
+        self.log.info("day_state_loaded", trading_day=reply.trading_day, positions=len(reply.positions),
+                      fills=reply.fills, turnover=str(reply.turnover), realised_pnl=str(reply.realised_pnl),
+                      kill_switch=st.kill_switch, state=st.state, net_pnl=round(st.net_pnl, 2),
+                      attempts=self.day_attempts, first=first)
+        if st.kill_switch and not reply.kill_switch:
+            # Tripped here (while loading, or before a restart) but not in execution's records yet.
+            events = (*events, *self._record_kill_switch())
+        self._dispatch(events)
+
+    def _record_kill_switch(self) -> tuple[Event, ...]:
+        now = self.clock.now_ns()
+        s = self.sentinel
+        return (
+            RecordRiskEvent(event="kill_switch_on", reason=s.kill_reason, source="risk",
+                            data={"kill_switch": True, "risk_state": s.current_state,
+                                  "trading_day": s.trading_day},
+                            request_id=f"risk-ks-on-{now}", ts_ns=now),
+            CancelEntries(request_id=f"risk-cancel-{now}", reason=f"kill switch: {s.kill_reason}", ts_ns=now),
+        )
+
+    def _check_day(self) -> None:
+        """A new trading day while running: reload it (a new loss budget; the switch stays)."""
+        if not self.day_loaded or not self.sentinel.trading_day:
+            return
+        today = trading_day(self.clock)
+        if today != self.sentinel.trading_day:
+            self.log.info("trading_day_changed", previous=self.sentinel.trading_day, today=today)
+            self.sentinel.new_day()
+            self.day_loaded = False
+            self._load_day()
+
+    # ----------------------------------------------------------------- local backstop
+    def _persist_local(self, recorded: bool = False) -> None:
+        s = self.sentinel
+        data = {"trading_day": s.trading_day or trading_day(self.clock), "kill_switch": s.kill_switch,
+                "kill_reason": s.kill_reason, "loss_breached": s.loss_breached,
+                "recorded": recorded or not self._events}
+        try:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self._state_file)
+        except OSError as exc:
+            self.log.error("risk_state_file_failed", path=str(self._state_file), error=str(exc))
+
+    def _restore_local(self) -> None:
+        data = _read_json(self._state_file)
+        if not data or data.get("trading_day") != trading_day(self.clock):
+            return
+        if data.get("kill_switch"):
+            reason = str(data.get("kill_reason") or "kill switch tripped before restart")
+            self.sentinel.set_kill_switch(True, reason, source="risk")
+            self.log.warning("kill_switch_restored_locally", reason=reason)
+        if data.get("loss_breached"):
+            self.sentinel.loss_breached = True
+            self.sentinel.breach_reason = "daily loss limit breached earlier today"
+
+    # ----------------------------------------------------------------- state publication
+    def _publish_state(self) -> None:
+        assert self.pub is not None
+        st = self.sentinel.state()
+        self._last_state = (st.state, st.kill_switch)
+        self.pub.publish(STATE_TOPIC, st)
+
+    def _publish_state_if_changed(self, force: bool = False) -> None:
+        s = self.sentinel
+        if force or self._last_state != (s.current_state, s.kill_switch):
+            self._publish_state()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
