@@ -1,0 +1,133 @@
+"""Helpers for the risk integration tests: start services as real processes, talk to them over
+the real bus, run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from libs.common.bus import Bus, RequestTimeout
+from libs.common.config import Config, load_config
+from libs.common.messages import GetStatus, Message, Reply
+from tests.helpers import eventually, stack_env
+
+ROOT = Path(__file__).resolve().parents[2]
+# The installed console script, as an operator runs it (the venv's, next to this python).
+_SCRIPT = Path(sys.executable).parent / "neopulse"
+NEOPULSE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c",
+                                                    "from services.admin.cli import main; main()"]
+
+
+class Stack:
+    """One isolated NEOPULSE_HOME + base port; starts services and runs the CLI against it."""
+
+    def __init__(self, home: Path, base_port: int, **env: Any) -> None:
+        self.home = home
+        self.base_port = base_port
+        self.env = stack_env(home, base_port, NEOPULSE_ENV_FILE=str(home / "no.env"), **env)
+        self.cfg: Config = load_config(env=self.env)
+        self.bus = Bus(self.cfg)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, service: str, ready: bool = True) -> subprocess.Popen[bytes]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        out = open(self.home / f"{service}.out", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=self.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        self.procs[service] = proc
+        if ready:
+            endpoint = {"risk": "risk_rep", "execution": "execution_rep", "feed": "feed_rep"}[service]
+            eventually(lambda: self._answers(endpoint, proc, service), timeout=30, message=f"{service} to answer")
+        return proc
+
+    def _answers(self, endpoint: str, proc: subprocess.Popen[bytes], service: str) -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{service} exited with {proc.returncode}:\n{self.output(service)[-3000:]}")
+        try:
+            reply = self.ask(endpoint, GetStatus(), timeout_ms=300)
+        except RequestTimeout:
+            return False
+        return isinstance(reply, Reply) and reply.ok
+
+    def output(self, service: str) -> str:
+        path = self.home / f"{service}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def ask(self, endpoint_name: str, msg: Message, timeout_ms: int = 3000) -> Message:
+        client = self.bus.client(self.cfg.bus.endpoint(endpoint_name), timeout_ms)
+        try:
+            return client.request(msg)
+        finally:
+            client.close()
+
+    def status(self, endpoint_name: str = "risk_rep") -> dict[str, Any]:
+        reply = self.ask(endpoint_name, GetStatus())
+        assert isinstance(reply, Reply) and reply.ok, reply
+        data: dict[str, Any] = reply.data
+        return data
+
+    def stop(self, service: str, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        proc = self.procs.pop(service)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+    def kill(self, service: str) -> None:
+        self.stop(service, signal.SIGKILL)
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*NEOPULSE, *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def cli_json(self, *args: str) -> tuple[int, Any]:
+        res = self.cli(*args, "--json")
+        try:
+            return res.returncode, json.loads(res.stdout)
+        except json.JSONDecodeError:
+            raise AssertionError(f"not JSON (rc={res.returncode}): {res.stdout!r} {res.stderr!r}") from None
+
+    def log_lines(self, service: str) -> list[dict[str, Any]]:
+        path = self.home / "log" / f"{service}.log"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        self.bus.close()
+
+
+@contextmanager
+def stack(home: Path, base_port: int, **env: Any) -> Iterator[Stack]:
+    s = Stack(home, base_port, **env)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def has_execution_service() -> bool:
+    return (ROOT / "services" / "execution" / "service.py").exists() and \
+        (ROOT / "services" / "execution" / "__main__.py").exists()
+
+
+__all__ = ["Stack", "eventually", "has_execution_service", "os", "stack"]
