@@ -38,13 +38,14 @@ class Stack:
 
     def start(self, service: str, ready: bool = True) -> subprocess.Popen[bytes]:
         self.home.mkdir(parents=True, exist_ok=True)
-        out = open(self.home / f"{service}.out", "ab")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=self.env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        with (self.home / f"{service}.out").open("ab") as out:  # the child keeps its own copy
+            proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=self.env,
+                                    stdout=out, stderr=subprocess.STDOUT)
         self.procs[service] = proc
         if ready:
             endpoint = {"risk": "risk_rep", "execution": "execution_rep", "feed": "feed_rep"}[service]
-            eventually(lambda: self._answers(endpoint, proc, service), timeout=30, message=f"{service} to answer")
+            eventually(lambda: self._answers(endpoint, proc, service), timeout=30,
+                       message=f"{service} to answer")
         return proc
 
     def _answers(self, endpoint: str, proc: subprocess.Popen[bytes], service: str) -> bool:
@@ -89,7 +90,8 @@ class Stack:
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*NEOPULSE, *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              check=False)
 
     def cli_json(self, *args: str) -> tuple[int, Any]:
         res = self.cli(*args, "--json")
