@@ -1,0 +1,1 @@
+"""The notifier: tells the trader about fills, rejections, alerts and silent services."""

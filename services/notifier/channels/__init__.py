@@ -1,0 +1,1 @@
+"""Notification channels. Each runs in its own thread behind a bounded queue."""
