@@ -303,34 +303,42 @@ class RiskService(Service):
         self.execution.request(ev, done)
 
     # ----------------------------------------------------------------- day state
-    def _load_day(self) -> None:
+    def _load_day(self, roll: bool = False) -> None:
         if self._day_pending:
             return
         self._day_pending = True
         self.day_attempts += 1
-        self.execution.request(GetDayState(), self._on_day_state)
 
-    def _on_day_state(self, reply: Message | Exception) -> None:
+        def done(reply: Message | Exception) -> None:
+            self._on_day_state(reply, roll)
+
+        self.execution.request(GetDayState(), done)
+
+    def _on_day_state(self, reply: Message | Exception, roll: bool = False) -> None:
         self._day_pending = False
         if not isinstance(reply, DayState):
             if self.day_attempts == 1 or self.day_attempts % 10 == 0:
                 why = str(reply) if isinstance(reply, Exception) else getattr(reply, "error", "")
-                why = why or type(reply).__name__
-                self.log.warning("day_state_unavailable", attempts=self.day_attempts, error=why,
-                                 execution=self.execution.endpoint)
-            self.reactor.call_later(DAY_RETRY_S, self._load_day)
+                self.log.warning("day_state_unavailable", attempts=self.day_attempts,
+                                 error=why or type(reply).__name__, execution=self.execution.endpoint)
+            if not roll:  # at a day roll the next check asks again; orders keep flowing meanwhile
+                self.reactor.call_later(DAY_RETRY_S, self._load_day)
             return
+        if roll:
+            if reply.trading_day == self.sentinel.trading_day:
+                return  # execution has not rolled over yet
+            self.log.info("trading_day_changed", previous=self.sentinel.trading_day, today=reply.trading_day)
+            self.sentinel.new_day()
         events = self.sentinel.restore(reply)
         early, self._early_fills = self._early_fills, []
         for f in early:
             events = (*events, *self.sentinel.on_fill(f))
-        first = not self.day_loaded
         self.day_loaded = True
         st = self.sentinel.state()
         self.log.info("day_state_loaded", trading_day=reply.trading_day, positions=len(reply.positions),
                       fills=reply.fills, turnover=str(reply.turnover), realised_pnl=str(reply.realised_pnl),
                       kill_switch=st.kill_switch, state=st.state, net_pnl=round(st.net_pnl, 2),
-                      attempts=self.day_attempts, first=first)
+                      attempts=self.day_attempts)
         if st.kill_switch and not reply.kill_switch:
             # Tripped here (while loading, or before a restart) but not in execution's records yet.
             events = (*events, *self._record_kill_switch())
@@ -348,15 +356,11 @@ class RiskService(Service):
         )
 
     def _check_day(self) -> None:
-        """A new trading day while running: reload it (a new loss budget; the switch stays)."""
-        if not self.day_loaded or not self.sentinel.trading_day:
-            return
-        today = trading_day(self.clock)
-        if today != self.sentinel.trading_day:
-            self.log.info("trading_day_changed", previous=self.sentinel.trading_day, today=today)
-            self.sentinel.new_day()
-            self.day_loaded = False
-            self._load_day()
+        """A new trading day while running: reload the day from execution (a fresh loss
+        budget; the kill switch stays as it is)."""
+        known = self.sentinel.trading_day
+        if self.day_loaded and known and trading_day(self.clock) != known:
+            self._load_day(roll=True)
 
     # ----------------------------------------------------------------- local backstop
     def _persist_local(self, recorded: bool = False) -> None:
