@@ -67,7 +67,7 @@ class FeedService(Service):
         self.tick_rate = 0.0
         # hot-path state
         assert self.pub is not None
-        self._publish_raw = self.pub.publish_raw
+        self._publish_raw = self.pub.raw_sender()
         self._encode = Codec().encode
         self._topics: dict[tuple[str, str], bytes] = {}
         self._last: dict[tuple[str, str], Tick] = {}
@@ -136,27 +136,31 @@ class FeedService(Service):
         return t
 
     def publish_tick(self, tick: Tick) -> None:
-        key = (tick.segment, tick.token)
-        t = self._topics.get(key) or self._topic_for(key)
-        payload = self._encode(tick)
-        self._publish_raw(t, payload)
-        self._last[key] = tick
-        if self._rec_append is not None:
-            self._rec_append(payload)
-        self.ticks += 1
+        self.publish_ticks([tick])
 
-    def publish_ticks(self, ticks: list[Tick]) -> None:
+    def publish_ticks(self, ticks: list[Tick], payloads: list[bytes] | None = None) -> None:
+        """Publish ticks in order. ``payloads`` (replay) are the ticks already encoded."""
         topics, last, enc, send = self._topics, self._last, self._encode, self._publish_raw
         rec = self._rec_append
-        for tick in ticks:
-            key = (tick.segment, tick.token)
-            t = topics.get(key) or self._topic_for(key)
-            payload = enc(tick)
-            send(t, payload)
-            last[key] = tick
-            if rec is not None:
-                rec(payload)
-        self.ticks += len(ticks)
+        if payloads is None:
+            for tick in ticks:
+                key = (tick.segment, tick.token)
+                t = topics.get(key) or self._topic_for(key)
+                payload = enc(tick)
+                send(t, payload)
+                last[key] = tick
+                if rec is not None:
+                    rec(payload)
+        else:
+            for tick, payload in zip(ticks, payloads, strict=True):
+                key = (tick.segment, tick.token)
+                send(topics.get(key) or self._topic_for(key), payload)
+                last[key] = tick
+                if rec is not None:
+                    rec(payload)
+        n = len(ticks)
+        self.ticks += n
+        self.pub.stats.sent += n  # type: ignore[union-attr]
         if rec is not None and len(self.recorder.buf) > 50_000:  # type: ignore[union-attr]
             self._flush_recorder()
 

@@ -161,7 +161,7 @@ class FakeSink:
     def publish_tick(self, tick: Tick) -> None:
         self.published.append((self.clock.monotonic(), tick))
 
-    def publish_ticks(self, ticks: list[Tick]) -> None:
+    def publish_ticks(self, ticks: list[Tick], payloads: list[bytes] | None = None) -> None:
         for t in ticks:
             self.publish_tick(t)
 

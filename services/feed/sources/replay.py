@@ -17,6 +17,7 @@ Ticks are republished exactly as recorded, original timestamps included.
 from __future__ import annotations
 
 import csv
+from itertools import islice
 from collections.abc import Iterator
 from datetime import datetime, tzinfo
 from decimal import Decimal, InvalidOperation
@@ -29,7 +30,7 @@ from libs.common.clock import IST
 from libs.common.config import ConfigError
 from libs.common.instruments import Instrument, MasterData
 from libs.common.messages import Tick
-from services.feed.recorder import SUFFIX, ReadStats, read_tick_file
+from services.feed.recorder import SUFFIX, ReadStats, read_tick_batches
 from services.feed.sources import DOWN, LIVE, FeedSink, Source
 
 BATCH = 2000  # ticks per reactor turn at most, so requests and heartbeats still get served
@@ -44,6 +45,23 @@ def replay_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no such file or directory: {path}")
 
 
+Batch = tuple[list[Tick], list[bytes] | None]
+
+
+def iter_tick_batches(path: str | Path, master: MasterData | None = None, tz: tzinfo = IST,
+                      stats: ReadStats | None = None, batch: int = 4096) -> Iterator[Batch]:
+    """Like ``iter_ticks`` but in lists, each with the ticks' encoded bytes when the source
+    is a recording (``None`` for CSV)."""
+    stats = stats if stats is not None else ReadStats()
+    for f in replay_files(Path(path)):
+        if f.suffix == ".csv":
+            rows = read_csv_ticks(f, master, tz, stats)
+            while chunk := list(islice(rows, batch)):
+                yield chunk, None
+        else:
+            yield from read_tick_batches(f, stats, batch)
+
+
 def iter_ticks(path: str | Path, master: MasterData | None = None, tz: tzinfo = IST,
                stats: ReadStats | None = None) -> Iterator[Tick]:
     """Every tick stored at ``path`` (recorder file, CSV, or a directory of them), in order.
@@ -51,12 +69,8 @@ def iter_ticks(path: str | Path, master: MasterData | None = None, tz: tzinfo = 
     ``master`` fills in trading symbols for CSV rows; ``stats`` counts records and skipped
     corrupt ones.
     """
-    stats = stats if stats is not None else ReadStats()
-    for f in replay_files(Path(path)):
-        if f.suffix == ".csv":
-            yield from read_csv_ticks(f, master, tz, stats)
-        else:
-            yield from read_tick_file(f, stats)
+    for ticks, _ in iter_tick_batches(path, master, tz, stats):
+        yield from ticks
 
 
 def parse_ts(text: str, tz: tzinfo = IST) -> int:
@@ -147,8 +161,10 @@ class ReplaySource(Source):
         self.loop = feed.replay_loop
         self.tz = _zone(feed.timezone)
         self.read_stats = ReadStats()
-        self._it: Iterator[Tick] | None = None
-        self._pending: Tick | None = None
+        self._it: Iterator[Batch] | None = None
+        self._ticks: list[Tick] = []
+        self._payloads: list[bytes] | None = None
+        self._i = 0  # next unplayed tick in ``_ticks``
         self._t0 = 0.0
         self._ts0 = 0
         self._shift = 0  # added to timestamps on each loop so time keeps moving forward
@@ -158,8 +174,8 @@ class ReplaySource(Source):
         self.finished = False
         self._timer: int | None = None
 
-    def _open(self) -> Iterator[Tick]:
-        return iter_ticks(self.path, self.sink.master, self.tz, self.read_stats)
+    def _open(self) -> Iterator[Batch]:
+        return iter_tick_batches(self.path, self.sink.master, self.tz, self.read_stats)
 
     def start(self, instruments: list[Instrument]) -> None:
         # Subscribers connect after the feed binds; ticks sent before that are lost (PUB/SUB).
@@ -176,56 +192,67 @@ class ReplaySource(Source):
         if self._timer is not None:
             self.sink.reactor.cancel(self._timer)
         self._it = self._open()
-        self._t0 = self.sink.clock.monotonic()
         speed = "max" if self.speed is None else f"{self.speed:g}x"
         self.sink.set_state(LIVE, f"replaying {self.path} at {speed}")
         self._timer = self.sink.reactor.call_later(0, self.pump)
 
-    def _next(self) -> Tick | None:
+    def _fill(self) -> bool:
+        """Make sure the current batch has an unplayed tick; False at the end of the replay."""
         assert self._it is not None
-        tick = next(self._it, None)
-        if tick is None and self.loop and self.played:
-            self.loops += 1
-            self._shift = self._last_ts - self._ts0 + 1_000_000 + self._shift
-            self._it = self._open()
-            tick = next(self._it, None)
-        if tick is not None and self._shift:
-            tick = msgspec.structs.replace(tick, ts_ns=tick.ts_ns + self._shift,
-                                           exch_ts_ns=tick.exch_ts_ns + self._shift if tick.exch_ts_ns else 0)
-        return tick
+        while self._i >= len(self._ticks):
+            nxt = next(self._it, None)
+            if nxt is None:
+                if not (self.loop and self.played):
+                    return False
+                self.loops += 1
+                self._shift += self._last_ts - self._ts0 + 1_000_000
+                self._it = self._open()
+                continue
+            ticks, payloads = nxt
+            if self._shift:
+                shift = self._shift
+                ticks = [msgspec.structs.replace(t, ts_ns=t.ts_ns + shift,
+                                                 exch_ts_ns=t.exch_ts_ns + shift if t.exch_ts_ns else 0)
+                         for t in ticks]
+                payloads = None
+            self._ticks, self._payloads, self._i = ticks, payloads, 0
+        return True
+
+    def _due_in(self, tick: Tick) -> float:
+        """Seconds until ``tick`` is due (original gap from the first tick, over the speed)."""
+        assert self.speed is not None
+        return (tick.ts_ns - self._ts0) / 1e9 / self.speed - (self.sink.clock.monotonic() - self._t0)
 
     def pump(self) -> None:
         self._timer = None
-        clock = self.sink.clock
-        batch: list[Tick] = []
-        speed = self.speed
-        while len(batch) < BATCH:
-            tick = self._pending or self._next()
-            self._pending = None
-            if tick is None:
-                break
-            if self.played == 0 and not batch:
-                self._ts0 = tick.ts_ns
-                self._t0 = clock.monotonic()
-            if speed is not None:
-                due = self._t0 + (tick.ts_ns - self._ts0) / 1e9 / speed
-                wait = due - clock.monotonic()
-                if wait > 0:
-                    self._pending = tick
-                    break
-            batch.append(tick)
-            self._last_ts = tick.ts_ns - self._shift
-            self.played += 1
-        if batch:
-            self.sink.publish_ticks(batch)
-        if self._pending is not None:
-            wait = self._t0 + (self._pending.ts_ns - self._ts0) / 1e9 / (speed or 1) - clock.monotonic()
-            self._timer = self.sink.reactor.call_later(max(0.0, wait), self.pump)
-        elif len(batch) >= BATCH:
-            self._timer = self.sink.reactor.call_later(0, self.pump)
-        else:
+        sent = 0
+        while sent < BATCH and self._fill():
+            ticks, i = self._ticks, self._i
+            if self.played == 0 and i == 0:
+                self._ts0 = ticks[0].ts_ns
+                self._t0 = self.sink.clock.monotonic()
+            j = min(len(ticks), i + BATCH - sent)
+            if self.speed is not None:
+                k = i
+                while k < j and self._due_in(ticks[k]) <= 1e-6:
+                    k += 1
+                j = k
+            if j == i:
+                break  # the next tick is not due yet
+            payloads = self._payloads
+            self.sink.publish_ticks(ticks[i:j], payloads[i:j] if payloads is not None else None)
+            self.played += j - i
+            sent += j - i
+            self._i = j
+            self._last_ts = ticks[j - 1].ts_ns - self._shift
+        if not self._fill():
             self.finished = True
             self.sink.set_state(DOWN, f"replay finished: {self.played} ticks from {self.path}")
+        elif self.speed is None:
+            self._timer = self.sink.reactor.call_later(0, self.pump)
+        else:
+            wait = self._due_in(self._ticks[self._i])
+            self._timer = self.sink.reactor.call_later(max(0.0, wait), self.pump)
 
     def stop(self) -> None:
         if self._timer is not None:

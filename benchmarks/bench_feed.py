@@ -1,0 +1,226 @@
+"""Feed → one subscriber throughput, side by side with raw pyzmq PUB/SUB in the same run.
+
+    python -m benchmarks.bench_feed [--ticks 500000] [--json]
+
+1. raw pyzmq: a separate process sends N single frames (the same bytes the feed sends) from
+   a PUB socket as fast as it can; this process receives them on a SUB (recv only, then
+   again with a msgspec decode of each payload — the least a consumer of ticks must do).
+2. feed: ``python -m services.feed`` replays a recording of N simulated ticks at ``max``;
+   this process receives them through ``libs.common.bus.Subscriber`` — decode and per-topic
+   gap check included, as a strategy would — and checks that nothing is missing.
+
+Throughput is counted at the subscriber, from the first message to the last. Both publishers
+start only after the subscription is known to have arrived (raw: XPUB sees it; feed: a
+heartbeat arrives, then a Subscribe request starts the replay), so no tick is lost to the
+slow-joiner effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from libs.common.bus import Bus, topic  # noqa: E402
+from libs.common.clock import ManualClock  # noqa: E402
+from libs.common.config import load_config  # noqa: E402
+from libs.common.instruments import MasterData  # noqa: E402
+from libs.common.messages import Codec, GetStatus, Heartbeat, Reply, Subscribe, Tick  # noqa: E402
+from services.feed.recorder import TickRecorder  # noqa: E402
+from services.feed.sources.sim import Walk  # noqa: E402
+
+SYMBOLS = ["RELIANCE-EQ", "INFY-EQ", "TCS-EQ", "HDFCBANK-EQ", "SBIN-EQ", "ICICIBANK-EQ", "ITC-EQ", "LT-EQ",
+           "NIFTY26NOVFUT", "BANKNIFTY26NOVFUT"]
+
+
+def make_ticks(n: int) -> list[Tick]:
+    master = MasterData.load()
+    walks = [Walk(master.resolve(s), 42, 0.0008) for s in SYMBOLS if s.upper() in master.by_symbol]
+    t0 = 1_795_000_000_000_000_000
+    return [walks[i % len(walks)].step(t0 + i * 1000) for i in range(n)]
+
+
+def write_recording(home: Path, ticks: list[Tick]) -> Path:
+    rec = TickRecorder(home / "ticks", ManualClock(ticks[0].ts_ns))
+    enc = Codec().encode
+    for t in ticks:
+        rec.append(enc(t))
+    rec.close()
+    assert rec.path is not None
+    return rec.path
+
+
+# ----------------------------------------------------------------------------- raw pyzmq
+
+_RAW_PUBLISHER = r"""
+import sys, zmq
+endpoint, path = sys.argv[1], sys.argv[2]
+frames = []
+data = open(path, "rb").read()
+pos = 0
+while pos < len(data):
+    n = int.from_bytes(data[pos:pos + 4], "little")
+    frames.append(data[pos + 4:pos + 4 + n])
+    pos += 4 + n
+ctx = zmq.Context()
+pub = ctx.socket(zmq.XPUB)
+pub.setsockopt(zmq.SNDHWM, 0)
+pub.setsockopt(zmq.LINGER, -1)
+pub.bind(endpoint)
+pub.recv()  # a subscription arrived
+send = pub.send
+for f in frames:
+    send(f)
+send(b"END")
+pub.close()
+ctx.term()
+"""
+
+
+def raw_pubsub(frames: list[bytes], endpoint: str, decode: bool = False) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        for fr in frames:
+            f.write(len(fr).to_bytes(4, "little") + fr)
+        path = f.name
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    proc = subprocess.Popen([sys.executable, "-c", _RAW_PUBLISHER, endpoint, path])
+    try:
+        sub.connect(endpoint)
+        recv = sub.recv
+        dec = Codec().decode
+        first = recv()
+        t0 = time.perf_counter()
+        n = 1
+        while True:
+            m = recv()
+            if m == b"END":
+                break
+            if decode:
+                dec(m[m.find(b"\0") + 13:])
+            n += 1
+        elapsed = time.perf_counter() - t0
+        proc.wait(30)
+    finally:
+        sub.close(0)
+        ctx.term()
+        os.unlink(path)
+    del first
+    return {"received": n, "sent": len(frames), "seconds": elapsed, "per_s": (n - 1) / elapsed}
+
+
+# ----------------------------------------------------------------------------- feed
+
+
+def feed_to_subscriber(n: int, home: Path, base_port: int) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOPULSE_")}
+    env.update({
+        "NEOPULSE_HOME": str(home), "NEOPULSE_BUS__BASE_PORT": str(base_port),
+        "NEOPULSE_ENV_FILE": str(home / "no.env"), "NEOPULSE_FEED__SOURCE": "replay",
+        "NEOPULSE_FEED__REPLAY_SPEED": "max", "NEOPULSE_FEED__REPLAY_DELAY_S": "600",
+        "NEOPULSE_CONSOLE_LEVEL": "WARNING",
+    })
+    cfg = load_config(env=env)
+    bus = Bus(cfg)
+    sub = bus.subscriber([cfg.bus.endpoint("feed_pub")], [b"tick.", b"hb.feed."])
+    proc = subprocess.Popen([sys.executable, "-m", "services.feed"], cwd=ROOT, env=env)
+    got = {"ticks": 0, "hb": 0}
+    first_at = [0.0]
+
+    def on_msg(_t: bytes, msg: Any) -> None:
+        if type(msg) is Tick:
+            if not got["ticks"]:
+                first_at[0] = time.perf_counter()
+            got["ticks"] += 1
+        elif isinstance(msg, Heartbeat):
+            got["hb"] += 1
+
+    try:
+        deadline = time.monotonic() + 20
+        while not got["hb"]:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("feed did not come up")
+            if sub.sock.poll(100):
+                sub.drain(on_msg)
+        client = bus.client(cfg.bus.endpoint("feed_rep"), 5000)
+        client.request(Subscribe(instruments=[], requester="bench"))
+        last = time.perf_counter()
+        drain = sub.drain
+        poll = sub.sock.poll
+        while got["ticks"] < n:
+            if poll(2000):
+                drain(on_msg, 100_000)
+                last = time.perf_counter()
+            else:
+                break  # 2 s of silence: whatever is missing is lost
+        elapsed = last - first_at[0]
+        status = client.request(GetStatus())
+        assert isinstance(status, Reply)
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        sub.close()
+        bus.close()
+    return {"received": got["ticks"], "sent": n, "gaps": sub.stats.gaps, "malformed": sub.stats.malformed,
+            "seconds": elapsed, "per_s": (got["ticks"] - 1) / elapsed if elapsed > 0 else 0.0,
+            "feed_published": status.data.get("ticks")}
+
+
+def run(n: int = 500_000, base_port: int | None = None) -> dict[str, Any]:
+    from tests.helpers import free_base_port
+
+    base_port = base_port or free_base_port()
+    ticks = make_ticks(n)
+    enc = Codec().encode
+    import struct
+
+    hdr = struct.Struct("<IQ")
+    frames = [topic("tick", t.segment, t.token) + b"\0" + hdr.pack(1, i) + enc(t) for i, t in enumerate(ticks)]
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        write_recording(home, ticks)
+        raw = raw_pubsub(frames, f"tcp://127.0.0.1:{base_port + 50}")
+        raw_dec = raw_pubsub(frames, f"tcp://127.0.0.1:{base_port + 51}", decode=True)
+        feed = feed_to_subscriber(n, home, base_port)
+    ok = feed["received"] == n and feed["gaps"] == 0
+    return {"ticks": n, "frame_bytes": sum(map(len, frames)) // n, "raw_pyzmq": raw,
+            "raw_pyzmq_decode": raw_dec, "feed": feed,
+            "feed_vs_raw": feed["per_s"] / raw["per_s"], "zero_gap": ok, "target_per_s": 200_000,
+            "meets_target": ok and feed["per_s"] >= 200_000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ticks", type=int, default=500_000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    res = run(args.ticks)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    raw, feed = res["raw_pyzmq"], res["feed"]
+    print(f"ticks: {res['ticks']}  (frame ~{res['frame_bytes']} bytes)")
+    print(f"raw pyzmq PUB->SUB (recv only):           {raw['per_s']:>10,.0f} msgs/s")
+    print(f"raw pyzmq PUB->SUB + msgspec decode:      {res['raw_pyzmq_decode']['per_s']:>10,.0f} msgs/s")
+    print(f"feed (replay max) -> Subscriber (decode): {feed['per_s']:>10,.0f} ticks/s  "
+          f"received {feed['received']}/{feed['sent']}, gaps {feed['gaps']}")
+    print(f"feed / raw: {res['feed_vs_raw']:.0%}   zero-gap: {res['zero_gap']}   "
+          f">= 200k ticks/s: {res['meets_target']}")
+
+
+if __name__ == "__main__":
+    main()
