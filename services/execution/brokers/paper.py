@@ -1,0 +1,368 @@
+"""``PaperBroker``: a broker that fills against the live ticks, with a book that survives kill -9.
+
+Fill rules
+----------
+* A LIMIT order that is marketable when it arrives (BUY limit ≥ ask, SELL limit ≤ bid; the
+  last price when the touch is unknown) takes liquidity: it fills at the touch plus
+  ``slippage_bps`` against the trader, snapped to tick, but never beyond its limit. Market
+  intent reaches the broker as exactly such a protected limit.
+* A resting LIMIT fills at its own price when a later tick crosses it.
+* A stop-limit (``SL``) waits for its trigger (BUY: last ≥ trigger, SELL: last ≤ trigger),
+  then behaves like a LIMIT that just arrived.
+* With ``partial_fills`` a fill takes at most the quantity shown at the touch.
+
+The book (orders, trades, cancels, modifications) is an append-only JSON-lines journal,
+written before each call returns, so a restarted execution reconciles against it exactly
+as against a real broker's order book and trade book. Like a real broker's, the books
+hold today's orders only: open orders of earlier days have expired.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from libs.common.clock import Clock, trading_day
+from libs.common.instruments import MasterData
+from libs.common.messages import Tick
+from libs.common.money import MoneyError, snap
+from services.execution.brokers.base import (
+    BrokerAck,
+    BrokerOrder,
+    BrokerOrderStatus,
+    BrokerRejected,
+    BrokerTrade,
+)
+
+_OPEN, _PARTIAL, _COMPLETE, _CANCELLED = "OPEN", "PARTIAL", "COMPLETE", "CANCELLED"
+_DONE = frozenset({_COMPLETE, _CANCELLED, "REJECTED"})
+BrokerEvent = BrokerOrderStatus | BrokerTrade
+
+
+@dataclass(slots=True)
+class PaperOrder:
+    oid: str
+    tag: str
+    segment: str
+    token: str
+    symbol: str
+    side: str
+    quantity: int
+    price: Decimal
+    order_type: str
+    trigger: Decimal | None
+    product: str
+    day: str
+    ts_ns: int
+    fprice: float = 0.0
+    ftrigger: float = 0.0
+    triggered: bool = False
+    filled: int = 0
+    value: Decimal = Decimal(0)
+    status: str = _OPEN
+    reason: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.segment}|{self.token}"
+
+
+class PaperBroker:
+    """Implements ``brokers.base.Broker``. Calls are fast and local: execution runs them inline."""
+
+    name = "paper"
+    inline = True  # execution calls it on the loop, no thread pool
+    book_lag_s = 0.0  # its books are exact at once: absence means the order never arrived
+
+    def __init__(self, master: MasterData, clock: Clock | None = None, slippage_bps: float = 2.0,
+                 journal: Path | None = None, partial_fills: bool = False, log: Any = None) -> None:
+        self.master = master
+        self.clock = clock or Clock()
+        self.slip = Decimal(str(slippage_bps)) / Decimal(10_000)
+        self.partial_fills = partial_fills
+        self.log = log
+        self.orders: dict[str, PaperOrder] = {}
+        self.trades: list[BrokerTrade] = []
+        self.resting: dict[str, list[PaperOrder]] = {}
+        self.last: dict[str, Tick] = {}
+        self.events: list[BrokerEvent] = []
+        self.places = 0
+        self._seq = 0
+        self._tseq = 0
+        self._day = trading_day(self.clock)
+        self._journal_path = journal
+        self._fh: Any = None
+        if journal is not None:
+            self._load(journal)
+
+    # ------------------------------------------------------------------ journal
+    def _load(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
+        stale = False
+        if path.exists():
+            with path.open("r", encoding="utf-8") as fh:
+                for line in fh:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        stale = True  # a torn last line after a crash: drop it
+                        continue
+                    if rec.get("day") != self._day:
+                        stale = True
+                        self._bump_seq(rec)
+                        continue
+                    self._apply(rec)
+                    kept.append(line)
+        if stale:  # compact: only today's book survives
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self._fh = path.open("a", encoding="utf-8")
+        for o in self.orders.values():
+            if o.status not in _DONE:
+                self.resting.setdefault(o.key, []).append(o)
+
+    def _bump_seq(self, rec: dict[str, Any]) -> None:
+        ident = rec.get("id", "")
+        if rec.get("op") == "place":
+            self._seq = max(self._seq, int(ident[-9:] or 0))
+        elif rec.get("op") == "trade":
+            self._tseq = max(self._tseq, int(ident[-9:] or 0))
+
+    def _apply(self, rec: dict[str, Any]) -> None:
+        op = rec["op"]
+        self._bump_seq(rec)
+        if op == "place":
+            o = PaperOrder(
+                oid=rec["id"], tag=rec["tag"], segment=rec["seg"], token=rec["tok"], symbol=rec["sym"],
+                side=rec["side"], quantity=rec["qty"], price=Decimal(rec["price"]), order_type=rec["otype"],
+                trigger=Decimal(rec["trig"]) if rec.get("trig") else None, product=rec.get("product", "MIS"),
+                day=rec["day"], ts_ns=rec["ts"],
+            )
+            o.fprice = float(o.price)
+            o.ftrigger = float(o.trigger) if o.trigger is not None else 0.0
+            self.orders[o.oid] = o
+        elif op == "trade":
+            o = self.orders[rec["oid"]]
+            qty, price = rec["qty"], Decimal(rec["price"])
+            o.filled += qty
+            o.value += price * qty
+            o.status = _COMPLETE if o.filled >= o.quantity else _PARTIAL
+            self.trades.append(BrokerTrade(trade_id=rec["id"], broker_order_id=o.oid, client_tag=o.tag,
+                                           side=o.side, quantity=qty, price=price, ts_ns=rec["ts"]))
+        elif op == "cancel":
+            o = self.orders[rec["oid"]]
+            o.status = _CANCELLED
+            o.reason = rec.get("reason", "")
+        elif op == "trigger":
+            self.orders[rec["oid"]].triggered = True
+        elif op == "modify":
+            o = self.orders[rec["oid"]]
+            o.quantity = rec["qty"]
+            o.price = Decimal(rec["price"])
+            o.fprice = float(o.price)
+            if rec.get("trig"):
+                o.trigger = Decimal(rec["trig"])
+                o.ftrigger = float(o.trigger)
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        if self._fh is not None:
+            rec["day"] = self._day
+            self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            self._fh.flush()  # in the kernel before the call returns: survives kill -9
+
+    # ------------------------------------------------------------------ Broker
+    def place(self, order: BrokerOrder) -> BrokerAck:
+        inst = self.master.get(order.segment, order.token)
+        if inst is None:
+            raise BrokerRejected(f"unknown instrument {order.segment}|{order.token}")
+        if order.quantity <= 0:
+            raise BrokerRejected("quantity must be positive")
+        if order.order_type not in ("LIMIT", "SL"):
+            raise BrokerRejected(f"order type {order.order_type} is not accepted (LIMIT or SL only)")
+        if order.price is None or order.price <= 0:
+            raise BrokerRejected("a positive limit price is required")
+        tick = inst.tick_size
+        if tick <= 0 or order.price % tick != 0:
+            raise BrokerRejected(f"price {order.price} is not a multiple of the tick size {tick}")
+        if order.order_type == "SL":
+            if order.trigger_price is None or order.trigger_price % tick != 0:
+                raise BrokerRejected("stop-limit needs a trigger price on tick")
+            if order.side == "SELL" and order.trigger_price < order.price:
+                raise BrokerRejected("SELL stop-limit: trigger price must not be below the limit price")
+            if order.side == "BUY" and order.trigger_price > order.price:
+                raise BrokerRejected("BUY stop-limit: trigger price must not be above the limit price")
+        self._seq += 1
+        oid = f"{self._day.replace('-', '')[2:]}{self._seq:09d}"
+        now = self.clock.now_ns()
+        o = PaperOrder(oid=oid, tag=order.client_tag, segment=order.segment, token=order.token,
+                       symbol=order.symbol, side=order.side, quantity=order.quantity, price=order.price,
+                       order_type=order.order_type, trigger=order.trigger_price, product=order.product,
+                       day=self._day, ts_ns=now, fprice=float(order.price),
+                       ftrigger=float(order.trigger_price) if order.trigger_price is not None else 0.0)
+        self._log({"op": "place", "id": oid, "tag": o.tag, "seg": o.segment, "tok": o.token, "sym": o.symbol,
+                   "side": o.side, "qty": o.quantity, "price": str(o.price), "otype": o.order_type,
+                   "trig": str(o.trigger) if o.trigger is not None else None, "product": o.product, "ts": now})
+        self.orders[oid] = o
+        self.places += 1
+        self.resting.setdefault(o.key, []).append(o)
+        self._status(o)
+        last = self.last.get(o.key)
+        if last is not None:
+            self._match(o, last, arriving=True)
+        return BrokerAck(broker_order_id=oid, raw={"nOrdNo": oid, "stat": "Ok"})
+
+    def cancel(self, broker_order_id: str) -> None:
+        o = self.orders.get(broker_order_id)
+        if o is None:
+            raise BrokerRejected(f"order {broker_order_id} not found")
+        if o.status in _DONE:
+            raise BrokerRejected(f"order {broker_order_id} is already {o.status}")
+        o.status = _CANCELLED
+        o.reason = "cancelled by user"
+        self._log({"op": "cancel", "oid": o.oid, "reason": o.reason})
+        self._unrest(o)
+        self._status(o)
+
+    def modify(self, broker_order_id: str, *, quantity: int | None = None, price: Decimal | None = None,
+               trigger_price: Decimal | None = None) -> None:
+        o = self.orders.get(broker_order_id)
+        if o is None:
+            raise BrokerRejected(f"order {broker_order_id} not found")
+        if o.status in _DONE:
+            raise BrokerRejected(f"order {broker_order_id} is already {o.status}")
+        qty = o.quantity if quantity is None else quantity
+        if qty <= o.filled:
+            raise BrokerRejected(f"quantity {qty} must exceed the filled quantity {o.filled}")
+        o.quantity = qty
+        if price is not None:
+            o.price = price
+            o.fprice = float(price)
+        if trigger_price is not None:
+            o.trigger = trigger_price
+            o.ftrigger = float(trigger_price)
+        self._log({"op": "modify", "oid": o.oid, "qty": o.quantity, "price": str(o.price),
+                   "trig": str(o.trigger) if o.trigger is not None else None})
+        self._status(o)
+        last = self.last.get(o.key)
+        if last is not None:
+            self._match(o, last, arriving=True)
+
+    def order_book(self) -> list[BrokerOrderStatus]:
+        return [self._as_status(o) for o in self.orders.values() if o.day == self._day]
+
+    def trade_book(self) -> list[BrokerTrade]:
+        return list(self.trades)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError:
+                pass
+            self._fh.close()
+            self._fh = None
+
+    # ------------------------------------------------------------------ market data
+    def on_tick(self, tick: Tick) -> None:
+        """Remember the touch; fill resting orders this tick crosses. Cheap when nothing rests."""
+        key = f"{tick.segment}|{tick.token}"
+        self.last[key] = tick
+        book = self.resting.get(key)
+        if book:
+            shown = {"BUY": tick.ask_qty, "SELL": tick.bid_qty}  # shared by every order on this tick
+            for o in list(book):
+                self._match(o, tick, arriving=False, shown=shown)
+
+    def drain_events(self) -> list[BrokerEvent]:
+        """Order-status and trade events since the last call (the paper 'order feed')."""
+        events, self.events = self.events, []
+        return events
+
+    # ------------------------------------------------------------------ matching
+    def _match(self, o: PaperOrder, t: Tick, arriving: bool, shown: dict[str, int] | None = None) -> None:
+        if o.status in _DONE:
+            return
+        ltp = t.ltp
+        if o.order_type == "SL" and not o.triggered:
+            if (o.side == "BUY" and ltp >= o.ftrigger) or (o.side == "SELL" and ltp <= o.ftrigger):
+                o.triggered = True
+                self._log({"op": "trigger", "oid": o.oid})
+                arriving = True  # a triggered stop arrives at the book as a limit
+            else:
+                return
+        if o.side == "BUY":
+            touch = t.ask if t.ask > 0 else ltp
+            if touch <= 0 or touch > o.fprice:
+                return
+            avail = t.ask_qty if t.ask > 0 else 0
+        else:
+            touch = t.bid if t.bid > 0 else ltp
+            if touch <= 0 or touch < o.fprice:
+                return
+            avail = t.bid_qty if t.bid > 0 else 0
+        qty = o.quantity - o.filled
+        if self.partial_fills and avail > 0:
+            if shown is not None:
+                avail = shown[o.side]
+                if avail <= 0:
+                    return
+            qty = min(qty, avail)
+            if shown is not None:
+                shown[o.side] = avail - qty
+        if arriving:
+            price = self._taker_price(o, touch)
+        else:
+            price = o.price  # a resting order trades at its own price
+        self._fill(o, qty, price)
+
+    def _taker_price(self, o: PaperOrder, touch: float) -> Decimal:
+        inst = self.master.get(o.segment, o.token)
+        tick = inst.tick_size if inst is not None else Decimal("0.05")
+        base = Decimal(repr(touch))
+        try:
+            if o.side == "BUY":
+                return min(snap(base * (1 + self.slip), tick, "up"), o.price)
+            return max(snap(base * (1 - self.slip), tick, "down"), o.price)
+        except MoneyError:
+            return o.price
+
+    def _fill(self, o: PaperOrder, qty: int, price: Decimal) -> None:
+        self._tseq += 1
+        tid = f"T{self._day.replace('-', '')[2:]}{self._tseq:09d}"
+        now = self.clock.now_ns()
+        self._log({"op": "trade", "id": tid, "oid": o.oid, "qty": qty, "price": str(price), "ts": now})
+        o.filled += qty
+        o.value += price * qty
+        o.status = _COMPLETE if o.filled >= o.quantity else _PARTIAL
+        trade = BrokerTrade(trade_id=tid, broker_order_id=o.oid, client_tag=o.tag, side=o.side, quantity=qty,
+                            price=price, ts_ns=now)
+        self.trades.append(trade)
+        self.events.append(trade)
+        if o.status == _COMPLETE:
+            self._unrest(o)
+        self._status(o)
+
+    def _unrest(self, o: PaperOrder) -> None:
+        book = self.resting.get(o.key)
+        if book and o in book:
+            book.remove(o)
+            if not book:
+                del self.resting[o.key]
+
+    def _as_status(self, o: PaperOrder) -> BrokerOrderStatus:
+        avg = (o.value / o.filled) if o.filled else None
+        return BrokerOrderStatus(broker_order_id=o.oid, client_tag=o.tag, status=o.status, quantity=o.quantity,
+                                 filled_qty=o.filled, avg_price=avg, reason=o.reason)
+
+    def _status(self, o: PaperOrder) -> None:
+        self.events.append(self._as_status(o))

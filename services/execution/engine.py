@@ -1,0 +1,1288 @@
+"""``ExecutionEngine``: the order lifecycle, OCO brackets, flatten and reconciliation — pure logic.
+
+No sockets and no SQL here: the engine talks to an ``OrderStore`` (the ledger) and emits
+*broker intents* (place / cancel / modify / fetch the books) instead of calling the broker
+itself. Whoever runs it executes the intents — inline for the paper broker (``pump()``), in a
+thread pool for a real broker — and hands each result back with ``on_result``. The same
+engine therefore runs in the service, in backtests and in unit tests.
+
+Durability rules
+----------------
+* Every order row is committed as ``PENDING_BROKER`` before its place intent is released:
+  intents and publications are held until ``flush()`` has written the changes that caused
+  them, in one transaction per batch.
+* ``submit`` is idempotent on ``request_id`` (in memory, and in the ledger's unique key).
+* A place whose outcome is unknown leaves the row ``UNKNOWN``; reconciliation finds it by
+  ``client_tag``; nothing is ever re-sent blindly.
+* Positions are the sum of fills; fills are unique per broker trade id and trading day.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from libs.common.bus import topic
+from libs.common.clock import IST, Clock, trading_day
+from libs.common.instruments import Instrument, MasterData
+from libs.common.messages import (
+    ACK,
+    ACTIVE,
+    CANCELLED,
+    COMPLETE,
+    HALTED,
+    OPEN,
+    PARTIAL,
+    PENDING_BROKER,
+    REDUCING,
+    REJECTED,
+    UNKNOWN,
+    Alert,
+    DayState,
+    ExecuteOrder,
+    Fill,
+    Flatten,
+    Message,
+    OrderUpdate,
+    Position,
+    RecordRiskEvent,
+    Tick,
+    to_builtins,
+)
+from libs.common.money import MoneyError, protected_limit
+from services.execution.brokers.base import (
+    BrokerAck,
+    BrokerOrder,
+    BrokerOrderStatus,
+    BrokerRejected,
+    BrokerTemporary,
+    BrokerTrade,
+    BrokerUnknown,
+)
+from services.execution.model import (
+    B_ACTIVE,
+    B_CANCELLED,
+    B_CLOSED,
+    B_FLATTENED,
+    B_PENDING,
+    BRACKET_OPEN,
+    ENTRY,
+    FLATTEN_P,
+    RANK,
+    STOP,
+    TARGET,
+    BracketRow,
+    Changes,
+    EventRow,
+    FillRow,
+    OrderQuery,
+    OrderRow,
+    RiskEventRow,
+    new_client_tag,
+    new_id,
+    tag_key,
+)
+from services.execution.store import LedgerError, OrderStore
+
+_ZERO = Decimal(0)
+_LEGS = (STOP, TARGET)
+
+
+# --------------------------------------------------------------------------- intents
+
+
+@dataclass(slots=True)
+class PlaceIntent:
+    order_id: str
+    order: BrokerOrder
+
+
+@dataclass(slots=True)
+class CancelIntent:
+    order_id: str
+    broker_order_id: str
+
+
+@dataclass(slots=True)
+class ModifyIntent:
+    order_id: str
+    broker_order_id: str
+    quantity: int
+    old_quantity: int
+
+
+@dataclass(slots=True)
+class BooksIntent:
+    """Fetch the broker's order book and trade book (reconciliation)."""
+
+    started_ns: int
+    reason: str = "periodic"
+
+
+Intent = PlaceIntent | CancelIntent | ModifyIntent | BooksIntent
+
+
+def run_intent(broker: Any, intent: Intent) -> Any:
+    """Execute one intent against a broker (on the loop for paper, in a worker thread otherwise)."""
+    if isinstance(intent, PlaceIntent):
+        return broker.place(intent.order)
+    if isinstance(intent, CancelIntent):
+        return broker.cancel(intent.broker_order_id)
+    if isinstance(intent, ModifyIntent):
+        return broker.modify(intent.broker_order_id, quantity=intent.quantity)
+    return (broker.order_book(), broker.trade_book())
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class SubmitResult:
+    request_id: str
+    ok: bool
+    order_id: str = ""
+    status: str = ""
+    client_tag: str = ""
+    reason: str = ""
+    code: str = ""
+
+    def data(self) -> dict[str, Any]:
+        return {"order_id": self.order_id, "status": self.status, "client_tag": self.client_tag,
+                "reason": self.reason}
+
+
+@dataclass
+class PositionState:
+    strategy_id: str
+    segment: str
+    token: str
+    symbol: str
+    quantity: int = 0
+    avg_price: Decimal = _ZERO
+    realised: Decimal = _ZERO
+    buy_qty: int = 0
+    sell_qty: int = 0
+    buy_value: Decimal = _ZERO
+    sell_value: Decimal = _ZERO
+
+    def apply(self, side: str, qty: int, price: Decimal) -> None:
+        signed = qty if side == "BUY" else -qty
+        if side == "BUY":
+            self.buy_qty += qty
+            self.buy_value += price * qty
+        else:
+            self.sell_qty += qty
+            self.sell_value += price * qty
+        held = self.quantity
+        if held == 0 or (held > 0) == (signed > 0):
+            total = abs(held) + qty
+            self.avg_price = (self.avg_price * abs(held) + price * qty) / total
+            self.quantity = held + signed
+            return
+        closing = min(abs(held), qty)
+        direction = 1 if held > 0 else -1
+        self.realised += (price - self.avg_price) * closing * direction
+        self.quantity = held + signed
+        if self.quantity == 0:
+            self.avg_price = _ZERO
+        elif qty > closing:  # flipped through zero: the rest opens at this price
+            self.avg_price = price
+
+    def message(self, last_price: float, now_ns: int) -> Position:
+        return Position(strategy_id=self.strategy_id, symbol=self.symbol, segment=self.segment, token=self.token,
+                        quantity=self.quantity, avg_price=self.avg_price, realised_pnl=self.realised,
+                        buy_qty=self.buy_qty, sell_qty=self.sell_qty, buy_value=self.buy_value,
+                        sell_value=self.sell_value, last_price=last_price, ts_ns=now_ns)
+
+
+@dataclass
+class FlattenJob:
+    request: Flatten
+    waiters: list[Callable[[dict[str, Any]], None]]
+    pending_cancels: set[str] = field(default_factory=set)
+    pending_places: set[str] = field(default_factory=set)
+    cancelled: list[str] = field(default_factory=list)
+    closing: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    phase: str = "cancel"  # cancel → close → ready → done
+    report: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class ExecutionEngine:
+    """Order lifecycle, OCO brackets, flatten and reconciliation over an ``OrderStore``."""
+
+    def __init__(self, store: OrderStore, broker: Any, master: MasterData, clock: Clock, cfg: Any,
+                 log: Any = None) -> None:
+        self.store = store
+        self.broker = broker
+        self.master = master
+        self.clock = clock
+        self.cfg = cfg
+        self.log = log
+        self.protection_pct = float(cfg.execution.protection_pct)
+        self.broker_name = str(getattr(broker, "name", cfg.execution.broker))
+        self.book_lag_ns = int(float(getattr(broker, "book_lag_s", 10.0)) * 1e9)
+        self.day = trading_day(clock)
+        # state
+        self.orders: dict[str, OrderRow] = {}
+        self.by_request: dict[str, str] = {}
+        self.by_tag: dict[str, str] = {}
+        self.by_broker_id: dict[str, str] = {}
+        self.children: dict[str, list[str]] = {}  # sliced parent → slices
+        self.brackets: dict[str, BracketRow] = {}
+        self.legs: dict[str, list[str]] = {}  # bracket → STOP/TARGET orders
+        self.positions: dict[tuple[str, str], PositionState] = {}
+        self.fill_keys: set[tuple[str, str]] = set()
+        self.last: dict[str, Tick] = {}
+        self.turnover = _ZERO
+        self.fill_count = 0
+        # unit of work (one ledger transaction per flush)
+        self._new: dict[str, OrderRow] = {}
+        self._dirty: dict[str, OrderRow] = {}
+        self._events: list[EventRow] = []
+        self._fills: list[FillRow] = []
+        self._bdirty: dict[str, BracketRow] = {}
+        self._risk: list[RiskEventRow] = []
+        self._held_intents: list[Intent] = []
+        self._held_msgs: list[tuple[bytes, Message]] = []
+        # released after the flush that made them durable
+        self.intents: deque[Intent] = deque()
+        self.messages: list[tuple[bytes, Message]] = []
+        self.inflight: set[str] = set()  # place intents not answered yet
+        self.cancel_sent: set[str] = set()
+        self.leg_failed: set[tuple[str, str]] = set()
+        self.flatten_jobs: dict[str, FlattenJob] = {}
+        self._books_pending = False
+        self.reconcile_due_ns = 0
+        self._orphans_alerted: set[str] = set()
+        self.stats = {"submitted": 0, "duplicates": 0, "rejected": 0, "fills": 0, "flushes": 0,
+                      "ledger_errors": 0, "reconciles": 0, "unknown": 0, "orphans": 0}
+        self.after_place: Callable[[PlaceIntent, Any], None] | None = None  # test crash hook
+
+    # ================================================================== startup
+    def start(self) -> None:
+        """Load today's orders, open brackets and fills from the ledger; reconcile first thing."""
+        self.day = trading_day(self.clock)
+        for o in self.store.load_orders(self.day):
+            self._index(o)
+        for b in self.store.load_open_brackets():
+            self.brackets[b.bracket_id] = b
+        for f in self.store.load_fills(self.day):
+            self.fill_keys.add((f.trading_day, f.trade_id))
+            self._apply_position(f)
+        self.request_reconcile("startup")
+
+    def _index(self, o: OrderRow) -> None:
+        self.orders[o.order_id] = o
+        self.by_request[o.request_id] = o.order_id
+        self.by_tag[tag_key(o.client_tag)] = o.order_id
+        if o.broker_order_id:
+            self.by_broker_id[o.broker_order_id] = o.order_id
+        if o.parent_id and o.purpose not in _LEGS:
+            self.children.setdefault(o.parent_id, []).append(o.order_id)
+        if o.bracket_id and o.purpose in _LEGS:
+            self.legs.setdefault(o.bracket_id, []).append(o.order_id)
+
+    def _unindex(self, o: OrderRow) -> None:
+        self.orders.pop(o.order_id, None)
+        if self.by_request.get(o.request_id) == o.order_id:
+            del self.by_request[o.request_id]
+        self.by_tag.pop(tag_key(o.client_tag), None)
+        if o.parent_id and o.parent_id in self.children:
+            self.children[o.parent_id] = [c for c in self.children[o.parent_id] if c != o.order_id]
+        if o.bracket_id and o.bracket_id in self.legs:
+            self.legs[o.bracket_id] = [c for c in self.legs[o.bracket_id] if c != o.order_id]
+
+    # ================================================================== unit of work
+    def flush(self) -> bool:
+        """Write pending changes in one transaction, then release their intents and messages.
+        On a ledger error the changes stay pending (retried on the next flush) and nothing
+        that depends on them is released."""
+        if self._new or self._dirty or self._events or self._fills or self._bdirty or self._risk:
+            changes = Changes(
+                new_orders=list(self._new.values()),
+                updated={k: v for k, v in self._dirty.items() if k not in self._new},
+                events=self._events, fills=self._fills, brackets=self._bdirty, risk_events=self._risk,
+            )
+            try:
+                conflicts = self.store.write(changes)
+            except LedgerError as exc:
+                self.stats["ledger_errors"] += 1
+                if self.log is not None:
+                    self.log.error("ledger_write_failed", error=str(exc))
+                return False
+            self.stats["flushes"] += 1
+            self._new, self._dirty, self._events, self._fills, self._bdirty, self._risk = {}, {}, [], [], {}, []
+            if conflicts:  # pragma: no cover - only when another writer raced us
+                self._adopt_conflicts(conflicts)
+        if self._held_intents:
+            self.intents.extend(self._held_intents)
+            self._held_intents = []
+        if self._held_msgs:
+            self.messages.extend(self._held_msgs)
+            self._held_msgs = []
+        return True
+
+    def _adopt_conflicts(self, conflicts: dict[str, OrderRow]) -> None:
+        for rid, existing in conflicts.items():
+            mine = self.orders.get(self.by_request.get(rid, ""))
+            if mine is not None and mine.order_id != existing.order_id:
+                dropped = {mine.order_id, *self.children.get(mine.order_id, [])}
+                for oid in dropped:
+                    o = self.orders.get(oid)
+                    if o is not None:
+                        self._unindex(o)
+                self._held_intents = [i for i in self._held_intents if getattr(i, "order_id", "") not in dropped]
+                self.intents = deque(i for i in self.intents if getattr(i, "order_id", "") not in dropped)
+                self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in dropped}
+            self._index(existing)
+
+    def take_intents(self) -> list[Intent]:
+        out = list(self.intents)
+        self.intents.clear()
+        return out
+
+    def take_messages(self) -> list[tuple[bytes, Message]]:
+        out, self.messages = self.messages, []
+        return out
+
+    def _now(self) -> int:
+        return self.clock.now_ns()
+
+    def _event(self, o: OrderRow, kind: str, old: str, payload: Any = None) -> None:
+        self._events.append(EventRow(order_id=o.order_id, kind=kind, from_status=old, to_status=o.status,
+                                     ts_ns=o.updated_ns, payload=payload))
+
+    def _mark(self, o: OrderRow) -> None:
+        if o.order_id not in self._new:
+            self._dirty[o.order_id] = o
+
+    def _publish_order(self, o: OrderRow) -> None:
+        self._held_msgs.append((topic("order", o.strategy_id), OrderUpdate(
+            order_id=o.order_id, request_id=o.request_id, strategy_id=o.strategy_id, client_tag=o.client_tag,
+            symbol=o.symbol, segment=o.segment, token=o.token, side=o.side, quantity=o.quantity,
+            status=o.status, price=o.price, trigger_price=o.trigger_price, order_type=o.order_type,
+            filled_qty=o.filled_qty, avg_price=o.avg_price, broker_order_id=o.broker_order_id, reason=o.reason,
+            parent_id=o.parent_id, purpose=o.purpose, ts_ns=o.updated_ns)))
+
+    def alert(self, level: str, text: str, code: str = "") -> None:
+        self._held_msgs.append((topic("alert", "execution"),
+                                Alert(level=level, source="execution", text=text, code=code, ts_ns=self._now())))
+        if self.log is not None:
+            self.log.warning("alert", level=level, text=text, code=code)
+
+    # ================================================================== submit
+    def submit(self, cmds: Iterable[ExecuteOrder]) -> list[SubmitResult]:
+        """Accept approved orders: one ledger commit for the batch (``PENDING_BROKER``), then
+        their place intents are released. A refused order is written as ``REJECTED``."""
+        cmds = list(cmds)
+        if not self.flush():
+            return [SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds]
+        results: list[SubmitResult | None] = []
+        created: list[OrderRow] = []
+        for cmd in cmds:
+            existing = self.by_request.get(cmd.request_id)
+            if existing is not None:
+                self.stats["duplicates"] += 1
+                results.append(None)  # filled in after the flush
+                continue
+            rows = self._build(cmd)
+            created.extend(rows)
+            results.append(None)
+        if not self.flush():
+            # nothing of this batch reached the ledger: forget it
+            for o in created:
+                self._unindex(o)
+            ids = {o.order_id for o in created}
+            self._new = {}
+            self._dirty = {k: v for k, v in self._dirty.items() if k not in ids}
+            self._events, self._fills, self._bdirty = [], [], {}
+            self._held_intents = [i for i in self._held_intents if getattr(i, "order_id", "") not in ids]
+            self._held_msgs = []
+            self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in ids}
+            return [SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds]
+        out: list[SubmitResult] = []
+        for cmd, res in zip(cmds, results, strict=True):
+            if res is not None:
+                out.append(res)
+                continue
+            o = self.orders.get(self.by_request.get(cmd.request_id, ""))
+            if o is None:
+                out.append(SubmitResult(cmd.request_id, False, reason="order lost", code="internal"))
+                continue
+            ok = o.status != REJECTED
+            out.append(SubmitResult(cmd.request_id, ok, o.order_id, o.status, o.client_tag, o.reason,
+                                    "" if ok else "rejected"))
+        self.stats["submitted"] += len(cmds)
+        return out
+
+    def _instrument(self, cmd: ExecuteOrder) -> Instrument | None:
+        inst = self.master.get(cmd.segment, cmd.token) if cmd.segment and cmd.token else None
+        if inst is None and (cmd.symbol or cmd.order.symbol):
+            try:
+                inst = self.master.resolve(cmd.symbol or cmd.order.symbol)
+            except KeyError:
+                inst = None
+        return inst
+
+    def _price(self, cmd: ExecuteOrder, inst: Instrument, side: str) -> tuple[str, Decimal, Decimal | None]:
+        """(broker order type, limit price, trigger) for the request; raises MoneyError with the reason."""
+        o = cmd.order
+        tick = inst.tick_size
+        if tick <= 0:
+            raise MoneyError(f"tick size unknown for {inst.symbol}: refusing to price the order")
+        otype = (o.order_type or "LIMIT").upper()
+
+        def on_tick(name: str, value: Decimal | None) -> Decimal:
+            if value is None or value <= 0:
+                raise MoneyError(f"{name} is required")
+            if value % tick != 0:
+                raise MoneyError(f"{name} {value} is not a multiple of the tick size {tick}")
+            return value
+
+        if otype == "MARKET" or (otype == "LIMIT" and o.price is None):
+            last = self.last.get(inst.key)
+            if last is None or last.ltp <= 0:
+                raise MoneyError(f"no last price for {inst.symbol}: refusing a market order")
+            return "LIMIT", protected_limit(side, last.ltp, self.protection_pct, tick), None
+        if otype == "LIMIT":
+            return "LIMIT", on_tick("price", o.price), None
+        if otype == "SL-M":
+            trig = on_tick("trigger price", o.trigger_price)
+            return "SL", protected_limit(side, trig, self.protection_pct, tick), trig
+        if otype == "SL":
+            trig = on_tick("trigger price", o.trigger_price)
+            price = on_tick("price", o.price)
+            if (side == "BUY" and trig > price) or (side == "SELL" and trig < price):
+                raise MoneyError(f"{side} stop-limit: trigger {trig} is on the wrong side of the limit {price}")
+            return "SL", price, trig
+        raise MoneyError(f"unknown order type {o.order_type!r}")
+
+    def _build(self, cmd: ExecuteOrder) -> list[OrderRow]:
+        o = cmd.order
+        now = self._now()
+        side = (o.side or "").upper()
+        inst = self._instrument(cmd)
+        qty = int(cmd.quantity)
+        reason = ""
+        otype, price, trig = "LIMIT", None, None
+        if side not in ("BUY", "SELL"):
+            reason = f"side {o.side!r} must be BUY or SELL"
+        elif inst is None:
+            reason = f"unknown instrument: {cmd.symbol or cmd.segment + '|' + cmd.token}"
+        elif qty <= 0:
+            reason = "quantity must be positive"
+        elif qty % max(1, inst.lot_size) != 0:
+            reason = f"quantity {qty} is not a multiple of the lot size {inst.lot_size}"
+        else:
+            try:
+                otype, price, trig = self._price(cmd, inst, side)
+                reason = self._bracket_reason(cmd, inst, side, price) or ""
+            except MoneyError as exc:
+                reason = str(exc)
+        seg = inst.segment if inst else cmd.segment
+        tok = inst.token if inst else cmd.token
+        sym = inst.symbol if inst else (cmd.symbol or o.symbol)
+        row = OrderRow(
+            order_id=new_id(), request_id=cmd.request_id, client_tag=self._tag(), strategy_id=o.strategy_id,
+            segment=seg, token=tok, symbol=sym, side=side or "BUY", order_type=otype,
+            product=o.product or "MIS", quantity=max(qty, 0), price=price, trigger_price=trig,
+            status=REJECTED if reason else PENDING_BROKER, trading_day=self.day, created_ns=now,
+            updated_ns=now, purpose=(o.purpose or ENTRY).upper(), broker=self.broker_name, reason=reason,
+        )
+        payload = {"request": to_builtins(cmd)}
+        rows = [row]
+        self._add(row, "REJECTED" if reason else "PENDING", payload)
+        if reason:
+            self.stats["rejected"] += 1
+            return rows
+        assert inst is not None
+        if o.stop_loss is not None or o.target is not None:
+            self._new_bracket(row, inst, o.stop_loss, o.target)
+        rows.extend(self._slice_and_place(row, inst))
+        return rows
+
+    def _bracket_reason(self, cmd: ExecuteOrder, inst: Instrument, side: str, price: Decimal) -> str | None:
+        sl, tgt = cmd.order.stop_loss, cmd.order.target
+        if sl is None and tgt is None:
+            return None
+        tick = inst.tick_size
+        for name, value in (("stop loss", sl), ("target", tgt)):
+            if value is not None and (value <= 0 or value % tick != 0):
+                return f"{name} {value} is not a positive multiple of the tick size {tick}"
+        ref = cmd.order.trigger_price if cmd.order.order_type in ("SL", "SL-M") else price
+        if side == "BUY" and ((sl is not None and sl >= ref) or (tgt is not None and tgt <= ref)):
+            return f"bracket for a BUY needs stop loss < entry ({ref}) < target"
+        if side == "SELL" and ((sl is not None and sl <= ref) or (tgt is not None and tgt >= ref)):
+            return f"bracket for a SELL needs target < entry ({ref}) < stop loss"
+        return None
+
+    def _tag(self) -> str:
+        while True:
+            tag = new_client_tag()
+            if tag not in self.by_tag:
+                return tag
+
+    def _add(self, row: OrderRow, kind: str, payload: Any) -> None:
+        self._index(row)
+        self._new[row.order_id] = row
+        self._events.append(EventRow(order_id=row.order_id, kind=kind, from_status="", to_status=row.status,
+                                     ts_ns=row.created_ns, payload=payload))
+        self._publish_order(row)
+
+    def _slice_and_place(self, row: OrderRow, inst: Instrument) -> list[OrderRow]:
+        """Queue the place intent(s): one order, or slices within the freeze quantity."""
+        freeze = inst.freeze_qty
+        if not freeze or row.quantity <= freeze:
+            self._queue_place(row)
+            return []
+        lot = max(1, inst.lot_size)
+        step = max(lot, freeze - freeze % lot)
+        row.sliced = True
+        sizes = [step] * (row.quantity // step)
+        if row.quantity % step:
+            sizes.append(row.quantity % step)
+        kids = []
+        for n, size in enumerate(sizes, 1):
+            kid = OrderRow(
+                order_id=new_id(), request_id=f"{row.request_id}#{n}", client_tag=self._tag(),
+                strategy_id=row.strategy_id, segment=row.segment, token=row.token, symbol=row.symbol,
+                side=row.side, order_type=row.order_type, product=row.product, quantity=size, price=row.price,
+                trigger_price=row.trigger_price, status=PENDING_BROKER, trading_day=row.trading_day,
+                created_ns=row.created_ns, updated_ns=row.created_ns, parent_id=row.order_id,
+                purpose=row.purpose, broker=row.broker,
+            )
+            self._add(kid, "PENDING", {"slice": n, "of": len(sizes), "freeze_qty": freeze})
+            self._queue_place(kid)
+            kids.append(kid)
+        return kids
+
+    def _queue_place(self, o: OrderRow) -> None:
+        self.inflight.add(o.order_id)
+        self._held_intents.append(PlaceIntent(o.order_id, BrokerOrder(
+            client_tag=o.client_tag, segment=o.segment, token=o.token, symbol=o.symbol, side=o.side,
+            quantity=o.quantity, price=o.price if o.price is not None else _ZERO, order_type=o.order_type,
+            trigger_price=o.trigger_price, product=o.product)))
+
+    # ================================================================== transitions
+    def _transition(self, o: OrderRow, status: str, kind: str, payload: Any = None, reason: str = "") -> bool:
+        if o.status == status or o.status in (COMPLETE, REJECTED, CANCELLED):
+            return False
+        if RANK[status] < RANK[o.status]:
+            return False
+        old = o.status
+        o.status = status
+        if reason:
+            o.reason = reason
+        o.updated_ns = self._now()
+        self._mark(o)
+        self._event(o, kind, old, payload)
+        self._publish_order(o)
+        if o.parent_id and o.purpose not in _LEGS:
+            self._refresh_parent(o.parent_id)
+        if o.terminal:
+            self._on_terminal(o)
+        return True
+
+    def _on_terminal(self, o: OrderRow) -> None:
+        self.inflight.discard(o.order_id)
+        self.cancel_sent.discard(o.order_id)
+        b = self._bracket_of(o)
+        if b is not None:
+            if o.status == REJECTED and o.purpose in _LEGS:
+                self.leg_failed.add((b.bracket_id, o.purpose))
+                self.alert("CRITICAL", f"{o.purpose.lower()} leg of {o.symbol} rejected by the broker "
+                           f"({o.reason}); the position is not protected by it", "leg_rejected")
+            self._sync_bracket(b)
+
+    def _refresh_parent(self, parent_id: str) -> None:
+        p = self.orders.get(parent_id)
+        if p is None or not p.sliced:
+            return
+        kids = [self.orders[c] for c in self.children.get(parent_id, []) if c in self.orders]
+        if not kids:
+            return
+        filled = sum(k.filled_qty for k in kids)
+        value = sum((k.filled_value for k in kids), _ZERO)
+        if filled != p.filled_qty:
+            p.filled_qty = filled
+            p.filled_value = value
+            p.avg_price = value / filled if filled else None
+            p.updated_ns = self._now()
+            self._mark(p)
+            self._publish_order(p)
+        statuses = [k.status for k in kids]
+        if all(s in (COMPLETE, REJECTED, CANCELLED) for s in statuses):
+            if filled >= p.quantity:
+                status = COMPLETE
+            elif all(s == REJECTED for s in statuses):
+                status = REJECTED
+            else:
+                status = CANCELLED
+        elif filled > 0:
+            status = PARTIAL
+        elif UNKNOWN in statuses:
+            status = UNKNOWN
+        else:
+            status = min(statuses, key=lambda s: RANK[s])
+        if status != p.status:
+            reason = next((k.reason for k in kids if k.status == REJECTED and k.reason), "")
+            self._transition(p, status, "SLICES", {"slices": {k.order_id: k.status for k in kids}},
+                             reason if status in (REJECTED, CANCELLED) else "")
+        b = self._bracket_of(p)
+        if b is not None:
+            self._sync_bracket(b)
+
+    # ================================================================== results
+    def on_result(self, intent: Intent, result: Any) -> None:
+        """The outcome of an intent: a return value, or the exception the broker raised."""
+        if isinstance(intent, PlaceIntent):
+            self._on_place(intent, result)
+        elif isinstance(intent, CancelIntent):
+            self._on_cancel(intent, result)
+        elif isinstance(intent, ModifyIntent):
+            self._on_modify(intent, result)
+        else:
+            self._books_pending = False
+            if isinstance(result, BaseException):
+                if self.log is not None:
+                    self.log.warning("reconcile_books_failed", error=f"{type(result).__name__}: {result}")
+                self.reconcile_due_ns = self._now() + 5_000_000_000
+            else:
+                self.on_books(result[0], result[1], intent.started_ns)
+        self._advance_jobs(intent)
+
+    def _on_place(self, intent: PlaceIntent, result: Any) -> None:
+        o = self.orders.get(intent.order_id)
+        self.inflight.discard(intent.order_id)
+        if o is None:
+            return
+        if isinstance(result, BrokerAck):
+            if result.broker_order_id and not o.broker_order_id:
+                o.broker_order_id = result.broker_order_id
+                self.by_broker_id[result.broker_order_id] = o.order_id
+            o.raw = result.raw
+            if not self._transition(o, ACK, "ACK", {"ack": result.raw, "broker_order_id": result.broker_order_id}):
+                o.updated_ns = self._now()
+                self._mark(o)
+            if o.cancel_requested and o.order_id not in self.cancel_sent and not o.terminal:
+                self._send_cancel(o)
+            b = self._bracket_of(o)
+            if b is not None:
+                self._sync_bracket(b)
+            return
+        if isinstance(result, BrokerRejected):
+            self._transition(o, REJECTED, "REJECTED", {"error": result.reason, "raw": result.raw}, result.reason)
+            return
+        if isinstance(result, BrokerTemporary):
+            self._transition(o, REJECTED, "REJECTED", {"error": result.reason, "raw": result.raw},
+                             f"not placed: {result.reason}")
+            return
+        # BrokerUnknown, or anything unexpected: we cannot tell whether the broker has it
+        why = result.reason if isinstance(result, BrokerUnknown) else f"{type(result).__name__}: {result}"
+        self.stats["unknown"] += 1
+        self._transition(o, UNKNOWN, "UNKNOWN", {"error": why}, f"outcome unknown: {why}")
+        self.alert("WARNING", f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}): broker outcome unknown "
+                   f"({why}); reconciling by tag, not re-sending", "order_unknown")
+        self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + self.book_lag_ns)
+
+    def _on_cancel(self, intent: CancelIntent, result: Any) -> None:
+        o = self.orders.get(intent.order_id)
+        if o is None:
+            return
+        if isinstance(result, BaseException):
+            why = getattr(result, "reason", str(result))
+            o.updated_ns = self._now()
+            self._event(o, "CANCEL_FAILED", o.status, {"error": why})
+            if not o.terminal and self.log is not None:
+                self.log.warning("cancel_failed", order_id=o.order_id, error=why)
+            self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + self.book_lag_ns)
+
+    def _on_modify(self, intent: ModifyIntent, result: Any) -> None:
+        o = self.orders.get(intent.order_id)
+        if o is None or not isinstance(result, BaseException):
+            return
+        why = getattr(result, "reason", str(result))
+        if not o.terminal and o.quantity == intent.quantity:
+            o.quantity = intent.old_quantity
+            o.updated_ns = self._now()
+            self._mark(o)
+        self._event(o, "MODIFY_FAILED", o.status, {"error": why, "quantity": intent.quantity})
+        self.alert("WARNING", f"could not resize {o.purpose.lower()} leg {o.client_tag} of {o.symbol} to "
+                   f"{intent.quantity}: {why}", "modify_failed")
+
+    # ================================================================== broker events
+    def on_broker_event(self, ev: BrokerOrderStatus | BrokerTrade) -> None:
+        """An order-feed update or a trade, from the broker's push channel or a book poll."""
+        o = self._find(ev.broker_order_id, ev.client_tag)
+        if o is None:
+            self._orphan(ev.broker_order_id, ev.client_tag)
+            return
+        if isinstance(ev, BrokerTrade):
+            self._on_trade(ev, o)
+        else:
+            self._on_status(ev, o)
+
+    def _find(self, broker_order_id: str, client_tag: str) -> OrderRow | None:
+        oid = self.by_broker_id.get(broker_order_id) if broker_order_id else None
+        if oid is None and client_tag:
+            oid = self.by_tag.get(tag_key(client_tag))
+        o = self.orders.get(oid) if oid else None
+        if o is not None and broker_order_id and not o.broker_order_id:
+            o.broker_order_id = broker_order_id
+            self.by_broker_id[broker_order_id] = o.order_id
+            self._mark(o)
+        return o
+
+    def _orphan(self, broker_order_id: str, client_tag: str) -> None:
+        if not client_tag.lower().startswith("np") or broker_order_id in self._orphans_alerted:
+            return
+        self._orphans_alerted.add(broker_order_id)
+        self.stats["orphans"] += 1
+        self.alert("CRITICAL", f"broker order {broker_order_id} (tag {client_tag}) is not in the ledger",
+                   "orphan_order")
+
+    def _on_status(self, st: BrokerOrderStatus, o: OrderRow) -> None:
+        raw = st.raw if st.raw is not None else {"status": st.status, "filled_qty": st.filled_qty}
+        if st.quantity and st.quantity != o.quantity and not o.terminal and st.status != REJECTED:
+            old_q = o.quantity
+            o.quantity = st.quantity
+            o.updated_ns = self._now()
+            self._mark(o)
+            self._event(o, "MODIFIED", o.status, {"quantity": st.quantity, "was": old_q})
+            self._publish_order(o)
+        status = st.status.upper()
+        if status in (OPEN, ACK, PARTIAL):
+            if status == PARTIAL and o.filled_qty == 0:
+                status = OPEN  # the trade itself moves it to PARTIAL
+            if o.status in (PENDING_BROKER, UNKNOWN) and status != ACK:
+                self._transition(o, ACK, "ACK", raw)
+            self._transition(o, status, status, raw)
+        elif status == COMPLETE:
+            if o.status in (PENDING_BROKER, UNKNOWN):
+                self._transition(o, ACK, "ACK", raw)
+            self._transition(o, COMPLETE, COMPLETE, raw)
+        elif status == REJECTED:
+            self._transition(o, REJECTED, REJECTED, raw, st.reason or "rejected by the broker")
+        elif status == CANCELLED:
+            self._transition(o, CANCELLED, CANCELLED, raw, st.reason or "cancelled")
+
+    def _on_trade(self, tr: BrokerTrade, o: OrderRow) -> None:
+        day = self._day_of(tr.ts_ns)
+        key = (day, tr.trade_id)
+        if key in self.fill_keys:
+            return
+        self.fill_keys.add(key)
+        now = self._now()
+        fill = FillRow(trade_id=tr.trade_id, order_id=o.order_id, broker_order_id=tr.broker_order_id,
+                       strategy_id=o.strategy_id, segment=o.segment, token=o.token, symbol=o.symbol, side=o.side,
+                       quantity=tr.quantity, price=tr.price, ts_ns=tr.ts_ns or now, trading_day=day,
+                       broker=self.broker_name, raw=tr.raw)
+        self._fills.append(fill)
+        self.stats["fills"] += 1
+        o.filled_qty += tr.quantity
+        o.filled_value += tr.price * tr.quantity
+        o.avg_price = o.filled_value / o.filled_qty
+        o.updated_ns = now
+        self._mark(o)
+        self._event(o, "FILL", o.status, {"trade_id": tr.trade_id, "qty": tr.quantity, "price": str(tr.price),
+                                          "raw": tr.raw})
+        if o.filled_qty > o.quantity:
+            self.alert("CRITICAL", f"order {o.client_tag} overfilled: {o.filled_qty} of {o.quantity}", "overfill")
+        self._held_msgs.append((topic("fill", o.strategy_id), Fill(
+            fill_id=tr.trade_id, order_id=o.parent_id if o.parent_id and o.purpose not in _LEGS else o.order_id,
+            strategy_id=o.strategy_id, symbol=o.symbol, segment=o.segment, token=o.token, side=o.side,
+            quantity=tr.quantity, price=tr.price, ts_ns=fill.ts_ns)))
+        if day == self.day:
+            pos = self._apply_position(fill)
+            last = self.last.get(o.key)
+            self._held_msgs.append((topic("position", o.strategy_id), pos.message(last.ltp if last else 0.0, now)))
+        if not o.terminal:
+            status = COMPLETE if o.filled_qty >= o.quantity else PARTIAL
+            if o.status in (PENDING_BROKER, UNKNOWN):
+                self._transition(o, ACK, "ACK", {"via": "trade"})
+            if not self._transition(o, status, status, {"trade_id": tr.trade_id}):
+                self._publish_order(o)
+        else:
+            self._publish_order(o)
+        if o.parent_id and o.purpose not in _LEGS:
+            self._refresh_parent(o.parent_id)
+        b = self._bracket_of(o)
+        if b is not None:
+            self._sync_bracket(b)
+
+    def _day_of(self, ts_ns: int) -> str:
+        if not ts_ns:
+            return self.day
+        import datetime as _dt
+
+        return _dt.datetime.fromtimestamp(ts_ns / 1e9, IST).strftime("%Y-%m-%d")
+
+    def _apply_position(self, f: FillRow) -> PositionState:
+        k = (f.strategy_id, f.key)
+        pos = self.positions.get(k)
+        if pos is None:
+            pos = self.positions[k] = PositionState(f.strategy_id, f.segment, f.token, f.symbol)
+        pos.apply(f.side, f.quantity, f.price)
+        self.turnover += f.price * f.quantity
+        self.fill_count += 1
+        return pos
+
+    # ================================================================== market data
+    def on_tick(self, tick: Tick) -> None:
+        """Remember the last price (market intent, flatten, marks). Hot path: one dict store."""
+        self.last[f"{tick.segment}|{tick.token}"] = tick
+
+    # ================================================================== OCO brackets
+    def _new_bracket(self, entry: OrderRow, inst: Instrument, stop_loss: Decimal | None,
+                     target: Decimal | None) -> None:
+        exit_side = "SELL" if entry.side == "BUY" else "BUY"
+        stop_limit = None
+        if stop_loss is not None:
+            stop_limit = protected_limit(exit_side, stop_loss, self.protection_pct, inst.tick_size)
+        b = BracketRow(bracket_id=new_id(), entry_id=entry.order_id, strategy_id=entry.strategy_id,
+                       segment=entry.segment, token=entry.token, symbol=entry.symbol, side=entry.side,
+                       product=entry.product, stop_loss=stop_loss, target=target, state=B_PENDING,
+                       trading_day=entry.trading_day, created_ns=entry.created_ns, updated_ns=entry.created_ns,
+                       stop_limit=stop_limit)
+        entry.bracket_id = b.bracket_id
+        self.brackets[b.bracket_id] = b
+        self._bdirty[b.bracket_id] = b
+
+    def _bracket_of(self, o: OrderRow) -> BracketRow | None:
+        """The bracket an entry or leg belongs to (slices reach it through their parent)."""
+        return self.brackets.get(o.bracket_id) if o.bracket_id else None
+
+    def _sync_bracket(self, b: BracketRow) -> None:
+        """Size the legs to the open exposure: entry fills − leg fills. A partial entry fill adds
+        legs; a leg fill shrinks (modify) or cancels the other leg; nothing left → closed."""
+        entry = self.orders.get(b.entry_id)
+        if entry is None:
+            return
+        legs = [self.orders[x] for x in self.legs.get(b.bracket_id, []) if x in self.orders]
+        exit_filled = sum(leg.filled_qty for leg in legs)
+        exposure = entry.filled_qty - exit_filled
+        changed = entry.filled_qty != b.entry_filled or exit_filled != b.exit_filled
+        b.entry_filled, b.exit_filled = entry.filled_qty, exit_filled
+        state = b.state
+        if state in BRACKET_OPEN:
+            if exposure < 0:
+                self.alert("CRITICAL", f"bracket on {b.symbol} over-exited by {-exposure}: check the position",
+                           "bracket_overexit")
+            if exposure <= 0 and exit_filled > 0 and not entry.terminal:
+                self._cancel_tree(entry)  # the trade is over: drop the rest of the entry
+            for kind in _LEGS:
+                price = b.stop_loss if kind == STOP else b.target
+                if price is not None:
+                    self._size_legs(b, kind, [x for x in legs if x.purpose == kind], max(exposure, 0))
+            if entry.terminal and exposure <= 0:
+                state = B_CLOSED if entry.filled_qty > 0 else B_CANCELLED
+            elif entry.filled_qty > 0:
+                state = B_ACTIVE
+        else:
+            for leg in legs:
+                if not leg.terminal:
+                    self._request_cancel(leg)
+        if state != b.state or changed:
+            b.state = state
+            b.updated_ns = self._now()
+            self._bdirty[b.bracket_id] = b
+
+    def _size_legs(self, b: BracketRow, kind: str, legs: list[OrderRow], want: int) -> None:
+        live = [x for x in legs if not x.terminal and not x.cancel_requested]
+        have = sum(x.remaining for x in live)
+        if have < want:
+            if (b.bracket_id, kind) in self.leg_failed:
+                return
+            self._place_legs(b, kind, want - have, len(legs))
+        elif have > want:
+            excess = have - want
+            for leg in sorted(live, key=lambda x: x.created_ns, reverse=True):
+                if excess <= 0:
+                    break
+                if not leg.broker_order_id or leg.order_id in self.inflight:
+                    continue  # resized once the broker has acknowledged it
+                if leg.remaining <= excess:
+                    excess -= leg.remaining
+                    self._request_cancel(leg)
+                else:
+                    self._modify_qty(leg, leg.quantity - excess)
+                    excess = 0
+
+    def _place_legs(self, b: BracketRow, kind: str, qty: int, seen: int) -> None:
+        inst = self.master.get(b.segment, b.token)
+        freeze = inst.freeze_qty if inst is not None else 0
+        lot = max(1, inst.lot_size) if inst is not None else 1
+        step = max(lot, freeze - freeze % lot) if freeze else qty
+        now = self._now()
+        exit_side = "SELL" if b.side == "BUY" else "BUY"
+        n = seen
+        while qty > 0:
+            size = min(step, qty)
+            qty -= size
+            n += 1
+            leg = OrderRow(
+                order_id=new_id(), request_id=f"{b.bracket_id}:{kind}:{n}", client_tag=self._tag(),
+                strategy_id=b.strategy_id, segment=b.segment, token=b.token, symbol=b.symbol, side=exit_side,
+                order_type="SL" if kind == STOP else "LIMIT", product=b.product, quantity=size,
+                price=b.stop_limit if kind == STOP else b.target,
+                trigger_price=b.stop_loss if kind == STOP else None, status=PENDING_BROKER,
+                trading_day=self.day, created_ns=now, updated_ns=now, parent_id=b.entry_id,
+                bracket_id=b.bracket_id, purpose=kind, broker=self.broker_name,
+            )
+            self._add(leg, "PENDING", {"bracket_id": b.bracket_id, "leg": kind})
+            self._queue_place(leg)
+
+    def _modify_qty(self, o: OrderRow, qty: int) -> None:
+        old = o.quantity
+        o.quantity = qty
+        o.updated_ns = self._now()
+        self._mark(o)
+        self._event(o, "MODIFY_REQUESTED", o.status, {"quantity": qty, "was": old})
+        self._publish_order(o)
+        self._held_intents.append(ModifyIntent(o.order_id, o.broker_order_id, qty, old))
+
+    # ================================================================== cancels
+    def _request_cancel(self, o: OrderRow, reason: str = "") -> bool:
+        if o.terminal or o.sliced:
+            return False
+        if o.cancel_requested:
+            if o.broker_order_id and o.order_id not in self.cancel_sent and o.order_id not in self.inflight:
+                self._send_cancel(o)
+            return False
+        o.cancel_requested = True
+        o.updated_ns = self._now()
+        self._mark(o)
+        self._event(o, "CANCEL_REQUESTED", o.status, {"reason": reason} if reason else None)
+        # not sent yet? then it never will be
+        for queue in (self._held_intents, self.intents):
+            for i in list(queue):
+                if isinstance(i, PlaceIntent) and i.order_id == o.order_id:
+                    queue.remove(i)
+                    self.inflight.discard(o.order_id)
+                    self._transition(o, CANCELLED, "CANCELLED", {"reason": "cancelled before it was sent"},
+                                     reason or "cancelled before it was sent")
+                    return True
+        if o.broker_order_id and o.order_id not in self.inflight:
+            self._send_cancel(o)
+        return True
+
+    def _send_cancel(self, o: OrderRow) -> None:
+        self.cancel_sent.add(o.order_id)
+        self._held_intents.append(CancelIntent(o.order_id, o.broker_order_id))
+
+    def _cancel_tree(self, o: OrderRow, reason: str = "") -> list[str]:
+        ids = []
+        targets = [self.orders[c] for c in self.children.get(o.order_id, [])] if o.sliced else [o]
+        for x in targets:
+            if self._request_cancel(x, reason):
+                ids.append(x.order_id)
+        return ids
+
+    def cancel_entries(self, reason: str = "kill switch") -> list[str]:
+        """Kill-switch hook: cancel every open ENTRY order (legs keep protecting positions)."""
+        ids = []
+        for o in list(self.orders.values()):
+            if o.purpose == ENTRY and not o.terminal and not o.sliced and self._request_cancel(o, reason):
+                ids.append(o.order_id)
+        if ids and self.log is not None:
+            self.log.info("entries_cancelled", count=len(ids), reason=reason)
+        return ids
+
+    # ================================================================== flatten
+    def flatten(self, req: Flatten, done: Callable[[dict[str, Any]], None]) -> None:
+        """Cancel open orders, then close positions with protected limits; ``done(report)``
+        once every close order has its broker answer. Idempotent on ``request_id``."""
+        job = self.flatten_jobs.get(req.request_id)
+        if job is not None:
+            if job.report is not None:
+                done(job.report)
+            else:
+                job.waiters.append(done)
+            return
+        job = FlattenJob(request=req, waiters=[done])
+        self.flatten_jobs[req.request_id] = job
+        match_key = self._match_symbol(req.symbol) if req.symbol else None
+        if req.symbol and match_key is None:
+            job.skipped.append({"symbol": req.symbol, "reason": f"unknown instrument: {req.symbol}"})
+        for b in self.brackets.values():
+            if b.state in BRACKET_OPEN and self._matches(b.strategy_id, f"{b.segment}|{b.token}", req, match_key):
+                b.state = B_FLATTENED
+                b.reason = f"flatten {req.request_id}"
+                b.updated_ns = self._now()
+                self._bdirty[b.bracket_id] = b
+        for o in list(self.orders.values()):
+            if o.terminal or o.sliced or not self._matches(o.strategy_id, o.key, req, match_key):
+                continue
+            if req.symbol and match_key is None:
+                continue
+            if self._request_cancel(o, f"flatten {req.request_id}"):
+                job.cancelled.append(o.order_id)
+                if o.order_id in self.cancel_sent:
+                    job.pending_cancels.add(o.order_id)
+        if not job.pending_cancels:
+            self._flatten_close(job)
+
+    def _match_symbol(self, symbol: str) -> str | None:
+        try:
+            return self.master.resolve(symbol).key
+        except KeyError:
+            return None
+
+    @staticmethod
+    def _matches(strategy_id: str, key: str, req: Flatten, match_key: str | None) -> bool:
+        if req.strategy_id and strategy_id != req.strategy_id:
+            return False
+        return not (req.symbol and key != match_key)
+
+    def _flatten_close(self, job: FlattenJob) -> None:
+        job.phase = "close"
+        req = job.request
+        match_key = self._match_symbol(req.symbol) if req.symbol else None
+        now = self._now()
+        for (sid, key), pos in sorted(self.positions.items()):
+            if pos.quantity == 0 or not self._matches(sid, key, req, match_key):
+                continue
+            if req.symbol and match_key is None:
+                continue
+            inst = self.master.get(pos.segment, pos.token)
+            side = "SELL" if pos.quantity > 0 else "BUY"
+            last = self.last.get(key)
+            if inst is None or inst.tick_size <= 0:
+                job.skipped.append({"symbol": pos.symbol, "reason": "tick size unknown: cannot price the close"})
+                continue
+            if last is None or last.ltp <= 0:
+                job.skipped.append({"symbol": pos.symbol, "reason": "no last price: cannot price the close"})
+                continue
+            price = protected_limit(side, last.ltp, self.protection_pct, inst.tick_size)
+            row = OrderRow(
+                order_id=new_id(), request_id=f"flatten:{req.request_id}:{sid}:{key}", client_tag=self._tag(),
+                strategy_id=sid, segment=pos.segment, token=pos.token, symbol=pos.symbol, side=side,
+                order_type="LIMIT", product="MIS", quantity=abs(pos.quantity), price=price, status=PENDING_BROKER,
+                trading_day=self.day, created_ns=now, updated_ns=now, purpose=FLATTEN_P, broker=self.broker_name,
+            )
+            if row.request_id in self.by_request:
+                continue
+            self._add(row, "PENDING", {"flatten": req.request_id, "position": pos.quantity})
+            kids = self._slice_and_place(row, inst)
+            job.closing.append(row.order_id)
+            for x in kids or [row]:
+                job.pending_places.add(x.order_id)
+        if not job.pending_places:
+            job.phase = "ready"
+
+    def _advance_jobs(self, intent: Intent) -> None:
+        if not self.flatten_jobs:
+            return
+        oid = getattr(intent, "order_id", "")
+        for job in self.flatten_jobs.values():
+            if job.phase == "cancel" and isinstance(intent, CancelIntent) and oid in job.pending_cancels:
+                job.pending_cancels.discard(oid)
+                if not job.pending_cancels:
+                    self._flatten_close(job)
+            elif job.phase == "close" and isinstance(intent, PlaceIntent) and oid in job.pending_places:
+                job.pending_places.discard(oid)
+                if not job.pending_places:
+                    job.phase = "ready"
+
+    def finish_jobs(self) -> None:
+        """Answer flatten requests whose orders are all placed (after the pump settled)."""
+        for job in self.flatten_jobs.values():
+            if job.phase != "ready":
+                continue
+            job.phase = "done"
+            closing = []
+            for oid in job.closing:
+                o = self.orders.get(oid)
+                if o is not None:
+                    closing.append({"order_id": o.order_id, "symbol": o.symbol, "strategy_id": o.strategy_id,
+                                    "side": o.side, "quantity": o.quantity, "price": str(o.price),
+                                    "status": o.status, "filled_qty": o.filled_qty, "reason": o.reason})
+            req = job.request
+            left = [p for (sid, key), p in self.positions.items() if p.quantity != 0
+                    and self._matches(sid, key, req, self._match_symbol(req.symbol) if req.symbol else None)]
+            job.report = {
+                "request_id": req.request_id, "cancelled": len(job.cancelled), "cancelled_ids": job.cancelled,
+                "closing": closing, "skipped": job.skipped,
+                "open_positions": [{"strategy_id": p.strategy_id, "symbol": p.symbol, "quantity": p.quantity}
+                                   for p in left],
+            }
+            for w in job.waiters:
+                w(job.report)
+            job.waiters = []
+        if len(self.flatten_jobs) > 100:  # keep recent reports for idempotent retries
+            for rid in [r for r, j in self.flatten_jobs.items() if j.phase == "done"][:-50]:
+                del self.flatten_jobs[rid]
+
+    # ================================================================== reconciliation
+    def request_reconcile(self, reason: str = "periodic") -> bool:
+        """Queue a fetch of the broker's books (skipped while one is outstanding)."""
+        if self._books_pending:
+            return False
+        self._books_pending = True
+        self.reconcile_due_ns = 0
+        self._held_intents.append(BooksIntent(self._now(), reason))
+        return True
+
+    def reconcile_if_due(self) -> None:
+        if self.reconcile_due_ns and self._now() >= self.reconcile_due_ns:
+            self.request_reconcile("due")
+
+    def on_books(self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade], started_ns: int) -> None:
+        """Match every non-terminal row and open bracket against the broker's books by tag."""
+        self.stats["reconciles"] += 1
+        by_id = {s.broker_order_id: s for s in order_book if s.broker_order_id}
+        by_tag = {tag_key(s.client_tag): s for s in order_book if s.client_tag}
+        for st in order_book:
+            o = self._find(st.broker_order_id, st.client_tag)
+            if o is None:
+                self._orphan(st.broker_order_id, st.client_tag)
+        for tr in trade_book:
+            o = self._find(tr.broker_order_id, tr.client_tag)
+            if o is None:
+                self._orphan(tr.broker_order_id, tr.client_tag)
+                continue
+            self._on_trade(tr, o)
+        cutoff = started_ns - self.book_lag_ns
+        for o in list(self.orders.values()):
+            if o.terminal or o.sliced:
+                continue
+            st = (by_id.get(o.broker_order_id) if o.broker_order_id else None) or by_tag.get(tag_key(o.client_tag))
+            if st is not None:
+                self._on_status(st, o)
+                continue
+            if o.order_id in self.inflight or o.created_ns > cutoff:
+                continue
+            if o.status in (PENDING_BROKER, UNKNOWN):
+                self._transition(o, REJECTED, "RECONCILED", {"found": False},
+                                 "never reached the broker (not in its order book); not re-sent")
+                self.alert("WARNING", f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}) never reached the "
+                           "broker; marked REJECTED, not re-sent", "order_not_sent")
+            else:
+                self._transition(o, CANCELLED, "RECONCILED", {"found": False},
+                                 "no longer in the broker's order book (expired)")
+        for b in list(self.brackets.values()):
+            if b.state in BRACKET_OPEN:
+                self._sync_bracket(b)
+        if self.log is not None:
+            self.log.info("reconciled", broker_orders=len(order_book), broker_trades=len(trade_book),
+                          open_orders=self.open_count())
+
+    # ================================================================== inline runner
+    def pump(self, max_rounds: int = 10_000) -> int:
+        """Run intents inline against ``self.broker`` until nothing is left (paper, backtests).
+        Returns the number of intents executed."""
+        n = 0
+        for _ in range(max_rounds):
+            self.drain_broker_events()
+            if not self.flush():
+                break
+            intents = self.take_intents()
+            if not intents:
+                break
+            for intent in intents:
+                try:
+                    result = run_intent(self.broker, intent)
+                except Exception as exc:  # broker errors are results, not crashes
+                    result = exc
+                if self.after_place is not None and isinstance(intent, PlaceIntent):
+                    self.after_place(intent, result)
+                self.on_result(intent, result)
+                self.drain_broker_events()
+                n += 1
+        self.flush()
+        self.finish_jobs()
+        return n
+
+    def drain_broker_events(self) -> None:
+        drain = getattr(self.broker, "drain_events", None)
+        if drain is None:
+            return
+        for ev in drain():
+            self.on_broker_event(ev)
+
+    # ================================================================== queries
+    def open_count(self) -> int:
+        return sum(1 for o in self.orders.values() if not o.terminal and not o.sliced)
+
+    def position_list(self, strategy_id: str = "") -> list[Position]:
+        now = self._now()
+        out = []
+        for (sid, key), p in sorted(self.positions.items()):
+            if strategy_id and sid != strategy_id:
+                continue
+            last = self.last.get(key)
+            out.append(p.message(last.ltp if last else 0.0, now))
+        return out
+
+    def orders_query(self, q: OrderQuery) -> list[dict[str, Any]]:
+        self.flush()
+        out = []
+        for o, fills in self.store.query_orders(q):
+            d = o.as_dict()
+            d["fills"] = [f.as_dict() for f in fills]
+            out.append(d)
+        return out
+
+    def record_risk_event(self, ev: RecordRiskEvent) -> None:
+        self._risk.append(RiskEventRow(event=ev.event, reason=ev.reason, source=ev.source,
+                                       ts_ns=ev.ts_ns or self._now(), trading_day=self.day,
+                                       data=dict(ev.data), request_id=ev.request_id))
+
+    def day_state(self) -> DayState:
+        self.flush()
+        kill, kill_reason, loss, state = False, "", False, ""
+        for r in self.store.risk_events(self.day):
+            ev = r.event.lower()
+            data = r.data or {}
+            if ev == "kill_switch_on" or (ev == "kill_switch" and data.get("on", data.get("kill_switch", True))):
+                kill, kill_reason = True, r.reason
+            elif ev == "kill_switch_off" or ev == "kill_switch":
+                kill, kill_reason = False, ""
+            if ev in ("loss_breached", "daily_loss_breached", "max_daily_loss"):
+                loss = True
+            rs = data.get("risk_state") or data.get("state")
+            if isinstance(rs, str) and rs in (ACTIVE, REDUCING, HALTED):
+                state = rs
+        if kill:
+            state = HALTED
+        elif not state:
+            state = REDUCING if loss else ACTIVE
+        realised = sum((p.realised for p in self.positions.values()), _ZERO)
+        return DayState(trading_day=self.day, positions=self.position_list(), turnover=self.turnover,
+                        realised_pnl=realised, fills=self.fill_count, kill_switch=kill, kill_reason=kill_reason,
+                        risk_state=state, loss_breached=loss, ts_ns=self._now())
+
+    def check_day(self) -> bool:
+        """A new trading day while running: fresh positions; yesterday's finished orders leave memory."""
+        today = trading_day(self.clock)
+        if today == self.day:
+            return False
+        self.day = today
+        self.positions.clear()
+        self.turnover = _ZERO
+        self.fill_count = 0
+        for o in list(self.orders.values()):
+            if o.terminal and not (o.bracket_id and o.bracket_id in self.brackets
+                                   and self.brackets[o.bracket_id].state in BRACKET_OPEN):
+                self._unindex(o)
+        self.fill_keys = {k for k in self.fill_keys if k[0] == today}
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"broker": self.broker_name, "trading_day": self.day, "open_orders": self.open_count(),
+                "open_brackets": sum(1 for b in self.brackets.values() if b.state in BRACKET_OPEN),
+                "positions": sum(1 for p in self.positions.values() if p.quantity),
+                "inflight": len(self.inflight), **self.stats}
+
+
+def encode_report(report: dict[str, Any]) -> Any:
+    return msgspec.to_builtins(report, decimal_format="string")

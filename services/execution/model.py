@@ -1,0 +1,237 @@
+"""Rows of the execution ledger, as the engine and the stores see them (pure, no I/O).
+
+Ids are strings (UUIDs as text); money is ``Decimal``; times are nanoseconds since the epoch
+(the stores convert to ``timestamptz``); ``trading_day`` is the exchange date ``YYYY-MM-DD``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from libs.common.messages import (
+    ACK,
+    CANCELLED,
+    COMPLETE,
+    OPEN,
+    PARTIAL,
+    PENDING_BROKER,
+    REJECTED,
+    UNKNOWN,
+)
+
+TERMINAL = frozenset({COMPLETE, REJECTED, CANCELLED})
+
+# Lifecycle order: a status never moves to a lower rank (terminal states are final).
+RANK = {PENDING_BROKER: 0, UNKNOWN: 1, ACK: 2, OPEN: 3, PARTIAL: 4, COMPLETE: 5, REJECTED: 5, CANCELLED: 5}
+
+# Purposes: what an order is for. ENTRY/EXIT/FLATTEN/MANUAL come from requests; STOP and
+# TARGET are the legs execution places for an OCO bracket.
+ENTRY, EXIT, FLATTEN_P, MANUAL, STOP, TARGET = "ENTRY", "EXIT", "FLATTEN", "MANUAL", "STOP", "TARGET"
+
+# Bracket states.
+B_PENDING = "PENDING_ENTRY"  # waiting for the entry to fill
+B_ACTIVE = "ACTIVE"  # position open, legs protecting it
+B_CLOSED = "CLOSED"  # position closed by a leg (or nothing left to protect)
+B_CANCELLED = "CANCELLED"  # entry ended without a fill
+B_FLATTENED = "FLATTENED"  # flatten took over: legs cancelled, position closed by flatten
+BRACKET_OPEN = frozenset({B_PENDING, B_ACTIVE})
+
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def new_client_tag() -> str:
+    """``np`` + 10 base32 characters (50 random bits): short enough for Kotak's ``tag``."""
+    raw = int.from_bytes(os.urandom(7), "big") >> 6  # 50 bits
+    return "np" + "".join(_B32[(raw >> (5 * i)) & 31] for i in range(10))
+
+
+def tag_key(tag: str) -> str:
+    """Brokers may echo the tag in another case; match on this."""
+    return tag.strip().lower()
+
+
+@dataclass(slots=True)
+class OrderRow:
+    """One row of ``order_ledger``. Parents of sliced orders have ``sliced=True`` and never
+    reach the broker; their children carry ``parent_id``. Bracket legs carry ``bracket_id``."""
+
+    order_id: str
+    request_id: str
+    client_tag: str
+    strategy_id: str
+    segment: str
+    token: str
+    symbol: str
+    side: str
+    order_type: str  # LIMIT | SL (stop-limit), as sent to the broker
+    product: str
+    quantity: int
+    price: Decimal | None
+    status: str
+    trading_day: str
+    created_ns: int
+    updated_ns: int
+    trigger_price: Decimal | None = None
+    filled_qty: int = 0
+    avg_price: Decimal | None = None
+    broker_order_id: str = ""
+    parent_id: str = ""
+    bracket_id: str = ""
+    purpose: str = ENTRY
+    broker: str = "paper"
+    sliced: bool = False
+    cancel_requested: bool = False
+    reason: str = ""
+    raw: Any = None
+    # in memory only
+    filled_value: Decimal = field(default=Decimal(0))
+
+    @property
+    def key(self) -> str:
+        return f"{self.segment}|{self.token}"
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.quantity - self.filled_qty)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "order_id": self.order_id, "request_id": self.request_id, "client_tag": self.client_tag,
+            "broker_order_id": self.broker_order_id, "strategy_id": self.strategy_id,
+            "symbol": self.symbol, "segment": self.segment, "token": self.token, "side": self.side,
+            "order_type": self.order_type, "product": self.product, "quantity": self.quantity,
+            "price": _s(self.price), "trigger_price": _s(self.trigger_price), "status": self.status,
+            "filled_qty": self.filled_qty, "avg_price": _s(self.avg_price), "parent_id": self.parent_id,
+            "bracket_id": self.bracket_id, "purpose": self.purpose, "broker": self.broker,
+            "sliced": self.sliced, "reason": self.reason, "trading_day": self.trading_day,
+            "created_ns": self.created_ns, "updated_ns": self.updated_ns,
+        }
+
+
+@dataclass(slots=True)
+class FillRow:
+    """One row of ``fills``: a trade at the broker. Unique on (broker, trading_day, trade_id)."""
+
+    trade_id: str
+    order_id: str
+    broker_order_id: str
+    strategy_id: str
+    segment: str
+    token: str
+    symbol: str
+    side: str
+    quantity: int
+    price: Decimal
+    ts_ns: int
+    trading_day: str
+    broker: str = "paper"
+    raw: Any = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.segment}|{self.token}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fill_id": self.trade_id, "order_id": self.order_id, "broker_order_id": self.broker_order_id,
+            "side": self.side, "quantity": self.quantity, "price": str(self.price), "ts_ns": self.ts_ns,
+        }
+
+
+@dataclass(slots=True)
+class BracketRow:
+    """One OCO group: an entry and its protective stop-limit and target legs."""
+
+    bracket_id: str
+    entry_id: str
+    strategy_id: str
+    segment: str
+    token: str
+    symbol: str
+    side: str  # the entry's side
+    product: str
+    stop_loss: Decimal | None
+    target: Decimal | None
+    state: str
+    trading_day: str
+    created_ns: int
+    updated_ns: int
+    stop_limit: Decimal | None = None
+    entry_filled: int = 0
+    exit_filled: int = 0
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bracket_id": self.bracket_id, "entry_id": self.entry_id, "strategy_id": self.strategy_id,
+            "symbol": self.symbol, "side": self.side, "stop_loss": _s(self.stop_loss),
+            "stop_limit": _s(self.stop_limit), "target": _s(self.target), "state": self.state,
+            "entry_filled": self.entry_filled, "exit_filled": self.exit_filled, "reason": self.reason,
+        }
+
+
+@dataclass(slots=True)
+class EventRow:
+    """One row of ``order_events`` (append-only): a transition and its raw payload."""
+
+    order_id: str
+    kind: str
+    from_status: str
+    to_status: str
+    ts_ns: int
+    payload: Any = None
+
+
+@dataclass(slots=True)
+class RiskEventRow:
+    event: str
+    reason: str
+    source: str
+    ts_ns: int
+    trading_day: str
+    data: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""  # idempotency: a retried event is stored once
+
+
+@dataclass(slots=True)
+class Changes:
+    """Everything one ledger transaction writes. New orders are inserted first and are
+    idempotent on ``request_id``: a conflicting row is not written (nor its events, children
+    or bracket) and the store returns the existing row instead."""
+
+    new_orders: list[OrderRow] = field(default_factory=list)
+    updated: dict[str, OrderRow] = field(default_factory=dict)
+    events: list[EventRow] = field(default_factory=list)
+    fills: list[FillRow] = field(default_factory=list)
+    brackets: dict[str, BracketRow] = field(default_factory=dict)
+    risk_events: list[RiskEventRow] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.new_orders or self.updated or self.events or self.fills or self.brackets
+                    or self.risk_events)
+
+
+@dataclass(slots=True)
+class OrderQuery:
+    status: str = ""
+    symbol: str = ""
+    strategy_id: str = ""
+    limit: int = 200
+    trading_day: str = ""
+
+
+def _s(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,183 @@
+"""The ledger contract (``OrderStore``) and its in-memory implementation.
+
+``PgOrderStore`` (``ledger.py``) is the durable one; ``MemoryOrderStore`` behaves the same
+for backtests and unit tests: idempotent on ``request_id``, ``client_tag`` unique, fills
+unique per (broker, trading day, trade id), events append-only, rows copied in and out so
+that the engine's in-memory objects are never the stored ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Protocol
+
+from libs.common.instruments import Instrument
+from services.execution.model import (
+    BRACKET_OPEN,
+    TERMINAL,
+    BracketRow,
+    Changes,
+    EventRow,
+    FillRow,
+    OrderQuery,
+    OrderRow,
+    RiskEventRow,
+)
+
+
+class LedgerError(RuntimeError):
+    """The ledger could not write or read; the transaction was rolled back."""
+
+
+class OrderStore(Protocol):
+    def migrate(self) -> list[str]:
+        """Apply pending migrations; returns the versions applied now."""
+        ...
+
+    def write(self, changes: Changes) -> dict[str, OrderRow]:
+        """Write everything in one transaction. Returns ``{request_id: existing_row}`` for new
+        orders whose ``request_id`` was already in the ledger (those were not written, nor
+        their children, events or brackets)."""
+        ...
+
+    def load_orders(self, trading_day: str) -> list[OrderRow]:
+        """Orders of ``trading_day``, every non-terminal order, and every order of an open
+        bracket — what the engine needs in memory after a restart."""
+        ...
+
+    def load_open_brackets(self) -> list[BracketRow]: ...
+
+    def load_fills(self, trading_day: str) -> list[FillRow]: ...
+
+    def find_by_request_ids(self, request_ids: Iterable[str]) -> dict[str, OrderRow]: ...
+
+    def query_orders(self, q: OrderQuery) -> list[tuple[OrderRow, list[FillRow]]]: ...
+
+    def events_for(self, order_id: str) -> list[EventRow]: ...
+
+    def risk_events(self, trading_day: str) -> list[RiskEventRow]: ...
+
+    def replace_instruments(self, instruments: Iterable[Instrument]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryOrderStore:
+    """``OrderStore`` in memory, for backtests and unit tests."""
+
+    def __init__(self) -> None:
+        self.orders: dict[str, OrderRow] = {}
+        self.by_request: dict[str, str] = {}
+        self.tags: set[str] = set()
+        self.events: list[EventRow] = []
+        self.fills: dict[tuple[str, str, str], FillRow] = {}
+        self.brackets: dict[str, BracketRow] = {}
+        self.risk: list[RiskEventRow] = []
+        self.instruments: dict[str, Instrument] = {}
+        self.transactions = 0
+
+    def migrate(self) -> list[str]:
+        return []
+
+    def write(self, changes: Changes) -> dict[str, OrderRow]:
+        conflicts: dict[str, OrderRow] = {}
+        skipped: set[str] = set()
+        new_rows: list[OrderRow] = []
+        staged_tags: set[str] = set()
+        staged_requests: set[str] = set()
+        for row in changes.new_orders:
+            if row.parent_id and row.parent_id in skipped:
+                skipped.add(row.order_id)
+                continue
+            existing = self.by_request.get(row.request_id)
+            if existing is not None or row.request_id in staged_requests:
+                if existing is not None:
+                    conflicts[row.request_id] = copy.copy(self.orders[existing])
+                skipped.add(row.order_id)
+                continue
+            if row.client_tag in self.tags or row.client_tag in staged_tags:
+                raise LedgerError(f"duplicate client_tag {row.client_tag}")
+            staged_tags.add(row.client_tag)
+            staged_requests.add(row.request_id)
+            new_rows.append(row)
+        known = set(self.orders) | {r.order_id for r in new_rows}
+        for ev in changes.events:
+            if ev.order_id not in skipped and ev.order_id not in known:
+                raise LedgerError(f"event for unknown order {ev.order_id}")
+        for f in changes.fills:
+            if f.order_id not in skipped and f.order_id not in known:
+                raise LedgerError(f"fill for unknown order {f.order_id}")
+        # all checks passed: apply (all or nothing, like a transaction)
+        for row in new_rows:
+            self.orders[row.order_id] = copy.copy(row)
+            self.by_request[row.request_id] = row.order_id
+            self.tags.add(row.client_tag)
+        for oid, row in changes.updated.items():
+            if oid in skipped or oid not in self.orders:
+                continue
+            self.orders[oid] = copy.copy(row)
+        self.events.extend(copy.copy(ev) for ev in changes.events if ev.order_id not in skipped)
+        for f in changes.fills:
+            if f.order_id in skipped:
+                continue
+            self.fills.setdefault((f.broker, f.trading_day, f.trade_id), copy.copy(f))
+        for b in changes.brackets.values():
+            if b.entry_id in skipped:
+                continue
+            self.brackets[b.bracket_id] = copy.copy(b)
+        seen = {r.request_id for r in self.risk if r.request_id}
+        for r in changes.risk_events:
+            if r.request_id and r.request_id in seen:
+                continue
+            seen.add(r.request_id)
+            self.risk.append(copy.copy(r))
+        self.transactions += 1
+        return conflicts
+
+    def load_orders(self, trading_day: str) -> list[OrderRow]:
+        open_brackets = {b.bracket_id for b in self.brackets.values() if b.state in BRACKET_OPEN}
+        out = [copy.copy(o) for o in self.orders.values()
+               if o.trading_day == trading_day or o.status not in TERMINAL or o.bracket_id in open_brackets]
+        out.sort(key=lambda o: o.created_ns)
+        return out
+
+    def load_open_brackets(self) -> list[BracketRow]:
+        return [copy.copy(b) for b in self.brackets.values() if b.state in BRACKET_OPEN]
+
+    def load_fills(self, trading_day: str) -> list[FillRow]:
+        return [copy.copy(f) for f in self.fills.values() if f.trading_day == trading_day]
+
+    def find_by_request_ids(self, request_ids: Iterable[str]) -> dict[str, OrderRow]:
+        out = {}
+        for rid in request_ids:
+            oid = self.by_request.get(rid)
+            if oid is not None:
+                out[rid] = copy.copy(self.orders[oid])
+        return out
+
+    def query_orders(self, q: OrderQuery) -> list[tuple[OrderRow, list[FillRow]]]:
+        rows = [o for o in self.orders.values()
+                if (not q.status or o.status == q.status.upper())
+                and (not q.symbol or o.symbol.upper() == q.symbol.upper())
+                and (not q.strategy_id or o.strategy_id == q.strategy_id)
+                and (not q.trading_day or o.trading_day == q.trading_day)]
+        rows.sort(key=lambda o: o.created_ns, reverse=True)
+        rows = rows[: q.limit]
+        by_order: dict[str, list[FillRow]] = {}
+        for f in self.fills.values():
+            by_order.setdefault(f.order_id, []).append(copy.copy(f))
+        return [(copy.copy(o), sorted(by_order.get(o.order_id, []), key=lambda f: f.ts_ns)) for o in rows]
+
+    def events_for(self, order_id: str) -> list[EventRow]:
+        return [copy.copy(e) for e in self.events if e.order_id == order_id]
+
+    def risk_events(self, trading_day: str) -> list[RiskEventRow]:
+        return [copy.copy(r) for r in self.risk if r.trading_day == trading_day]
+
+    def replace_instruments(self, instruments: Iterable[Instrument]) -> int:
+        self.instruments = {i.key: i for i in instruments}
+        return len(self.instruments)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,237 @@
+"""The ledger on real PostgreSQL: migrations, idempotency, unique keys, append-only events,
+the same behaviour from the in-memory store, the engine on top of it, and the embedded
+server surviving kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from libs.common.messages import COMPLETE, OPEN, PENDING_BROKER, REJECTED
+from services.execution.ledger import PgOrderStore
+from services.execution.model import (
+    Changes,
+    EventRow,
+    FillRow,
+    OrderQuery,
+    OrderRow,
+    RiskEventRow,
+    new_client_tag,
+    new_id,
+)
+from services.execution.store import LedgerError, MemoryOrderStore, OrderStore
+from tests.helpers import eventually
+from tests.unit.test_engine import Harness, execute, fills_sum, legs
+
+DAY = "2025-11-21"
+NS = 1_763_700_000_000_000_000
+
+
+def order(rid: str, **kw: object) -> OrderRow:
+    base = dict(order_id=new_id(), request_id=rid, client_tag=new_client_tag(), strategy_id="s1", segment="nse_cm",
+                token="2885", symbol="RELIANCE-EQ", side="BUY", order_type="LIMIT", product="MIS", quantity=10,
+                price=Decimal("1290.50"), status=PENDING_BROKER, trading_day=DAY, created_ns=NS, updated_ns=NS)
+    base.update(kw)
+    return OrderRow(**base)  # type: ignore[arg-type]
+
+
+def pending(o: OrderRow) -> Changes:
+    return Changes(new_orders=[o], events=[EventRow(o.order_id, "PENDING", "", o.status, NS, {"p": 1})])
+
+
+@pytest.fixture(params=["memory", "pg"])
+def store(request: pytest.FixtureRequest) -> Iterator[OrderStore]:
+    if request.param == "memory":
+        yield MemoryOrderStore()
+        return
+    s = PgOrderStore(request.getfixturevalue("pg_url"))
+    yield s
+    s.close()
+
+
+def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
+    s = PgOrderStore(empty_pg_url)
+    assert s.migrate() == ["0001_ledger"]
+    assert s.migrate() == []
+    with psycopg.connect(empty_pg_url) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+    assert {"order_ledger", "order_events", "fills", "brackets", "instrument_master", "risk_events",
+            "schema_migrations"} <= tables
+    assert versions == ["0001_ledger"]
+    s.close()
+
+
+def test_a_repeated_request_id_returns_the_existing_row_and_writes_nothing(store: OrderStore) -> None:
+    first = order("req-1")
+    assert store.write(pending(first)) == {}
+    again = order("req-1", quantity=99)
+    conflicts = store.write(pending(again))
+    assert conflicts["req-1"].order_id == first.order_id and conflicts["req-1"].quantity == 10
+    assert [e.kind for e in store.events_for(first.order_id)] == ["PENDING"]
+    assert store.events_for(again.order_id) == []
+    assert len(store.query_orders(OrderQuery())) == 1
+
+
+def test_client_tag_is_unique(store: OrderStore) -> None:
+    a = order("a")
+    store.write(pending(a))
+    with pytest.raises(LedgerError):
+        store.write(pending(order("b", client_tag=a.client_tag)))
+    assert [o.request_id for o, _ in store.query_orders(OrderQuery())] == ["a"]
+
+
+def test_fills_are_unique_per_broker_trade_id_and_day(store: OrderStore) -> None:
+    o = order("f")
+    store.write(pending(o))
+    fill = FillRow(trade_id="T1", order_id=o.order_id, broker_order_id="B1", strategy_id="s1", segment="nse_cm",
+                   token="2885", symbol="RELIANCE-EQ", side="BUY", quantity=4, price=Decimal("1290.45"), ts_ns=NS,
+                   trading_day=DAY)
+    store.write(Changes(fills=[fill]))
+    store.write(Changes(fills=[fill]))
+    [(row, fills)] = store.query_orders(OrderQuery())
+    assert [(f.trade_id, f.quantity, f.price) for f in fills] == [("T1", 4, Decimal("1290.45"))]
+    assert len(store.load_fills(DAY)) == 1
+
+
+def test_updates_events_and_reload(store: OrderStore) -> None:
+    o = order("u")
+    store.write(pending(o))
+    o.status, o.broker_order_id, o.filled_qty, o.avg_price = COMPLETE, "B9", 10, Decimal("1290.1234567")
+    store.write(Changes(updated={o.order_id: o}, events=[EventRow(o.order_id, "COMPLETE", OPEN, COMPLETE, NS)]))
+    [loaded] = store.load_orders(DAY)
+    assert (loaded.status, loaded.broker_order_id, loaded.avg_price) == (COMPLETE, "B9", Decimal("1290.1234567"))
+    assert [e.kind for e in store.events_for(o.order_id)] == ["PENDING", "COMPLETE"]
+    assert store.load_orders("2025-11-24") == []  # terminal rows of another day stay in the ledger
+    assert store.query_orders(OrderQuery(status="complete", symbol="reliance-eq"))[0][0].order_id == o.order_id
+    assert store.query_orders(OrderQuery(strategy_id="other")) == []
+
+
+def test_risk_events_are_stored_once_per_request_id(store: OrderStore) -> None:
+    ev = RiskEventRow(event="kill_switch_on", reason="manual", source="cli", ts_ns=NS, trading_day=DAY,
+                      data={"kill_switch": True}, request_id="ks-1")
+    store.write(Changes(risk_events=[ev]))
+    store.write(Changes(risk_events=[ev]))
+    [got] = store.risk_events(DAY)
+    assert (got.event, got.data) == ("kill_switch_on", {"kill_switch": True})
+
+
+def test_order_events_are_append_only(pg_url: str) -> None:
+    s = PgOrderStore(pg_url)
+    o = order("e")
+    s.write(pending(o))
+    with psycopg.connect(pg_url) as conn, pytest.raises(psycopg.errors.RaiseException):
+        conn.execute("UPDATE order_events SET kind = 'X'")
+    with psycopg.connect(pg_url) as conn:
+        kinds = [r[0] for r in conn.execute("SELECT kind FROM order_events")]
+        types = conn.execute("SELECT pg_typeof(price)::text, pg_typeof(internal_id)::text FROM order_ledger").fetchone()
+    assert kinds == ["PENDING"] and types == ("numeric", "uuid")
+    s.close()
+
+
+def test_engine_on_postgres_lifecycle_slicing_and_bracket_restart(pg_url: str, tmp_path: Path) -> None:
+    journal = tmp_path / "paper.jsonl"
+    store = PgOrderStore(pg_url)
+    h = Harness(store=store, journal=journal)
+    h.tick("NIFTY26NOVFUT", 25950.0, bid=25949.9, ask=25950.1)
+    [sliced] = h.submit(execute("NIFTY26NOVFUT", qty=3750, price="25960.00"))
+    h.tick("RELIANCE-EQ", 1300.0, bid=1299.9, ask=1300.1)
+    [entry] = h.submit(execute(qty=10, price="1295.00", stop_loss=Decimal("1280.00"), target=Decimal("1320.00")))
+    h.tick("RELIANCE-EQ", 1294.0, bid=1293.9, ask=1294.0)
+    assert [x.status for x in legs(h, "STOP")] == [OPEN]
+    h.broker.close()
+    store.close()
+
+    store2 = PgOrderStore(pg_url)
+    h2 = Harness(store=store2, journal=journal, clock=h.clock)
+    h2.tick("RELIANCE-EQ", 1321.0, bid=1320.9, ask=1321.1)
+
+    assert [x.status for x in legs(h2, "TARGET")] == [COMPLETE]
+    assert [x.status for x in legs(h2, "STOP")] == ["CANCELLED"]
+    assert h2.position() == 0 == fills_sum(h2)
+    assert h2.position("NIFTY26NOVFUT") == 3750 == fills_sum(h2, "NIFTY26NOVFUT")
+    with psycopg.connect(pg_url) as conn:
+        kids = conn.execute("SELECT quantity FROM order_ledger WHERE parent_id = %s ORDER BY quantity DESC",
+                            (sliced.order_id,)).fetchall()
+        bracket = conn.execute("SELECT state, entry_filled, exit_filled FROM brackets").fetchone()
+        dup_tags = conn.execute("SELECT count(*) - count(DISTINCT client_tag) FROM order_ledger").fetchone()
+    assert [k[0] for k in kids] == [1800, 1800, 150]
+    assert bracket == ("CLOSED", 10, 10)
+    assert dup_tags == (0,)
+    assert h2.engine.orders[entry.order_id].status == COMPLETE
+    store2.close()
+
+
+def test_a_ledger_outage_refuses_orders_instead_of_sending_them(pg_url: str) -> None:
+    store = PgOrderStore(pg_url)
+    h = Harness(store=store)
+    h.tick("RELIANCE-EQ", 1295.0, bid=1294.9, ask=1295.1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    [res] = h.submit(execute(price="1290.00"))  # the broken connection fails this write
+    if not res.ok:
+        assert res.code == "ledger" and h.broker.places == 0
+    [res2] = h.submit(execute(price="1290.00"))  # and the store reconnects for the next one
+    assert res2.ok and h.engine.orders[res2.order_id].status == OPEN
+    store.close()
+
+
+# ---------------------------------------------------------------------------- embedded server
+
+_EMBEDDED = """
+import sys, time
+from pathlib import Path
+from services.execution.embedded_pg import start_embedded
+db = start_embedded(Path(sys.argv[1]))
+print("READY", db.server.get_pid(), round(db.startup_ms), flush=True)
+if sys.argv[2] == "hang":
+    time.sleep(60)
+"""
+
+
+def _run_embedded(pgdata: Path, mode: str) -> subprocess.Popen[str]:
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.Popen([sys.executable, "-c", _EMBEDDED, str(pgdata), mode], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+def _ready(proc: subprocess.Popen[str]) -> int:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("READY"):
+            return int(line.split()[1])
+    raise AssertionError(f"embedded server did not start (rc={proc.wait()})")
+
+
+def test_embedded_server_survives_kill_9_of_its_owner_and_of_postgres(tmp_path: Path) -> None:
+    pgdata = tmp_path / "pgdata"
+    owner = _run_embedded(pgdata, "hang")
+    pid1 = _ready(owner)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    again = _run_embedded(pgdata, "hang")
+    assert _ready(again) == pid1  # the server left running is reused
+    os.kill(pid1, signal.SIGKILL)  # now postgres itself dies hard
+    again.send_signal(signal.SIGKILL)
+    again.wait()
+    third = _run_embedded(pgdata, "exit")
+    pid3 = _ready(third)
+    assert pid3 != pid1 and third.wait(timeout=30) == 0
+
+    def stopped() -> bool:
+        try:
+            os.kill(pid3, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid3}/status").read_text().count("zombie") > 0
+
+    eventually(stopped, timeout=10, message="the last owner's clean exit to stop the embedded server")
