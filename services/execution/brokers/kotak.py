@@ -1,0 +1,612 @@
+"""``KotakBroker``: the Broker contract (brokers/base.py) on Kotak Neo's official SDK.
+
+Every call is synchronous and blocking; execution runs them in its thread pool (``inline`` is
+False). One ``NeoAPI`` client is shared by all pool threads (httpx is thread-safe); its login
+state is mutable, so logins happen under a lock that new calls wait on. The wire rules live
+in ``kotak_protocol.py``; the facts behind them in docs/kotak-rest.md.
+
+Decisions a reviewer should know about
+--------------------------------------
+* **Session.** TOTP login (code from ``kotak.totp_secret``) then MPIN validate, lazily on the
+  first call or explicitly with ``login()``. When a reply says the session is gone (403
+  ``100022``, "Authentication Failed", the SDK's "Complete the 2fa process", ...) the broker
+  logs in once more and repeats the call once. Credentials the broker refuses are not retried
+  on their own (``KotakLoginError`` until ``login()`` is called): repeated wrong MPINs lock the
+  account. A refused TOTP is retried once with the next 30 s code (window edge or reuse).
+* **place_order is never re-sent blindly.** A timeout, a non-JSON reply, a 5xx or any reply
+  we cannot read raises ``BrokerUnknown``: the order may be live, and reconciliation finds it
+  by ``client_tag`` (= the SDK's ``tag``, echoed as ``GuiOrdId``). The one exception is an
+  expired session: Kotak checks the session before it looks at the order and answers with an
+  explicit refusal (403 ``100022``), and the SDK's own "not logged in" answer means nothing
+  was sent. Only then do we log in again, check the order book for the tag (belt and braces:
+  if it is there, that is the ack), and place it once more. Nothing else leads to a second
+  send, and a second refusal is final (``BrokerRejected``).
+* **A reply counts as a refusal only when it carries a broker code** (``stCode`` that is not
+  5xx). A body without one (a gateway's JSON, an unknown shape) is "unknown" for a place: an
+  order wrongly called rejected could stay live at the broker unwatched, while one wrongly
+  called unknown costs one reconciliation.
+* **Rate limits.** ``execution.orders_per_sec`` for place/modify/cancel and
+  ``execution.requests_per_sec`` for every request (logins included). Callers block for a
+  token; a token is held for the whole call and comes back one second after the call ended
+  (ratelimit.py), so Kotak never counts more than the limit in any second, jitter or not. A
+  429 on a place is a refusal (not placed): ``BrokerRejected``.
+* **Order shapes.** Only LIMIT (``L``) and stop-limit (``SL``) are sent; market and SL-M
+  intents are refused locally (Kotak rejects them from API sessions, and execution turns market
+  intent into a protected limit before it gets here). Prices go as strings with the tick's
+  decimals, checked against the instrument master when it knows the instrument.
+* **Status source: polling.** ``drain_events()`` reads the order book every call (and the trade
+  book when a filled quantity moved) and returns what changed. The SDK's order feed
+  (``create_order_feed``) is left out: it can be pointed at a local URL, but no fake here
+  serves its ``/realtime`` protocol, so it could not be tested, and the books stay the
+  source of truth either way (the feed does not replay gaps).
+* **Logout** (``logout()``, or ``logout_if_due()`` which the service calls periodically) only
+  clears the SDK's tokens: in SDK 3.0.9 ``logout()`` does not call the server, and Kotak ends
+  sessions itself at the end of the day. After it, calls raise ``BrokerTemporary`` for the
+  rest of that trading day unless ``login()`` is called again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pyotp
+
+from libs.common.clock import IST, Clock, trading_day
+from libs.common.config import ExecutionConfig, KotakConfig
+from libs.common.instruments import Instrument, MasterData
+from libs.common.log import get_logger
+from libs.common.sdk import import_sdk
+from services.execution.brokers.base import (
+    BrokerAck,
+    BrokerError,
+    BrokerOrder,
+    BrokerOrderStatus,
+    BrokerRejected,
+    BrokerTemporary,
+    BrokerTrade,
+    BrokerUnknown,
+)
+from services.execution.brokers.kotak_protocol import (
+    MAYBE_DONE,
+    Kind,
+    OrderRefused,
+    Verdict,
+    classify,
+    order_status,
+    place_args,
+    price_text,
+    rows,
+    trade,
+)
+from services.execution.brokers.ratelimit import RateLimiter
+
+BrokerEvent = BrokerOrderStatus | BrokerTrade
+SFEED_DEFAULT_URL = "wss://sfeed.kotaksecurities.com/apifeed"
+_TOTP_REFUSED_WORDS = ("totp", "otp")
+
+
+class KotakLoginError(BrokerTemporary):
+    """Kotak refused our credentials (or some are missing). Not retried automatically:
+    repeated wrong MPINs lock the account. Fix the config, then call ``login()``."""
+
+
+class PinnedOriginTransport(httpx.HTTPTransport):
+    """Sends every request to one origin, keeping path and query (sandbox/test mode).
+
+    The SDK hard-codes its login host and its config-service host; with this transport
+    (``NeoAPI(transport=...)``) nothing it sends can leave for anywhere but ``origin``. A custom
+    transport also turns off httpx's proxy-from-environment handling, so a proxy cannot
+    bypass the pin."""
+
+    def __init__(self, origin: str) -> None:
+        super().__init__()
+        self._target = httpx.URL(origin)
+        if self._target.scheme not in {"http", "https"} or not self._target.host:
+            raise ValueError(f"kotak.base_url must be an http(s) origin, got {origin!r}")
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        t = self._target
+        request.url = request.url.copy_with(scheme=t.scheme, host=t.host, port=t.port)
+        request.headers["Host"] = t.netloc.decode("ascii")
+        return super().handle_request(request)
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    status: str
+    filled: int
+    avg: Decimal | None
+    reason: str
+
+
+def _mobile(number: str) -> str:
+    digits = number.strip().replace(" ", "")
+    if digits.isdigit() and len(digits) == 10:
+        return "+91" + digits
+    if digits.isdigit() and len(digits) == 12 and digits.startswith("91"):
+        return "+" + digits
+    return digits
+
+
+def _hhmm(text: str) -> tuple[int, int]:
+    try:
+        hh, mm = (int(x) for x in text.strip().split(":"))
+    except ValueError:
+        raise ValueError(f"execution.logout_at must look like 15:45, got {text!r}") from None
+    return hh, mm
+
+
+class KotakBroker:
+    """Implements ``brokers.base.Broker`` against Kotak Neo (or the fake, via ``kotak.base_url``)."""
+
+    name = "kotak"
+    inline = False  # blocking HTTP: execution calls it from its thread pool
+
+    def __init__(self, kotak: KotakConfig, execution: ExecutionConfig, master: MasterData | None = None,
+                 clock: Clock | None = None, log: Any = None) -> None:  # fmt: skip
+        if kotak.environment != "prod":
+            # In "uat" the SDK ignores the validate reply's baseUrl, so nothing could be pinned.
+            raise ValueError(f"kotak.environment must be 'prod', got {kotak.environment!r}")
+        sdk = import_sdk()
+        self.cfg = kotak
+        self.execution = execution
+        self.master = master
+        self.clock = clock or Clock()
+        self.log = log or get_logger("execution.kotak")
+        self.sandbox = bool(kotak.base_url)
+        # After a place of unknown outcome, how long the book may still lack the order.
+        self.book_lag_s = max(30.0, 3 * execution.broker_timeout_s)
+        self._logout_at = _hhmm(execution.logout_at)
+        self._client = sdk.NeoAPI(
+            consumer_key=kotak.consumer_key, environment=kotak.environment,
+            timeout=execution.broker_timeout_s,
+            transport=PinnedOriginTransport(kotak.base_url) if self.sandbox else None,
+        )  # fmt: skip
+        self.orders_limiter = RateLimiter(execution.orders_per_sec, name="orders")
+        self.requests_limiter = RateLimiter(execution.requests_per_sec, name="requests")
+        self._session_lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self._session_gen = 0
+        self._logged_in = False
+        self._login_error: KotakLoginError | None = None
+        self._logged_out_day = ""
+        self._seen: dict[str, _Seen] = {}
+        self._seen_trades: set[str] = set()
+        self._traded_qty: dict[str, int] = {}
+        self._book_filled: dict[str, int] = {}
+        self._seen_day = trading_day(self.clock)
+
+    # ------------------------------------------------------------------ session
+
+    def login(self) -> None:
+        """Log in now (TOTP + MPIN). Clears a previous credential refusal or day logout."""
+        with self._session_lock:
+            self._login_error = None
+            self._logged_out_day = ""
+            self._login_locked()
+
+    @property
+    def logged_in(self) -> bool:
+        return self._logged_in
+
+    def logout(self) -> None:
+        """End of day: drop the session tokens. Calls fail until ``login()`` or the next day."""
+        with self._session_lock:
+            if self._logged_in:
+                self._client.logout()  # local only in SDK 3.0.9: clears edit_token/edit_sid
+            self._logged_in = False
+            self._logged_out_day = trading_day(self.clock)
+        self.log.info("kotak_logout", day=self._logged_out_day)
+
+    def logout_if_due(self) -> bool:
+        """Log out once per day at ``execution.logout_at`` (IST). Returns True when it did."""
+        now = self.clock.now(IST)
+        hh, mm = self._logout_at
+        today = now.strftime("%Y-%m-%d")
+        if (now.hour, now.minute) < (hh, mm) or self._logged_out_day == today:
+            return False
+        self.logout()
+        return True
+
+    def _session(self) -> int:
+        """Wait out a login in progress; log in if needed. Returns the session generation."""
+        with self._session_lock:
+            if self._login_error is not None:
+                raise self._login_error
+            if self._logged_out_day and self._logged_out_day == trading_day(self.clock):
+                raise BrokerTemporary(f"logged out for the day at {self.execution.logout_at}; "
+                                      "call login() to trade again")  # fmt: skip
+            if not self._logged_in:
+                self._login_locked()
+            return self._session_gen
+
+    def _relogin(self, seen_gen: int, why: str) -> None:
+        """Log in again unless another thread already did since ``seen_gen``."""
+        with self._session_lock:
+            if self._login_error is not None:
+                raise self._login_error
+            if self._session_gen != seen_gen and self._logged_in:
+                return
+            self.log.warning("kotak_session_expired", reason=why)
+            self._logged_in = False
+            self._login_locked()
+
+    def _login_locked(self) -> None:
+        c = self.cfg
+        missing = [f"kotak.{k}" for k in ("consumer_key", "mobile", "ucc", "mpin", "totp_secret")
+                   if not getattr(c, k)]  # fmt: skip
+        if missing:
+            self._login_error = KotakLoginError(f"Kotak credentials missing: {', '.join(missing)}")
+            raise self._login_error
+        try:
+            totp = pyotp.TOTP(c.totp_secret.replace(" ", "").upper())
+            totp.now()
+        except Exception:  # noqa: BLE001 - pyotp raises binascii/ValueError/TypeError for bad secrets
+            self._login_error = KotakLoginError("kotak.totp_secret is not a valid base32 TOTP secret")
+            raise self._login_error from None
+        view = self._totp_login(totp)
+        if view is not None and self._is_totp_refusal(view):
+            # The code may have been at the edge of its window, or already used: next window.
+            self._wait_next_totp_window(totp)
+            view = self._totp_login(totp)
+        if view is not None:
+            self._refuse_login("TOTP login", view)
+        try:
+            with self.requests_limiter.hold(2):  # validate also fetches the SDK's dynamic config
+                reply = self._client.totp_validate(mpin=c.mpin)
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on transport errors
+            raise BrokerTemporary(f"Kotak MPIN validate failed: {_reason(exc)}") from None
+        data = reply.get("data") if isinstance(reply, dict) else None
+        if not (isinstance(data, dict) and data.get("kType") == "Trade" and data.get("status") == "success"):
+            self._refuse_login("MPIN validate", reply)
+        self._session_gen += 1
+        self._logged_in = True
+        self._login_error = None
+        self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox)
+
+    def _totp_login(self, totp: pyotp.TOTP) -> Any:
+        """Returns None on success, else the reply."""
+        if totp.interval - time.time() % totp.interval < 2:
+            self._wait_next_totp_window(totp)  # a code about to expire may arrive stale
+        counter = int(time.time() // totp.interval)
+        try:
+            with self.requests_limiter.hold():
+                reply = self._client.totp_login(mobile_number=_mobile(self.cfg.mobile), ucc=self.cfg.ucc,
+                                                totp=totp.at(counter * totp.interval))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on transport errors
+            raise BrokerTemporary(f"Kotak TOTP login failed: {_reason(exc)}") from None
+        data = reply.get("data") if isinstance(reply, dict) else None
+        if isinstance(data, dict) and data.get("kType") == "View":
+            return None
+        return reply
+
+    @staticmethod
+    def _wait_next_totp_window(totp: pyotp.TOTP) -> None:
+        time.sleep(totp.interval - time.time() % totp.interval + 0.05)
+
+    @staticmethod
+    def _is_totp_refusal(reply: Any) -> bool:
+        verdict = classify(reply)
+        return any(w in verdict.reason.lower() for w in _TOTP_REFUSED_WORDS)
+
+    def _refuse_login(self, step: str, reply: Any) -> None:
+        verdict = classify(reply)
+        if verdict.kind in MAYBE_DONE or verdict.kind is Kind.RATE_LIMITED:
+            raise BrokerTemporary(f"Kotak {step} failed: {verdict.reason}", raw=_safe(reply))
+        self._login_error = KotakLoginError(f"Kotak {step} refused: {verdict.reason or 'no reason given'}",
+                                            raw=_safe(reply))  # fmt: skip
+        self.log.error("kotak_login_refused", step=step, reason=verdict.reason)
+        raise self._login_error
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, call: Callable[[], Any], *, order: bool) -> tuple[Verdict, Any, int]:
+        """One SDK call under the rate limits and the session gate."""
+        gen = self._session()  # before taking tokens: a login needs request tokens itself
+        with self.orders_limiter.hold() if order else contextlib.nullcontext(), self.requests_limiter.hold():
+            try:
+                reply = call()
+            except Exception as exc:  # noqa: BLE001 - the SDK should not raise; treat it as its error dict
+                reply = {"Error": exc}
+        return classify(reply), reply, gen
+
+    def _request(self, what: str, call: Callable[[], Any], *, order: bool = False) -> tuple[Verdict, Any]:
+        """A call that is safe to repeat: on an expired session, log in again and repeat once."""
+        verdict, reply, gen = self._send(call, order=order)
+        if verdict.kind is Kind.SESSION:
+            self._relogin(gen, f"{what}: {verdict.reason}")
+            verdict, reply, _ = self._send(call, order=order)
+            if verdict.kind is Kind.SESSION:
+                raise BrokerTemporary(f"{what}: session refused again after re-login: {verdict.reason}",
+                                      raw=_safe(reply))  # fmt: skip
+        return verdict, reply
+
+    def _instrument(self, segment: str, token: str) -> Instrument | None:
+        return self.master.get(segment, token) if self.master is not None else None
+
+    # ------------------------------------------------------------------ Broker: orders
+
+    def place(self, order: BrokerOrder) -> BrokerAck:
+        try:
+            args = place_args(order, self._instrument(order.segment, order.token))
+        except OrderRefused as exc:
+            raise BrokerRejected(f"refused before sending: {exc}") from None
+
+        def send() -> Any:
+            return self._client.place_order(**args)
+
+        try:
+            verdict, reply, gen = self._send(send, order=True)
+        except BrokerError as exc:  # no session and none to be had: nothing was sent
+            raise BrokerRejected(f"not sent: {exc.reason}", raw=exc.raw) from None
+        if verdict.kind is Kind.SESSION:
+            verdict, reply = self._place_after_session_refusal(order, send, gen, verdict)
+            if isinstance(reply, BrokerAck):
+                return reply
+        return self._place_outcome(order, verdict, reply)
+
+    def _place_after_session_refusal(self, order: BrokerOrder, send: Callable[[], Any], gen: int,
+                                     refusal: Verdict) -> tuple[Verdict, Any]:  # fmt: skip
+        """The broker said the session is invalid, so it did not take the order. Log in again;
+        if the tag is (unexpectedly) in the book, that order is the ack; otherwise send once more."""
+        tag = order.client_tag
+        self.log.warning("kotak_place_session_refused", client_tag=tag, reason=refusal.reason)
+        try:
+            self._relogin(gen, f"place_order: {refusal.reason}")
+            existing = self.find_by_tag(tag)
+        except BrokerError as exc:
+            raise BrokerRejected(f"not placed: session expired ({refusal.reason}) and could not be "
+                                 f"restored: {exc.reason}") from None  # fmt: skip
+        if existing is not None:
+            self.log.warning("kotak_place_found_after_refusal", client_tag=tag,
+                             broker_order_id=existing.broker_order_id)  # fmt: skip
+            return Verdict(Kind.OK), BrokerAck(broker_order_id=existing.broker_order_id, raw=existing.raw)
+        try:
+            verdict, reply, _ = self._send(send, order=True)
+        except BrokerError as exc:
+            raise BrokerRejected(f"not sent: {exc.reason}", raw=exc.raw) from None
+        if verdict.kind is Kind.SESSION:
+            raise BrokerRejected(f"not placed: session refused again after re-login: {verdict.reason}",
+                                 raw=_safe(reply))  # fmt: skip
+        return verdict, reply
+
+    def _place_outcome(self, order: BrokerOrder, verdict: Verdict, reply: Any) -> BrokerAck:
+        tag = order.client_tag
+        if verdict.kind is Kind.OK:
+            order_no = str(reply.get("nOrdNo") or "").strip()
+            if order_no:
+                self.log.info("kotak_place_ack", client_tag=tag, broker_order_id=order_no)
+                return BrokerAck(broker_order_id=order_no, raw=_safe(reply))
+            raise BrokerUnknown(f"place_order said Ok without an order number: {reply!r}", raw=_safe(reply))
+        if verdict.kind in MAYBE_DONE or verdict.kind is Kind.EMPTY:
+            self.log.error("kotak_place_unknown", client_tag=tag, kind=str(verdict.kind),
+                           reason=verdict.reason)  # fmt: skip
+            raise BrokerUnknown(f"place_order outcome unknown ({verdict.kind}): {verdict.reason}",
+                                raw=_safe(reply))  # fmt: skip
+        if verdict.kind is Kind.RATE_LIMITED:
+            reason = f"not placed: broker rate limit ({verdict.reason})"
+        else:  # REFUSED, INVALID
+            reason = verdict.reason
+        self.log.warning("kotak_place_rejected", client_tag=tag, reason=reason, code=verdict.code)
+        raise BrokerRejected(reason, raw=_safe(reply))
+
+    def cancel(self, broker_order_id: str) -> None:
+        verdict, reply = self._request(
+            "cancel_order", lambda: self._client.cancel_order(order_id=broker_order_id), order=True
+        )
+        self._order_call_outcome("cancel", broker_order_id, verdict, reply)
+
+    def modify(self, broker_order_id: str, *, quantity: int | None = None, price: Decimal | None = None,
+               trigger_price: Decimal | None = None) -> None:  # fmt: skip
+        """Kotak's modify takes the whole order (price, type, quantity, validity, trigger), so the
+        current row is read first and only the given fields change. ``quantity`` is the new
+        total (it must cover what is already filled)."""
+        current = self._order_row(broker_order_id)
+        if current is None:
+            raise BrokerRejected(f"order {broker_order_id} is not in the order book")
+        status = order_status(current)
+        if status.status in {"COMPLETE", "REJECTED", "CANCELLED"}:
+            raise BrokerRejected(f"order {broker_order_id} is already {status.status}", raw=current)
+        pt = str(current.get("prcTp") or "L")
+        if pt not in {"L", "SL"}:
+            raise BrokerRejected(f"order {broker_order_id} has type {pt}; only L and SL are modified")
+        inst = self._instrument(str(current.get("exSeg") or ""), str(current.get("tok") or ""))
+        tick = inst.tick_size if inst is not None and inst.tick_size > 0 else _tick_of(current)
+        new_qty = status.quantity if quantity is None else quantity
+        new_price = Decimal(str(current.get("prc"))) if price is None else price
+        trigger = trigger_price
+        if pt == "SL" and trigger is None:
+            trigger = Decimal(str(current.get("trgPrc") or "0"))
+        if new_qty <= status.filled_qty:
+            raise BrokerRejected(f"quantity {new_qty} must exceed the filled quantity {status.filled_qty}")
+        for label, value in (("price", new_price), ("trigger", trigger if pt == "SL" else None)):
+            if value is not None and (value <= 0 or (tick is not None and tick > 0 and value % tick)):
+                raise BrokerRejected(f"{label} {value} is not a positive multiple of tick size {tick}")
+        args = {
+            "order_id": broker_order_id, "price": price_text(new_price, tick), "order_type": pt,
+            "quantity": str(new_qty), "validity": str(current.get("vldt") or "DAY"),
+            "trigger_price": price_text(trigger, tick) if pt == "SL" and trigger is not None else "0",
+        }  # fmt: skip
+        verdict, reply = self._request("modify_order", lambda: self._client.modify_order(**args), order=True)
+        self._order_call_outcome("modify", broker_order_id, verdict, reply)
+
+    def _order_call_outcome(self, what: str, broker_order_id: str, verdict: Verdict, reply: Any) -> None:
+        if verdict.kind is Kind.OK:
+            self.log.info(f"kotak_{what}_ok", broker_order_id=broker_order_id)
+            return
+        if verdict.kind in {Kind.REFUSED, Kind.INVALID}:
+            self.log.warning(f"kotak_{what}_rejected", broker_order_id=broker_order_id, reason=verdict.reason)
+            raise BrokerRejected(verdict.reason, raw=_safe(reply))
+        # Modify and cancel carry absolute values: repeating them is harmless.
+        raise BrokerTemporary(f"{what} {broker_order_id}: {verdict.kind}: {verdict.reason}", raw=_safe(reply))
+
+    # ------------------------------------------------------------------ Broker: books
+
+    def _book(self, what: str, call: Callable[[], Any]) -> list[dict[str, Any]]:
+        verdict, reply = self._request(what, call)
+        if verdict.kind is Kind.OK:
+            return rows(reply)
+        if verdict.kind is Kind.EMPTY:  # "No Data": an empty book, not an error
+            return []
+        raise BrokerTemporary(f"{what}: {verdict.kind}: {verdict.reason}", raw=_safe(reply))
+
+    def order_book(self) -> list[BrokerOrderStatus]:
+        """Today's orders at Kotak, newest first, mapped to our states."""
+        return [order_status(r) for r in self._book("order_report", self._client.order_report)]
+
+    def trade_book(self) -> list[BrokerTrade]:
+        """Today's fills (one row per fill; ``trade_id`` is Kotak's unique ``flId``)."""
+        out = []
+        for row in self._book("trade_report", self._client.trade_report):
+            t = trade(row)
+            if t is not None:
+                out.append(t)
+        return out
+
+    def _order_row(self, broker_order_id: str) -> dict[str, Any] | None:
+        found = self._book("order_report", lambda: self._client.order_report(order_id=broker_order_id))
+        return next((r for r in found if str(r.get("nOrdNo")) == broker_order_id), None)
+
+    def find_by_tag(self, client_tag: str) -> BrokerOrderStatus | None:
+        """The broker's order carrying ``client_tag`` (reconciliation after ``BrokerUnknown``)."""
+        key = client_tag.strip().lower()
+        matches = [s for s in self.order_book() if s.client_tag.strip().lower() == key]
+        if len(matches) > 1:
+            self.log.error("kotak_duplicate_tag", client_tag=client_tag,
+                           broker_order_ids=[m.broker_order_id for m in matches])  # fmt: skip
+        return matches[0] if matches else None
+
+    def positions(self) -> list[dict[str, Any]]:
+        """Kotak's net positions: ``segment``, ``token``, ``symbol``, ``product``, ``quantity``
+        (net, carry-forward included), ``buy_amount``, ``sell_amount`` (Decimal)."""
+        out = []
+        for r in self._book("positions", self._client.positions):
+            def q(key: str, row: dict[str, Any] = r) -> int:
+                return int(Decimal(str(row.get(key) or "0")))
+
+            net = q("cfBuyQty") + q("flBuyQty") - q("cfSellQty") - q("flSellQty")
+            def amount(key: str, row: dict[str, Any] = r) -> Decimal:
+                return Decimal(str(row.get(key) or "0"))
+
+            out.append({
+                "segment": r.get("exSeg"), "token": str(r.get("tok")), "symbol": r.get("trdSym"),
+                "product": r.get("prod"), "quantity": net,
+                "buy_amount": amount("buyAmt") + amount("cfBuyAmt"),
+                "sell_amount": amount("sellAmt") + amount("cfSellAmt"),
+            })  # fmt: skip
+        return out
+
+    # ------------------------------------------------------------------ status polling
+
+    def drain_events(self) -> list[BrokerEvent]:
+        """Poll Kotak and return what changed since the previous call: new fills
+        (``BrokerTrade``) first, then order rows whose status, filled quantity, average price
+        or reason moved (``BrokerOrderStatus``). The first call returns the whole day.
+
+        Same meaning as ``PaperBroker.drain_events``, but blocking (one order-book request,
+        plus the trade book when a filled quantity is ahead of the fills seen): call it from
+        the pool, every second or so. ``BrokerTemporary`` means "try again next time"; nothing
+        is lost, because the next poll diffs against the same snapshot."""
+        with self._poll_lock:
+            today = trading_day(self.clock)
+            if today != self._seen_day:
+                self._seen.clear()
+                self._seen_trades.clear()
+                self._traded_qty.clear()
+                self._book_filled.clear()
+                self._seen_day = today
+            book = self.order_book()
+            for s in book:
+                self._book_filled[s.broker_order_id] = s.filled_qty
+            events: list[BrokerEvent] = []
+            if any(filled > self._traded_qty.get(oid, 0) for oid, filled in self._book_filled.items()):
+                for t in self.trade_book():
+                    if t.trade_id in self._seen_trades:
+                        continue
+                    self._seen_trades.add(t.trade_id)
+                    oid = t.broker_order_id
+                    self._traded_qty[oid] = self._traded_qty.get(oid, 0) + t.quantity
+                    events.append(t)
+            for s in reversed(book):  # oldest first
+                seen = _Seen(s.status, s.filled_qty, s.avg_price, s.reason)
+                if self._seen.get(s.broker_order_id) != seen:
+                    self._seen[s.broker_order_id] = seen
+                    events.append(s)
+            return events
+
+    # ------------------------------------------------------------------ feed lease, master
+
+    def feed_session(self) -> dict[str, str]:
+        """What the feed needs to open SFeed for this session (``GetFeedSession``):
+        ``SFeedWebSocket(url=..., user=..., auth=...)``. ``user`` is the UCC and ``auth`` the
+        session's ``edit_sid`` (docs/kotak-sfeed.md §1). No trading token is handed out."""
+        self._session()
+        conf = self._client.configuration
+        url = self.cfg.sfeed_url or conf.sfeed_websocket_url or conf.feed_url or ""
+        if not url:
+            if self.sandbox:  # never hand a sandbox session the real broker's address
+                raise BrokerTemporary("no SFeed URL for this sandbox session (set kotak.sfeed_url)")
+            url = SFEED_DEFAULT_URL
+        return {"url": str(url), "user": str(conf.ucc or self.cfg.ucc), "auth": str(conf.edit_sid or ""),
+                "issued_ns": str(self.clock.now_ns())}  # fmt: skip
+
+    def scrip_master_urls(self) -> list[str]:
+        """The day's scrip-master CSV URLs (needs only the consumer key, no login)."""
+        try:
+            with self.requests_limiter.hold():
+                reply = self._client.scrip_master()
+        except Exception as exc:  # noqa: BLE001 - the SDK may raise ApiException here
+            raise BrokerTemporary(f"scrip_master: {_reason(exc)}") from None
+        paths = reply.get("filesPaths") if isinstance(reply, dict) else None
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            verdict = classify(reply)
+            raise BrokerTemporary(f"scrip_master: {verdict.kind}: {verdict.reason}", raw=_safe(reply))
+        return list(paths)
+
+    def http_client(self) -> httpx.Client:
+        """An httpx client on the same transport rules as the SDK (pinned in sandbox mode)."""
+        transport = PinnedOriginTransport(self.cfg.base_url) if self.sandbox else None
+        return httpx.Client(transport=transport, timeout=max(30.0, self.execution.broker_timeout_s),
+                            follow_redirects=True)  # fmt: skip
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        rest = getattr(getattr(self._client, "api_client", None), "rest_client", None)
+        if rest is not None:
+            rest.close()
+
+
+def _tick_of(row: dict[str, Any]) -> Decimal | None:
+    try:
+        tick = Decimal(str(row.get("tckSz") or "0"))
+    except ArithmeticError:
+        return None
+    return tick if tick > 0 else None
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", "") or exc.__class__.__name__)
+
+
+def _safe(reply: Any) -> Any:
+    """A reply as JSON-able data for the ledger's raw payloads (exceptions become text)."""
+    if isinstance(reply, dict):
+        return {str(k): _safe(v) for k, v in reply.items()}
+    if isinstance(reply, list):
+        return [_safe(v) for v in reply]
+    if isinstance(reply, BaseException):
+        return f"{reply.__class__.__name__}: {_reason(reply)}"
+    if reply is None or isinstance(reply, (str, int, float, bool)):
+        return reply
+    return str(reply)
+
+
+__all__ = ["KotakBroker", "KotakLoginError", "PinnedOriginTransport"]

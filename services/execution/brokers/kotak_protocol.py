@@ -1,0 +1,308 @@
+"""Kotak Neo's wire shapes, as plain functions: what we send, and what each reply means.
+
+No SDK calls and no I/O here (the SDK is only imported for its exception classes), so every
+rule can be read in one place. Facts come from docs/kotak-rest.md (checked against
+``kotakneoapi`` 3.0.9): the SDK never raises for trading calls; it returns dicts whose keys
+say what happened (``Error``, ``error``, ``Error Message`` or the broker's own body).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from enum import StrEnum
+from json import JSONDecodeError
+from typing import Any
+
+from libs.common.clock import IST
+from libs.common.instruments import Instrument
+from services.execution.brokers.base import BrokerOrder, BrokerOrderStatus, BrokerTrade
+
+SEGMENTS = frozenset({"nse_cm", "bse_cm", "nse_fo", "bse_fo", "mcx_fo"})
+PRODUCTS = frozenset({"CNC", "NRML", "MIS", "MTF"})
+VALIDITIES = frozenset({"DAY", "IOC"})
+# Short and alphanumeric: Kotak echoes it as GuiOrdId but documents no length limit.
+TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
+
+ST_NO_DATA = 5203
+ST_RATE_LIMITED = 429
+# Expired or invalid session: 100022 "invalid session token" (HTTP 403), 100008
+# "unauthorized", 10020 "Authentication Failed", 900901 "Invalid Credentials".
+SESSION_CODES = frozenset({100022, 100008, 10020, 900901})
+SESSION_WORDS = ("invalid session", "session expired", "authentication failed",
+                 "invalid credentials", "unauthorized", "invalid token", "2fa")  # fmt: skip
+
+
+class Kind(StrEnum):
+    OK = "ok"
+    EMPTY = "empty"  # "No Data": an empty book
+    SESSION = "session"  # not logged in, or the session expired: nothing was done
+    RATE_LIMITED = "rate_limited"  # 429: nothing was done
+    REFUSED = "refused"  # the broker said no, with its own code and reason
+    INVALID = "invalid"  # the SDK's own validation refused it: nothing was sent
+    TRANSPORT = "transport"  # timeout / connection error: may have been done
+    UNREADABLE = "unreadable"  # reply not JSON (gateway page): may have been done
+    SERVER = "server"  # 5xx from the broker: may have been done
+    UNRECOGNISED = "unrecognised"  # a shape we do not know: may have been done
+
+
+# Outcomes after which a place_order may still have reached the broker.
+MAYBE_DONE = frozenset({Kind.TRANSPORT, Kind.UNREADABLE, Kind.SERVER, Kind.UNRECOGNISED})
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: Kind
+    reason: str = ""
+    code: int | None = None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def _exception_verdict(exc: BaseException) -> Verdict:
+    from neo_api_client.exceptions import ApiException
+
+    if isinstance(exc, JSONDecodeError):  # before ValueError: it is one
+        return Verdict(Kind.UNREADABLE, "reply is not JSON")
+    if isinstance(exc, ApiException):
+        status = _int(getattr(exc, "status", None)) or 0
+        reason = str(getattr(exc, "reason", "") or exc.__class__.__name__)
+        if 500 <= status < 600:
+            return Verdict(Kind.SERVER, f"HTTP {status}: {reason}", status)
+        return Verdict(Kind.TRANSPORT, reason, status or None)
+    if isinstance(exc, (ValueError, TypeError, KeyError)):  # ApiValueError & co: never sent
+        return Verdict(Kind.INVALID, str(exc).strip() or exc.__class__.__name__)
+    return Verdict(Kind.UNRECOGNISED, f"{exc.__class__.__name__}: {exc}")
+
+
+def _is_session_text(text: str) -> bool:
+    low = text.lower()
+    return any(word in low for word in SESSION_WORDS)
+
+
+def _coded(code: int | None, message: str) -> Verdict:
+    """A broker answer that carries a code: session, rate limit, server error or refusal."""
+    if code in SESSION_CODES or _is_session_text(message):
+        return Verdict(Kind.SESSION, message or "session expired", code)
+    if code == ST_RATE_LIMITED or "too many requests" in message.lower():
+        return Verdict(Kind.RATE_LIMITED, message or "too many requests", code)
+    if code == ST_NO_DATA or message.strip().lower() == "no data":
+        return Verdict(Kind.EMPTY, message, code)
+    if code is not None and 500 <= code < 600:
+        return Verdict(Kind.SERVER, message or f"server error {code}", code)
+    return Verdict(Kind.REFUSED, message or f"refused with code {code}", code)
+
+
+def classify(reply: Any) -> Verdict:
+    """What one SDK reply means (docs/kotak-rest.md §4, §7)."""
+    if not isinstance(reply, dict):
+        return Verdict(Kind.UNRECOGNISED, f"reply of type {type(reply).__name__}")
+    if "Error Message" in reply:  # the SDK has no session: nothing was sent
+        return Verdict(Kind.SESSION, str(reply["Error Message"]))
+    for key in ("Error", "error"):
+        if key not in reply:
+            continue
+        value = reply[key]
+        if isinstance(value, BaseException):
+            return _exception_verdict(value)
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            # {"error": [{"code": "10020", "message": "Authentication Failed"}]}
+            first = value[0]
+            return _coded(_int(first.get("code")), str(first.get("message") or ""))
+        text = str(value)
+        if "not found" in text.lower() or "not available" in text.lower():
+            return Verdict(Kind.INVALID, text)
+        return Verdict(Kind.UNREADABLE, text)
+    stat = str(reply.get("stat", "")).strip().lower()
+    code = _int(reply.get("stCode"))
+    if stat == "ok":
+        return Verdict(Kind.OK, code=code)
+    message = str(reply.get("errMsg") or reply.get("emsg") or reply.get("message") or "")
+    if code is not None or (stat == "not_ok" and _is_session_text(message)):
+        return _coded(code, message)
+    if message.strip().lower() == "no data":
+        return Verdict(Kind.EMPTY, message)
+    # No broker code: a gateway or an unknown body. Never read it as "the broker said no".
+    return Verdict(Kind.UNRECOGNISED, message or f"unrecognised reply {sorted(reply)!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+
+
+class OrderRefused(ValueError):
+    """An order we refuse to send (it would break Kotak's or the exchange's rules)."""
+
+
+def price_text(price: Decimal, tick: Decimal | None) -> str:
+    """A price as Kotak takes it: a string with the tick's decimals (at least two)."""
+    ref = tick if tick is not None and tick > 0 else price
+    exponent = ref.normalize().as_tuple().exponent
+    places = max(2, -exponent) if isinstance(exponent, int) else 2
+    return str(price.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
+
+
+def place_args(order: BrokerOrder, inst: Instrument | None) -> dict[str, str]:
+    """The keyword arguments for ``NeoAPI.place_order``; raises ``OrderRefused`` first when the
+    order cannot be legal. Only LIMIT and stop-limit reach Kotak: it refuses market and SL-M
+    orders from API sessions, and execution has already turned market intent into a
+    protected limit, so one arriving here is a bug upstream."""
+    kind = order.order_type.strip().upper()
+    if kind in {"MARKET", "MKT", "SL-M", "SLM", "SL_M", "STOP_MARKET"}:
+        raise OrderRefused(f"order type {order.order_type} is not sent to Kotak (market and SL-M "
+                           "orders are refused for API sessions; send a protected LIMIT)")  # fmt: skip
+    if kind not in {"LIMIT", "L", "SL"}:
+        raise OrderRefused(f"unknown order type {order.order_type!r}")
+    pt = "SL" if kind == "SL" else "L"
+    side = {"BUY": "B", "SELL": "S"}.get(order.side.strip().upper())
+    if side is None:
+        raise OrderRefused(f"unknown side {order.side!r}")
+    if not TAG_RE.match(order.client_tag):
+        raise OrderRefused(f"client tag {order.client_tag!r} is not 1-20 letters/digits")
+    if order.segment not in SEGMENTS:
+        raise OrderRefused(f"unknown exchange segment {order.segment!r}")
+    if order.product not in PRODUCTS:
+        raise OrderRefused(f"product {order.product!r} is not one of {', '.join(sorted(PRODUCTS))}")
+    if order.validity not in VALIDITIES:
+        raise OrderRefused(f"validity {order.validity!r} is not DAY or IOC")
+    if order.quantity <= 0:
+        raise OrderRefused(f"quantity {order.quantity} must be positive")
+    if not order.price.is_finite() or order.price <= 0:
+        raise OrderRefused(f"limit price {order.price} must be positive")
+    trigger = order.trigger_price
+    if pt == "SL":
+        if trigger is None or not trigger.is_finite() or trigger <= 0:
+            raise OrderRefused("a stop-limit order needs a positive trigger price")
+        # Exchange rule: a buy stop triggers at or below its limit, a sell stop at or above.
+        if side == "B" and trigger > order.price:
+            raise OrderRefused(f"buy stop-limit trigger {trigger} is above its limit {order.price}")
+        if side == "S" and trigger < order.price:
+            raise OrderRefused(f"sell stop-limit trigger {trigger} is below its limit {order.price}")
+    tick: Decimal | None = None
+    if inst is not None:
+        if inst.symbol != order.symbol:
+            raise OrderRefused(f"token {order.segment}|{order.token} is {inst.symbol}, not {order.symbol}")
+        if inst.lot_size > 1 and order.quantity % inst.lot_size:
+            raise OrderRefused(f"quantity {order.quantity} is not a multiple of lot size {inst.lot_size}")
+        if inst.freeze_qty and order.quantity > inst.freeze_qty:
+            raise OrderRefused(f"quantity {order.quantity} exceeds freeze quantity {inst.freeze_qty}")
+        if inst.tick_size > 0:
+            tick = inst.tick_size
+            for label, value in (("price", order.price), ("trigger", trigger if pt == "SL" else None)):
+                if value is not None and value % tick:
+                    raise OrderRefused(f"{label} {value} is not a multiple of tick size {tick}")
+    return {
+        "exchange_segment": order.segment,
+        "product": order.product,
+        "price": price_text(order.price, tick),
+        "order_type": pt,
+        "quantity": str(order.quantity),
+        "validity": order.validity,
+        "trading_symbol": order.symbol,
+        "transaction_type": side,
+        "amo": "NO",
+        "disclosed_quantity": "0",
+        "trigger_price": price_text(trigger, tick) if pt == "SL" and trigger is not None else "0",
+        "tag": order.client_tag,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Replies: order book and trade book rows
+# --------------------------------------------------------------------------------------------
+
+TERMINAL = {"complete": "COMPLETE", "rejected": "REJECTED", "cancelled": "CANCELLED"}
+# Accepted by Kotak but not yet working at the exchange.
+PRE_OPEN = frozenset({"put order req received", "validation pending", "open pending",
+                      "after market order req received"})  # fmt: skip
+# Working at the exchange (a stop waits as "trigger pending"; modify/cancel in flight).
+WORKING = frozenset({"open", "trigger pending", "modify validation pending", "modify pending",
+                     "modified", "not modified", "cancel pending", "not cancelled"})  # fmt: skip
+
+
+def _dec(value: Any) -> Decimal | None:
+    try:
+        d = Decimal(str(value).strip())
+    except (InvalidOperation, ValueError):
+        return None
+    return d if d.is_finite() else None
+
+
+def _qty(value: Any) -> int:
+    n = _int(value)
+    if n is None:
+        d = _dec(value)
+        return int(d) if d is not None else 0
+    return n
+
+
+def map_status(ord_st: str, filled: int) -> str:
+    """Kotak's ``ordSt`` → our status. There is no "partially filled" status at Kotak: a
+    partial fill is ``open`` with ``0 < fldQty``. Unknown strings stay non-terminal (ACK)."""
+    st = ord_st.strip().lower()
+    if st in TERMINAL:
+        return TERMINAL[st]
+    if st in WORKING:
+        return "PARTIAL" if filled > 0 else "OPEN"
+    return "PARTIAL" if filled > 0 else "ACK"
+
+
+def order_status(row: dict[str, Any]) -> BrokerOrderStatus:
+    filled = _qty(row.get("fldQty"))
+    reason = str(row.get("rejRsn") or "").strip()
+    avg = _dec(row.get("avgPrc")) if filled > 0 else None
+    return BrokerOrderStatus(
+        broker_order_id=str(row.get("nOrdNo") or ""),
+        client_tag=str(row.get("GuiOrdId") or ""),
+        status=map_status(str(row.get("ordSt") or ""), filled),
+        quantity=_qty(row.get("qty")),
+        filled_qty=filled,
+        avg_price=avg,
+        reason="" if reason in {"--", "NA"} else reason,
+        raw=row,
+    )
+
+
+def _trade_ts_ns(row: dict[str, Any]) -> int:
+    """Fill time: ``flDt`` + ``flTm`` (IST), else ``exTm``; 0 when neither parses."""
+    for text, fmt in ((f"{row.get('flDt', '')} {row.get('flTm', '')}", "%d-%b-%Y %H:%M:%S"),
+                      (str(row.get("exTm", "")), "%d-%b-%Y %H:%M:%S")):  # fmt: skip
+        try:
+            return int(datetime.strptime(text.strip(), fmt).replace(tzinfo=IST).timestamp()) * 1_000_000_000
+        except ValueError:
+            continue
+    return 0
+
+
+def trade(row: dict[str, Any]) -> BrokerTrade | None:
+    """One trade-book row (one fill: ``fldQty`` is this fill's quantity, ``avgPrc`` its price)."""
+    price = _dec(row.get("avgPrc"))
+    trade_id = str(row.get("flId") or "").strip()
+    if price is None or not trade_id:
+        return None
+    side = "BUY" if str(row.get("trnsTp", "")).strip().upper() in {"B", "BUY"} else "SELL"
+    return BrokerTrade(
+        trade_id=trade_id,
+        broker_order_id=str(row.get("nOrdNo") or ""),
+        client_tag=str(row.get("GuiOrdId") or ""),
+        side=side,
+        quantity=_qty(row.get("fldQty")),
+        price=price,
+        ts_ns=_trade_ts_ns(row),
+        raw=row,
+    )
+
+
+def rows(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    data = reply.get("data")
+    if not isinstance(data, list):
+        return []
+    return [r for r in data if isinstance(r, dict)]
