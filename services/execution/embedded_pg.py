@@ -47,6 +47,9 @@ class Database:
 
 
 def _pgserver() -> Any:
+    import logging
+
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import pgserver
@@ -167,7 +170,7 @@ def start_embedded(pgdata: Path, log: Any = None, cleanup_mode: str | None = "st
     _wait_connectable(url, 10.0)
     ms = (time.perf_counter() - t0) * 1000
     if log is not None:
-        log.info("embedded_pg_ready", pgdata=str(pgdata), startup_ms=round(ms, 1), pid=server.get_pid())
+        log.info("embedded_pg_ready", pgdata=str(pgdata), startup_ms=round(ms, 1), postgres_pid=server.get_pid())
     return Database(url=url, embedded=True, startup_ms=ms, server=server)
 
 

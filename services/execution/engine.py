@@ -1281,7 +1281,7 @@ class ExecutionEngine:
         return {"broker": self.broker_name, "trading_day": self.day, "open_orders": self.open_count(),
                 "open_brackets": sum(1 for b in self.brackets.values() if b.state in BRACKET_OPEN),
                 "positions": sum(1 for p in self.positions.values() if p.quantity),
-                "inflight": len(self.inflight), **self.stats}
+                "inflight": len(self.inflight), "last_prices": len(self.last), **self.stats}
 
 
 def encode_report(report: dict[str, Any]) -> Any:

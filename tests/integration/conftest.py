@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,13 +22,16 @@ TEMPLATE = "np_template"
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def pg_server() -> Iterator[Any]:
     import psycopg
 
     from services.execution.embedded_pg import start_embedded
     from services.execution.ledger import PgOrderStore
 
-    db = start_embedded(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
+    # Outside pytest's tmp tree: pytest keeps that 0700, and postgres runs as the `pgserver`
+    # user when the tests run as root, so it could not reach its own data directory.
+    parent = Path(tempfile.mkdtemp(prefix="neopulse-pg-"))
+    db = start_embedded(parent / "pgdata", cleanup_mode="delete")
     with psycopg.connect(db.url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {TEMPLATE}")
     tmpl = PgOrderStore(_with_db(db.url, TEMPLATE))
@@ -35,6 +41,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield db
     finally:
         db.close()
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def _with_db(url: str, name: str) -> str:

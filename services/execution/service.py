@@ -1,0 +1,368 @@
+"""Execution service: the ``ExecutionEngine`` wired to the bus, the ledger and a broker.
+
+* ROUTER ``execution_rep``: ``ExecuteOrder`` (answered once the ``PENDING_BROKER`` row is
+  committed; a burst is committed in one transaction), ``Flatten``, ``CancelEntries``,
+  ``GetPositions``, ``GetOrders``, ``GetDayState``, ``GetFeedSession``, ``SyncMaster``,
+  ``RecordRiskEvent``, ``GetStatus``.
+* PUB ``execution_pub``: ``order.<sid>.`` OrderUpdate, ``fill.<sid>.`` Fill,
+  ``position.<sid>.`` Position, ``alert.execution.`` Alert, ``hb.execution.``.
+* SUB feed ``tick.``: paper fills, marks, prices for market intent and flatten.
+* Broker calls: the paper broker runs inline on the loop; a real broker's calls run in a
+  ``ThreadPoolExecutor(execution.pool_workers)`` and come back via ``call_soon_threadsafe``.
+  Its order status is polled every ``STATUS_POLL_S`` from the pool.
+* Reconciliation at startup and every ``execution.reconcile_s``.
+
+``NEOPULSE_TEST_CRASH_AT`` (tests only, ignored unless set): ``after_pending`` kills the
+process with SIGKILL right after the PENDING commit and before the broker call;
+``after_broker`` right after the broker accepted an order and before the ack is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from libs.common.bus import Responder, Server
+from libs.common.clock import Clock
+from libs.common.config import Config, ConfigError
+from libs.common.instruments import MasterData
+from libs.common.messages import (
+    CancelEntries,
+    ExecuteOrder,
+    Flatten,
+    GetDayState,
+    GetFeedSession,
+    GetOrders,
+    GetPositions,
+    GetStatus,
+    Message,
+    RecordRiskEvent,
+    Reply,
+    SyncMaster,
+    Tick,
+    to_builtins,
+)
+from libs.common.service import Service
+from services.execution.embedded_pg import Database, DatabaseError, open_database
+from services.execution.engine import ExecutionEngine, Intent, PlaceIntent, run_intent
+from services.execution.ledger import PgOrderStore
+from services.execution.model import OrderQuery
+from services.execution.store import LedgerError
+
+STATUS_POLL_S = 1.0  # real brokers: order-book poll while running (the paper broker pushes)
+DUE_CHECK_S = 0.25
+CRASH_ENV = "NEOPULSE_TEST_CRASH_AT"
+
+
+def live_guard(cfg: Config, live: bool) -> str | None:
+    """Why execution must not start, or None. Real orders need ``--live`` or NEOPULSE_LIVE=1."""
+    if cfg.execution.broker != "kotak":
+        return None
+    if not (live or os.environ.get("NEOPULSE_LIVE", "") == "1"):
+        return ("refusing to start: execution.broker=kotak places REAL orders; "
+                "pass --live or set NEOPULSE_LIVE=1 to confirm")
+    if importlib.util.find_spec("services.execution.brokers.kotak") is None:
+        return ("execution.broker=kotak, but this build has no Kotak broker "
+                "(services/execution/brokers/kotak.py is missing)")
+    return None
+
+
+def make_broker(cfg: Config, master: MasterData, clock: Clock, home: Path, log: Any) -> Any:
+    """The configured broker: ``paper`` (journal under ``$NEOPULSE_HOME/run``) or ``kotak``."""
+    if cfg.execution.broker == "paper":
+        from services.execution.brokers.paper import PaperBroker
+
+        return PaperBroker(master, clock, slippage_bps=cfg.paper.slippage_bps,
+                           journal=home / "run" / "paper-book.jsonl", log=log)
+    try:
+        from services.execution.brokers.kotak import KotakBroker
+    except ModuleNotFoundError as exc:
+        if exc.name == "services.execution.brokers.kotak":
+            raise ConfigError("execution.broker=kotak, but services/execution/brokers/kotak.py is missing") from None
+        raise
+    return KotakBroker(cfg.kotak, cfg.execution, master, clock, log)
+
+
+class ExecutionService(Service):
+    name = "execution"
+
+    def __init__(self, cfg: Config, live: bool = False) -> None:
+        super().__init__(cfg, pub_endpoint=cfg.bus.endpoint("execution_pub"))
+        self.live = live
+        self.clock = Clock()
+        self.crash_at = os.environ.get(CRASH_ENV, "")
+        self.db: Database | None = None
+        self.store: PgOrderStore | None = None
+        self.engine: ExecutionEngine = None  # type: ignore[assignment]
+        self.broker: Any = None
+        self.inline = True
+        self.pool: ThreadPoolExecutor | None = None
+        self.server: Server | None = None
+        self._batch: list[tuple[ExecuteOrder, Responder]] = []
+        self._polling = False
+        self._pool_busy = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    def on_start(self) -> None:
+        cfg = self.cfg
+        master = MasterData.load_for_home(self.home)
+        self.broker = make_broker(cfg, master, self.clock, self.home, self.log)
+        self.inline = bool(getattr(self.broker, "inline", False))
+        try:
+            self.db = open_database(cfg, self.home, self.log)
+            self.store = PgOrderStore(self.db.url, self.log)
+            applied = self.store.migrate()
+        except (DatabaseError, LedgerError) as exc:
+            raise RuntimeError(f"ledger unavailable: {exc}") from None
+        self.log.info("ledger_ready", embedded=self.db.embedded, startup_ms=round(self.db.startup_ms, 1),
+                      migrations=applied)
+        self.engine = ExecutionEngine(self.store, self.broker, master, self.clock, cfg, self.log)
+        if self.crash_at == "after_broker":
+            self.engine.after_place = self._crash_after_place
+        if not self.inline:
+            self.pool = ThreadPoolExecutor(cfg.execution.pool_workers, thread_name_prefix="broker")
+        self.server = self.bus.server(cfg.bus.endpoint("execution_rep"))
+        self.server.handler = self._handle
+        self.reactor.add_reader(self.server.sock, self._on_requests)
+        sub = self.bus.subscriber([cfg.bus.endpoint("feed_pub")], [b"tick."])
+        self.subscribers.append(sub)
+        self._sub = sub
+        self.reactor.add_reader(sub.sock, self._on_ticks)
+        self.engine.start()
+        self._pump()
+        self.add_task("reconcile", cfg.execution.reconcile_s, self._reconcile)
+        self.add_task("due", DUE_CHECK_S, self._due)
+        if not self.inline:
+            self.add_task("status_poll", STATUS_POLL_S, self._poll_status)
+            if hasattr(self.broker, "logout_if_due"):
+                self.add_task("logout", 30.0, lambda: self._in_pool(self.broker.logout_if_due, lambda r: None))
+        self.log.info("execution_ready", broker=self.engine.broker_name, live=self.live,
+                      open_orders=self.engine.open_count(), positions=len(self.engine.position_list()))
+
+    def on_stop(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.flush()
+        if self.broker is not None:
+            try:
+                self.broker.close()
+            except Exception as exc:  # a broker failing to close must not block the exit
+                self.log.warning("broker_close_failed", error=str(exc))
+        if self.store is not None:
+            self.store.close()
+        if self.db is not None:
+            self.db.close()
+
+    def status_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"live": self.live}
+        if self.engine is not None:
+            info.update(self.engine.status())
+        if self.server is not None:
+            info["rep_malformed"] = self.server.stats.malformed
+        if self.db is not None:
+            info["db_embedded"] = self.db.embedded
+        return info
+
+    # ----------------------------------------------------------------- pumping
+    def _pump(self) -> None:
+        """Run what the engine wants done, then publish what became durable."""
+        engine = self.engine
+        if self.inline:
+            engine.pump()
+        else:
+            engine.flush()
+            for intent in engine.take_intents():
+                self._dispatch(intent)
+            engine.finish_jobs()
+        pub = self.pub
+        assert pub is not None
+        for tpc, msg in engine.take_messages():
+            pub.publish(tpc, msg)
+
+    def _dispatch(self, intent: Intent) -> None:
+        self._in_pool(lambda: run_intent(self.broker, intent), lambda res: self._on_pool_result(intent, res))
+
+    def _in_pool(self, fn: Any, on_done: Any) -> None:
+        assert self.pool is not None
+        self._pool_busy += 1
+        fut: Future[Any] = self.pool.submit(fn)
+
+        def done(f: Future[Any]) -> None:
+            def back() -> None:
+                self._pool_busy -= 1
+                if f.cancelled():
+                    return
+                exc = f.exception()
+                on_done(exc if exc is not None else f.result())
+
+            self.reactor.call_soon_threadsafe(back)
+
+        fut.add_done_callback(done)
+
+    def _on_pool_result(self, intent: Intent, result: Any) -> None:
+        if isinstance(intent, PlaceIntent):
+            self._crash_after_place(intent, result)
+        self.engine.on_result(intent, result)
+        self._pump()
+
+    def _poll_status(self) -> None:
+        if self._polling or not hasattr(self.broker, "drain_events"):
+            return
+        self._polling = True
+
+        def done(events: Any) -> None:
+            self._polling = False
+            if isinstance(events, BaseException):
+                self.log.warning("status_poll_failed", error=f"{type(events).__name__}: {events}")
+                return
+            for ev in events:
+                self.engine.on_broker_event(ev)
+            self._pump()
+
+        self._in_pool(self.broker.drain_events, done)
+
+    def _reconcile(self) -> None:
+        self.engine.request_reconcile("periodic")
+        self._pump()
+
+    def _due(self) -> None:
+        if self.engine.check_day():
+            self.log.info("trading_day_changed", day=self.engine.day)
+        self.engine.reconcile_if_due()
+        if self.engine.intents or self.engine._held_intents or self.engine.messages:
+            self._pump()
+
+    def _crash_after_place(self, intent: PlaceIntent, result: Any) -> None:
+        if self.crash_at == "after_broker":
+            self.log.warning("test_crash", at="after_broker", client_tag=intent.order.client_tag)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ----------------------------------------------------------------- ticks
+    def _on_ticks(self) -> None:
+        engine_tick = self.engine.on_tick
+        broker_tick = self.broker.on_tick if self.inline and hasattr(self.broker, "on_tick") else None
+
+        def on_msg(_topic: bytes, msg: Message) -> None:
+            if type(msg) is Tick:
+                engine_tick(msg)
+                if broker_tick is not None:
+                    broker_tick(msg)
+
+        self._sub.drain(on_msg)
+        if broker_tick is not None and self.broker.events:
+            self._pump()
+
+    # ----------------------------------------------------------------- requests
+    def _on_requests(self) -> None:
+        assert self.server is not None
+        self.server.drain(1000)
+        if self._batch:
+            self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        results = self.engine.submit([m for m, _ in batch])
+        if self.crash_at == "after_pending" and any(r.ok for r in results):
+            self.log.warning("test_crash", at="after_pending", orders=len(results))
+            os.kill(os.getpid(), signal.SIGKILL)
+        for (msg, responder), res in zip(batch, results, strict=True):
+            if not res.ok:
+                self.log.info("order_refused", request_id=msg.request_id, order_id=res.order_id, reason=res.reason)
+            responder.send(Reply(ok=res.ok, data=res.data(), error=res.reason, code=res.code))
+        self._pump()
+
+    def _handle(self, msg: Message, responder: Responder) -> Message | None:
+        engine = self.engine
+        if isinstance(msg, ExecuteOrder):
+            self._batch.append((msg, responder))
+            return None
+        if isinstance(msg, GetDayState):
+            return engine.day_state()
+        if isinstance(msg, GetPositions):
+            return Reply(ok=True, data=[to_builtins(p) for p in engine.position_list(msg.strategy_id)])
+        if isinstance(msg, GetOrders):
+            try:
+                rows = engine.orders_query(OrderQuery(status=msg.status, symbol=msg.symbol,
+                                                      strategy_id=msg.strategy_id, limit=msg.limit))
+            except LedgerError as exc:
+                return Reply(ok=False, code="ledger", error=str(exc))
+            return Reply(ok=True, data=rows)
+        if isinstance(msg, Flatten):
+            self.log.info("flatten_requested", request_id=msg.request_id, symbol=msg.symbol,
+                          strategy_id=msg.strategy_id, source=msg.source)
+
+            def done(report: dict[str, Any]) -> None:
+                self.log.info("flatten_done", request_id=msg.request_id, closing=len(report["closing"]),
+                              cancelled=report["cancelled"], skipped=len(report["skipped"]))
+                responder.send(Reply(ok=True, data=report))
+
+            engine.flatten(msg, done)
+            self._pump()
+            return None
+        if isinstance(msg, CancelEntries):
+            ids = engine.cancel_entries(msg.reason or "kill switch")
+            self._pump()
+            return Reply(ok=True, data={"cancelled": len(ids), "order_ids": ids})
+        if isinstance(msg, RecordRiskEvent):
+            engine.record_risk_event(msg)
+            if not engine.flush():
+                return Reply(ok=False, code="ledger", error="ledger unavailable: risk event not recorded")
+            self.log.info("risk_event_recorded", risk_event=msg.event, reason=msg.reason, source=msg.source,
+                          request_id=msg.request_id)
+            self._pump()
+            return Reply(ok=True, data={"recorded": msg.event})
+        if isinstance(msg, GetFeedSession):
+            return self._feed_session(responder)
+        if isinstance(msg, SyncMaster):
+            return self._sync_master(msg, responder)
+        if isinstance(msg, GetStatus):
+            return Reply(ok=True, data={"service": self.name, "pid": os.getpid(), **self.status_info()})
+        return Reply(ok=False, code="unsupported", error=f"execution does not handle {type(msg).__name__}")
+
+    def _feed_session(self, responder: Responder) -> Message | None:
+        lease = getattr(self.broker, "feed_session", None)
+        if lease is None or self.inline:
+            return Reply(ok=False, code="no_session",
+                         error="no broker session to lease: execution.broker=paper has no Kotak login "
+                               "(run execution with broker=kotak, or set kotak.feed_user/kotak.feed_auth)")
+
+        def done(result: Any) -> None:
+            if isinstance(result, BaseException):
+                responder.send(Reply(ok=False, code="no_session",
+                                     error=f"feed session unavailable: {getattr(result, 'reason', result)}"))
+            else:
+                responder.send(Reply(ok=True, data=result))
+
+        self._in_pool(lease, done)
+        return None
+
+    def _sync_master(self, msg: SyncMaster, responder: Responder) -> Message | None:
+        if self.inline or not hasattr(self.broker, "scrip_master_urls"):
+            return Reply(ok=False, code="needs_kotak", error="sync-master needs execution.broker=kotak")
+        from services.execution.master_sync import fetch_kotak_master
+
+        def done(result: Any) -> None:
+            if isinstance(result, BaseException):
+                responder.send(Reply(ok=False, code="sync_failed",
+                                     error=f"scrip master download failed: {getattr(result, 'reason', result)}"))
+                return
+            try:
+                master = MasterData.load_for_home(self.home)
+                assert self.store is not None
+                n = self.store.replace_instruments(master)
+            except (LedgerError, ValueError, OSError) as exc:
+                responder.send(Reply(ok=False, code="sync_failed", error=f"scrip master not loaded: {exc}"))
+                return
+            self.engine.master = master
+            if hasattr(self.broker, "master"):
+                self.broker.master = master
+            self.log.info("master_synced", files=[str(p) for p in result], instruments=n)
+            responder.send(Reply(ok=True, data={"files": [str(p) for p in result], "instruments": n}))
+
+        self._in_pool(lambda: fetch_kotak_master(self.broker, self.home), done)
+        return None
