@@ -31,6 +31,8 @@ PnL: gross = realised + marked to market on the latest tick; cost = turnover *
 re-open entries), with an ``Alert`` and a ``RecordRiskEvent`` for execution to store.
 Kill switch on → ``HALTED``; off → ``ACTIVE``, or ``REDUCING`` while the loss stays breached.
 ``restore(DayState)`` rebuilds all of it after a restart; it never unlocks a tripped switch.
+``resync(DayState)`` periodically adopts execution's positions, realised PnL and turnover,
+so a fill missed on the bus cannot leave risk's PnL wrong for long.
 
 Positions are kept per strategy (as execution keeps them) for PnL, and netted per
 instrument for exposure, because the broker account nets them.
@@ -73,6 +75,7 @@ _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
 _REMEMBERED_REQUESTS = 200_000  # request ids kept for duplicate detection (bounded memory)
 _REMEMBERED_FILLS = 200_000
+RESTORE_GUARD_S = 10.0  # after a restore, fills traded before the snapshot are taken as in it
 
 Event = Alert | RecordRiskEvent | CancelEntries
 _NO_EVENTS: tuple[Event, ...] = ()
@@ -202,7 +205,8 @@ class RiskSentinel:
         self._order_ids: dict[str, str] = {}  # order_id → request_id
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
         self._fills_seen: OrderedDict[str, None] = OrderedDict()
-        self._restored_upto_ns = 0  # fills created at or before this are in the restored day
+        self._restored_upto_ns = 0  # fills traded at or before this are in the restored day...
+        self._guard_until = 0.0  # ...when they arrive before this (clock.monotonic)
         self._approvals: deque[float] = deque()
         self.approved = 0
         self.rejected = 0
@@ -465,7 +469,7 @@ class RiskSentinel:
 
     def on_fill(self, fill: Fill) -> Sequence[Event]:
         """Book a fill (idempotent on ``fill_id``); returns loss-breach events if any."""
-        if fill.ts_ns and fill.ts_ns <= self._restored_upto_ns:
+        if fill.ts_ns and fill.ts_ns <= self._restored_upto_ns and self.clock.monotonic() < self._guard_until:
             return _NO_EVENTS  # already counted in the restored day
         if fill.fill_id in self._fills_seen:
             return _NO_EVENTS
@@ -481,7 +485,11 @@ class RiskSentinel:
             pos = self._positions[(fill.strategy_id, key)] = _Position()
         self._realised += pos.apply(signed, fill.price)
         self._turnover += fill.price * fill.quantity
-        self._net_qty[key] = self._net_qty.get(key, 0) + signed
+        net = self._net_qty.get(key, 0) + signed
+        if net:
+            self._net_qty[key] = net
+        else:
+            self._net_qty.pop(key, None)
         self._refresh_open(key)
         if key not in self._marks:
             self._marks[key] = float(fill.price)
@@ -576,22 +584,7 @@ class RiskSentinel:
         """Rebuild the day from execution's ledger. A tripped kill switch or a latched loss
         breach stays tripped (also when it was tripped here while the day was loading)."""
         self.trading_day = day.trading_day
-        self._positions.clear()
-        self._net_qty.clear()
-        self._open_keys.clear()
-        self._working.clear()
-        self._order_ids.clear()
-        for p in day.positions:
-            key = f"{p.segment}|{p.token}"
-            avg = p.avg_price if p.avg_price.is_finite() else _ZERO
-            self._positions[(p.strategy_id, key)] = _Position(p.quantity, avg, p.realised_pnl)
-            self._net_qty[key] = self._net_qty.get(key, 0) + p.quantity
-            if p.quantity:
-                self._open_keys.add(key)
-            if p.last_price > 0 and math.isfinite(p.last_price):
-                self._marks.setdefault(key, p.last_price)
-        self._realised = day.realised_pnl if day.realised_pnl.is_finite() else _ZERO
-        self._turnover = day.turnover if day.turnover.is_finite() else _ZERO
+        self._load_book(day)
         if day.kill_switch or day.risk_state == HALTED:
             if not self.kill_switch:
                 self.kill_reason = day.kill_reason or "kill switch recorded before restart"
@@ -600,8 +593,38 @@ class RiskSentinel:
             if not self.loss_breached:
                 self.breach_reason = "daily loss limit breached earlier today"
             self.loss_breached = True
-        self._restored_upto_ns = day.ts_ns
         return self._check_loss() if not self.loss_breached else _NO_EVENTS
+
+    def resync(self, day: DayState) -> tuple[Sequence[Event], bool]:
+        """Periodic self-correction from execution's ledger: adopt its positions, realised
+        PnL and turnover (a fill missed on the bus is healed here). The kill switch and the
+        loss latch are not taken from it: a switch-off may be on its way to execution.
+        Returns the loss-breach events and whether anything had drifted."""
+        before = (dict(self._net_qty), self._turnover, self._realised)
+        self._load_book(day)
+        drifted = before != (dict(self._net_qty), self._turnover, self._realised)
+        return (self._check_loss() if not self.loss_breached else _NO_EVENTS), drifted
+
+    def _load_book(self, day: DayState) -> None:
+        self._positions.clear()
+        self._net_qty.clear()
+        self._open_keys.clear()
+        for p in day.positions:
+            key = f"{p.segment}|{p.token}"
+            avg = p.avg_price if p.avg_price.is_finite() else _ZERO
+            self._positions[(p.strategy_id, key)] = _Position(p.quantity, avg, p.realised_pnl)
+            if p.quantity:
+                self._net_qty[key] = self._net_qty.get(key, 0) + p.quantity
+                self._open_keys.add(key)
+            if p.last_price > 0 and math.isfinite(p.last_price):
+                self._marks.setdefault(key, p.last_price)
+        self._net_qty = {k: q for k, q in self._net_qty.items() if q}
+        self._realised = day.realised_pnl if day.realised_pnl.is_finite() else _ZERO
+        self._turnover = day.turnover if day.turnover.is_finite() else _ZERO
+        # Fills reach us by trade time; those traded before the snapshot and arriving soon
+        # after it are already in it. (A later resync heals the rare one that was not.)
+        self._restored_upto_ns = day.ts_ns
+        self._guard_until = self.clock.monotonic() + RESTORE_GUARD_S
 
 
 # --------------------------------------------------------------------------- stateless checks

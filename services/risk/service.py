@@ -12,7 +12,8 @@ PUB ``risk_pub``: ``risk.state.`` (on change and every second), ``verdict.<strat
     (every verdict), ``alert.risk.``, ``hb.risk.``.
 SUB: feed ``tick.`` (marks); execution ``fill.`` and ``order.``.
 Requests to execution (``execution_rep``, never blocking the loop): ``GetDayState`` at
-start (retried every second until it answers), ``ExecuteOrder``, and the risk events
+start (retried every second until it answers) and every 30 s to resync positions, PnL and
+turnover with the ledger and to notice a new trading day; ``ExecuteOrder``; the risk events
 (``RecordRiskEvent``, ``CancelEntries``), which are delivered in order and retried until
 execution answers, so a kill switch is recorded even if execution was briefly down.
 
@@ -63,7 +64,8 @@ STARTING_REASON = "risk is starting: day state not loaded"
 _TOPIC_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 DAY_RETRY_S = 1.0
 DELIVER_RETRY_S = 1.0
-DAY_CHECK_S = 30.0
+RESYNC_S = 30.0
+PERMANENT_REFUSALS = frozenset({"unsupported", "malformed"})  # retrying these cannot help
 
 
 def _safe(part: str) -> str:
@@ -108,7 +110,7 @@ class RiskService(Service):
         self._load_day()
         self.add_task("risk_state", 1.0, self._publish_state)
         self.add_task("deliver_events", DELIVER_RETRY_S, self._deliver)
-        self.add_task("day_check", DAY_CHECK_S, self._check_day)
+        self.add_task("resync", RESYNC_S, self._resync)
         self.log.info("risk_starting", rep=server.endpoint, execution=self.execution.endpoint,
                       max_qty=self.cfg.risk.max_qty, max_notional=self.cfg.risk.max_notional,
                       max_daily_loss=self.cfg.risk.max_daily_loss,
@@ -285,8 +287,11 @@ class RiskService(Service):
 
         def done(reply: Message | Exception) -> None:
             self._delivering = False
-            if isinstance(reply, Exception):
-                self.log.warning("risk_event_not_delivered", kind=type(ev).__name__, error=str(reply),
+            retry = isinstance(reply, Exception) or (
+                isinstance(reply, Reply) and not reply.ok and reply.code not in PERMANENT_REFUSALS)
+            if retry:  # execution down, or its ledger briefly unavailable: the next attempt is in 1 s
+                why = str(reply) if isinstance(reply, Exception) else getattr(reply, "error", "")
+                self.log.warning("risk_event_not_delivered", kind=type(ev).__name__, error=why,
                                  pending=len(self._events))
                 return
             if self._events and self._events[0] is ev:
@@ -303,30 +308,37 @@ class RiskService(Service):
         self.execution.request(ev, done)
 
     # ----------------------------------------------------------------- day state
-    def _load_day(self, roll: bool = False) -> None:
+    def _load_day(self, periodic: bool = False) -> None:
         if self._day_pending:
             return
         self._day_pending = True
         self.day_attempts += 1
 
         def done(reply: Message | Exception) -> None:
-            self._on_day_state(reply, roll)
+            self._on_day_state(reply, periodic)
 
         self.execution.request(GetDayState(), done)
 
-    def _on_day_state(self, reply: Message | Exception, roll: bool = False) -> None:
+    def _on_day_state(self, reply: Message | Exception, periodic: bool = False) -> None:
         self._day_pending = False
         if not isinstance(reply, DayState):
-            if self.day_attempts == 1 or self.day_attempts % 10 == 0:
+            if not periodic and (self.day_attempts == 1 or self.day_attempts % 10 == 0):
                 why = str(reply) if isinstance(reply, Exception) else getattr(reply, "error", "")
                 self.log.warning("day_state_unavailable", attempts=self.day_attempts,
                                  error=why or type(reply).__name__, execution=self.execution.endpoint)
-            if not roll:  # at a day roll the next check asks again; orders keep flowing meanwhile
+            if not periodic:  # a failed resync just waits for the next one
                 self.reactor.call_later(DAY_RETRY_S, self._load_day)
             return
-        if roll:
-            if reply.trading_day == self.sentinel.trading_day:
-                return  # execution has not rolled over yet
+        if periodic and reply.trading_day == self.sentinel.trading_day:
+            events, drifted = self.sentinel.resync(reply)
+            if drifted:
+                self.log.warning("risk_resynced", trading_day=reply.trading_day, fills=reply.fills,
+                                 turnover=str(reply.turnover), realised_pnl=str(reply.realised_pnl),
+                                 positions=len(reply.positions))
+            if events:
+                self._dispatch(events)
+            return
+        if periodic:
             self.log.info("trading_day_changed", previous=self.sentinel.trading_day, today=reply.trading_day)
             self.sentinel.new_day()
         events = self.sentinel.restore(reply)
@@ -355,12 +367,11 @@ class RiskService(Service):
             CancelEntries(request_id=f"risk-cancel-{now}", reason=f"kill switch: {s.kill_reason}", ts_ns=now),
         )
 
-    def _check_day(self) -> None:
-        """A new trading day while running: reload the day from execution (a fresh loss
-        budget; the kill switch stays as it is)."""
-        known = self.sentinel.trading_day
-        if self.day_loaded and known and trading_day(self.clock) != known:
-            self._load_day(roll=True)
+    def _resync(self) -> None:
+        """Every RESYNC_S: take positions, PnL and turnover from execution's ledger (heals a
+        fill missed on the bus) and notice a new trading day (a fresh loss budget)."""
+        if self.day_loaded:
+            self._load_day(periodic=True)
 
     # ----------------------------------------------------------------- local backstop
     def _persist_local(self, recorded: bool = False) -> None:

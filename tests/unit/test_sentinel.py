@@ -682,3 +682,40 @@ def test_fills_already_in_the_restored_day_are_not_counted_twice() -> None:
     assert s.position("nse_cm|2885") == 10
     s.on_fill(fill("BUY", 5, "100", ts_ns=3_000))
     assert s.position("nse_cm|2885") == 15
+
+
+def test_a_late_fill_traded_before_the_snapshot_counts_once_the_guard_window_passed() -> None:
+    s, clock = make()
+    s.restore(day(ts_ns=2_000))
+    clock.advance(11)  # e.g. reconciliation found an old trade long after the restore
+    s.on_fill(fill("BUY", 5, "100", ts_ns=1_000))
+    assert s.position("nse_cm|2885") == 5
+
+
+def test_resync_adopts_the_ledger_book_but_not_the_kill_switch() -> None:
+    s, _ = make()
+    s.restore(day())
+    s.on_fill(fill("BUY", 10, "100"))
+    s.set_kill_switch(True, "x")
+    s.set_kill_switch(False)  # the off may not have reached execution yet
+    pos = Position(
+        strategy_id="s1",
+        symbol="RELIANCE-EQ",
+        segment="nse_cm",
+        token="2885",
+        quantity=15,
+        avg_price=Decimal("100"),
+    )
+    events, drifted = s.resync(day(positions=[pos], turnover=Decimal("1500"), kill_switch=True))
+    assert drifted and events == ()
+    assert s.position("nse_cm|2885") == 15 and s.state().turnover == pytest.approx(1500.0)
+    assert s.current_state == ACTIVE
+    _, drifted = s.resync(day(positions=[pos], turnover=Decimal("1500")))
+    assert not drifted
+
+
+def test_resync_can_reveal_a_loss_breach() -> None:
+    s, _ = make()
+    s.restore(day())
+    events, _ = s.resync(day(realised_pnl=Decimal("-5001")))
+    assert s.current_state == REDUCING and isinstance(events[0], Alert)
