@@ -303,7 +303,7 @@ def write_equity_png(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     curve = report["equity_curve"]
-    xs = [datetime.fromtimestamp(ns / 1e9, IST) for ns, _ in curve]
+    xs = [datetime.fromisoformat(when) for when, _ in curve]
     ys = [eq for _, eq in curve]
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
     try:

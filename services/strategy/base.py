@@ -165,12 +165,17 @@ class Strategy:
         Params: a ``StrategyParams`` Struct; an instance is ``self.params``.
         bar_interval_s: bar length for ``on_bar`` (a ``bar_seconds`` parameter overrides it).
         bar_fill_gaps: emit flat bars for minutes without ticks (see ``bars.py``).
+        reject_backoff_s: after risk refuses an entry, ``buy``/``sell`` in that instrument
+            return ``None`` for this long, doubling on each further refusal up to 60 s and
+            reset by an approval, so a strategy never hammers risk with refused orders
+            (for example while the daily loss limit allows only exits). 0 disables it.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[StrategyParams]] = NoParams
     bar_interval_s: ClassVar[float] = 60.0
     bar_fill_gaps: ClassVar[bool] = False
+    reject_backoff_s: ClassVar[float] = 1.0
 
     def __init__(self, ctx: StrategyContext, params: StrategyParams | dict[str, Any] | None = None) -> None:
         self.ctx = ctx
@@ -187,6 +192,8 @@ class Strategy:
         self.instruments: list[Instrument] = []
         self._outbox: list[OrderRequest] = []
         self._exit_ids: set[str] = set()
+        self._busy: set[str] = set()  # keys with an order in flight or open
+        self._backoff: dict[str, tuple[int, float]] = {}  # key → (entries allowed again at, delay)
         self._fill_ids: set[str] = set()
         self._fill_qty: dict[str, int] = {}  # order_id → quantity seen in Fill messages
         self._known_qty: dict[str, int] = {}  # order_id → filled_qty seen in OrderUpdates
@@ -282,20 +289,16 @@ class Strategy:
     def has_orders(self, instrument: str | Tick) -> bool:
         """True when an order in ``instrument`` is in flight or open at the broker."""
         key = self.key_of(instrument)
-        for req in self._outbox:
-            if self._req_key(req) == key:
-                return True
-        for req in self.pending.values():
-            if self._req_key(req) == key:
-                return True
-        return any(f"{u.segment}|{u.token}" == key for u in self.open_orders.values())
+        if key in self._busy:
+            return True
+        return any(self._req_key(req) == key for req in self._outbox)
 
     def key_of(self, instrument: str | Tick) -> str:
         """``segment|token`` of a tick, a ``segment|token`` string or a trading symbol."""
+        if type(instrument) is str and "|" in instrument:
+            return instrument
         if isinstance(instrument, Tick):
             return f"{instrument.segment}|{instrument.token}"
-        if "|" in instrument:
-            return instrument
         master = self.ctx.master
         if master is None:
             raise ValueError(f"cannot resolve symbol {instrument!r} without an instrument master")
@@ -332,11 +335,13 @@ class Strategy:
             return _EMPTY
         return self._commit()
 
-    def dispatch_tick(self, tick: Tick) -> list[OrderRequest] | tuple[OrderRequest, ...]:
-        """Book the tick, build bars, run ``on_bar``/``on_tick``; return the orders to send."""
+    def dispatch_tick(self, tick: Tick, key: str | None = None) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+        """Book the tick, build bars, run ``on_bar``/``on_tick``; return the orders to send.
+        ``key`` (``segment|token``) may be passed when the host already has it."""
         if self.halted:
             return _EMPTY
-        key = f"{tick.segment}|{tick.token}"
+        if key is None:
+            key = f"{tick.segment}|{tick.token}"
         self.last[key] = tick
         pos = self.positions.get(key)
         if pos is not None:
@@ -369,6 +374,7 @@ class Strategy:
                     del self.unconfirmed[rid]
                     self._exit_ids.discard(rid)
                     if self.pending.pop(rid, None) is not None:
+                        self._refresh_busy()
                         self.log.warning("order_unconfirmed_released", strategy_id=self.id, request_id=rid)
         if self.halted or not self._wants_bars:
             return _EMPTY
@@ -385,11 +391,18 @@ class Strategy:
                 self.unconfirmed[rid] = self.ctx.clock.now_ns() + int(UNCONFIRMED_TTL_S * 1e9)
             self.log.warning("order_request_failed", strategy_id=self.id, request_id=rid, error=str(verdict))
             return _EMPTY
+        key = self._req_key(request)
         if verdict.approved:
+            if self._backoff:
+                self._backoff.pop(key, None)
             return _EMPTY
+        if request.purpose == "ENTRY" and self.reject_backoff_s > 0:
+            delay = min(self._backoff[key][1] * 2, 60.0) if key in self._backoff else self.reject_backoff_s
+            self._backoff[key] = (self.ctx.clock.now_ns() + int(delay * 1e9), delay)
         self.pending.pop(rid, None)
         self.unconfirmed.pop(rid, None)
         self._exit_ids.discard(rid)
+        self._refresh_busy()
         return self._guarded("on_reject", lambda: self.on_reject(request, verdict.reason))
 
     def dispatch_order(self, update: OrderUpdate) -> list[OrderRequest] | tuple[OrderRequest, ...]:
@@ -402,6 +415,7 @@ class Strategy:
             self._exit_ids.discard(update.request_id)
         else:
             self.open_orders[oid] = update
+        self._refresh_busy()
         if update.filled_qty > self._known_qty.get(oid, 0):
             self._known_qty[oid] = update.filled_qty
             price = float(update.avg_price) if update.avg_price is not None else 0.0
@@ -471,6 +485,10 @@ class Strategy:
         key = self.key_of(instrument)
         if self.position(key) != 0 or self.has_orders(key):
             return None
+        if self._backoff:
+            backoff = self._backoff.get(key)
+            if backoff is not None and self.ctx.clock.now_ns() < backoff[0]:
+                return None
         if quantity is None:
             quantity = 0 if sizing is not None else int(getattr(self.params, "quantity", 0))
         if quantity < 0 or (quantity == 0 and sizing is None):
@@ -537,7 +555,14 @@ class Strategy:
         self._outbox = []
         for req in out:
             self.pending[req.request_id] = req
+        self._refresh_busy()
         return out
+
+    def _refresh_busy(self) -> None:
+        """Recompute the instruments with orders in flight or open (on order events only)."""
+        busy = {f"{r.segment}|{r.token}" for r in self.pending.values()}
+        busy.update(f"{u.segment}|{u.token}" for u in self.open_orders.values())
+        self._busy = busy
 
     def _guarded(self, hook: str, fn: Callable[[], Any]) -> list[OrderRequest] | tuple[OrderRequest, ...]:
         if self.halted:

@@ -75,7 +75,8 @@ class Momentum(Strategy):
         if len(prices) <= p.lookback or price <= 0:
             return
         ret = (price / prices[0] - 1.0) * 100.0
-        pos = self.position(key)
+        held = self.positions.get(key)
+        pos = held.quantity if held is not None else 0
         if pos:
             long = pos > 0
             against = -ret if long else ret
@@ -87,11 +88,11 @@ class Momentum(Strategy):
             if against >= p.exit_pct or hit:
                 self.exit(key)
             return
-        if st.cooldown or self.has_orders(key):
+        if st.cooldown or -p.entry_pct < ret < p.entry_pct or self.has_orders(key):
             return
-        if ret >= p.entry_pct:
+        if ret > 0:
             self._enter(tick, key, st, "BUY")
-        elif ret <= -p.entry_pct and p.allow_short:
+        elif p.allow_short:
             self._enter(tick, key, st, "SELL")
 
     def on_fill(self, fill: Fill) -> None:

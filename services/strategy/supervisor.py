@@ -9,7 +9,6 @@ die with the supervisor even if it is killed (``PR_SET_PDEATHSIG`` on Linux).
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import subprocess
 import sys

@@ -122,11 +122,13 @@ def test_a_rejected_order_frees_the_instrument_and_reaches_on_reject() -> None:
         def on_reject(self, request: OrderRequest, reason: str) -> None:
             seen.append(reason)
 
-    strat = Rejectable(_ctx())
+    clock = ManualClock(T0)
+    strat = Rejectable(_ctx(clock=clock))
     strat.dispatch_start()
     (req,) = strat.dispatch_tick(_tick(1290.0))
     strat.dispatch_verdict(req, RiskVerdict(request_id=req.request_id, approved=False, reason="max_qty"))
-    assert seen == ["max_qty"]
+    assert seen == ["max_qty"] and strat.pending == {}
+    clock.advance(1.0)  # after the refusal back-off
     (again,) = strat.dispatch_tick(_tick(1290.0))
     assert again.request_id != req.request_id
 
@@ -256,3 +258,25 @@ def test_registry_finds_builtins_and_dotted_paths() -> None:
         registry.load("services.strategy.base:StrategyContext")
     registry.register(Probe)
     assert registry.load("probe") is Probe
+
+
+def test_refused_entries_back_off_and_an_approval_resets() -> None:
+    clock = ManualClock(T0)
+    strat = Probe(_ctx(clock=clock))
+    strat.dispatch_start()
+
+    def refuse(req: OrderRequest) -> None:
+        strat.dispatch_verdict(req, RiskVerdict(request_id=req.request_id, approved=False, reason="REDUCING"))
+
+    (req,) = strat.dispatch_tick(_tick(1290.0))
+    refuse(req)
+    assert strat.dispatch_tick(_tick(1290.0)) == ()  # backing off 1 s
+    clock.advance(1.0)
+    (req,) = strat.dispatch_tick(_tick(1290.0))
+    refuse(req)
+    clock.advance(1.5)
+    assert strat.dispatch_tick(_tick(1290.0)) == ()  # now 2 s
+    clock.advance(0.5)
+    (req,) = strat.dispatch_tick(_tick(1290.0))
+    strat.dispatch_verdict(req, RiskVerdict(request_id=req.request_id, approved=True, order_id="o1"))
+    assert strat._backoff == {}
