@@ -117,7 +117,7 @@ def raw_pubsub(frames: list[bytes], endpoint: str, decode: bool = False) -> dict
     finally:
         sub.close(0)
         ctx.term()
-        os.unlink(path)
+        Path(path).unlink()
     del first
     return {"received": n, "sent": len(frames), "seconds": elapsed, "per_s": (n - 1) / elapsed}
 
@@ -189,7 +189,8 @@ def run(n: int = 500_000, base_port: int | None = None) -> dict[str, Any]:
     import struct
 
     hdr = struct.Struct("<IQ")
-    frames = [topic("tick", t.segment, t.token) + b"\0" + hdr.pack(1, i) + enc(t) for i, t in enumerate(ticks)]
+    frames = [topic("tick", t.segment, t.token) + b"\0" + hdr.pack(1, i) + enc(t)
+              for i, t in enumerate(ticks)]
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         write_recording(home, ticks)

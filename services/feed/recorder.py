@@ -17,6 +17,7 @@ happen in ``flush()``, which the feed calls at least once a second.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import struct
@@ -41,7 +42,8 @@ class TickRecorder:
     """Appends encoded ticks to the day's file. Never raises into the feed: disk errors are
     counted, logged once a second at most, and the buffered ticks are dropped."""
 
-    def __init__(self, directory: Path, clock: Clock | None = None, tz: tzinfo = IST, log: Any = None) -> None:
+    def __init__(self, directory: Path, clock: Clock | None = None, tz: tzinfo = IST,
+                 log: Any = None) -> None:
         self.directory = directory
         self.clock = clock or Clock()
         self.tz = tz
@@ -95,10 +97,8 @@ class TickRecorder:
     def close(self) -> None:
         self.flush()
         if self._file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._file.close()
-            except OSError:
-                pass
             self._file = None
 
     def stats(self) -> dict[str, Any]:

@@ -201,7 +201,7 @@ class FeedService(Service):
     def handle_request(self, msg: Message, _responder: Responder) -> Message | None:
         match msg:
             case Subscribe():
-                return self.subscribe(msg.instruments, msg.requester)
+                return self.add_subscriptions(msg.instruments, msg.requester)
             case GetStatus():
                 return Reply(ok=True, data=self.status())
             case GetLastTicks():
@@ -210,7 +210,7 @@ class FeedService(Service):
                 return Reply(ok=False, code="unsupported",
                              error=f"the feed does not handle {type(msg).__name__}")
 
-    def subscribe(self, names: list[str], requester: str = "") -> Reply:
+    def add_subscriptions(self, names: list[str], requester: str = "") -> Reply:
         try:
             insts = self._resolve(names)
         except UnknownInstrument as exc:

@@ -30,7 +30,8 @@ class MarketHours:
             h1, m1 = (int(x) for x in start.split(":"))
             h2, m2 = (int(x) for x in end.split(":"))
         except ValueError:
-            raise ConfigError(f"config error: `feed.market_hours` must look like 09:15-15:30, got {spec!r}") from None
+            raise ConfigError(
+                f"config error: `feed.market_hours` must look like 09:15-15:30, got {spec!r}") from None
         self.start_min = h1 * 60 + m1
         self.end_min = h2 * 60 + m2
         if isinstance(tz, str):

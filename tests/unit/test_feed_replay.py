@@ -149,7 +149,8 @@ class FakeSink:
     """The feed as a replay source sees it; the clock only moves when the test says."""
 
     def __init__(self, path: Path, speed: str, loop: bool = False) -> None:
-        self.cfg = load_config(env={"NEOPULSE_FEED__REPLAY_PATH": str(path), "NEOPULSE_FEED__REPLAY_SPEED": speed,
+        self.cfg = load_config(env={"NEOPULSE_FEED__REPLAY_PATH": str(path),
+                                    "NEOPULSE_FEED__REPLAY_SPEED": speed,
                                     "NEOPULSE_FEED__REPLAY_LOOP": str(loop).lower()})
         self.reactor = FakeReactor()
         self.clock = ManualClock(DAY1)

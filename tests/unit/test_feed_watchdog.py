@@ -46,8 +46,9 @@ def test_market_days_can_include_weekends() -> None:
     assert MarketHours("00:00-24:00", days=range(7)).is_open(ManualClock(SATURDAY_10AM))
 
 
-@pytest.mark.parametrize(("spec", "tz", "days"), [("9-15", "Asia/Kolkata", [0]), ("09:15-15:30", "Mars/Base", [0]),
-                                                  ("09:15-15:30", "UTC", [7])])
+@pytest.mark.parametrize(("spec", "tz", "days"), [
+    ("9-15", "Asia/Kolkata", [0]), ("09:15-15:30", "Mars/Base", [0]), ("09:15-15:30", "UTC", [7]),
+])
 def test_bad_hours_timezone_or_days_are_config_errors(spec: str, tz: str, days: list[int]) -> None:
     with pytest.raises(ConfigError):
         MarketHours(spec, tz, days)

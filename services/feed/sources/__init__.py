@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from libs.common.bus import Reactor
+from libs.common.bus import AsyncClient, Reactor
 from libs.common.clock import Clock
 from libs.common.config import Config
 from libs.common.instruments import Instrument, MasterData
@@ -34,6 +34,8 @@ class FeedSink(Protocol):
     def set_state(self, state: str, detail: str = "") -> None: ...
 
     def publish_status(self, detail: str) -> None: ...
+
+    def client(self, endpoint: str, timeout_ms: int | None = None) -> AsyncClient: ...
 
 
 class Source:

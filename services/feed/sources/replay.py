@@ -17,10 +17,10 @@ Ticks are republished exactly as recorded, original timestamps included.
 from __future__ import annotations
 
 import csv
-from itertools import islice
 from collections.abc import Iterator
 from datetime import datetime, tzinfo
 from decimal import Decimal, InvalidOperation
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,8 @@ class ReplaySource(Source):
         try:
             self.files = replay_files(self.path)
         except FileNotFoundError:
-            raise ConfigError(f"config error: `feed.replay_path`: no such file or directory: {self.path}") from None
+            raise ConfigError(
+                f"config error: `feed.replay_path`: no such file or directory: {self.path}") from None
         if not self.files:
             raise ConfigError(f"config error: `feed.replay_path`: no .ticks or .csv files in {self.path}")
         speed = speed or feed.replay_speed
@@ -269,6 +270,6 @@ def _zone(name: str) -> tzinfo:
 
     try:
         return ZoneInfo(name)
-    except Exception:
+    except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
         raise ConfigError(f"config error: `feed.timezone` is not a known timezone: {name!r}") from None
 

@@ -30,8 +30,24 @@ def _decimals(tick: Decimal) -> int:
 class Walk:
     """One instrument's random walk, in integer ticks. Pure: no clock, no sockets."""
 
-    __slots__ = ("ask_qty_max", "close", "decimals", "high", "inst", "low", "lot", "open", "rng",
-                 "segment", "step_sd", "symbol", "tick", "token", "units", "volume")
+    __slots__ = (
+        "ask_qty_max",
+        "close",
+        "decimals",
+        "high",
+        "inst",
+        "lot",
+        "low",
+        "open",
+        "rng",
+        "segment",
+        "step_sd",
+        "symbol",
+        "tick",
+        "token",
+        "units",
+        "volume",
+    )
 
     def __init__(self, inst: Instrument, seed: int, volatility: float) -> None:
         self.inst = inst
