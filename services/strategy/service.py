@@ -44,6 +44,8 @@ from services.strategy.base import ParamsError, Strategy, StrategyContext
 
 SUBSCRIBE_RETRY_S = 2.0
 SUBSCRIBE_REFRESH_S = 30.0
+POSITIONS_RETRY_S = 2.0
+POSITIONS_ATTEMPTS = 30
 
 
 def pub_endpoint(strategy_id: str) -> str:
@@ -82,6 +84,7 @@ class StrategyService(Service):
         self.rejected = 0
         self.subscribed: list[str] = []
         self._sub_pending = False
+        self._position_attempts = 0
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -100,7 +103,7 @@ class StrategyService(Service):
         self._request_subscribe()
         self.add_task("subscribe_refresh", SUBSCRIBE_REFRESH_S, self._request_subscribe)
         self.add_task("strategy_timer", 1.0, self._on_timer)
-        self.execution.request(GetPositions(strategy_id=sid), self._on_positions)
+        self._ask_positions()
         self.log.info("strategy_starting", strategy=self.instance.name, strategy_id=sid,
                       instruments=[i.symbol for i in strat.instruments],
                       params=msgspec.to_builtins(strat.params))
@@ -147,6 +150,10 @@ class StrategyService(Service):
             self._check_halted()
 
     # ----------------------------------------------------------------- execution
+    def _ask_positions(self) -> None:
+        self._position_attempts += 1
+        self.execution.request(GetPositions(strategy_id=self.instance.id), self._on_positions)
+
     def _on_positions(self, reply: Any) -> None:
         if isinstance(reply, Reply) and reply.ok and isinstance(reply.data, list):
             try:
@@ -158,9 +165,15 @@ class StrategyService(Service):
             held = {p.symbol: p.quantity for p in positions if p.quantity}
             self.log.info("positions_restored", positions=held)
         else:
+            # Execution may still be starting (embedded PostgreSQL): trade meanwhile (risk still
+            # guards exposure) and keep asking; its answer, when it comes, is adopted as the truth.
             error = reply.error if isinstance(reply, Reply) else str(reply)
-            self.log.warning("positions_unavailable", error=error,
-                             detail="starting flat; execution did not report positions")
+            retry = self._position_attempts < POSITIONS_ATTEMPTS
+            self.log.warning("positions_unavailable", error=error, attempt=self._position_attempts,
+                             detail="trading from flat until execution reports positions" if retry
+                             else "giving up: trading from the strategy's own fills")
+            if retry:
+                self.reactor.call_later(POSITIONS_RETRY_S, self._ask_positions)
         self.ready = True
 
     def _on_execution(self, _topic: bytes, msg: Any) -> None:
