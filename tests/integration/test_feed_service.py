@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -200,3 +203,32 @@ def test_tick_fields_round_trip_through_the_bus(tmp_path: Path, base_port: int) 
     assert all(isinstance(t, Tick) and t.token == "35001" for t in ticks)
     assert all(t.last_qty % 75 == 0 for t in ticks)  # whole lots
     assert [t.volume for t in ticks] == sorted(t.volume for t in ticks)
+
+
+def _neopulse(feed: FeedProc, *args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "neopulse"
+    env = {**feed.env, "NEOPULSE_BUS__REQUEST_TIMEOUT_MS": "1000"}
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_cli_feed_commands(tmp_path: Path, base_port: int) -> None:
+    feed = _sim(tmp_path / "home", base_port)
+    try:
+        feed.start().wait_ready()
+        eventually(lambda: feed.status()["ticks"] > 10, 10, message="ticks flowing")
+
+        status = _neopulse(feed, "feed", "status", "--json")
+        added = _neopulse(feed, "feed", "subscribe", "ITC-EQ", "nse_fo|35001")
+        refused = _neopulse(feed, "feed", "subscribe", "NOSUCH-EQ")
+        last = _neopulse(feed, "feed", "last", "SBIN-EQ", "--json")
+    finally:
+        feed.stop()
+    inspect = _neopulse(feed, "feed", "inspect", str(tmp_path / "home" / "ticks"), "--json")
+    down = _neopulse(feed, "feed", "status")
+
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "LIVE"
+    assert added.returncode == 0 and "2 new, 7 in total" in added.stdout
+    assert refused.returncode == 1 and "unknown instrument: NOSUCH-EQ" in refused.stderr
+    assert last.returncode == 0 and json.loads(last.stdout)[0]["symbol"] == "SBIN-EQ"
+    assert inspect.returncode == 0 and json.loads(inspect.stdout)["ticks"] > 10
+    assert down.returncode == 3 and "feed is unreachable" in down.stderr
