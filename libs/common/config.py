@@ -329,6 +329,28 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
             var = (origins or {}).get(key)
             raise ConfigError(f"config error: {var + ': ' if var else ''}`{key}` {problem}")
     _parse_hours(cfg.feed.market_hours)
+    if not cfg.bus.curve:
+        _check_loopback(cfg.bus, origins or {})
+
+
+_LOOPBACK = ("127.", "localhost", "[::1]", "::1")
+
+
+def _check_loopback(bus: BusConfig, origins: dict[str, str]) -> None:
+    """Without CURVE nothing may listen beyond this machine: anyone who can reach a port
+    could send orders or trip the kill switch."""
+    names = ["host", *(n for n in BusConfig.__struct_fields__ if n.endswith(("_pub", "_rep")))]
+    for name in names:
+        value = str(getattr(bus, name))
+        if not value:
+            continue
+        host = value.removeprefix("tcp://").rsplit(":", 1)[0] if name != "host" else value
+        if value.startswith(("ipc://", "inproc://")) or host.startswith(_LOOPBACK):
+            continue
+        var = origins.get(f"bus.{name}")
+        raise ConfigError(f"config error: {var + ': ' if var else ''}`bus.{name}` {value} is reachable from "
+                          f"other machines; set bus.curve = true (and run `neopulse keys generate`) "
+                          f"or use 127.0.0.1")
 
 
 def _is_positive_number(text: str) -> bool:

@@ -133,8 +133,8 @@ class NotifierService(Service):
     def dispatch(self, notice: Notice) -> None:
         """Log the notice and hand it to every channel (never blocks)."""
         self.notices += 1
-        self.log.info("notice", kind=notice.kind, level=notice.level, text=notice.text,
-                      symbol=notice.symbol or None)
+        extra = {"symbol": notice.symbol} if notice.symbol else {}
+        self.log.info("notice", kind=notice.kind, notice_level=notice.level, text=notice.text, **extra)
         for ch in self.channels:
             ch.submit(notice)
 

@@ -1,0 +1,200 @@
+"""ZeroMQ CURVE on every NeoPulse socket (``bus.curve = true``).
+
+Key layout under ``bus.keys_dir`` (default ``$NEOPULSE_HOME/keys``), written by
+``neopulse keys generate``::
+
+    <name>.key_secret   this process's keypair (secret; mode 600): feed, risk, execution,
+                        notifier, strategy-<id>, admin
+    <name>.key          its public key
+    allowed/*.key       public keys allowed to connect to our servers (the allow-list)
+
+Servers (ROUTER and binding PUB sockets) present their own keypair and ask the ZAP
+authenticator about every client; it accepts only public keys found in ``allowed/``
+(re-read when the directory changes, so revoking is deleting a file). Clients present
+their own keypair and the public key of the service that owns the endpoint they connect
+to. A refused client is logged (rate limited) with its public key; it gets no reply, no
+publication — no order, kill switch or flatten gets through.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from libs.common.config import Config, ConfigError, home_dir
+
+ZAP_DOMAIN = "neopulse"
+ALLOWED_DIR = "allowed"
+# endpoint config name → the service that binds it
+ENDPOINT_OWNERS = {
+    "feed_pub": "feed", "feed_rep": "feed", "risk_rep": "risk", "risk_pub": "risk",
+    "execution_rep": "execution", "execution_pub": "execution", "notifier_pub": "notifier",
+}
+CORE_SERVICES = ("feed", "risk", "execution", "notifier")
+
+
+def keys_dir(cfg: Config) -> Path:
+    return Path(cfg.bus.keys_dir).expanduser() if cfg.bus.keys_dir else home_dir() / "keys"
+
+
+def strategy_endpoint(strategy_id: str) -> str:
+    return f"ipc://{home_dir()}/run/strategy-{strategy_id}.pub"
+
+
+def identities(cfg: Config) -> list[str]:
+    """Every name that needs a keypair in this configuration."""
+    return [*CORE_SERVICES, *(f"strategy-{s.id}" for s in cfg.strategy), "admin"]
+
+
+def endpoint_owners(cfg: Config) -> dict[str, str]:
+    owners = {cfg.bus.endpoint(name): owner for name, owner in ENDPOINT_OWNERS.items()}
+    owners.update({strategy_endpoint(s.id): f"strategy-{s.id}" for s in cfg.strategy})
+    return owners
+
+
+def generate_keys(directory: Path, names: list[str], force: bool = False,
+                  allow: bool = True) -> list[tuple[str, bool]]:
+    """Write a keypair per name (skipping existing ones unless ``force``) and put each
+    public key on the allow-list. Returns ``(name, created)`` pairs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    allowed = directory / ALLOWED_DIR
+    allowed.mkdir(exist_ok=True)
+    out = []
+    for name in names:
+        secret = directory / f"{name}.key_secret"
+        created = force or not secret.exists()
+        if created:
+            for stale in (secret, directory / f"{name}.key"):
+                stale.unlink(missing_ok=True)
+            zmq.auth.create_certificates(str(directory), name)
+        secret.chmod(0o600)
+        if allow:
+            (allowed / f"{name}.key").write_bytes((directory / f"{name}.key").read_bytes())
+        out.append((name, created))
+    return out
+
+
+def _load_pair(directory: Path, name: str) -> tuple[bytes, bytes]:
+    path = directory / f"{name}.key_secret"
+    if not path.is_file():
+        raise ConfigError(f"config error: bus.curve is on but {path} is missing; "
+                          f"run `neopulse keys generate`")
+    public, secret = zmq.auth.load_certificate(str(path))
+    if secret is None:
+        raise ConfigError(f"config error: {path} holds no secret key")
+    return public, secret
+
+
+class _AllowList:
+    """Public keys in ``allowed/``; re-read when the directory changes."""
+
+    def __init__(self, directory: Path, log: Any) -> None:
+        self.directory = directory
+        self.log = log
+        self._mtime = -1.0
+        self._keys: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._last_denied: dict[bytes, float] = {}
+        self.denied = 0
+
+    def _reload(self) -> None:
+        try:
+            mtime = self.directory.stat().st_mtime
+        except FileNotFoundError:
+            self._keys = set()
+            return
+        if mtime == self._mtime:
+            return
+        keys = set()
+        for path in self.directory.glob("*.key"):
+            try:
+                public, _ = zmq.auth.load_certificate(str(path))
+                keys.add(public)
+            except (OSError, ValueError):
+                self.log.warning("curve_bad_allowed_key", path=str(path))
+        self._keys, self._mtime = keys, mtime
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        with self._lock:
+            self._reload()
+            if client_key in self._keys:
+                return True
+            self.denied += 1
+            now = time.monotonic()
+            if now - self._last_denied.get(client_key, 0.0) > 10.0:
+                self._last_denied[client_key] = now
+                self.log.warning("curve_client_refused", client_key=client_key.decode("ascii", "replace"),
+                                 domain=domain, denied_total=self.denied,
+                                 reason="public key not on the allow-list")
+            return False
+
+
+class CurveSecurity:
+    """Applied by ``Bus.socket`` to every socket it makes."""
+
+    def __init__(self, cfg: Config, service_name: str, log: Any) -> None:
+        self.dir = keys_dir(cfg)
+        self.public, self.secret = _load_pair(self.dir, service_name)
+        self.owners = endpoint_owners(cfg)
+        self._server_keys: dict[str, bytes] = {}
+        self.log = log
+        self.allow_list = _AllowList(self.dir / ALLOWED_DIR, log)
+
+    def server_key(self, endpoint: str) -> bytes:
+        owner = self.owners.get(endpoint)
+        if owner is None:
+            raise ConfigError(f"config error: no CURVE server key known for {endpoint}")
+        if owner not in self._server_keys:
+            path = self.dir / f"{owner}.key"
+            if not path.is_file():
+                raise ConfigError(f"config error: bus.curve is on but {path} is missing; "
+                                  f"run `neopulse keys generate`")
+            self._server_keys[owner] = zmq.auth.load_certificate(str(path))[0]
+        return self._server_keys[owner]
+
+    def apply(self, sock: zmq.Socket[Any], *, server: bool) -> None:
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        if server:
+            sock.curve_server = True
+            sock.zap_domain = ZAP_DOMAIN.encode()
+            return
+        connect: Callable[[str], Any] = sock.connect
+
+        def connect_with_server_key(endpoint: str) -> Any:
+            # The server key is a per-connection option: set it just before each connect.
+            sock.curve_serverkey = self.server_key(endpoint)
+            return connect(endpoint)
+
+        sock.connect = connect_with_server_key  # type: ignore[method-assign,assignment]
+
+
+def install_curve(bus: Any, cfg: Config, service_name: str) -> CurveSecurity:
+    """Turn CURVE on for every socket ``bus`` makes from now on, with a ZAP authenticator."""
+    log = bus.log
+    if log is None:
+        from libs.common.log import get_logger
+
+        log = get_logger(service_name)
+    security = CurveSecurity(cfg, service_name, log)
+    auth = ThreadAuthenticator(bus.ctx)
+    auth.start()
+    auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=security.allow_list)
+    bus.security = security
+    close = bus.close
+
+    def close_with_auth() -> None:
+        auth.stop()
+        close()
+
+    bus.close = close_with_auth
+    log.info("curve_enabled", identity=service_name, keys_dir=str(security.dir))
+    return security
