@@ -29,6 +29,7 @@ from services.execution.brokers.base import (
     BrokerUnknown,
 )
 from services.execution.brokers.kotak import KotakBroker, KotakLoginError
+from services.execution.brokers.kotak_protocol import Kind, classify
 from services.execution.master_sync import fetch_kotak_master
 from tests.fakes.kotak_rest import FakeCredentials, KotakRestFake, default_instruments
 from tests.helpers import eventually
@@ -64,7 +65,7 @@ def master(fake: KotakRestFake, tmp_path: Path) -> MasterData:
 
 @pytest.fixture
 def broker(fake: KotakRestFake, master: MasterData) -> Iterator[KotakBroker]:
-    b = KotakBroker(kotak_config(fake), ExecutionConfig(broker_timeout_s=1.0), master)
+    b = KotakBroker(kotak_config(fake), ExecutionConfig(broker_timeout_s=5.0), master)
     yield b
     b.close()
 
@@ -183,16 +184,21 @@ def test_ack_then_later_rejection_ends_rejected_with_the_brokers_reason(
 
 
 def test_place_timeout_is_unknown_and_the_book_finds_the_single_order_by_tag(
-    fake: KotakRestFake, broker: KotakBroker
+    fake: KotakRestFake, master: MasterData
 ) -> None:
-    fake.hang_next_place(2.0)  # recorded at once, answered after the adapter's 1 s timeout
+    broker = KotakBroker(kotak_config(fake), ExecutionConfig(broker_timeout_s=1.0), master)
+    try:
+        broker.login()
+        fake.hang_next_place(2.5)  # recorded at once, answered after the adapter's 1 s timeout
 
-    with pytest.raises(BrokerUnknown, match="timeout"):
-        broker.place(reliance("np0020"))
+        with pytest.raises(BrokerUnknown, match="timeout"):
+            broker.place(reliance("np0020"))
 
-    found = eventually(lambda: broker.find_by_tag("np0020"), timeout=5)
-    assert found.status == "OPEN" and found.quantity == 5
-    assert [r["tag"] for r in fake.received_orders()] == ["np0020"]  # never re-sent
+        found = eventually(lambda: broker.find_by_tag("np0020"), timeout=5)
+        assert found.status == "OPEN" and found.quantity == 5
+        assert [r["tag"] for r in fake.received_orders()] == ["np0020"]  # never re-sent
+    finally:
+        broker.close()
 
 
 def test_partial_fill_shows_in_order_book_and_trade_book(fake: KotakRestFake, broker: KotakBroker) -> None:
@@ -382,3 +388,58 @@ def test_master_sync_caches_the_days_csv_files(fake: KotakRestFake, tmp_path: Pa
     assert (fut.lot_size, fut.tick_size, fut.freeze_qty) == (75, Decimal("0.1"), 1800)
     assert master.resolve("RELIANCE-EQ").key == "nse_cm|2885"
     assert {r["api"] for r in fake.requests()} == {"scrip_master", "scrip_file"}  # no login needed
+
+
+def test_connection_refused_on_place_is_unknown_and_the_book_later_shows_it_never_arrived(
+    fake: KotakRestFake, broker: KotakBroker
+) -> None:
+    broker.login()
+    fake.stop()
+    with pytest.raises(BrokerUnknown, match="Unable to connect"):
+        broker.place(reliance("np0070"))
+    with pytest.raises(BrokerTemporary):
+        broker.order_book()
+    fake.restart()  # same port and state file: the session survives
+    assert broker.find_by_tag("np0070") is None
+    assert fake.received_orders() == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [
+        ({"stat": "Ok", "nOrdNo": "1", "stCode": 200}, Kind.OK),
+        ({"stat": "ok", "stCode": 200, "data": []}, Kind.OK),
+        ({"stCode": 5203, "errMsg": "No Data", "stat": "Not_Ok"}, Kind.EMPTY),
+        ({"stCode": 100022, "errMsg": "invalid session token", "stat": "Not_Ok"}, Kind.SESSION),
+        ({"stat": "Not_Ok", "error": [{"code": "10020", "message": "Authentication Failed"}]}, Kind.SESSION),
+        ({"stCode": 900901, "errMsg": "Invalid Credentials", "stat": "Not_Ok"}, Kind.SESSION),
+        ({"Error Message": "Complete the 2fa process before accessing this application"}, Kind.SESSION),
+        ({"stCode": 429, "errMsg": "Too many requests", "stat": "Not_Ok"}, Kind.RATE_LIMITED),
+        ({"stCode": 100021, "errMsg": "invalid  access type", "stat": "Not_Ok"}, Kind.REFUSED),
+        ({"stCode": 1021, "errMsg": "order is completed", "stat": "Not_Ok", "status_code": 400},
+         Kind.REFUSED),
+        ({"stat": "Not_Ok", "emsg": "Order rejected", "stCode": "1009"}, Kind.REFUSED),
+        ({"stCode": 502, "errMsg": "not able to communicate with OMS", "stat": "Not_Ok"}, Kind.SERVER),
+        ({"stat": "Not_Ok", "errMsg": "Service Unavailable"}, Kind.UNRECOGNISED),
+        ({"message": "Internal server error"}, Kind.UNRECOGNISED),
+        (None, Kind.UNRECOGNISED),
+        ({"Error": "Exception has been occurred while connecting to API"}, Kind.UNREADABLE),
+        ({"Error": "Exchange segment not found"}, Kind.INVALID),
+    ],
+)
+def test_reply_shapes_from_the_sdk_notes_are_recognised(reply: Any, kind: Kind) -> None:
+    assert classify(reply).kind is kind
+
+
+def test_sdk_exceptions_in_error_dicts_are_told_apart_by_type() -> None:
+    from neo_api_client.exceptions import ApiException, ApiValueError
+
+    not_json = json.JSONDecodeError("Expecting value", "<html>", 0)
+    assert classify({"Error": not_json}).kind is Kind.UNREADABLE  # sent; reply unreadable
+    assert classify({"Error": ApiValueError("Invalid product.")}).kind is Kind.INVALID  # never sent
+    assert classify({"Error": KeyError("NSE")}).kind is Kind.INVALID
+    timeout = ApiException(status=0, reason="Request timeout after 10 seconds")
+    assert classify({"error": timeout}).kind is Kind.TRANSPORT
+    refused = ApiException(status=0, reason="Unable to connect to server")
+    assert classify({"Error": refused}).kind is Kind.TRANSPORT
+    assert classify({"error": ApiException(status=503, reason="Service Unavailable")}).kind is Kind.SERVER

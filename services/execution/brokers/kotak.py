@@ -516,6 +516,8 @@ class KotakBroker:
         is lost, because the next poll diffs against the same snapshot."""
         with self._poll_lock:
             today = trading_day(self.clock)
+            if self._logged_out_day == today:
+                return []  # logged out for the day on purpose: nothing to poll, nothing to warn
             if today != self._seen_day:
                 self._seen.clear()
                 self._seen_trades.clear()

@@ -1,9 +1,10 @@
 """Kotak Neo's wire shapes, as plain functions: what we send, and what each reply means.
 
-No SDK calls and no I/O here (the SDK is only imported for its exception classes), so every
-rule can be read in one place. Facts come from docs/kotak-rest.md (checked against
-``kotakneoapi`` 3.0.9): the SDK never raises for trading calls; it returns dicts whose keys
-say what happened (``Error``, ``error``, ``Error Message`` or the broker's own body).
+No SDK calls and no I/O here (the SDK is only imported, through ``import_sdk``, for its
+exception classes), so every rule can be read in one place. Facts come from
+docs/kotak-rest.md (checked against ``kotakneoapi`` 3.0.9): the SDK never raises for trading
+calls; it returns dicts whose keys say what happened (``Error``, ``error``, ``Error Message``
+or the broker's own body).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from libs.common.clock import IST
 from libs.common.instruments import Instrument
+from libs.common.sdk import import_sdk
 from services.execution.brokers.base import BrokerOrder, BrokerOrderStatus, BrokerTrade
 
 SEGMENTS = frozenset({"nse_cm", "bse_cm", "nse_fo", "bse_fo", "mcx_fo"})
@@ -67,6 +69,7 @@ def _int(value: Any) -> int | None:
 
 
 def _exception_verdict(exc: BaseException) -> Verdict:
+    import_sdk()  # the SDK's logging set-up must never win, even here
     from neo_api_client.exceptions import ApiException
 
     if isinstance(exc, JSONDecodeError):  # before ValueError: it is one

@@ -1,0 +1,222 @@
+"""``python -m services.execution --live`` with ``execution.broker=kotak`` against the Kotak REST fake.
+
+Execution is a real process on a real (embedded) PostgreSQL; the fake is its own process; the
+test plays the feed (a PUB on ``feed_pub`` sending ticks) and risk (``ExecuteOrder`` over the
+bus). Risk's default ``max_qty`` would refuse 3,750 NIFTY futures, so the order is driven at
+the execution level, as issue 5 asks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.common.bus import Bus, RequestTimeout, topic
+from libs.common.config import ExecutionConfig, load_config
+from libs.common.messages import (
+    ExecuteOrder,
+    GetOrders,
+    GetPositions,
+    GetStatus,
+    Message,
+    OrderRequest,
+    Reply,
+    Tick,
+)
+from libs.common.money import protected_limit
+from services.execution.brokers.kotak import KotakBroker
+from services.execution.master_sync import fetch_kotak_master
+from tests.fakes.kotak_rest import KotakRestFake, default_instruments
+from tests.helpers import eventually, stack_env
+
+pytestmark = pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[2] / "services" / "execution" / "service.py").exists(),
+    reason="services/execution/service.py is not there yet",
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+NIFTY = next(i for i in default_instruments() if i.inst_type == "FUTIDX")
+LTP = 24_087.35
+
+
+class LiveExecution:
+    """The execution process, a feed publisher and a bus client for one test."""
+
+    def __init__(self, home: Path, base_port: int, fake: KotakRestFake, pg_url: str) -> None:
+        c = fake.credentials
+        self.env = stack_env(
+            home, base_port, NEOPULSE_ENV_FILE=str(home / "no.env"),
+            NEOPULSE_EXECUTION__BROKER="kotak", NEOPULSE_DATABASE__URL=pg_url,
+            NEOPULSE_EXECUTION__BROKER_TIMEOUT_S="2",
+            NEOPULSE_KOTAK__BASE_URL=fake.base_url, NEOPULSE_KOTAK__CONSUMER_KEY=c.consumer_key,
+            NEOPULSE_KOTAK__MOBILE=c.mobile_number, NEOPULSE_KOTAK__UCC=c.ucc,
+            NEOPULSE_KOTAK__MPIN=c.mpin, NEOPULSE_KOTAK__TOTP_SECRET=c.totp_secret,
+        )  # fmt: skip
+        self.home = home
+        self.cfg = load_config(env=self.env)
+        self.bus = Bus(self.cfg)
+        self.feed = self.bus.publisher(self.cfg.bus.endpoint("feed_pub"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._ticking = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with (self.home / "execution.out").open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.execution", "--live"], cwd=ROOT,
+                                         env=self.env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        eventually(self._answers, timeout=30, message="execution to answer")
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"execution exited {self.proc.returncode}:\n{self.output()[-3000:]}")
+        try:
+            reply = self.ask(GetStatus(), timeout_ms=300)
+        except RequestTimeout:
+            return False
+        return isinstance(reply, Reply) and reply.ok
+
+    def output(self) -> str:
+        path = self.home / "execution.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def ask(self, msg: Message, timeout_ms: int = 5000) -> Message:
+        client = self.bus.client(self.cfg.bus.endpoint("execution_rep"), timeout_ms)
+        try:
+            return client.request(msg)
+        finally:
+            client.close()
+
+    def start_ticks(self, ltp: float) -> None:
+        """Publish the NIFTY future's last price every 50 ms (the feed's job), until stopped."""
+        def run() -> None:
+            while not self._ticking.wait(0.05):
+                self.feed.publish(topic("tick", NIFTY.segment, NIFTY.token),
+                                  Tick(segment=NIFTY.segment, token=NIFTY.token, ltp=ltp,
+                                       symbol=NIFTY.trading_symbol))  # fmt: skip
+
+        self._ticker = threading.Thread(target=run, daemon=True)
+        self._ticker.start()
+
+    def orders(self) -> list[dict[str, Any]]:
+        reply = self.ask(GetOrders())
+        assert isinstance(reply, Reply) and reply.ok, reply
+        rows: list[dict[str, Any]] = reply.data
+        return rows
+
+    def close(self) -> None:
+        self._ticking.set()
+        if self._ticker is not None:
+            self._ticker.join(2)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.feed.close()
+        self.bus.close()
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
+    with KotakRestFake(tmp_path / "kotak-state.json") as running:
+        yield running
+
+
+@pytest.fixture
+def live(tmp_path: Path, base_port: int, fake: KotakRestFake, pg_url: str) -> Iterator[LiveExecution]:
+    home = tmp_path / "home"
+    ex = LiveExecution(home, base_port, fake, pg_url)
+    # The day's instrument master, as `neopulse sync-master` leaves it: the fake's own.
+    broker = KotakBroker(ex.cfg.kotak, ExecutionConfig())
+    try:
+        fetch_kotak_master(broker, home)
+    finally:
+        broker.close()
+    ex.start()
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+def execute(request_id: str, *, side: str, quantity: int, order_type: str = "LIMIT",
+            price: Decimal | None = None, trigger: Decimal | None = None) -> ExecuteOrder:  # fmt: skip
+    order = OrderRequest(request_id=request_id, strategy_id="t1", side=side, quantity=quantity,
+                         segment=NIFTY.segment, token=NIFTY.token, symbol=NIFTY.trading_symbol, price=price,
+                         order_type=order_type, trigger_price=trigger, product="NRML")  # fmt: skip
+    return ExecuteOrder(request_id=request_id, order=order, quantity=quantity, segment=NIFTY.segment,
+                        token=NIFTY.token, symbol=NIFTY.trading_symbol)  # fmt: skip
+
+
+def test_market_intent_for_3750_nifty_futures_goes_out_as_three_protected_limit_slices(
+    live: LiveExecution, fake: KotakRestFake
+) -> None:
+    live.start_ticks(LTP)
+    limit = protected_limit("BUY", LTP, 1.0, Decimal("0.1"))  # execution.protection_pct = 1 %
+
+    attempts = iter(range(100))
+
+    def submitted() -> Reply | None:
+        # Market intent (no price). A fresh request id per attempt: a refused one is final.
+        reply = live.ask(execute(f"exec-1-{next(attempts)}", side="BUY", quantity=3750))
+        assert isinstance(reply, Reply)
+        # Until the first tick arrives, execution refuses to price a market order.
+        return reply if reply.ok else None
+
+    reply = eventually(submitted, timeout=10, interval=0.2, message="execution to accept the order")
+    parent_tag = reply.data["client_tag"]
+
+    received = eventually(lambda: len(fake.received_orders()) == 3 and fake.received_orders(), timeout=15,
+                          message="three slices at the broker")  # fmt: skip
+    bodies = [r["body"] for r in received]
+    assert sorted(int(b["qt"]) for b in bodies) == [150, 1800, 1800]  # freeze 1,800, lot 75
+    assert {(b["pt"], b["pr"], b["tp"], b["tt"], b["es"], b["ts"], b["pc"]) for b in bodies} == {
+        ("L", f"{limit:.2f}", "0", "B", "nse_fo", NIFTY.trading_symbol, "NRML")
+    }
+    tags = [b["ig"] for b in bodies]
+    assert len(set(tags)) == 3 and parent_tag not in tags  # each slice is its own order at Kotak
+    assert {r["outcome"] for r in received} == {"ack"}
+
+    # The broker fills everything; execution sees it through order-book polling.
+    for r in received:
+        fake.fill(r["nOrdNo"], price=str(limit))
+
+    def position() -> dict[str, Any] | None:
+        reply = live.ask(GetPositions())
+        assert isinstance(reply, Reply) and reply.ok
+        return next((p for p in reply.data if int(p["quantity"]) == 3750), None)
+
+    pos = eventually(position, timeout=15, message="a 3,750 position from the fills")
+    assert Decimal(str(pos["avg_price"])) == limit
+    slices = [o for o in live.orders() if o["client_tag"] in tags]
+    assert {o["status"] for o in slices} == {"COMPLETE"} and len(slices) == 3
+    assert len(fake.received_orders()) == 3  # nothing was sent twice
+
+
+def test_sl_m_intent_arrives_as_a_stop_limit(live: LiveExecution, fake: KotakRestFake) -> None:
+    trigger = Decimal("24000.0")
+    reply = live.ask(execute("exec-2", side="SELL", quantity=75, order_type="SL-M", trigger=trigger))
+    assert isinstance(reply, Reply) and reply.ok, reply
+
+    received = eventually(fake.received_orders, timeout=10, message="the stop at the broker")
+    (body,) = [r["body"] for r in received]
+    limit = protected_limit("SELL", trigger, 1.0, Decimal("0.1"))
+    assert (body["pt"], body["tp"], body["pr"], body["qt"], body["tt"]) == (
+        "SL", "24000.00", f"{limit:.2f}", "75", "S"
+    )
+
+    def stop_open() -> bool:
+        return any(o["client_tag"] == body["ig"] and o["status"] == "OPEN" for o in live.orders())
+
+    eventually(stop_open, timeout=10, message="the stop OPEN in the ledger (trigger pending at Kotak)")
