@@ -283,3 +283,37 @@ def test_credentials_are_leased_from_execution_when_not_configured(tmp_path: Pat
     assert lease.requests >= 1 and status["source_stats"]["leased"] is True
     assert fake.auth_frames[-1]["user"] == "UCC7"
     assert "edit-sid-7" not in feed.log_lines() and "edit-sid-7" not in feed.output()
+
+
+def test_feed_process_streams_a_configured_instrument_from_a_separate_sfeed_server(
+        tmp_path: Path, base_port: int) -> None:
+    # Issue 3, acceptance 2: everything through the environment, the fake in its own process.
+    import subprocess
+    import sys
+
+    fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.sfeed_server", "--rate", "20"],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline()
+        assert ready.startswith("SFEED_FAKE_READY"), ready
+        url = ready.split("url=")[1].split()[0]
+        feed = FeedProc(tmp_path / "home", base_port, NEOPULSE_FEED__SOURCE="kotak",
+                        NEOPULSE_KOTAK__SFEED_URL=url, NEOPULSE_KOTAK__FEED_USER="UCC42",
+                        NEOPULSE_KOTAK__FEED_AUTH="sid-secret-1234",
+                        NEOPULSE_FEED__INSTRUMENTS='["nse_cm|2885"]', NEO_LOG_FILE_ENABLED="false")
+        col = Collector(feed.subscriber(b"tick.nse_cm.2885."))
+        try:
+            feed.start()
+            ticks = col.wait_ticks(10)
+            recorded = feed.status()["recorder"]
+        finally:
+            feed.stop()
+    finally:
+        fake.terminate()
+        fake.wait(10)
+    assert all(t.segment == "nse_cm" and t.token == "2885" and t.symbol == "RELIANCE-EQ" for t in ticks)
+    assert all(t.ltp > 0 and t.bid <= t.ask for t in ticks)
+    assert len({t.ltp for t in ticks}) > 1 and col.sub.stats.gaps == 0
+    assert recorded["path"].endswith(".ticks")
+    assert "sid-secret-1234" not in feed.log_lines() + feed.output()
