@@ -34,4 +34,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m services.admin.cli`: this file runs as __main__, while the command modules
+    # register on the importable `services.admin.cli.app`; run that one.
+    from services.admin.cli import main as _main
+
+    _main()

@@ -488,7 +488,7 @@ def logs(  # noqa: PLR0917 - each parameter is a CLI option
     lines: int = typer.Option(40, "--lines", "-n", min=0, help="How many past lines to show first."),
     raw: bool = typer.Option(False, "--json", help="Print the JSON lines as they are."),
 ) -> None:
-    """Read the services' JSON logs in a readable form (``-f`` to follow)."""
+    """Read the services' JSON logs in a readable form (-f to follow)."""
     min_level = 0
     if level:
         if level.lower() not in LEVELS:
