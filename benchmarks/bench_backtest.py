@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from libs.common.clock import ManualClock  # noqa: E402
 from libs.common.config import load_config  # noqa: E402
 from libs.common.instruments import MasterData  # noqa: E402
-from services.backtest.runner import run_backtest  # noqa: E402
 from libs.common.messages import Codec  # noqa: E402
+from services.backtest.runner import run_backtest  # noqa: E402
 from services.feed.recorder import TickRecorder  # noqa: E402
 from services.feed.sources.replay import iter_ticks  # noqa: E402
 
@@ -82,14 +82,17 @@ def run(n: int, strategy: str = "momentum", params: dict[str, Any] | None = None
     assert recorded.report["summary"] == mem.report["summary"]
     s = mem.report["summary"]
     return {
-        "ticks": n, "strategy": strategy,
+        "ticks": n,
+        "strategy": strategy,
         "reader_ticks_per_s": round(n / read_s),
         "pipeline_ticks_per_s": round(mem.ticks_per_s),
         "end_to_end_ticks_per_s": round(n / full_s),
         "end_to_end_recorded_ticks_per_s": round(n / rec_s),
         "macd_pipeline_ticks_per_s": round(macd.ticks_per_s),
         "macd_trades": macd.report["summary"]["trades"],
-        "trades": s["trades"], "fills": s["fills"], "orders": mem.report["orders"],
+        "trades": s["trades"],
+        "fills": s["fills"],
+        "orders": mem.report["orders"],
         "net_pnl": s["net_pnl"],
     }
 
@@ -104,12 +107,16 @@ def main() -> None:
     if args.json:
         print(json.dumps(res, indent=2))
         return
-    print(f"ticks: {res['ticks']:,}  strategy: {res['strategy']}  trades: {res['trades']}  fills: {res['fills']}")
+    print(
+        f"ticks: {res['ticks']:,}  strategy: {res['strategy']}  "
+        f"trades: {res['trades']}  fills: {res['fills']}"
+    )
     print(f"CSV reader alone:                    {res['reader_ticks_per_s']:>10,} ticks/s")
     print(f"pipeline (ticks in memory):          {res['pipeline_ticks_per_s']:>10,} ticks/s")
     print(f"end to end (CSV → report):           {res['end_to_end_ticks_per_s']:>10,} ticks/s")
     print(f"end to end (.ticks recording):       {res['end_to_end_recorded_ticks_per_s']:>10,} ticks/s")
-    print(f"pipeline, macd ({res['macd_trades']} trades):         {res['macd_pipeline_ticks_per_s']:>10,} ticks/s")
+    macd = f"pipeline, macd ({res['macd_trades']} trades):"
+    print(f"{macd:<37}{res['macd_pipeline_ticks_per_s']:>10,} ticks/s")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -26,19 +27,31 @@ def _params(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+TicksOpt = Annotated[Path, typer.Option("--ticks", help="Recorded tick file, CSV, or a directory of them.")]
+StrategyOpt = Annotated[
+    str, typer.Option("--strategy", help="Strategy name (momentum, macd) or pkg.module:Class.")
+]
+ParamOpt = Annotated[
+    list[str] | None, typer.Option("--param", help="Strategy parameter, key=value (repeatable).")
+]
+InstrumentsOpt = Annotated[str, typer.Option("--instruments", help="Only these symbols (comma-separated).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for report.json and equity.png.")]
+IdOpt = Annotated[str, typer.Option("--id", help="Strategy instance id used in the run.")]
+
+
 @app.command("backtest")
-def backtest(
-    ticks: Path = typer.Option(..., "--ticks", help="Recorded tick file, CSV, or a directory of them."),
-    strategy: str = typer.Option(..., "--strategy", help="Strategy name (momentum, macd) or package.module:Class."),
-    param: list[str] = typer.Option([], "--param", help="Strategy parameter override, key=value (repeatable)."),
-    instruments: str = typer.Option("", "--instruments", help="Only these symbols (comma-separated); default all."),
-    out: Path | None = typer.Option(None, "--out", help="Directory for report.json and equity.png."),
-    strategy_id: str = typer.Option("bt", "--id", help="Strategy instance id used in the run."),
+def backtest(  # noqa: PLR0917 - one parameter per CLI option
+    ticks: TicksOpt,
+    strategy: StrategyOpt,
+    param: ParamOpt = None,
+    instruments: InstrumentsOpt = "",
+    out: OutOpt = None,
+    strategy_id: IdOpt = "bt",
     as_json: bool = JSON_OPT,
 ) -> None:
     """Replay recorded ticks through a strategy, risk and paper execution (same code as live).
 
-    The report has trades, win rate, gross PnL, cost (turnover × 0.00035), net PnL, max
+    The report has trades, win rate, gross PnL, cost (turnover x 0.00035), net PnL, max
     drawdown and exposure time. With the same input it is byte-identical from run to run.
     """
     from services.backtest.report import render_text, to_json, write_equity_png
@@ -54,14 +67,21 @@ def backtest(
     master = MasterData.load_for_home(home)
     names = [s.strip() for s in instruments.split(",") if s.strip()]
     try:
-        result = run_backtest(iter_ticks(ticks, master), strategy, _params(param), cfg=cfg, master=master,
-                              strategy_id=strategy_id, instruments=names or None, log=log)
+        result = run_backtest(
+            iter_ticks(ticks, master),
+            strategy,
+            _params(param or []),
+            cfg=cfg,
+            master=master,
+            strategy_id=strategy_id,
+            instruments=names or None,
+            log=log,
+        )
     except (BacktestError, ParamsError, ConfigError, FileNotFoundError) as exc:
         fail(f"backtest: {exc}", EXIT_USAGE)
     report = result.report
     text = to_json(report)
-    speed = (f"replayed {result.ticks:,} ticks in {result.elapsed_s:.2f} s "
-             f"({result.ticks_per_s:,.0f} ticks/s)")
+    speed = f"replayed {result.ticks:,} ticks in {result.elapsed_s:.2f} s ({result.ticks_per_s:,.0f} ticks/s)"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(text)

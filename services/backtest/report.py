@@ -3,7 +3,7 @@
 The ``Book`` is fed the same ``Fill``s the strategy receives and every tick's price. Money
 is exact (``Decimal``) for the totals, so the report is internally consistent to the paisa:
 
-- ``net_pnl = gross_pnl - turnover × cost_rate`` (cost rate 0.00035 by default);
+- ``net_pnl = gross_pnl - turnover x cost_rate`` (cost rate 0.00035 by default);
 - the trades' PnLs add up to ``gross_pnl`` (a position still open at the end is one trade,
   marked at the last price and flagged ``open``);
 - the equity curve (net, after costs, marked to market) ends at ``net_pnl``.
@@ -64,12 +64,18 @@ class Trade:
         exit_val = self.sell_value if self.direction == "LONG" else self.buy_value
         cost = self.turnover * cost_rate
         return {
-            "symbol": self.symbol, "direction": self.direction, "quantity": self.quantity,
-            "entry_time": _iso(self.entry_ns), "exit_time": _iso(self.exit_ns) if self.exit_ns else None,
+            "symbol": self.symbol,
+            "direction": self.direction,
+            "quantity": self.quantity,
+            "entry_time": _iso(self.entry_ns),
+            "exit_time": _iso(self.exit_ns) if self.exit_ns else None,
             "entry_price": _num(entry_val / entry_qty) if entry_qty else None,
             "exit_price": _num(exit_val / exit_qty) if exit_qty else None,
-            "pnl": _num(self.pnl), "cost": _num(cost), "net_pnl": _num(self.pnl - cost),
-            "fills": self.fills, "open": self.open,
+            "pnl": _num(self.pnl),
+            "cost": _num(cost),
+            "net_pnl": _num(self.pnl - cost),
+            "fills": self.fills,
+            "open": self.open,
         }
 
 
@@ -133,7 +139,7 @@ class Book:
         else:
             inst.mark = price
 
-    def on_fill(self, fill: Fill, ts_ns: int) -> None:
+    def on_fill(self, fill: Fill, ts_ns: int) -> None:  # noqa: PLR0915 - one fill, one pass
         """Book a fill (exact money) into its instrument's current trade."""
         key = f"{fill.segment}|{fill.token}"
         inst = self._insts.get(key)
@@ -149,18 +155,20 @@ class Book:
         buy = fill.side == "BUY"
         while remaining:
             if inst.trade is None:
-                inst.trade = Trade(symbol=inst.symbol or fill.symbol, key=key,
-                                   direction="LONG" if buy else "SHORT", entry_ns=ts_ns)
+                inst.trade = Trade(
+                    symbol=inst.symbol or fill.symbol,
+                    key=key,
+                    direction="LONG" if buy else "SHORT",
+                    entry_ns=ts_ns,
+                )
                 self.trades.append(inst.trade)
                 if self._open_count == 0:
                     self._open_since = ts_ns
                 self._open_count += 1
             trade = inst.trade
             # the part of this fill that belongs to the current trade (a reversal splits it)
-            if inst.qty == 0 or (inst.qty > 0) == buy:
-                part = remaining
-            else:
-                part = min(remaining, abs(inst.qty))
+            opening = inst.qty == 0 or (inst.qty > 0) == buy
+            part = remaining if opening else min(remaining, abs(inst.qty))
             signed = part if buy else -part
             value = price * part
             if buy:
@@ -277,20 +285,21 @@ def to_json(report: dict[str, Any]) -> str:
 def render_text(report: dict[str, Any]) -> str:
     """The human summary."""
     s = report["summary"]
+    orders = report["orders"]
     lines = [
         f"backtest  {report['strategy']}  ({report['ticks']} ticks, {report['start']} → {report['end']})",
         f"  trades        {s['trades']}  (closed {s['closed_trades']}, open {s['open_trades']}, "
         f"wins {s['wins']}, losses {s['losses']}, win rate {s['win_rate'] * 100:.1f} %)",
         f"  gross PnL     {s['gross_pnl']:,.2f}",
-        f"  cost          {s['cost']:,.2f}  (turnover {s['turnover']:,.2f} × {s['cost_rate']})",
+        f"  cost          {s['cost']:,.2f}  (turnover {s['turnover']:,.2f} x {s['cost_rate']})",
         f"  net PnL       {s['net_pnl']:,.2f}",
         f"  max drawdown  {s['max_drawdown']:,.2f}",
         f"  exposure      {s['exposure_s']:,.0f} s  ({s['exposure_pct']} % of the time)",
-        f"  orders        {report['orders']['requested']} requested, {report['orders']['approved']} approved, "
-        f"{report['orders']['rejected']} rejected; strategy errors {report['errors']}",
+        f"  orders        {orders['requested']} requested, {orders['approved']} approved, "
+        f"{orders['rejected']} rejected; strategy errors {report['errors']}",
     ]
     for reason, n in sorted(report["rejections"].items(), key=lambda kv: -kv[1])[:5]:
-        lines.append(f"    rejected ×{n}: {reason}")
+        lines.append(f"    rejected x{n}: {reason}")
     return "\n".join(lines)
 
 
@@ -303,7 +312,7 @@ def write_equity_png(report: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     curve = report["equity_curve"]
-    xs = [datetime.fromisoformat(when) for when, _ in curve]
+    xs: Any = [datetime.fromisoformat(when) for when, _ in curve]
     ys = [eq for _, eq in curve]
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
     try:
@@ -311,10 +320,12 @@ def write_equity_png(report: dict[str, Any], path: Path) -> Path:
         ax.axhline(0, color="#888888", linewidth=0.8)
         ax.fill_between(xs, ys, 0, step="post", alpha=0.15, color="#1f6feb")
         s = report["summary"]
-        ax.set_title(f"{report['strategy']}: net PnL {s['net_pnl']:,.2f} after costs "
-                     f"({s['trades']} trades, max drawdown {s['max_drawdown']:,.2f})")
+        ax.set_title(
+            f"{report['strategy']}: net PnL {s['net_pnl']:,.2f} after costs "
+            f"({s['trades']} trades, max drawdown {s['max_drawdown']:,.2f})"
+        )
         ax.set_ylabel("net equity (₹)")
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=IST))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M", tz=IST))  # type: ignore[no-untyped-call]
         ax.grid(True, alpha=0.3)
         fig.autofmt_xdate()
         fig.tight_layout()

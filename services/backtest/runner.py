@@ -114,10 +114,18 @@ class Pipeline:
         self._work.extend(self.strategy.dispatch_verdict(req, final))
 
 
-def run_backtest(ticks: Iterable[Tick], strategy: str, params: dict[str, Any] | None = None, *,
-                 cfg: Config, master: MasterData, strategy_id: str = "bt",
-                 instruments: list[str] | None = None, on_error: str = "continue",
-                 log: Any = None) -> BacktestResult:
+def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
+    ticks: Iterable[Tick],
+    strategy: str,
+    params: dict[str, Any] | None = None,
+    *,
+    cfg: Config,
+    master: MasterData,
+    strategy_id: str = "bt",
+    instruments: list[str] | None = None,
+    on_error: str = "continue",
+    log: Any = None,
+) -> BacktestResult:
     """Replay ``ticks`` (in exchange-time order) through ``strategy`` and the paper pipeline."""
     try:
         cls = registry.load(strategy)
@@ -133,17 +141,23 @@ def run_backtest(ticks: Iterable[Tick], strategy: str, params: dict[str, Any] | 
     it = iter(ticks)
     t0 = time.perf_counter()
     first: Tick | None = None
-    for tick in it:
-        if wanted is None or f"{tick.segment}|{tick.token}" in wanted:
-            first = tick
+    for candidate in it:
+        if wanted is None or f"{candidate.segment}|{candidate.token}" in wanted:
+            first = candidate
             break
     if first is None:
         raise BacktestError("no ticks to replay")
     clock.set_ns(first.exch_ts_ns or first.ts_ns)
     # The strategy's instruments: the ones asked for, else those the recording holds (known ones).
-    ctx = StrategyContext(strategy_id, clock=clock, master=master, log=log,
-                          instruments=sorted(wanted) if wanted else [], on_error=on_error,
-                          request_ids=StrategyContext.sequential_ids(strategy_id))
+    ctx = StrategyContext(
+        strategy_id,
+        clock=clock,
+        master=master,
+        log=log,
+        instruments=sorted(wanted) if wanted else [],
+        on_error=on_error,
+        request_ids=StrategyContext.sequential_ids(strategy_id),
+    )
     strat = cls(ctx, params or {})
     pipe = Pipeline(cfg, master, strat, clock)
     pipe.submit(strat.dispatch_start())
@@ -209,15 +223,20 @@ def _report(strat: Strategy, pipe: Pipeline, n: int, seen: dict[str, str]) -> di
         "start": _iso(book.first_ns) if book.first_ns else None,
         "end": _iso(book.last_ns) if book.last_ns else None,
         "summary": book.summary(),
-        "orders": {"requested": pipe.requested, "approved": pipe.approved,
-                   "rejected": sum(pipe.rejections.values())},
+        "orders": {
+            "requested": pipe.requested,
+            "approved": pipe.approved,
+            "rejected": sum(pipe.rejections.values()),
+        },
         "rejections": dict(sorted(pipe.rejections.items())),
         "errors": strat.errors,
         "halted": strat.halted,
         # risk's own view of the day, as a cross-check of the report's arithmetic
-        "risk": {"state": risk_state.state, "net_pnl": round(risk_state.net_pnl, 2),
-                 "turnover": round(risk_state.turnover, 2)},
+        "risk": {
+            "state": risk_state.state,
+            "net_pnl": round(risk_state.net_pnl, 2),
+            "turnover": round(risk_state.turnover, 2),
+        },
         "trade_list": [t.as_dict(cost_rate) for t in book.trades],
         "equity_curve": [[_iso(ts), eq] for ts, eq in book.equity_curve()],
     }
-

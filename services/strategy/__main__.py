@@ -29,8 +29,10 @@ def parse_params(pairs: list[str]) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.strategy",
-                                     description="Run strategy instances (all configured ones without NAME).")
+    parser = argparse.ArgumentParser(
+        prog="python -m services.strategy",
+        description="Run strategy instances (all configured ones without NAME).",
+    )
     parser.add_argument("name", nargs="?", help="strategy name (momentum, macd) or package.module:Class")
     parser.add_argument("--id", dest="sid", help="instance id (default: the name)")
     parser.add_argument("--param", action="append", default=[], metavar="K=V", help="parameter override")
@@ -49,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entry = next((s for s in cfg.strategy if s.id == sid), None)
         if entry is not None and entry.name != args.name:
-            raise ConfigError(f"config error: strategy id `{sid}` is configured as `{entry.name}`, "
-                              f"not `{args.name}`")
+            raise ConfigError(
+                f"config error: strategy id `{sid}` is configured as `{entry.name}`, not `{args.name}`"
+            )
         params = dict(entry.params) if entry else {}
         params.update(parse_params(args.param))
         instruments = [s.strip() for s in args.instruments.split(",") if s.strip()]
         instance = StrategyInstance(
-            name=args.name, id=sid, params=params,
+            name=args.name,
+            id=sid,
+            params=params,
             instruments=instruments or (entry.instruments if entry else []),
             on_error=args.on_error or (entry.on_error if entry else "continue"),
         )

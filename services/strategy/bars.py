@@ -45,12 +45,33 @@ class BarAggregator:
     """Aggregates one instrument's ticks into bars of ``interval_s`` seconds."""
 
     __slots__ = (
-        "_close", "_emitted_until", "_high", "_last_cum_vol", "_low", "_n", "_open", "_partial",
-        "_start", "_vol", "emit_partial", "fill_gaps", "interval_ns", "key", "late", "start_ns",
+        "_close",
+        "_emitted_until",
+        "_high",
+        "_last_cum_vol",
+        "_low",
+        "_n",
+        "_open",
+        "_partial",
+        "_start",
+        "_vol",
+        "emit_partial",
+        "fill_gaps",
+        "interval_ns",
+        "key",
+        "late",
+        "start_ns",
     )
 
-    def __init__(self, key: str = "", interval_s: float = 60.0, *, start_ns: int | None = None,
-                 emit_partial: bool = False, fill_gaps: bool = False) -> None:
+    def __init__(
+        self,
+        key: str = "",
+        interval_s: float = 60.0,
+        *,
+        start_ns: int | None = None,
+        emit_partial: bool = False,
+        fill_gaps: bool = False,
+    ) -> None:
         if interval_s <= 0:
             raise ValueError("bar interval must be positive")
         self.key = key
@@ -131,22 +152,37 @@ class BarAggregator:
         """The bar being built (not yet complete), for inspection."""
         if self._start is None:
             return None
-        return self._make(self._start, self._open, self._high, self._low, self._close, self._vol,
-                          self._n, self._partial)
+        return self._make(
+            self._start, self._open, self._high, self._low, self._close, self._vol, self._n, self._partial
+        )
 
     # ------------------------------------------------------------------ internals
-    def _make(self, start: int, o: float, h: float, lo: float, c: float, vol: int, n: int,
-              partial: bool) -> Bar:
-        return Bar(key=self.key, start_ns=start, end_ns=start + self.interval_ns, open=o, high=h,
-                   low=lo, close=c, volume=vol, ticks=n, partial=partial)
+    def _make(  # noqa: PLR0917 - the fields of a bar
+        self, start: int, o: float, h: float, lo: float, c: float, vol: int, n: int, partial: bool
+    ) -> Bar:
+        return Bar(
+            key=self.key,
+            start_ns=start,
+            end_ns=start + self.interval_ns,
+            open=o,
+            high=h,
+            low=lo,
+            close=c,
+            volume=vol,
+            ticks=n,
+            partial=partial,
+        )
 
     def _close_current(self) -> list[Bar]:
         start = self._start
         assert start is not None
         out: list[Bar] = []
         if not self._partial or self.emit_partial:
-            out.append(self._make(start, self._open, self._high, self._low, self._close, self._vol,
-                                  self._n, self._partial))
+            out.append(
+                self._make(
+                    start, self._open, self._high, self._low, self._close, self._vol, self._n, self._partial
+                )
+            )
         self._emitted_until = start + self.interval_ns
         self._start = None
         return out

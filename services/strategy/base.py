@@ -57,8 +57,15 @@ from libs.common.money import snap, to_decimal
 from services.strategy.bars import Bar, BarAggregator
 
 __all__ = [
-    "Bar", "NoParams", "ParamsError", "PositionState", "Sizing", "Strategy", "StrategyContext",
-    "StrategyParams", "Tick",
+    "Bar",
+    "NoParams",
+    "ParamsError",
+    "PositionState",
+    "Sizing",
+    "Strategy",
+    "StrategyContext",
+    "StrategyParams",
+    "Tick",
 ]
 
 _EMPTY: tuple[OrderRequest, ...] = ()
@@ -87,11 +94,21 @@ class StrategyContext:
     logger, its instruments and a request-id factory. Built by the host, never by the
     strategy."""
 
-    def __init__(self, strategy_id: str, *, clock: Clock | None = None, master: MasterData | None = None,
-                 log: Any = None, instruments: Iterable[str] = (), on_error: str = "continue",
-                 request_ids: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        strategy_id: str,
+        *,
+        clock: Clock | None = None,
+        master: MasterData | None = None,
+        log: Any = None,
+        instruments: Iterable[str] = (),
+        on_error: str = "continue",
+        request_ids: Callable[[], str] | None = None,
+    ) -> None:
         if on_error not in ("continue", "stop"):
-            raise ParamsError(f"strategy {strategy_id}: on_error must be `continue` or `stop`, got {on_error!r}")
+            raise ParamsError(
+                f"strategy {strategy_id}: on_error must be `continue` or `stop`, got {on_error!r}"
+            )
         self.strategy_id = strategy_id
         self.clock = clock or Clock()
         self.master = master
@@ -154,7 +171,10 @@ class PositionState:
             self.avg_price = price
 
     def __repr__(self) -> str:
-        return f"PositionState({self.key} qty={self.quantity} avg={self.avg_price:.2f} realised={self.realised:.2f})"
+        return (
+            f"PositionState({self.key} qty={self.quantity} avg={self.avg_price:.2f} "
+            f"realised={self.realised:.2f})"
+        )
 
 
 class Strategy:
@@ -232,9 +252,17 @@ class Strategy:
         a backtest). Orders queued here are still sent when the host can."""
 
     # ================================================================== helpers
-    def buy(self, instrument: str | Tick, quantity: int | None = None, *, price: float | Decimal | None = None,
-            stop_loss: float | Decimal | None = None, target: float | Decimal | None = None,
-            sizing: Sizing | None = None, product: str = "MIS") -> OrderRequest | None:
+    def buy(
+        self,
+        instrument: str | Tick,
+        quantity: int | None = None,
+        *,
+        price: float | Decimal | None = None,
+        stop_loss: float | Decimal | None = None,
+        target: float | Decimal | None = None,
+        sizing: Sizing | None = None,
+        product: str = "MIS",
+    ) -> OrderRequest | None:
         """Open a long position from flat.
 
         ``price`` None means market intent (execution makes it a protected LIMIT).
@@ -246,14 +274,23 @@ class Strategy:
         """
         return self._entry("BUY", instrument, quantity, price, stop_loss, target, sizing, product)
 
-    def sell(self, instrument: str | Tick, quantity: int | None = None, *, price: float | Decimal | None = None,
-             stop_loss: float | Decimal | None = None, target: float | Decimal | None = None,
-             sizing: Sizing | None = None, product: str = "MIS") -> OrderRequest | None:
+    def sell(
+        self,
+        instrument: str | Tick,
+        quantity: int | None = None,
+        *,
+        price: float | Decimal | None = None,
+        stop_loss: float | Decimal | None = None,
+        target: float | Decimal | None = None,
+        sizing: Sizing | None = None,
+        product: str = "MIS",
+    ) -> OrderRequest | None:
         """Open a short position from flat; arguments as for ``buy`` (stop above, target below)."""
         return self._entry("SELL", instrument, quantity, price, stop_loss, target, sizing, product)
 
-    def exit(self, instrument: str | Tick, *, price: float | Decimal | None = None,
-             product: str = "MIS") -> OrderRequest | None:
+    def exit(
+        self, instrument: str | Tick, *, price: float | Decimal | None = None, product: str = "MIS"
+    ) -> OrderRequest | None:
         """Close the whole position in ``instrument`` (reduce-only, market intent unless
         ``price``). Returns ``None`` when flat or when an exit is already in flight."""
         key = self.key_of(instrument)
@@ -264,15 +301,16 @@ class Strategy:
             if req.purpose == "EXIT" and self._req_key(req) == key:
                 return None
         for rid in self._exit_ids:
-            req = self.pending.get(rid)
-            if req is not None and self._req_key(req) == key:
+            sent = self.pending.get(rid)
+            if sent is not None and self._req_key(sent) == key:
                 return None
         for upd in self.open_orders.values():
             if upd.request_id in self._exit_ids and f"{upd.segment}|{upd.token}" == key:
                 return None
         side = "SELL" if pos.quantity > 0 else "BUY"
-        req = self._build(side, key, abs(pos.quantity), price, None, None, None, product,
-                          reduce_only=True, purpose="EXIT")
+        req = self._build(
+            side, key, abs(pos.quantity), price, None, None, None, product, reduce_only=True, purpose="EXIT"
+        )
         self._exit_ids.add(req.request_id)
         return req
 
@@ -305,7 +343,7 @@ class Strategy:
         return master.resolve(instrument).key
 
     def price_offset(self, instrument: str | Tick, base: float, pct: float, mode: str = "nearest") -> Decimal:
-        """``base × (1 + pct/100)`` snapped to the instrument's tick size (``mode``:
+        """``base x (1 + pct/100)`` snapped to the instrument's tick size (``mode``:
         nearest, up, down). Handy for stops and targets in percent."""
         return snap(base * (1.0 + pct / 100.0), self._tick_size(self.key_of(instrument)), mode)
 
@@ -329,13 +367,15 @@ class Strategy:
         self._bar_start_ns = self.ctx.clock.now_ns()
         try:
             self.on_start()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a strategy bug must never kill its host
             self._outbox.clear()
             self._failed("on_start", exc, force_stop=True)
             return _EMPTY
         return self._commit()
 
-    def dispatch_tick(self, tick: Tick, key: str | None = None) -> list[OrderRequest] | tuple[OrderRequest, ...]:
+    def dispatch_tick(
+        self, tick: Tick, key: str | None = None
+    ) -> list[OrderRequest] | tuple[OrderRequest, ...]:
         """Book the tick, build bars, run ``on_bar``/``on_tick``; return the orders to send.
         ``key`` (``segment|token``) may be passed when the host already has it."""
         if self.halted:
@@ -350,14 +390,15 @@ class Strategy:
             if self._wants_bars:
                 agg = self._bars.get(key)
                 if agg is None:
-                    agg = self._bars[key] = BarAggregator(key, self._bar_interval, start_ns=self._bar_start_ns,
-                                                          fill_gaps=self.bar_fill_gaps)
+                    agg = self._bars[key] = BarAggregator(
+                        key, self._bar_interval, start_ns=self._bar_start_ns, fill_gaps=self.bar_fill_gaps
+                    )
                 bars = agg.update_tick(tick)
                 if bars:
                     for bar in bars:
                         self.on_bar(bar)
             self.on_tick(tick)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a strategy bug must never kill its host
             self._outbox.clear()
             self._failed("on_tick", exc)
             return _EMPTY
@@ -380,8 +421,9 @@ class Strategy:
             return _EMPTY
         return self._guarded("on_bar", lambda: self._flush_bars(now_ns - BAR_FLUSH_GRACE_NS))
 
-    def dispatch_verdict(self, request: OrderRequest, verdict: RiskVerdict | Exception) -> list[OrderRequest] | tuple[
-            OrderRequest, ...]:
+    def dispatch_verdict(
+        self, request: OrderRequest, verdict: RiskVerdict | Exception
+    ) -> list[OrderRequest] | tuple[OrderRequest, ...]:
         """Risk's answer (or the transport error) for ``request``."""
         rid = request.request_id
         if isinstance(verdict, Exception):
@@ -436,7 +478,7 @@ class Strategy:
         """Run ``on_stop`` (isolated)."""
         try:
             self.on_stop()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a strategy bug must never kill its host
             self._outbox.clear()
             self._failed("on_stop", exc)
             return _EMPTY
@@ -458,8 +500,12 @@ class Strategy:
     def status(self) -> dict[str, Any]:
         """Small summary for heartbeats and reports."""
         return {
-            "strategy_id": self.id, "strategy": self.name, "errors": self.errors,
-            "halted": self.halted, "pending": len(self.pending), "open_orders": len(self.open_orders),
+            "strategy_id": self.id,
+            "strategy": self.name,
+            "errors": self.errors,
+            "halted": self.halted,
+            "pending": len(self.pending),
+            "open_orders": len(self.open_orders),
             "positions": {k: p.quantity for k, p in self.positions.items() if p.quantity},
         }
 
@@ -479,9 +525,17 @@ class Strategy:
             pos.last_price = last.ltp if last is not None else price
         pos.apply(side, delta, price)
 
-    def _entry(self, side: str, instrument: str | Tick, quantity: int | None, price: float | Decimal | None,
-               stop_loss: float | Decimal | None, target: float | Decimal | None, sizing: Sizing | None,
-               product: str) -> OrderRequest | None:
+    def _entry(  # noqa: PLR0917 - the helpers' arguments, passed through
+        self,
+        side: str,
+        instrument: str | Tick,
+        quantity: int | None,
+        price: float | Decimal | None,
+        stop_loss: float | Decimal | None,
+        target: float | Decimal | None,
+        sizing: Sizing | None,
+        product: str,
+    ) -> OrderRequest | None:
         key = self.key_of(instrument)
         if self.position(key) != 0 or self.has_orders(key):
             return None
@@ -493,12 +547,24 @@ class Strategy:
             quantity = 0 if sizing is not None else int(getattr(self.params, "quantity", 0))
         if quantity < 0 or (quantity == 0 and sizing is None):
             raise ValueError(f"{side.lower()} needs a positive quantity or sizing, got {quantity}")
-        return self._build(side, key, quantity, price, stop_loss, target, sizing, product,
-                           reduce_only=False, purpose="ENTRY")
+        return self._build(
+            side, key, quantity, price, stop_loss, target, sizing, product, reduce_only=False, purpose="ENTRY"
+        )
 
-    def _build(self, side: str, key: str, quantity: int, price: float | Decimal | None,
-               stop_loss: float | Decimal | None, target: float | Decimal | None, sizing: Sizing | None,
-               product: str, *, reduce_only: bool, purpose: str) -> OrderRequest:
+    def _build(  # noqa: PLR0917 - every field of the request
+        self,
+        side: str,
+        key: str,
+        quantity: int,
+        price: float | Decimal | None,
+        stop_loss: float | Decimal | None,
+        target: float | Decimal | None,
+        sizing: Sizing | None,
+        product: str,
+        *,
+        reduce_only: bool,
+        purpose: str,
+    ) -> OrderRequest:
         segment, _, token = key.partition("|")
         tick_size = self._tick_size(key)
         buy = side == "BUY"
@@ -569,7 +635,7 @@ class Strategy:
             return _EMPTY
         try:
             fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a strategy bug must never kill its host
             self._outbox.clear()
             self._failed(hook, exc)
             return _EMPTY
@@ -589,6 +655,12 @@ class Strategy:
         if stop:
             self.halted = f"strategy {self.id} stopped: {hook} raised {type(exc).__name__}: {exc}"
         if stop or n <= _LOG_FIRST_ERRORS or n % _LOG_EVERY_ERRORS == 0:
-            self.log.error("strategy_hook_failed", strategy_id=self.id, hook=hook, errors=n,
-                           error=f"{type(exc).__name__}: {exc}", action="stop" if stop else "continue",
-                           exc_info=exc)
+            self.log.error(
+                "strategy_hook_failed",
+                strategy_id=self.id,
+                hook=hook,
+                errors=n,
+                error=f"{type(exc).__name__}: {exc}",
+                action="stop" if stop else "continue",
+                exc_info=exc,
+            )

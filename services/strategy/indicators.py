@@ -187,10 +187,7 @@ class ATR:
 
     def update(self, high: float, low: float, close: float) -> float | None:
         pc = self._prev_close
-        if pc is None:
-            tr = high - low
-        else:
-            tr = max(high - low, abs(high - pc), abs(low - pc))
+        tr = high - low if pc is None else max(high - low, abs(high - pc), abs(low - pc))
         self._prev_close = close
         n = self.period
         v = self.value

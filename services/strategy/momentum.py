@@ -107,10 +107,16 @@ class Momentum(Strategy):
         p = self.params
         sign = 1.0 if side == "BUY" else -1.0
         price = tick.ltp
-        stop = self.price_offset(key, price, -sign * p.stop_pct, "down" if sign > 0 else "up") \
-            if p.stop_pct else None
-        target = self.price_offset(key, price, sign * p.target_pct, "up" if sign > 0 else "down") \
-            if p.target_pct else None
+        stop = (
+            self.price_offset(key, price, -sign * p.stop_pct, "down" if sign > 0 else "up")
+            if p.stop_pct
+            else None
+        )
+        target = (
+            self.price_offset(key, price, sign * p.target_pct, "up" if sign > 0 else "down")
+            if p.target_pct
+            else None
+        )
         sizing = None
         quantity: int | None = p.quantity
         if p.risk_pct > 0 and stop is not None:

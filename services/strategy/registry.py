@@ -38,8 +38,10 @@ def load(spec: str) -> type[Strategy]:
         return _registered[spec]
     path = BUILTIN.get(spec, spec)
     if ":" not in path:
-        raise UnknownStrategy(f"unknown strategy {spec!r} (known: {', '.join(names())}; "
-                              "or give a dotted path package.module:Class)")
+        raise UnknownStrategy(
+            f"unknown strategy {spec!r} (known: {', '.join(names())}; "
+            "or give a dotted path package.module:Class)"
+        )
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)

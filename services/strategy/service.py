@@ -75,9 +75,14 @@ class StrategyService(Service):
         super().__init__(cfg, name=f"strategy-{instance.id}", pub_endpoint=pub_endpoint(instance.id))
         self.instance = instance
         self.master = MasterData.load_for_home(self.home)
-        self.strategy = build_strategy(cfg, instance, {
-            "master": self.master, "log": self.log.bind(strategy_id=instance.id),
-        })
+        self.strategy = build_strategy(
+            cfg,
+            instance,
+            {
+                "master": self.master,
+                "log": self.log.bind(strategy_id=instance.id),
+            },
+        )
         self.ready = False
         self.ticks = 0
         self.orders_sent = 0
@@ -93,8 +98,9 @@ class StrategyService(Service):
         self.risk = self.client(cfg.bus.endpoint("risk_rep"))
         self.feed = self.client(cfg.bus.endpoint("feed_rep"))
         self.execution = self.client(cfg.bus.endpoint("execution_rep"))
-        self.exec_sub = self.subscribe([cfg.bus.endpoint("execution_pub")],
-                                       [topic("order", sid), topic("fill", sid)], self._on_execution)
+        self.exec_sub = self.subscribe(
+            [cfg.bus.endpoint("execution_pub")], [topic("order", sid), topic("fill", sid)], self._on_execution
+        )
         self._send(strat.dispatch_start())
         if strat.halted:
             raise RuntimeError(strat.halted)
@@ -104,9 +110,13 @@ class StrategyService(Service):
         self.add_task("subscribe_refresh", SUBSCRIBE_REFRESH_S, self._request_subscribe)
         self.add_task("strategy_timer", 1.0, self._on_timer)
         self._ask_positions()
-        self.log.info("strategy_starting", strategy=self.instance.name, strategy_id=sid,
-                      instruments=[i.symbol for i in strat.instruments],
-                      params=msgspec.to_builtins(strat.params))
+        self.log.info(
+            "strategy_starting",
+            strategy=self.instance.name,
+            strategy_id=sid,
+            instruments=[i.symbol for i in strat.instruments],
+            params=msgspec.to_builtins(strat.params),
+        )
 
     def on_stop(self) -> None:
         orders = self.strategy.dispatch_stop()
@@ -115,8 +125,14 @@ class StrategyService(Service):
         self.log.info("strategy_stopped", **self.status_info())
 
     def status_info(self) -> dict[str, Any]:
-        return {**self.strategy.status(), "ticks": self.ticks, "orders_sent": self.orders_sent,
-                "rejected": self.rejected, "ready": self.ready, "subscribed": len(self.subscribed)}
+        return {
+            **self.strategy.status(),
+            "ticks": self.ticks,
+            "orders_sent": self.orders_sent,
+            "rejected": self.rejected,
+            "ready": self.ready,
+            "subscribed": len(self.subscribed),
+        }
 
     # ----------------------------------------------------------------- feed
     def _request_subscribe(self) -> None:
@@ -169,9 +185,14 @@ class StrategyService(Service):
             # guards exposure) and keep asking; its answer, when it comes, is adopted as the truth.
             error = reply.error if isinstance(reply, Reply) else str(reply)
             retry = self._position_attempts < POSITIONS_ATTEMPTS
-            self.log.warning("positions_unavailable", error=error, attempt=self._position_attempts,
-                             detail="trading from flat until execution reports positions" if retry
-                             else "giving up: trading from the strategy's own fills")
+            self.log.warning(
+                "positions_unavailable",
+                error=error,
+                attempt=self._position_attempts,
+                detail="trading from flat until execution reports positions"
+                if retry
+                else "giving up: trading from the strategy's own fills",
+            )
             if retry:
                 self.reactor.call_later(POSITIONS_RETRY_S, self._ask_positions)
         self.ready = True
@@ -181,8 +202,14 @@ class StrategyService(Service):
             case OrderUpdate():
                 self._send(self.strategy.dispatch_order(msg))
             case Fill():
-                self.log.info("fill", order_id=msg.order_id, symbol=msg.symbol, side=msg.side,
-                              quantity=msg.quantity, price=str(msg.price))
+                self.log.info(
+                    "fill",
+                    order_id=msg.order_id,
+                    symbol=msg.symbol,
+                    side=msg.side,
+                    quantity=msg.quantity,
+                    price=str(msg.price),
+                )
                 self._send(self.strategy.dispatch_fill(msg))
             case _:
                 return
@@ -192,10 +219,17 @@ class StrategyService(Service):
     def _send(self, orders: Any) -> None:
         for req in orders:
             self.orders_sent += 1
-            self.log.info("order_request", request_id=req.request_id, symbol=req.symbol, side=req.side,
-                          quantity=req.quantity, price=str(req.price) if req.price is not None else None,
-                          stop_loss=str(req.stop_loss) if req.stop_loss is not None else None,
-                          target=str(req.target) if req.target is not None else None, purpose=req.purpose)
+            self.log.info(
+                "order_request",
+                request_id=req.request_id,
+                symbol=req.symbol,
+                side=req.side,
+                quantity=req.quantity,
+                price=str(req.price) if req.price is not None else None,
+                stop_loss=str(req.stop_loss) if req.stop_loss is not None else None,
+                target=str(req.target) if req.target is not None else None,
+                purpose=req.purpose,
+            )
             self.risk.request(req, functools.partial(self._on_verdict, req))
 
     def _on_verdict(self, req: OrderRequest, reply: Any) -> None:
@@ -226,4 +260,3 @@ class StrategyService(Service):
         if reason and self.reactor.running:
             self.log.error("strategy_halted", strategy_id=self.instance.id, reason=reason)
             self.stop(reason, exit_code=EXIT_ERROR)
-

@@ -8,6 +8,7 @@ die with the supervisor even if it is killed (``PR_SET_PDEATHSIG`` on Linux).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import subprocess
@@ -34,8 +35,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 def run_all(cfg: Config) -> int:
     """Start every configured instance and supervise them until they have all exited."""
     home = config_mod.home_dir()
-    log: Any = setup_logging("strategy", home, cfg.log.level, config_mod.secret_values(cfg),
-                             max_bytes=cfg.log.max_bytes, backups=cfg.log.backups)
+    log: Any = setup_logging(
+        "strategy",
+        home,
+        cfg.log.level,
+        config_mod.secret_values(cfg),
+        max_bytes=cfg.log.max_bytes,
+        backups=cfg.log.backups,
+    )
     stopping: list[int] = []
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -44,10 +51,8 @@ def run_all(cfg: Config) -> int:
         stopping.append(signum)
         for proc in children.values():
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signum)
-                except ProcessLookupError:
-                    pass
 
     children: dict[str, subprocess.Popen[bytes]] = {}
     signal.signal(signal.SIGINT, _on_signal)
@@ -55,7 +60,7 @@ def run_all(cfg: Config) -> int:
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     for inst in cfg.strategy:
         cmd = [sys.executable, "-m", "services.strategy", inst.name, "--id", inst.id]
-        children[inst.id] = subprocess.Popen(cmd, preexec_fn=preexec)  # noqa: PLW1509 - prctl only
+        children[inst.id] = subprocess.Popen(cmd, preexec_fn=preexec)  # noqa: S603, PLW1509 - our own module; prctl only
         log.info("strategy_child_started", strategy_id=inst.id, strategy=inst.name, pid=children[inst.id].pid)
     if not children:
         log.warning("no_strategies_configured", detail="add [[strategy]] entries to neopulse.toml")
@@ -66,7 +71,9 @@ def run_all(cfg: Config) -> int:
         for sid, proc in children.items():
             if sid not in codes and (rc := proc.poll()) is not None:
                 codes[sid] = rc
-                log.log(20 if rc == 0 or stopping else 40, "strategy_child_exited", strategy_id=sid, exit_code=rc)
+                log.log(
+                    20 if rc == 0 or stopping else 40, "strategy_child_exited", strategy_id=sid, exit_code=rc
+                )
         if len(codes) == len(children) and (children or stopping):
             break
         if stopping and stop_at is None:

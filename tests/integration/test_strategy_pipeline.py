@@ -35,7 +35,9 @@ def _orders(stack: Stack) -> list[dict[str, Any]]:
     # the installed console script (``python -m services.admin.cli`` registers commands on a
     # second copy of the Typer app)
     exe = str(Path(sys.executable).parent / "neopulse")
-    res = subprocess.run([exe, "orders", "--json"], env=stack.env, capture_output=True, text=True, timeout=20)
+    res = subprocess.run(
+        [exe, "orders", "--json"], env=stack.env, capture_output=True, text=True, timeout=20, check=False
+    )
     return json.loads(res.stdout) if res.returncode == 0 else []
 
 
@@ -46,8 +48,10 @@ def _ts(line: dict[str, Any]) -> float:
 def test_momentum_first_order_within_10s_fills_and_updates_its_position(tmp_path: Path, pg_url: str) -> None:
     home = tmp_path / "home"
     stack = Stack(home, free_base_port(), NEOPULSE_DATABASE__URL=pg_url).start(
-        "feed", "risk", "execution", "strategy")
+        "feed", "risk", "execution", "strategy"
+    )
     try:
+
         def first_request() -> dict[str, Any] | None:
             return next((e for e in _events(home, "strategy-mom1") if e["event"] == "order_request"), None)
 
@@ -56,13 +60,22 @@ def test_momentum_first_order_within_10s_fills_and_updates_its_position(tmp_path
         assert _ts(req) - _ts(started) <= 10.0
 
         def filled_entry() -> list[dict[str, Any]] | None:
-            return [o for o in _orders(stack) if o["strategy_id"] == "mom1" and o["purpose"] == "ENTRY"
-                    and o["status"] == "COMPLETE" and o["fills"]] or None
+            return [
+                o
+                for o in _orders(stack)
+                if o["strategy_id"] == "mom1"
+                and o["purpose"] == "ENTRY"
+                and o["status"] == "COMPLETE"
+                and o["fills"]
+            ] or None
 
         done = eventually(filled_entry, 30, 0.5, message=f"a filled momentum entry\n{stack.log()[-2000:]}")
         assert done[0]["request_id"].startswith("mom1-")
-        eventually(lambda: any(e["event"] == "fill" for e in _events(home, "strategy-mom1")), 10,
-                   message="the fill back at the strategy")
+        eventually(
+            lambda: any(e["event"] == "fill" for e in _events(home, "strategy-mom1")),
+            10,
+            message="the fill back at the strategy",
+        )
         took = stack.stop()
         assert took < 5.0
         assert not [e for e in _events(home, "strategy-mom1") if e["event"] == "strategy_hook_failed"]

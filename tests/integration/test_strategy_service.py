@@ -101,8 +101,10 @@ class Peers(threading.Thread):
                     price *= 1.0005
                     self.price = round(price, 1)
                     self.ticks += 1
-                    feed_pub.publish(topic("tick", INFY.segment, INFY.token),
-                                     Tick(segment=INFY.segment, token=INFY.token, ltp=self.price, symbol=INFY.symbol))
+                    feed_pub.publish(
+                        topic("tick", INFY.segment, INFY.token),
+                        Tick(segment=INFY.segment, token=INFY.token, ltp=self.price, symbol=INFY.symbol),
+                    )
         finally:
             for s in servers:
                 s.close()
@@ -126,28 +128,59 @@ class Peers(threading.Thread):
         self.requests.append(msg)
         oid = f"o{len(self.requests)}"
         price = Decimal(str(self.price))
-        common: dict[str, Any] = {"order_id": oid, "strategy_id": msg.strategy_id, "symbol": msg.symbol,
-                                  "segment": msg.segment, "token": msg.token, "side": msg.side}
-        self._outbox.append((topic("order", msg.strategy_id), OrderUpdate(
-            request_id=msg.request_id, client_tag="np1", quantity=msg.quantity, status="COMPLETE",
-            filled_qty=msg.quantity, avg_price=price, purpose=msg.purpose, **common)))
-        self._outbox.append((topic("fill", msg.strategy_id), Fill(
-            fill_id=f"f{len(self.requests)}", quantity=msg.quantity, price=price, **common)))
+        common: dict[str, Any] = {
+            "order_id": oid,
+            "strategy_id": msg.strategy_id,
+            "symbol": msg.symbol,
+            "segment": msg.segment,
+            "token": msg.token,
+            "side": msg.side,
+        }
+        self._outbox.append(
+            (
+                topic("order", msg.strategy_id),
+                OrderUpdate(
+                    request_id=msg.request_id,
+                    client_tag="np1",
+                    quantity=msg.quantity,
+                    status="COMPLETE",
+                    filled_qty=msg.quantity,
+                    avg_price=price,
+                    purpose=msg.purpose,
+                    **common,
+                ),
+            )
+        )
+        self._outbox.append(
+            (
+                topic("fill", msg.strategy_id),
+                Fill(fill_id=f"f{len(self.requests)}", quantity=msg.quantity, price=price, **common),
+            )
+        )
         return RiskVerdict(request_id=msg.request_id, approved=True, order_id=oid, quantity=msg.quantity)
 
 
 @pytest.fixture
 def stack(tmp_path: Path, base_port: int) -> Iterator[tuple[dict[str, str], Config]]:
     home = tmp_path / "h"
-    env = stack_env(home, base_port, NEOPULSE_FEED__INSTRUMENTS='["INFY-EQ"]',
-                    NEOPULSE_ENV_FILE=str(tmp_path / "none.env"))
+    env = stack_env(
+        home,
+        base_port,
+        NEOPULSE_FEED__INSTRUMENTS='["INFY-EQ"]',
+        NEOPULSE_ENV_FILE=str(tmp_path / "none.env"),
+    )
     cfg = load_config(env=env)
     yield env, cfg
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "services.strategy", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.strategy", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _log_lines(home: Path, name: str) -> list[dict[str, Any]]:
@@ -164,7 +197,9 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, within: float
     return rc, time.monotonic() - t0
 
 
-def test_strategy_process_trades_once_through_the_bus_and_heartbeats(stack: tuple[dict[str, str], Config]) -> None:
+def test_strategy_process_trades_once_through_the_bus_and_heartbeats(
+    stack: tuple[dict[str, str], Config],
+) -> None:
     env, cfg = stack
     home = Path(env["NEOPULSE_HOME"])
     peers = Peers(cfg)
@@ -178,7 +213,10 @@ def test_strategy_process_trades_once_through_the_bus_and_heartbeats(stack: tupl
         assert req.strategy_id == "mom1" and req.request_id.startswith("mom1-")
         assert (req.side, req.symbol, req.price, req.purpose) == ("BUY", "INFY-EQ", None, "ENTRY")
         assert req.stop_loss is not None and req.target is not None
-        assert peers.subscribes[0].instruments == ["INFY-EQ"] and peers.subscribes[0].requester == "strategy-mom1"
+        assert (
+            peers.subscribes[0].instruments == ["INFY-EQ"]
+            and peers.subscribes[0].requester == "strategy-mom1"
+        )
         assert peers.position_queries >= 1
 
         def holding() -> dict[str, Any] | None:
@@ -211,16 +249,22 @@ def _write_config(tmp_path: Path, body: str) -> Path:
 
 
 def test_on_tick_raising_with_on_error_stop_exits_with_the_reason(
-        tmp_path: Path, stack: tuple[dict[str, str], Config]) -> None:
+    tmp_path: Path, stack: tuple[dict[str, str], Config]
+) -> None:
     env, cfg = stack
     home = Path(env["NEOPULSE_HOME"])
-    env["NEOPULSE_CONFIG"] = str(_write_config(tmp_path, """
+    env["NEOPULSE_CONFIG"] = str(
+        _write_config(
+            tmp_path,
+            """
 [[strategy]]
 name = "tests.integration.test_strategy_service:Raiser"
 id = "boom"
 instruments = ["INFY-EQ"]
 on_error = "stop"
-"""))
+""",
+        )
+    )
     peers = Peers(cfg)
     peers.start()
     proc = _start(["tests.integration.test_strategy_service:Raiser", "--id", "boom"], env)
@@ -238,25 +282,37 @@ on_error = "stop"
     assert failed and failed[0]["strategy_id"] == "boom" and "ZeroDivisionError" in failed[0]["error"]
     stopped = [ln for ln in lines if ln["event"] == "service_stopped"]
     assert stopped and stopped[-1]["reason"] == (
-        "strategy boom stopped: on_tick raised ZeroDivisionError: bad maths in on_tick")
+        "strategy boom stopped: on_tick raised ZeroDivisionError: bad maths in on_tick"
+    )
 
 
 def test_on_tick_raising_with_on_error_continue_keeps_running(
-        tmp_path: Path, stack: tuple[dict[str, str], Config]) -> None:
+    tmp_path: Path, stack: tuple[dict[str, str], Config]
+) -> None:
     env, cfg = stack
     home = Path(env["NEOPULSE_HOME"])
-    env["NEOPULSE_CONFIG"] = str(_write_config(tmp_path, """
+    env["NEOPULSE_CONFIG"] = str(
+        _write_config(
+            tmp_path,
+            """
 [[strategy]]
 name = "tests.integration.test_strategy_service:Raiser"
 id = "boom"
 instruments = ["INFY-EQ"]
-"""))
+""",
+        )
+    )
     peers = Peers(cfg)
     peers.start()
     proc = _start(["tests.integration.test_strategy_service:Raiser", "--id", "boom"], env)
     try:
-        eventually(lambda: sum(ln["event"] == "strategy_hook_failed" for ln in _log_lines(home, "strategy-boom")) >= 3,
-                   15, message="repeated, logged errors")
+        eventually(
+            lambda: (
+                sum(ln["event"] == "strategy_hook_failed" for ln in _log_lines(home, "strategy-boom")) >= 3
+            ),
+            15,
+            message="repeated, logged errors",
+        )
         assert proc.poll() is None
         assert peers.requests == []
     finally:
@@ -286,10 +342,14 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_supervisor_runs_every_instance_and_leaves_no_orphans(
-        tmp_path: Path, stack: tuple[dict[str, str], Config], how: str) -> None:
+    tmp_path: Path, stack: tuple[dict[str, str], Config], how: str
+) -> None:
     env, _ = stack
     home = Path(env["NEOPULSE_HOME"])
-    env["NEOPULSE_CONFIG"] = str(_write_config(tmp_path, """
+    env["NEOPULSE_CONFIG"] = str(
+        _write_config(
+            tmp_path,
+            """
 [[strategy]]
 name = "momentum"
 id = "a1"
@@ -297,7 +357,9 @@ id = "a1"
 name = "macd"
 id = "a2"
 params = { fast = 5, slow = 13 }
-"""))
+""",
+        )
+    )
     proc = _start([], env)
 
     def run_files() -> list[dict[str, Any]] | None:

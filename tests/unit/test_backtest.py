@@ -46,8 +46,12 @@ def write_csv(path: Path, rows: list[tuple[int, str, float]]) -> Path:
     return path
 
 
-def random_walk_csv(path: Path, n_per_symbol: int = 3000, seed: int = 11,
-                    symbols: tuple[str, ...] = ("RELIANCE-EQ", "INFY-EQ", "SBIN-EQ")) -> Path:
+def random_walk_csv(
+    path: Path,
+    n_per_symbol: int = 3000,
+    seed: int = 11,
+    symbols: tuple[str, ...] = ("RELIANCE-EQ", "INFY-EQ", "SBIN-EQ"),
+) -> Path:
     rng = random.Random(seed)
     prices = {s: MASTER.resolve(s).ref_price for s in symbols}
     rows = []
@@ -71,7 +75,16 @@ def cli_runner() -> CliRunner:
 
 def test_json_output_is_byte_identical_across_runs(tmp_path: Path, cli_runner: CliRunner) -> None:
     csv_path = random_walk_csv(tmp_path / "walk.csv")
-    args = ["backtest", "--ticks", str(csv_path), "--strategy", "momentum", "--param", "entry_pct=0.3", "--json"]
+    args = [
+        "backtest",
+        "--ticks",
+        str(csv_path),
+        "--strategy",
+        "momentum",
+        "--param",
+        "entry_pct=0.3",
+        "--json",
+    ]
     first = cli_runner.invoke(cli.app, args)
     second = cli_runner.invoke(cli.app, args)
     assert first.exit_code == 0, first.output
@@ -131,7 +144,7 @@ def test_macd_trades_at_the_crossovers_a_batch_macd_predicts(tmp_path: Path) -> 
     assert all(t["direction"] == "LONG" for t in trades)
     # long at every up-cross, flat at every down-cross that follows one
     assert entries == ups
-    assert exits == [d for d in downs if d > ups[0]][:len(exits)]
+    assert exits == [d for d in downs if d > ups[0]][: len(exits)]
     assert len(exits) >= len(entries) - 1
     assert report["orders"]["rejected"] == 0
 
@@ -146,8 +159,9 @@ def test_on_tick_raising_is_isolated_in_a_backtest(tmp_path: Path) -> None:
 def test_cli_writes_report_and_equity_png(tmp_path: Path, cli_runner: CliRunner) -> None:
     csv_path = random_walk_csv(tmp_path / "walk.csv", 1500)
     out = tmp_path / "out"
-    result = cli_runner.invoke(cli.app, ["backtest", "--ticks", str(tmp_path), "--strategy", "momentum",
-                                         "--out", str(out)])
+    result = cli_runner.invoke(
+        cli.app, ["backtest", "--ticks", str(tmp_path), "--strategy", "momentum", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "net PnL" in result.stdout and "ticks/s" in result.stdout
     assert (out / "equity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -160,11 +174,13 @@ def test_cli_usage_errors_exit_2(tmp_path: Path, cli_runner: CliRunner) -> None:
     csv_path = random_walk_csv(tmp_path / "walk.csv", 10)
     result = cli_runner.invoke(cli.app, ["backtest", "--ticks", str(csv_path), "--strategy", "nosuch"])
     assert result.exit_code == 2 and "unknown strategy" in result.output
-    result = cli_runner.invoke(cli.app, ["backtest", "--ticks", str(csv_path), "--strategy", "momentum",
-                                         "--param", "lookback=zero"])
+    result = cli_runner.invoke(
+        cli.app, ["backtest", "--ticks", str(csv_path), "--strategy", "momentum", "--param", "lookback=zero"]
+    )
     assert result.exit_code == 2 and "lookback" in result.output
-    result = cli_runner.invoke(cli.app, ["backtest", "--ticks", str(tmp_path / "missing.csv"),
-                                         "--strategy", "momentum"])
+    result = cli_runner.invoke(
+        cli.app, ["backtest", "--ticks", str(tmp_path / "missing.csv"), "--strategy", "momentum"]
+    )
     assert result.exit_code == 2
 
 

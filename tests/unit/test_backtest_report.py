@@ -13,8 +13,17 @@ KEY = "nse_cm|1594"
 
 
 def _fill(side: str, qty: int, price: str, n: int) -> Fill:
-    return Fill(fill_id=f"f{n}", order_id=f"o{n}", strategy_id="bt", symbol="INFY-EQ", segment="nse_cm",
-                token="1594", side=side, quantity=qty, price=Decimal(price))
+    return Fill(
+        fill_id=f"f{n}",
+        order_id=f"o{n}",
+        strategy_id="bt",
+        symbol="INFY-EQ",
+        segment="nse_cm",
+        token="1594",
+        side=side,
+        quantity=qty,
+        price=Decimal(price),
+    )
 
 
 def test_round_trip_reversal_and_open_trade() -> None:
@@ -29,7 +38,7 @@ def test_round_trip_reversal_and_open_trade() -> None:
     long, short = book.trades
     assert (long.direction, long.quantity, long.pnl, long.open) == ("LONG", 2, Decimal("10.00"), False)
     assert (short.direction, short.quantity, short.open) == ("SHORT", 3, True)
-    assert short.pnl == Decimal("6.00")  # 3 × (105 - 103) marked at the last price
+    assert short.pnl == Decimal("6.00")  # 3 x (105 - 103) marked at the last price
     assert book.gross == Decimal("16.00")
     assert book.turnover == Decimal("725.00")
     assert book.net == Decimal("16.00") - Decimal("725.00") * Decimal("0.00035")

@@ -71,7 +71,14 @@ def test_gap_minutes_become_flat_bars_with_fill_gaps() -> None:
     assert bars is not None
     assert [b.start_ns for b in bars] == [T0, T0 + 60 * S, T0 + 120 * S]
     flat = bars[1]
-    assert (flat.open, flat.high, flat.low, flat.close, flat.volume, flat.ticks) == (101.0, 101.0, 101.0, 101.0, 0, 0)
+    assert (flat.open, flat.high, flat.low, flat.close, flat.volume, flat.ticks) == (
+        101.0,
+        101.0,
+        101.0,
+        101.0,
+        0,
+        0,
+    )
 
 
 def test_flush_closes_a_quiet_bar_once_its_time_has_passed() -> None:

@@ -23,7 +23,7 @@ def _series(n: int = 400, seed: int = 7) -> list[float]:
 
 
 def batch_sma(xs: list[float], n: int) -> list[float | None]:
-    return [None if i + 1 < n else sum(xs[i + 1 - n:i + 1]) / n for i in range(len(xs))]
+    return [None if i + 1 < n else sum(xs[i + 1 - n : i + 1]) / n for i in range(len(xs))]
 
 
 def batch_ema(xs: list[float], n: int) -> list[float | None]:

@@ -66,27 +66,56 @@ class Exploding(Strategy):
             raise RuntimeError("boom")
 
 
-def _ctx(on_error: str = "continue", log: RecordingLog | None = None, clock: ManualClock | None = None
-         ) -> StrategyContext:
-    return StrategyContext("s1", clock=clock or ManualClock(T0), master=MASTER, log=log or RecordingLog(),
-                           instruments=["RELIANCE-EQ"], on_error=on_error,
-                           request_ids=StrategyContext.sequential_ids("s1"))
+def _ctx(
+    on_error: str = "continue", log: RecordingLog | None = None, clock: ManualClock | None = None
+) -> StrategyContext:
+    return StrategyContext(
+        "s1",
+        clock=clock or ManualClock(T0),
+        master=MASTER,
+        log=log or RecordingLog(),
+        instruments=["RELIANCE-EQ"],
+        on_error=on_error,
+        request_ids=StrategyContext.sequential_ids("s1"),
+    )
 
 
 def _tick(ltp: float, ts: int = T0) -> Tick:
     return Tick(segment=REL.segment, token=REL.token, ltp=ltp, exch_ts_ns=ts, ts_ns=ts)
 
 
-def _update(req: OrderRequest, status: str, filled: int = 0, avg: str | None = None, oid: str = "o1") -> OrderUpdate:
-    return OrderUpdate(order_id=oid, request_id=req.request_id, strategy_id="s1", client_tag="t",
-                       symbol=req.symbol, segment=req.segment, token=req.token, side=req.side,
-                       quantity=req.quantity, status=status, filled_qty=filled,
-                       avg_price=Decimal(avg) if avg else None, purpose=req.purpose)
+def _update(
+    req: OrderRequest, status: str, filled: int = 0, avg: str | None = None, oid: str = "o1"
+) -> OrderUpdate:
+    return OrderUpdate(
+        order_id=oid,
+        request_id=req.request_id,
+        strategy_id="s1",
+        client_tag="t",
+        symbol=req.symbol,
+        segment=req.segment,
+        token=req.token,
+        side=req.side,
+        quantity=req.quantity,
+        status=status,
+        filled_qty=filled,
+        avg_price=Decimal(avg) if avg else None,
+        purpose=req.purpose,
+    )
 
 
 def _fill(req: OrderRequest, qty: int, price: str, fid: str = "f1", oid: str = "o1") -> Fill:
-    return Fill(fill_id=fid, order_id=oid, strategy_id="s1", symbol=req.symbol, segment=req.segment,
-                token=req.token, side=req.side, quantity=qty, price=Decimal(price))
+    return Fill(
+        fill_id=fid,
+        order_id=oid,
+        strategy_id="s1",
+        symbol=req.symbol,
+        segment=req.segment,
+        token=req.token,
+        side=req.side,
+        quantity=qty,
+        price=Decimal(price),
+    )
 
 
 def test_buy_builds_a_complete_market_intent_bracket_order_snapped_to_tick() -> None:
@@ -95,7 +124,13 @@ def test_buy_builds_a_complete_market_intent_bracket_order_snapped_to_tick() -> 
     orders = strat.dispatch_tick(_tick(1290.53))
     assert len(orders) == 1
     req = orders[0]
-    assert (req.side, req.quantity, req.price, req.purpose, req.reduce_only) == ("BUY", 2, None, "ENTRY", False)
+    assert (req.side, req.quantity, req.price, req.purpose, req.reduce_only) == (
+        "BUY",
+        2,
+        None,
+        "ENTRY",
+        False,
+    )
     assert (req.symbol, req.segment, req.token, req.strategy_id) == ("RELIANCE-EQ", "nse_cm", "2885", "s1")
     assert req.stop_loss == Decimal("1277.6") and req.target == Decimal("1316.4")  # down / up to 0.1
     assert req.request_id == "s1-000001" and req.ts_ns == T0
@@ -133,18 +168,21 @@ def test_a_rejected_order_frees_the_instrument_and_reaches_on_reject() -> None:
     assert again.request_id != req.request_id
 
 
-def test_fill_and_order_update_in_either_order_are_booked_once() -> None:
-    for first_fill in (True, False):
-        strat = Probe(_ctx())
-        strat.dispatch_start()
-        (req,) = strat.dispatch_tick(_tick(1290.0))
-        events = [lambda: strat.dispatch_fill(_fill(req, 2, "1290.0")),
-                  lambda: strat.dispatch_order(_update(req, "COMPLETE", 2, "1290.0"))]
-        for ev in events if first_fill else events[::-1]:
-            ev()
-        strat.dispatch_fill(_fill(req, 2, "1290.0"))  # a duplicate fill is ignored
-        assert strat.position(KEY) == 2
-        assert strat.positions[KEY].avg_price == 1290.0
+@pytest.mark.parametrize("fill_first", [True, False])
+def test_fill_and_order_update_in_either_order_are_booked_once(fill_first: bool) -> None:
+    strat = Probe(_ctx())
+    strat.dispatch_start()
+    (req,) = strat.dispatch_tick(_tick(1290.0))
+    fill, update = _fill(req, 2, "1290.0"), _update(req, "COMPLETE", 2, "1290.0")
+    if fill_first:
+        strat.dispatch_fill(fill)
+        strat.dispatch_order(update)
+    else:
+        strat.dispatch_order(update)
+        strat.dispatch_fill(fill)
+    strat.dispatch_fill(_fill(req, 2, "1290.0"))  # a duplicate fill is ignored
+    assert strat.position(KEY) == 2
+    assert strat.positions[KEY].avg_price == 1290.0
 
 
 def test_exit_closes_the_whole_position_once() -> None:
@@ -197,7 +235,9 @@ def test_sizing_leaves_quantity_to_risk() -> None:
         name = "sized"
 
         def on_tick(self, tick: Tick) -> None:
-            self.sell(tick, sizing=Sizing(capital=Decimal(100000), risk_pct=Decimal(1)), stop_loss=tick.ltp * 1.01)
+            self.sell(
+                tick, sizing=Sizing(capital=Decimal(100000), risk_pct=Decimal(1)), stop_loss=tick.ltp * 1.01
+            )
 
     strat = Sized(_ctx())
     strat.dispatch_start()
@@ -239,8 +279,18 @@ def test_unconfirmed_order_blocks_reentry_until_released() -> None:
 
 def test_restore_adopts_positions_from_execution() -> None:
     strat = Probe(_ctx())
-    strat.restore([Position(strategy_id="s1", symbol="RELIANCE-EQ", segment="nse_cm", token="2885",
-                            quantity=-3, avg_price=Decimal("1300"))])
+    strat.restore(
+        [
+            Position(
+                strategy_id="s1",
+                symbol="RELIANCE-EQ",
+                segment="nse_cm",
+                token="2885",
+                quantity=-3,
+                avg_price=Decimal("1300"),
+            )
+        ]
+    )
     strat.dispatch_start()
     assert strat.position(KEY) == -3
     assert strat.dispatch_tick(_tick(1290.0)) == ()

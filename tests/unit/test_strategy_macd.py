@@ -20,8 +20,13 @@ T0 = 1_704_167_100 * S
 
 
 def _strategy(**params: object) -> MacdCrossover:
-    ctx = StrategyContext("m1", clock=ManualClock(T0), master=MASTER, instruments=["INFY-EQ"],
-                          request_ids=StrategyContext.sequential_ids("m1"))
+    ctx = StrategyContext(
+        "m1",
+        clock=ManualClock(T0),
+        master=MASTER,
+        instruments=["INFY-EQ"],
+        request_ids=StrategyContext.sequential_ids("m1"),
+    )
     strat = MacdCrossover(ctx, {"fast": 3, "slow": 6, "signal": 3, **params})
     strat.dispatch_start()
     return strat
@@ -37,13 +42,35 @@ def _fill_all(strat: MacdCrossover, orders: object, price: float, log: list[Orde
         log.append(req)
         oid = f"o{len(log)}"
         px = Decimal(str(round(price, 1)))
-        strat.dispatch_order(OrderUpdate(order_id=oid, request_id=req.request_id, strategy_id="m1",
-                                         client_tag="t", symbol="INFY-EQ", segment=INST.segment,
-                                         token=INST.token, side=req.side, quantity=req.quantity,
-                                         status="COMPLETE", filled_qty=req.quantity, avg_price=px))
-        more = strat.dispatch_fill(Fill(fill_id=f"f{len(log)}", order_id=oid, strategy_id="m1",
-                                        symbol="INFY-EQ", segment=INST.segment, token=INST.token,
-                                        side=req.side, quantity=req.quantity, price=px))
+        strat.dispatch_order(
+            OrderUpdate(
+                order_id=oid,
+                request_id=req.request_id,
+                strategy_id="m1",
+                client_tag="t",
+                symbol="INFY-EQ",
+                segment=INST.segment,
+                token=INST.token,
+                side=req.side,
+                quantity=req.quantity,
+                status="COMPLETE",
+                filled_qty=req.quantity,
+                avg_price=px,
+            )
+        )
+        more = strat.dispatch_fill(
+            Fill(
+                fill_id=f"f{len(log)}",
+                order_id=oid,
+                strategy_id="m1",
+                symbol="INFY-EQ",
+                segment=INST.segment,
+                token=INST.token,
+                side=req.side,
+                quantity=req.quantity,
+                price=px,
+            )
+        )
         _fill_all(strat, more, price, log)
 
 

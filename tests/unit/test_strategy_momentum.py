@@ -18,8 +18,13 @@ T0 = 1_704_167_100 * S
 
 
 def _strategy(**params: object) -> Momentum:
-    ctx = StrategyContext("mom1", clock=ManualClock(T0), master=MASTER, instruments=SYMBOLS,
-                          request_ids=StrategyContext.sequential_ids("mom1"))
+    ctx = StrategyContext(
+        "mom1",
+        clock=ManualClock(T0),
+        master=MASTER,
+        instruments=SYMBOLS,
+        request_ids=StrategyContext.sequential_ids("mom1"),
+    )
     strat = Momentum(ctx, params)
     strat.dispatch_start()
     return strat
@@ -58,9 +63,19 @@ def test_reversal_exits_then_cooldown() -> None:
     prices = [1000.0 * (1 + 0.001 * i) for i in range(7)]
     orders = [o for p in prices for o in strat.dispatch_tick(_tick("SBIN-EQ", p))]
     (entry,) = orders
-    strat.dispatch_fill(Fill(fill_id="f1", order_id="o1", strategy_id="mom1", symbol="SBIN-EQ",
-                             segment=entry.segment, token=entry.token, side="BUY", quantity=1,
-                             price=Decimal("1006.0")))
+    strat.dispatch_fill(
+        Fill(
+            fill_id="f1",
+            order_id="o1",
+            strategy_id="mom1",
+            symbol="SBIN-EQ",
+            segment=entry.segment,
+            token=entry.token,
+            side="BUY",
+            quantity=1,
+            price=Decimal("1006.0"),
+        )
+    )
     down = [1006.0 * (1 - 0.0005 * i) for i in range(1, 8)]
     orders = [o for p in down for o in strat.dispatch_tick(_tick("SBIN-EQ", p))]
     assert [(o.side, o.purpose, o.reduce_only) for o in orders] == [("SELL", "EXIT", True)]
@@ -71,9 +86,19 @@ def test_without_bracket_the_strategy_watches_its_own_target() -> None:
     orders = [o for i in range(5) for o in strat.dispatch_tick(_tick("INFY-EQ", 1500.0 * (1 + 0.001 * i)))]
     (entry,) = orders
     assert entry.stop_loss is None and entry.target is None
-    strat.dispatch_fill(Fill(fill_id="f1", order_id="o1", strategy_id="mom1", symbol="INFY-EQ",
-                             segment=entry.segment, token=entry.token, side="BUY", quantity=1,
-                             price=Decimal("1504.5")))
+    strat.dispatch_fill(
+        Fill(
+            fill_id="f1",
+            order_id="o1",
+            strategy_id="mom1",
+            symbol="INFY-EQ",
+            segment=entry.segment,
+            token=entry.token,
+            side="BUY",
+            quantity=1,
+            price=Decimal("1504.5"),
+        )
+    )
     assert strat.dispatch_tick(_tick("INFY-EQ", 1506.0)) == ()
     (ex,) = strat.dispatch_tick(_tick("INFY-EQ", 1513.0))
     assert ex.purpose == "EXIT"
