@@ -220,18 +220,22 @@ class KotakBroker:
         with self._session_lock:
             if self._login_error is not None:
                 raise self._login_error
-            if self._logged_out_day and self._logged_out_day == trading_day(self.clock):
-                raise BrokerTemporary(f"logged out for the day at {self.execution.logout_at}; "
-                                      "call login() to trade again")  # fmt: skip
+            self._check_not_logged_out()
             if not self._logged_in:
                 self._login_locked()
             return self._session_gen
+
+    def _check_not_logged_out(self) -> None:
+        if self._logged_out_day and self._logged_out_day == trading_day(self.clock):
+            raise BrokerTemporary(f"logged out for the day at {self.execution.logout_at}; "
+                                  "call login() to trade again")  # fmt: skip
 
     def _relogin(self, seen_gen: int, why: str) -> None:
         """Log in again unless another thread already did since ``seen_gen``."""
         with self._session_lock:
             if self._login_error is not None:
                 raise self._login_error
+            self._check_not_logged_out()
             if self._session_gen != seen_gen and self._logged_in:
                 return
             self.log.warning("kotak_session_expired", reason=why)
