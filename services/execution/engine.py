@@ -381,39 +381,33 @@ class ExecutionEngine:
 
     # ================================================================== submit
     def submit(self, cmds: Iterable[ExecuteOrder]) -> list[SubmitResult]:
-        """Accept approved orders: one ledger commit for the batch (``PENDING_BROKER``), then
-        their place intents are released. A refused order is written as ``REJECTED``."""
+        """Accept approved orders: their ``PENDING_BROKER`` rows are committed in ONE transaction
+        (together with any changes still waiting for a flush — group commit), then their place
+        intents are released. A refused order is written as ``REJECTED``. When the ledger
+        cannot write, nothing of this batch is kept and every order is refused."""
         cmds = list(cmds)
-        if not self.flush():
-            return [SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds]
-        results: list[SubmitResult | None] = []
+        mark = (len(self._events), len(self._held_intents), len(self._held_msgs), set(self._new),
+                set(self._bdirty))
         created: list[OrderRow] = []
         for cmd in cmds:
-            existing = self.by_request.get(cmd.request_id)
-            if existing is not None:
+            if cmd.request_id in self.by_request:
                 self.stats["duplicates"] += 1
-                results.append(None)  # filled in after the flush
                 continue
-            rows = self._build(cmd)
-            created.extend(rows)
-            results.append(None)
+            created.extend(self._build(cmd))
         if not self.flush():
-            # nothing of this batch reached the ledger: forget it
+            ids = {o.order_id for o in created}
             for o in created:
                 self._unindex(o)
-            ids = {o.order_id for o in created}
-            self._new = {}
-            self._dirty = {k: v for k, v in self._dirty.items() if k not in ids}
-            self._events, self._fills, self._bdirty = [], [], {}
-            self._held_intents = [i for i in self._held_intents if getattr(i, "order_id", "") not in ids]
-            self._held_msgs = []
+            self._events = self._events[: mark[0]]
+            self._held_intents = self._held_intents[: mark[1]]
+            self._held_msgs = self._held_msgs[: mark[2]]
+            self._new = {k: v for k, v in self._new.items() if k in mark[3]}
+            self._bdirty = {k: v for k, v in self._bdirty.items() if k in mark[4]}
             self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in ids}
+            self.inflight -= ids
             return [SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds]
         out: list[SubmitResult] = []
-        for cmd, res in zip(cmds, results, strict=True):
-            if res is not None:
-                out.append(res)
-                continue
+        for cmd in cmds:
             o = self.orders.get(self.by_request.get(cmd.request_id, ""))
             if o is None:
                 out.append(SubmitResult(cmd.request_id, False, reason="order lost", code="internal"))
@@ -1177,13 +1171,15 @@ class ExecutionEngine:
                           open_orders=self.open_count())
 
     # ================================================================== inline runner
-    def pump(self, max_rounds: int = 10_000) -> int:
+    def pump(self, settle: bool = True, max_rounds: int = 10_000) -> int:
         """Run intents inline against ``self.broker`` until nothing is left (paper, backtests).
+        New orders are flushed before their intents run. With ``settle=False`` the last
+        changes (acks, fills) stay pending for the caller's next flush — group commit.
         Returns the number of intents executed."""
         n = 0
         for _ in range(max_rounds):
             self.drain_broker_events()
-            if not self.flush():
+            if self._held_intents and not self.flush():  # their rows must be durable first
                 break
             intents = self.take_intents()
             if not intents:
@@ -1198,9 +1194,14 @@ class ExecutionEngine:
                 self.on_result(intent, result)
                 self.drain_broker_events()
                 n += 1
-        self.flush()
+        if settle:
+            self.flush()
         self.finish_jobs()
         return n
+
+    def pending_writes(self) -> bool:
+        return bool(self._new or self._dirty or self._events or self._fills or self._bdirty or self._risk
+                    or self._held_intents or self._held_msgs)
 
     def drain_broker_events(self) -> None:
         drain = getattr(self.broker, "drain_events", None)

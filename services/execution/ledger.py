@@ -113,6 +113,94 @@ def _order_params(o: OrderRow) -> tuple[Any, ...]:
     )
 
 
+_MAX_ROWS = 5_000
+# Fixed SQL text whatever the number of rows (arrays + unnest): parsed and prepared once.
+_FAST_ORDERS = (
+    f"INSERT INTO order_ledger ({_ORDER_COLS}) SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], "
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], "
+    "%s::numeric[], %s::numeric[], %s::text[], %s::int[], %s::numeric[], %s::text[], %s::uuid[], %s::uuid[], "
+    "%s::text[], %s::text[], %s::bool[], %s::bool[], %s::text[], %s::jsonb[], %s::date[], %s::timestamptz[], "
+    "%s::timestamptz[])"
+)
+_FAST_UPDATES = (
+    "UPDATE order_ledger AS t SET exchange_id = v.exchange_id, quantity = v.quantity, price = v.price, "
+    "trigger_price = v.trigger_price, status = v.status, filled_qty = v.filled_qty, avg_price = v.avg_price, "
+    "cancel_requested = v.cancel_requested, reason = v.reason, raw_response = COALESCE(v.raw, t.raw_response), "
+    "updated_at = v.updated_at FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::numeric[], %s::numeric[], "
+    "%s::text[], %s::int[], %s::numeric[], %s::bool[], %s::text[], %s::jsonb[], %s::timestamptz[]) "
+    "AS v (id, exchange_id, quantity, price, trigger_price, status, filled_qty, avg_price, cancel_requested, "
+    "reason, raw, updated_at) WHERE t.internal_id = v.id"
+)
+_FAST_EVENTS = (
+    "INSERT INTO order_events (order_id, ts, kind, from_status, to_status, payload) SELECT * FROM "
+    "unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::jsonb[])"
+)
+_FAST_FILLS = (
+    "INSERT INTO fills (trade_id, broker, trading_day, order_id, exchange_id, strategy_id, token, "
+    "exchange_segment, trading_symbol, transaction_type, quantity, price, ts, raw) SELECT * FROM "
+    "unnest(%s::text[], %s::text[], %s::date[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::text[], %s::text[], %s::int[], %s::numeric[], %s::timestamptz[], %s::jsonb[]) "
+    "ON CONFLICT (broker, trading_day, trade_id) DO NOTHING"
+)
+_FAST_BRACKETS = _UPSERT_BRACKET.replace(
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+    "SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::text[], %s::numeric[], %s::numeric[], %s::numeric[], %s::text[], %s::int[], %s::int[], %s::text[], "
+    "%s::date[], %s::timestamptz[], %s::timestamptz[])")
+_FAST_RISK = (
+    "INSERT INTO risk_events (ts, trading_day, event, reason, source, request_id, data) SELECT * FROM "
+    "unnest(%s::timestamptz[], %s::date[], %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[]) "
+    "ON CONFLICT (request_id) WHERE request_id <> '' DO NOTHING"
+)
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+def _fast_statement(ch: Changes) -> tuple[str, list[Any]]:
+    """Every change of one transaction as one SQL statement (CTEs over unnest'ed arrays);
+    ('', []) when there is nothing to write or the batch is too big for one statement."""
+    parts: list[str] = []
+    params: list[Any] = []
+    if max(len(ch.new_orders), len(ch.updated), len(ch.events), len(ch.fills)) > _MAX_ROWS:
+        return "", []
+    if ch.new_orders:
+        parts.append(_FAST_ORDERS)
+        params.extend(_columns([_order_params(o) for o in ch.new_orders]))
+    if ch.updated:
+        parts.append(_FAST_UPDATES)
+        params.extend(_columns([
+            (o.order_id, o.broker_order_id or None, o.quantity, o.price, o.trigger_price, o.status, o.filled_qty,
+             o.avg_price, o.cancel_requested, o.reason, _jsonb(o.raw), _ts(o.updated_ns))
+            for o in ch.updated.values()]))
+    if ch.events:
+        parts.append(_FAST_EVENTS)
+        params.extend(_columns([(e.order_id, _ts(e.ts_ns), e.kind, e.from_status, e.to_status, _jsonb(e.payload))
+                                for e in ch.events]))
+    if ch.fills:
+        parts.append(_FAST_FILLS)
+        params.extend(_columns([
+            (f.trade_id, f.broker, f.trading_day, f.order_id, f.broker_order_id, f.strategy_id, f.token, f.segment,
+             f.symbol, f.side, f.quantity, f.price, _ts(f.ts_ns), _jsonb(f.raw)) for f in ch.fills]))
+    if ch.brackets:
+        parts.append(_FAST_BRACKETS)
+        params.extend(_columns([
+            (b.bracket_id, b.entry_id, b.strategy_id, b.token, b.segment, b.symbol, b.side, b.product, b.stop_loss,
+             b.stop_limit, b.target, b.state, b.entry_filled, b.exit_filled, b.reason, b.trading_day,
+             _ts(b.created_ns), _ts(b.updated_ns)) for b in ch.brackets.values()]))
+    if ch.risk_events:
+        parts.append(_FAST_RISK)
+        params.extend(_columns([(_ts(r.ts_ns), r.trading_day, r.event, r.reason, r.source, r.request_id,
+                                 _jsonb(r.data)) for r in ch.risk_events]))
+    if not parts:
+        return "", []
+    if len(parts) == 1:
+        return parts[0], params
+    ctes = ", ".join(f"w{i} AS ({p})" for i, p in enumerate(parts))
+    return f"WITH {ctes} SELECT 1", params
+
+
 def _order_row(r: Sequence[Any]) -> OrderRow:
     filled = r[14]
     avg = r[15]
@@ -190,7 +278,27 @@ class PgOrderStore:
 
     # ------------------------------------------------------------------ writes
     def write(self, changes: Changes) -> dict[str, OrderRow]:
+        """One transaction. The fast path sends every row of every table as ONE statement
+        (data-modifying CTEs: BEGIN, statement, COMMIT — the round trips of a single-row insert).
+        If a new order's request_id already exists, that statement fails as a whole and the
+        careful path below redoes the transaction table by table, skipping the duplicates."""
         conn = self._ensure()
+        sql, params = _fast_statement(changes)
+        if sql:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql, params)
+                conn.commit()
+                self.transactions += 1
+                return {}
+            except psycopg.errors.IntegrityError:
+                self._rollback()  # a duplicate: redo it carefully
+            except psycopg.Error as exc:
+                self._rollback()
+                raise LedgerError(f"ledger write failed: {type(exc).__name__}: {exc}") from None
+        return self._write_careful(conn, changes)
+
+    def _write_careful(self, conn: psycopg.Connection[Any], changes: Changes) -> dict[str, OrderRow]:
         conflicts: dict[str, OrderRow] = {}
         try:
             with conn.cursor() as cur:

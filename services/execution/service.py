@@ -53,6 +53,7 @@ from services.execution.ledger import PgOrderStore
 from services.execution.model import OrderQuery
 from services.execution.store import LedgerError
 
+FLUSH_DELAY_S = 0.002  # acks and fills wait this long for the next PENDING commit to share it
 STATUS_POLL_S = 1.0  # real brokers: order-book poll while running (the paper broker pushes)
 DUE_CHECK_S = 0.25
 CRASH_ENV = "NEOPULSE_TEST_CRASH_AT"
@@ -105,6 +106,7 @@ class ExecutionService(Service):
         self._batch: list[tuple[ExecuteOrder, Responder]] = []
         self._polling = False
         self._pool_busy = 0
+        self._flush_scheduled = False
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -169,11 +171,17 @@ class ExecutionService(Service):
         return info
 
     # ----------------------------------------------------------------- pumping
-    def _pump(self) -> None:
-        """Run what the engine wants done, then publish what became durable."""
+    def _pump(self, settle: bool = True) -> None:
+        """Run what the engine wants done, then publish what became durable. With ``settle``
+        False (the hot paths) the acks and fills of the paper broker are committed a moment
+        later, together with the next batch of PENDING rows when one arrives (group commit);
+        a PENDING row is always committed before its broker call."""
         engine = self.engine
         if self.inline:
-            engine.pump()
+            engine.pump(settle=settle)
+            if not settle and engine.pending_writes() and not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.reactor.call_later(FLUSH_DELAY_S, self._deferred_flush)
         else:
             engine.flush()
             for intent in engine.take_intents():
@@ -183,6 +191,10 @@ class ExecutionService(Service):
         assert pub is not None
         for tpc, msg in engine.take_messages():
             pub.publish(tpc, msg)
+
+    def _deferred_flush(self) -> None:
+        self._flush_scheduled = False
+        self._pump()
 
     def _dispatch(self, intent: Intent) -> None:
         self._in_pool(lambda: run_intent(self.broker, intent), lambda res: self._on_pool_result(intent, res))
@@ -255,7 +267,7 @@ class ExecutionService(Service):
 
         self._sub.drain(on_msg)
         if broker_tick is not None and self.broker.events:
-            self._pump()
+            self._pump(settle=False)
 
     # ----------------------------------------------------------------- requests
     def _on_requests(self) -> None:
@@ -274,7 +286,7 @@ class ExecutionService(Service):
             if not res.ok:
                 self.log.info("order_refused", request_id=msg.request_id, order_id=res.order_id, reason=res.reason)
             responder.send(Reply(ok=res.ok, data=res.data(), error=res.reason, code=res.code))
-        self._pump()
+        self._pump(settle=False)
 
     def _handle(self, msg: Message, responder: Responder) -> Message | None:
         engine = self.engine
@@ -284,6 +296,7 @@ class ExecutionService(Service):
         if isinstance(msg, GetDayState):
             return engine.day_state()
         if isinstance(msg, GetPositions):
+            engine.flush()
             return Reply(ok=True, data=[to_builtins(p) for p in engine.position_list(msg.strategy_id)])
         if isinstance(msg, GetOrders):
             try:

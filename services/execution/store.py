@@ -8,9 +8,8 @@ that the engine's in-memory objects are never the stored ones.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from libs.common.instruments import Instrument
 from services.execution.model import (
@@ -24,6 +23,24 @@ from services.execution.model import (
     OrderRow,
     RiskEventRow,
 )
+
+
+_T = TypeVar("_T")
+
+
+class _Copier:
+    """A shallow copy of a slotted dataclass row, several times faster than ``copy.copy``."""
+
+    @staticmethod
+    def copy(row: _T) -> _T:
+        cls: Any = type(row)
+        new = object.__new__(cls)
+        for name in cls.__slots__:
+            object.__setattr__(new, name, getattr(row, name))
+        return new  # type: ignore[no-any-return]
+
+
+copy = _Copier()
 
 
 class LedgerError(RuntimeError):
@@ -101,12 +118,12 @@ class MemoryOrderStore:
             staged_tags.add(row.client_tag)
             staged_requests.add(row.request_id)
             new_rows.append(row)
-        known = set(self.orders) | {r.order_id for r in new_rows}
+        staged = {r.order_id for r in new_rows}
         for ev in changes.events:
-            if ev.order_id not in skipped and ev.order_id not in known:
+            if ev.order_id not in skipped and ev.order_id not in self.orders and ev.order_id not in staged:
                 raise LedgerError(f"event for unknown order {ev.order_id}")
         for f in changes.fills:
-            if f.order_id not in skipped and f.order_id not in known:
+            if f.order_id not in skipped and f.order_id not in self.orders and f.order_id not in staged:
                 raise LedgerError(f"fill for unknown order {f.order_id}")
         # all checks passed: apply (all or nothing, like a transaction)
         for row in new_rows:

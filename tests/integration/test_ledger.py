@@ -5,9 +5,11 @@ server surviving kill -9."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -200,31 +202,42 @@ if sys.argv[2] == "hang":
 
 def _run_embedded(pgdata: Path, mode: str) -> subprocess.Popen[str]:
     root = Path(__file__).resolve().parents[2]
-    return subprocess.Popen([sys.executable, "-c", _EMBEDDED, str(pgdata), mode], cwd=root, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    with (pgdata.parent / "owner.err").open("a") as err:
+        return subprocess.Popen([sys.executable, "-c", _EMBEDDED, str(pgdata), mode], cwd=root, text=True,
+                                stdout=subprocess.PIPE, stderr=err)
 
 
-def _ready(proc: subprocess.Popen[str]) -> int:
+def _ready(proc: subprocess.Popen[str], pgdata: Path) -> int:
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("READY"):
             return int(line.split()[1])
-    raise AssertionError(f"embedded server did not start (rc={proc.wait()})")
+    err = (pgdata.parent / "owner.err").read_text()[-3000:]
+    raise AssertionError(f"embedded server did not start (rc={proc.wait()}): {err}")
 
 
-def test_embedded_server_survives_kill_9_of_its_owner_and_of_postgres(tmp_path: Path) -> None:
-    pgdata = tmp_path / "pgdata"
+@pytest.fixture
+def pg_parent() -> Iterator[Path]:
+    """Outside pytest's tmp tree, which a concurrent pytest run may chmod 0700 at any time:
+    postgres runs as the `pgserver` user when the tests run as root and must reach its data."""
+    parent = Path(tempfile.mkdtemp(prefix="neopulse-emb-"))
+    yield parent
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_embedded_server_survives_kill_9_of_its_owner_and_of_postgres(pg_parent: Path) -> None:
+    pgdata = pg_parent / "pgdata"
     owner = _run_embedded(pgdata, "hang")
-    pid1 = _ready(owner)
+    pid1 = _ready(owner, pgdata)
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     again = _run_embedded(pgdata, "hang")
-    assert _ready(again) == pid1  # the server left running is reused
+    assert _ready(again, pgdata) == pid1  # the server left running is reused
     os.kill(pid1, signal.SIGKILL)  # now postgres itself dies hard
     again.send_signal(signal.SIGKILL)
     again.wait()
     third = _run_embedded(pgdata, "exit")
-    pid3 = _ready(third)
+    pid3 = _ready(third, pgdata)
     assert pid3 != pid1 and third.wait(timeout=30) == 0
 
     def stopped() -> bool:
