@@ -118,9 +118,8 @@ class KotakSource(Source):
         self._timers: list[int] = []
         self._retry_timer: int | None = None
         self.stopped = False
-        # routing, written by the reactor, read by the SDK thread (dict.get is atomic)
-        self.route: dict[tuple[str, str], tuple[str, str, str]] = {}
-        self.index_route: dict[tuple[str, str], tuple[str, str, str]] = {}
+        # routing: written by the reactor, read by the SDK thread (dict.get is atomic)
+        self.router = TickRouter()
         self.canary = sink.master.by_key.get(CANARY_KEY)
         # SDK-thread state
         self.loop = asyncio.new_event_loop()
@@ -151,16 +150,9 @@ class KotakSource(Source):
     def _add(self, instruments: list[Instrument]) -> None:
         for inst in instruments:
             self.wanted[inst.key] = inst
-            self._route(inst)
+            self.router.add(inst)
         if self.canary is not None:
-            self._route(self.canary)
-
-    def _route(self, inst: Instrument) -> None:
-        target = (inst.segment, inst.token, inst.symbol)
-        if inst.inst_type == "INDEX":
-            self.index_route[(inst.segment, inst.token)] = target  # subscribed (and streamed) by name
-        else:
-            self.route[(inst.segment, inst.token)] = target
+            self.router.add(self.canary)
 
     def _subscription_set(self) -> dict[str, Instrument]:
         subs = dict(self.wanted)
@@ -324,9 +316,9 @@ class KotakSource(Source):
             "connected": bool(self.live_gen), "reconnects": self.reconnects, "failures": self.failures,
             "last_error": self.last_error, "subscribed": len(self.subscribed), "frames": self.frames,
             "messages": self.messages,
-            "garbage": self.garbage_frames + self.bad_packets + self.dropped,
+            "garbage": self.garbage_frames + self.bad_packets + self.dropped + self.router.dropped,
             "garbage_frames": self.garbage_frames, "bad_packets": self.bad_packets,
-            "dropped_messages": self.dropped, "decode_errors": self.decode_errors,
+            "dropped_messages": self.dropped + self.router.dropped, "decode_errors": self.decode_errors,
             "last_packet_age_s": round(self.watchdog.silence_s(), 3),
             "market_status": dict(self.market_status),
             "leased": self.lease is not None and not self.sink.cfg.kotak.feed_user,
@@ -450,6 +442,34 @@ class KotakSource(Source):
             self.garbage_frames += 1
 
     def _convert(self, m: Any) -> Tick | None:
+        if m.type == "market_status":
+            self._from_sdk(self._on_market_status, m.exchange_segment, m.status)
+            return None
+        return self.router.to_tick(m)
+
+
+class TickRouter:
+    """SDK feed messages → ``Tick``s for the instruments we subscribed. Pure: no sockets.
+
+    Scrips are keyed by ``(segment, token)``; indices by ``(segment, name)``, because SFeed
+    takes index subscriptions by name and streams them under a numeric token. Anything we
+    did not ask for, or with no price (the SDK does not validate values), is dropped and
+    counted. Prices are the SDK's floats (integer paise over the divider, correctly rounded).
+    """
+
+    def __init__(self) -> None:
+        self.route: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self.index_route: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self.dropped = 0
+
+    def add(self, inst: Instrument) -> None:
+        target = (inst.segment, inst.token, inst.symbol)
+        if inst.inst_type == "INDEX":
+            self.index_route[(inst.segment, inst.token)] = target  # the master's token is the name
+        else:
+            self.route[(inst.segment, inst.token)] = target
+
+    def to_tick(self, m: Any) -> Tick | None:
         kind = m.type
         if kind == "scrip":
             target = self.route.get((m.exchange_segment, m.instrument_token))
@@ -483,9 +503,6 @@ class KotakSource(Source):
             return Tick(segment=target[0], token=target[1], symbol=target[2], ltp=m.last_traded_price,
                         open=m.open_price, high=m.high_price, low=m.low_price, close=m.close_price,
                         exch_ts_ns=m.last_trade_time * 1_000_000_000)
-        if kind == "market_status":
-            self._from_sdk(self._on_market_status, m.exchange_segment, m.status)
-            return None
         return None  # closing-auction updates and future kinds: not ticks
 
 
