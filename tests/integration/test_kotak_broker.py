@@ -150,6 +150,12 @@ def test_logout_at_end_of_day_then_explicit_login(fake: KotakRestFake, master: M
         assert broker.logout_if_due() is False  # once a day
         with pytest.raises(BrokerTemporary, match="logged out for the day"):
             broker.order_book()
+        assert broker.drain_events() == []  # the status poll goes quiet instead of failing
+        logins = api_count(fake, "totp_login")
+        clock.advance(3600)
+        with pytest.raises(BrokerTemporary, match="logged out for the day"):
+            broker.trade_book()
+        assert api_count(fake, "totp_login") == logins  # no automatic login that day
         broker.login()
         assert broker.order_book() == []
     finally:

@@ -22,6 +22,7 @@ from libs.common.bus import Bus, RequestTimeout, topic
 from libs.common.config import ExecutionConfig, load_config
 from libs.common.messages import (
     ExecuteOrder,
+    GetFeedSession,
     GetOrders,
     GetPositions,
     GetStatus,
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[2]
 NIFTY = next(i for i in default_instruments() if i.inst_type == "FUTIDX")
 LTP = 24_087.35
+SFEED_URL = "ws://127.0.0.1:9/feed"  # never connected to: only leased
 
 
 class LiveExecution:
@@ -54,7 +56,7 @@ class LiveExecution:
         self.env = stack_env(
             home, base_port, NEOPULSE_ENV_FILE=str(home / "no.env"),
             NEOPULSE_EXECUTION__BROKER="kotak", NEOPULSE_DATABASE__URL=pg_url,
-            NEOPULSE_EXECUTION__BROKER_TIMEOUT_S="2",
+            NEOPULSE_EXECUTION__BROKER_TIMEOUT_S="2", NEOPULSE_KOTAK__SFEED_URL=SFEED_URL,
             NEOPULSE_KOTAK__BASE_URL=fake.base_url, NEOPULSE_KOTAK__CONSUMER_KEY=c.consumer_key,
             NEOPULSE_KOTAK__MOBILE=c.mobile_number, NEOPULSE_KOTAK__UCC=c.ucc,
             NEOPULSE_KOTAK__MPIN=c.mpin, NEOPULSE_KOTAK__TOTP_SECRET=c.totp_secret,
@@ -220,3 +222,11 @@ def test_sl_m_intent_arrives_as_a_stop_limit(live: LiveExecution, fake: KotakRes
         return any(o["client_tag"] == body["ig"] and o["status"] == "OPEN" for o in live.orders())
 
     eventually(stop_open, timeout=10, message="the stop OPEN in the ledger (trigger pending at Kotak)")
+
+
+def test_feed_session_lease_over_the_bus(live: LiveExecution, fake: KotakRestFake) -> None:
+    reply = live.ask(GetFeedSession(requester="feed"))
+    assert isinstance(reply, Reply) and reply.ok, reply
+    assert (reply.data["url"], reply.data["user"]) == (SFEED_URL, fake.credentials.ucc)
+    assert reply.data["auth"]  # the session's sid; no trading token is handed out
+    assert fake.credentials.mpin not in str(reply.data)
