@@ -49,7 +49,11 @@ class AdminClient:
         if self.cfg.bus.curve:
             from libs.common.security import install_curve
 
-            install_curve(self.bus, self.cfg, "admin")
+            try:
+                install_curve(self.bus, self.cfg, "admin")
+            except ConfigError as exc:  # no keys yet: a usage error, not a traceback
+                self.bus.close()
+                fail(str(exc), EXIT_USAGE)
         self.timeout_ms = timeout_ms or self.cfg.bus.request_timeout_ms
 
     def ask(self, endpoint_name: str, msg: Message, timeout_ms: int | None = None) -> Message:
