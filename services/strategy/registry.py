@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from types import ModuleType
 
 from services.strategy.base import Strategy
 
@@ -32,8 +35,23 @@ def names() -> list[str]:
     return sorted({*BUILTIN, *_registered})
 
 
+def _import(module_name: str) -> ModuleType:
+    """Import from the installed packages, else from the current directory (so a strategy in
+    ``./mystrats/`` works from the ``neopulse`` console script too)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        top = module_name.split(".")[0]
+        if exc.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
+
+
 def load(spec: str) -> type[Strategy]:
-    """Resolve ``spec``: a registered or built-in name, or ``package.module:Class``."""
+    """Resolve ``spec``: a registered or built-in name, or ``package.module:Class`` (importable
+    from the installed packages or the current directory)."""
     if spec in _registered:
         return _registered[spec]
     path = BUILTIN.get(spec, spec)
@@ -44,7 +62,7 @@ def load(spec: str) -> type[Strategy]:
         )
     module_name, _, attr = path.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ModuleNotFoundError as exc:
         raise UnknownStrategy(f"strategy {spec!r}: cannot import {module_name}: {exc}") from None
     cls = getattr(module, attr, None)

@@ -189,3 +189,9 @@ def test_no_ticks_is_an_error(tmp_path: Path) -> None:
     empty.write_text("ts,segment,token,ltp,qty\n")
     with pytest.raises(BacktestError, match="no ticks"):
         _run(empty, "momentum")
+
+
+def test_strategies_lists_the_builtins(cli_runner: CliRunner) -> None:
+    result = cli_runner.invoke(cli.app, ["strategies"])
+    assert result.exit_code == 0
+    assert "momentum" in result.stdout and "macd" in result.stdout
