@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
+from pathlib import Path
 from types import ModuleType
 
 from services.strategy.base import Strategy
@@ -41,8 +41,8 @@ def _import(module_name: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        cwd = os.getcwd()
-        top = module_name.split(".")[0]
+        cwd = str(Path.cwd())
+        top = module_name.split(".", 1)[0]
         if exc.name != top or cwd in sys.path or "" in sys.path:
             raise
         sys.path.append(cwd)
