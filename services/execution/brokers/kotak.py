@@ -59,7 +59,7 @@ import httpx
 import pyotp
 
 from libs.common.clock import IST, Clock, trading_day
-from libs.common.config import ExecutionConfig, KotakConfig
+from libs.common.config import ConfigError, ExecutionConfig, KotakConfig
 from libs.common.instruments import Instrument, MasterData
 from libs.common.log import get_logger
 from libs.common.sdk import import_sdk
@@ -109,7 +109,7 @@ class PinnedOriginTransport(httpx.HTTPTransport):
         super().__init__()
         self._target = httpx.URL(origin)
         if self._target.scheme not in {"http", "https"} or not self._target.host:
-            raise ValueError(f"kotak.base_url must be an http(s) origin, got {origin!r}")
+            raise ConfigError(f"config error: `kotak.base_url` must be an http(s) origin, got {origin!r}")
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         t = self._target
@@ -139,7 +139,7 @@ def _hhmm(text: str) -> tuple[int, int]:
     try:
         hh, mm = (int(x) for x in text.strip().split(":"))
     except ValueError:
-        raise ValueError(f"execution.logout_at must look like 15:45, got {text!r}") from None
+        raise ConfigError(f"config error: `execution.logout_at` must look like 15:45, got {text!r}") from None
     return hh, mm
 
 
@@ -153,7 +153,7 @@ class KotakBroker:
                  clock: Clock | None = None, log: Any = None) -> None:  # fmt: skip
         if kotak.environment != "prod":
             # In "uat" the SDK ignores the validate reply's baseUrl, so nothing could be pinned.
-            raise ValueError(f"kotak.environment must be 'prod', got {kotak.environment!r}")
+            raise ConfigError(f"config error: `kotak.environment` must be prod, got {kotak.environment!r}")
         sdk = import_sdk()
         self.cfg = kotak
         self.execution = execution
