@@ -56,6 +56,31 @@ _MIN_SIZE_BY_LEVEL = {1: 54, 2: 144, 4: 144, 8: 144, 16: 144}
 _ACK = 1109
 
 
+def _skip_package_init() -> None:
+    """Load only the SDK's websocket-feed modules, not its package ``__init__``.
+
+    ``import neo_api_client`` pulls in the REST client, httpx and pandas (1.3 s and ~55 MB
+    here) that the feed never uses; with them the feed would miss the 80 MB idle budget
+    (DESIGN §11). A bare package module with the real ``__path__`` lets
+    ``neo_api_client.websocket.feed`` import as usual (its own imports are the logger and two
+    URL helpers). Skipped when the real package is already loaded in this process.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    if "neo_api_client" in sys.modules:
+        return
+    spec = importlib.util.find_spec("neo_api_client")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    pkg = types.ModuleType("neo_api_client")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__spec__ = spec
+    pkg.__file__ = spec.origin
+    sys.modules["neo_api_client"] = pkg
+
+
 class _SDK:
     """The SDK pieces we use, imported once with its logging side effects undone."""
 
@@ -64,6 +89,7 @@ class _SDK:
 
         os.environ.setdefault("NEO_LOG_FILE_ENABLED", "false")  # else it opens ./logs/...
         saved = structlog.get_config()
+        _skip_package_init()
         from neo_api_client.utils import urls
         from neo_api_client.websocket.feed import client as client_mod
         from neo_api_client.websocket.feed import exceptions, protocol
