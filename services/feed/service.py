@@ -49,6 +49,7 @@ class FeedService(Service):
         super().__init__(cfg, pub_endpoint=cfg.bus.endpoint("feed_pub"))
         self.clock = clock or Clock()
         self.hours = MarketHours.from_config(cfg.feed)  # validates hours, days and timezone
+        self._master_stamp = self._master_cache_stamp()
         self.master = master if master is not None else MasterData.load_for_home(self.home)
         self.subs: dict[str, Instrument] = {}
         try:
@@ -185,8 +186,30 @@ class FeedService(Service):
         ))
 
     # ----------------------------------------------------------------- requests
-    def _resolve(self, names: list[str]) -> list[Instrument]:
-        """Resolve every name or raise ``UnknownInstrument`` naming all the unknown ones."""
+    def _master_cache_stamp(self) -> tuple[tuple[str, int], ...]:
+        d = self.home / "master"
+        if not d.is_dir():
+            return ()
+        return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in d.glob("*.csv")))
+
+    def _reload_master_if_synced(self) -> bool:
+        """``neopulse sync-master`` rewrote the cache since we loaded it: load it again."""
+        stamp = self._master_cache_stamp()
+        if stamp == self._master_stamp:
+            return False
+        self._master_stamp = stamp
+        try:
+            master = MasterData.load_for_home(self.home)
+        except (OSError, ValueError) as exc:
+            self.log.error("master_reload_failed", error=str(exc))
+            return False
+        self.master = master
+        self.log.info("master_reloaded", instruments=len(master))
+        return True
+
+    def _resolve(self, names: list[str], reload: bool = True) -> list[Instrument]:
+        """Resolve every name or raise ``UnknownInstrument`` naming all the unknown ones.
+        An unknown name first makes the feed pick up a newer master cache, if there is one."""
         found: list[Instrument] = []
         unknown: list[str] = []
         for name in names:
@@ -195,6 +218,8 @@ class FeedService(Service):
             except UnknownInstrument:
                 unknown.append(name)
         if unknown:
+            if reload and self._reload_master_if_synced():
+                return self._resolve(names, reload=False)
             raise UnknownInstrument(", ".join(unknown))
         return found
 

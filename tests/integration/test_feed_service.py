@@ -232,3 +232,25 @@ def test_cli_feed_commands(tmp_path: Path, base_port: int) -> None:
     assert last.returncode == 0 and json.loads(last.stdout)[0]["symbol"] == "SBIN-EQ"
     assert inspect.returncode == 0 and json.loads(inspect.stdout)["ticks"] > 10
     assert down.returncode == 3 and "feed is unreachable" in down.stderr
+
+
+def test_an_instrument_from_a_newer_master_cache_is_found_without_a_restart(tmp_path: Path,
+                                                                             base_port: int) -> None:
+    home = tmp_path / "home"
+    feed = _sim(home, base_port)
+    col = Collector(feed.subscriber(b"tick.nse_cm.99001."))
+    try:
+        feed.start().wait_ready()
+        before = feed.ask(Subscribe(instruments=["NEWCO-EQ"]))
+        sample = (Path(__file__).resolve().parents[2] / "libs/common/data/sample_master.csv").read_text()
+        (home / "master").mkdir()
+        newco = "99001,EQ,nse_cm,,NEWCO,NEWCO-EQ,XX,NEWCO,INE999A01018,,,1,5,-1,-1,,123.45"
+        (home / "master" / "nse_cm.csv").write_text(sample.rstrip("\n") + "\n" + newco + "\n")
+
+        after = feed.ask(Subscribe(instruments=["NEWCO-EQ"]))
+        tick = col.wait_ticks(1)[0]
+    finally:
+        feed.stop()
+    assert isinstance(before, Reply) and before.code == "unknown_instrument"
+    assert isinstance(after, Reply) and after.ok and after.data["subscribed"] == ["nse_cm|99001"]
+    assert tick.symbol == "NEWCO-EQ" and abs(tick.ltp - 123.45) < 5
