@@ -87,7 +87,10 @@ class _SDK:
     def __init__(self) -> None:
         import structlog
 
+        # The same guard as libs.common.sdk.import_sdk() (TEAM_RULES), without the package
+        # __init__ that import_sdk() runs: see _skip_package_init.
         os.environ.setdefault("NEO_LOG_FILE_ENABLED", "false")  # else it opens ./logs/...
+        os.environ.setdefault("NEO_LOG_LEVEL", "WARNING")
         saved = structlog.get_config()
         _skip_package_init()
         from neo_api_client.utils import urls
