@@ -93,6 +93,17 @@ class Stack:
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               check=False)
 
+    def cli_many(self, *commands: tuple[str, ...], timeout: float = 60) -> list[tuple[int, str, str]]:
+        """Run several CLI commands at once (each its own process); (rc, stdout, stderr) each."""
+        procs = [subprocess.Popen([*NEOPULSE, *args], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for args in commands]
+        out = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            out.append((proc.returncode, stdout, stderr))
+        return out
+
     def cli_json(self, *args: str) -> tuple[int, Any]:
         res = self.cli(*args, "--json")
         try:
@@ -113,6 +124,9 @@ class Stack:
         return out
 
     def close(self) -> None:
+        for proc in self.procs.values():  # signal all first: they stop in parallel
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         for name in list(self.procs):
             self.stop(name)
         self.bus.close()

@@ -103,14 +103,16 @@ def test_kill_switch_commands_and_a_restart_without_execution(tmp_path: Path, ba
 def test_cli_without_a_terminal_names_what_is_missing(tmp_path: Path, base_port: int) -> None:
     s = Stack(tmp_path / "home", base_port)
     try:
-        res = s.cli("trade", "BUY", "RELIANCE-EQ")
-        assert res.returncode == 2 and "missing --qty" in res.stderr
-        res = s.cli("trade")
-        assert res.returncode == 2 and "missing SIDE, SYMBOL, --qty" in res.stderr
-        res = s.cli("trade", "HOLD", "RELIANCE-EQ", "--qty", "1")
-        assert res.returncode == 2 and "side must be BUY or SELL" in res.stderr
-        res = s.cli("trade", "BUY", "RELIANCE-EQ", "--qty", "1", "--price", "abc")
-        assert res.returncode == 2 and "--price: 'abc' is not a number" in res.stderr
+        results = s.cli_many(
+            ("trade", "BUY", "RELIANCE-EQ"),
+            ("trade",),
+            ("trade", "HOLD", "RELIANCE-EQ", "--qty", "1"),
+            ("trade", "BUY", "RELIANCE-EQ", "--qty", "1", "--price", "abc"),
+        )
+        expected = ["missing --qty", "missing SIDE, SYMBOL, --qty", "side must be BUY or SELL",
+                    "--price: 'abc' is not a number"]
+        for (rc, _, stderr), text in zip(results, expected, strict=True):
+            assert rc == 2 and text in stderr, (text, stderr)
     finally:
         s.close()
 
@@ -118,11 +120,14 @@ def test_cli_without_a_terminal_names_what_is_missing(tmp_path: Path, base_port:
 def test_cli_exits_3_naming_risk_when_it_is_down(tmp_path: Path, base_port: int) -> None:
     s = Stack(tmp_path / "home", base_port, NEOPULSE_BUS__REQUEST_TIMEOUT_MS=300)
     try:
-        res = s.cli("trade", "BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.5")
-        assert res.returncode == 3 and "risk is unreachable at tcp://127.0.0.1:" in res.stderr
-        res = s.cli("pnl")
-        assert res.returncode == 3 and "risk is unreachable" in res.stderr
-        res = s.cli("kill-switch", "on", "--reason", "x")
-        assert res.returncode == 3 and "execution did not record the kill switch" in res.stderr
+        results = s.cli_many(
+            ("trade", "BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.5"),
+            ("pnl",),
+            ("kill-switch", "on", "--reason", "x"),
+        )
+        expected = ["risk is unreachable at tcp://127.0.0.1:", "risk is unreachable",
+                    "execution did not record the kill switch"]
+        for (rc, _, stderr), text in zip(results, expected, strict=True):
+            assert rc == 3 and text in stderr, (text, stderr)
     finally:
         s.close()

@@ -1,12 +1,14 @@
-"""Risk against the real execution service (paper broker, embedded PostgreSQL) and the sim
-feed, driven through the real CLI and the real bus.
+"""Risk against the real execution service (paper broker, real PostgreSQL: a database of the
+session's embedded server) and the sim feed, driven through the real CLI and the real bus.
 
-One stack for the module (the embedded PostgreSQL takes seconds to start). The tests run in
-file order; the last one latches the daily-loss breach, so it comes last.
+One stack for the module. The tests run in file order; the last one latches the daily-loss
+breach, so it comes last.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -27,11 +29,19 @@ FAR_BELOW = "1000.0"  # RELIANCE starts at 1290.5 and walks in 0.1 steps: a BUY 
 
 
 @pytest.fixture(scope="module")
-def paper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def paper(tmp_path_factory: pytest.TempPathFactory, pg_server: Any) -> Iterator[Stack]:
+    import psycopg
+
+    from tests.integration.conftest import TEMPLATE, _with_db
+
+    name = f"np_risk_{os.getpid()}"
+    with psycopg.connect(pg_server.url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
     home = tmp_path_factory.mktemp("risk-stack") / "home"
-    s = Stack(home, free_base_port(), NEOPULSE_RISK__MAX_DAILY_LOSS=MAX_DAILY_LOSS,
-              NEOPULSE_FEED__INSTRUMENTS='["RELIANCE-EQ"]', NEOPULSE_FEED__RECORD="false",
-              NEOPULSE_FEED__SIM_VOLATILITY="0", NEOPULSE_FEED__SIM_RATE="50")
+    s = Stack(home, free_base_port(), NEOPULSE_DATABASE__URL=_with_db(pg_server.url, name),
+              NEOPULSE_RISK__MAX_DAILY_LOSS=MAX_DAILY_LOSS, NEOPULSE_FEED__INSTRUMENTS='["RELIANCE-EQ"]',
+              NEOPULSE_FEED__RECORD="false", NEOPULSE_FEED__SIM_VOLATILITY="0", NEOPULSE_FEED__SIM_RATE="50")
     try:
         s.start("execution")
         s.start("feed")
@@ -40,6 +50,8 @@ def paper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
     finally:
         s.close()
+        with psycopg.connect(pg_server.url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def trade(s: Stack, *args: str) -> tuple[int, dict[str, Any]]:
@@ -66,12 +78,14 @@ REJECTIONS = [
 
 
 def test_bad_orders_are_rejected_with_a_reason_and_exit_1_and_logged(paper: Stack) -> None:
-    for args, reason in REJECTIONS:
-        rc, verdict = trade(paper, *args)
-        assert (rc, verdict["approved"], verdict["reason"]) == (1, False, reason), args
-    human = paper.cli("trade", "BUY", "RELIANCE-EQ", "--qty", "0", "--price", "1290.5")
-    assert human.returncode == 1
-    assert "REJECTED  BUY 0 RELIANCE-EQ @ 1290.5 (MIS) — quantity 0 must be greater than 0" in human.stdout
+    results = paper.cli_many(*[("trade", *args, "--json") for args, _ in REJECTIONS],
+                             ("trade", "BUY", "RELIANCE-EQ", "--qty", "0", "--price", "1290.5"))
+    for (args, reason), (rc, stdout, stderr) in zip(REJECTIONS, results, strict=False):
+        verdict = json.loads(stdout) if stdout.strip() else {"stderr": stderr}
+        assert (rc, verdict.get("approved"), verdict.get("reason")) == (1, False, reason), (args, verdict)
+    rc, human, _ = results[-1]
+    assert rc == 1
+    assert "REJECTED  BUY 0 RELIANCE-EQ @ 1290.5 (MIS) — quantity 0 must be greater than 0" in human
 
     logged = {ln["reason"]: ln for ln in paper.log_lines("risk") if ln.get("event") == "order_rejected"}
     for _, reason in REJECTIONS:
@@ -137,6 +151,7 @@ def test_loss_turns_risk_reducing_and_the_switch_survives_a_restart(paper: Stack
     # Arrange: a market BUY of 20 fills; slippage and charges alone push net PnL below -5.
     rc, verdict = trade(paper, "BUY", "RELIANCE-EQ", "--qty", "20")
     assert rc == 0 and verdict["approved"], verdict
+    eventually(lambda: _risk_state(paper).get("open_positions") == 1, timeout=10, message="filled")
     eventually(lambda: _risk_state(paper)["state"] == "REDUCING", timeout=15, message="REDUCING")
     state = _risk_state(paper)
     assert state["net_pnl"] < -MAX_DAILY_LOSS and state["reason"].startswith("daily loss limit breached")
@@ -147,6 +162,7 @@ def test_loss_turns_risk_reducing_and_the_switch_survives_a_restart(paper: Stack
     assert verdict["reason"].startswith("REDUCING: daily loss limit breached; only orders that reduce")
     rc, verdict = trade(paper, "SELL", "RELIANCE-EQ", "--qty", "20")
     assert rc == 0 and verdict["approved"], verdict
+    eventually(lambda: _risk_state(paper).get("open_positions", 0) == 0, timeout=10, message="flat")
 
     # Kill switch on, risk killed and restarted without its local backstop: execution's record holds.
     rc, _ = paper.cli_json("kill-switch", "on", "--reason", "before restart")
