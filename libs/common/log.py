@@ -56,8 +56,18 @@ def setup_logging(
         h.close()
     root.setLevel(level.upper())
 
+    pid = os.getpid()
+
+    def add_identity(_logger: Any, _method: str, event_dict: Any) -> Any:
+        # contextvars are per thread: lines logged from worker threads (broker pool, notifier
+        # channels, the ZAP authenticator) would otherwise lack service and pid.
+        event_dict.setdefault("service", service)
+        event_dict.setdefault("pid", pid)
+        return event_dict
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_identity,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         structlog.processors.StackInfoRenderer(),

@@ -137,6 +137,11 @@ class _AllowList:
             return False
 
 
+class _QuietLog:
+    def __getattr__(self, _name: str) -> Callable[..., None]:
+        return lambda *_a, **_k: None
+
+
 class CurveSecurity:
     """Applied by ``Bus.socket`` to every socket it makes."""
 
@@ -179,11 +184,8 @@ class CurveSecurity:
 
 def install_curve(bus: Any, cfg: Config, service_name: str) -> CurveSecurity:
     """Turn CURVE on for every socket ``bus`` makes from now on, with a ZAP authenticator."""
-    log = bus.log
-    if log is None:
-        from libs.common.log import get_logger
-
-        log = get_logger(service_name)
+    # The CLI configures no logging (its stdout may be --json): stay quiet there.
+    log = bus.log if bus.log is not None else _QuietLog()
     security = CurveSecurity(cfg, service_name, log)
     auth = ThreadAuthenticator(bus.ctx)
     auth.start()
