@@ -55,8 +55,12 @@ SYMBOLS = ["RELIANCE-EQ", "INFY-EQ", "TCS-EQ", "HDFCBANK-EQ", "SBIN-EQ"]
 
 def pct(xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
-    return {"p50_ms": round(xs[len(xs) // 2] * 1e3, 3), "p99_ms": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e3, 3),
-            "mean_ms": round(statistics.fmean(xs) * 1e3, 3), "n": len(xs)}
+    return {
+        "p50_ms": round(xs[len(xs) // 2] * 1e3, 3),
+        "p99_ms": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e3, 3),
+        "mean_ms": round(statistics.fmean(xs) * 1e3, 3),
+        "n": len(xs),
+    }
 
 
 def with_db(url: str, name: str) -> str:
@@ -77,14 +81,18 @@ def bench_raw(url: str, n: int) -> dict[str, float]:
     import psycopg
 
     conn = psycopg.connect(url, autocommit=False)
-    conn.execute("CREATE TABLE raw_insert (id uuid PRIMARY KEY, request_id text UNIQUE, price numeric, "
-                 "created_at timestamptz NOT NULL DEFAULT now())")
+    conn.execute(
+        "CREATE TABLE raw_insert (id uuid PRIMARY KEY, request_id text UNIQUE, price numeric, "
+        "created_at timestamptz NOT NULL DEFAULT now())"
+    )
     conn.commit()
     lat = []
     for i in range(n + 200):
         t = time.perf_counter()
-        conn.execute("INSERT INTO raw_insert (id, request_id, price) VALUES (%s, %s, %s)",
-                     (uuid.uuid4(), f"r{i}", Decimal("1290.50")))
+        conn.execute(
+            "INSERT INTO raw_insert (id, request_id, price) VALUES (%s, %s, %s)",
+            (uuid.uuid4(), f"r{i}", Decimal("1290.50")),
+        )
         conn.commit()
         if i >= 200:  # warm-up (prepared statements, caches)
             lat.append(time.perf_counter() - t)
@@ -98,10 +106,24 @@ def bench_ledger(url: str, n: int) -> dict[str, Any]:
     now = time.time_ns()
     lat = []
     for i in range(n + 200):
-        o = OrderRow(order_id=new_id(), request_id=f"b{i}", client_tag=new_client_tag(), strategy_id="bench",
-                     segment="nse_cm", token="2885", symbol="RELIANCE-EQ", side="BUY", order_type="LIMIT",
-                     product="MIS", quantity=1, price=Decimal("1290.50"), status="PENDING_BROKER",
-                     trading_day="2025-11-21", created_ns=now, updated_ns=now)
+        o = OrderRow(
+            order_id=new_id(),
+            request_id=f"b{i}",
+            client_tag=new_client_tag(),
+            strategy_id="bench",
+            segment="nse_cm",
+            token="2885",
+            symbol="RELIANCE-EQ",
+            side="BUY",
+            order_type="LIMIT",
+            product="MIS",
+            quantity=1,
+            price=Decimal("1290.50"),
+            status="PENDING_BROKER",
+            trading_day="2025-11-21",
+            created_ns=now,
+            updated_ns=now,
+        )
         ch = Changes(new_orders=[o], events=[EventRow(o.order_id, "PENDING", "", o.status, now, {"i": i})])
         t = time.perf_counter()
         store.write(ch)
@@ -117,9 +139,12 @@ def bench_ledger(url: str, n: int) -> dict[str, Any]:
     lat = []
     for i in range(n + 200):
         rid = f"e{i}"
-        req = OrderRequest(request_id=rid, strategy_id="bench", side="BUY", quantity=1, price=Decimal("1000.00"))
-        cmd = ExecuteOrder(request_id=rid, order=req, quantity=1, segment=inst.segment, token=inst.token,
-                           symbol=inst.symbol)
+        req = OrderRequest(
+            request_id=rid, strategy_id="bench", side="BUY", quantity=1, price=Decimal("1000.00")
+        )
+        cmd = ExecuteOrder(
+            request_id=rid, order=req, quantity=1, segment=inst.segment, token=inst.token, symbol=inst.symbol
+        )
         t = time.perf_counter()
         [res] = engine.submit([cmd])
         if i >= 200:
@@ -142,9 +167,18 @@ class Feed:
             for sym in SYMBOLS:
                 i = MASTER.resolve(sym)
                 ltp = i.ref_price or 1000.0
-                self.pub.publish(topic("tick", i.segment, i.token),
-                                 Tick(segment=i.segment, token=i.token, ltp=ltp, bid=ltp - 0.1, ask=ltp + 0.1,
-                                      bid_qty=10**6, ask_qty=10**6))
+                self.pub.publish(
+                    topic("tick", i.segment, i.token),
+                    Tick(
+                        segment=i.segment,
+                        token=i.token,
+                        ltp=ltp,
+                        bid=ltp - 0.1,
+                        ask=ltp + 0.1,
+                        bid_qty=10**6,
+                        ask_qty=10**6,
+                    ),
+                )
 
     def close(self) -> None:
         self.stop.set()
@@ -157,15 +191,22 @@ def order(i: int, prefix: str) -> ExecuteOrder:
     rid = f"{prefix}{i}"
     side = "BUY" if (i // len(SYMBOLS)) % 2 == 0 else "SELL"
     req = OrderRequest(request_id=rid, strategy_id="bench", side=side, quantity=1, order_type="MARKET")
-    return ExecuteOrder(request_id=rid, order=req, quantity=1, segment=inst.segment, token=inst.token,
-                        symbol=inst.symbol)
+    return ExecuteOrder(
+        request_id=rid, order=req, quantity=1, segment=inst.segment, token=inst.token, symbol=inst.symbol
+    )
 
 
 def bench_service(url: str, home: Path, n: int, window: int, n_single: int) -> dict[str, Any]:
     from tests.helpers import free_base_port, stack_env
 
-    env = stack_env(home, free_base_port(), NEOPULSE_DATABASE__URL=url, NEOPULSE_ENV_FILE=str(home / "no.env"),
-                    NEOPULSE_LOG__LEVEL="WARNING", NEOPULSE_EXECUTION__RECONCILE_S="3600")
+    env = stack_env(
+        home,
+        free_base_port(),
+        NEOPULSE_DATABASE__URL=url,
+        NEOPULSE_ENV_FILE=str(home / "no.env"),
+        NEOPULSE_LOG__LEVEL="WARNING",
+        NEOPULSE_EXECUTION__RECONCILE_S="3600",
+    )
     cfg = load_config(env=env)
     bus = Bus(cfg)
     feed = Feed(bus, cfg.bus.endpoint("feed_pub"))
@@ -179,7 +220,9 @@ def bench_service(url: str, home: Path, n: int, window: int, n_single: int) -> d
     t0 = time.monotonic()
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"execution exited {proc.returncode}: {(home / 'execution.out').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"execution exited {proc.returncode}: {(home / 'execution.out').read_text()[-2000:]}"
+            )
         try:
             r = client.request(GetStatus())
             if isinstance(r, Reply) and r.ok and r.data["last_prices"] >= len(SYMBOLS):
@@ -244,9 +287,16 @@ def bench_service(url: str, home: Path, n: int, window: int, n_single: int) -> d
         proc.wait(15)
         feed.close()
         bus.close()
-    return {"ready_s": round(ready_s, 2), "ack_round_trip": pct(lat), "window": window, "orders": n,
-            "acked_per_s": round(n / ack_s), "complete_per_s": round(n / done_s),
-            "ledger_flushes": info["flushes"], "fills": info["fills"]}
+    return {
+        "ready_s": round(ready_s, 2),
+        "ack_round_trip": pct(lat),
+        "window": window,
+        "orders": n,
+        "acked_per_s": round(n / ack_s),
+        "complete_per_s": round(n / done_s),
+        "ledger_flushes": info["flushes"],
+        "fills": info["fills"],
+    }
 
 
 def main() -> None:
@@ -260,12 +310,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="neopulse-bench-exec-"))
     try:
         db = start_embedded(tmp / "pgdata", cleanup_mode="delete")
-        result: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-                                  "embedded_pg_startup_ms": round(db.startup_ms)}
+        result: dict[str, Any] = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "embedded_pg_startup_ms": round(db.startup_ms),
+        }
         result["raw_psycopg_insert_commit"] = bench_raw(create_db(db.url, "bench_raw"), args.inserts)
         result["ledger_pending"] = bench_ledger(create_db(db.url, "bench_ledger"), args.inserts)
-        result["service"] = bench_service(create_db(db.url, "bench_svc"), tmp / "home", args.orders, args.window,
-                                          args.single)
+        result["service"] = bench_service(
+            create_db(db.url, "bench_svc"), tmp / "home", args.orders, args.window, args.single
+        )
         db.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -280,8 +333,10 @@ def main() -> None:
     print(f"engine.submit (price+row+commit)   p50 {s['p50_ms']:.3f} ms  p99 {s['p99_ms']:.3f} ms")
     a = svc["ack_round_trip"]
     print(f"REP ExecuteOrder→Reply (durable)   p50 {a['p50_ms']:.3f} ms  p99 {a['p99_ms']:.3f} ms")
-    print(f"paper orders through the REP, window {svc['window']}: {svc['acked_per_s']} acked/s, "
-          f"{svc['complete_per_s']} complete/s ({svc['orders']} orders, {svc['ledger_flushes']} ledger commits)")
+    print(
+        f"paper orders through the REP, window {svc['window']}: {svc['acked_per_s']} acked/s, "
+        f"{svc['complete_per_s']} complete/s ({svc['orders']} orders, {svc['ledger_flushes']} ledger commits)"
+    )
 
 
 if __name__ == "__main__":

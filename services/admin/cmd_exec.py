@@ -49,8 +49,10 @@ def orders(
         fail(f"--status must be one of {', '.join(_STATUSES)}", EXIT_USAGE)
     client = AdminClient()
     try:
-        rows = client.ask_ok("execution_rep", GetOrders(status=status.upper(), symbol=symbol,
-                                                        strategy_id=strategy, limit=limit))
+        rows = client.ask_ok(
+            "execution_rep",
+            GetOrders(status=status.upper(), symbol=symbol, strategy_id=strategy, limit=limit),
+        )
     finally:
         client.close()
     rows = rows or []
@@ -60,11 +62,44 @@ def orders(
     if not rows:
         typer.echo("no orders")
         return
-    table = [[r["order_id"][:8], r["strategy_id"], r["purpose"], r["side"], r["symbol"], str(r["quantity"]),
-              r["order_type"], _dec(r["price"]), r["status"], str(r["filled_qty"]), _dec(r["avg_price"]),
-              (r.get("reason") or "")[:60]] for r in rows]
-    emit(rows, False, _table(["ORDER", "STRATEGY", "PURPOSE", "SIDE", "SYMBOL", "QTY", "TYPE", "PRICE", "STATUS",
-                              "FILLED", "AVG", "REASON"], table))
+    table = [
+        [
+            r["order_id"][:8],
+            r["strategy_id"],
+            r["purpose"],
+            r["side"],
+            r["symbol"],
+            str(r["quantity"]),
+            r["order_type"],
+            _dec(r["price"]),
+            r["status"],
+            str(r["filled_qty"]),
+            _dec(r["avg_price"]),
+            (r.get("reason") or "")[:60],
+        ]
+        for r in rows
+    ]
+    emit(
+        rows,
+        False,
+        _table(
+            [
+                "ORDER",
+                "STRATEGY",
+                "PURPOSE",
+                "SIDE",
+                "SYMBOL",
+                "QTY",
+                "TYPE",
+                "PRICE",
+                "STATUS",
+                "FILLED",
+                "AVG",
+                "REASON",
+            ],
+            table,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- positions
@@ -98,9 +133,22 @@ def positions(
     table = []
     for r in rows:
         last = r.get("last_price") or 0.0
-        unreal = (Decimal(str(last)) - Decimal(str(r["avg_price"]))) * r["quantity"] if last and r["quantity"] else 0
-        table.append([r["strategy_id"], r["symbol"], str(r["quantity"]), _dec(r["avg_price"]),
-                      f"{last:,.2f}" if last else "-", _dec(r.get("realised_pnl", 0)), _dec(unreal)])
+        unreal = (
+            (Decimal(str(last)) - Decimal(str(r["avg_price"]))) * r["quantity"]
+            if last and r["quantity"]
+            else 0
+        )
+        table.append(
+            [
+                r["strategy_id"],
+                r["symbol"],
+                str(r["quantity"]),
+                _dec(r["avg_price"]),
+                f"{last:,.2f}" if last else "-",
+                _dec(r.get("realised_pnl", 0)),
+                _dec(unreal),
+            ]
+        )
     emit(rows, False, _table(["STRATEGY", "SYMBOL", "QTY", "AVG", "LAST", "REALISED", "UNREALISED"], table))
 
 
@@ -109,8 +157,9 @@ def positions(
 
 @app.command()
 def flatten(
-    symbol: str = typer.Argument("", help="Only this instrument (symbol or segment|token); default: all.",
-                                 show_default=False),
+    symbol: str = typer.Argument(
+        "", help="Only this instrument (symbol or segment|token); default: all.", show_default=False
+    ),
     strategy: str = typer.Option("", "--strategy", help="Only this strategy's orders and positions."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = JSON_OPT,
@@ -120,18 +169,31 @@ def flatten(
     try:
         if not yes:
             if not sys.stdin.isatty():
-                fail("refusing to flatten without confirmation: pass --yes (stdin is not a terminal)", EXIT_USAGE)
+                fail(
+                    "refusing to flatten without confirmation: pass --yes (stdin is not a terminal)",
+                    EXIT_USAGE,
+                )
             open_pos = [p for p in _positions(client, strategy) if p.get("quantity")]
             if symbol:
-                open_pos = [p for p in open_pos if p["symbol"].upper() == symbol.upper()
-                            or f"{p['segment']}|{p['token']}" == symbol]
-            what = ", ".join(f"{p['symbol']} {p['quantity']:+d} ({p['strategy_id']})" for p in open_pos) or "none"
+                open_pos = [
+                    p
+                    for p in open_pos
+                    if p["symbol"].upper() == symbol.upper() or f"{p['segment']}|{p['token']}" == symbol
+                ]
+            what = (
+                ", ".join(f"{p['symbol']} {p['quantity']:+d} ({p['strategy_id']})" for p in open_pos)
+                or "none"
+            )
             scope = f"{symbol or 'every instrument'}" + (f" of strategy {strategy}" if strategy else "")
             typer.confirm(f"Flatten {scope}: cancel open orders and close positions [{what}]?", abort=True)
         else:
             client.ask("execution_rep", GetStatus())  # unreachable → exit 3 fast, before the long wait
-        req = Flatten(request_id=f"cli-flatten-{uuid.uuid4().hex[:12]}", symbol=symbol, strategy_id=strategy,
-                      source="cli")
+        req = Flatten(
+            request_id=f"cli-flatten-{uuid.uuid4().hex[:12]}",
+            symbol=symbol,
+            strategy_id=strategy,
+            source="cli",
+        )
         timeout = max(client.timeout_ms, 15_000)  # cancels and closes go to the broker first
         report = client.ask_ok("execution_rep", req, timeout_ms=timeout)
     finally:
@@ -141,14 +203,18 @@ def flatten(
     else:
         lines = [f"cancelled {report['cancelled']} open order(s)"]
         for c in report["closing"]:
-            lines.append(f"close {c['side']} {c['quantity']} {c['symbol']} ({c['strategy_id']}) "
-                         f"@ limit {c['price']}: {c['status']}" + (f" — {c['reason']}" if c.get("reason") else ""))
+            lines.append(
+                f"close {c['side']} {c['quantity']} {c['symbol']} ({c['strategy_id']}) "
+                f"@ limit {c['price']}: {c['status']}" + (f" — {c['reason']}" if c.get("reason") else "")
+            )
         for s in report["skipped"]:
             lines.append(f"NOT closed {s['symbol']}: {s['reason']}")
         if not report["closing"] and not report["skipped"]:
             lines.append("no open positions")
         for p in report.get("open_positions", []):
-            lines.append(f"still open: {p['symbol']} {p['quantity']:+d} ({p['strategy_id']}) — the close is working")
+            lines.append(
+                f"still open: {p['symbol']} {p['quantity']:+d} ({p['strategy_id']}) — the close is working"
+            )
         emit(report, False, "\n".join(lines))
     failed = report["skipped"] or any(c["status"] in ("REJECTED", "UNKNOWN") for c in report["closing"])
     raise typer.Exit(EXIT_REFUSED if failed else EXIT_OK)
@@ -163,9 +229,16 @@ def sync_master(as_json: bool = JSON_OPT) -> None:
     client = AdminClient()
     try:
         client.ask("execution_rep", GetStatus())  # unreachable → exit 3 fast, before the long wait
-        data = client.ask_ok("execution_rep", SyncMaster(request_id=f"cli-sync-{uuid.uuid4().hex[:12]}"),
-                             timeout_ms=max(client.timeout_ms, 120_000))
+        data = client.ask_ok(
+            "execution_rep",
+            SyncMaster(request_id=f"cli-sync-{uuid.uuid4().hex[:12]}"),
+            timeout_ms=max(client.timeout_ms, 120_000),
+        )
     finally:
         client.close()
-    emit(data, as_json, f"instrument master synced: {data.get('instruments', 0)} instruments from "
-                        f"{len(data.get('files', []))} file(s)")
+    emit(
+        data,
+        as_json,
+        f"instrument master synced: {data.get('instruments', 0)} instruments from "
+        f"{len(data.get('files', []))} file(s)",
+    )

@@ -13,10 +13,14 @@ from libs.common.service import EXIT_CONFIG, load_config_or_exit
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.execution",
-                                     description="NeoPulse execution: ledger, broker, OCO, flatten.")
-    parser.add_argument("--live", action="store_true",
-                        help="allow real orders when execution.broker=kotak (or set NEOPULSE_LIVE=1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m services.execution", description="NeoPulse execution: ledger, broker, OCO, flatten."
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="allow real orders when execution.broker=kotak (or set NEOPULSE_LIVE=1)",
+    )
     args = parser.parse_args(argv)
     cfg = load_config_or_exit()
 

@@ -161,8 +161,10 @@ def start_embedded(pgdata: Path, log: Any = None, cleanup_mode: str | None = "st
                 logfile = pgdata / "log"
                 if logfile.exists():
                     tail = " | ".join(logfile.read_text(errors="replace").splitlines()[-3:])
-                raise DatabaseError(f"cannot start embedded PostgreSQL in {pgdata}: "
-                                    f"{type(exc).__name__}: {exc} {tail}".strip()) from exc
+                raise DatabaseError(
+                    f"cannot start embedded PostgreSQL in {pgdata}: "
+                    f"{type(exc).__name__}: {exc} {tail}".strip()
+                ) from exc
             if log is not None:
                 log.warning("embedded_pg_start_retry", attempt=attempts, error=f"{type(exc).__name__}: {exc}")
             time.sleep(1.0)
@@ -170,7 +172,9 @@ def start_embedded(pgdata: Path, log: Any = None, cleanup_mode: str | None = "st
     _wait_connectable(url, 10.0)
     ms = (time.perf_counter() - t0) * 1000
     if log is not None:
-        log.info("embedded_pg_ready", pgdata=str(pgdata), startup_ms=round(ms, 1), postgres_pid=server.get_pid())
+        log.info(
+            "embedded_pg_ready", pgdata=str(pgdata), startup_ms=round(ms, 1), postgres_pid=server.get_pid()
+        )
     return Database(url=url, embedded=True, startup_ms=ms, server=server)
 
 

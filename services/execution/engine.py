@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import msgspec
-
 from libs.common.bus import topic
 from libs.common.clock import IST, Clock, trading_day
 from libs.common.instruments import Instrument, MasterData
@@ -152,8 +150,12 @@ class SubmitResult:
     code: str = ""
 
     def data(self) -> dict[str, Any]:
-        return {"order_id": self.order_id, "status": self.status, "client_tag": self.client_tag,
-                "reason": self.reason}
+        return {
+            "order_id": self.order_id,
+            "status": self.status,
+            "client_tag": self.client_tag,
+            "reason": self.reason,
+        }
 
 
 @dataclass
@@ -194,10 +196,21 @@ class PositionState:
             self.avg_price = price
 
     def message(self, last_price: float, now_ns: int) -> Position:
-        return Position(strategy_id=self.strategy_id, symbol=self.symbol, segment=self.segment, token=self.token,
-                        quantity=self.quantity, avg_price=self.avg_price, realised_pnl=self.realised,
-                        buy_qty=self.buy_qty, sell_qty=self.sell_qty, buy_value=self.buy_value,
-                        sell_value=self.sell_value, last_price=last_price, ts_ns=now_ns)
+        return Position(
+            strategy_id=self.strategy_id,
+            symbol=self.symbol,
+            segment=self.segment,
+            token=self.token,
+            quantity=self.quantity,
+            avg_price=self.avg_price,
+            realised_pnl=self.realised,
+            buy_qty=self.buy_qty,
+            sell_qty=self.sell_qty,
+            buy_value=self.buy_value,
+            sell_value=self.sell_value,
+            last_price=last_price,
+            ts_ns=now_ns,
+        )
 
 
 @dataclass
@@ -219,8 +232,9 @@ class FlattenJob:
 class ExecutionEngine:
     """Order lifecycle, OCO brackets, flatten and reconciliation over an ``OrderStore``."""
 
-    def __init__(self, store: OrderStore, broker: Any, master: MasterData, clock: Clock, cfg: Any,
-                 log: Any = None) -> None:
+    def __init__(
+        self, store: OrderStore, broker: Any, master: MasterData, clock: Clock, cfg: Any, *, log: Any = None
+    ) -> None:
         self.store = store
         self.broker = broker
         self.master = master
@@ -263,8 +277,17 @@ class ExecutionEngine:
         self._books_pending = False
         self.reconcile_due_ns = 0
         self._orphans_alerted: set[str] = set()
-        self.stats = {"submitted": 0, "duplicates": 0, "rejected": 0, "fills": 0, "flushes": 0,
-                      "ledger_errors": 0, "reconciles": 0, "unknown": 0, "orphans": 0}
+        self.stats = {
+            "submitted": 0,
+            "duplicates": 0,
+            "rejected": 0,
+            "fills": 0,
+            "flushes": 0,
+            "ledger_errors": 0,
+            "reconciles": 0,
+            "unknown": 0,
+            "orphans": 0,
+        }
         self.after_place: Callable[[PlaceIntent, Any], None] | None = None  # test crash hook
 
     # ================================================================== startup
@@ -310,7 +333,10 @@ class ExecutionEngine:
             changes = Changes(
                 new_orders=list(self._new.values()),
                 updated={k: v for k, v in self._dirty.items() if k not in self._new},
-                events=self._events, fills=self._fills, brackets=self._bdirty, risk_events=self._risk,
+                events=self._events,
+                fills=self._fills,
+                brackets=self._bdirty,
+                risk_events=self._risk,
             )
             try:
                 conflicts = self.store.write(changes)
@@ -320,7 +346,14 @@ class ExecutionEngine:
                     self.log.error("ledger_write_failed", error=str(exc))
                 return False
             self.stats["flushes"] += 1
-            self._new, self._dirty, self._events, self._fills, self._bdirty, self._risk = {}, {}, [], [], {}, []
+            self._new, self._dirty, self._events, self._fills, self._bdirty, self._risk = (
+                {},
+                {},
+                [],
+                [],
+                {},
+                [],
+            )
             if conflicts:  # pragma: no cover - only when another writer raced us
                 self._adopt_conflicts(conflicts)
         if self._held_intents:
@@ -340,7 +373,9 @@ class ExecutionEngine:
                     o = self.orders.get(oid)
                     if o is not None:
                         self._unindex(o)
-                self._held_intents = [i for i in self._held_intents if getattr(i, "order_id", "") not in dropped]
+                self._held_intents = [
+                    i for i in self._held_intents if getattr(i, "order_id", "") not in dropped
+                ]
                 self.intents = deque(i for i in self.intents if getattr(i, "order_id", "") not in dropped)
                 self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in dropped}
             self._index(existing)
@@ -358,24 +393,57 @@ class ExecutionEngine:
         return self.clock.now_ns()
 
     def _event(self, o: OrderRow, kind: str, old: str, payload: Any = None) -> None:
-        self._events.append(EventRow(order_id=o.order_id, kind=kind, from_status=old, to_status=o.status,
-                                     ts_ns=o.updated_ns, payload=payload))
+        self._events.append(
+            EventRow(
+                order_id=o.order_id,
+                kind=kind,
+                from_status=old,
+                to_status=o.status,
+                ts_ns=o.updated_ns,
+                payload=payload,
+            )
+        )
 
     def _mark(self, o: OrderRow) -> None:
         if o.order_id not in self._new:
             self._dirty[o.order_id] = o
 
     def _publish_order(self, o: OrderRow) -> None:
-        self._held_msgs.append((topic("order", o.strategy_id), OrderUpdate(
-            order_id=o.order_id, request_id=o.request_id, strategy_id=o.strategy_id, client_tag=o.client_tag,
-            symbol=o.symbol, segment=o.segment, token=o.token, side=o.side, quantity=o.quantity,
-            status=o.status, price=o.price, trigger_price=o.trigger_price, order_type=o.order_type,
-            filled_qty=o.filled_qty, avg_price=o.avg_price, broker_order_id=o.broker_order_id, reason=o.reason,
-            parent_id=o.parent_id, purpose=o.purpose, ts_ns=o.updated_ns)))
+        self._held_msgs.append(
+            (
+                topic("order", o.strategy_id),
+                OrderUpdate(
+                    order_id=o.order_id,
+                    request_id=o.request_id,
+                    strategy_id=o.strategy_id,
+                    client_tag=o.client_tag,
+                    symbol=o.symbol,
+                    segment=o.segment,
+                    token=o.token,
+                    side=o.side,
+                    quantity=o.quantity,
+                    status=o.status,
+                    price=o.price,
+                    trigger_price=o.trigger_price,
+                    order_type=o.order_type,
+                    filled_qty=o.filled_qty,
+                    avg_price=o.avg_price,
+                    broker_order_id=o.broker_order_id,
+                    reason=o.reason,
+                    parent_id=o.parent_id,
+                    purpose=o.purpose,
+                    ts_ns=o.updated_ns,
+                ),
+            )
+        )
 
     def alert(self, level: str, text: str, code: str = "") -> None:
-        self._held_msgs.append((topic("alert", "execution"),
-                                Alert(level=level, source="execution", text=text, code=code, ts_ns=self._now())))
+        self._held_msgs.append(
+            (
+                topic("alert", "execution"),
+                Alert(level=level, source="execution", text=text, code=code, ts_ns=self._now()),
+            )
+        )
         if self.log is not None:
             self.log.warning("alert", level=level, text=text, code=code)
 
@@ -386,8 +454,13 @@ class ExecutionEngine:
         intents are released. A refused order is written as ``REJECTED``. When the ledger
         cannot write, nothing of this batch is kept and every order is refused."""
         cmds = list(cmds)
-        mark = (len(self._events), len(self._held_intents), len(self._held_msgs), set(self._new),
-                set(self._bdirty))
+        mark = (
+            len(self._events),
+            len(self._held_intents),
+            len(self._held_msgs),
+            set(self._new),
+            set(self._bdirty),
+        )
         created: list[OrderRow] = []
         for cmd in cmds:
             if cmd.request_id in self.by_request:
@@ -405,16 +478,20 @@ class ExecutionEngine:
             self._bdirty = {k: v for k, v in self._bdirty.items() if k in mark[4]}
             self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in ids}
             self.inflight -= ids
-            return [SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds]
+            return [
+                SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds
+            ]
         out: list[SubmitResult] = []
         for cmd in cmds:
-            o = self.orders.get(self.by_request.get(cmd.request_id, ""))
-            if o is None:
+            row = self.orders.get(self.by_request.get(cmd.request_id, ""))
+            if row is None:
                 out.append(SubmitResult(cmd.request_id, False, reason="order lost", code="internal"))
                 continue
-            ok = o.status != REJECTED
-            out.append(SubmitResult(cmd.request_id, ok, o.order_id, o.status, o.client_tag, o.reason,
-                                    "" if ok else "rejected"))
+            ok = row.status != REJECTED
+            code = "" if ok else "rejected"
+            out.append(
+                SubmitResult(cmd.request_id, ok, row.order_id, row.status, row.client_tag, row.reason, code)
+            )
         self.stats["submitted"] += len(cmds)
         return out
 
@@ -456,7 +533,9 @@ class ExecutionEngine:
             trig = on_tick("trigger price", o.trigger_price)
             price = on_tick("price", o.price)
             if (side == "BUY" and trig > price) or (side == "SELL" and trig < price):
-                raise MoneyError(f"{side} stop-limit: trigger {trig} is on the wrong side of the limit {price}")
+                raise MoneyError(
+                    f"{side} stop-limit: trigger {trig} is on the wrong side of the limit {price}"
+                )
             return "SL", price, trig
         raise MoneyError(f"unknown order type {o.order_type!r}")
 
@@ -486,11 +565,26 @@ class ExecutionEngine:
         tok = inst.token if inst else cmd.token
         sym = inst.symbol if inst else (cmd.symbol or o.symbol)
         row = OrderRow(
-            order_id=new_id(), request_id=cmd.request_id, client_tag=self._tag(), strategy_id=o.strategy_id,
-            segment=seg, token=tok, symbol=sym, side=side or "BUY", order_type=otype,
-            product=o.product or "MIS", quantity=max(qty, 0), price=price, trigger_price=trig,
-            status=REJECTED if reason else PENDING_BROKER, trading_day=self.day, created_ns=now,
-            updated_ns=now, purpose=(o.purpose or ENTRY).upper(), broker=self.broker_name, reason=reason,
+            order_id=new_id(),
+            request_id=cmd.request_id,
+            client_tag=self._tag(),
+            strategy_id=o.strategy_id,
+            segment=seg,
+            token=tok,
+            symbol=sym,
+            side=side or "BUY",
+            order_type=otype,
+            product=o.product or "MIS",
+            quantity=max(qty, 0),
+            price=price,
+            trigger_price=trig,
+            status=REJECTED if reason else PENDING_BROKER,
+            trading_day=self.day,
+            created_ns=now,
+            updated_ns=now,
+            purpose=(o.purpose or ENTRY).upper(),
+            broker=self.broker_name,
+            reason=reason,
         )
         payload = {"request": to_builtins(cmd)}
         rows = [row]
@@ -513,6 +607,8 @@ class ExecutionEngine:
             if value is not None and (value <= 0 or value % tick != 0):
                 return f"{name} {value} is not a positive multiple of the tick size {tick}"
         ref = cmd.order.trigger_price if cmd.order.order_type in ("SL", "SL-M") else price
+        if ref is None:
+            return "bracket entry needs a price"
         if side == "BUY" and ((sl is not None and sl >= ref) or (tgt is not None and tgt <= ref)):
             return f"bracket for a BUY needs stop loss < entry ({ref}) < target"
         if side == "SELL" and ((sl is not None and sl <= ref) or (tgt is not None and tgt >= ref)):
@@ -528,8 +624,16 @@ class ExecutionEngine:
     def _add(self, row: OrderRow, kind: str, payload: Any) -> None:
         self._index(row)
         self._new[row.order_id] = row
-        self._events.append(EventRow(order_id=row.order_id, kind=kind, from_status="", to_status=row.status,
-                                     ts_ns=row.created_ns, payload=payload))
+        self._events.append(
+            EventRow(
+                order_id=row.order_id,
+                kind=kind,
+                from_status="",
+                to_status=row.status,
+                ts_ns=row.created_ns,
+                payload=payload,
+            )
+        )
         self._publish_order(row)
 
     def _slice_and_place(self, row: OrderRow, inst: Instrument) -> list[OrderRow]:
@@ -547,12 +651,26 @@ class ExecutionEngine:
         kids = []
         for n, size in enumerate(sizes, 1):
             kid = OrderRow(
-                order_id=new_id(), request_id=f"{row.request_id}#{n}", client_tag=self._tag(),
-                strategy_id=row.strategy_id, segment=row.segment, token=row.token, symbol=row.symbol,
-                side=row.side, order_type=row.order_type, product=row.product, quantity=size, price=row.price,
-                trigger_price=row.trigger_price, status=PENDING_BROKER, trading_day=row.trading_day,
-                created_ns=row.created_ns, updated_ns=row.created_ns, parent_id=row.order_id,
-                purpose=row.purpose, broker=row.broker,
+                order_id=new_id(),
+                request_id=f"{row.request_id}#{n}",
+                client_tag=self._tag(),
+                strategy_id=row.strategy_id,
+                segment=row.segment,
+                token=row.token,
+                symbol=row.symbol,
+                side=row.side,
+                order_type=row.order_type,
+                product=row.product,
+                quantity=size,
+                price=row.price,
+                trigger_price=row.trigger_price,
+                status=PENDING_BROKER,
+                trading_day=row.trading_day,
+                created_ns=row.created_ns,
+                updated_ns=row.created_ns,
+                parent_id=row.order_id,
+                purpose=row.purpose,
+                broker=row.broker,
             )
             self._add(kid, "PENDING", {"slice": n, "of": len(sizes), "freeze_qty": freeze})
             self._queue_place(kid)
@@ -561,10 +679,23 @@ class ExecutionEngine:
 
     def _queue_place(self, o: OrderRow) -> None:
         self.inflight.add(o.order_id)
-        self._held_intents.append(PlaceIntent(o.order_id, BrokerOrder(
-            client_tag=o.client_tag, segment=o.segment, token=o.token, symbol=o.symbol, side=o.side,
-            quantity=o.quantity, price=o.price if o.price is not None else _ZERO, order_type=o.order_type,
-            trigger_price=o.trigger_price, product=o.product)))
+        self._held_intents.append(
+            PlaceIntent(
+                o.order_id,
+                BrokerOrder(
+                    client_tag=o.client_tag,
+                    segment=o.segment,
+                    token=o.token,
+                    symbol=o.symbol,
+                    side=o.side,
+                    quantity=o.quantity,
+                    price=o.price if o.price is not None else _ZERO,
+                    order_type=o.order_type,
+                    trigger_price=o.trigger_price,
+                    product=o.product,
+                ),
+            )
+        )
 
     # ================================================================== transitions
     def _transition(self, o: OrderRow, status: str, kind: str, payload: Any = None, reason: str = "") -> bool:
@@ -593,8 +724,12 @@ class ExecutionEngine:
         if b is not None:
             if o.status == REJECTED and o.purpose in _LEGS:
                 self.leg_failed.add((b.bracket_id, o.purpose))
-                self.alert("CRITICAL", f"{o.purpose.lower()} leg of {o.symbol} rejected by the broker "
-                           f"({o.reason}); the position is not protected by it", "leg_rejected")
+                self.alert(
+                    "CRITICAL",
+                    f"{o.purpose.lower()} leg of {o.symbol} rejected by the broker "
+                    f"({o.reason}); the position is not protected by it",
+                    "leg_rejected",
+                )
             self._sync_bracket(b)
 
     def _refresh_parent(self, parent_id: str) -> None:
@@ -629,8 +764,13 @@ class ExecutionEngine:
             status = min(statuses, key=lambda s: RANK[s])
         if status != p.status:
             reason = next((k.reason for k in kids if k.status == REJECTED and k.reason), "")
-            self._transition(p, status, "SLICES", {"slices": {k.order_id: k.status for k in kids}},
-                             reason if status in (REJECTED, CANCELLED) else "")
+            self._transition(
+                p,
+                status,
+                "SLICES",
+                {"slices": {k.order_id: k.status for k in kids}},
+                reason if status in (REJECTED, CANCELLED) else "",
+            )
         b = self._bracket_of(p)
         if b is not None:
             self._sync_bracket(b)
@@ -664,7 +804,9 @@ class ExecutionEngine:
                 o.broker_order_id = result.broker_order_id
                 self.by_broker_id[result.broker_order_id] = o.order_id
             o.raw = result.raw
-            if not self._transition(o, ACK, "ACK", {"ack": result.raw, "broker_order_id": result.broker_order_id}):
+            if not self._transition(
+                o, ACK, "ACK", {"ack": result.raw, "broker_order_id": result.broker_order_id}
+            ):
                 o.updated_ns = self._now()
                 self._mark(o)
             if o.cancel_requested and o.order_id not in self.cancel_sent and not o.terminal:
@@ -674,18 +816,29 @@ class ExecutionEngine:
                 self._sync_bracket(b)
             return
         if isinstance(result, BrokerRejected):
-            self._transition(o, REJECTED, "REJECTED", {"error": result.reason, "raw": result.raw}, result.reason)
+            self._transition(
+                o, REJECTED, "REJECTED", {"error": result.reason, "raw": result.raw}, result.reason
+            )
             return
         if isinstance(result, BrokerTemporary):
-            self._transition(o, REJECTED, "REJECTED", {"error": result.reason, "raw": result.raw},
-                             f"not placed: {result.reason}")
+            self._transition(
+                o,
+                REJECTED,
+                "REJECTED",
+                {"error": result.reason, "raw": result.raw},
+                f"not placed: {result.reason}",
+            )
             return
         # BrokerUnknown, or anything unexpected: we cannot tell whether the broker has it
         why = result.reason if isinstance(result, BrokerUnknown) else f"{type(result).__name__}: {result}"
         self.stats["unknown"] += 1
         self._transition(o, UNKNOWN, "UNKNOWN", {"error": why}, f"outcome unknown: {why}")
-        self.alert("WARNING", f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}): broker outcome unknown "
-                   f"({why}); reconciling by tag, not re-sending", "order_unknown")
+        self.alert(
+            "WARNING",
+            f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}): broker outcome unknown "
+            f"({why}); reconciling by tag, not re-sending",
+            "order_unknown",
+        )
         self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + self.book_lag_ns)
 
     def _on_cancel(self, intent: CancelIntent, result: Any) -> None:
@@ -710,8 +863,12 @@ class ExecutionEngine:
             o.updated_ns = self._now()
             self._mark(o)
         self._event(o, "MODIFY_FAILED", o.status, {"error": why, "quantity": intent.quantity})
-        self.alert("WARNING", f"could not resize {o.purpose.lower()} leg {o.client_tag} of {o.symbol} to "
-                   f"{intent.quantity}: {why}", "modify_failed")
+        self.alert(
+            "WARNING",
+            f"could not resize {o.purpose.lower()} leg {o.client_tag} of {o.symbol} to "
+            f"{intent.quantity}: {why}",
+            "modify_failed",
+        )
 
     # ================================================================== broker events
     def on_broker_event(self, ev: BrokerOrderStatus | BrokerTrade) -> None:
@@ -741,8 +898,11 @@ class ExecutionEngine:
             return
         self._orphans_alerted.add(broker_order_id)
         self.stats["orphans"] += 1
-        self.alert("CRITICAL", f"broker order {broker_order_id} (tag {client_tag}) is not in the ledger",
-                   "orphan_order")
+        self.alert(
+            "CRITICAL",
+            f"broker order {broker_order_id} (tag {client_tag}) is not in the ledger",
+            "orphan_order",
+        )
 
     def _on_status(self, st: BrokerOrderStatus, o: OrderRow) -> None:
         raw = st.raw if st.raw is not None else {"status": st.status, "filled_qty": st.filled_qty}
@@ -776,10 +936,22 @@ class ExecutionEngine:
             return
         self.fill_keys.add(key)
         now = self._now()
-        fill = FillRow(trade_id=tr.trade_id, order_id=o.order_id, broker_order_id=tr.broker_order_id,
-                       strategy_id=o.strategy_id, segment=o.segment, token=o.token, symbol=o.symbol, side=o.side,
-                       quantity=tr.quantity, price=tr.price, ts_ns=tr.ts_ns or now, trading_day=day,
-                       broker=self.broker_name, raw=tr.raw)
+        fill = FillRow(
+            trade_id=tr.trade_id,
+            order_id=o.order_id,
+            broker_order_id=tr.broker_order_id,
+            strategy_id=o.strategy_id,
+            segment=o.segment,
+            token=o.token,
+            symbol=o.symbol,
+            side=o.side,
+            quantity=tr.quantity,
+            price=tr.price,
+            ts_ns=tr.ts_ns or now,
+            trading_day=day,
+            broker=self.broker_name,
+            raw=tr.raw,
+        )
         self._fills.append(fill)
         self.stats["fills"] += 1
         o.filled_qty += tr.quantity
@@ -787,18 +959,39 @@ class ExecutionEngine:
         o.avg_price = o.filled_value / o.filled_qty
         o.updated_ns = now
         self._mark(o)
-        self._event(o, "FILL", o.status, {"trade_id": tr.trade_id, "qty": tr.quantity, "price": str(tr.price),
-                                          "raw": tr.raw})
+        self._event(
+            o,
+            "FILL",
+            o.status,
+            {"trade_id": tr.trade_id, "qty": tr.quantity, "price": str(tr.price), "raw": tr.raw},
+        )
         if o.filled_qty > o.quantity:
-            self.alert("CRITICAL", f"order {o.client_tag} overfilled: {o.filled_qty} of {o.quantity}", "overfill")
-        self._held_msgs.append((topic("fill", o.strategy_id), Fill(
-            fill_id=tr.trade_id, order_id=o.parent_id if o.parent_id and o.purpose not in _LEGS else o.order_id,
-            strategy_id=o.strategy_id, symbol=o.symbol, segment=o.segment, token=o.token, side=o.side,
-            quantity=tr.quantity, price=tr.price, ts_ns=fill.ts_ns)))
+            self.alert(
+                "CRITICAL", f"order {o.client_tag} overfilled: {o.filled_qty} of {o.quantity}", "overfill"
+            )
+        self._held_msgs.append(
+            (
+                topic("fill", o.strategy_id),
+                Fill(
+                    fill_id=tr.trade_id,
+                    order_id=o.parent_id if o.parent_id and o.purpose not in _LEGS else o.order_id,
+                    strategy_id=o.strategy_id,
+                    symbol=o.symbol,
+                    segment=o.segment,
+                    token=o.token,
+                    side=o.side,
+                    quantity=tr.quantity,
+                    price=tr.price,
+                    ts_ns=fill.ts_ns,
+                ),
+            )
+        )
         if day == self.day:
             pos = self._apply_position(fill)
             last = self.last.get(o.key)
-            self._held_msgs.append((topic("position", o.strategy_id), pos.message(last.ltp if last else 0.0, now)))
+            self._held_msgs.append(
+                (topic("position", o.strategy_id), pos.message(last.ltp if last else 0.0, now))
+            )
         if not o.terminal:
             status = COMPLETE if o.filled_qty >= o.quantity else PARTIAL
             if o.status in (PENDING_BROKER, UNKNOWN):
@@ -836,17 +1029,30 @@ class ExecutionEngine:
         self.last[f"{tick.segment}|{tick.token}"] = tick
 
     # ================================================================== OCO brackets
-    def _new_bracket(self, entry: OrderRow, inst: Instrument, stop_loss: Decimal | None,
-                     target: Decimal | None) -> None:
+    def _new_bracket(
+        self, entry: OrderRow, inst: Instrument, stop_loss: Decimal | None, target: Decimal | None
+    ) -> None:
         exit_side = "SELL" if entry.side == "BUY" else "BUY"
         stop_limit = None
         if stop_loss is not None:
             stop_limit = protected_limit(exit_side, stop_loss, self.protection_pct, inst.tick_size)
-        b = BracketRow(bracket_id=new_id(), entry_id=entry.order_id, strategy_id=entry.strategy_id,
-                       segment=entry.segment, token=entry.token, symbol=entry.symbol, side=entry.side,
-                       product=entry.product, stop_loss=stop_loss, target=target, state=B_PENDING,
-                       trading_day=entry.trading_day, created_ns=entry.created_ns, updated_ns=entry.created_ns,
-                       stop_limit=stop_limit)
+        b = BracketRow(
+            bracket_id=new_id(),
+            entry_id=entry.order_id,
+            strategy_id=entry.strategy_id,
+            segment=entry.segment,
+            token=entry.token,
+            symbol=entry.symbol,
+            side=entry.side,
+            product=entry.product,
+            stop_loss=stop_loss,
+            target=target,
+            state=B_PENDING,
+            trading_day=entry.trading_day,
+            created_ns=entry.created_ns,
+            updated_ns=entry.created_ns,
+            stop_limit=stop_limit,
+        )
         entry.bracket_id = b.bracket_id
         self.brackets[b.bracket_id] = b
         self._bdirty[b.bracket_id] = b
@@ -856,7 +1062,7 @@ class ExecutionEngine:
         return self.brackets.get(o.bracket_id) if o.bracket_id else None
 
     def _sync_bracket(self, b: BracketRow) -> None:
-        """Size the legs to the open exposure: entry fills − leg fills. A partial entry fill adds
+        """Size the legs to the open exposure: entry fills - leg fills. A partial entry fill adds
         legs; a leg fill shrinks (modify) or cancels the other leg; nothing left → closed."""
         entry = self.orders.get(b.entry_id)
         if entry is None:
@@ -869,8 +1075,11 @@ class ExecutionEngine:
         state = b.state
         if state in BRACKET_OPEN:
             if exposure < 0:
-                self.alert("CRITICAL", f"bracket on {b.symbol} over-exited by {-exposure}: check the position",
-                           "bracket_overexit")
+                self.alert(
+                    "CRITICAL",
+                    f"bracket on {b.symbol} over-exited by {-exposure}: check the position",
+                    "bracket_overexit",
+                )
             if exposure <= 0 and exit_filled > 0 and not entry.terminal:
                 self._cancel_tree(entry)  # the trade is over: drop the rest of the entry
             for kind in _LEGS:
@@ -924,13 +1133,27 @@ class ExecutionEngine:
             qty -= size
             n += 1
             leg = OrderRow(
-                order_id=new_id(), request_id=f"{b.bracket_id}:{kind}:{n}", client_tag=self._tag(),
-                strategy_id=b.strategy_id, segment=b.segment, token=b.token, symbol=b.symbol, side=exit_side,
-                order_type="SL" if kind == STOP else "LIMIT", product=b.product, quantity=size,
+                order_id=new_id(),
+                request_id=f"{b.bracket_id}:{kind}:{n}",
+                client_tag=self._tag(),
+                strategy_id=b.strategy_id,
+                segment=b.segment,
+                token=b.token,
+                symbol=b.symbol,
+                side=exit_side,
+                order_type="SL" if kind == STOP else "LIMIT",
+                product=b.product,
+                quantity=size,
                 price=b.stop_limit if kind == STOP else b.target,
-                trigger_price=b.stop_loss if kind == STOP else None, status=PENDING_BROKER,
-                trading_day=self.day, created_ns=now, updated_ns=now, parent_id=b.entry_id,
-                bracket_id=b.bracket_id, purpose=kind, broker=self.broker_name,
+                trigger_price=b.stop_loss if kind == STOP else None,
+                status=PENDING_BROKER,
+                trading_day=self.day,
+                created_ns=now,
+                updated_ns=now,
+                parent_id=b.entry_id,
+                bracket_id=b.bracket_id,
+                purpose=kind,
+                broker=self.broker_name,
             )
             self._add(leg, "PENDING", {"bracket_id": b.bracket_id, "leg": kind})
             self._queue_place(leg)
@@ -962,8 +1185,13 @@ class ExecutionEngine:
                 if isinstance(i, PlaceIntent) and i.order_id == o.order_id:
                     queue.remove(i)
                     self.inflight.discard(o.order_id)
-                    self._transition(o, CANCELLED, "CANCELLED", {"reason": "cancelled before it was sent"},
-                                     reason or "cancelled before it was sent")
+                    self._transition(
+                        o,
+                        CANCELLED,
+                        "CANCELLED",
+                        {"reason": "cancelled before it was sent"},
+                        reason or "cancelled before it was sent",
+                    )
                     return True
         if o.broker_order_id and o.order_id not in self.inflight:
             self._send_cancel(o)
@@ -1008,7 +1236,9 @@ class ExecutionEngine:
         if req.symbol and match_key is None:
             job.skipped.append({"symbol": req.symbol, "reason": f"unknown instrument: {req.symbol}"})
         for b in self.brackets.values():
-            if b.state in BRACKET_OPEN and self._matches(b.strategy_id, f"{b.segment}|{b.token}", req, match_key):
+            if b.state in BRACKET_OPEN and self._matches(
+                b.strategy_id, f"{b.segment}|{b.token}", req, match_key
+            ):
                 b.state = B_FLATTENED
                 b.reason = f"flatten {req.request_id}"
                 b.updated_ns = self._now()
@@ -1051,17 +1281,33 @@ class ExecutionEngine:
             side = "SELL" if pos.quantity > 0 else "BUY"
             last = self.last.get(key)
             if inst is None or inst.tick_size <= 0:
-                job.skipped.append({"symbol": pos.symbol, "reason": "tick size unknown: cannot price the close"})
+                job.skipped.append(
+                    {"symbol": pos.symbol, "reason": "tick size unknown: cannot price the close"}
+                )
                 continue
             if last is None or last.ltp <= 0:
                 job.skipped.append({"symbol": pos.symbol, "reason": "no last price: cannot price the close"})
                 continue
             price = protected_limit(side, last.ltp, self.protection_pct, inst.tick_size)
             row = OrderRow(
-                order_id=new_id(), request_id=f"flatten:{req.request_id}:{sid}:{key}", client_tag=self._tag(),
-                strategy_id=sid, segment=pos.segment, token=pos.token, symbol=pos.symbol, side=side,
-                order_type="LIMIT", product="MIS", quantity=abs(pos.quantity), price=price, status=PENDING_BROKER,
-                trading_day=self.day, created_ns=now, updated_ns=now, purpose=FLATTEN_P, broker=self.broker_name,
+                order_id=new_id(),
+                request_id=f"flatten:{req.request_id}:{sid}:{key}",
+                client_tag=self._tag(),
+                strategy_id=sid,
+                segment=pos.segment,
+                token=pos.token,
+                symbol=pos.symbol,
+                side=side,
+                order_type="LIMIT",
+                product="MIS",
+                quantity=abs(pos.quantity),
+                price=price,
+                status=PENDING_BROKER,
+                trading_day=self.day,
+                created_ns=now,
+                updated_ns=now,
+                purpose=FLATTEN_P,
+                broker=self.broker_name,
             )
             if row.request_id in self.by_request:
                 continue
@@ -1097,17 +1343,35 @@ class ExecutionEngine:
             for oid in job.closing:
                 o = self.orders.get(oid)
                 if o is not None:
-                    closing.append({"order_id": o.order_id, "symbol": o.symbol, "strategy_id": o.strategy_id,
-                                    "side": o.side, "quantity": o.quantity, "price": str(o.price),
-                                    "status": o.status, "filled_qty": o.filled_qty, "reason": o.reason})
+                    closing.append(
+                        {
+                            "order_id": o.order_id,
+                            "symbol": o.symbol,
+                            "strategy_id": o.strategy_id,
+                            "side": o.side,
+                            "quantity": o.quantity,
+                            "price": str(o.price),
+                            "status": o.status,
+                            "filled_qty": o.filled_qty,
+                            "reason": o.reason,
+                        }
+                    )
             req = job.request
-            left = [p for (sid, key), p in self.positions.items() if p.quantity != 0
-                    and self._matches(sid, key, req, self._match_symbol(req.symbol) if req.symbol else None)]
+            left = [
+                p
+                for (sid, key), p in self.positions.items()
+                if p.quantity != 0
+                and self._matches(sid, key, req, self._match_symbol(req.symbol) if req.symbol else None)
+            ]
             job.report = {
-                "request_id": req.request_id, "cancelled": len(job.cancelled), "cancelled_ids": job.cancelled,
-                "closing": closing, "skipped": job.skipped,
-                "open_positions": [{"strategy_id": p.strategy_id, "symbol": p.symbol, "quantity": p.quantity}
-                                   for p in left],
+                "request_id": req.request_id,
+                "cancelled": len(job.cancelled),
+                "cancelled_ids": job.cancelled,
+                "closing": closing,
+                "skipped": job.skipped,
+                "open_positions": [
+                    {"strategy_id": p.strategy_id, "symbol": p.symbol, "quantity": p.quantity} for p in left
+                ],
             }
             for w in job.waiters:
                 w(job.report)
@@ -1130,7 +1394,9 @@ class ExecutionEngine:
         if self.reconcile_due_ns and self._now() >= self.reconcile_due_ns:
             self.request_reconcile("due")
 
-    def on_books(self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade], started_ns: int) -> None:
+    def on_books(
+        self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade], started_ns: int
+    ) -> None:
         """Match every non-terminal row and open bracket against the broker's books by tag."""
         self.stats["reconciles"] += 1
         by_id = {s.broker_order_id: s for s in order_book if s.broker_order_id}
@@ -1149,26 +1415,46 @@ class ExecutionEngine:
         for o in list(self.orders.values()):
             if o.terminal or o.sliced:
                 continue
-            st = (by_id.get(o.broker_order_id) if o.broker_order_id else None) or by_tag.get(tag_key(o.client_tag))
-            if st is not None:
-                self._on_status(st, o)
+            found = by_id.get(o.broker_order_id) if o.broker_order_id else None
+            if found is None:
+                found = by_tag.get(tag_key(o.client_tag))
+            if found is not None:
+                self._on_status(found, o)
                 continue
             if o.order_id in self.inflight or o.created_ns > cutoff:
                 continue
             if o.status in (PENDING_BROKER, UNKNOWN):
-                self._transition(o, REJECTED, "RECONCILED", {"found": False},
-                                 "never reached the broker (not in its order book); not re-sent")
-                self.alert("WARNING", f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}) never reached the "
-                           "broker; marked REJECTED, not re-sent", "order_not_sent")
+                self._transition(
+                    o,
+                    REJECTED,
+                    "RECONCILED",
+                    {"found": False},
+                    "never reached the broker (not in its order book); not re-sent",
+                )
+                self.alert(
+                    "WARNING",
+                    f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}) never reached the "
+                    "broker; marked REJECTED, not re-sent",
+                    "order_not_sent",
+                )
             else:
-                self._transition(o, CANCELLED, "RECONCILED", {"found": False},
-                                 "no longer in the broker's order book (expired)")
+                self._transition(
+                    o,
+                    CANCELLED,
+                    "RECONCILED",
+                    {"found": False},
+                    "no longer in the broker's order book (expired)",
+                )
         for b in list(self.brackets.values()):
             if b.state in BRACKET_OPEN:
                 self._sync_bracket(b)
         if self.log is not None:
-            self.log.info("reconciled", broker_orders=len(order_book), broker_trades=len(trade_book),
-                          open_orders=self.open_count())
+            self.log.info(
+                "reconciled",
+                broker_orders=len(order_book),
+                broker_trades=len(trade_book),
+                open_orders=self.open_count(),
+            )
 
     # ================================================================== inline runner
     def pump(self, settle: bool = True, max_rounds: int = 10_000) -> int:
@@ -1187,7 +1473,7 @@ class ExecutionEngine:
             for intent in intents:
                 try:
                     result = run_intent(self.broker, intent)
-                except Exception as exc:  # broker errors are results, not crashes
+                except Exception as exc:  # noqa: BLE001 - any broker error is a result, never a crash
                     result = exc
                 if self.after_place is not None and isinstance(intent, PlaceIntent):
                     self.after_place(intent, result)
@@ -1200,8 +1486,16 @@ class ExecutionEngine:
         return n
 
     def pending_writes(self) -> bool:
-        return bool(self._new or self._dirty or self._events or self._fills or self._bdirty or self._risk
-                    or self._held_intents or self._held_msgs)
+        return bool(
+            self._new
+            or self._dirty
+            or self._events
+            or self._fills
+            or self._bdirty
+            or self._risk
+            or self._held_intents
+            or self._held_msgs
+        )
 
     def drain_broker_events(self) -> None:
         drain = getattr(self.broker, "drain_events", None)
@@ -1234,9 +1528,17 @@ class ExecutionEngine:
         return out
 
     def record_risk_event(self, ev: RecordRiskEvent) -> None:
-        self._risk.append(RiskEventRow(event=ev.event, reason=ev.reason, source=ev.source,
-                                       ts_ns=ev.ts_ns or self._now(), trading_day=self.day,
-                                       data=dict(ev.data), request_id=ev.request_id))
+        self._risk.append(
+            RiskEventRow(
+                event=ev.event,
+                reason=ev.reason,
+                source=ev.source,
+                ts_ns=ev.ts_ns or self._now(),
+                trading_day=self.day,
+                data=dict(ev.data),
+                request_id=ev.request_id,
+            )
+        )
 
     def day_state(self) -> DayState:
         self.flush()
@@ -1244,9 +1546,11 @@ class ExecutionEngine:
         for r in self.store.risk_events(self.day):
             ev = r.event.lower()
             data = r.data or {}
-            if ev == "kill_switch_on" or (ev == "kill_switch" and data.get("on", data.get("kill_switch", True))):
+            if ev == "kill_switch_on" or (
+                ev == "kill_switch" and data.get("on", data.get("kill_switch", True))
+            ):
                 kill, kill_reason = True, r.reason
-            elif ev == "kill_switch_off" or ev == "kill_switch":
+            elif ev in {"kill_switch_off", "kill_switch"}:
                 kill, kill_reason = False, ""
             if ev in ("loss_breached", "daily_loss_breached", "max_daily_loss"):
                 loss = True
@@ -1258,9 +1562,18 @@ class ExecutionEngine:
         elif not state:
             state = REDUCING if loss else ACTIVE
         realised = sum((p.realised for p in self.positions.values()), _ZERO)
-        return DayState(trading_day=self.day, positions=self.position_list(), turnover=self.turnover,
-                        realised_pnl=realised, fills=self.fill_count, kill_switch=kill, kill_reason=kill_reason,
-                        risk_state=state, loss_breached=loss, ts_ns=self._now())
+        return DayState(
+            trading_day=self.day,
+            positions=self.position_list(),
+            turnover=self.turnover,
+            realised_pnl=realised,
+            fills=self.fill_count,
+            kill_switch=kill,
+            kill_reason=kill_reason,
+            risk_state=state,
+            loss_breached=loss,
+            ts_ns=self._now(),
+        )
 
     def check_day(self) -> bool:
         """A new trading day while running: fresh positions; yesterday's finished orders leave memory."""
@@ -1272,18 +1585,24 @@ class ExecutionEngine:
         self.turnover = _ZERO
         self.fill_count = 0
         for o in list(self.orders.values()):
-            if o.terminal and not (o.bracket_id and o.bracket_id in self.brackets
-                                   and self.brackets[o.bracket_id].state in BRACKET_OPEN):
+            if o.terminal and not (
+                o.bracket_id
+                and o.bracket_id in self.brackets
+                and self.brackets[o.bracket_id].state in BRACKET_OPEN
+            ):
                 self._unindex(o)
         self.fill_keys = {k for k in self.fill_keys if k[0] == today}
         return True
 
     def status(self) -> dict[str, Any]:
-        return {"broker": self.broker_name, "trading_day": self.day, "open_orders": self.open_count(),
-                "open_brackets": sum(1 for b in self.brackets.values() if b.state in BRACKET_OPEN),
-                "positions": sum(1 for p in self.positions.values() if p.quantity),
-                "inflight": len(self.inflight), "last_prices": len(self.last), **self.stats}
+        return {
+            "broker": self.broker_name,
+            "trading_day": self.day,
+            "open_orders": self.open_count(),
+            "open_brackets": sum(1 for b in self.brackets.values() if b.state in BRACKET_OPEN),
+            "positions": sum(1 for p in self.positions.values() if p.quantity),
+            "inflight": len(self.inflight),
+            "last_prices": len(self.last),
+            **self.stats,
+        }
 
-
-def encode_report(report: dict[str, Any]) -> Any:
-    return msgspec.to_builtins(report, decimal_format="string")

@@ -6,7 +6,6 @@ Ids are strings (UUIDs as text); money is ``Decimal``; times are nanoseconds sin
 
 from __future__ import annotations
 
-import base64
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -109,15 +108,32 @@ class OrderRow:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "order_id": self.order_id, "request_id": self.request_id, "client_tag": self.client_tag,
-            "broker_order_id": self.broker_order_id, "strategy_id": self.strategy_id,
-            "symbol": self.symbol, "segment": self.segment, "token": self.token, "side": self.side,
-            "order_type": self.order_type, "product": self.product, "quantity": self.quantity,
-            "price": _s(self.price), "trigger_price": _s(self.trigger_price), "status": self.status,
-            "filled_qty": self.filled_qty, "avg_price": _s(self.avg_price), "parent_id": self.parent_id,
-            "bracket_id": self.bracket_id, "purpose": self.purpose, "broker": self.broker,
-            "sliced": self.sliced, "reason": self.reason, "trading_day": self.trading_day,
-            "created_ns": self.created_ns, "updated_ns": self.updated_ns,
+            "order_id": self.order_id,
+            "request_id": self.request_id,
+            "client_tag": self.client_tag,
+            "broker_order_id": self.broker_order_id,
+            "strategy_id": self.strategy_id,
+            "symbol": self.symbol,
+            "segment": self.segment,
+            "token": self.token,
+            "side": self.side,
+            "order_type": self.order_type,
+            "product": self.product,
+            "quantity": self.quantity,
+            "price": _s(self.price),
+            "trigger_price": _s(self.trigger_price),
+            "status": self.status,
+            "filled_qty": self.filled_qty,
+            "avg_price": _s(self.avg_price),
+            "parent_id": self.parent_id,
+            "bracket_id": self.bracket_id,
+            "purpose": self.purpose,
+            "broker": self.broker,
+            "sliced": self.sliced,
+            "reason": self.reason,
+            "trading_day": self.trading_day,
+            "created_ns": self.created_ns,
+            "updated_ns": self.updated_ns,
         }
 
 
@@ -146,8 +162,13 @@ class FillRow:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "fill_id": self.trade_id, "order_id": self.order_id, "broker_order_id": self.broker_order_id,
-            "side": self.side, "quantity": self.quantity, "price": str(self.price), "ts_ns": self.ts_ns,
+            "fill_id": self.trade_id,
+            "order_id": self.order_id,
+            "broker_order_id": self.broker_order_id,
+            "side": self.side,
+            "quantity": self.quantity,
+            "price": str(self.price),
+            "ts_ns": self.ts_ns,
         }
 
 
@@ -176,10 +197,18 @@ class BracketRow:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "bracket_id": self.bracket_id, "entry_id": self.entry_id, "strategy_id": self.strategy_id,
-            "symbol": self.symbol, "side": self.side, "stop_loss": _s(self.stop_loss),
-            "stop_limit": _s(self.stop_limit), "target": _s(self.target), "state": self.state,
-            "entry_filled": self.entry_filled, "exit_filled": self.exit_filled, "reason": self.reason,
+            "bracket_id": self.bracket_id,
+            "entry_id": self.entry_id,
+            "strategy_id": self.strategy_id,
+            "symbol": self.symbol,
+            "side": self.side,
+            "stop_loss": _s(self.stop_loss),
+            "stop_limit": _s(self.stop_limit),
+            "target": _s(self.target),
+            "state": self.state,
+            "entry_filled": self.entry_filled,
+            "exit_filled": self.exit_filled,
+            "reason": self.reason,
         }
 
 
@@ -220,8 +249,9 @@ class Changes:
     risk_events: list[RiskEventRow] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.new_orders or self.updated or self.events or self.fills or self.brackets
-                    or self.risk_events)
+        return bool(
+            self.new_orders or self.updated or self.events or self.fills or self.brackets or self.risk_events
+        )
 
 
 @dataclass(slots=True)

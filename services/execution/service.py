@@ -64,11 +64,15 @@ def live_guard(cfg: Config, live: bool) -> str | None:
     if cfg.execution.broker != "kotak":
         return None
     if not (live or os.environ.get("NEOPULSE_LIVE", "") == "1"):
-        return ("refusing to start: execution.broker=kotak places REAL orders; "
-                "pass --live or set NEOPULSE_LIVE=1 to confirm")
+        return (
+            "refusing to start: execution.broker=kotak places REAL orders; "
+            "pass --live or set NEOPULSE_LIVE=1 to confirm"
+        )
     if importlib.util.find_spec("services.execution.brokers.kotak") is None:
-        return ("execution.broker=kotak, but this build has no Kotak broker "
-                "(services/execution/brokers/kotak.py is missing)")
+        return (
+            "execution.broker=kotak, but this build has no Kotak broker "
+            "(services/execution/brokers/kotak.py is missing)"
+        )
     return None
 
 
@@ -77,13 +81,20 @@ def make_broker(cfg: Config, master: MasterData, clock: Clock, home: Path, log: 
     if cfg.execution.broker == "paper":
         from services.execution.brokers.paper import PaperBroker
 
-        return PaperBroker(master, clock, slippage_bps=cfg.paper.slippage_bps,
-                           journal=home / "run" / "paper-book.jsonl", log=log)
+        return PaperBroker(
+            master,
+            clock,
+            slippage_bps=cfg.paper.slippage_bps,
+            journal=home / "run" / "paper-book.jsonl",
+            log=log,
+        )
     try:
         from services.execution.brokers.kotak import KotakBroker
     except ModuleNotFoundError as exc:
         if exc.name == "services.execution.brokers.kotak":
-            raise ConfigError("execution.broker=kotak, but services/execution/brokers/kotak.py is missing") from None
+            raise ConfigError(
+                "execution.broker=kotak, but services/execution/brokers/kotak.py is missing"
+            ) from None
         raise
     return KotakBroker(cfg.kotak, cfg.execution, master, clock, log)
 
@@ -120,9 +131,13 @@ class ExecutionService(Service):
             applied = self.store.migrate()
         except (DatabaseError, LedgerError) as exc:
             raise RuntimeError(f"ledger unavailable: {exc}") from None
-        self.log.info("ledger_ready", embedded=self.db.embedded, startup_ms=round(self.db.startup_ms, 1),
-                      migrations=applied)
-        self.engine = ExecutionEngine(self.store, self.broker, master, self.clock, cfg, self.log)
+        self.log.info(
+            "ledger_ready",
+            embedded=self.db.embedded,
+            startup_ms=round(self.db.startup_ms, 1),
+            migrations=applied,
+        )
+        self.engine = ExecutionEngine(self.store, self.broker, master, self.clock, cfg, log=self.log)
         if self.crash_at == "after_broker":
             self.engine.after_place = self._crash_after_place
         if not self.inline:
@@ -141,9 +156,16 @@ class ExecutionService(Service):
         if not self.inline:
             self.add_task("status_poll", STATUS_POLL_S, self._poll_status)
             if hasattr(self.broker, "logout_if_due"):
-                self.add_task("logout", 30.0, lambda: self._in_pool(self.broker.logout_if_due, lambda r: None))
-        self.log.info("execution_ready", broker=self.engine.broker_name, live=self.live,
-                      open_orders=self.engine.open_count(), positions=len(self.engine.position_list()))
+                self.add_task(
+                    "logout", 30.0, lambda: self._in_pool(self.broker.logout_if_due, lambda r: None)
+                )
+        self.log.info(
+            "execution_ready",
+            broker=self.engine.broker_name,
+            live=self.live,
+            open_orders=self.engine.open_count(),
+            positions=len(self.engine.position_list()),
+        )
 
     def on_stop(self) -> None:
         if self.pool is not None:
@@ -153,7 +175,7 @@ class ExecutionService(Service):
         if self.broker is not None:
             try:
                 self.broker.close()
-            except Exception as exc:  # a broker failing to close must not block the exit
+            except Exception as exc:  # noqa: BLE001 - a broker failing to close must not block the exit
                 self.log.warning("broker_close_failed", error=str(exc))
         if self.store is not None:
             self.store.close()
@@ -284,7 +306,9 @@ class ExecutionService(Service):
             os.kill(os.getpid(), signal.SIGKILL)
         for (msg, responder), res in zip(batch, results, strict=True):
             if not res.ok:
-                self.log.info("order_refused", request_id=msg.request_id, order_id=res.order_id, reason=res.reason)
+                self.log.info(
+                    "order_refused", request_id=msg.request_id, order_id=res.order_id, reason=res.reason
+                )
             responder.send(Reply(ok=res.ok, data=res.data(), error=res.reason, code=res.code))
         self._pump(settle=False)
 
@@ -300,18 +324,31 @@ class ExecutionService(Service):
             return Reply(ok=True, data=[to_builtins(p) for p in engine.position_list(msg.strategy_id)])
         if isinstance(msg, GetOrders):
             try:
-                rows = engine.orders_query(OrderQuery(status=msg.status, symbol=msg.symbol,
-                                                      strategy_id=msg.strategy_id, limit=msg.limit))
+                rows = engine.orders_query(
+                    OrderQuery(
+                        status=msg.status, symbol=msg.symbol, strategy_id=msg.strategy_id, limit=msg.limit
+                    )
+                )
             except LedgerError as exc:
                 return Reply(ok=False, code="ledger", error=str(exc))
             return Reply(ok=True, data=rows)
         if isinstance(msg, Flatten):
-            self.log.info("flatten_requested", request_id=msg.request_id, symbol=msg.symbol,
-                          strategy_id=msg.strategy_id, source=msg.source)
+            self.log.info(
+                "flatten_requested",
+                request_id=msg.request_id,
+                symbol=msg.symbol,
+                strategy_id=msg.strategy_id,
+                source=msg.source,
+            )
 
             def done(report: dict[str, Any]) -> None:
-                self.log.info("flatten_done", request_id=msg.request_id, closing=len(report["closing"]),
-                              cancelled=report["cancelled"], skipped=len(report["skipped"]))
+                self.log.info(
+                    "flatten_done",
+                    request_id=msg.request_id,
+                    closing=len(report["closing"]),
+                    cancelled=report["cancelled"],
+                    skipped=len(report["skipped"]),
+                )
                 responder.send(Reply(ok=True, data=report))
 
             engine.flatten(msg, done)
@@ -325,8 +362,13 @@ class ExecutionService(Service):
             engine.record_risk_event(msg)
             if not engine.flush():
                 return Reply(ok=False, code="ledger", error="ledger unavailable: risk event not recorded")
-            self.log.info("risk_event_recorded", risk_event=msg.event, reason=msg.reason, source=msg.source,
-                          request_id=msg.request_id)
+            self.log.info(
+                "risk_event_recorded",
+                risk_event=msg.event,
+                reason=msg.reason,
+                source=msg.source,
+                request_id=msg.request_id,
+            )
             self._pump()
             return Reply(ok=True, data={"recorded": msg.event})
         if isinstance(msg, GetFeedSession):
@@ -340,14 +382,22 @@ class ExecutionService(Service):
     def _feed_session(self, responder: Responder) -> Message | None:
         lease = getattr(self.broker, "feed_session", None)
         if lease is None or self.inline:
-            return Reply(ok=False, code="no_session",
-                         error="no broker session to lease: execution.broker=paper has no Kotak login "
-                               "(run execution with broker=kotak, or set kotak.feed_user/kotak.feed_auth)")
+            return Reply(
+                ok=False,
+                code="no_session",
+                error="no broker session to lease: execution.broker=paper has no Kotak login "
+                "(run execution with broker=kotak, or set kotak.feed_user/kotak.feed_auth)",
+            )
 
         def done(result: Any) -> None:
             if isinstance(result, BaseException):
-                responder.send(Reply(ok=False, code="no_session",
-                                     error=f"feed session unavailable: {getattr(result, 'reason', result)}"))
+                responder.send(
+                    Reply(
+                        ok=False,
+                        code="no_session",
+                        error=f"feed session unavailable: {getattr(result, 'reason', result)}",
+                    )
+                )
             else:
                 responder.send(Reply(ok=True, data=result))
 
@@ -361,8 +411,13 @@ class ExecutionService(Service):
 
         def done(result: Any) -> None:
             if isinstance(result, BaseException):
-                responder.send(Reply(ok=False, code="sync_failed",
-                                     error=f"scrip master download failed: {getattr(result, 'reason', result)}"))
+                responder.send(
+                    Reply(
+                        ok=False,
+                        code="sync_failed",
+                        error=f"scrip master download failed: {getattr(result, 'reason', result)}",
+                    )
+                )
                 return
             try:
                 master = MasterData.load_for_home(self.home)

@@ -24,7 +24,6 @@ from services.execution.model import (
     RiskEventRow,
 )
 
-
 _T = TypeVar("_T")
 
 
@@ -154,8 +153,11 @@ class MemoryOrderStore:
 
     def load_orders(self, trading_day: str) -> list[OrderRow]:
         open_brackets = {b.bracket_id for b in self.brackets.values() if b.state in BRACKET_OPEN}
-        out = [copy.copy(o) for o in self.orders.values()
-               if o.trading_day == trading_day or o.status not in TERMINAL or o.bracket_id in open_brackets]
+        out = [
+            copy.copy(o)
+            for o in self.orders.values()
+            if o.trading_day == trading_day or o.status not in TERMINAL or o.bracket_id in open_brackets
+        ]
         out.sort(key=lambda o: o.created_ns)
         return out
 
@@ -174,11 +176,14 @@ class MemoryOrderStore:
         return out
 
     def query_orders(self, q: OrderQuery) -> list[tuple[OrderRow, list[FillRow]]]:
-        rows = [o for o in self.orders.values()
-                if (not q.status or o.status == q.status.upper())
-                and (not q.symbol or o.symbol.upper() == q.symbol.upper())
-                and (not q.strategy_id or o.strategy_id == q.strategy_id)
-                and (not q.trading_day or o.trading_day == q.trading_day)]
+        rows = [
+            o
+            for o in self.orders.values()
+            if (not q.status or o.status == q.status.upper())
+            and (not q.symbol or o.symbol.upper() == q.symbol.upper())
+            and (not q.strategy_id or o.strategy_id == q.strategy_id)
+            and (not q.trading_day or o.trading_day == q.trading_day)
+        ]
         rows.sort(key=lambda o: o.created_ns, reverse=True)
         rows = rows[: q.limit]
         by_order: dict[str, list[FillRow]] = {}

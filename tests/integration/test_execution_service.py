@@ -43,8 +43,11 @@ from tests.helpers import eventually, free_base_port, stack_env
 ROOT = Path(__file__).resolve().parents[2]
 MASTER = MasterData.load()
 _SCRIPT = Path(sys.executable).parent / "neopulse"
-NEOPULSE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c",
-                                                    "from services.admin.cli import main; main()"]
+NEOPULSE = (
+    [str(_SCRIPT)]
+    if _SCRIPT.exists()
+    else [sys.executable, "-c", "from services.admin.cli import main; main()"]
+)
 
 
 class FakeFeed:
@@ -68,9 +71,19 @@ class FakeFeed:
                 quotes = list(self.quotes.items())
             for sym, ltp in quotes:
                 inst = MASTER.resolve(sym)
-                self.pub.publish(topic("tick", inst.segment, inst.token),
-                                 Tick(segment=inst.segment, token=inst.token, ltp=ltp, bid=round(ltp - 0.1, 2),
-                                      ask=round(ltp + 0.1, 2), bid_qty=1000, ask_qty=1000, symbol=sym))
+                self.pub.publish(
+                    topic("tick", inst.segment, inst.token),
+                    Tick(
+                        segment=inst.segment,
+                        token=inst.token,
+                        ltp=ltp,
+                        bid=round(ltp - 0.1, 2),
+                        ask=round(ltp + 0.1, 2),
+                        bid_qty=1000,
+                        ask_qty=1000,
+                        symbol=sym,
+                    ),
+                )
 
     def close(self) -> None:
         self._stop.set()
@@ -84,19 +97,32 @@ class ExecStack:
     def __init__(self, home: Path, pg_url: str, quotes: dict[str, float] | None = None, **env: Any) -> None:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
-        self.env = stack_env(home, free_base_port(), NEOPULSE_ENV_FILE=str(home / "no.env"),
-                             NEOPULSE_DATABASE__URL=pg_url, **env)
+        self.env = stack_env(
+            home,
+            free_base_port(),
+            NEOPULSE_ENV_FILE=str(home / "no.env"),
+            NEOPULSE_DATABASE__URL=pg_url,
+            **env,
+        )
         self.cfg = load_config(env=self.env)
         self.bus = Bus(self.cfg)
-        self.feed = FakeFeed(self.bus, self.cfg.bus.endpoint("feed_pub"),
-                             quotes or {"RELIANCE-EQ": 1290.0, "INFY-EQ": 1510.0, "TCS-EQ": 3100.0})
+        self.feed = FakeFeed(
+            self.bus,
+            self.cfg.bus.endpoint("feed_pub"),
+            quotes or {"RELIANCE-EQ": 1290.0, "INFY-EQ": 1510.0, "TCS-EQ": 3100.0},
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self._ids = 0
 
     def start(self, *args: str, wait: bool = True, **env: str) -> subprocess.Popen[bytes]:
         with (self.home / "execution.out").open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.execution", *args], cwd=ROOT,
-                                         env={**self.env, **env}, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.execution", *args],
+                cwd=ROOT,
+                env={**self.env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         if wait:
             eventually(self._ready, timeout=30, message="execution to answer and see prices")
         return self.proc
@@ -127,16 +153,39 @@ class ExecStack:
         assert isinstance(reply, Reply) and reply.ok, reply
         return reply.data
 
-    def order(self, symbol: str = "RELIANCE-EQ", side: str = "BUY", qty: int = 5, price: str | None = None,
-              strategy: str = "s1", rid: str = "", **kw: Any) -> ExecuteOrder:
+    def order(
+        self,
+        symbol: str = "RELIANCE-EQ",
+        side: str = "BUY",
+        qty: int = 5,
+        price: str | None = None,
+        strategy: str = "s1",
+        rid: str = "",
+        **kw: Any,
+    ) -> ExecuteOrder:
         self._ids += 1
         inst = MASTER.resolve(symbol)
         rid = rid or f"t-{os.getpid()}-{self._ids}"
-        req = OrderRequest(request_id=rid, strategy_id=strategy, side=side, quantity=qty, symbol=inst.symbol,
-                           segment=inst.segment, token=inst.token, price=Decimal(price) if price else None,
-                           order_type="LIMIT" if price else "MARKET", **kw)
-        return ExecuteOrder(request_id=rid, order=req, quantity=qty, segment=inst.segment, token=inst.token,
-                            symbol=inst.symbol)
+        req = OrderRequest(
+            request_id=rid,
+            strategy_id=strategy,
+            side=side,
+            quantity=qty,
+            symbol=inst.symbol,
+            segment=inst.segment,
+            token=inst.token,
+            price=Decimal(price) if price else None,
+            order_type="LIMIT" if price else "MARKET",
+            **kw,
+        )
+        return ExecuteOrder(
+            request_id=rid,
+            order=req,
+            quantity=qty,
+            segment=inst.segment,
+            token=inst.token,
+            symbol=inst.symbol,
+        )
 
     def orders(self) -> list[dict[str, Any]]:
         return list(self.ok(GetOrders(limit=10_000)))
@@ -167,8 +216,16 @@ class ExecStack:
         return counts
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*NEOPULSE, *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=60, input=stdin if stdin is not None else "")
+        return subprocess.run(
+            [*NEOPULSE, *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=60,
+            input=stdin if stdin is not None else "",
+        )
 
     def kill9(self) -> int:
         assert self.proc is not None
@@ -218,7 +275,7 @@ def test_execute_order_acks_after_the_pending_commit_is_idempotent_and_publishes
     assert again["order_id"] == first["order_id"]
     row = eventually(lambda: (o := stack.find(first["order_id"]))["status"] == "COMPLETE" and o, timeout=5)
     assert row["filled_qty"] == 5 and len(row["fills"]) == 1
-    assert Decimal(row["price"]) == Decimal("1302.90")  # protected limit: last 1290 × 1.01, on the 0.10 tick
+    assert Decimal(row["price"]) == Decimal("1302.90")  # protected limit: last 1290 x 1.01, on the 0.10 tick
     seen: list[str] = []
 
     def got_complete() -> bool:
@@ -255,15 +312,21 @@ def test_paper_mode_has_no_feed_session_and_no_master_sync(stack: ExecStack) -> 
     assert isinstance(lease, Reply) and (lease.ok, lease.code) == (False, "no_session")
     assert "paper" in lease.error
     sync = stack.ask(SyncMaster())
-    assert isinstance(sync, Reply) and not sync.ok and sync.error == "sync-master needs execution.broker=kotak"
+    assert (
+        isinstance(sync, Reply) and not sync.ok and sync.error == "sync-master needs execution.broker=kotak"
+    )
     cli = stack.cli("sync-master", "--json")
     assert cli.returncode == 1 and "sync-master needs execution.broker=kotak" in cli.stderr
 
 
 def test_risk_events_give_the_day_its_kill_switch_and_cancel_entries(stack: ExecStack) -> None:
     resting = stack.ok(stack.order(price="1000.00", strategy="ks"))
-    stack.ok(RecordRiskEvent(event="kill_switch_on", reason="manual test", source="cli", request_id="ks-on-1"))
-    stack.ok(RecordRiskEvent(event="kill_switch_on", reason="manual test", source="cli", request_id="ks-on-1"))
+    stack.ok(
+        RecordRiskEvent(event="kill_switch_on", reason="manual test", source="cli", request_id="ks-on-1")
+    )
+    stack.ok(
+        RecordRiskEvent(event="kill_switch_on", reason="manual test", source="cli", request_id="ks-on-1")
+    )
     day = stack.ask(GetDayState())
     assert day.kill_switch is True and day.kill_reason == "manual test" and day.risk_state == "HALTED"  # type: ignore[union-attr]
     res = stack.ok(CancelEntries(request_id="c1", reason="kill switch"))
@@ -276,23 +339,31 @@ def test_risk_events_give_the_day_its_kill_switch_and_cancel_entries(stack: Exec
 def test_flatten_with_three_open_positions_via_the_cli(stack: ExecStack) -> None:
     for sym in ("RELIANCE-EQ", "INFY-EQ", "TCS-EQ"):
         stack.ok(stack.order(sym, qty=3, strategy="flat"))
-    eventually(lambda: all(stack.positions().get(("flat", s)) == 3 for s in ("RELIANCE-EQ", "INFY-EQ", "TCS-EQ")),
-               timeout=5, message="three open positions")
+    eventually(
+        lambda: all(stack.positions().get(("flat", s)) == 3 for s in ("RELIANCE-EQ", "INFY-EQ", "TCS-EQ")),
+        timeout=5,
+        message="three open positions",
+    )
     refused = stack.cli("flatten")  # no TTY, no --yes
     assert refused.returncode == 2 and "--yes" in refused.stderr
     listed = stack.cli("positions", "--json")
-    assert listed.returncode == 0 and {p["symbol"] for p in json.loads(listed.stdout)
-                                       if p["strategy_id"] == "flat"} == {"RELIANCE-EQ", "INFY-EQ", "TCS-EQ"}
+    assert listed.returncode == 0 and {
+        p["symbol"] for p in json.loads(listed.stdout) if p["strategy_id"] == "flat"
+    } == {"RELIANCE-EQ", "INFY-EQ", "TCS-EQ"}
 
     out = stack.cli("flatten", "--strategy", "flat", "--yes", "--json")
 
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert len(report["closing"]) == 3 and report["skipped"] == []
-    eventually(lambda: all(stack.positions().get(("flat", s)) == 0 for s in ("RELIANCE-EQ", "INFY-EQ", "TCS-EQ")),
-               timeout=5, message="every position flat")
-    assert {k: v for k, v in stack.fills_sum().items() if k[0] == "flat"} == \
-        {k: v for k, v in stack.positions().items() if k[0] == "flat"}
+    eventually(
+        lambda: all(stack.positions().get(("flat", s)) == 0 for s in ("RELIANCE-EQ", "INFY-EQ", "TCS-EQ")),
+        timeout=5,
+        message="every position flat",
+    )
+    assert {k: v for k, v in stack.fills_sum().items() if k[0] == "flat"} == {
+        k: v for k, v in stack.positions().items() if k[0] == "flat"
+    }
     ledger = [o for o in stack.orders() if o["strategy_id"] == "flat"]
     assert sorted(o["purpose"] for o in ledger) == ["ENTRY"] * 3 + ["FLATTEN"] * 3
     assert all(o["status"] == "COMPLETE" for o in ledger)
@@ -312,16 +383,33 @@ def test_neopulse_orders_json_lists_ledger_rows_with_fills(stack: ExecStack) -> 
 
 
 def test_cli_exits_3_naming_execution_when_it_is_down(tmp_path: Path) -> None:
-    env = stack_env(tmp_path / "home", free_base_port(), NEOPULSE_ENV_FILE=str(tmp_path / "no.env"),
-                    NEOPULSE_BUS__REQUEST_TIMEOUT_MS="300")
-    out = subprocess.run([*NEOPULSE, "positions"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    env = stack_env(
+        tmp_path / "home",
+        free_base_port(),
+        NEOPULSE_ENV_FILE=str(tmp_path / "no.env"),
+        NEOPULSE_BUS__REQUEST_TIMEOUT_MS="300",
+    )
+    out = subprocess.run(
+        [*NEOPULSE, "positions"], cwd=ROOT, env=env, capture_output=True, check=False, text=True, timeout=30
+    )
     assert out.returncode == 3 and "execution is unreachable" in out.stderr
 
 
 def test_kotak_broker_refuses_to_start_without_live(tmp_path: Path) -> None:
-    env = stack_env(tmp_path / "home", free_base_port(), NEOPULSE_ENV_FILE=str(tmp_path / "no.env"),
-                    NEOPULSE_EXECUTION__BROKER="kotak")
-    out = subprocess.run([sys.executable, "-m", "services.execution"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=30)
+    env = stack_env(
+        tmp_path / "home",
+        free_base_port(),
+        NEOPULSE_ENV_FILE=str(tmp_path / "no.env"),
+        NEOPULSE_EXECUTION__BROKER="kotak",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "services.execution"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 2
     assert "execution.broker=kotak places REAL orders; pass --live or set NEOPULSE_LIVE=1" in out.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from libs.common.messages import COMPLETE, OPEN, PENDING_BROKER, REJECTED
+from libs.common.messages import COMPLETE, OPEN, PENDING_BROKER
 from services.execution.ledger import PgOrderStore
 from services.execution.model import (
     Changes,
@@ -38,9 +38,24 @@ NS = 1_763_700_000_000_000_000
 
 
 def order(rid: str, **kw: object) -> OrderRow:
-    base = dict(order_id=new_id(), request_id=rid, client_tag=new_client_tag(), strategy_id="s1", segment="nse_cm",
-                token="2885", symbol="RELIANCE-EQ", side="BUY", order_type="LIMIT", product="MIS", quantity=10,
-                price=Decimal("1290.50"), status=PENDING_BROKER, trading_day=DAY, created_ns=NS, updated_ns=NS)
+    base = dict(
+        order_id=new_id(),
+        request_id=rid,
+        client_tag=new_client_tag(),
+        strategy_id="s1",
+        segment="nse_cm",
+        token="2885",
+        symbol="RELIANCE-EQ",
+        side="BUY",
+        order_type="LIMIT",
+        product="MIS",
+        quantity=10,
+        price=Decimal("1290.50"),
+        status=PENDING_BROKER,
+        trading_day=DAY,
+        created_ns=NS,
+        updated_ns=NS,
+    )
     base.update(kw)
     return OrderRow(**base)  # type: ignore[arg-type]
 
@@ -66,8 +81,15 @@ def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
     with psycopg.connect(empty_pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-    assert {"order_ledger", "order_events", "fills", "brackets", "instrument_master", "risk_events",
-            "schema_migrations"} <= tables
+    assert {
+        "order_ledger",
+        "order_events",
+        "fills",
+        "brackets",
+        "instrument_master",
+        "risk_events",
+        "schema_migrations",
+    } <= tables
     assert versions == ["0001_ledger"]
     s.close()
 
@@ -94,12 +116,23 @@ def test_client_tag_is_unique(store: OrderStore) -> None:
 def test_fills_are_unique_per_broker_trade_id_and_day(store: OrderStore) -> None:
     o = order("f")
     store.write(pending(o))
-    fill = FillRow(trade_id="T1", order_id=o.order_id, broker_order_id="B1", strategy_id="s1", segment="nse_cm",
-                   token="2885", symbol="RELIANCE-EQ", side="BUY", quantity=4, price=Decimal("1290.45"), ts_ns=NS,
-                   trading_day=DAY)
+    fill = FillRow(
+        trade_id="T1",
+        order_id=o.order_id,
+        broker_order_id="B1",
+        strategy_id="s1",
+        segment="nse_cm",
+        token="2885",
+        symbol="RELIANCE-EQ",
+        side="BUY",
+        quantity=4,
+        price=Decimal("1290.45"),
+        ts_ns=NS,
+        trading_day=DAY,
+    )
     store.write(Changes(fills=[fill]))
     store.write(Changes(fills=[fill]))
-    [(row, fills)] = store.query_orders(OrderQuery())
+    [(_, fills)] = store.query_orders(OrderQuery())
     assert [(f.trade_id, f.quantity, f.price) for f in fills] == [("T1", 4, Decimal("1290.45"))]
     assert len(store.load_fills(DAY)) == 1
 
@@ -108,18 +141,33 @@ def test_updates_events_and_reload(store: OrderStore) -> None:
     o = order("u")
     store.write(pending(o))
     o.status, o.broker_order_id, o.filled_qty, o.avg_price = COMPLETE, "B9", 10, Decimal("1290.1234567")
-    store.write(Changes(updated={o.order_id: o}, events=[EventRow(o.order_id, "COMPLETE", OPEN, COMPLETE, NS)]))
+    store.write(
+        Changes(updated={o.order_id: o}, events=[EventRow(o.order_id, "COMPLETE", OPEN, COMPLETE, NS)])
+    )
     [loaded] = store.load_orders(DAY)
-    assert (loaded.status, loaded.broker_order_id, loaded.avg_price) == (COMPLETE, "B9", Decimal("1290.1234567"))
+    assert (loaded.status, loaded.broker_order_id, loaded.avg_price) == (
+        COMPLETE,
+        "B9",
+        Decimal("1290.1234567"),
+    )
     assert [e.kind for e in store.events_for(o.order_id)] == ["PENDING", "COMPLETE"]
     assert store.load_orders("2025-11-24") == []  # terminal rows of another day stay in the ledger
-    assert store.query_orders(OrderQuery(status="complete", symbol="reliance-eq"))[0][0].order_id == o.order_id
+    assert (
+        store.query_orders(OrderQuery(status="complete", symbol="reliance-eq"))[0][0].order_id == o.order_id
+    )
     assert store.query_orders(OrderQuery(strategy_id="other")) == []
 
 
 def test_risk_events_are_stored_once_per_request_id(store: OrderStore) -> None:
-    ev = RiskEventRow(event="kill_switch_on", reason="manual", source="cli", ts_ns=NS, trading_day=DAY,
-                      data={"kill_switch": True}, request_id="ks-1")
+    ev = RiskEventRow(
+        event="kill_switch_on",
+        reason="manual",
+        source="cli",
+        ts_ns=NS,
+        trading_day=DAY,
+        data={"kill_switch": True},
+        request_id="ks-1",
+    )
     store.write(Changes(risk_events=[ev]))
     store.write(Changes(risk_events=[ev]))
     [got] = store.risk_events(DAY)
@@ -134,7 +182,9 @@ def test_order_events_are_append_only(pg_url: str) -> None:
         conn.execute("UPDATE order_events SET kind = 'X'")
     with psycopg.connect(pg_url) as conn:
         kinds = [r[0] for r in conn.execute("SELECT kind FROM order_events")]
-        types = conn.execute("SELECT pg_typeof(price)::text, pg_typeof(internal_id)::text FROM order_ledger").fetchone()
+        types = conn.execute(
+            "SELECT pg_typeof(price)::text, pg_typeof(internal_id)::text FROM order_ledger"
+        ).fetchone()
     assert kinds == ["PENDING"] and types == ("numeric", "uuid")
     s.close()
 
@@ -146,7 +196,9 @@ def test_engine_on_postgres_lifecycle_slicing_and_bracket_restart(pg_url: str, t
     h.tick("NIFTY26NOVFUT", 25950.0, bid=25949.9, ask=25950.1)
     [sliced] = h.submit(execute("NIFTY26NOVFUT", qty=3750, price="25960.00"))
     h.tick("RELIANCE-EQ", 1300.0, bid=1299.9, ask=1300.1)
-    [entry] = h.submit(execute(qty=10, price="1295.00", stop_loss=Decimal("1280.00"), target=Decimal("1320.00")))
+    [entry] = h.submit(
+        execute(qty=10, price="1295.00", stop_loss=Decimal("1280.00"), target=Decimal("1320.00"))
+    )
     h.tick("RELIANCE-EQ", 1294.0, bid=1293.9, ask=1294.0)
     assert [x.status for x in legs(h, "STOP")] == [OPEN]
     h.broker.close()
@@ -161,8 +213,10 @@ def test_engine_on_postgres_lifecycle_slicing_and_bracket_restart(pg_url: str, t
     assert h2.position() == 0 == fills_sum(h2)
     assert h2.position("NIFTY26NOVFUT") == 3750 == fills_sum(h2, "NIFTY26NOVFUT")
     with psycopg.connect(pg_url) as conn:
-        kids = conn.execute("SELECT quantity FROM order_ledger WHERE parent_id = %s ORDER BY quantity DESC",
-                            (sliced.order_id,)).fetchall()
+        kids = conn.execute(
+            "SELECT quantity FROM order_ledger WHERE parent_id = %s ORDER BY quantity DESC",
+            (sliced.order_id,),
+        ).fetchall()
         bracket = conn.execute("SELECT state, entry_filled, exit_filled FROM brackets").fetchone()
         dup_tags = conn.execute("SELECT count(*) - count(DISTINCT client_tag) FROM order_ledger").fetchone()
     assert [k[0] for k in kids] == [1800, 1800, 150]
@@ -177,8 +231,10 @@ def test_a_ledger_outage_refuses_orders_instead_of_sending_them(pg_url: str) -> 
     h = Harness(store=store)
     h.tick("RELIANCE-EQ", 1295.0, bid=1294.9, ask=1295.1)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
     [res] = h.submit(execute(price="1290.00"))  # the broken connection fails this write
     if not res.ok:
         assert res.code == "ledger" and h.broker.places == 0
@@ -203,8 +259,13 @@ if sys.argv[2] == "hang":
 def _run_embedded(pgdata: Path, mode: str) -> subprocess.Popen[str]:
     root = Path(__file__).resolve().parents[2]
     with (pgdata.parent / "owner.err").open("a") as err:
-        return subprocess.Popen([sys.executable, "-c", _EMBEDDED, str(pgdata), mode], cwd=root, text=True,
-                                stdout=subprocess.PIPE, stderr=err)
+        return subprocess.Popen(
+            [sys.executable, "-c", _EMBEDDED, str(pgdata), mode],
+            cwd=root,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
 
 
 def _ready(proc: subprocess.Popen[str], pgdata: Path) -> int:

@@ -43,27 +43,51 @@ NIFTY = MASTER.resolve("NIFTY26NOVFUT")
 _ids = itertools.count(1)
 
 
-def execute(symbol: str = "RELIANCE-EQ", side: str = "BUY", qty: int = 10, price: str | None = "1290.50",
-            order_type: str = "LIMIT", strategy: str = "s1", rid: str | None = None, **kw: Any) -> ExecuteOrder:
+def execute(
+    symbol: str = "RELIANCE-EQ",
+    side: str = "BUY",
+    qty: int = 10,
+    price: str | None = "1290.50",
+    order_type: str = "LIMIT",
+    strategy: str = "s1",
+    rid: str | None = None,
+    **kw: Any,
+) -> ExecuteOrder:
     inst = MASTER.resolve(symbol)
     rid = rid or f"r{next(_ids)}"
-    req = OrderRequest(request_id=rid, strategy_id=strategy, side=side, quantity=qty, symbol=inst.symbol,
-                       segment=inst.segment, token=inst.token, price=Decimal(price) if price else None,
-                       order_type=order_type, **kw)
-    return ExecuteOrder(request_id=rid, order=req, quantity=qty, segment=inst.segment, token=inst.token,
-                        symbol=inst.symbol)
+    req = OrderRequest(
+        request_id=rid,
+        strategy_id=strategy,
+        side=side,
+        quantity=qty,
+        symbol=inst.symbol,
+        segment=inst.segment,
+        token=inst.token,
+        price=Decimal(price) if price else None,
+        order_type=order_type,
+        **kw,
+    )
+    return ExecuteOrder(
+        request_id=rid, order=req, quantity=qty, segment=inst.segment, token=inst.token, symbol=inst.symbol
+    )
 
 
 class Harness:
     """Engine + store + paper broker wired like the service wires them (inline)."""
 
-    def __init__(self, store: OrderStore | None = None, journal: Path | None = None,
-                 clock: ManualClock | None = None, **broker_kw: Any) -> None:
+    def __init__(
+        self,
+        store: OrderStore | None = None,
+        journal: Path | None = None,
+        clock: ManualClock | None = None,
+        **broker_kw: Any,
+    ) -> None:
         self.cfg = load_config(env={})
         self.clock = clock or ManualClock(1_763_700_000_000_000_000)  # a weekday, 2025-11-21
         self.store = store if store is not None else MemoryOrderStore()
-        self.broker = PaperBroker(MASTER, self.clock, slippage_bps=self.cfg.paper.slippage_bps, journal=journal,
-                                  **broker_kw)
+        self.broker = PaperBroker(
+            MASTER, self.clock, slippage_bps=self.cfg.paper.slippage_bps, journal=journal, **broker_kw
+        )
         self.engine = ExecutionEngine(self.store, self.broker, MASTER, self.clock, self.cfg)
         self.engine.start()
         self.engine.pump()
@@ -172,9 +196,16 @@ def test_broker_rejection_ends_rejected_with_the_brokers_reason(h: Harness) -> N
     # so use an unknown token at the broker instead:
     assert res.ok
     inst = REL
-    ghost = ExecuteOrder(request_id="ghost", order=OrderRequest(request_id="ghost", strategy_id="s1", side="BUY",
-                         quantity=1, price=Decimal("10.00")), quantity=1, segment=inst.segment, token=inst.token,
-                         symbol=inst.symbol)
+    ghost = ExecuteOrder(
+        request_id="ghost",
+        order=OrderRequest(
+            request_id="ghost", strategy_id="s1", side="BUY", quantity=1, price=Decimal("10.00")
+        ),
+        quantity=1,
+        segment=inst.segment,
+        token=inst.token,
+        symbol=inst.symbol,
+    )
     h.broker.master = MasterData([])  # the broker no longer knows the instrument
     [g] = h.submit(ghost)
     assert h.order(g.order_id).status == REJECTED
@@ -186,7 +217,7 @@ def test_market_intent_becomes_a_protected_limit_filled_at_the_touch_plus_slippa
     [res] = h.submit(execute(price=None, order_type="MARKET"))
     o = h.order(res.order_id)
     assert o.order_type == "LIMIT"
-    assert o.price == Decimal("1302.90")  # 1290 × 1.01, rounded down to the 0.10 tick
+    assert o.price == Decimal("1302.90")  # 1290 x 1.01, rounded down to the 0.10 tick
     assert o.status == COMPLETE
     # ask 1290.1 + 2 bps = 1290.358 → 1290.40 (rounded against the trader), within the limit
     assert o.avg_price == Decimal("1290.40")
@@ -255,7 +286,9 @@ def test_positions_average_price_and_realised_pnl_from_fills(h: Harness) -> None
 
 def bracket_entry(h: Harness, qty: int = 10) -> Any:
     h.tick("RELIANCE-EQ", 1300.0, bid=1299.9, ask=1300.1)
-    [res] = h.submit(execute(qty=qty, price="1295.00", stop_loss=Decimal("1280.00"), target=Decimal("1320.00")))
+    [res] = h.submit(
+        execute(qty=qty, price="1295.00", stop_loss=Decimal("1280.00"), target=Decimal("1320.00"))
+    )
     return res
 
 
@@ -269,7 +302,12 @@ def test_bracket_places_stop_and_target_after_the_entry_fills_and_target_cancels
     assert legs(h, STOP) == [] and legs(h, TARGET) == []
     h.tick("RELIANCE-EQ", 1294.0, bid=1293.9, ask=1294.0)  # entry fills
     [stop], [target] = legs(h, STOP), legs(h, TARGET)
-    assert (stop.order_type, stop.side, stop.trigger_price, stop.quantity) == ("SL", "SELL", Decimal("1280.00"), 10)
+    assert (stop.order_type, stop.side, stop.trigger_price, stop.quantity) == (
+        "SL",
+        "SELL",
+        Decimal("1280.00"),
+        10,
+    )
     assert (target.order_type, target.price, target.status) == ("LIMIT", Decimal("1320.00"), OPEN)
     b = next(iter(h.engine.brackets.values()))
     assert b.state == B_ACTIVE and h.order(res.order_id).bracket_id == b.bracket_id

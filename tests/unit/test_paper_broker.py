@@ -24,11 +24,25 @@ def tick(ltp: float, bid: float = 0.0, ask: float = 0.0, **kw: float) -> Tick:
     return Tick(segment=REL.segment, token=REL.token, ltp=ltp, bid=bid, ask=ask, **kw)  # type: ignore[arg-type]
 
 
-def order(side: str = "BUY", qty: int = 10, price: str = "1290.00", tag: str = "np0000000001",
-          order_type: str = "LIMIT", trigger: str | None = None) -> BrokerOrder:
-    return BrokerOrder(client_tag=tag, segment=REL.segment, token=REL.token, symbol=REL.symbol, side=side,
-                       quantity=qty, price=Decimal(price), order_type=order_type,
-                       trigger_price=Decimal(trigger) if trigger else None)
+def order(
+    side: str = "BUY",
+    qty: int = 10,
+    price: str = "1290.00",
+    tag: str = "np0000000001",
+    order_type: str = "LIMIT",
+    trigger: str | None = None,
+) -> BrokerOrder:
+    return BrokerOrder(
+        client_tag=tag,
+        segment=REL.segment,
+        token=REL.token,
+        symbol=REL.symbol,
+        side=side,
+        quantity=qty,
+        price=Decimal(price),
+        order_type=order_type,
+        trigger_price=Decimal(trigger) if trigger else None,
+    )
 
 
 @pytest.fixture
@@ -45,7 +59,7 @@ def test_marketable_buy_fills_at_the_ask_plus_slippage_never_beyond_the_limit(cl
     b.on_tick(tick(1290.0, bid=1289.9, ask=1290.1))
     b.place(order(price="1302.90"))
     [t] = trades(b)
-    assert t.price == Decimal("1291.40")  # 1290.1 × 1.001 = 1291.39 → up to the tick
+    assert t.price == Decimal("1291.40")  # 1290.1 x 1.001 = 1291.39 → up to the tick
     b.place(order(price="1290.20", tag="np0000000002"))  # the cap: never beyond the limit
     [t2] = trades(b)
     assert t2.price == Decimal("1290.20")
@@ -56,7 +70,7 @@ def test_marketable_sell_fills_at_the_bid_minus_slippage(clock: ManualClock) -> 
     b.on_tick(tick(1290.0, bid=1289.9, ask=1290.1))
     b.place(order(side="SELL", price="1277.10"))
     [t] = trades(b)
-    assert t.price == Decimal("1288.60")  # 1289.9 × 0.999 = 1288.61 → down to the tick
+    assert t.price == Decimal("1288.60")  # 1289.9 x 0.999 = 1288.61 → down to the tick
 
 
 def test_resting_limit_fills_at_its_own_price_when_crossed(clock: ManualClock) -> None:

@@ -78,8 +78,16 @@ class PaperBroker:
     inline = True  # execution calls it on the loop, no thread pool
     book_lag_s = 0.0  # its books are exact at once: absence means the order never arrived
 
-    def __init__(self, master: MasterData, clock: Clock | None = None, slippage_bps: float = 2.0,
-                 journal: Path | None = None, partial_fills: bool = False, log: Any = None) -> None:
+    def __init__(
+        self,
+        master: MasterData,
+        clock: Clock | None = None,
+        *,
+        slippage_bps: float = 2.0,
+        journal: Path | None = None,
+        partial_fills: bool = False,
+        log: Any = None,
+    ) -> None:
         self.master = master
         self.clock = clock or Clock()
         self.slip = Decimal(str(slippage_bps)) / Decimal(10_000)
@@ -106,8 +114,8 @@ class PaperBroker:
         stale = False
         if path.exists():
             with path.open("r", encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.strip()
+                for raw_line in fh:
+                    line = raw_line.strip()
                     if not line:
                         continue
                     try:
@@ -124,7 +132,7 @@ class PaperBroker:
         if stale:  # compact: only today's book survives
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            tmp.replace(path)
         self._fh = path.open("a", encoding="utf-8")
         for o in self.orders.values():
             if o.status not in _DONE:
@@ -142,10 +150,19 @@ class PaperBroker:
         self._bump_seq(rec)
         if op == "place":
             o = PaperOrder(
-                oid=rec["id"], tag=rec["tag"], segment=rec["seg"], token=rec["tok"], symbol=rec["sym"],
-                side=rec["side"], quantity=rec["qty"], price=Decimal(rec["price"]), order_type=rec["otype"],
-                trigger=Decimal(rec["trig"]) if rec.get("trig") else None, product=rec.get("product", "MIS"),
-                day=rec["day"], ts_ns=rec["ts"],
+                oid=rec["id"],
+                tag=rec["tag"],
+                segment=rec["seg"],
+                token=rec["tok"],
+                symbol=rec["sym"],
+                side=rec["side"],
+                quantity=rec["qty"],
+                price=Decimal(rec["price"]),
+                order_type=rec["otype"],
+                trigger=Decimal(rec["trig"]) if rec.get("trig") else None,
+                product=rec.get("product", "MIS"),
+                day=rec["day"],
+                ts_ns=rec["ts"],
             )
             o.fprice = float(o.price)
             o.ftrigger = float(o.trigger) if o.trigger is not None else 0.0
@@ -156,8 +173,17 @@ class PaperBroker:
             o.filled += qty
             o.value += price * qty
             o.status = _COMPLETE if o.filled >= o.quantity else _PARTIAL
-            self.trades.append(BrokerTrade(trade_id=rec["id"], broker_order_id=o.oid, client_tag=o.tag,
-                                           side=o.side, quantity=qty, price=price, ts_ns=rec["ts"]))
+            self.trades.append(
+                BrokerTrade(
+                    trade_id=rec["id"],
+                    broker_order_id=o.oid,
+                    client_tag=o.tag,
+                    side=o.side,
+                    quantity=qty,
+                    price=price,
+                    ts_ns=rec["ts"],
+                )
+            )
         elif op == "cancel":
             o = self.orders[rec["oid"]]
             o.status = _CANCELLED
@@ -203,14 +229,40 @@ class PaperBroker:
         self._seq += 1
         oid = f"{self._day.replace('-', '')[2:]}{self._seq:09d}"
         now = self.clock.now_ns()
-        o = PaperOrder(oid=oid, tag=order.client_tag, segment=order.segment, token=order.token,
-                       symbol=order.symbol, side=order.side, quantity=order.quantity, price=order.price,
-                       order_type=order.order_type, trigger=order.trigger_price, product=order.product,
-                       day=self._day, ts_ns=now, fprice=float(order.price),
-                       ftrigger=float(order.trigger_price) if order.trigger_price is not None else 0.0)
-        self._log({"op": "place", "id": oid, "tag": o.tag, "seg": o.segment, "tok": o.token, "sym": o.symbol,
-                   "side": o.side, "qty": o.quantity, "price": str(o.price), "otype": o.order_type,
-                   "trig": str(o.trigger) if o.trigger is not None else None, "product": o.product, "ts": now})
+        o = PaperOrder(
+            oid=oid,
+            tag=order.client_tag,
+            segment=order.segment,
+            token=order.token,
+            symbol=order.symbol,
+            side=order.side,
+            quantity=order.quantity,
+            price=order.price,
+            order_type=order.order_type,
+            trigger=order.trigger_price,
+            product=order.product,
+            day=self._day,
+            ts_ns=now,
+            fprice=float(order.price),
+            ftrigger=float(order.trigger_price) if order.trigger_price is not None else 0.0,
+        )
+        self._log(
+            {
+                "op": "place",
+                "id": oid,
+                "tag": o.tag,
+                "seg": o.segment,
+                "tok": o.token,
+                "sym": o.symbol,
+                "side": o.side,
+                "qty": o.quantity,
+                "price": str(o.price),
+                "otype": o.order_type,
+                "trig": str(o.trigger) if o.trigger is not None else None,
+                "product": o.product,
+                "ts": now,
+            }
+        )
         self.orders[oid] = o
         self.places += 1
         self.resting.setdefault(o.key, []).append(o)
@@ -232,8 +284,14 @@ class PaperBroker:
         self._unrest(o)
         self._status(o)
 
-    def modify(self, broker_order_id: str, *, quantity: int | None = None, price: Decimal | None = None,
-               trigger_price: Decimal | None = None) -> None:
+    def modify(
+        self,
+        broker_order_id: str,
+        *,
+        quantity: int | None = None,
+        price: Decimal | None = None,
+        trigger_price: Decimal | None = None,
+    ) -> None:
         o = self.orders.get(broker_order_id)
         if o is None:
             raise BrokerRejected(f"order {broker_order_id} not found")
@@ -249,8 +307,15 @@ class PaperBroker:
         if trigger_price is not None:
             o.trigger = trigger_price
             o.ftrigger = float(trigger_price)
-        self._log({"op": "modify", "oid": o.oid, "qty": o.quantity, "price": str(o.price),
-                   "trig": str(o.trigger) if o.trigger is not None else None})
+        self._log(
+            {
+                "op": "modify",
+                "oid": o.oid,
+                "qty": o.quantity,
+                "price": str(o.price),
+                "trig": str(o.trigger) if o.trigger is not None else None,
+            }
+        )
         self._status(o)
         last = self.last.get(o.key)
         if last is not None:
@@ -319,10 +384,8 @@ class PaperBroker:
             qty = min(qty, avail)
             if shown is not None:
                 shown[o.side] = avail - qty
-        if arriving:
-            price = self._taker_price(o, touch)
-        else:
-            price = o.price  # a resting order trades at its own price
+        # a resting order trades at its own price; an arriving one takes the touch
+        price = self._taker_price(o, touch) if arriving else o.price
         self._fill(o, qty, price)
 
     def _taker_price(self, o: PaperOrder, touch: float) -> Decimal:
@@ -344,8 +407,15 @@ class PaperBroker:
         o.filled += qty
         o.value += price * qty
         o.status = _COMPLETE if o.filled >= o.quantity else _PARTIAL
-        trade = BrokerTrade(trade_id=tid, broker_order_id=o.oid, client_tag=o.tag, side=o.side, quantity=qty,
-                            price=price, ts_ns=now)
+        trade = BrokerTrade(
+            trade_id=tid,
+            broker_order_id=o.oid,
+            client_tag=o.tag,
+            side=o.side,
+            quantity=qty,
+            price=price,
+            ts_ns=now,
+        )
         self.trades.append(trade)
         self.events.append(trade)
         if o.status == _COMPLETE:
@@ -361,8 +431,15 @@ class PaperBroker:
 
     def _as_status(self, o: PaperOrder) -> BrokerOrderStatus:
         avg = (o.value / o.filled) if o.filled else None
-        return BrokerOrderStatus(broker_order_id=o.oid, client_tag=o.tag, status=o.status, quantity=o.quantity,
-                                 filled_qty=o.filled, avg_price=avg, reason=o.reason)
+        return BrokerOrderStatus(
+            broker_order_id=o.oid,
+            client_tag=o.tag,
+            status=o.status,
+            quantity=o.quantity,
+            filled_qty=o.filled,
+            avg_price=avg,
+            reason=o.reason,
+        )
 
     def _status(self, o: PaperOrder) -> None:
         self.events.append(self._as_status(o))

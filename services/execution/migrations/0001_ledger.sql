@@ -30,10 +30,9 @@ CREATE TABLE order_ledger (
     trading_day       DATE NOT NULL,
     created_at        TIMESTAMPTZ NOT NULL,
     updated_at        TIMESTAMPTZ NOT NULL
-);
+) WITH (fillfactor = 80);  -- room for HOT updates: every order row is updated several times
 CREATE INDEX order_ledger_open ON order_ledger (status)
     WHERE status NOT IN ('COMPLETE', 'REJECTED', 'CANCELLED');
-CREATE INDEX order_ledger_exchange_id ON order_ledger (exchange_id);
 CREATE INDEX order_ledger_created ON order_ledger (created_at DESC);
 CREATE INDEX order_ledger_day ON order_ledger (trading_day);
 CREATE INDEX order_ledger_bracket ON order_ledger (bracket_id) WHERE bracket_id IS NOT NULL;
