@@ -131,3 +131,24 @@ def test_cli_exits_3_naming_risk_when_it_is_down(tmp_path: Path, base_port: int)
             assert rc == 3 and text in stderr, (text, stderr)
     finally:
         s.close()
+
+
+def test_trade_on_a_terminal_asks_for_what_is_missing(risk_alone: Stack) -> None:
+    import pexpect
+
+    from tests.integration.risk_support import NEOPULSE
+
+    child = pexpect.spawn(NEOPULSE[0], [*NEOPULSE[1:], "trade"], env=risk_alone.env, encoding="utf-8",
+                          timeout=20)
+    try:
+        child.expect("Side")
+        child.sendline("buy")
+        child.expect("Symbol")
+        child.sendline("RELIANCE-EQ")
+        child.expect("Quantity")
+        child.sendline("2")
+        child.expect("REJECTED  BUY 2 RELIANCE-EQ @ market")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 1
