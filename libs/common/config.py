@@ -378,7 +378,20 @@ def secret_values(cfg: Config) -> list[str]:
         value = getattr(getattr(cfg, section), key)
         if value and len(value) >= 4:
             out.append(value)
+    password = _url_password(cfg.database.url)
+    if password and len(password) >= 4:
+        out.append(password)
     return out
+
+
+def _url_password(url: str) -> str:
+    """The password in ``postgresql://user:password@host/db`` (empty when there is none)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
 
 
 def redacted(cfg: Config) -> dict[str, Any]:
@@ -387,4 +400,7 @@ def redacted(cfg: Config) -> dict[str, Any]:
     for section, key in SECRET_KEYS:
         if data.get(section, {}).get(key):
             data[section][key] = "***"
+    password = _url_password(cfg.database.url)
+    if password:
+        data["database"]["url"] = cfg.database.url.replace(f":{password}@", ":***@", 1)
     return data

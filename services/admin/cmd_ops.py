@@ -108,7 +108,8 @@ def _detail(name: str, info: dict[str, Any]) -> str:
 
 
 _ONLY_OPT = typer.Option(None, "--service", "-s",
-                         help="Check only this service (repeatable), e.g. for a healthcheck.")
+                         help="Check only this service (repeatable; `strategy` means every strategy "
+                              "instance), e.g. for a healthcheck.")
 
 
 @app.command()
@@ -121,6 +122,9 @@ def status(
     cfg = get_config()
     services = expected_services(cfg)
     if only:
+        # `-s strategy` stands for every configured strategy instance
+        only = [n for o in only for n in ([n for n, _ in services if n.startswith("strategy-")]
+                                          if o == "strategy" else [o])]
         unknown = sorted(set(only) - {n for n, _ in services})
         if unknown:
             fail(f"unknown service: {', '.join(unknown)} (known: {', '.join(n for n, _ in services)})",
@@ -177,7 +181,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
     return json.dumps(str(value))
 
 

@@ -199,3 +199,11 @@ def test_redacted_hides_every_secret_and_secret_values_lists_them(tmp_path: Path
     assert redacted(cfg)["kotak"]["mpin"] == "***"
     assert redacted(cfg)["telegram"]["api_url"] == "https://api.telegram.org"
     assert set(secret_values(cfg)) == set(secrets.values())
+
+
+def test_database_password_is_redacted_and_kept_out_of_logs(tmp_path: Path) -> None:
+    url = "postgresql://neopulse:pg-S3cret-pw@db.internal:5432/neopulse"
+    cfg = load_config(env={"NEOPULSE_ENV_FILE": str(tmp_path / "none.env"), "NEOPULSE_DATABASE__URL": url})
+
+    assert redacted(cfg)["database"]["url"] == "postgresql://neopulse:***@db.internal:5432/neopulse"
+    assert "pg-S3cret-pw" in secret_values(cfg)
