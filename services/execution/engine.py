@@ -832,6 +832,10 @@ class ExecutionEngine:
         # BrokerUnknown, or anything unexpected: we cannot tell whether the broker has it
         why = result.reason if isinstance(result, BrokerUnknown) else f"{type(result).__name__}: {result}"
         self.stats["unknown"] += 1
+        if RANK[o.status] >= RANK[ACK]:  # the broker's book already showed it: nothing is unknown
+            o.updated_ns = self._now()
+            self._event(o, "PLACE_REPLY_LOST", o.status, {"error": why})
+            return
         self._transition(o, UNKNOWN, "UNKNOWN", {"error": why}, f"outcome unknown: {why}")
         self.alert(
             "WARNING",
@@ -1605,4 +1609,3 @@ class ExecutionEngine:
             "last_prices": len(self.last),
             **self.stats,
         }
-

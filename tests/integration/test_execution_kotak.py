@@ -1,0 +1,98 @@
+"""The execution service with ``execution.broker=kotak`` against the Kotak REST fake (the real
+SDK underneath): broker calls in the thread pool, status by polling, a place that times out
+resolved by tag without a second send, and kill -9 after the broker accepted."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.common.bus import RequestTimeout
+from libs.common.messages import GetFeedSession, GetStatus, Reply
+from tests.fakes.kotak_rest import KotakRestFake
+from tests.helpers import eventually
+from tests.integration.test_execution_service import ExecStack
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
+    with KotakRestFake(tmp_path / "kotak-state.json") as running:
+        yield running
+
+
+@pytest.fixture
+def stack(tmp_path: Path, pg_url: str, fake: KotakRestFake) -> Iterator[ExecStack]:
+    c = fake.credentials
+    s = ExecStack(
+        tmp_path / "home",
+        pg_url,
+        quotes={"RELIANCE-EQ": 1290.0},
+        NEOPULSE_EXECUTION__BROKER="kotak",
+        NEOPULSE_EXECUTION__BROKER_TIMEOUT_S="1",
+        NEOPULSE_LIVE="1",
+        NEOPULSE_KOTAK__CONSUMER_KEY=c.consumer_key,
+        NEOPULSE_KOTAK__MOBILE=c.mobile_number,
+        NEOPULSE_KOTAK__UCC=c.ucc,
+        NEOPULSE_KOTAK__MPIN=c.mpin,
+        NEOPULSE_KOTAK__TOTP_SECRET=c.totp_secret,
+        NEOPULSE_KOTAK__BASE_URL=fake.base_url,
+        NEOPULSE_KOTAK__SFEED_URL="ws://127.0.0.1:9/feed",
+    )
+    yield s
+    s.close()
+
+
+def received(fake: KotakRestFake, tag: str) -> list[dict[str, Any]]:
+    return [r for r in fake.received_orders() if tag.lower() in str(r).lower()]
+
+
+def test_kotak_orders_run_in_the_pool_and_fills_arrive_by_polling(
+    stack: ExecStack, fake: KotakRestFake
+) -> None:
+    stack.start()
+    lease = stack.ask(GetFeedSession())
+    assert isinstance(lease, Reply) and lease.ok and lease.data["url"] == "ws://127.0.0.1:9/feed"
+
+    placed = stack.ok(stack.order(qty=5, price="1200.00"))
+    row = eventually(lambda: (o := stack.find(placed["order_id"]))["broker_order_id"] and o, timeout=10)
+    assert row["status"] in ("ACK", "OPEN") and len(received(fake, placed["client_tag"])) == 1
+    fake.fill(row["broker_order_id"])
+    done = eventually(lambda: (o := stack.find(placed["order_id"]))["status"] == "COMPLETE" and o, timeout=10)
+    assert done["filled_qty"] == 5 and len(done["fills"]) == 1
+    assert stack.positions()[("s1", "RELIANCE-EQ")] == 5
+
+    # a place that times out: found by its tag in the broker's book — never sent twice
+    fake.hang_next_place(seconds=3)
+    hung = stack.ok(stack.order(qty=2, price="1200.00"))
+    found = eventually(lambda: (o := stack.find(hung["order_id"]))["status"] == "OPEN" and o, timeout=15)
+    assert found["broker_order_id"] and len(received(fake, hung["client_tag"])) == 1
+    eventually(lambda: stack.ok(GetStatus())["unknown"] == 1, timeout=10, message="the lost place reply")
+    assert stack.find(hung["order_id"])["status"] == "OPEN" and len(received(fake, hung["client_tag"])) == 1
+
+
+def test_kotak_kill_9_after_the_broker_accepted(stack: ExecStack, fake: KotakRestFake) -> None:
+    stack.start(NEOPULSE_TEST_CRASH_AT="after_broker")
+    cmd = stack.order(qty=3, price="1200.00")
+    with contextlib.suppress(RequestTimeout):
+        stack.ask(cmd, timeout_ms=3000)
+    assert stack.proc is not None and stack.proc.wait(15) == -signal.SIGKILL
+    [sent] = fake.received_orders()
+
+    stack.start()
+
+    row = eventually(
+        lambda: (
+            (o := next(x for x in stack.orders() if x["request_id"] == cmd.request_id))["status"] == "OPEN"
+            and o
+        ),
+        timeout=10,
+    )
+    assert row["broker_order_id"] and len(fake.received_orders()) == 1
+    assert row["client_tag"].lower() in str(sent).lower()
+    again = stack.ok(cmd)  # the retry is answered from the ledger
+    assert again["order_id"] == row["order_id"] and len(fake.received_orders()) == 1
