@@ -94,7 +94,7 @@ class Book:
     """Fills and marks → trades, exact totals and a marked-to-market equity curve."""
 
     cost_rate: Decimal = Decimal("0.00035")
-    sample_ns: int = 60 * 1_000_000_000  # equity curve resolution (plus every fill)
+    sample_ns: int = 1_000_000_000  # equity curve resolution while exposed (plus every fill)
     trades: list[Trade] = field(default_factory=list)
     turnover: Decimal = ZERO
     fills: int = 0
