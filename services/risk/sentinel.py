@@ -196,11 +196,15 @@ class RiskSentinel:
         self.loss_breached = False
         self.breach_reason = ""
         self._positions: dict[tuple[str, str], _Position] = {}
+        self._by_key: dict[str, list[_Position]] = {}  # instrument key → every strategy's position
+        self._cost_f: dict[str, float] = {}  # open instrument key → sum of qty x avg (for marking)
         self._net_qty: dict[str, int] = {}  # instrument key → account net quantity
         self._open_keys: set[str] = set()  # instruments with a non-zero position in any strategy
         self._marks: dict[str, float] = {}  # instrument key → last traded price
         self._realised = _ZERO
         self._turnover = _ZERO
+        self._realised_f = 0.0  # float copies for per-tick marking (no Decimal on the tick path)
+        self._turnover_f = 0.0
         self._working: dict[str, _Working] = {}  # request_id → working order
         self._order_ids: dict[str, str] = {}  # order_id → request_id
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
@@ -222,13 +226,13 @@ class RiskSentinel:
     def pnl(self) -> tuple[float, float, float, float]:
         """(realised, unrealised, cost, turnover) — gross is realised + unrealised."""
         unrealised = 0.0
-        marks = self._marks
-        for (_, key), pos in self._positions.items():
-            if pos.qty:
-                avg = float(pos.avg)
-                unrealised += pos.qty * (marks.get(key, avg) - avg)
-        turnover = float(self._turnover)
-        return float(self._realised), unrealised, turnover * self._cost_rate, turnover
+        marks, net = self._marks, self._net_qty
+        for key, cost in self._cost_f.items():
+            mark = marks.get(key)
+            if mark is not None:  # sum over strategies of qty x (mark - avg)
+                unrealised += net.get(key, 0) * mark - cost
+        turnover = self._turnover_f
+        return self._realised_f, unrealised, turnover * self._cost_rate, turnover
 
     def net_pnl(self) -> float:
         realised, unrealised, cost, _ = self.pnl()
@@ -482,9 +486,11 @@ class RiskSentinel:
         signed = fill.quantity if fill.side == "BUY" else -fill.quantity
         pos = self._positions.get((fill.strategy_id, key))
         if pos is None:
-            pos = self._positions[(fill.strategy_id, key)] = _Position()
+            pos = self._add_position(fill.strategy_id, key, _Position())
         self._realised += pos.apply(signed, fill.price)
         self._turnover += fill.price * fill.quantity
+        self._realised_f = float(self._realised)
+        self._turnover_f = float(self._turnover)
         net = self._net_qty.get(key, 0) + signed
         if net:
             self._net_qty[key] = net
@@ -519,11 +525,24 @@ class RiskSentinel:
         for oid in [o for o, r in self._order_ids.items() if r == request_id]:
             del self._order_ids[oid]
 
+    def _add_position(self, strategy_id: str, key: str, pos: _Position) -> _Position:
+        self._positions[(strategy_id, key)] = pos
+        self._by_key.setdefault(key, []).append(pos)
+        return pos
+
     def _refresh_open(self, key: str) -> None:
-        if any(p.qty for (_, k), p in self._positions.items() if k == key):
+        cost = 0.0
+        is_open = False
+        for p in self._by_key.get(key, ()):
+            if p.qty:
+                is_open = True
+                cost += p.qty * float(p.avg)
+        if is_open:
             self._open_keys.add(key)
+            self._cost_f[key] = cost
         else:
             self._open_keys.discard(key)
+            self._cost_f.pop(key, None)
 
     def _check_loss(self) -> Sequence[Event]:
         net = self.net_pnl()
@@ -607,20 +626,25 @@ class RiskSentinel:
 
     def _load_book(self, day: DayState) -> None:
         self._positions.clear()
+        self._by_key.clear()
         self._net_qty.clear()
         self._open_keys.clear()
+        self._cost_f.clear()
         for p in day.positions:
             key = f"{p.segment}|{p.token}"
             avg = p.avg_price if p.avg_price.is_finite() else _ZERO
-            self._positions[(p.strategy_id, key)] = _Position(p.quantity, avg, p.realised_pnl)
+            self._add_position(p.strategy_id, key, _Position(p.quantity, avg, p.realised_pnl))
             if p.quantity:
                 self._net_qty[key] = self._net_qty.get(key, 0) + p.quantity
-                self._open_keys.add(key)
             if p.last_price > 0 and math.isfinite(p.last_price):
                 self._marks.setdefault(key, p.last_price)
+        for key in self._by_key:
+            self._refresh_open(key)
         self._net_qty = {k: q for k, q in self._net_qty.items() if q}
         self._realised = day.realised_pnl if day.realised_pnl.is_finite() else _ZERO
         self._turnover = day.turnover if day.turnover.is_finite() else _ZERO
+        self._realised_f = float(self._realised)
+        self._turnover_f = float(self._turnover)
         # Fills reach us by trade time; those traded before the snapshot and arriving soon
         # after it are already in it. (A later resync heals the rare one that was not.)
         self._restored_upto_ns = day.ts_ns
