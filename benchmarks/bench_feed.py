@@ -156,6 +156,7 @@ def feed_to_subscriber(n: int, home: Path, base_port: int) -> dict[str, Any]:
             if sub.sock.poll(100):
                 sub.drain(on_msg)
         client = bus.client(cfg.bus.endpoint("feed_rep"), 5000)
+        cpu_feed0, cpu_sub0 = _proc_cpu(proc.pid), time.process_time()
         client.request(Subscribe(instruments=[], requester="bench"))
         last = time.perf_counter()
         drain = sub.drain
@@ -167,6 +168,7 @@ def feed_to_subscriber(n: int, home: Path, base_port: int) -> dict[str, Any]:
             else:
                 break  # 2 s of silence: whatever is missing is lost
         elapsed = last - first_at[0]
+        cpu_feed, cpu_sub = _proc_cpu(proc.pid) - cpu_feed0, time.process_time() - cpu_sub0
         status = client.request(GetStatus())
         assert isinstance(status, Reply)
         client.close()
@@ -177,7 +179,14 @@ def feed_to_subscriber(n: int, home: Path, base_port: int) -> dict[str, Any]:
         bus.close()
     return {"received": got["ticks"], "sent": n, "gaps": sub.stats.gaps, "malformed": sub.stats.malformed,
             "seconds": elapsed, "per_s": (got["ticks"] - 1) / elapsed if elapsed > 0 else 0.0,
-            "feed_published": status.data.get("ticks")}
+            "feed_published": status.data.get("ticks"),
+            "feed_cpu_us_per_tick": cpu_feed / n * 1e6, "subscriber_cpu_us_per_tick": cpu_sub / n * 1e6}
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(n: int = 500_000, base_port: int | None = None) -> dict[str, Any]:
@@ -219,6 +228,8 @@ def main() -> None:
     print(f"raw pyzmq PUB->SUB + msgspec decode:      {res['raw_pyzmq_decode']['per_s']:>10,.0f} msgs/s")
     print(f"feed (replay max) -> Subscriber (decode): {feed['per_s']:>10,.0f} ticks/s  "
           f"received {feed['received']}/{feed['sent']}, gaps {feed['gaps']}")
+    print(f"CPU per tick: feed process {feed['feed_cpu_us_per_tick']:.2f} us (incl. zmq I/O thread), "
+          f"subscriber {feed['subscriber_cpu_us_per_tick']:.2f} us")
     print(f"feed / raw: {res['feed_vs_raw']:.0%}   zero-gap: {res['zero_gap']}   "
           f">= 200k ticks/s: {res['meets_target']}")
 
