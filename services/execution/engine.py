@@ -1007,6 +1007,18 @@ class ExecutionEngine:
         if o.parent_id and o.purpose not in _LEGS:
             self._refresh_parent(o.parent_id)
         b = self._bracket_of(o)
+        if b is None:  # any fill moves the position that brackets of this instrument protect
+            b = next(
+                (
+                    x
+                    for x in self.brackets.values()
+                    if x.state in BRACKET_OPEN
+                    and x.strategy_id == o.strategy_id
+                    and x.token == o.token
+                    and x.segment == o.segment
+                ),
+                None,
+            )
         if b is not None:
             self._sync_bracket(b)
 
@@ -1066,35 +1078,54 @@ class ExecutionEngine:
         return self.brackets.get(o.bracket_id) if o.bracket_id else None
 
     def _sync_bracket(self, b: BracketRow) -> None:
-        """Size the legs to the open exposure: entry fills - leg fills. A partial entry fill adds
-        legs; a leg fill shrinks (modify) or cancels the other leg; nothing left → closed."""
+        """Re-size the legs of every bracket of this strategy and instrument. Legs protect what
+        is really held: each bracket's own exposure (entry fills - leg fills), capped by the
+        strategy's position in the entry's direction, shared oldest bracket first. So an exit
+        by other means (the strategy's own EXIT, a manual order) shrinks or cancels the legs
+        instead of leaving a stop that would open a new position."""
+        pos = self.positions.get((b.strategy_id, f"{b.segment}|{b.token}"))
+        held = pos.quantity if pos is not None else 0
+        avail = {"BUY": max(held, 0), "SELL": max(-held, 0)}
+        group = [
+            x
+            for x in self.brackets.values()
+            if x.strategy_id == b.strategy_id and x.token == b.token and x.segment == b.segment
+        ]
+        for x in sorted(group, key=lambda y: (y.created_ns, y.bracket_id)):
+            if x.state in BRACKET_OPEN or x is b:
+                avail[x.side] -= self._sync_one(x, avail[x.side])
+
+    def _sync_one(self, b: BracketRow, avail: int) -> int:
+        """Size one bracket's legs to min(own exposure, ``avail``); returns the size protected."""
         entry = self.orders.get(b.entry_id)
         if entry is None:
-            return
+            return 0
         legs = [self.orders[x] for x in self.legs.get(b.bracket_id, []) if x in self.orders]
         exit_filled = sum(leg.filled_qty for leg in legs)
-        exposure = entry.filled_qty - exit_filled
+        own = entry.filled_qty - exit_filled
+        protect = max(0, min(own, avail))
         changed = entry.filled_qty != b.entry_filled or exit_filled != b.exit_filled
         b.entry_filled, b.exit_filled = entry.filled_qty, exit_filled
         state = b.state
         if state in BRACKET_OPEN:
-            if exposure < 0:
+            if own < 0:
                 self.alert(
                     "CRITICAL",
-                    f"bracket on {b.symbol} over-exited by {-exposure}: check the position",
+                    f"bracket on {b.symbol} over-exited by {-own}: check the position",
                     "bracket_overexit",
                 )
-            if exposure <= 0 and exit_filled > 0 and not entry.terminal:
-                self._cancel_tree(entry)  # the trade is over: drop the rest of the entry
+            if own <= 0 and exit_filled > 0 and not entry.terminal:
+                self._cancel_tree(entry)  # a leg ended the trade: drop the rest of the entry
             for kind in _LEGS:
                 price = b.stop_loss if kind == STOP else b.target
                 if price is not None:
-                    self._size_legs(b, kind, [x for x in legs if x.purpose == kind], max(exposure, 0))
-            if entry.terminal and exposure <= 0:
+                    self._size_legs(b, kind, [x for x in legs if x.purpose == kind], protect)
+            if entry.terminal and protect <= 0:
                 state = B_CLOSED if entry.filled_qty > 0 else B_CANCELLED
             elif entry.filled_qty > 0:
                 state = B_ACTIVE
         else:
+            protect = 0
             for leg in legs:
                 if not leg.terminal:
                     self._request_cancel(leg)
@@ -1102,6 +1133,7 @@ class ExecutionEngine:
             b.state = state
             b.updated_ns = self._now()
             self._bdirty[b.bracket_id] = b
+        return protect
 
     def _size_legs(self, b: BracketRow, kind: str, legs: list[OrderRow], want: int) -> None:
         live = [x for x in legs if not x.terminal and not x.cancel_requested]

@@ -356,6 +356,20 @@ def test_bracket_survives_a_restart_and_the_target_still_cancels_the_stop(tmp_pa
     assert h1.store.load_open_brackets() == []
 
 
+def test_an_exit_by_other_means_cancels_the_legs_instead_of_leaving_a_live_stop(h: Harness) -> None:
+    bracket_entry(h)
+    h.tick("RELIANCE-EQ", 1294.0, bid=1293.9, ask=1294.0)
+    assert [x.status for x in legs(h, STOP)] == [OPEN] and h.position() == 10
+    h.submit(execute(side="SELL", qty=4, price=None, order_type="MARKET", purpose="EXIT"))
+    assert sum(x.remaining for x in legs(h, STOP) if not x.terminal) == 6  # resized to what is held
+    h.submit(execute(side="SELL", qty=6, price=None, order_type="MARKET", purpose="EXIT"))
+    assert h.position() == 0 == fills_sum(h)
+    assert all(x.terminal for x in legs(h, STOP) + legs(h, TARGET))
+    assert next(iter(h.engine.brackets.values())).state == B_CLOSED
+    h.tick("RELIANCE-EQ", 1270.0, bid=1269.9, ask=1270.1)  # through the old stop: nothing happens
+    assert h.position() == 0
+
+
 # ------------------------------------------------------------------------ flatten and kill switch
 
 
