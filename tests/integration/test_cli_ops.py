@@ -143,7 +143,7 @@ def test_watch_is_a_live_table_refreshed_at_least_4_times_a_second(stack: PaperS
         child.expect("LIVE")
         frames: list[str] = []
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 2.0:
+        while time.monotonic() - t0 < 1.5:
             try:
                 frames.append(child.read_nonblocking(65536, timeout=0.3))
             except pexpect.TIMEOUT:
@@ -156,7 +156,7 @@ def test_watch_is_a_live_table_refreshed_at_least_4_times_a_second(stack: PaperS
     finally:
         child.close(force=True)
 
-    assert refreshes >= 8, f"{refreshes} refreshes in 2 s"
+    assert refreshes >= 6, f"{refreshes} refreshes in 1.5 s"
     assert len(prices) >= 2, "the LTP moves"
     assert child.exitstatus == 0
 

@@ -168,7 +168,7 @@ def fills_represented(texts: list[str]) -> int:
 # --------------------------------------------------------------------------- tests
 
 
-def test_a_fill_reaches_telegram_naming_the_symbol_within_5s(stack: dict[str, Any], telegram: TelegramFake,
+def test_a_fill_and_a_rejection_reach_telegram_within_5s(stack: dict[str, Any], telegram: TelegramFake,
                                                               pubs: Pubs) -> None:
     proc = start_notifier(stack, telegram)
     pubs.join(proc, "execution")
@@ -182,20 +182,13 @@ def test_a_fill_reaches_telegram_naming_the_symbol_within_5s(stack: dict[str, An
     assert msg.chat_id == CHAT and msg.method == "sendMessage"
     assert "FILL BUY 1 TCS-EQ @ 3850.40" in msg.text
     proc.wait_for("TCS-EQ")  # console too
-    assert proc.stop() < 5
 
-
-def test_rejection_is_announced_on_console_and_telegram(stack: dict[str, Any], telegram: TelegramFake,
-                                                       pubs: Pubs) -> None:
-    proc = start_notifier(stack, telegram)
     pubs.join(proc, "risk")
-
     pubs.pub("risk").publish(topic("verdict", "mom1"), RiskVerdict(
         request_id="req-77", approved=False, reason="SBIN-EQ: quantity 5000 exceeds max_qty 1000"))
-
     proc.wait_for("REJECTED", 5)
     eventually(lambda: any("req-77" in t and "max_qty" in t for t in telegram.texts()), 5)
-    proc.stop()
+    assert proc.stop() < 5
 
 
 def test_429_retry_after_is_honoured(stack: dict[str, Any], telegram: TelegramFake, pubs: Pubs) -> None:
@@ -203,7 +196,7 @@ def test_429_retry_after_is_honoured(stack: dict[str, Any], telegram: TelegramFa
     pubs.join(proc, "execution")
     eventually(lambda: telegram.messages, 5, message="startup messages delivered")
     before = len(telegram.attempts)
-    telegram.fail_next(1, status=429, retry_after=2)
+    telegram.fail_next(1, status=429, retry_after=1)
 
     pubs.pub("execution").publish(topic("fill", "mom1"), fill("WIPRO-EQ"))
 
@@ -211,12 +204,14 @@ def test_429_retry_after_is_honoured(stack: dict[str, Any], telegram: TelegramFa
     attempts = telegram.attempts[before:]
     refused = next(a for a in attempts if a.status == 429)
     delivered = next(a for a in attempts if a.status == 200 and a.mono > refused.mono)
-    assert delivered.mono - refused.mono >= 1.9
+    assert delivered.mono - refused.mono >= 0.95
     assert "telegram_retry" in (stack["home"] / "log" / "notifier.log").read_text()
     proc.stop()
 
 
-def test_5xx_is_retried(stack: dict[str, Any], telegram: TelegramFake, pubs: Pubs) -> None:
+def test_5xx_is_retried_and_the_token_never_reaches_logs_or_console(
+    stack: dict[str, Any], telegram: TelegramFake, pubs: Pubs
+) -> None:
     proc = start_notifier(stack, telegram)
     pubs.join(proc, "execution")
     telegram.fail_next(2, status=502)
@@ -226,6 +221,11 @@ def test_5xx_is_retried(stack: dict[str, Any], telegram: TelegramFake, pubs: Pub
     eventually(lambda: any("ITC-EQ" in t for t in telegram.texts()), 10, message="delivery after 502s")
     assert sum(1 for a in telegram.attempts if a.status == 502) == 2
     proc.stop()
+    logs = "".join(p.read_text() for p in (stack["home"] / "log").glob("*.log*"))
+    assert "telegram_retry" in logs
+    for text in (logs, proc.output(), "\n".join(proc.err)):
+        assert TOKEN not in text
+        assert TOKEN.split(":")[1] not in text
 
 
 def test_100_fills_in_one_second_make_at_most_3_messages(stack: dict[str, Any], telegram: TelegramFake,
@@ -276,10 +276,12 @@ def test_dead_telegram_does_not_slow_the_console_or_the_bus(stack: dict[str, Any
     hb_bus.close()
 
 
-def test_silent_service_is_named_within_7s_and_its_recovery_announced(
+def test_silent_service_is_named_and_its_recovery_announced(
     stack: dict[str, Any], telegram: TelegramFake, pubs: Pubs
 ) -> None:
-    proc = start_notifier(stack, telegram)
+    # notifier.silence_s = 2 here to keep the test short; test_cli_ops stops a real risk
+    # process with the default 5 s and asserts the 7 s bound.
+    proc = start_notifier(stack, telegram, NEOPULSE_NOTIFIER__SILENCE_S="2")
     pubs.join(proc, "risk")
     beating = threading.Event()
     beating.set()
@@ -301,8 +303,8 @@ def test_silent_service_is_named_within_7s_and_its_recovery_announced(
     pubs.close("risk")
     stopped = time.monotonic()
 
-    line = proc.wait_for("risk is DOWN", 8)
-    assert time.monotonic() - stopped <= 7.0
+    line = proc.wait_for("risk is DOWN", 6)
+    assert time.monotonic() - stopped <= 4.0
     assert pubs.cfg.bus.endpoint("risk_pub") in line
     eventually(lambda: any("risk is DOWN" in t for t in telegram.texts()), 5)
 
@@ -344,7 +346,7 @@ def _served(endpoint: str, reply: Message) -> tuple[threading.Thread, Reactor]:
 def test_daily_summary_with_equity_chart_at_summary_at(stack: dict[str, Any], telegram: TelegramFake,
                                                       pubs: Pubs) -> None:
     now = datetime.now(IST)
-    at = now + timedelta(seconds=3)
+    at = now + timedelta(seconds=4)  # the notifier must be running before the clock crosses it
     if at.date() != now.date():
         pytest.skip("too close to midnight IST for a same-day summary")
     day = DayState(trading_day=at.strftime("%Y-%m-%d"), fills=17, turnover=Decimal("250000"),
@@ -385,22 +387,6 @@ def test_bad_config_exits_2_with_one_line(stack: dict[str, Any], var: str, value
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error:") and needle in lines[0]
-
-
-def test_telegram_token_never_reaches_logs_or_console(stack: dict[str, Any], telegram: TelegramFake,
-                                                     pubs: Pubs) -> None:
-    telegram.fail_next(2, status=500)
-    proc = start_notifier(stack, telegram)
-    pubs.join(proc, "execution")
-    pubs.pub("execution").publish(topic("fill", "mom1"), fill("NTPC-EQ"))
-    eventually(lambda: any("NTPC-EQ" in t for t in telegram.texts()), 15)
-    proc.stop()
-
-    logs = "".join(p.read_text() for p in (stack["home"] / "log").glob("*.log*"))
-    assert "telegram_retry" in logs
-    for text in (logs, proc.output(), "\n".join(proc.err)):
-        assert TOKEN not in text
-        assert TOKEN.split(":")[1] not in text
 
 
 @pytest.mark.skipif(os.environ.get("CI") == "true" and sys.platform != "linux", reason="posix signals")
