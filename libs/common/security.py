@@ -137,6 +137,75 @@ class _AllowList:
             return False
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+class _HandshakeWatcher:
+    """Logs clients that fail the CURVE handshake on our servers (no CURVE at all, or a
+    wrong server key) — the ZAP callback only sees clients that got that far. One thread per
+    process reads the servers' monitor sockets."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self._new: list[zmq.Socket[Any]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last: dict[tuple[str, int], float] = {}
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="curve-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, sock: zmq.Socket[Any]) -> None:
+        mon = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        with self._lock:
+            self._new.append(mon)
+
+    def _run(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        poller = zmq.Poller()
+        monitors: list[zmq.Socket[Any]] = []
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    fresh, self._new = self._new, []
+                for mon in fresh:
+                    poller.register(mon, zmq.POLLIN)
+                    monitors.append(mon)
+                for mon, _ in poller.poll(200):
+                    try:
+                        event = recv_monitor_message(mon, zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        continue
+                    if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                        poller.unregister(mon)
+                        monitors.remove(mon)
+                        mon.close(0)
+                    elif event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP logged those
+                        self._report(event)
+        finally:
+            with self._lock:
+                monitors += self._new
+            for mon in monitors:
+                mon.close(0)
+
+    def _report(self, event: dict[str, Any]) -> None:
+        self.failed += 1
+        endpoint = event.get("endpoint", b"")
+        endpoint = endpoint.decode("ascii", "replace") if isinstance(endpoint, bytes) else str(endpoint)
+        key = (endpoint, int(event["event"]))
+        now = time.monotonic()
+        if now - self._last.get(key, 0.0) > 10.0:
+            self._last[key] = now
+            self.log.warning("curve_handshake_failed", endpoint=endpoint, failed_total=self.failed,
+                             reason="client without CURVE or with a wrong server key")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
 class _QuietLog:
     def __getattr__(self, _name: str) -> Callable[..., None]:
         return lambda *_a, **_k: None
@@ -152,6 +221,7 @@ class CurveSecurity:
         self._server_keys: dict[str, bytes] = {}
         self.log = log
         self.allow_list = _AllowList(self.dir / ALLOWED_DIR, log)
+        self.watcher: _HandshakeWatcher | None = None
 
     def server_key(self, endpoint: str) -> bytes:
         owner = self.owners.get(endpoint)
@@ -171,6 +241,9 @@ class CurveSecurity:
         if server:
             sock.curve_server = True
             sock.zap_domain = ZAP_DOMAIN.encode()
+            if self.watcher is None:
+                self.watcher = _HandshakeWatcher(self.log)
+            self.watcher.watch(sock)
             return
         connect: Callable[[str], Any] = sock.connect
 
@@ -194,6 +267,8 @@ def install_curve(bus: Any, cfg: Config, service_name: str) -> CurveSecurity:
     close = bus.close
 
     def close_with_auth() -> None:
+        if security.watcher is not None:
+            security.watcher.stop()
         auth.stop()
         close()
 

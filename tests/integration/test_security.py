@@ -144,6 +144,10 @@ def test_curve_refuses_clients_off_the_allow_list_and_lets_allowed_ones_through(
     assert {r["service"] for r in refused} == {"risk", "execution"}
     rogue_key = (Path(rogue["NEOPULSE_BUS__KEYS_DIR"]) / "admin.key").read_text()
     assert all(r["client_key"] in rogue_key for r in refused)
+    # the client without CURVE never reaches the allow-list; its failed handshake is logged too
+    risk_log = (home / "log" / "risk.log").read_text()
+    failed = [json.loads(ln) for ln in risk_log.splitlines() if "curve_handshake_failed" in ln]
+    assert failed and failed[0]["service"] == "risk" and failed[0]["endpoint"].startswith("tcp://127.0.0.1:")
 
 
 def test_curve_without_keys_is_a_config_error(tmp_path: Path) -> None:
