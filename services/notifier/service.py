@@ -2,7 +2,7 @@
 
 Binds ``notifier_pub`` (heartbeats only). Subscribes to risk (``risk.state.``,
 ``verdict.``, ``alert.``, ``hb.``), execution (``fill.``, ``order.``, ``alert.``, ``hb.``),
-the feed (``feedstatus.`` and ``hb.`` — never ticks) and every configured strategy
+the feed (``feedstatus.``, ``alert.``, ``hb.`` — never ticks) and every configured strategy
 instance's PUB (``hb.``). ``Monitor`` decides what to say; each channel says it from its
 own thread, so nothing here waits on the network.
 """
@@ -70,7 +70,7 @@ class NotifierService(Service):
         subs: list[tuple[str, list[bytes]]] = [
             ("risk", [b"risk.state.", b"verdict.", b"alert.", b"hb."]),
             ("execution", [b"fill.", b"order.", b"alert.", b"hb."]),
-            ("feed", [b"feedstatus.", b"hb."]),
+            ("feed", [b"feedstatus.", b"alert.", b"hb."]),
         ]
         subs += [(name, [b"hb."]) for name in self.watched if name.startswith("strategy-")]
         for source, topics in subs:
