@@ -55,7 +55,7 @@ def write_recording(home: Path, ticks: list[Tick]) -> Path:
     rec = TickRecorder(home / "ticks", ManualClock(ticks[0].ts_ns))
     enc = Codec().encode
     for t in ticks:
-        rec.append(enc(t))
+        rec.append(enc(t), topic("tick", t.segment, t.token))
     rec.close()
     assert rec.path is not None
     return rec.path

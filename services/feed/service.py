@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgspec
+
 from libs.common.bus import Responder, Server, topic
 from libs.common.clock import Clock
 from libs.common.config import Config, ConfigError
@@ -71,7 +73,7 @@ class FeedService(Service):
         self._publish_raw = self.pub.raw_sender()
         self._encode = Codec().encode
         self._topics: dict[tuple[str, str], bytes] = {}
-        self._last: dict[tuple[str, str], Tick] = {}
+        self._last: dict[bytes, bytes] = {}  # topic -> the last tick published on it, encoded
         self.recorder: TickRecorder | None = None
         self._rec_append: Any = None
         self.source: Source = self._make_source()
@@ -139,30 +141,34 @@ class FeedService(Service):
     def publish_tick(self, tick: Tick) -> None:
         self.publish_ticks([tick])
 
-    def publish_ticks(self, ticks: list[Tick], payloads: list[bytes] | None = None) -> None:
-        """Publish ticks in order. ``payloads`` (replay) are the ticks already encoded."""
+    def publish_ticks(self, ticks: list[Tick]) -> None:
+        """Publish ticks in order: per tick a topic lookup, an encode and a send."""
         topics, last, enc, send = self._topics, self._last, self._encode, self._publish_raw
         rec = self._rec_append
-        if payloads is None:
-            for tick in ticks:
-                key = (tick.segment, tick.token)
-                t = topics.get(key) or self._topic_for(key)
-                payload = enc(tick)
-                send(t, payload)
-                last[key] = tick
-                if rec is not None:
-                    rec(payload)
-        else:
-            for tick, payload in zip(ticks, payloads, strict=True):
-                key = (tick.segment, tick.token)
-                send(topics.get(key) or self._topic_for(key), payload)
-                last[key] = tick
-                if rec is not None:
-                    rec(payload)
-        n = len(ticks)
+        for tick in ticks:
+            key = (tick.segment, tick.token)
+            t = topics.get(key) or self._topic_for(key)
+            payload = enc(tick)
+            send(t, payload)
+            last[t] = payload
+            if rec is not None:
+                rec((t, payload))
+        self._count(len(ticks))
+
+    def publish_frames(self, topics: list[bytes], payloads: list[bytes]) -> None:
+        """Publish ticks that are already encoded, with their topics (a replay at ``max``)."""
+        last, send, rec = self._last, self._publish_raw, self._rec_append
+        for t, payload in zip(topics, payloads, strict=True):
+            send(t, payload)
+            last[t] = payload
+            if rec is not None:
+                rec((t, payload))
+        self._count(len(topics))
+
+    def _count(self, n: int) -> None:
         self.ticks += n
         self.pub.stats.sent += n  # type: ignore[union-attr]
-        if rec is not None and len(self.recorder.buf) > 50_000:  # type: ignore[union-attr]
+        if self._rec_append is not None and len(self.recorder.buf) > 50_000:  # type: ignore[union-attr]
             self._flush_recorder()
 
     # ----------------------------------------------------------------- state
@@ -264,12 +270,13 @@ class FeedService(Service):
     def last_ticks(self, names: list[str]) -> Reply:
         if names:
             try:
-                keys = [(i.segment, i.token) for i in self._resolve(names)]
+                keys = [topic("tick", i.segment, i.token) for i in self._resolve(names)]
             except UnknownInstrument as exc:
                 return Reply(ok=False, code="unknown_instrument", error=str(exc))
         else:
             keys = list(self._last)
-        ticks = [self._last[k] for k in keys if k in self._last]
+        decode = msgspec.msgpack.Decoder(Tick).decode
+        ticks = [decode(self._last[k]) for k in keys if k in self._last]
         return Reply(ok=True, data=to_builtins(ticks))
 
     def status(self) -> dict[str, Any]:

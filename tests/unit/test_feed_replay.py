@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
+from libs.common.bus import topic
 from libs.common.clock import IST, ManualClock
 from libs.common.config import ConfigError, load_config
 from libs.common.instruments import MasterData
 from libs.common.messages import Codec, Tick
-from services.feed.recorder import MAGIC, ReadStats, TickRecorder, read_tick_file
+from services.feed.recorder import MAGIC, ReadStats, TickRecorder, read_frame_batches, read_tick_file
 from services.feed.sources.replay import ReplaySource, iter_ticks, parse_ts
 
 MASTER = MasterData.load()
@@ -27,7 +28,7 @@ def _ticks(n: int, t0: int = DAY1, step_ns: int = 1_000_000) -> list[Tick]:
 def _record(rec: TickRecorder, ticks: list[Tick]) -> None:
     enc = Codec().encode
     for t in ticks:
-        rec.append(enc(t))
+        rec.append(enc(t), topic("tick", t.segment, t.token))
 
 
 def test_recorded_ticks_read_back_identically(tmp_path: Path) -> None:
@@ -50,9 +51,9 @@ def test_a_torn_record_costs_only_itself_and_later_sessions_survive(tmp_path: Pa
     _record(rec, first)
     rec.close()
     path = tmp_path / "2026-11-18.ticks"
-    with path.open("ab") as f:  # a crash mid-record: length prefix and half a payload
-        payload = Codec().encode(first[0])
-        f.write(len(payload).to_bytes(4, "little") + payload[: len(payload) // 2])
+    with path.open("ab") as f:  # a crash mid-record: length prefix and half a record
+        record = b"tick.nse_cm.2885.\0" + Codec().encode(first[0])
+        f.write(len(record).to_bytes(4, "little") + record[: len(record) // 2])
     rec2 = TickRecorder(tmp_path, clock)
     _record(rec2, second)
     rec2.close()
@@ -162,9 +163,16 @@ class FakeSink:
     def publish_tick(self, tick: Tick) -> None:
         self.published.append((self.clock.monotonic(), tick))
 
-    def publish_ticks(self, ticks: list[Tick], payloads: list[bytes] | None = None) -> None:
+    def publish_ticks(self, ticks: list[Tick]) -> None:
         for t in ticks:
             self.publish_tick(t)
+
+    def publish_frames(self, topics: list[bytes], payloads: list[bytes]) -> None:
+        decode = Codec().decode
+        for tpc, p in zip(topics, payloads, strict=True):
+            tick = decode(p)
+            assert isinstance(tick, Tick) and tpc == topic("tick", tick.segment, tick.token)
+            self.publish_tick(tick)
 
     def set_state(self, state: str, detail: str = "") -> None:
         self.states.append(state)
@@ -232,3 +240,25 @@ def test_looped_replay_moves_time_forward(tmp_path: Path) -> None:
 def test_replay_of_a_missing_path_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="replay_path"):
         ReplaySource(FakeSink(tmp_path / "nope", "1"))
+
+
+def test_version_1_recordings_without_topics_still_read(tmp_path: Path) -> None:
+    enc = Codec().encode
+    ticks = _ticks(5)
+    path = tmp_path / "old.ticks"
+    path.write_bytes(b"NPTICKS1" + b"".join(len(p).to_bytes(4, "little") + p for p in map(enc, ticks)))
+    assert list(read_tick_file(path)) == ticks
+    assert [t for tpcs, _ in read_frame_batches(path) for t in tpcs] == [
+        topic("tick", t.segment, t.token) for t in ticks]
+
+
+def test_frames_come_back_exactly_as_recorded(tmp_path: Path) -> None:
+    ticks = _ticks(50)
+    rec = TickRecorder(tmp_path, ManualClock(DAY1))
+    _record(rec, ticks)
+    rec.close()
+    assert rec.path is not None
+    ((topics, payloads),) = read_frame_batches(rec.path)
+    enc = Codec().encode
+    assert payloads == [enc(t) for t in ticks]
+    assert topics[0] == b"tick.nse_cm.2885."

@@ -26,11 +26,12 @@ from typing import Any
 
 import msgspec
 
+from libs.common.bus import topic
 from libs.common.clock import IST
 from libs.common.config import ConfigError
 from libs.common.instruments import Instrument, MasterData
-from libs.common.messages import Tick
-from services.feed.recorder import SUFFIX, ReadStats, read_tick_batches
+from libs.common.messages import Codec, Tick
+from services.feed.recorder import SUFFIX, ReadStats, read_frame_batches, read_tick_batches
 from services.feed.sources import DOWN, LIVE, FeedSink, Source
 
 BATCH = 2000  # ticks per reactor turn at most, so requests and heartbeats still get served
@@ -45,21 +46,41 @@ def replay_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no such file or directory: {path}")
 
 
-Batch = tuple[list[Tick], list[bytes] | None]
+Frames = tuple[list[bytes], list[bytes], list[Tick] | None]  # topics, payloads, ticks
+
+
+def iter_frame_batches(path: str | Path, master: MasterData | None = None, tz: tzinfo = IST,
+                       stats: ReadStats | None = None, *, with_ticks: bool = True,
+                       batch: int = 4096) -> Iterator[Frames]:
+    """Batches of ``(topics, encoded ticks, ticks)`` ready to publish. Recordings come back
+    as stored (no encode, and no decode either when ``with_ticks`` is false)."""
+    stats = stats if stats is not None else ReadStats()
+    encode = Codec().encode
+    for f in replay_files(Path(path)):
+        if f.suffix == ".csv":
+            rows = read_csv_ticks(f, master, tz, stats)
+            while chunk := list(islice(rows, batch)):
+                yield ([topic("tick", t.segment, t.token) for t in chunk], [encode(t) for t in chunk], chunk)
+        elif with_ticks:
+            for ticks, payloads in read_tick_batches(f, stats, batch):
+                yield [topic("tick", t.segment, t.token) for t in ticks], payloads, ticks
+        else:
+            for topics, payloads in read_frame_batches(f, stats, batch):
+                yield topics, payloads, None
 
 
 def iter_tick_batches(path: str | Path, master: MasterData | None = None, tz: tzinfo = IST,
-                      stats: ReadStats | None = None, batch: int = 4096) -> Iterator[Batch]:
-    """Like ``iter_ticks`` but in lists, each with the ticks' encoded bytes when the source
-    is a recording (``None`` for CSV)."""
+                      stats: ReadStats | None = None, batch: int = 4096) -> Iterator[list[Tick]]:
+    """Like ``iter_ticks``, in lists (cheaper per tick for bulk consumers such as backtests)."""
     stats = stats if stats is not None else ReadStats()
     for f in replay_files(Path(path)):
         if f.suffix == ".csv":
             rows = read_csv_ticks(f, master, tz, stats)
             while chunk := list(islice(rows, batch)):
-                yield chunk, None
+                yield chunk
         else:
-            yield from read_tick_batches(f, stats, batch)
+            for ticks, _ in read_tick_batches(f, stats, batch):
+                yield ticks
 
 
 def iter_ticks(path: str | Path, master: MasterData | None = None, tz: tzinfo = IST,
@@ -69,7 +90,7 @@ def iter_ticks(path: str | Path, master: MasterData | None = None, tz: tzinfo = 
     ``master`` fills in trading symbols for CSV rows; ``stats`` counts records and skipped
     corrupt ones.
     """
-    for ticks, _ in iter_tick_batches(path, master, tz, stats):
+    for ticks in iter_tick_batches(path, master, tz, stats):
         yield from ticks
 
 
@@ -162,10 +183,11 @@ class ReplaySource(Source):
         self.loop = feed.replay_loop
         self.tz = _zone(feed.timezone)
         self.read_stats = ReadStats()
-        self._it: Iterator[Batch] | None = None
-        self._ticks: list[Tick] = []
-        self._payloads: list[bytes] | None = None
-        self._i = 0  # next unplayed tick in ``_ticks``
+        self._it: Iterator[Frames] | None = None
+        self._topics: list[bytes] = []
+        self._payloads: list[bytes] = []
+        self._ticks: list[Tick] | None = None
+        self._i = 0  # next unplayed entry of the current batch
         self._t0 = 0.0
         self._ts0 = 0
         self._shift = 0  # added to timestamps on each loop so time keeps moving forward
@@ -174,9 +196,13 @@ class ReplaySource(Source):
         self.played = 0
         self.finished = False
         self._timer: int | None = None
+        self._encode = Codec().encode
 
-    def _open(self) -> Iterator[Batch]:
-        return iter_tick_batches(self.path, self.sink.master, self.tz, self.read_stats)
+    def _open(self) -> Iterator[Frames]:
+        # At ``max`` without looping, records are republished as stored: no decode at all.
+        with_ticks = self.speed is not None or self.loop
+        return iter_frame_batches(self.path, self.sink.master, self.tz, self.read_stats,
+                                  with_ticks=with_ticks)
 
     def start(self, instruments: list[Instrument]) -> None:
         # Subscribers connect after the feed binds; ticks sent before that are lost (PUB/SUB).
@@ -200,7 +226,7 @@ class ReplaySource(Source):
     def _fill(self) -> bool:
         """Make sure the current batch has an unplayed tick; False at the end of the replay."""
         assert self._it is not None
-        while self._i >= len(self._ticks):
+        while self._i >= len(self._topics):
             nxt = next(self._it, None)
             if nxt is None:
                 if not (self.loop and self.played):
@@ -209,14 +235,14 @@ class ReplaySource(Source):
                 self._shift += self._last_ts - self._ts0 + 1_000_000
                 self._it = self._open()
                 continue
-            ticks, payloads = nxt
-            if self._shift:
+            topics, payloads, ticks = nxt
+            if self._shift and ticks is not None:
                 shift = self._shift
                 ticks = [msgspec.structs.replace(t, ts_ns=t.ts_ns + shift,
                                                  exch_ts_ns=t.exch_ts_ns + shift if t.exch_ts_ns else 0)
                          for t in ticks]
-                payloads = None
-            self._ticks, self._payloads, self._i = ticks, payloads, 0
+                payloads = [self._encode(t) for t in ticks]
+            self._topics, self._payloads, self._ticks, self._i = topics, payloads, ticks, 0
         return True
 
     def _due_in(self, tick: Tick) -> float:
@@ -228,30 +254,32 @@ class ReplaySource(Source):
         self._timer = None
         sent = 0
         while sent < BATCH and self._fill():
-            ticks, i = self._ticks, self._i
-            if self.played == 0 and i == 0:
+            i, ticks = self._i, self._ticks
+            if self.played == 0 and i == 0 and ticks is not None:
                 self._ts0 = ticks[0].ts_ns
                 self._t0 = self.sink.clock.monotonic()
-            j = min(len(ticks), i + BATCH - sent)
+            j = min(len(self._topics), i + BATCH - sent)
             if self.speed is not None:
+                assert ticks is not None
                 k = i
                 while k < j and self._due_in(ticks[k]) <= 1e-6:
                     k += 1
                 j = k
             if j == i:
                 break  # the next tick is not due yet
-            payloads = self._payloads
-            self.sink.publish_ticks(ticks[i:j], payloads[i:j] if payloads is not None else None)
+            self.sink.publish_frames(self._topics[i:j], self._payloads[i:j])
             self.played += j - i
             sent += j - i
             self._i = j
-            self._last_ts = ticks[j - 1].ts_ns - self._shift
+            if ticks is not None:
+                self._last_ts = ticks[j - 1].ts_ns - self._shift
         if not self._fill():
             self.finished = True
             self.sink.set_state(DOWN, f"replay finished: {self.played} ticks from {self.path}")
         elif self.speed is None:
             self._timer = self.sink.reactor.call_later(0, self.pump)
         else:
+            assert self._ticks is not None
             wait = self._due_in(self._ticks[self._i])
             self._timer = self.sink.reactor.call_later(max(0.0, wait), self.pump)
 
