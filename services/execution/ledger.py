@@ -35,45 +35,6 @@ _MIGRATION_LOCK = 0x4E50_4C44  # "NPLD": one migrator at a time
 _UTC = dt.UTC
 _json = msgspec.json.Encoder(enc_hook=str, decimal_format="string")
 
-_ORDER_COLS = (
-    "internal_id, request_id, client_tag, exchange_id, token, exchange_segment, trading_symbol, "
-    "transaction_type, order_type, product, quantity, price, trigger_price, status, filled_qty, "
-    "avg_price, strategy_id, parent_id, bracket_id, broker, purpose, sliced, cancel_requested, reason, "
-    "raw_response, trading_day, created_at, updated_at"
-)
-# Constant SQL (column list and placeholders only; values are bound parameters).
-_INSERT_ORDER = (
-    f"INSERT INTO order_ledger ({_ORDER_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "  # noqa: S608
-    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) "
-    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
-)
-_UPDATE_ORDER = (
-    "UPDATE order_ledger SET exchange_id = %s, quantity = %s, price = %s, trigger_price = %s, status = %s, "
-    "filled_qty = %s, avg_price = %s, cancel_requested = %s, reason = %s, "
-    "raw_response = COALESCE(%s::jsonb, raw_response), updated_at = %s WHERE internal_id = %s"
-)
-_INSERT_EVENT = (
-    "INSERT INTO order_events (order_id, ts, kind, from_status, to_status, payload) "
-    "VALUES (%s, %s, %s, %s, %s, %s::jsonb)"
-)
-_INSERT_FILL = (
-    "INSERT INTO fills (trade_id, broker, trading_day, order_id, exchange_id, strategy_id, token, "
-    "exchange_segment, trading_symbol, transaction_type, quantity, price, ts, raw) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) "
-    "ON CONFLICT (broker, trading_day, trade_id) DO NOTHING"
-)
-_UPSERT_BRACKET = (
-    "INSERT INTO brackets (bracket_id, entry_id, strategy_id, token, exchange_segment, trading_symbol, "
-    "transaction_type, product, stop_loss, stop_limit, target, state, entry_filled, exit_filled, reason, "
-    "trading_day, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-    "%s, %s, %s, %s) ON CONFLICT (bracket_id) DO UPDATE SET state = EXCLUDED.state, "
-    "stop_limit = EXCLUDED.stop_limit, entry_filled = EXCLUDED.entry_filled, "
-    "exit_filled = EXCLUDED.exit_filled, reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at"
-)
-_INSERT_RISK = (
-    "INSERT INTO risk_events (ts, trading_day, event, reason, source, request_id, data) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (request_id) WHERE request_id <> '' DO NOTHING"
-)
 _SELECT_ORDER = (
     "SELECT internal_id, request_id, client_tag, exchange_id, token, exchange_segment, trading_symbol, "
     "transaction_type, order_type, product, quantity, price, trigger_price, status, filled_qty, avg_price, "
@@ -105,215 +66,89 @@ def _jsonb(value: Any) -> str | None:
     return _json.encode(value).decode()
 
 
+# The hot path, one new order and its PENDING event, as one short statement (parsed and prepared
+# once by psycopg): a duplicate request_id inserts nothing and returns no row.
+_ORDER_COLS = (
+    "internal_id, request_id, client_tag, exchange_id, token, exchange_segment, trading_symbol, "
+    "transaction_type, order_type, product, quantity, price, trigger_price, status, filled_qty, avg_price, "
+    "strategy_id, parent_id, bracket_id, broker, purpose, sliced, cancel_requested, reason, raw_response, "
+    "trading_day, created_at, updated_at"
+)
+_PENDING_ONE = (
+    f"WITH o AS (INSERT INTO order_ledger ({_ORDER_COLS}) VALUES ("  # noqa: S608 - constant SQL
+    + ", ".join(["%s"] * 24)
+    + ", %s::jsonb, %s, %s, %s) ON CONFLICT (request_id) DO NOTHING RETURNING internal_id) "
+    "INSERT INTO order_events (order_id, ts, kind, from_status, to_status, payload) "
+    "SELECT internal_id, %s, %s, %s, %s, %s::jsonb FROM o RETURNING order_id"
+)
+_WRITE = "SELECT np_ledger_write(%s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb)"
+
+
+def _single_pending(ch: Changes) -> bool:
+    """One new top-level order and its one event, nothing else: the latency-critical write."""
+    return (len(ch.new_orders) == 1 and len(ch.events) == 1 and not ch.new_orders[0].parent_id
+            and ch.events[0].order_id == ch.new_orders[0].order_id and not ch.updated and not ch.fills
+            and not ch.brackets and not ch.risk_events)  # fmt: skip
+
+
 def _order_params(o: OrderRow) -> tuple[Any, ...]:
     return (
-        o.order_id,
-        o.request_id,
-        o.client_tag,
-        o.broker_order_id or None,
-        o.token,
-        o.segment,
-        o.symbol,
-        o.side,
-        o.order_type,
-        o.product,
-        o.quantity,
-        o.price,
-        o.trigger_price,
-        o.status,
-        o.filled_qty,
-        o.avg_price,
-        o.strategy_id,
-        o.parent_id or None,
-        o.bracket_id or None,
-        o.broker,
-        o.purpose,
-        o.sliced,
-        o.cancel_requested,
-        o.reason,
-        _jsonb(o.raw),
-        o.trading_day,
-        _ts(o.created_ns),
+        o.order_id, o.request_id, o.client_tag, o.broker_order_id or None, o.token, o.segment, o.symbol,
+        o.side, o.order_type, o.product, o.quantity, o.price, o.trigger_price, o.status, o.filled_qty,
+        o.avg_price, o.strategy_id, o.parent_id or None, o.bracket_id or None, o.broker, o.purpose,
+        o.sliced, o.cancel_requested, o.reason, _jsonb(o.raw), o.trading_day, _ts(o.created_ns),
         _ts(o.updated_ns),
-    )
+    )  # fmt: skip
 
 
-_MAX_ROWS = 5_000
-# Fixed SQL text whatever the number of rows (arrays + unnest): parsed and prepared once.
-# fmt: off
-_ORDER_TYPES = [
-    "uuid", "text", "text", "text", "text", "text", "text", "text", "text", "text", "int",
-    "numeric", "numeric", "text", "int", "numeric", "text", "uuid", "uuid", "text", "text", "bool",
-    "bool", "text", "jsonb", "date", "timestamptz", "timestamptz"
-]
-# fmt: on
-# fmt: off
-_UPDATE_TYPES = [
-    "uuid", "text", "int", "numeric", "numeric", "text", "int", "numeric", "bool", "text", "jsonb",
-    "timestamptz"
-]
-# fmt: on
+def _json_rows(rows: list[dict[str, Any]]) -> str | None:
+    return _json.encode(rows).decode() if rows else None
 
 
-def _unnest(types: list[str]) -> str:
-    return "unnest(" + ", ".join(f"%s::{t}[]" for t in types) + ")"
-
-
-_FAST_ORDERS = f"INSERT INTO order_ledger ({_ORDER_COLS}) SELECT * FROM {_unnest(_ORDER_TYPES)}"  # noqa: S608
-_FAST_UPDATES = (
-    "UPDATE order_ledger AS t SET exchange_id = v.exchange_id, quantity = v.quantity, price = v.price, "  # noqa: S608
-    "trigger_price = v.trigger_price, status = v.status, filled_qty = v.filled_qty, avg_price = v.avg_price, "
-    "cancel_requested = v.cancel_requested, reason = v.reason, "
-    "raw_response = COALESCE(v.raw, t.raw_response), updated_at = v.updated_at "
-    f"FROM {_unnest(_UPDATE_TYPES)} AS v (id, exchange_id, quantity, price, trigger_price, status, "
-    "filled_qty, avg_price, cancel_requested, reason, raw, updated_at) WHERE t.internal_id = v.id"
-)
-_FAST_EVENTS = (
-    "INSERT INTO order_events (order_id, ts, kind, from_status, to_status, payload) SELECT * FROM "
-    "unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::jsonb[])"
-)
-_FAST_FILLS = (
-    "INSERT INTO fills (trade_id, broker, trading_day, order_id, exchange_id, strategy_id, token, "
-    "exchange_segment, trading_symbol, transaction_type, quantity, price, ts, raw) SELECT * FROM "
-    "unnest(%s::text[], %s::text[], %s::date[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::int[], %s::numeric[], %s::timestamptz[], %s::jsonb[]) "
-    "ON CONFLICT (broker, trading_day, trade_id) DO NOTHING"
-)
-# fmt: off
-_BRACKET_TYPES = [
-    "uuid", "uuid", "text", "text", "text", "text", "text", "text", "numeric", "numeric",
-    "numeric", "text", "int", "int", "text", "date", "timestamptz", "timestamptz"
-]
-# fmt: on
-_FAST_BRACKETS = _UPSERT_BRACKET.replace(
-    "VALUES (" + ", ".join(["%s"] * 18) + ")",
-    "SELECT * FROM "  # noqa: S608 - constant SQL
-    + _unnest(_BRACKET_TYPES),
-)
-_FAST_RISK = (
-    "INSERT INTO risk_events (ts, trading_day, event, reason, source, request_id, data) SELECT * FROM "
-    "unnest(%s::timestamptz[], %s::date[], %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[]) "
-    "ON CONFLICT (request_id) WHERE request_id <> '' DO NOTHING"
-)
-
-
-def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
-    return [list(col) for col in zip(*rows, strict=True)]
-
-
-def _fast_statement(ch: Changes) -> tuple[str, list[Any]]:
-    """Every change of one transaction as one SQL statement (CTEs over unnest'ed arrays);
-    ('', []) when there is nothing to write or the batch is too big for one statement."""
-    parts: list[str] = []
-    params: list[Any] = []
-    if max(len(ch.new_orders), len(ch.updated), len(ch.events), len(ch.fills)) > _MAX_ROWS:
-        return "", []
-    if ch.new_orders:
-        parts.append(_FAST_ORDERS)
-        params.extend(_columns([_order_params(o) for o in ch.new_orders]))
-    if ch.updated:
-        parts.append(_FAST_UPDATES)
-        params.extend(
-            _columns(
-                [
-                    (
-                        o.order_id,
-                        o.broker_order_id or None,
-                        o.quantity,
-                        o.price,
-                        o.trigger_price,
-                        o.status,
-                        o.filled_qty,
-                        o.avg_price,
-                        o.cancel_requested,
-                        o.reason,
-                        _jsonb(o.raw),
-                        _ts(o.updated_ns),
-                    )
-                    for o in ch.updated.values()
-                ]
-            )
-        )
-    if ch.events:
-        parts.append(_FAST_EVENTS)
-        params.extend(
-            _columns(
-                [
-                    (e.order_id, _ts(e.ts_ns), e.kind, e.from_status, e.to_status, _jsonb(e.payload))
-                    for e in ch.events
-                ]
-            )
-        )
-    if ch.fills:
-        parts.append(_FAST_FILLS)
-        params.extend(
-            _columns(
-                [
-                    (
-                        f.trade_id,
-                        f.broker,
-                        f.trading_day,
-                        f.order_id,
-                        f.broker_order_id,
-                        f.strategy_id,
-                        f.token,
-                        f.segment,
-                        f.symbol,
-                        f.side,
-                        f.quantity,
-                        f.price,
-                        _ts(f.ts_ns),
-                        _jsonb(f.raw),
-                    )
-                    for f in ch.fills
-                ]
-            )
-        )
-    if ch.brackets:
-        parts.append(_FAST_BRACKETS)
-        params.extend(
-            _columns(
-                [
-                    (
-                        b.bracket_id,
-                        b.entry_id,
-                        b.strategy_id,
-                        b.token,
-                        b.segment,
-                        b.symbol,
-                        b.side,
-                        b.product,
-                        b.stop_loss,
-                        b.stop_limit,
-                        b.target,
-                        b.state,
-                        b.entry_filled,
-                        b.exit_filled,
-                        b.reason,
-                        b.trading_day,
-                        _ts(b.created_ns),
-                        _ts(b.updated_ns),
-                    )
-                    for b in ch.brackets.values()
-                ]
-            )
-        )
-    if ch.risk_events:
-        parts.append(_FAST_RISK)
-        params.extend(
-            _columns(
-                [
-                    (_ts(r.ts_ns), r.trading_day, r.event, r.reason, r.source, r.request_id, _jsonb(r.data))
-                    for r in ch.risk_events
-                ]
-            )
-        )
-    if not parts:
-        return "", []
-    if len(parts) == 1:
-        return parts[0], params
-    ctes = ", ".join(f"w{i} AS ({p})" for i, p in enumerate(parts))
-    return f"WITH {ctes} SELECT 1", params
+def _write_args(ch: Changes) -> list[str | None]:
+    """The seven JSON arrays ``np_ledger_write`` takes (migrations/0002_ledger_write.sql)."""
+    orders = [{
+        "internal_id": o.order_id, "request_id": o.request_id, "client_tag": o.client_tag,
+        "exchange_id": o.broker_order_id or None, "token": o.token, "exchange_segment": o.segment,
+        "trading_symbol": o.symbol, "transaction_type": o.side, "order_type": o.order_type,
+        "product": o.product, "quantity": o.quantity, "price": o.price, "trigger_price": o.trigger_price,
+        "status": o.status,
+        "filled_qty": o.filled_qty, "avg_price": o.avg_price, "strategy_id": o.strategy_id,
+        "parent_id": o.parent_id or None, "bracket_id": o.bracket_id or None, "broker": o.broker,
+        "purpose": o.purpose, "sliced": o.sliced, "cancel_requested": o.cancel_requested, "reason": o.reason,
+        "raw_response": o.raw, "trading_day": o.trading_day, "created_at": _ts(o.created_ns),
+        "updated_at": _ts(o.updated_ns),
+    } for o in ch.new_orders]  # fmt: skip
+    parents = [r for r in orders if r["parent_id"] is None]
+    children = [r for r in orders if r["parent_id"] is not None]
+    updates = [{
+        "internal_id": o.order_id, "exchange_id": o.broker_order_id or None, "quantity": o.quantity,
+        "price": o.price, "trigger_price": o.trigger_price, "status": o.status, "filled_qty": o.filled_qty,
+        "avg_price": o.avg_price, "cancel_requested": o.cancel_requested, "reason": o.reason,
+        "raw_response": o.raw, "updated_at": _ts(o.updated_ns),
+    } for o in ch.updated.values()]  # fmt: skip
+    events = [{
+        "order_id": e.order_id, "ts": _ts(e.ts_ns), "kind": e.kind, "from_status": e.from_status,
+        "to_status": e.to_status, "payload": e.payload,
+    } for e in ch.events]  # fmt: skip
+    fills = [{
+        "trade_id": f.trade_id, "broker": f.broker, "trading_day": f.trading_day, "order_id": f.order_id,
+        "exchange_id": f.broker_order_id, "strategy_id": f.strategy_id, "token": f.token,
+        "exchange_segment": f.segment, "trading_symbol": f.symbol, "transaction_type": f.side,
+        "quantity": f.quantity, "price": f.price, "ts": _ts(f.ts_ns), "raw": f.raw,
+    } for f in ch.fills]  # fmt: skip
+    brackets = [{
+        "bracket_id": b.bracket_id, "entry_id": b.entry_id, "strategy_id": b.strategy_id, "token": b.token,
+        "exchange_segment": b.segment, "trading_symbol": b.symbol, "transaction_type": b.side,
+        "product": b.product, "stop_loss": b.stop_loss, "stop_limit": b.stop_limit, "target": b.target,
+        "state": b.state, "entry_filled": b.entry_filled, "exit_filled": b.exit_filled, "reason": b.reason,
+        "trading_day": b.trading_day, "created_at": _ts(b.created_ns), "updated_at": _ts(b.updated_ns),
+    } for b in ch.brackets.values()]  # fmt: skip
+    risk = [{
+        "ts": _ts(r.ts_ns), "trading_day": r.trading_day, "event": r.event, "reason": r.reason,
+        "source": r.source, "request_id": r.request_id, "data": r.data,
+    } for r in ch.risk_events]  # fmt: skip
+    return [_json_rows(x) for x in (parents, children, updates, events, fills, brackets, risk)]
 
 
 def _order_row(r: Sequence[Any]) -> OrderRow:
@@ -440,171 +275,32 @@ class PgOrderStore:
 
     # ------------------------------------------------------------------ writes
     def write(self, changes: Changes) -> dict[str, OrderRow]:
-        """One transaction. The fast path sends every row of every table as ONE statement
-        (data-modifying CTEs: BEGIN, statement, COMMIT — the round trips of a single-row insert).
-        If a new order's request_id already exists, that statement fails as a whole and the
-        careful path below redoes the transaction table by table, skipping the duplicates."""
+        """One transaction, one round trip: ``np_ledger_write`` (BEGIN, call, COMMIT). New orders
+        whose ``request_id`` is already in the ledger are skipped with everything that belongs
+        to them, and returned as the existing rows."""
+        if not changes:
+            return {}
         conn = self._ensure()
-        sql, params = _fast_statement(changes)
-        if sql:
-            try:
-                with conn.cursor(binary=True) as cur:  # binary arrays: no per-element text escaping
-                    cur.execute(sql, params)
-                conn.commit()
-                self.transactions += 1
-                return {}
-            except psycopg.errors.IntegrityError:
-                self._rollback()  # a duplicate: redo it carefully
-            except psycopg.Error as exc:
-                self._rollback()
-                raise LedgerError(f"ledger write failed: {type(exc).__name__}: {exc}") from None
-        return self._write_careful(conn, changes)
-
-    def _write_careful(self, conn: psycopg.Connection[Any], changes: Changes) -> dict[str, OrderRow]:
         conflicts: dict[str, OrderRow] = {}
         try:
             with conn.cursor() as cur:
-                skipped: set[str] = set()
-                if changes.new_orders:
-                    skipped = self._insert_orders(cur, changes.new_orders)
-                    if skipped:
-                        wanted = [o.request_id for o in changes.new_orders if o.order_id in skipped]
-                        conflicts = self._find(cur, wanted)
-                if changes.updated:
-                    cur.executemany(
-                        _UPDATE_ORDER,
-                        [
-                            (
-                                o.broker_order_id or None,
-                                o.quantity,
-                                o.price,
-                                o.trigger_price,
-                                o.status,
-                                o.filled_qty,
-                                o.avg_price,
-                                o.cancel_requested,
-                                o.reason,
-                                _jsonb(o.raw),
-                                _ts(o.updated_ns),
-                                o.order_id,
-                            )
-                            for oid, o in changes.updated.items()
-                            if oid not in skipped
-                        ],
-                    )
-                if changes.events:
-                    cur.executemany(
-                        _INSERT_EVENT,
-                        [
-                            (e.order_id, _ts(e.ts_ns), e.kind, e.from_status, e.to_status, _jsonb(e.payload))
-                            for e in changes.events
-                            if e.order_id not in skipped
-                        ],
-                    )
-                if changes.fills:
-                    cur.executemany(
-                        _INSERT_FILL,
-                        [
-                            (
-                                f.trade_id,
-                                f.broker,
-                                f.trading_day,
-                                f.order_id,
-                                f.broker_order_id,
-                                f.strategy_id,
-                                f.token,
-                                f.segment,
-                                f.symbol,
-                                f.side,
-                                f.quantity,
-                                f.price,
-                                _ts(f.ts_ns),
-                                _jsonb(f.raw),
-                            )
-                            for f in changes.fills
-                            if f.order_id not in skipped
-                        ],
-                    )
-                brackets = [b for b in changes.brackets.values() if b.entry_id not in skipped]
-                if brackets:
-                    cur.executemany(
-                        _UPSERT_BRACKET,
-                        [
-                            (
-                                b.bracket_id,
-                                b.entry_id,
-                                b.strategy_id,
-                                b.token,
-                                b.segment,
-                                b.symbol,
-                                b.side,
-                                b.product,
-                                b.stop_loss,
-                                b.stop_limit,
-                                b.target,
-                                b.state,
-                                b.entry_filled,
-                                b.exit_filled,
-                                b.reason,
-                                b.trading_day,
-                                _ts(b.created_ns),
-                                _ts(b.updated_ns),
-                            )
-                            for b in brackets
-                        ],
-                    )
-                if changes.risk_events:
-                    cur.executemany(
-                        _INSERT_RISK,
-                        [
-                            (
-                                _ts(r.ts_ns),
-                                r.trading_day,
-                                r.event,
-                                r.reason,
-                                r.source,
-                                r.request_id,
-                                _jsonb(r.data),
-                            )
-                            for r in changes.risk_events
-                        ],
-                    )
+                if _single_pending(changes):
+                    o, e = changes.new_orders[0], changes.events[0]
+                    cur.execute(_PENDING_ONE, (*_order_params(o), _ts(e.ts_ns), e.kind, e.from_status,
+                                               e.to_status, _jsonb(e.payload)))  # fmt: skip
+                    skipped = [] if cur.fetchone() else [o.request_id]
+                else:
+                    cur.execute(_WRITE, _write_args(changes))
+                    row = cur.fetchone()
+                    skipped = list(row[0]) if row and row[0] else []
+                if skipped:
+                    conflicts = self._find(cur, skipped)
             conn.commit()
         except psycopg.Error as exc:
             self._rollback()
             raise LedgerError(f"ledger write failed: {type(exc).__name__}: {exc}") from None
         self.transactions += 1
         return conflicts
-
-    def _insert_orders(self, cur: psycopg.Cursor[Any], rows: list[OrderRow]) -> set[str]:
-        """Insert parents first, then rows whose parent was written; returns skipped order ids."""
-        skipped: set[str] = set()
-        parents = [o for o in rows if not o.parent_id]
-        children = [o for o in rows if o.parent_id]
-        for group in (parents, children):
-            todo = []
-            for o in group:
-                if o.parent_id and o.parent_id in skipped:
-                    skipped.add(o.order_id)
-                else:
-                    todo.append(o)
-            if not todo:
-                continue
-            if len(todo) == 1:
-                cur.execute(_INSERT_ORDER, _order_params(todo[0]))
-                if cur.fetchone() is None:
-                    skipped.add(todo[0].order_id)
-                continue
-            cur.executemany(_INSERT_ORDER, [_order_params(o) for o in todo], returning=True)
-            inserted: set[str] = set()
-            while True:
-                row = cur.fetchone()
-                if row is not None:
-                    inserted.add(row[0])
-                if not cur.nextset():
-                    break
-            skipped.update(o.order_id for o in todo if o.request_id not in inserted)
-        return skipped
 
     def _rollback(self) -> None:
         with contextlib.suppress(psycopg.Error):

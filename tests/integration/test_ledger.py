@@ -76,7 +76,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[OrderStore]:
 
 def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
     s = PgOrderStore(empty_pg_url)
-    assert s.migrate() == ["0001_ledger"]
+    assert s.migrate() == ["0001_ledger", "0002_ledger_write"]
     assert s.migrate() == []
     with psycopg.connect(empty_pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -90,7 +90,7 @@ def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
         "risk_events",
         "schema_migrations",
     } <= tables
-    assert versions == ["0001_ledger"]
+    assert versions == ["0001_ledger", "0002_ledger_write"]
     s.close()
 
 
@@ -103,6 +103,21 @@ def test_a_repeated_request_id_returns_the_existing_row_and_writes_nothing(store
     assert [e.kind for e in store.events_for(first.order_id)] == ["PENDING"]
     assert store.events_for(again.order_id) == []
     assert len(store.query_orders(OrderQuery())) == 1
+
+
+def test_a_repeated_sliced_order_skips_its_children_and_events(store: OrderStore) -> None:
+    parent = order("big", quantity=3750, sliced=True)
+    store.write(pending(parent))
+    again = order("big", quantity=3750, sliced=True)
+    kids = [
+        order(f"big#{n}", quantity=q, parent_id=again.order_id) for n, q in ((1, 1800), (2, 1800), (3, 150))
+    ]
+    ch = pending(again)
+    ch.new_orders.extend(kids)
+    ch.events.extend(EventRow(k.order_id, "PENDING", "", k.status, NS) for k in kids)
+    conflicts = store.write(ch)
+    assert list(conflicts) == ["big"] and conflicts["big"].order_id == parent.order_id
+    assert [o.request_id for o, _ in store.query_orders(OrderQuery())] == ["big"]
 
 
 def test_client_tag_is_unique(store: OrderStore) -> None:
