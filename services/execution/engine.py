@@ -342,8 +342,9 @@ class ExecutionEngine:
                 conflicts = self.store.write(changes)
             except LedgerError as exc:
                 self.stats["ledger_errors"] += 1
-                if self.log is not None:
-                    self.log.error("ledger_write_failed", error=str(exc))
+                n = self.stats["ledger_errors"]
+                if self.log is not None and (n < 5 or n % 100 == 0):
+                    self.log.error("ledger_write_failed", error=str(exc), failures=n)
                 return False
             self.stats["flushes"] += 1
             self._new, self._dirty, self._events, self._fills, self._bdirty, self._risk = (

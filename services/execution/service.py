@@ -22,15 +22,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from libs.common.bus import Responder, Server
+from libs.common.bus import Responder, Server, topic
 from libs.common.clock import Clock
 from libs.common.config import Config, ConfigError
 from libs.common.instruments import MasterData
 from libs.common.messages import (
+    Alert,
     CancelEntries,
     ExecuteOrder,
     Flatten,
@@ -118,6 +120,8 @@ class ExecutionService(Service):
         self._polling = False
         self._pool_busy = 0
         self._flush_scheduled = False
+        self._ledger_errors = 0
+        self._ledger_alert_at = 0.0
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -213,6 +217,16 @@ class ExecutionService(Service):
         assert pub is not None
         for tpc, msg in engine.take_messages():
             pub.publish(tpc, msg)
+        errors = engine.stats["ledger_errors"]
+        if errors != self._ledger_errors:
+            self._ledger_errors = errors
+            now = time.monotonic()
+            if now - self._ledger_alert_at > 10.0:  # direct: held messages wait for the ledger
+                self._ledger_alert_at = now
+                pub.publish(topic("alert", "execution"), Alert(
+                    level="CRITICAL", source="execution", code="ledger_unavailable",
+                    text="the ledger cannot be written: new orders are refused and nothing is sent to "
+                         "the broker until it recovers"))  # fmt: skip
 
     def _deferred_flush(self) -> None:
         self._flush_scheduled = False
@@ -268,7 +282,7 @@ class ExecutionService(Service):
         if self.engine.check_day():
             self.log.info("trading_day_changed", day=self.engine.day)
         self.engine.reconcile_if_due()
-        if self.engine.intents or self.engine._held_intents or self.engine.messages:
+        if self.engine.intents or self.engine.messages or self.engine.pending_writes():
             self._pump()
 
     def _crash_after_place(self, intent: PlaceIntent, result: Any) -> None:
