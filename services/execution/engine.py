@@ -52,7 +52,7 @@ from libs.common.messages import (
     Tick,
     to_builtins,
 )
-from libs.common.money import MoneyError, protected_limit
+from libs.common.money import MoneyError, protected_limit, to_decimal
 from services.execution.brokers.base import (
     BrokerAck,
     BrokerOrder,
@@ -607,7 +607,17 @@ class ExecutionEngine:
         for name, value in (("stop loss", sl), ("target", tgt)):
             if value is not None and (value <= 0 or value % tick != 0):
                 return f"{name} {value} is not a positive multiple of the tick size {tick}"
-        ref = cmd.order.trigger_price if cmd.order.order_type in ("SL", "SL-M") else price
+        otype = (cmd.order.order_type or "LIMIT").upper()
+        ref: Decimal | None
+        if otype in ("SL", "SL-M"):
+            ref = cmd.order.trigger_price
+        elif otype == "MARKET" or cmd.order.price is None:
+            # Market intent: judge the bracket against the last price, as risk does. The
+            # protected limit is only a cap on the fill, not the expected entry.
+            last = self.last.get(inst.key)
+            ref = to_decimal(last.ltp) if last is not None and last.ltp > 0 else None
+        else:
+            ref = price
         if ref is None:
             return "bracket entry needs a price"
         if side == "BUY" and ((sl is not None and sl >= ref) or (tgt is not None and tgt <= ref)):

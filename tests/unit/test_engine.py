@@ -223,6 +223,29 @@ def test_market_intent_becomes_a_protected_limit_filled_at_the_touch_plus_slippa
     assert o.avg_price == Decimal("1290.40")
 
 
+def test_market_bracket_is_judged_against_the_last_price_not_the_protection_cap(h: Harness) -> None:
+    # Arrange: the target is 0.5 % above the last price, inside the 1 % protection band.
+    h.tick("RELIANCE-EQ", 1290.0, bid=1289.9, ask=1290.1)
+
+    # Act
+    [res] = h.submit(execute(price=None, order_type="MARKET", stop_loss=Decimal("1280.00"),
+                             target=Decimal("1296.50")))
+
+    # Assert: accepted (risk judges it the same way) and filled, with its bracket open.
+    o = h.order(res.order_id)
+    assert o.status == COMPLETE, o.reason
+    assert len(h.engine.brackets) == 1
+
+
+def test_market_bracket_with_target_below_the_last_price_is_refused(h: Harness) -> None:
+    h.tick("RELIANCE-EQ", 1290.0, bid=1289.9, ask=1290.1)
+    [res] = h.submit(execute(price=None, order_type="MARKET", stop_loss=Decimal("1280.00"),
+                             target=Decimal("1285.00")))
+    o = h.order(res.order_id)
+    assert o.status == "REJECTED"
+    assert o.reason == "bracket for a BUY needs stop loss < entry (1290.0) < target"
+
+
 def test_sl_m_intent_becomes_a_stop_limit_that_fills_when_triggered(h: Harness) -> None:
     h.tick("RELIANCE-EQ", 1290.0, bid=1289.9, ask=1290.1)
     [res] = h.submit(execute(side="SELL", price=None, order_type="SL-M", trigger_price=Decimal("1280.00")))
