@@ -425,12 +425,12 @@ def _tail_lines(path: Path, n: int) -> list[str]:
 class _Tailer:
     """Follows one log file across rotation (a new inode or a shorter file)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, at_end: bool = True) -> None:
         self.path = path
         self.fh: Any = None
         self.inode = -1
         self.buf = ""
-        self._open(at_end=True)
+        self._open(at_end=at_end)
 
     def _open(self, at_end: bool) -> None:
         try:
@@ -529,9 +529,7 @@ def logs(  # noqa: PLR0917 - each parameter is a CLI option
             if service is None:  # a service started after us gets followed too
                 for p in _log_files(home, None):
                     if p not in tailers:
-                        tailers[p] = _Tailer(p)
-                        tailers[p].fh = None
-                        tailers[p]._open(at_end=False)
+                        tailers[p] = _Tailer(p, at_end=False)
             batch: list[str] = []
             for t in tailers.values():
                 batch.extend(t.read())
