@@ -170,7 +170,9 @@ def test_repeated_failures_back_off_further_and_report_down(tmp_path: Path, base
 
 def test_garbage_frames_are_ignored_and_counted(tmp_path: Path, base_port: int,
                                                 fake: FakeSFeedServer) -> None:
-    feed = kotak_feed(tmp_path / "home", base_port, fake.url)
+    # A watchdog far beyond the test's length: this test is about garbage, not silence, and
+    # a loaded machine can leave more than the usual 0.5 s between LIVE and the first frame.
+    feed = kotak_feed(tmp_path / "home", base_port, fake.url, NEOPULSE_FEED__WATCHDOG_S="30")
     col = Collector(feed.subscriber(b"tick.", b"feedstatus."))
     try:
         feed.start()
