@@ -230,3 +230,33 @@ def test_feed_session_lease_over_the_bus(live: LiveExecution, fake: KotakRestFak
     assert (reply.data["url"], reply.data["user"]) == (SFEED_URL, fake.credentials.ucc)
     assert reply.data["auth"]  # the session's sid; no trading token is handed out
     assert fake.credentials.mpin not in str(reply.data)
+
+
+def test_cli_sync_master_fetches_the_csvs_caches_them_and_fills_instrument_master(
+    live: LiveExecution, fake: KotakRestFake, pg_url: str
+) -> None:
+    # Arrange: an empty cache; the fake serves the file-path endpoint and its CSV files.
+    import json
+    import shutil
+
+    import psycopg
+
+    shutil.rmtree(live.home / "master", ignore_errors=True)
+
+    # Act: the operator's command, through execution (the SDK holder).
+    res = subprocess.run([sys.executable, "-m", "services.admin.cli", "sync-master", "--json"], cwd=ROOT,
+                         env=live.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    # Assert: exit 0, CSVs cached under $NEOPULSE_HOME/master/, and the ledger's table filled
+    # with the fake's instruments (tick size converted from paise).
+    assert res.returncode == 0, res.stderr + live.output()[-2000:]
+    data = json.loads(res.stdout)
+    cached = sorted(p.name for p in (live.home / "master").glob("*.csv"))
+    assert cached and data["instruments"] >= len(default_instruments())
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(
+            "SELECT tick_size, lot_size FROM instrument_master WHERE exchange_segment = %s AND token = %s",
+            (NIFTY.segment, NIFTY.token),
+        ).fetchall()
+    assert rows == [(NIFTY.tick_paise / 100, NIFTY.lot_size)]
+    assert len(cached) == len(data["files"])
