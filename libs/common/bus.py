@@ -19,6 +19,7 @@ counted, logged (rate limited) and dropped, or answered with an error ``Reply``.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import os
@@ -28,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -87,8 +89,10 @@ def _rate_limited_warn(stats: BusStats, log: Any, event: str, **kw: Any) -> None
 class Bus:
     """Owns the ZeroMQ context and applies socket options (and CURVE) in one place."""
 
-    def __init__(self, cfg: Any | None = None, log: Any = None, ctx: zmq.Context[Any] | None = None) -> None:
-        self.ctx: zmq.Context[Any] = ctx or zmq.Context()
+    def __init__(
+        self, cfg: Any | None = None, log: Any = None, ctx: zmq.Context[zmq.Socket[Any]] | None = None
+    ) -> None:
+        self.ctx: zmq.Context[zmq.Socket[Any]] = ctx or zmq.Context()
         self.cfg = cfg
         self.log = log
         self.max_frame = getattr(getattr(cfg, "bus", None), "max_frame_bytes", 1_048_576)
@@ -216,7 +220,9 @@ class Subscriber:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             stats.malformed += 1
             stats.last_error = str(exc)[:200]
-            _rate_limited_warn(stats, self.log, "bus_undecodable_message", topic=tpc[:64], error=str(exc)[:200])
+            _rate_limited_warn(
+                stats, self.log, "bus_undecodable_message", topic=tpc[:64], error=str(exc)[:200]
+            )
             return None
         stats.received += 1
         return tpc, msg
@@ -538,11 +544,8 @@ class Reactor:
 
     def call_soon_threadsafe(self, fn: Callable[[], Any]) -> None:
         self._queue.append(fn)
-        with self._wake_lock:
-            try:
-                self._wake_push.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        with self._wake_lock, contextlib.suppress(zmq.ZMQError):
+            self._wake_push.send(b"", zmq.NOBLOCK)
 
     def _on_wake(self) -> None:
         while True:
@@ -580,19 +583,19 @@ class Reactor:
                 self._guard("timer", fn)
                 if not self.running:
                     return
-            timeout = 100.0
+            timeout_ms = 100
             if timers:
-                timeout = min(timeout, max(0.0, (timers[0][0] - time.monotonic()) * 1000))
+                timeout_ms = min(timeout_ms, max(0, int((timers[0][0] - time.monotonic()) * 1000)))
             try:
-                events = self.poller.poll(timeout)
+                events = self.poller.poll(timeout_ms)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ETERM:
                     return
                 raise
             for sock, _ in events:
-                fn = self._readers.get(sock)
-                if fn is not None:
-                    self._guard("reader", fn)
+                reader = self._readers.get(sock)
+                if reader is not None:
+                    self._guard("reader", reader)
 
     def close(self) -> None:
         self._wake_pull.close(0)
@@ -602,4 +605,4 @@ class Reactor:
 def _prepare_ipc(endpoint: str) -> None:
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):]
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,10 @@ class ExecutionConfig(_Section, frozen=True):
     requests_per_sec: PositiveFloat = 25.0
     broker_timeout_s: PositiveFloat = 10.0
     logout_at: str = "15:45"
+    # How long a live broker's order book may lag behind an accepted order. An order of
+    # unknown outcome still missing from the book after this long is taken as never sent.
+    # 0 = the broker's default (Kotak: max(30 s, 3 × broker_timeout_s)).
+    book_lag_s: NonNegFloat = 0.0
 
 
 class PaperConfig(_Section, frozen=True):
@@ -367,7 +371,9 @@ def _parse_hours(text: str) -> tuple[int, int]:
         h1, m1 = (int(x) for x in start.split(":"))
         h2, m2 = (int(x) for x in end.split(":"))
     except ValueError:
-        raise ConfigError(f"config error: `feed.market_hours` must look like 09:15-15:30, got {text!r}") from None
+        raise ConfigError(
+            f"config error: `feed.market_hours` must look like 09:15-15:30, got {text!r}"
+        ) from None
     return h1 * 60 + m1, h2 * 60 + m2
 
 

@@ -154,7 +154,7 @@ def parse_master_csv(text: str, freeze: dict[str, int] | None = None) -> list[In
     out: list[Instrument] = []
     for row in reader:
         if len(row) < n:
-            row = row + [""] * (n - len(row))
+            row.extend([""] * (n - len(row)))
         token, seg, sym = row[i_tok].strip(), row[i_seg].strip().lower(), row[i_sym].strip()
         if not token or not seg or not sym:
             continue

@@ -12,13 +12,21 @@ import logging.handlers
 import os
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-_configured = False
-_last_args: tuple[Any, ...] | None = None
+
+@dataclass
+class _LoggingState:
+    configured: bool = False
+    # The arguments of the last setup_logging call, which reapply_logging installs again.
+    last_call: dict[str, Any] | None = None
+
+
+_state = _LoggingState()
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -39,16 +47,19 @@ def setup_logging(
     home: Path,
     level: str = "INFO",
     secrets: Iterable[str] = (),
+    *,
     max_bytes: int = 20_000_000,
     backups: int = 5,
     console: bool | None = None,
 ) -> structlog.stdlib.BoundLogger:
     """Configure structlog for this process and return a logger bound to ``service``."""
-    global _configured, _last_args
-    _last_args = (service, home, level, list(secrets), max_bytes, backups, console)
+    secrets = list(secrets)
+    _state.last_call = {
+        "service": service, "home": home, "level": level, "secrets": secrets,
+        "max_bytes": max_bytes, "backups": backups, "console": console,
+    }
     log_dir = home / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
-    secrets = list(secrets)
 
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -130,7 +141,7 @@ def setup_logging(
     # The SDK and other libraries log through stdlib; keep them at WARNING in our files.
     for noisy in ("neo_api_client", "websocket", "urllib3", "httpx", "httpcore", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _configured = True
+    _state.configured = True
     log: structlog.stdlib.BoundLogger = structlog.get_logger(service)
     return log
 
@@ -140,11 +151,12 @@ def _wrap_redaction(handler: logging.Handler, secrets: list[str]) -> None:
         return
     inner = handler.formatter
     assert inner is not None
+    render = inner.format  # bound here, where inner is known to be set
     redactor = _RedactingFormatter(secrets)
 
     class _Chain(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
-            text = inner.format(record)
+            text = render(record)
             for secret in redactor._secrets:
                 if secret in text:
                     text = text.replace(secret, "***")
@@ -156,8 +168,8 @@ def _wrap_redaction(handler: logging.Handler, secrets: list[str]) -> None:
 def reapply_logging() -> None:
     """Re-install our configuration (after a library replaced structlog's, as the Kotak SDK
     does on import)."""
-    if _last_args is not None:
-        setup_logging(*_last_args)
+    if _state.last_call is not None:
+        setup_logging(**_state.last_call)
 
 
 def get_logger(name: str = "neopulse") -> Any:

@@ -397,7 +397,7 @@ class Codec:
 
     def __init__(self) -> None:
         enc = msgspec.msgpack.Encoder(decimal_format="string")
-        dec: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]
+        dec: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
         self.encode = enc.encode
         self.decode = dec.decode
 

@@ -56,8 +56,8 @@ def snap(price: Decimal | float, tick: Decimal, mode: str = "nearest") -> Decima
 def protected_limit(side: str, last_price: Decimal | float, protection_pct: float, tick: Decimal) -> Decimal:
     """Market intent → a marketable LIMIT inside a protection band around the last price.
 
-    BUY pays at most ``last × (1 + pct)`` (rounded down to tick, so never beyond the band);
-    SELL accepts at least ``last × (1 − pct)`` (rounded up).
+    BUY pays at most ``last * (1 + pct)`` (rounded down to tick, so never beyond the band);
+    SELL accepts at least ``last * (1 - pct)`` (rounded up).
     """
     last = to_decimal(last_price)
     if last <= 0:

@@ -8,17 +8,14 @@ structlog setup and routes the SDK's records through our (redacting) handlers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from types import ModuleType
 
-_sdk: ModuleType | None = None
 
-
+@functools.cache
 def import_sdk() -> ModuleType:
-    global _sdk
-    if _sdk is not None:
-        return _sdk
     os.environ.setdefault("NEO_LOG_FILE_ENABLED", "false")
     os.environ.setdefault("NEO_LOG_LEVEL", "WARNING")
     import neo_api_client
@@ -31,5 +28,4 @@ def import_sdk() -> ModuleType:
     sdk_logger.propagate = True
     sdk_logger.setLevel(logging.WARNING)
     reapply_logging()
-    _sdk = neo_api_client
     return neo_api_client

@@ -96,3 +96,34 @@ def test_kotak_kill_9_after_the_broker_accepted(stack: ExecStack, fake: KotakRes
     assert row["client_tag"].lower() in str(sent).lower()
     again = stack.ok(cmd)  # the retry is answered from the ledger
     assert again["order_id"] == row["order_id"] and len(fake.received_orders()) == 1
+
+
+def test_kotak_kill_9_after_the_pending_commit_before_the_broker_call(
+    stack: ExecStack, fake: KotakRestFake
+) -> None:
+    # Arrange: execution dies right after committing PENDING_BROKER, before calling Kotak.
+    stack.start(NEOPULSE_TEST_CRASH_AT="after_pending")
+    cmd = stack.order(qty=4, price="1200.00")
+    with contextlib.suppress(RequestTimeout):
+        stack.ask(cmd, timeout_ms=3000)
+    assert stack.proc is not None and stack.proc.wait(15) == -signal.SIGKILL
+    assert fake.received_orders() == []
+
+    # Act: restart; the book lag is shortened so the test need not wait Kotak's 30 s default.
+    stack.start(NEOPULSE_EXECUTION__BOOK_LAG_S="1.5")
+
+    # Assert: the row is closed as never sent, nothing reached Kotak, and a retry of the same
+    # request is answered from the ledger instead of placing a second order.
+    row = eventually(
+        lambda: (
+            (o := next(x for x in stack.orders() if x["request_id"] == cmd.request_id))["status"] == "REJECTED"
+            and o
+        ),
+        timeout=15,
+    )
+    assert "never reached the broker" in row["reason"]
+    again = stack.ask(cmd)
+    assert isinstance(again, Reply) and not again.ok and again.data["order_id"] == row["order_id"]
+    assert fake.received_orders() == []
+    assert not [o for o in stack.orders() if o["status"] in ("PENDING_BROKER", "UNKNOWN", "ACK")]
+    assert {k: v for k, v in stack.positions().items() if v} == {}

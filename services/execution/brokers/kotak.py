@@ -162,7 +162,7 @@ class KotakBroker:
         self.log = log or get_logger("execution.kotak")
         self.sandbox = bool(kotak.base_url)
         # After a place of unknown outcome, how long the book may still lack the order.
-        self.book_lag_s = max(30.0, 3 * execution.broker_timeout_s)
+        self.book_lag_s = execution.book_lag_s or max(30.0, 3 * execution.broker_timeout_s)
         self._logout_at = _hhmm(execution.logout_at)
         self._client = sdk.NeoAPI(
             consumer_key=kotak.consumer_key, environment=kotak.environment,
