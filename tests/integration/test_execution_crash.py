@@ -92,3 +92,37 @@ def test_kill_9_after_a_resting_order_was_accepted(stack: ExecStack) -> None:
     eventually(lambda: stack.find(row["order_id"])["status"] == "COMPLETE", timeout=5)
     assert stack.positions()[("s1", "RELIANCE-EQ")] == 3
     _consistent(stack)
+
+
+def test_bracket_survives_kill_9_and_the_target_fill_cancels_the_stop(stack: ExecStack) -> None:
+    # Arrange: a bracketed BUY fills; the protective stop is live at the (paper) broker.
+    from decimal import Decimal
+
+    stack.start()
+    entry = stack.ok(stack.order(qty=10, stop_loss=Decimal("1270.00"), target=Decimal("1300.00")))
+    eventually(lambda: stack.find(entry["order_id"])["status"] == "COMPLETE", timeout=10, message="entry fill")
+
+    def legs() -> dict[str, dict[str, Any]]:
+        return {o["purpose"]: o for o in stack.orders() if o["purpose"] in ("STOP", "TARGET")}
+
+    live = eventually(lambda: (x := legs()).get("STOP", {}).get("status") == "OPEN" and x, timeout=10,
+                      message="stop live at the broker")
+    stop_tag = live["STOP"]["client_tag"]
+    assert stack.journal_places().get(stop_tag) == 1
+
+    # Act: kill -9, restart, then the price reaches the target.
+    assert stack.kill9() == -signal.SIGKILL
+    stack.start()
+    stack.feed.set("RELIANCE-EQ", 1301.0)
+
+    # Assert: the target leg filled, the stop was cancelled, nothing is open, flat position,
+    # and no leg reached the broker twice.
+    done = eventually(
+        lambda: (x := legs()).get("TARGET", {}).get("status") == "COMPLETE"
+        and x["STOP"]["status"] == "CANCELLED" and x,
+        timeout=15, message="target filled and stop cancelled",
+    )
+    assert done["TARGET"]["filled_qty"] == 10
+    assert not [o for o in stack.orders() if o["status"] not in ("COMPLETE", "CANCELLED", "REJECTED")]
+    assert stack.positions().get(("s1", "RELIANCE-EQ"), 0) == 0
+    _consistent(stack)
