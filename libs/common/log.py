@@ -30,12 +30,16 @@ _state = _LoggingState()
 
 
 class _RedactingFormatter(logging.Formatter):
-    def __init__(self, secrets: Iterable[str]) -> None:
-        super().__init__("%(message)s")
+    """Wraps another formatter and replaces every known secret in its output with ``***``."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self._inner = inner
+        # Longest first, so a secret that contains another is replaced whole.
         self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = self._inner.format(record)
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "***")
@@ -151,18 +155,7 @@ def _wrap_redaction(handler: logging.Handler, secrets: list[str]) -> None:
         return
     inner = handler.formatter
     assert inner is not None
-    render = inner.format  # bound here, where inner is known to be set
-    redactor = _RedactingFormatter(secrets)
-
-    class _Chain(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            text = render(record)
-            for secret in redactor._secrets:
-                if secret in text:
-                    text = text.replace(secret, "***")
-            return text
-
-    handler.setFormatter(_Chain())
+    handler.setFormatter(_RedactingFormatter(inner, secrets))
 
 
 def reapply_logging() -> None:
