@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -43,7 +44,9 @@ class Stack:
         )
         return self
 
-    def cli(self, *args: str, timeout: float = 20, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 20, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "services.admin.cli", *args], cwd=ROOT, env=self.env,
             capture_output=True, text=True, timeout=timeout, input=input,
@@ -62,9 +65,9 @@ class Stack:
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 cmd = " ".join(p.info["cmdline"] or [])
-                if home in cmd or p.environ().get("NEOPULSE_HOME") == home:
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        pids.append(p.pid)
+                mine = home in cmd or p.environ().get("NEOPULSE_HOME") == home
+                if mine and p.status() != psutil.STATUS_ZOMBIE:
+                    pids.append(p.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return pids
@@ -87,10 +90,8 @@ class Stack:
 
     def kill_all(self) -> None:
         for pid in self.member_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
 

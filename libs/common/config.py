@@ -116,7 +116,7 @@ class ExecutionConfig(_Section, frozen=True):
     logout_at: str = "15:45"
     # How long a live broker's order book may lag behind an accepted order. An order of
     # unknown outcome still missing from the book after this long is taken as never sent.
-    # 0 = the broker's default (Kotak: max(30 s, 3 × broker_timeout_s)).
+    # 0 = the broker's default (Kotak: max(30 s, 3 * broker_timeout_s)).
     book_lag_s: NonNegFloat = 0.0
 
 

@@ -34,10 +34,11 @@ def test_momentum_order_reaches_the_ledger_and_fills_then_ctrl_c_stops_everythin
     # Act: wait for the momentum strategy's first filled order.
     def complete_order():
         orders = stack.cli_json("orders")
-        done = [o for o in orders or [] if o["status"] == "COMPLETE" and o["strategy_id"] == "mom1"]
-        return done
+        return [o for o in orders or [] if o["status"] == "COMPLETE" and o["strategy_id"] == "mom1"]
 
-    done = eventually(complete_order, timeout=30, interval=0.5, message=f"a COMPLETE order\n{stack.log()[-3000:]}")
+    done = eventually(
+        complete_order, timeout=30, interval=0.5, message=f"a COMPLETE order\n{stack.log()[-3000:]}"
+    )
 
     # Assert: the order has its fill, each log is JSON naming service and pid, Ctrl-C is clean.
     order = done[0]

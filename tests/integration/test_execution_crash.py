@@ -100,7 +100,9 @@ def test_bracket_survives_kill_9_and_the_target_fill_cancels_the_stop(stack: Exe
 
     stack.start()
     entry = stack.ok(stack.order(qty=10, stop_loss=Decimal("1270.00"), target=Decimal("1300.00")))
-    eventually(lambda: stack.find(entry["order_id"])["status"] == "COMPLETE", timeout=10, message="entry fill")
+    eventually(
+        lambda: stack.find(entry["order_id"])["status"] == "COMPLETE", timeout=10, message="entry fill"
+    )
 
     def legs() -> dict[str, dict[str, Any]]:
         return {o["purpose"]: o for o in stack.orders() if o["purpose"] in ("STOP", "TARGET")}

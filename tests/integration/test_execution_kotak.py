@@ -116,7 +116,8 @@ def test_kotak_kill_9_after_the_pending_commit_before_the_broker_call(
     # request is answered from the ledger instead of placing a second order.
     row = eventually(
         lambda: (
-            (o := next(x for x in stack.orders() if x["request_id"] == cmd.request_id))["status"] == "REJECTED"
+            (o := next(x for x in stack.orders() if x["request_id"] == cmd.request_id))["status"]
+            == "REJECTED"
             and o
         ),
         timeout=15,
