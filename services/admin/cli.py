@@ -20,7 +20,7 @@ def _register() -> None:
     # Importing a command module registers its commands on ``app``.
     import importlib
 
-    for mod in ("cmd_ops", "cmd_risk", "cmd_exec", "cmd_strategy", "cmd_feed"):
+    for mod in ("cmd_ops", "cmd_risk", "cmd_exec", "cmd_strategy", "cmd_feed", "cmd_bench"):
         try:
             importlib.import_module(f"services.admin.{mod}")
         except ModuleNotFoundError as exc:

@@ -1,0 +1,1 @@
+"""NeoPulse benchmarks (not installed with the package; run from a source checkout)."""

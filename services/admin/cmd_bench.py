@@ -1,0 +1,50 @@
+"""``neopulse bench [feed|execution|backtest|pipeline] [--full] [--json]`` — the benchmarks.
+
+They live in ``benchmarks/`` of a source checkout, which is not an installed package: the
+command finds that directory next to ``services/`` (an editable install) or in the current
+directory, and runs ``python -m benchmarks.run_all`` there. Without a checkout (e.g. in the
+Docker image) it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from services.admin.cli import app
+from services.admin.common import EXIT_USAGE, JSON_OPT, fail
+
+NAMES = ("feed", "execution", "backtest", "pipeline")
+
+
+def find_checkout(candidates: list[Path] | None = None) -> Path | None:
+    """The directory holding ``benchmarks/run_all.py``: the repository this package was loaded
+    from, else the current directory; None when neither has it."""
+    if candidates is None:
+        candidates = [Path(__file__).resolve().parents[2], Path.cwd()]
+    for root in candidates:
+        if (root / "benchmarks" / "run_all.py").is_file():
+            return root
+    return None
+
+
+@app.command("bench")
+def bench(
+    name: str = typer.Argument("", help=f"One benchmark ({', '.join(NAMES)}); all when omitted."),
+    full: bool = typer.Option(False, "--full", help="Each benchmark's own (larger) default sizes."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run the benchmarks (modest sizes, about a minute in all) and print a summary against DESIGN §11."""
+    if name and name not in NAMES:
+        fail(f"unknown benchmark {name!r}: choose from {', '.join(NAMES)}", EXIT_USAGE)
+    root = find_checkout()
+    if root is None:
+        fail("the benchmarks are not here: `neopulse bench` needs a source checkout of NeoPulse "
+             "(its benchmarks/ directory is not installed with the package); run it from the "
+             "repository, e.g. `make bench`", EXIT_USAGE)
+    cmd = [sys.executable, "-m", "benchmarks.run_all", *([name] if name else []),
+           *(["--full"] if full else []), *(["--json"] if as_json else [])]
+    raise typer.Exit(subprocess.call(cmd, cwd=root))  # noqa: S603 - our own module, fixed arguments

@@ -1,0 +1,41 @@
+"""``neopulse bench`` finds the benchmarks of a checkout and refuses clearly without one;
+``benchmarks.run_all`` validates names and summarises a failed run. Nothing is benchmarked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from services.admin import cli
+from services.admin.cmd_bench import find_checkout
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_checkout_is_found_next_to_services_and_not_elsewhere(tmp_path: Path) -> None:
+    assert find_checkout() == ROOT
+    assert find_checkout([tmp_path]) is None  # e.g. an installed image: no benchmarks/
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "run_all.py").write_text("")
+    assert find_checkout([tmp_path / "nope", tmp_path]) == tmp_path
+
+
+def test_an_unknown_benchmark_is_a_usage_error() -> None:
+    cli._register()
+    result = CliRunner().invoke(cli.app, ["bench", "nope"])
+    assert result.exit_code == 2
+    assert "unknown benchmark 'nope'" in result.output
+    assert "pipeline" in result.output
+
+
+def test_run_all_refuses_unknown_names_and_reports_a_failed_benchmark() -> None:
+    from benchmarks import run_all
+
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(["feed", "nope"])
+    assert exc.value.code == 2
+    lines = run_all.summary_lines("pipeline", {"ok": False, "seconds": 1.5, "error": "exit 1: boom"})
+    assert lines == ["== pipeline (1.5 s)", "   FAILED: exit 1: boom"]
+    assert set(run_all.BENCHES) == {"feed", "execution", "backtest", "pipeline"}
