@@ -346,7 +346,9 @@ def _served(endpoint: str, reply: Message) -> tuple[threading.Thread, Reactor]:
 def test_daily_summary_with_equity_chart_at_summary_at(stack: dict[str, Any], telegram: TelegramFake,
                                                       pubs: Pubs) -> None:
     now = datetime.now(IST)
-    at = now + timedelta(seconds=4)  # the notifier must be running before the clock crosses it
+    # The notifier must be running, with the risk states, before the clock crosses summary_at;
+    # starting a Python process alone can take several seconds on a loaded machine.
+    at = now + timedelta(seconds=8)
     if at.date() != now.date():
         pytest.skip("too close to midnight IST for a same-day summary")
     day = DayState(trading_day=at.strftime("%Y-%m-%d"), fills=17, turnover=Decimal("250000"),
@@ -357,8 +359,11 @@ def test_daily_summary_with_equity_chart_at_summary_at(stack: dict[str, Any], te
     for i in range(3):
         pubs.pub("risk").publish(b"risk.state.", RiskState(state="ACTIVE", net_pnl=700.0 + i, gross_pnl=800.0,
                                                           cost=99.0))
+    setup_s = (datetime.now(IST) - now).total_seconds()
+    assert datetime.now(IST) < at - timedelta(seconds=1), f"set-up took {setup_s:.1f}s, past summary_at"
 
-    eventually(lambda: any(m.method == "sendPhoto" for m in telegram.messages), 15, message="summary photo")
+    # The summary fetches the day from execution and renders the chart (matplotlib) off the loop.
+    eventually(lambda: any(m.method == "sendPhoto" for m in telegram.messages), 30, message="summary photo")
     photo = next(m for m in telegram.messages if m.method == "sendPhoto")
     assert photo.photo.startswith(b"\x89PNG")
     assert "daily summary" in photo.text and "Net PnL: ₹702.00" in photo.text
