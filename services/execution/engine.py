@@ -252,6 +252,9 @@ class ExecutionEngine:
         self.by_broker_id: dict[str, str] = {}
         self.children: dict[str, list[str]] = {}  # sliced parent → slices
         self.brackets: dict[str, BracketRow] = {}
+        # (strategy, segment, token) → its brackets that may still be open, in creation order
+        # (pruned as they close: a closed bracket never reopens); ``brackets`` is the truth
+        self._bgroups: dict[tuple[str, str, str], list[BracketRow]] = {}
         self.legs: dict[str, list[str]] = {}  # bracket → STOP/TARGET orders
         self.positions: dict[tuple[str, str], PositionState] = {}
         self.fill_keys: set[tuple[str, str]] = set()
@@ -298,6 +301,7 @@ class ExecutionEngine:
             self._index(o)
         for b in self.store.load_open_brackets():
             self.brackets[b.bracket_id] = b
+            self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
         for f in self.store.load_fills(self.day):
             self.fill_keys.add((f.trading_day, f.trade_id))
             self._apply_position(f)
@@ -1019,17 +1023,7 @@ class ExecutionEngine:
             self._refresh_parent(o.parent_id)
         b = self._bracket_of(o)
         if b is None:  # any fill moves the position that brackets of this instrument protect
-            b = next(
-                (
-                    x
-                    for x in self.brackets.values()
-                    if x.state in BRACKET_OPEN
-                    and x.strategy_id == o.strategy_id
-                    and x.token == o.token
-                    and x.segment == o.segment
-                ),
-                None,
-            )
+            b = next(iter(self._open_brackets(o.strategy_id, o.segment, o.token)), None)
         if b is not None:
             self._sync_bracket(b)
 
@@ -1082,6 +1076,7 @@ class ExecutionEngine:
         )
         entry.bracket_id = b.bracket_id
         self.brackets[b.bracket_id] = b
+        self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
         self._bdirty[b.bracket_id] = b
 
     def _bracket_of(self, o: OrderRow) -> BracketRow | None:
@@ -1097,14 +1092,25 @@ class ExecutionEngine:
         pos = self.positions.get((b.strategy_id, f"{b.segment}|{b.token}"))
         held = pos.quantity if pos is not None else 0
         avail = {"BUY": max(held, 0), "SELL": max(-held, 0)}
-        group = [
-            x
-            for x in self.brackets.values()
-            if x.strategy_id == b.strategy_id and x.token == b.token and x.segment == b.segment
-        ]
+        group = self._open_brackets(b.strategy_id, b.segment, b.token)
+        if self.brackets.get(b.bracket_id) is b and not any(x is b for x in group):
+            group.append(b)  # a closed one still cancels what is left of its legs
         for x in sorted(group, key=lambda y: (y.created_ns, y.bracket_id)):
-            if x.state in BRACKET_OPEN or x is b:
+            if x.state in BRACKET_OPEN or x is b:  # an earlier one's sync may have closed it
                 avail[x.side] -= self._sync_one(x, avail[x.side])
+
+    def _open_brackets(self, strategy_id: str, segment: str, token: str) -> list[BracketRow]:
+        """The open brackets of one strategy and instrument, in the order ``brackets`` holds
+        them; drops the closed (or forgotten) ones from the index on the way."""
+        key = (strategy_id, segment, token)
+        group = self._bgroups.get(key)
+        if not group:
+            return []
+        brackets = self.brackets
+        live = [x for x in group if x.state in BRACKET_OPEN and brackets.get(x.bracket_id) is x]
+        if len(live) != len(group):
+            self._bgroups[key] = live
+        return list(live)
 
     def _sync_one(self, b: BracketRow, avail: int) -> int:
         """Size one bracket's legs to min(own exposure, ``avail``); returns the size protected."""

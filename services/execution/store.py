@@ -8,7 +8,7 @@ that the engine's in-memory objects are never the stored ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from libs.common.instruments import Instrument
@@ -28,15 +28,26 @@ _T = TypeVar("_T")
 
 
 class _Copier:
-    """A shallow copy of a slotted dataclass row, several times faster than ``copy.copy``."""
+    """A shallow copy of a slotted dataclass row, many times faster than ``copy.copy``: one
+    generated function per row class assigns each slot in turn (no per-slot getattr calls)."""
+
+    def __init__(self) -> None:
+        self._by_class: dict[type, Callable[[Any], Any]] = {}
+
+    def copy(self, row: _T) -> _T:
+        cls = type(row)
+        fn = self._by_class.get(cls)
+        if fn is None:
+            fn = self._by_class[cls] = self._compile(cls)
+        return fn(row)  # type: ignore[no-any-return]
 
     @staticmethod
-    def copy(row: _T) -> _T:
-        cls: Any = type(row)
-        new = object.__new__(cls)
-        for name in cls.__slots__:
-            object.__setattr__(new, name, getattr(row, name))
-        return new  # type: ignore[no-any-return]
+    def _compile(kind: Any) -> Callable[[Any], Any]:
+        body = "".join(f"    new.{name} = row.{name}\n" for name in kind.__slots__)
+        src = f"def copy(row):\n    new = _new(_cls)\n{body}    return new\n"
+        scope: dict[str, Any] = {"_new": object.__new__, "_cls": kind}
+        exec(src, scope)  # noqa: S102 - the source is built from the class's own slot names
+        return scope["copy"]  # type: ignore[no-any-return]
 
 
 copy = _Copier()
