@@ -89,6 +89,17 @@ from services.execution.store import LedgerError, OrderStore
 
 _ZERO = Decimal(0)
 _LEGS = (STOP, TARGET)
+_TOPICS: dict[tuple[str, str], bytes] = {}
+
+
+def _topic(kind: str, name: str) -> bytes:
+    """``topic(kind, name)``, remembered: a few strategies make a few topics, used per order."""
+    t = _TOPICS.get((kind, name))
+    if t is None:
+        if len(_TOPICS) > 10_000:  # strategy ids come from requests: keep the memo bounded
+            _TOPICS.clear()
+        t = _TOPICS[(kind, name)] = topic(kind, name)
+    return t
 
 
 # --------------------------------------------------------------------------- intents
@@ -258,6 +269,7 @@ class ExecutionEngine:
         self.legs: dict[str, list[str]] = {}  # bracket → STOP/TARGET orders
         self.positions: dict[tuple[str, str], PositionState] = {}
         self.fill_keys: set[tuple[str, str]] = set()
+        self._day_span: tuple[float, float, str] = (0.0, 0.0, "")  # _day_of's last day (seconds)
         self.last: dict[str, Tick] = {}
         self.turnover = _ZERO
         self.fill_count = 0
@@ -416,7 +428,7 @@ class ExecutionEngine:
     def _publish_order(self, o: OrderRow) -> None:
         self._held_msgs.append(
             (
-                topic("order", o.strategy_id),
+                _topic("order", o.strategy_id),
                 OrderUpdate(
                     order_id=o.order_id,
                     request_id=o.request_id,
@@ -445,7 +457,7 @@ class ExecutionEngine:
     def alert(self, level: str, text: str, code: str = "") -> None:
         self._held_msgs.append(
             (
-                topic("alert", "execution"),
+                _topic("alert", "execution"),
                 Alert(level=level, source="execution", text=text, code=code, ts_ns=self._now()),
             )
         )
@@ -990,7 +1002,7 @@ class ExecutionEngine:
             )
         self._held_msgs.append(
             (
-                topic("fill", o.strategy_id),
+                _topic("fill", o.strategy_id),
                 Fill(
                     fill_id=tr.trade_id,
                     order_id=o.parent_id if o.parent_id and o.purpose not in _LEGS else o.order_id,
@@ -1009,7 +1021,7 @@ class ExecutionEngine:
             pos = self._apply_position(fill)
             last = self.last.get(o.key)
             self._held_msgs.append(
-                (topic("position", o.strategy_id), pos.message(last.ltp if last else 0.0, now))
+                (_topic("position", o.strategy_id), pos.message(last.ltp if last else 0.0, now))
             )
         if not o.terminal:
             status = COMPLETE if o.filled_qty >= o.quantity else PARTIAL
@@ -1030,9 +1042,20 @@ class ExecutionEngine:
     def _day_of(self, ts_ns: int) -> str:
         if not ts_ns:
             return self.day
+        secs = ts_ns / 1e9
+        lo, hi, day = self._day_span
+        if lo < secs < hi:  # well inside the day of the previous answer
+            return day
         import datetime as _dt
 
-        return _dt.datetime.fromtimestamp(ts_ns / 1e9, IST).strftime("%Y-%m-%d")
+        when = _dt.datetime.fromtimestamp(secs, IST)
+        day = when.strftime("%Y-%m-%d")
+        midnight = when.replace(hour=0, minute=0, second=0, microsecond=0)
+        start = midnight.timestamp()
+        end = (midnight + _dt.timedelta(days=1)).timestamp()
+        # a millisecond of margin at both ends keeps clear of fromtimestamp's rounding
+        self._day_span = (start + 1e-3, end - 1e-3, day)
+        return day
 
     def _apply_position(self, f: FillRow) -> PositionState:
         k = (f.strategy_id, f.key)
@@ -1095,7 +1118,9 @@ class ExecutionEngine:
         group = self._open_brackets(b.strategy_id, b.segment, b.token)
         if self.brackets.get(b.bracket_id) is b and not any(x is b for x in group):
             group.append(b)  # a closed one still cancels what is left of its legs
-        for x in sorted(group, key=lambda y: (y.created_ns, y.bracket_id)):
+        if len(group) > 1:
+            group.sort(key=lambda y: (y.created_ns, y.bracket_id))
+        for x in group:
             if x.state in BRACKET_OPEN or x is b:  # an earlier one's sync may have closed it
                 avail[x.side] -= self._sync_one(x, avail[x.side])
 

@@ -7,7 +7,6 @@ Ids are strings (UUIDs as text); money is ``Decimal``; times are nanoseconds sin
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -43,14 +42,28 @@ BRACKET_OPEN = frozenset({B_PENDING, B_ACTIVE})
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
 
 
+# base32 of 10-bit values, low 5 bits first: two characters of a tag per lookup
+_B32_PAIRS = tuple(_B32[v & 31] + _B32[v >> 5] for v in range(1024))
+
+
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text, like ``str(uuid.uuid4())`` but without the
+    ``UUID`` object (ids are made several times per order)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def new_client_tag() -> str:
     """``np`` + 10 base32 characters (50 random bits): short enough for Kotak's ``tag``."""
     raw = int.from_bytes(os.urandom(7), "big") >> 6  # 50 bits
-    return "np" + "".join(_B32[(raw >> (5 * i)) & 31] for i in range(10))
+    pairs = _B32_PAIRS
+    return (
+        "np" + pairs[raw & 1023] + pairs[(raw >> 10) & 1023] + pairs[(raw >> 20) & 1023]
+        + pairs[(raw >> 30) & 1023] + pairs[(raw >> 40) & 1023]
+    )
 
 
 def tag_key(tag: str) -> str:

@@ -153,7 +153,7 @@ class MemoryOrderStore:
             if b.entry_id in skipped:
                 continue
             self.brackets[b.bracket_id] = copy.copy(b)
-        seen = {r.request_id for r in self.risk if r.request_id}
+        seen = {r.request_id for r in self.risk if r.request_id} if changes.risk_events else set()
         for r in changes.risk_events:
             if r.request_id and r.request_id in seen:
                 continue

@@ -466,9 +466,20 @@ class RiskSentinel:
         if not (ltp > 0 and math.isfinite(ltp)):
             return _NO_EVENTS
         key = f"{tick.segment}|{tick.token}"
-        self._marks[key] = ltp
+        marks = self._marks
+        marks[key] = ltp
         if key in self._open_keys and not self.loss_breached:
-            return self._check_loss()
+            # Hot path: ``net_pnl()`` inlined (the same sums in the same order, so the same
+            # floats); the breach itself goes through ``_check_loss``.
+            unrealised = 0.0
+            net = self._net_qty
+            for k, cost in self._cost_f.items():
+                mark = marks.get(k)
+                if mark is not None:
+                    unrealised += net.get(k, 0) * mark - cost
+            net_pnl = (self._realised_f + unrealised) - self._turnover_f * self._cost_rate
+            if not net_pnl >= -self.cfg.max_daily_loss:  # written so that NaN breaches, as there
+                return self._check_loss()
         return _NO_EVENTS
 
     def on_fill(self, fill: Fill) -> Sequence[Event]:

@@ -343,9 +343,31 @@ class PaperBroker:
         key = f"{tick.segment}|{tick.token}"
         self.last[key] = tick
         book = self.resting.get(key)
-        if book:
-            shown = {"BUY": tick.ask_qty, "SELL": tick.bid_qty}  # shared by every order on this tick
-            for o in list(book):
+        if not book:
+            return
+        # Hot path: only the orders this tick can trigger or cross go to ``_match`` (the same
+        # tests as its early returns; a fill only touches its own order, so checking them all
+        # first is the same as checking each in turn).
+        ltp = tick.ltp
+        buy_touch = tick.ask if tick.ask > 0 else ltp
+        sell_touch = tick.bid if tick.bid > 0 else ltp
+        hits = None
+        for o in book:
+            if o.order_type == "SL" and not o.triggered:
+                hit = (o.side == "BUY" and ltp >= o.ftrigger) or (o.side == "SELL" and ltp <= o.ftrigger)
+            elif o.side == "BUY":
+                hit = not (buy_touch <= 0 or buy_touch > o.fprice)
+            else:
+                hit = not (sell_touch <= 0 or sell_touch < o.fprice)
+            if hit:
+                if hits is None:
+                    hits = [o]
+                else:
+                    hits.append(o)
+        if hits is not None:
+            # what the touch shows, shared by every order on this tick (partial fills only)
+            shown = {"BUY": tick.ask_qty, "SELL": tick.bid_qty} if self.partial_fills else None
+            for o in hits:
                 self._match(o, tick, arriving=False, shown=shown)
 
     def drain_events(self) -> list[BrokerEvent]:
