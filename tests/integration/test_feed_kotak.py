@@ -176,15 +176,20 @@ def test_garbage_frames_are_ignored_and_counted(tmp_path: Path, base_port: int,
     col = Collector(feed.subscriber(b"tick.", b"feedstatus."))
     try:
         feed.start()
-        col.wait_state("LIVE")
+        # Ask the feed for its state: with no reconnect, the one LIVE publication may come
+        # before this subscriber has joined (slow joiner), so the bus alone cannot tell.
+        eventually(lambda: feed.status()["state"] == "LIVE", 15, message="feed LIVE")
         conns = connections(fake)
 
         binary = fake.send_garbage_binary()
         text = fake.send_garbage_text()
-        fake.push_tick("nse_cm", "2885", ltp=1288.80, last_trade_qty=3)
 
-        eventually(lambda: any(t.ltp == 1288.80 for t in col.poll().ticks), 5,
-                   message="good tick after garbage")
+        def good_tick_arrived() -> bool:
+            # Re-sent until seen: a slow-joining subscriber may miss the first one.
+            fake.push_tick("nse_cm", "2885", ltp=1288.80, last_trade_qty=3)
+            return any(t.ltp == 1288.80 for t in col.poll().ticks)
+
+        eventually(good_tick_arrived, 5, interval=0.2, message="good tick after garbage")
         stats = eventually(lambda: (s := feed.status()["source_stats"])["garbage"] >= 16 and s, 5,
                            message="garbage counted")
     finally:
