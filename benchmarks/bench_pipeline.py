@@ -227,6 +227,7 @@ def feed_role() -> None:
 
 class FeedProc:
     def __init__(self, env: dict[str, str], out: Path) -> None:
+        self.out = out
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.bench_pipeline", "--role", "feed"],
             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -247,7 +248,12 @@ class FeedProc:
         t.start()
         t.join(timeout_s)
         if not box or box[0].strip() != word:
-            raise RuntimeError(f"stand-in feed: expected {word!r}, got {box[:1]!r} (exit {self.proc.poll()})")
+            err = self.out.read_text(errors="replace").strip().splitlines()[-3:] if self.out.exists() else []
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            raise RuntimeError(f"stand-in feed: expected {word!r}, got {box[:1]!r} "
+                               f"(exit {self.proc.poll()}): " + " | ".join(err))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -519,22 +525,35 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
     tmp = Path(tempfile.mkdtemp(prefix="neopulse-bench-pipe-"))
     home = tmp / "home"
     home.mkdir(parents=True)
-    env = stack_env(
-        home, free_base_port(),
-        NEOPULSE_ENV_FILE=str(home / "no.env"),
-        NEOPULSE_LOG__LEVEL="WARNING",
-        NEOPULSE_CONSOLE_LEVEL="WARNING",
-        NEOPULSE_EXECUTION__RECONCILE_S="3600",
-        NEOPULSE_RISK__MAX_ORDERS_PER_SEC="100000",
-        NEOPULSE_RISK__MAX_OPEN_POSITIONS="100000",
-        NEOPULSE_RISK__MAX_NOTIONAL="1000000000000",
-        NEOPULSE_RISK__MAX_DAILY_LOSS="1000000000",
-    )
+
+    def environment() -> dict[str, str]:
+        return stack_env(
+            home, free_base_port(),
+            NEOPULSE_ENV_FILE=str(home / "no.env"),
+            NEOPULSE_LOG__LEVEL="WARNING",
+            NEOPULSE_CONSOLE_LEVEL="WARNING",
+            NEOPULSE_EXECUTION__RECONCILE_S="3600",
+            NEOPULSE_RISK__MAX_ORDERS_PER_SEC="100000",
+            NEOPULSE_RISK__MAX_OPEN_POSITIONS="100000",
+            NEOPULSE_RISK__MAX_NOTIONAL="1000000000000",
+            NEOPULSE_RISK__MAX_DAILY_LOSS="1000000000",
+        )
+
+    # The stand-in feed binds first; on a shared machine a port that was free a moment ago
+    # may be taken by then: try other ports.
+    for attempt in range(3):
+        env = environment()
+        try:
+            feed: FeedProc | None = FeedProc(env, home / "feed.out")
+            break
+        except RuntimeError:
+            if attempt == 2:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     cfg = load_config(env=env)
     bus = Bus(cfg)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     closers: list[Any] = []
-    feed: FeedProc | None = None
     db = None
     rounds = max(1, min(rounds, n))
     result: dict[str, Any] = {
@@ -547,7 +566,7 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
         "raw_dealer_router_round_trip", "raw_psycopg_insert_commit")}
     cpu_used: dict[str, float] = {}
     try:
-        feed = FeedProc(env, home / "feed.out")
+        assert feed is not None
         prof = os.environ.get("BENCH_PROFILE")  # a directory: profile the services' CPU time
         for name in ("execution", "risk"):
             cmd = ["-c", _PROFILE, str(Path(prof) / f"{name}.prof")] if prof else ["-m"]

@@ -29,7 +29,7 @@ BENCHES: dict[str, tuple[list[str], float]] = {
     "feed": (["--ticks", "200000"], 240.0),
     "execution": (["--orders", "2000", "--inserts", "500", "--single", "300"], 300.0),
     "backtest": (["--ticks", "200000"], 300.0),
-    "pipeline": (["--orders", "200"], 300.0),
+    "pipeline": (["--orders", "400"], 300.0),
 }
 
 
