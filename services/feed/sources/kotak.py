@@ -87,7 +87,7 @@ class _SDK:
     def __init__(self) -> None:
         import structlog
 
-        # The same guard as libs.common.sdk.import_sdk() (TEAM_RULES), without the package
+        # The same guard as libs.common.sdk.import_sdk() (docs/interfaces.md), without the package
         # __init__ that import_sdk() runs: see _skip_package_init.
         os.environ.setdefault("NEO_LOG_FILE_ENABLED", "false")  # else it opens ./logs/...
         os.environ.setdefault("NEO_LOG_LEVEL", "WARNING")
