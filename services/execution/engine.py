@@ -240,6 +240,13 @@ class FlattenJob:
 # --------------------------------------------------------------------------- engine
 
 
+def freeze_step(lot_size: int, freeze_qty: int) -> int:
+    """The largest order size the exchange accepts under a freeze quantity: the biggest
+    multiple of the lot size not above ``freeze_qty`` (one lot when the lot exceeds it)."""
+    lot = max(1, lot_size)
+    return max(lot, freeze_qty - freeze_qty % lot)
+
+
 class ExecutionEngine:
     """Order lifecycle, OCO brackets, flatten and reconciliation over an ``OrderStore``."""
 
@@ -669,8 +676,7 @@ class ExecutionEngine:
         if not freeze or row.quantity <= freeze:
             self._queue_place(row)
             return []
-        lot = max(1, inst.lot_size)
-        step = max(lot, freeze - freeze % lot)
+        step = freeze_step(inst.lot_size, freeze)
         row.sliced = True
         sizes = [step] * (row.quantity // step)
         if row.quantity % step:
@@ -1201,8 +1207,7 @@ class ExecutionEngine:
     def _place_legs(self, b: BracketRow, kind: str, qty: int, seen: int) -> None:
         inst = self.master.get(b.segment, b.token)
         freeze = inst.freeze_qty if inst is not None else 0
-        lot = max(1, inst.lot_size) if inst is not None else 1
-        step = max(lot, freeze - freeze % lot) if freeze else qty
+        step = freeze_step(inst.lot_size, freeze) if inst is not None and freeze else qty
         now = self._now()
         exit_side = "SELL" if b.side == "BUY" else "BUY"
         n = seen
