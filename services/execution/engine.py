@@ -14,7 +14,17 @@ Durability rules
 * ``submit`` is idempotent on ``request_id`` (in memory, and in the ledger's unique key).
 * A place whose outcome is unknown leaves the row ``UNKNOWN``; reconciliation finds it by
   ``client_tag``; nothing is ever re-sent blindly.
-* Positions are the sum of fills; fills are unique per broker trade id and trading day.
+* Positions are the sum of fills; fills are unique per broker trade id, exchange segment
+  and trading day. A filled quantity comes only from trades: a COMPLETE (or CANCELLED) status
+  whose trades have not arrived yet leaves the order working, "awaiting fills".
+* Cancels are owed work: a cancel that fails is sent again with backoff until the broker's
+  book shows the order closed (CRITICAL alert after ``RETRY_ALERT_AFTER`` failures), also
+  after a restart and for an order whose broker id becomes known only later.
+* An order missing from the broker's book is closed only after ``MISSING_SNAPSHOTS``
+  consecutive snapshots spanning ``book_lag_s`` with the trade book agreeing; a row the ledger
+  calls terminal but the broker shows working is adopted back (CRITICAL alert).
+* A row the ledger refuses (``LedgerDataError``) is set aside with an alert; it never blocks
+  the unrelated changes written with it.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from services.execution.brokers.base import (
     BrokerAck,
     BrokerOrder,
     BrokerOrderStatus,
+    BrokerPosition,
     BrokerRejected,
     BrokerTemporary,
     BrokerTrade,
@@ -70,10 +81,12 @@ from services.execution.model import (
     B_PENDING,
     BRACKET_OPEN,
     ENTRY,
+    EXIT,
     FLATTEN_P,
+    LEG_PURPOSES,
     RANK,
+    REQUEST_PURPOSES,
     STOP,
-    TARGET,
     BracketRow,
     Changes,
     EventRow,
@@ -85,10 +98,19 @@ from services.execution.model import (
     new_id,
     tag_key,
 )
-from services.execution.store import LedgerError, OrderStore
+from services.execution.store import LedgerDataError, LedgerError, OrderStore, fill_problem
 
 _ZERO = Decimal(0)
-_LEGS = (STOP, TARGET)
+_LEGS = LEG_PURPOSES
+RETRY_BASE_S = 0.5  # first retry of a failed cancel or leg place; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 30.0
+RETRY_ALERT_AFTER = 5  # failures of one owed cancel / leg place before a CRITICAL alert
+MISSING_SNAPSHOTS = 2  # consecutive order books without an order before it is closed
+MISSING_RECHECK_NS = 1_000_000_000  # the next book after a miss is asked for this soon at the earliest
+CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works after this is sent again
+FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
+KILL_EVENTS = ("kill_switch_on", "kill_switch_off", "kill_switch")
+CARRIED = "carried"  # the strategy id of positions the broker carries from earlier days
 _TOPICS: dict[tuple[str, str], bytes] = {}
 
 
@@ -133,7 +155,14 @@ class BooksIntent:
     reason: str = "periodic"
 
 
-Intent = PlaceIntent | CancelIntent | ModifyIntent | BooksIntent
+@dataclass(slots=True)
+class PositionsIntent:
+    """Fetch the positions the broker carries from earlier days (NRML/CNC), once at start."""
+
+    started_ns: int
+
+
+Intent = PlaceIntent | CancelIntent | ModifyIntent | BooksIntent | PositionsIntent
 
 
 def run_intent(broker: Any, intent: Intent) -> Any:
@@ -144,6 +173,9 @@ def run_intent(broker: Any, intent: Intent) -> Any:
         return broker.cancel(intent.broker_order_id)
     if isinstance(intent, ModifyIntent):
         return broker.modify(intent.broker_order_id, quantity=intent.quantity)
+    if isinstance(intent, PositionsIntent):
+        carried = getattr(broker, "carried_positions", None)
+        return carried() if carried is not None else []
     return (broker.order_book(), broker.trade_book())
 
 
@@ -182,9 +214,16 @@ class PositionState:
     sell_qty: int = 0
     buy_value: Decimal = _ZERO
     sell_value: Decimal = _ZERO
+    # net quantity per product (MIS / NRML / CNC): a close goes out in the product it closes
+    by_product: dict[str, int] = field(default_factory=dict)
 
-    def apply(self, side: str, qty: int, price: Decimal) -> None:
+    def apply(self, side: str, qty: int, price: Decimal, product: str = "MIS") -> None:
         signed = qty if side == "BUY" else -qty
+        net = self.by_product.get(product, 0) + signed
+        if net:
+            self.by_product[product] = net
+        else:
+            self.by_product.pop(product, None)
         if side == "BUY":
             self.buy_qty += qty
             self.buy_value += price * qty
@@ -226,18 +265,28 @@ class PositionState:
 
 @dataclass
 class FlattenJob:
+    """One flatten: cancel what works, wait until the broker confirms every one of those
+    orders closed (fills of a leg may still be on their way), then close what is held."""
+
     request: Flatten
     waiters: list[Callable[[dict[str, Any]], None]]
-    pending_cancels: set[str] = field(default_factory=set)
+    deadline_ns: int = 0
+    waiting: set[str] = field(default_factory=set)  # orders that must end before the close
     pending_places: set[str] = field(default_factory=set)
     cancelled: list[str] = field(default_factory=list)
     closing: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    unconfirmed: list[str] = field(default_factory=list)  # still working when the wait ran out
     phase: str = "cancel"  # cancel → close → ready → done
     report: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- engine
+
+
+def _printable_id(text: str) -> bool:
+    """An id that can go into a bus topic and a log line: 1-64 printable ASCII characters."""
+    return 0 < len(text) <= 64 and text.isascii() and text.isprintable()
 
 
 def freeze_step(lot_size: int, freeze_qty: int) -> int:
@@ -275,7 +324,7 @@ class ExecutionEngine:
         self._bgroups: dict[tuple[str, str, str], list[BracketRow]] = {}
         self.legs: dict[str, list[str]] = {}  # bracket → STOP/TARGET orders
         self.positions: dict[tuple[str, str], PositionState] = {}
-        self.fill_keys: set[tuple[str, str]] = set()
+        self.fill_keys: set[tuple[str, str, str]] = set()  # (trading day, segment, trade id)
         self._day_span: tuple[float, float, str] = (0.0, 0.0, "")  # _day_of's last day (seconds)
         self.last: dict[str, Tick] = {}
         self.turnover = _ZERO
@@ -293,12 +342,19 @@ class ExecutionEngine:
         self.intents: deque[Intent] = deque()
         self.messages: list[tuple[bytes, Message]] = []
         self.inflight: set[str] = set()  # place intents not answered yet
-        self.cancel_sent: set[str] = set()
-        self.leg_failed: set[tuple[str, str]] = set()
+        self.cancel_sent: set[str] = set()  # cancel intents not answered yet
+        self.owed_cancels: set[str] = set()  # cancel requested, order not closed yet
+        self.leg_failed: set[tuple[str, str]] = set()  # legs the broker refused: not re-placed
+        self.leg_retry: dict[tuple[str, str], tuple[int, int]] = {}  # (bracket, kind) → (failures, due)
+        self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
+        self._awaiting_alerted: set[str] = set()
         self.flatten_jobs: dict[str, FlattenJob] = {}
         self._books_pending = False
         self.reconcile_due_ns = 0
         self._orphans_alerted: set[str] = set()
+        self._refused: dict[str, str] = {}  # request id → why the ledger would not store it
+        self._active_jobs: set[str] = set()  # flattens not answered yet
+        self._carried_retry = False
         self.stats = {
             "submitted": 0,
             "duplicates": 0,
@@ -309,6 +365,9 @@ class ExecutionEngine:
             "reconciles": 0,
             "unknown": 0,
             "orphans": 0,
+            "quarantined": 0,
+            "cancel_retries": 0,
+            "adopted": 0,
         }
         self.after_place: Callable[[PlaceIntent, Any], None] | None = None  # test crash hook
 
@@ -318,12 +377,16 @@ class ExecutionEngine:
         self.day = trading_day(self.clock)
         for o in self.store.load_orders(self.day):
             self._index(o)
+            if o.cancel_requested and not o.terminal and not o.sliced:
+                self.owed_cancels.add(o.order_id)  # sent again once the books are read
         for b in self.store.load_open_brackets():
             self.brackets[b.bracket_id] = b
-            self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
+            if b.state in BRACKET_OPEN:
+                self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
         for f in self.store.load_fills(self.day):
-            self.fill_keys.add((f.trading_day, f.trade_id))
+            self.fill_keys.add((f.trading_day, f.segment, f.trade_id))
             self._apply_position(f)
+        self._held_intents.append(PositionsIntent(self._now()))
         self.request_reconcile("startup")
 
     def _index(self, o: OrderRow) -> None:
@@ -362,7 +425,10 @@ class ExecutionEngine:
                 risk_events=self._risk,
             )
             try:
-                conflicts = self.store.write(changes)
+                try:
+                    conflicts = self.store.write(changes)
+                except LedgerDataError as exc:  # one row is unstorable: write the rest without it
+                    conflicts = self._write_isolating(changes, exc)
             except LedgerError as exc:
                 self.stats["ledger_errors"] += 1
                 n = self.stats["ledger_errors"]
@@ -387,6 +453,81 @@ class ExecutionEngine:
             self.messages.extend(self._held_msgs)
             self._held_msgs = []
         return True
+
+    def _write_isolating(self, changes: Changes, first: LedgerDataError) -> dict[str, OrderRow]:
+        """Write ``changes`` one self-contained unit per transaction (an order with its slices,
+        events and bracket; an update with its events; a fill; a bracket; a risk event) so the
+        unit the ledger refuses is set aside with an alert and everything else is written.
+        A connection error on the way raises ``LedgerError``: the caller keeps the whole set
+        pending, and the units already written are idempotent on the retry (new orders on
+        ``request_id``, fills on their key, brackets and updates are upserts)."""
+        if self.log is not None:
+            self.log.error("ledger_refused_rows", error=str(first))
+        root: dict[str, str] = {}
+        for o in changes.new_orders:
+            root[o.order_id] = root.get(o.parent_id, o.order_id) if o.parent_id else o.order_id
+        units: list[tuple[str, str, Changes]] = []
+        new_units: dict[str, Changes] = {}
+        for o in changes.new_orders:
+            r = root[o.order_id]
+            unit = new_units.get(r)
+            if unit is None:
+                unit = new_units[r] = Changes()
+                units.append(("order", r, unit))
+            unit.new_orders.append(o)
+        upd_units: dict[str, Changes] = {}
+        for oid, o in changes.updated.items():
+            upd_units[oid] = Changes(updated={oid: o})
+            units.append(("update", oid, upd_units[oid]))
+        for ev in changes.events:
+            er = root.get(ev.order_id)
+            if er is not None:
+                new_units[er].events.append(ev)
+            elif ev.order_id in upd_units:
+                upd_units[ev.order_id].events.append(ev)
+            else:
+                units.append(("event", ev.order_id, Changes(events=[ev])))
+        for f in changes.fills:
+            units.append(("fill", f.trade_id, Changes(fills=[f])))
+        for bid, b in changes.brackets.items():
+            br = root.get(b.entry_id)
+            if br is not None:
+                new_units[br].brackets[bid] = b
+            else:
+                units.append(("bracket", bid, Changes(brackets={bid: b})))
+        for rv in changes.risk_events:
+            units.append(("risk event", rv.event, Changes(risk_events=[rv])))
+        conflicts: dict[str, OrderRow] = {}
+        for kind, name, unit in units:
+            try:
+                conflicts.update(self.store.write(unit))
+            except LedgerDataError as exc:
+                self._quarantine(kind, name, unit, str(exc))
+        return conflicts
+
+    def _quarantine(self, kind: str, name: str, unit: Changes, why: str) -> None:
+        """The ledger cannot store this unit. A new order is refused (never sent: its place
+        intents are dropped); anything else is alerted and left out of the ledger."""
+        self.stats["quarantined"] += 1
+        if kind == "order":
+            dropped = {o.order_id for o in unit.new_orders}
+            for o in unit.new_orders:
+                self._refused[o.request_id] = f"the ledger refused the order: {why}"
+                self._unindex(o)
+            self.inflight -= dropped
+            self._held_intents = [i for i in self._held_intents if getattr(i, "order_id", "") not in dropped]
+            self._held_msgs = [
+                (t, m) for t, m in self._held_msgs if getattr(m, "order_id", "") not in dropped
+            ]
+            for bid in unit.brackets:
+                b = self.brackets.pop(bid, None)
+                if b is not None:
+                    self._open_brackets(b.strategy_id, b.segment, b.token)
+        self.alert(
+            "CRITICAL",
+            f"the ledger refused a {kind} ({name[:64]}): {why[:300]}; set aside, the rest was written",
+            "ledger_quarantine",
+        )
 
     def _adopt_conflicts(self, conflicts: dict[str, OrderRow]) -> None:
         for rid, existing in conflicts.items():
@@ -476,40 +617,38 @@ class ExecutionEngine:
         """Accept approved orders: their ``PENDING_BROKER`` rows are committed in ONE transaction
         (together with any changes still waiting for a flush — group commit), then their place
         intents are released. A refused order is written as ``REJECTED``. When the ledger
-        cannot write, nothing of this batch is kept and every order is refused."""
+        cannot write, nothing of this batch is kept and every order is refused.
+
+        An order whose ``expires_ns`` passed before its row was committed is never sent: risk
+        has told the strategy by then that it was not placed (it gave up waiting)."""
         cmds = list(cmds)
-        mark = (
-            len(self._events),
-            len(self._held_intents),
-            len(self._held_msgs),
-            set(self._new),
-            set(self._bdirty),
-        )
+        mark = self._uow_mark()
         created: list[OrderRow] = []
+        now = self._now()
         for cmd in cmds:
             if cmd.request_id in self.by_request:
                 self.stats["duplicates"] += 1
                 continue
-            created.extend(self._build(cmd))
+            one = self._uow_mark()
+            try:
+                created.extend(self._build(cmd, expired=bool(cmd.expires_ns) and now > cmd.expires_ns))
+            except Exception as exc:  # noqa: BLE001 - one odd command must not leave a half-built row
+                self._uow_rollback(one, [o for k, o in self._new.items() if k not in one[3]])
+                self._refused[cmd.request_id] = f"order could not be built: {type(exc).__name__}: {exc}"
+                if self.log is not None:
+                    self.log.error("order_build_failed", request_id=cmd.request_id, error=repr(exc))
         if not self.flush():
-            ids = {o.order_id for o in created}
-            for o in created:
-                self._unindex(o)
-            self._events = self._events[: mark[0]]
-            self._held_intents = self._held_intents[: mark[1]]
-            self._held_msgs = self._held_msgs[: mark[2]]
-            self._new = {k: v for k, v in self._new.items() if k in mark[3]}
-            self._bdirty = {k: v for k, v in self._bdirty.items() if k in mark[4]}
-            self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in ids}
-            self.inflight -= ids
+            self._uow_rollback(mark, created)
             return [
                 SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds
             ]
+        self._expire_late(cmds)
         out: list[SubmitResult] = []
         for cmd in cmds:
             row = self.orders.get(self.by_request.get(cmd.request_id, ""))
             if row is None:
-                out.append(SubmitResult(cmd.request_id, False, reason="order lost", code="internal"))
+                why = self._refused.pop(cmd.request_id, "order lost")
+                out.append(SubmitResult(cmd.request_id, False, reason=why, code="refused"))
                 continue
             ok = row.status != REJECTED
             code = "" if ok else "rejected"
@@ -518,6 +657,48 @@ class ExecutionEngine:
             )
         self.stats["submitted"] += len(cmds)
         return out
+
+    def _uow_mark(self) -> tuple[int, int, int, set[str], set[str]]:
+        held = (len(self._events), len(self._held_intents), len(self._held_msgs))
+        return (*held, set(self._new), set(self._bdirty))
+
+    def _uow_rollback(self, mark: tuple[int, int, int, set[str], set[str]], created: list[OrderRow]) -> None:
+        """Forget what was added since ``mark``: rows, events, intents, messages, brackets."""
+        ids = {o.order_id for o in created}
+        for o in created:
+            self._unindex(o)
+        self._events = self._events[: mark[0]]
+        self._held_intents = self._held_intents[: mark[1]]
+        self._held_msgs = self._held_msgs[: mark[2]]
+        self._new = {k: v for k, v in self._new.items() if k in mark[3]}
+        self._bdirty = {k: v for k, v in self._bdirty.items() if k in mark[4]}
+        self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in ids}
+        self.inflight -= ids
+
+    def _expire_late(self, cmds: list[ExecuteOrder]) -> None:
+        """Orders whose deadline passed while their rows were being committed: their place
+        intents are withdrawn and the rows closed as not placed."""
+        now = self._now()
+        for cmd in cmds:
+            if not cmd.expires_ns or now <= cmd.expires_ns:
+                continue
+            row = self.orders.get(self.by_request.get(cmd.request_id, ""))
+            if row is None or row.status != PENDING_BROKER:
+                continue
+            late_ms = (now - cmd.expires_ns) / 1e6
+            for x in [self.orders[c] for c in self.children.get(row.order_id, [])] or [row]:
+                self._withdraw(x, f"expired {late_ms:.0f} ms before it could be sent; not placed", REJECTED)
+
+    def _withdraw(self, o: OrderRow, reason: str, status: str = CANCELLED) -> bool:
+        """Take back a place intent that has not reached the broker; the row ends ``status``."""
+        for queue in (self._held_intents, self.intents):
+            for i in list(queue):
+                if isinstance(i, PlaceIntent) and i.order_id == o.order_id:
+                    queue.remove(i)
+                    self.inflight.discard(o.order_id)
+                    self._transition(o, status, status, {"reason": reason}, reason)
+                    return True
+        return False
 
     def _instrument(self, cmd: ExecuteOrder) -> Instrument | None:
         inst = self.master.get(cmd.segment, cmd.token) if cmd.segment and cmd.token else None
@@ -563,16 +744,27 @@ class ExecutionEngine:
             return "SL", price, trig
         raise MoneyError(f"unknown order type {o.order_type!r}")
 
-    def _build(self, cmd: ExecuteOrder) -> list[OrderRow]:
+    def _build(self, cmd: ExecuteOrder, expired: bool = False) -> list[OrderRow]:
+        """The rows of one command. Every check (prices, bracket, stop limit) runs before the
+        first row is added, so a refusal is one REJECTED row and never a half-built order."""
         o = cmd.order
         now = self._now()
         side = (o.side or "").upper()
+        purpose = (o.purpose or ENTRY).upper()
         inst = self._instrument(cmd)
         qty = int(cmd.quantity)
         reason = ""
         otype, price, trig = "LIMIT", None, None
-        if side not in ("BUY", "SELL"):
+        stop_limit: Decimal | None = None
+        if expired:
+            late_ms = (now - cmd.expires_ns) / 1e6
+            reason = f"reached execution {late_ms:.0f} ms after its deadline; not placed"
+        elif side not in ("BUY", "SELL"):
             reason = f"side {o.side!r} must be BUY or SELL"
+        elif purpose not in REQUEST_PURPOSES:
+            reason = f"purpose {o.purpose!r} must be one of {', '.join(sorted(REQUEST_PURPOSES))}"
+        elif not _printable_id(o.strategy_id):
+            reason = "strategy id must be 1-64 printable ASCII characters"
         elif inst is None:
             reason = f"unknown instrument: {cmd.symbol or cmd.segment + '|' + cmd.token}"
         elif qty <= 0:
@@ -583,8 +775,13 @@ class ExecutionEngine:
             try:
                 otype, price, trig = self._price(cmd, inst, side)
                 reason = self._bracket_reason(cmd, inst, side, price) or ""
+                if not reason and o.stop_loss is not None:
+                    exit_side = "SELL" if side == "BUY" else "BUY"
+                    stop_limit = protected_limit(exit_side, o.stop_loss, self.protection_pct, inst.tick_size)
             except MoneyError as exc:
                 reason = str(exc)
+            except ArithmeticError:  # decimal.InvalidOperation / Overflow on absurd values
+                reason = "price, trigger, stop loss or target is out of range"
         seg = inst.segment if inst else cmd.segment
         tok = inst.token if inst else cmd.token
         sym = inst.symbol if inst else (cmd.symbol or o.symbol)
@@ -606,7 +803,7 @@ class ExecutionEngine:
             trading_day=self.day,
             created_ns=now,
             updated_ns=now,
-            purpose=(o.purpose or ENTRY).upper(),
+            purpose=purpose if purpose in REQUEST_PURPOSES else ENTRY,
             broker=self.broker_name,
             reason=reason,
         )
@@ -618,7 +815,7 @@ class ExecutionEngine:
             return rows
         assert inst is not None
         if o.stop_loss is not None or o.target is not None:
-            self._new_bracket(row, inst, o.stop_loss, o.target)
+            self._new_bracket(row, o.stop_loss, o.target, stop_limit)
         rows.extend(self._slice_and_place(row, inst))
         return rows
 
@@ -753,9 +950,12 @@ class ExecutionEngine:
     def _on_terminal(self, o: OrderRow) -> None:
         self.inflight.discard(o.order_id)
         self.cancel_sent.discard(o.order_id)
+        self.owed_cancels.discard(o.order_id)
         b = self._bracket_of(o)
         if b is not None:
-            if o.status == REJECTED and o.purpose in _LEGS:
+            if o.order_id in self._temp_refused:  # not placed for a passing reason: re-placed later
+                self._temp_refused.discard(o.order_id)
+            elif o.status == REJECTED and o.purpose in _LEGS:
                 self.leg_failed.add((b.bracket_id, o.purpose))
                 self.alert(
                     "CRITICAL",
@@ -817,6 +1017,8 @@ class ExecutionEngine:
             self._on_cancel(intent, result)
         elif isinstance(intent, ModifyIntent):
             self._on_modify(intent, result)
+        elif isinstance(intent, PositionsIntent):
+            self._on_carried(result)
         else:
             self._books_pending = False
             if isinstance(result, BaseException):
@@ -825,7 +1027,35 @@ class ExecutionEngine:
                 self.reconcile_due_ns = self._now() + 5_000_000_000
             else:
                 self.on_books(result[0], result[1], intent.started_ns)
-        self._advance_jobs(intent)
+        if self._active_jobs:
+            self._advance_jobs()
+
+    def _on_carried(self, result: Any) -> None:
+        """Positions the broker carries from earlier days (NRML/CNC): risk limits, flatten and
+        ``neopulse positions`` see them under the strategy id ``carried``."""
+        if isinstance(result, BaseException) or not isinstance(result, list):
+            why = getattr(result, "reason", str(result))
+            self._carried_retry = True  # asked again with the next reconciliation
+            self.alert(
+                "WARNING", f"carried positions could not be read from the broker: {why}", "carried_unread"
+            )
+            return
+        self._carried_retry = False
+        now = self._now()
+        for cp in result:
+            if not isinstance(cp, BrokerPosition) or not cp.quantity:
+                continue
+            k = (CARRIED, f"{cp.segment}|{cp.token}")
+            pos = self.positions.get(k)
+            if pos is None:
+                pos = self.positions[k] = PositionState(CARRIED, cp.segment, cp.token, cp.symbol)
+            pos.quantity += cp.quantity - pos.by_product.get(cp.product, 0)
+            pos.by_product[cp.product] = cp.quantity
+            pos.avg_price = cp.avg_price
+            last = self.last.get(k[1])
+            self._held_msgs.append((_topic("position", CARRIED), pos.message(last.ltp if last else 0.0, now)))
+        if result and self.log is not None:
+            self.log.info("carried_positions", count=len(result))
 
     def _on_place(self, intent: PlaceIntent, result: Any) -> None:
         o = self.orders.get(intent.order_id)
@@ -842,10 +1072,11 @@ class ExecutionEngine:
             ):
                 o.updated_ns = self._now()
                 self._mark(o)
-            if o.cancel_requested and o.order_id not in self.cancel_sent and not o.terminal:
-                self._send_cancel(o)
+            self._pay_cancel(o)
             b = self._bracket_of(o)
             if b is not None:
+                if o.purpose in _LEGS:
+                    self.leg_retry.pop((b.bracket_id, o.purpose), None)
                 self._sync_bracket(b)
             return
         if isinstance(result, BrokerRejected):
@@ -854,6 +1085,8 @@ class ExecutionEngine:
             )
             return
         if isinstance(result, BrokerTemporary):
+            if o.purpose in _LEGS and o.bracket_id:
+                self._leg_not_placed(o, result.reason)
             self._transition(
                 o,
                 REJECTED,
@@ -878,17 +1111,49 @@ class ExecutionEngine:
         )
         self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + self.book_lag_ns)
 
+    def _leg_not_placed(self, o: OrderRow, why: str) -> None:
+        """A bracket leg did not reach the broker for a passing reason (rate limit, timeout,
+        a book that lost it): place it again after a backoff; CRITICAL after a few failures."""
+        key = (o.bracket_id, o.purpose)
+        n = self.leg_retry.get(key, (0, 0))[0] + 1
+        self.leg_retry[key] = (n, self._now() + self._backoff_ns(n))
+        self._temp_refused.add(o.order_id)
+        if n == RETRY_ALERT_AFTER:
+            self.alert(
+                "CRITICAL",
+                f"{o.purpose.lower()} leg of {o.symbol} could not be placed {n} times ({why}); "
+                "still retrying: the position is not protected by it meanwhile",
+                "leg_place_failing",
+            )
+
     def _on_cancel(self, intent: CancelIntent, result: Any) -> None:
+        self.cancel_sent.discard(intent.order_id)
         o = self.orders.get(intent.order_id)
-        if o is None:
+        if o is None or o.terminal:
             return
-        if isinstance(result, BaseException):
-            why = getattr(result, "reason", str(result))
-            o.updated_ns = self._now()
-            self._event(o, "CANCEL_FAILED", o.status, {"error": why})
-            if not o.terminal and self.log is not None:
-                self.log.warning("cancel_failed", order_id=o.order_id, error=why)
-            self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + self.book_lag_ns)
+        now = self._now()
+        if not isinstance(result, BaseException):
+            # accepted: the broker's book confirms it; still working after a while → sent again
+            o.cancel_due_ns = now + max(self._backoff_ns(o.cancel_failures + 1), CANCEL_CONFIRM_NS)
+            return
+        why = getattr(result, "reason", str(result))
+        o.cancel_failures += 1
+        n = o.cancel_failures
+        o.cancel_due_ns = now + self._backoff_ns(n)
+        o.updated_ns = now
+        self.stats["cancel_retries"] += 1
+        self._event(o, "CANCEL_FAILED", o.status, {"error": why, "failures": n})
+        if self.log is not None:
+            self.log.warning("cancel_failed", order_id=o.order_id, error=why, failures=n)
+        if n == RETRY_ALERT_AFTER:
+            self.alert(
+                "CRITICAL",
+                f"cancel of {o.purpose.lower()} order {o.client_tag} ({o.side} {o.remaining} {o.symbol}) "
+                f"failed {n} times ({why}); still retrying: check it at the broker",
+                "cancel_failing",
+            )
+        # the order may have ended meanwhile (a fill, an expiry): the books tell
+        self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, now + self._backoff_ns(n))
 
     def _on_modify(self, intent: ModifyIntent, result: Any) -> None:
         o = self.orders.get(intent.order_id)
@@ -918,6 +1183,8 @@ class ExecutionEngine:
             self._on_trade(ev, o)
         else:
             self._on_status(ev, o)
+        if self._active_jobs:
+            self._advance_jobs()
 
     def _find(self, broker_order_id: str, client_tag: str) -> OrderRow | None:
         oid = self.by_broker_id.get(broker_order_id) if broker_order_id else None
@@ -928,6 +1195,7 @@ class ExecutionEngine:
             o.broker_order_id = broker_order_id
             self.by_broker_id[broker_order_id] = o.order_id
             self._mark(o)
+            self._pay_cancel(o)  # a cancel asked for while its place was unanswered or UNKNOWN
         return o
 
     def _orphan(self, broker_order_id: str, client_tag: str) -> None:
@@ -957,18 +1225,36 @@ class ExecutionEngine:
             if o.status in (PENDING_BROKER, UNKNOWN) and status != ACK:
                 self._transition(o, ACK, "ACK", raw)
             self._transition(o, status, status, raw)
-        elif status == COMPLETE:
+        elif status in (COMPLETE, CANCELLED):
             if o.status in (PENDING_BROKER, UNKNOWN):
                 self._transition(o, ACK, "ACK", raw)
-            self._transition(o, COMPLETE, COMPLETE, raw)
+            # a filled quantity comes only from trades: the broker's book may call an order
+            # COMPLETE before its trade is in the trade book
+            traded = (st.filled_qty or o.quantity) if status == COMPLETE else st.filled_qty
+            if o.filled_qty < traded:
+                self._await_fills(o, status, traded, st.reason, raw)
+                return
+            reason = "" if status == COMPLETE else (st.reason or "cancelled")
+            self._transition(o, status, status, raw, reason)
         elif status == REJECTED:
             self._transition(o, REJECTED, REJECTED, raw, st.reason or "rejected by the broker")
-        elif status == CANCELLED:
-            self._transition(o, CANCELLED, CANCELLED, raw, st.reason or "cancelled")
+
+    def _await_fills(self, o: OrderRow, status: str, traded: int, reason: str, raw: Any) -> None:
+        """The broker says the order ended with ``traded`` filled, but fewer shares have arrived
+        as trades: it stays working until they do (``_on_trade`` then closes it)."""
+        if o.broker_final:
+            o.broker_filled = max(o.broker_filled, traded)
+            return
+        o.broker_final, o.broker_filled, o.awaiting_since_ns = status, traded, self._now()
+        if status == CANCELLED and reason:
+            o.reason = reason
+        self._transition(o, OPEN, OPEN, raw)
+        o.updated_ns = self._now()
+        self._event(o, "AWAITING_FILLS", o.status, {"broker_status": status, "traded": traded, "raw": raw})
 
     def _on_trade(self, tr: BrokerTrade, o: OrderRow) -> None:
         day = self._day_of(tr.ts_ns)
-        key = (day, tr.trade_id)
+        key = (day, o.segment, tr.trade_id)
         if key in self.fill_keys:
             return
         self.fill_keys.add(key)
@@ -989,6 +1275,19 @@ class ExecutionEngine:
             broker=self.broker_name,
             raw=tr.raw,
         )
+        problem = fill_problem(fill)
+        if problem is not None:  # the ledger could never store it, and the position must not take it
+            self.stats["quarantined"] += 1
+            self._event(o, "TRADE_QUARANTINED", o.status, {"trade_id": tr.trade_id, "error": problem,
+                                                          "raw": tr.raw})  # fmt: skip
+            self._mark(o)
+            self.alert(
+                "CRITICAL",
+                f"broker trade {tr.trade_id} of {o.symbol} ({o.client_tag}) set aside: {problem}; "
+                "the position ignores it — check the broker's trade book",
+                "trade_quarantined",
+            )
+            return
         self._fills.append(fill)
         self.stats["fills"] += 1
         o.filled_qty += tr.quantity
@@ -1031,6 +1330,8 @@ class ExecutionEngine:
             )
         if not o.terminal:
             status = COMPLETE if o.filled_qty >= o.quantity else PARTIAL
+            if o.broker_final and o.filled_qty >= o.broker_filled:
+                status = o.broker_final  # the trades the broker's status announced are all here
             if o.status in (PENDING_BROKER, UNKNOWN):
                 self._transition(o, ACK, "ACK", {"via": "trade"})
             if not self._transition(o, status, status, {"trade_id": tr.trade_id}):
@@ -1068,7 +1369,8 @@ class ExecutionEngine:
         pos = self.positions.get(k)
         if pos is None:
             pos = self.positions[k] = PositionState(f.strategy_id, f.segment, f.token, f.symbol)
-        pos.apply(f.side, f.quantity, f.price)
+        o = self.orders.get(f.order_id)
+        pos.apply(f.side, f.quantity, f.price, o.product if o is not None else "MIS")
         self.turnover += f.price * f.quantity
         self.fill_count += 1
         return pos
@@ -1080,12 +1382,8 @@ class ExecutionEngine:
 
     # ================================================================== OCO brackets
     def _new_bracket(
-        self, entry: OrderRow, inst: Instrument, stop_loss: Decimal | None, target: Decimal | None
+        self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None
     ) -> None:
-        exit_side = "SELL" if entry.side == "BUY" else "BUY"
-        stop_limit = None
-        if stop_loss is not None:
-            stop_limit = protected_limit(exit_side, stop_loss, self.protection_pct, inst.tick_size)
         b = BracketRow(
             bracket_id=new_id(),
             entry_id=entry.order_id,
@@ -1154,6 +1452,18 @@ class ExecutionEngine:
         protect = max(0, min(own, avail))
         changed = entry.filled_qty != b.entry_filled or exit_filled != b.exit_filled
         b.entry_filled, b.exit_filled = entry.filled_qty, exit_filled
+        if b.state == B_CANCELLED and own > 0:
+            # closed as "entry ended unfilled", yet a trade of the entry arrived after all
+            # (a status that came before its trade): the position it opened needs its legs
+            b.state = B_ACTIVE
+            changed = True
+            self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
+            self.alert(
+                "WARNING",
+                f"bracket on {b.symbol} reopened: the entry filled {entry.filled_qty} after it was "
+                "reported closed; placing its stop and target",
+                "bracket_reopened",
+            )
         state = b.state
         if state in BRACKET_OPEN:
             if own < 0:
@@ -1189,6 +1499,9 @@ class ExecutionEngine:
         if have < want:
             if (b.bracket_id, kind) in self.leg_failed:
                 return
+            retry = self.leg_retry.get((b.bracket_id, kind))
+            if retry is not None and self._now() < retry[1]:
+                return  # placed again once the backoff has passed (``_retry_owed``)
             self._place_legs(b, kind, want - have, len(legs))
         elif have > want:
             excess = have - want
@@ -1252,37 +1565,61 @@ class ExecutionEngine:
 
     # ================================================================== cancels
     def _request_cancel(self, o: OrderRow, reason: str = "") -> bool:
+        """Ask for ``o`` to be cancelled. The cancel is owed until the broker's book shows the
+        order closed: sent now when its broker id is known, else once it is (ack, order feed or
+        reconciliation), and sent again with backoff when it fails. True if newly requested."""
         if o.terminal or o.sliced:
             return False
         if o.cancel_requested:
-            if o.broker_order_id and o.order_id not in self.cancel_sent and o.order_id not in self.inflight:
-                self._send_cancel(o)
+            self._pay_cancel(o)
             return False
         o.cancel_requested = True
         o.updated_ns = self._now()
         self._mark(o)
         self._event(o, "CANCEL_REQUESTED", o.status, {"reason": reason} if reason else None)
-        # not sent yet? then it never will be
-        for queue in (self._held_intents, self.intents):
-            for i in list(queue):
-                if isinstance(i, PlaceIntent) and i.order_id == o.order_id:
-                    queue.remove(i)
-                    self.inflight.discard(o.order_id)
-                    self._transition(
-                        o,
-                        CANCELLED,
-                        "CANCELLED",
-                        {"reason": "cancelled before it was sent"},
-                        reason or "cancelled before it was sent",
-                    )
-                    return True
-        if o.broker_order_id and o.order_id not in self.inflight:
-            self._send_cancel(o)
+        if self._withdraw(o, reason or "cancelled before it was sent"):  # not sent yet: never will be
+            return True
+        self.owed_cancels.add(o.order_id)
+        self._pay_cancel(o)
         return True
+
+    def _pay_cancel(self, o: OrderRow) -> None:
+        """Send an owed cancel if it can go now: broker id known, place answered, no cancel of
+        it in flight, and its backoff elapsed."""
+        if (
+            o.cancel_requested
+            and not o.terminal
+            and o.broker_order_id
+            and o.order_id not in self.inflight
+            and o.order_id not in self.cancel_sent
+            and self._now() >= o.cancel_due_ns
+        ):
+            self._send_cancel(o)
 
     def _send_cancel(self, o: OrderRow) -> None:
         self.cancel_sent.add(o.order_id)
         self._held_intents.append(CancelIntent(o.order_id, o.broker_order_id))
+
+    def _retry_owed(self) -> None:
+        """Periodic: owed cancels whose backoff elapsed, and legs whose re-place is due."""
+        for oid in list(self.owed_cancels):
+            o = self.orders.get(oid)
+            if o is None or o.terminal or not o.cancel_requested:
+                self.owed_cancels.discard(oid)
+                continue
+            self._pay_cancel(o)
+        if self.leg_retry:
+            now = self._now()
+            for (bid, _kind), (_n, due) in list(self.leg_retry.items()):
+                b = self.brackets.get(bid)
+                if b is None or b.state not in BRACKET_OPEN:
+                    self.leg_retry.pop((bid, _kind), None)
+                elif now >= due:
+                    self._sync_bracket(b)
+
+    @staticmethod
+    def _backoff_ns(failures: int) -> int:
+        return int(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, failures - 1)) * 1e9)
 
     def _cancel_tree(self, o: OrderRow, reason: str = "") -> list[str]:
         ids = []
@@ -1293,19 +1630,37 @@ class ExecutionEngine:
         return ids
 
     def cancel_entries(self, reason: str = "kill switch") -> list[str]:
-        """Kill-switch hook: cancel every open ENTRY order (legs keep protecting positions)."""
+        """Kill-switch hook: cancel every working order that can add exposure — entries and
+        manual orders, and an exit that would now open or flip its strategy's position.
+        Bracket legs and flatten closes keep working: they only take exposure off."""
         ids = []
         for o in list(self.orders.values()):
-            if o.purpose == ENTRY and not o.terminal and not o.sliced and self._request_cancel(o, reason):
+            if o.terminal or o.sliced or not self._can_add_exposure(o):
+                continue
+            if self._request_cancel(o, reason):
                 ids.append(o.order_id)
         if ids and self.log is not None:
             self.log.info("entries_cancelled", count=len(ids), reason=reason)
         return ids
 
+    def _can_add_exposure(self, o: OrderRow) -> bool:
+        if o.purpose in _LEGS or o.purpose == FLATTEN_P:
+            return False
+        if o.purpose != EXIT:
+            return True
+        pos = self.positions.get((o.strategy_id, o.key))
+        held = pos.quantity if pos is not None else 0
+        reduces = (held > 0 and o.side == "SELL") or (held < 0 and o.side == "BUY")
+        return not reduces or o.remaining > abs(held)
+
     # ================================================================== flatten
     def flatten(self, req: Flatten, done: Callable[[dict[str, Any]], None]) -> None:
-        """Cancel open orders, then close positions with protected limits; ``done(report)``
-        once every close order has its broker answer. Idempotent on ``request_id``."""
+        """Cancel open orders; once the broker confirms each of them closed (a leg's fill may
+        still be on its way, an order in flight or UNKNOWN may still turn up), close the
+        positions as they then stand, each in its own product, with protected limits;
+        ``done(report)`` once every close has its broker answer. If confirmations take longer
+        than ``FLATTEN_CANCEL_WAIT_S`` the close goes out anyway and the report names the orders
+        still working. Idempotent on ``request_id``."""
         job = self.flatten_jobs.get(req.request_id)
         if job is not None:
             if job.report is not None:
@@ -1313,8 +1668,11 @@ class ExecutionEngine:
             else:
                 job.waiters.append(done)
             return
-        job = FlattenJob(request=req, waiters=[done])
+        job = FlattenJob(
+            request=req, waiters=[done], deadline_ns=self._now() + int(FLATTEN_CANCEL_WAIT_S * 1e9)
+        )
         self.flatten_jobs[req.request_id] = job
+        self._active_jobs.add(req.request_id)
         match_key = self._match_symbol(req.symbol) if req.symbol else None
         if req.symbol and match_key is None:
             job.skipped.append({"symbol": req.symbol, "reason": f"unknown instrument: {req.symbol}"})
@@ -1333,10 +1691,9 @@ class ExecutionEngine:
                 continue
             if self._request_cancel(o, f"flatten {req.request_id}"):
                 job.cancelled.append(o.order_id)
-                if o.order_id in self.cancel_sent:
-                    job.pending_cancels.add(o.order_id)
-        if not job.pending_cancels:
-            self._flatten_close(job)
+            if not o.terminal:
+                job.waiting.add(o.order_id)
+        self._advance_job(job)
 
     def _match_symbol(self, symbol: str) -> str | None:
         try:
@@ -1361,7 +1718,6 @@ class ExecutionEngine:
             if req.symbol and match_key is None:
                 continue
             inst = self.master.get(pos.segment, pos.token)
-            side = "SELL" if pos.quantity > 0 else "BUY"
             last = self.last.get(key)
             if inst is None or inst.tick_size <= 0:
                 job.skipped.append(
@@ -1371,50 +1727,75 @@ class ExecutionEngine:
             if last is None or last.ltp <= 0:
                 job.skipped.append({"symbol": pos.symbol, "reason": "no last price: cannot price the close"})
                 continue
-            price = protected_limit(side, last.ltp, self.protection_pct, inst.tick_size)
-            row = OrderRow(
-                order_id=new_id(),
-                request_id=f"flatten:{req.request_id}:{sid}:{key}",
-                client_tag=self._tag(),
-                strategy_id=sid,
-                segment=pos.segment,
-                token=pos.token,
-                symbol=pos.symbol,
-                side=side,
-                order_type="LIMIT",
-                product="MIS",
-                quantity=abs(pos.quantity),
-                price=price,
-                status=PENDING_BROKER,
-                trading_day=self.day,
-                created_ns=now,
-                updated_ns=now,
-                purpose=FLATTEN_P,
-                broker=self.broker_name,
-            )
-            if row.request_id in self.by_request:
-                continue
-            self._add(row, "PENDING", {"flatten": req.request_id, "position": pos.quantity})
-            kids = self._slice_and_place(row, inst)
-            job.closing.append(row.order_id)
-            for x in kids or [row]:
-                job.pending_places.add(x.order_id)
-        if not job.pending_places:
+            by_product = pos.by_product or {"MIS": pos.quantity}
+            for product, held in sorted(by_product.items()):
+                if not held:
+                    continue
+                side = "SELL" if held > 0 else "BUY"
+                price = protected_limit(side, last.ltp, self.protection_pct, inst.tick_size)
+                rid = f"flatten:{req.request_id}:{sid}:{key}"
+                if len(by_product) > 1:
+                    rid += f":{product}"
+                row = OrderRow(
+                    order_id=new_id(),
+                    request_id=rid,
+                    client_tag=self._tag(),
+                    strategy_id=sid,
+                    segment=pos.segment,
+                    token=pos.token,
+                    symbol=pos.symbol,
+                    side=side,
+                    order_type="LIMIT",
+                    product=product,
+                    quantity=abs(held),
+                    price=price,
+                    status=PENDING_BROKER,
+                    trading_day=self.day,
+                    created_ns=now,
+                    updated_ns=now,
+                    purpose=FLATTEN_P,
+                    broker=self.broker_name,
+                )
+                if row.request_id in self.by_request:
+                    continue
+                self._add(row, "PENDING", {"flatten": req.request_id, "position": held, "product": product})
+                kids = self._slice_and_place(row, inst)
+                job.closing.append(row.order_id)
+                for x in kids or [row]:
+                    job.pending_places.add(x.order_id)
+        self._advance_job(job)
+
+    def _unconfirmed(self, order_id: str) -> dict[str, Any]:
+        o = self.orders[order_id]
+        return {"order_id": o.order_id, "symbol": o.symbol, "side": o.side, "purpose": o.purpose,
+                "status": o.status, "remaining": o.remaining}  # fmt: skip
+
+    def _advance_job(self, job: FlattenJob) -> None:
+        if job.phase == "cancel":
+            job.waiting = {oid for oid in job.waiting if oid in self.orders and not self.orders[oid].terminal}
+            if job.waiting and self._now() < job.deadline_ns:
+                return
+            if job.waiting:
+                job.unconfirmed = sorted(job.waiting)
+                self.alert(
+                    "WARNING",
+                    f"flatten {job.request.request_id}: {len(job.waiting)} order(s) still working at the "
+                    f"broker after {FLATTEN_CANCEL_WAIT_S:.0f} s (cancel not confirmed); closing the "
+                    "positions as they stand — check those orders",
+                    "flatten_unconfirmed",
+                )
+            self._flatten_close(job)
+        if job.phase == "close" and not any(oid in self.inflight for oid in job.pending_places):
             job.phase = "ready"
 
-    def _advance_jobs(self, intent: Intent) -> None:
-        if not self.flatten_jobs:
-            return
-        oid = getattr(intent, "order_id", "")
-        for job in self.flatten_jobs.values():
-            if job.phase == "cancel" and isinstance(intent, CancelIntent) and oid in job.pending_cancels:
-                job.pending_cancels.discard(oid)
-                if not job.pending_cancels:
-                    self._flatten_close(job)
-            elif job.phase == "close" and isinstance(intent, PlaceIntent) and oid in job.pending_places:
-                job.pending_places.discard(oid)
-                if not job.pending_places:
-                    job.phase = "ready"
+    def _advance_jobs(self) -> None:
+        """Move every flatten on: cancels confirmed (or waited out), closes answered."""
+        for rid in list(self._active_jobs):
+            job = self.flatten_jobs.get(rid)
+            if job is None or job.phase not in ("cancel", "close"):
+                self._active_jobs.discard(rid)
+                continue
+            self._advance_job(job)
 
     def finish_jobs(self) -> None:
         """Answer flatten requests whose orders are all placed (after the pump settled)."""
@@ -1450,6 +1831,7 @@ class ExecutionEngine:
                 "request_id": req.request_id,
                 "cancelled": len(job.cancelled),
                 "cancelled_ids": job.cancelled,
+                "unconfirmed": [self._unconfirmed(x) for x in job.unconfirmed if x in self.orders],
                 "closing": closing,
                 "skipped": job.skipped,
                 "open_positions": [
@@ -1470,17 +1852,32 @@ class ExecutionEngine:
             return False
         self._books_pending = True
         self.reconcile_due_ns = 0
+        if self._carried_retry:
+            self._carried_retry = False
+            self._held_intents.append(PositionsIntent(self._now()))
         self._held_intents.append(BooksIntent(self._now(), reason))
         return True
 
     def reconcile_if_due(self) -> None:
+        """Periodic (the service calls it every 0.25 s): reconciliation when due, owed cancels
+        and leg re-places whose backoff passed, flattens waiting on confirmations."""
         if self.reconcile_due_ns and self._now() >= self.reconcile_due_ns:
             self.request_reconcile("due")
+        self._retry_owed()
+        if self._active_jobs:
+            self._advance_jobs()
 
     def on_books(
         self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade], started_ns: int
     ) -> None:
-        """Match every non-terminal row and open bracket against the broker's books by tag."""
+        """Match every non-terminal row and open bracket against the broker's books by tag.
+
+        One snapshot is never trusted to close an order: a book that lags or answers "No Data"
+        would otherwise close live orders and have fresh legs placed beside the old ones. An
+        order is closed as missing only after ``MISSING_SNAPSHOTS`` consecutive books over
+        ``book_lag_s`` without it, and not while the trade book fails to show the fills the
+        ledger holds for it. A row the ledger calls terminal that the broker shows working is
+        adopted back, with a CRITICAL alert."""
         self.stats["reconciles"] += 1
         by_id = {s.broker_order_id: s for s in order_book if s.broker_order_id}
         by_tag = {tag_key(s.client_tag): s for s in order_book if s.client_tag}
@@ -1488,11 +1885,20 @@ class ExecutionEngine:
             o = self._find(st.broker_order_id, st.client_tag)
             if o is None:
                 self._orphan(st.broker_order_id, st.client_tag)
+            elif (
+                o.terminal
+                and not o.sliced
+                and st.status.upper() in (ACK, OPEN, PARTIAL)
+                and o.updated_ns < started_ns  # closed before this snapshot was asked for
+            ):
+                self._adopt(o, st)
+        traded: set[str] = set()  # orders with a trade in this trade book
         for tr in trade_book:
             o = self._find(tr.broker_order_id, tr.client_tag)
             if o is None:
                 self._orphan(tr.broker_order_id, tr.client_tag)
                 continue
+            traded.add(o.order_id)
             self._on_trade(tr, o)
         cutoff = started_ns - self.book_lag_ns
         for o in list(self.orders.values()):
@@ -1502,34 +1908,26 @@ class ExecutionEngine:
             if found is None:
                 found = by_tag.get(tag_key(o.client_tag))
             if found is not None:
+                o.missing = 0
                 self._on_status(found, o)
+                if o.broker_final and not o.terminal:
+                    self._alert_awaiting(o, started_ns)
                 continue
             if o.order_id in self.inflight or o.created_ns > cutoff:
                 continue
-            if o.status in (PENDING_BROKER, UNKNOWN):
-                self._transition(
-                    o,
-                    REJECTED,
-                    "RECONCILED",
-                    {"found": False},
-                    "never reached the broker (not in its order book); not re-sent",
-                )
-                self.alert(
-                    "WARNING",
-                    f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}) never reached the "
-                    "broker; marked REJECTED, not re-sent",
-                    "order_not_sent",
-                )
-            else:
-                self._transition(
-                    o,
-                    CANCELLED,
-                    "RECONCILED",
-                    {"found": False},
-                    "no longer in the broker's order book (expired)",
-                )
+            if o.filled_qty and o.trading_day == self.day and o.order_id not in traded:
+                continue  # the trade book lacks fills the ledger holds: this snapshot is not whole
+            o.missing += 1
+            if o.missing == 1:
+                o.missing_since_ns = started_ns
+            if o.missing < MISSING_SNAPSHOTS or started_ns - o.missing_since_ns < self.book_lag_ns:
+                # look again soon: an order that is really gone is closed within about book_lag
+                again = o.missing_since_ns + max(self.book_lag_ns, MISSING_RECHECK_NS)
+                self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, max(again, self._now() + 1))
+                continue
+            self._close_missing(o)
         for b in list(self.brackets.values()):
-            if b.state in BRACKET_OPEN:
+            if b.state in BRACKET_OPEN or self._has_working_leg(b):
                 self._sync_bracket(b)
         if self.log is not None:
             self.log.info(
@@ -1538,6 +1936,75 @@ class ExecutionEngine:
                 broker_trades=len(trade_book),
                 open_orders=self.open_count(),
             )
+
+    def _close_missing(self, o: OrderRow) -> None:
+        """Consecutive books over ``book_lag_s`` agree the order is not at the broker."""
+        if o.status in (PENDING_BROKER, UNKNOWN):
+            if o.purpose in _LEGS and o.bracket_id:
+                self._leg_not_placed(o, "never reached the broker")
+                key = (o.bracket_id, o.purpose)
+                self.leg_retry[key] = (self.leg_retry[key][0], self._now())  # place it again now
+            self._transition(
+                o,
+                REJECTED,
+                "RECONCILED",
+                {"found": False, "snapshots": o.missing},
+                "never reached the broker (not in its order book); not re-sent",
+            )
+            self.alert(
+                "WARNING",
+                f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}) never reached the "
+                "broker; marked REJECTED, not re-sent",
+                "order_not_sent",
+            )
+        else:
+            self._transition(
+                o,
+                CANCELLED,
+                "RECONCILED",
+                {"found": False, "snapshots": o.missing},
+                "no longer in the broker's order book (expired)",
+            )
+
+    def _adopt(self, o: OrderRow, st: BrokerOrderStatus) -> None:
+        """The ledger closed ``o`` but the broker shows it working: take it back as working so
+        its fills count, its bracket sees it and a cancel can reach it."""
+        old = o.status
+        o.status = PARTIAL if o.filled_qty else OPEN
+        o.broker_final = ""
+        o.missing = 0
+        o.updated_ns = self._now()
+        self.stats["adopted"] += 1
+        self._mark(o)
+        self._event(o, "ADOPTED", old, {"broker_status": st.status, "raw": st.raw})
+        self._publish_order(o)
+        if o.cancel_requested:
+            self.owed_cancels.add(o.order_id)
+            self._pay_cancel(o)
+        self.alert(
+            "CRITICAL",
+            f"order {o.client_tag} ({o.purpose.lower()} {o.side} {o.quantity} {o.symbol}) was {old} in the "
+            f"ledger but is working at the broker: adopted back as {o.status}",
+            "order_adopted",
+        )
+
+    def _alert_awaiting(self, o: OrderRow, started_ns: int) -> None:
+        if o.order_id in self._awaiting_alerted:
+            return
+        if started_ns - o.awaiting_since_ns < max(self.book_lag_ns, 60_000_000_000):
+            return
+        self._awaiting_alerted.add(o.order_id)
+        self.alert(
+            "CRITICAL",
+            f"the broker reports order {o.client_tag} ({o.side} {o.symbol}) {o.broker_final} with "
+            f"{o.broker_filled} traded, but its trade book shows {o.filled_qty}: the position counts "
+            "only traded shares — check the broker's trade book",
+            "fills_missing",
+        )
+
+    def _has_working_leg(self, b: BracketRow) -> bool:
+        orders = self.orders
+        return any(x in orders and not orders[x].terminal for x in self.legs.get(b.bracket_id, ()))
 
     # ================================================================== inline runner
     def pump(self, settle: bool = True, max_rounds: int = 10_000) -> int:
@@ -1624,17 +2091,22 @@ class ExecutionEngine:
         )
 
     def day_state(self) -> DayState:
+        """What risk rebuilds its day from. The kill switch is the latest switch event of ANY
+        day (it stays on until switched off, across midnight and restarts); the loss breach
+        and the risk state are today's."""
         self.flush()
         kill, kill_reason, loss, state = False, "", False, ""
-        for r in self.store.risk_events(self.day):
-            ev = r.event.lower()
-            data = r.data or {}
+        last_switch = self.store.latest_risk_event(KILL_EVENTS)
+        if last_switch is not None:
+            data = last_switch.data or {}
+            ev = last_switch.event.lower()
             if ev == "kill_switch_on" or (
                 ev == "kill_switch" and data.get("on", data.get("kill_switch", True))
             ):
-                kill, kill_reason = True, r.reason
-            elif ev in {"kill_switch_off", "kill_switch"}:
-                kill, kill_reason = False, ""
+                kill, kill_reason = True, last_switch.reason
+        for r in self.store.risk_events(self.day):
+            ev = r.event.lower()
+            data = r.data or {}
             if ev in ("loss_breached", "daily_loss_breached", "max_daily_loss"):
                 loss = True
             rs = data.get("risk_state") or data.get("state")
@@ -1642,7 +2114,7 @@ class ExecutionEngine:
                 state = rs
         if kill:
             state = HALTED
-        elif not state:
+        elif not state or state == HALTED:
             state = REDUCING if loss else ACTIVE
         realised = sum((p.realised for p in self.positions.values()), _ZERO)
         return DayState(
@@ -1675,6 +2147,7 @@ class ExecutionEngine:
             ):
                 self._unindex(o)
         self.fill_keys = {k for k in self.fill_keys if k[0] == today}
+        self._held_intents.append(PositionsIntent(self._now()))  # yesterday's NRML/CNC are carried now
         return True
 
     def status(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from services.execution.model import (
     OrderRow,
     RiskEventRow,
 )
-from services.execution.store import LedgerError
+from services.execution.store import LedgerDataError, LedgerError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x4E50_4C44  # "NPLD": one migrator at a time
@@ -60,10 +60,28 @@ def _ns(value: dt.datetime) -> int:
     return int(value.timestamp() * 1_000_000) * 1000
 
 
+def _nul_free(text: str) -> str:
+    """PostgreSQL stores no NUL character, in ``text`` nor in ``jsonb`` (``\\u0000``): a broker
+    reply or a reason that carries one is kept with U+FFFD in its place instead of failing the
+    whole transaction."""
+    return text.replace("\\u0000", "\\ufffd") if "\\u0000" in text else text
+
+
 def _jsonb(value: Any) -> str | None:
     if value is None:
         return None
-    return _json.encode(value).decode()
+    return _nul_free(_json.encode(value).decode())
+
+
+def _text(value: str) -> str:
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _ledger_error(what: str, exc: psycopg.Error) -> LedgerError:
+    """A data error (the rows themselves are refused) can never succeed on a retry; anything
+    else (connection, server restart, lock) may."""
+    kind = LedgerDataError if isinstance(exc, psycopg.DataError | psycopg.IntegrityError) else LedgerError
+    return kind(f"{what}: {type(exc).__name__}: {exc}")
 
 
 # The hot path, one new order and its PENDING event, as one short statement (parsed and prepared
@@ -96,13 +114,13 @@ def _order_params(o: OrderRow) -> tuple[Any, ...]:
         o.order_id, o.request_id, o.client_tag, o.broker_order_id or None, o.token, o.segment, o.symbol,
         o.side, o.order_type, o.product, o.quantity, o.price, o.trigger_price, o.status, o.filled_qty,
         o.avg_price, o.strategy_id, o.parent_id or None, o.bracket_id or None, o.broker, o.purpose,
-        o.sliced, o.cancel_requested, o.reason, _jsonb(o.raw), o.trading_day, _ts(o.created_ns),
+        o.sliced, o.cancel_requested, _text(o.reason), _jsonb(o.raw), o.trading_day, _ts(o.created_ns),
         _ts(o.updated_ns),
     )  # fmt: skip
 
 
 def _json_rows(rows: list[dict[str, Any]]) -> str | None:
-    return _json.encode(rows).decode() if rows else None
+    return _nul_free(_json.encode(rows).decode()) if rows else None
 
 
 def _write_args(ch: Changes) -> list[str | None]:
@@ -204,6 +222,18 @@ def _fill_row(r: Sequence[Any]) -> FillRow:
     )
 
 
+def _risk_row(r: Sequence[Any]) -> RiskEventRow:
+    return RiskEventRow(
+        event=r[0],
+        reason=r[1],
+        source=r[2],
+        ts_ns=_ns(r[3]),
+        trading_day=r[4].isoformat(),
+        data=r[5] or {},
+        request_id=r[6],
+    )
+
+
 def _bracket_row(r: Sequence[Any]) -> BracketRow:
     return BracketRow(
         bracket_id=str(r[0]),
@@ -298,7 +328,7 @@ class PgOrderStore:
             conn.commit()
         except psycopg.Error as exc:
             self._rollback()
-            raise LedgerError(f"ledger write failed: {type(exc).__name__}: {exc}") from None
+            raise _ledger_error("ledger write failed", exc) from None
         self.transactions += 1
         return conflicts
 
@@ -341,7 +371,12 @@ class PgOrderStore:
         return [_order_row(r) for r in rows]
 
     def load_open_brackets(self) -> list[BracketRow]:
-        rows = self._read(_SELECT_BRACKET + " WHERE state IN ('PENDING_ENTRY', 'ACTIVE') ORDER BY created_at")
+        rows = self._read(
+            _SELECT_BRACKET  # noqa: S608 - constant SQL
+            + " WHERE state IN ('PENDING_ENTRY', 'ACTIVE') OR bracket_id IN (SELECT bracket_id FROM "
+            "order_ledger WHERE bracket_id IS NOT NULL AND status NOT IN ('COMPLETE', 'REJECTED', "
+            "'CANCELLED')) ORDER BY created_at"
+        )
         return [_bracket_row(r) for r in rows]
 
     def load_fills(self, trading_day: str) -> list[FillRow]:
@@ -396,18 +431,15 @@ class PgOrderStore:
             "WHERE trading_day = %s ORDER BY id",
             (trading_day,),
         )
-        return [
-            RiskEventRow(
-                event=r[0],
-                reason=r[1],
-                source=r[2],
-                ts_ns=_ns(r[3]),
-                trading_day=r[4].isoformat(),
-                data=r[5] or {},
-                request_id=r[6],
-            )
-            for r in rows
-        ]
+        return [_risk_row(r) for r in rows]
+
+    def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
+        rows = self._read(
+            "SELECT event, reason, source, ts, trading_day, data, request_id FROM risk_events "
+            "WHERE event = ANY(%s) ORDER BY id DESC LIMIT 1",
+            (list(events),),
+        )
+        return _risk_row(rows[0]) if rows else None
 
     def replace_instruments(self, instruments: Iterable[Instrument]) -> int:
         conn = self._ensure()

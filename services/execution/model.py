@@ -30,6 +30,8 @@ RANK = {PENDING_BROKER: 0, UNKNOWN: 1, ACK: 2, OPEN: 3, PARTIAL: 4, COMPLETE: 5,
 # Purposes: what an order is for. ENTRY/EXIT/FLATTEN/MANUAL come from requests; STOP and
 # TARGET are the legs execution places for an OCO bracket.
 ENTRY, EXIT, FLATTEN_P, MANUAL, STOP, TARGET = "ENTRY", "EXIT", "FLATTEN", "MANUAL", "STOP", "TARGET"
+REQUEST_PURPOSES = frozenset({ENTRY, EXIT, FLATTEN_P, MANUAL})  # what a request may ask for
+LEG_PURPOSES = frozenset({STOP, TARGET})
 
 # Bracket states.
 B_PENDING = "PENDING_ENTRY"  # waiting for the entry to fill
@@ -106,6 +108,17 @@ class OrderRow:
     raw: Any = None
     # in memory only
     filled_value: Decimal = field(default=Decimal(0))
+    # the broker called the order COMPLETE/CANCELLED while its trades were still missing: the
+    # row stays working ("awaiting fills") until trades reach ``broker_filled``
+    broker_final: str = ""
+    broker_filled: int = 0
+    awaiting_since_ns: int = 0
+    # reconciliation: consecutive order-book snapshots that did not show the order
+    missing: int = 0
+    missing_since_ns: int = 0
+    # an owed cancel: failures so far and when to send it again
+    cancel_failures: int = 0
+    cancel_due_ns: int = 0
 
     @property
     def key(self) -> str:
@@ -152,7 +165,8 @@ class OrderRow:
 
 @dataclass(slots=True)
 class FillRow:
-    """One row of ``fills``: a trade at the broker. Unique on (broker, trading_day, trade_id)."""
+    """One row of ``fills``: a trade at the broker. Unique on (broker, trading_day, segment,
+    trade_id): exchange trade numbers are per exchange segment and restart every day."""
 
     trade_id: str
     order_id: str

@@ -25,6 +25,7 @@ from services.execution.model import (
 )
 
 _T = TypeVar("_T")
+_INT_MAX = 2**31 - 1  # the ledger's INTEGER columns
 
 
 class _Copier:
@@ -57,6 +58,22 @@ class LedgerError(RuntimeError):
     """The ledger could not write or read; the transaction was rolled back."""
 
 
+class LedgerDataError(LedgerError):
+    """The ledger refused the data itself (a CHECK, a type, an unstorable value): writing the
+    same rows again can never succeed, so the caller must set the offending row aside."""
+
+
+def fill_problem(f: FillRow) -> str | None:
+    """Why the ledger cannot store this fill (the ``fills`` CHECK constraints), or None."""
+    if f.quantity <= 0 or f.quantity > _INT_MAX:
+        return f"quantity {f.quantity} is not a positive share count"
+    if not f.price.is_finite() or f.price <= 0:
+        return f"price {f.price} is not positive"
+    if f.side not in ("BUY", "SELL"):
+        return f"side {f.side!r} is not BUY or SELL"
+    return None
+
+
 class OrderStore(Protocol):
     def migrate(self) -> list[str]:
         """Apply pending migrations; returns the versions applied now."""
@@ -73,7 +90,9 @@ class OrderStore(Protocol):
         bracket — what the engine needs in memory after a restart."""
         ...
 
-    def load_open_brackets(self) -> list[BracketRow]: ...
+    def load_open_brackets(self) -> list[BracketRow]:
+        """Open brackets, and closed ones that still have a working leg (a cancel is owed)."""
+        ...
 
     def load_fills(self, trading_day: str) -> list[FillRow]: ...
 
@@ -84,6 +103,10 @@ class OrderStore(Protocol):
     def events_for(self, order_id: str) -> list[EventRow]: ...
 
     def risk_events(self, trading_day: str) -> list[RiskEventRow]: ...
+
+    def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
+        """The newest ``risk_events`` row of any day whose event is one of ``events``."""
+        ...
 
     def replace_instruments(self, instruments: Iterable[Instrument]) -> int: ...
 
@@ -98,7 +121,7 @@ class MemoryOrderStore:
         self.by_request: dict[str, str] = {}
         self.tags: set[str] = set()
         self.events: list[EventRow] = []
-        self.fills: dict[tuple[str, str, str], FillRow] = {}
+        self.fills: dict[tuple[str, str, str, str], FillRow] = {}
         self.brackets: dict[str, BracketRow] = {}
         self.risk: list[RiskEventRow] = []
         self.instruments: dict[str, Instrument] = {}
@@ -135,6 +158,9 @@ class MemoryOrderStore:
         for f in changes.fills:
             if f.order_id not in skipped and f.order_id not in self.orders and f.order_id not in staged:
                 raise LedgerError(f"fill for unknown order {f.order_id}")
+            problem = fill_problem(f)
+            if problem is not None:  # the CHECK constraints of ``fills``
+                raise LedgerDataError(f"fill {f.trade_id} refused: {problem}")
         # all checks passed: apply (all or nothing, like a transaction)
         for row in new_rows:
             self.orders[row.order_id] = copy.copy(row)
@@ -148,7 +174,7 @@ class MemoryOrderStore:
         for f in changes.fills:
             if f.order_id in skipped:
                 continue
-            self.fills.setdefault((f.broker, f.trading_day, f.trade_id), copy.copy(f))
+            self.fills.setdefault((f.broker, f.trading_day, f.segment, f.trade_id), copy.copy(f))
         for b in changes.brackets.values():
             if b.entry_id in skipped:
                 continue
@@ -173,7 +199,12 @@ class MemoryOrderStore:
         return out
 
     def load_open_brackets(self) -> list[BracketRow]:
-        return [copy.copy(b) for b in self.brackets.values() if b.state in BRACKET_OPEN]
+        working = {o.bracket_id for o in self.orders.values() if o.bracket_id and o.status not in TERMINAL}
+        return [
+            copy.copy(b)
+            for b in self.brackets.values()
+            if b.state in BRACKET_OPEN or b.bracket_id in working
+        ]
 
     def load_fills(self, trading_day: str) -> list[FillRow]:
         return [copy.copy(f) for f in self.fills.values() if f.trading_day == trading_day]
@@ -207,6 +238,13 @@ class MemoryOrderStore:
 
     def risk_events(self, trading_day: str) -> list[RiskEventRow]:
         return [copy.copy(r) for r in self.risk if r.trading_day == trading_day]
+
+    def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
+        wanted = set(events)
+        for r in reversed(self.risk):
+            if r.event in wanted:
+                return copy.copy(r)
+        return None
 
     def replace_instruments(self, instruments: Iterable[Instrument]) -> int:
         self.instruments = {i.key: i for i in instruments}

@@ -53,9 +53,13 @@ def test_kill_9_after_the_pending_commit_before_the_broker_call(stack: ExecStack
     _send_and_die(stack, "after_pending", cmd)
     assert stack.journal_places() == {}  # the broker never saw it
 
-    stack.start()  # restart without the crash switch: startup reconciliation runs first
+    stack.start()  # restart without the crash switch: reconciliation closes it after two books
 
-    [row] = [o for o in stack.orders() if o["request_id"] == cmd.request_id]
+    def closed() -> dict[str, Any] | None:
+        [row] = [o for o in stack.orders() if o["request_id"] == cmd.request_id]
+        return row if row["status"] != "PENDING_BROKER" else None
+
+    row = eventually(closed, timeout=10)
     assert row["status"] == "REJECTED" and "never reached the broker" in row["reason"]
     again = stack.ask(cmd)  # the strategy's retry is answered from the ledger, not re-sent
     assert isinstance(again, Reply) and (again.ok, again.code) == (False, "rejected")

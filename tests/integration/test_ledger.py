@@ -76,7 +76,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[OrderStore]:
 
 def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
     s = PgOrderStore(empty_pg_url)
-    assert s.migrate() == ["0001_ledger", "0002_ledger_write"]
+    assert s.migrate() == ["0001_ledger", "0002_ledger_write", "0003_fills_segment"]
     assert s.migrate() == []
     with psycopg.connect(empty_pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -90,7 +90,7 @@ def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
         "risk_events",
         "schema_migrations",
     } <= tables
-    assert versions == ["0001_ledger", "0002_ledger_write"]
+    assert versions == ["0001_ledger", "0002_ledger_write", "0003_fills_segment"]
     s.close()
 
 

@@ -493,6 +493,9 @@ def test_pending_row_never_sent_is_rejected_by_reconciliation_not_resent() -> No
     [res] = h.engine.submit([execute(price="1290.00")])
     h.engine.flush()  # committed, then "crash" before the broker call
     h2 = Harness(store=h.store, clock=h.clock)
+    assert h2.order(res.order_id).status == PENDING_BROKER  # one book without it proves nothing
+    h2.engine.request_reconcile("test")
+    h2.pump()
     o = h2.order(res.order_id)
     assert o.status == REJECTED and "never reached the broker" in o.reason
     assert h2.broker.places == 0 and h.broker.places == 0

@@ -85,6 +85,18 @@ class BrokerTrade(msgspec.Struct, frozen=True, kw_only=True):
     raw: Any = None
 
 
+class BrokerPosition(msgspec.Struct, frozen=True, kw_only=True):
+    """A position the broker carries from an earlier day (NRML / CNC): signed quantity."""
+
+    segment: str
+    token: str
+    symbol: str
+    product: str
+    quantity: int
+    avg_price: Decimal = Decimal(0)
+    raw: Any = None
+
+
 class Broker(Protocol):
     name: str
 
