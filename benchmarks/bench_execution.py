@@ -43,6 +43,7 @@ from libs.common.clock import Clock  # noqa: E402
 from libs.common.config import load_config  # noqa: E402
 from libs.common.instruments import MasterData  # noqa: E402
 from libs.common.messages import Codec, ExecuteOrder, GetStatus, OrderRequest, Reply, Tick  # noqa: E402
+from libs.common.stack_secret import StackSecret  # noqa: E402
 from services.execution.brokers.paper import PaperBroker  # noqa: E402
 from services.execution.embedded_pg import start_embedded  # noqa: E402
 from services.execution.engine import ExecutionEngine  # noqa: E402
@@ -282,6 +283,8 @@ def bench_service(url: str, home: Path, n: int, window: int, n_single: int) -> d
     try:
         # one at a time: the durable ack round trip
         single = bus.client(rep, 5000)
+        secret = StackSecret(home, create=True)  # the benchmark plays risk: it presents the stack secret
+        single.credential = secret
         lat = []
         for i in range(n_single + 100):
             t = time.perf_counter()
@@ -308,7 +311,7 @@ def bench_service(url: str, home: Path, n: int, window: int, n_single: int) -> d
         t = time.perf_counter()
         while acked < n:
             while sent < n and sent - acked < window:
-                sock.send_multipart([b"", sent.to_bytes(8, "little"), payloads[sent]])
+                sock.send_multipart([b"", sent.to_bytes(8, "little"), payloads[sent], secret()])
                 sent += 1
             if sock.poll(10_000):
                 while True:

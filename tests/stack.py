@@ -32,6 +32,7 @@ class Stack:
         self.procfile = procfile or ROOT / "Procfile"
         self.proc: subprocess.Popen[bytes] | None = None
         self.output = home / "honcho.out"
+        self.services: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, *processes: str) -> Stack:
         """Start every Procfile process, or only the ones named."""
@@ -43,6 +44,38 @@ class Stack:
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         return self
+
+    def start_service(self, name: str, **env: Any) -> subprocess.Popen[bytes]:
+        """Start one service as its own process, outside honcho, with extra environment (for
+        example ``NEOPULSE_CLOCK_OFFSET_S``), so it can be stopped and restarted alone.
+        Its output goes to ``$NEOPULSE_HOME/<name>.out``."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        run_env = {**self.env, **{k: str(v) for k, v in env.items()}}
+        with (self.home / f"{name}.out").open("ab") as out:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=run_env,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        self.services[name] = proc
+        return proc
+
+    def stop_service(self, name: str, timeout: float = 10.0) -> int:
+        """SIGTERM a service from ``start_service`` (SIGKILL after ``timeout``); its exit code."""
+        proc = self.services.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+    def service_output(self, *names: str, tail: int = 2000) -> str:
+        """The last ``tail`` characters of each named service's output (all when none named)."""
+        paths = [self.home / f"{n}.out" for n in names] if names else sorted(self.home.glob("*.out"))
+        tails = (f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}" for p in paths if p.exists())
+        return "\n".join(tails)
 
     def cli(
         self, *args: str, timeout: float = 20, input: str | None = None
@@ -89,6 +122,11 @@ class Stack:
         return time.monotonic() - t0
 
     def kill_all(self) -> None:
+        for proc in self.services.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(5)
+        self.services.clear()
         for pid in self.member_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

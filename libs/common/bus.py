@@ -9,9 +9,12 @@ sequence number, so subscribers filtering by prefix still see contiguous numbers
 count gaps. ``payload`` is a msgpack-encoded message from ``libs.common.messages``.
 
 Requests: clients are DEALER sockets, servers ROUTER. A request is
-``["", corr, payload]`` and the reply echoes ``corr``; the server may answer later
-(deferred), so a slow downstream never blocks it. After a timeout the client closes and
-reopens its socket (Lazy Pirate), so a stale reply can never be taken for a new one.
+``["", corr, payload]`` or ``["", corr, payload, credential]`` and the reply echoes
+``corr``; the server may answer later (deferred), so a slow downstream never blocks it.
+After a timeout the client closes and reopens its socket (Lazy Pirate), so a stale reply
+can never be taken for a new one. The optional credential frame (the per-stack secret of
+``libs.common.stack_secret``) travels outside the message, so it never reaches a log line
+or the ledger; with CURVE the server also learns the sender's public key (ZAP User-Id).
 
 Nothing on the wire can crash a service: malformed, unknown or oversized frames are
 counted, logged (rate limited) and dropped, or answered with an error ``Reply``.
@@ -286,20 +289,41 @@ class Subscriber:
 
 
 class Responder:
-    """Where a deferred reply goes: the client identity and correlation id."""
+    """Where a deferred reply goes: the client identity and correlation id. Also who sent
+    the request: ``user_id`` is the sender's CURVE public key (z85, as the ZAP authenticator
+    reports it; empty without CURVE) and ``credential`` the request's credential frame
+    (empty when none was sent)."""
 
-    __slots__ = ("_corr", "_ident", "_server")
+    __slots__ = ("_corr", "_ident", "_server", "credential", "user_id")
 
-    def __init__(self, server: Server, ident: bytes, corr: bytes) -> None:
+    def __init__(self, server: Server, ident: bytes, corr: bytes, credential: bytes = b"",
+                 user_id: str = "") -> None:
         self._server = server
         self._ident = ident
         self._corr = corr
+        self.credential = credential
+        self.user_id = user_id
 
     def send(self, msg: Message) -> None:
         self._server.send_reply(self._ident, self._corr, msg)
 
 
 RequestHandler = Callable[[Message, Responder], "Message | None"]
+Credential = Callable[[], bytes]  # called per request; b"" sends no credential frame
+MAX_CREDENTIAL = 256  # bytes; a longer credential frame is a malformed request
+
+
+def _user_id(frame: zmq.Frame) -> str:
+    """The ZAP User-Id of the connection a frame came in on (empty without CURVE)."""
+    try:
+        return str(frame.get("User-Id"))
+    except zmq.ZMQError:
+        return ""
+
+
+def _envelope(corr: bytes, payload: bytes, credential: Credential | None) -> list[bytes]:
+    cred = credential() if credential is not None else b""
+    return [b"", corr, payload, cred] if cred else [b"", corr, payload]
 
 
 class Server:
@@ -316,6 +340,8 @@ class Server:
         self.stats = BusStats()
         self.log = bus.log
         self.handler: RequestHandler | None = None
+        # With CURVE, receive zero-copy frames to read the sender's key off them.
+        self._read_user_id = bus.security is not None
 
     def send_reply(self, ident: bytes, corr: bytes, msg: Message) -> None:
         try:
@@ -328,13 +354,20 @@ class Server:
         handler = self.handler
         assert handler is not None, "Server.handler must be set before draining"
         n = 0
+        user_id = ""
         while n < limit:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                if self._read_user_id:
+                    parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    user_id = _user_id(parts[-1])
+                    frames = [p.bytes for p in parts]
+                else:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             n += 1
-            if len(frames) != 4 or frames[1] != b"" or len(frames[2]) != _CORR.size:
+            if (len(frames) not in (4, 5) or frames[1] != b"" or len(frames[2]) != _CORR.size
+                    or (len(frames) == 5 and len(frames[4]) > MAX_CREDENTIAL)):
                 self.stats.malformed += 1
                 _rate_limited_warn(self.stats, self.log, "bus_malformed_request", frames=len(frames))
                 if len(frames) >= 2:
@@ -342,7 +375,8 @@ class Server:
                     self.send_reply(frames[0], corr, Reply(ok=False, code="malformed",
                                                            error="malformed request envelope"))
                 continue
-            ident, _, corr, payload = frames
+            ident, _, corr, payload = frames[:4]
+            credential = frames[4] if len(frames) == 5 else b""
             try:
                 msg = self._codec.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -352,7 +386,7 @@ class Server:
                                                    error=f"malformed request: {str(exc)[:200]}"))
                 continue
             self.stats.received += 1
-            responder = Responder(self, ident, corr)
+            responder = Responder(self, ident, corr, credential, user_id)
             try:
                 reply = handler(msg, responder)
             except Exception as exc:  # a handler bug answers with an error and never kills the loop
@@ -378,6 +412,7 @@ class Client:
         self._codec = Codec()
         self._corr = itertools.count(int.from_bytes(os.urandom(3), "little"))
         self.stats = BusStats()
+        self.credential: Credential | None = None  # e.g. a StackSecret: sent with every request
         self.sock = self._open()
 
     def _open(self) -> zmq.Socket[Any]:
@@ -394,7 +429,7 @@ class Client:
         payload = self._codec.encode(msg)
         for attempt in range(retries + 1):
             corr = _CORR.pack(next(self._corr) & 0xFFFFFFFFFFFFFFFF)
-            self.sock.send_multipart([b"", corr, payload])
+            self.sock.send_multipart(_envelope(corr, payload, self.credential))
             deadline = time.monotonic() + timeout / 1000
             while True:
                 left = int((deadline - time.monotonic()) * 1000)
@@ -428,6 +463,7 @@ class AsyncClient:
         self._corr = itertools.count(1)
         self._pending: dict[bytes, tuple[float, Callable[[Message | Exception], None]]] = {}
         self.stats = BusStats()
+        self.credential: Credential | None = None  # e.g. a StackSecret: sent with every request
         self.sock = self._open()
         reactor.call_every(0.05, self._expire)
 
@@ -443,7 +479,7 @@ class AsyncClient:
         deadline = time.monotonic() + (timeout_ms or self.timeout_ms) / 1000
         self._pending[corr] = (deadline, callback)
         try:
-            self.sock.send_multipart([b"", corr, self._codec.encode(msg)], zmq.NOBLOCK)
+            self.sock.send_multipart(_envelope(corr, self._codec.encode(msg), self.credential), zmq.NOBLOCK)
         except zmq.Again:
             del self._pending[corr]
             callback(RequestTimeout(self.endpoint, 0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 import tomllib
@@ -22,6 +23,8 @@ from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
+
+from libs.common.messages import STRATEGY_ID_PATTERN
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -166,7 +169,7 @@ class StrategyInstance(_Section, frozen=True):
     """One ``[[strategy]]`` entry: which strategy runs, under which id, with which params."""
 
     name: str
-    id: str
+    id: str  # 1-32 of A-Z a-z 0-9 _ -, starting with a letter or digit: it names topics and files
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     instruments: list[str] = msgspec.field(default_factory=list)
     on_error: str = "continue"  # continue | stop
@@ -327,6 +330,9 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
         (cfg.feed.reconnect_min_s <= cfg.feed.reconnect_max_s, "feed.reconnect_min_s",
          "must not exceed feed.reconnect_max_s"),
         (len({s.id for s in cfg.strategy}) == len(cfg.strategy), "strategy.id", "ids must be unique"),
+        *((re.match(STRATEGY_ID_PATTERN, s.id) is not None, "strategy.id",
+           f"must be 1-32 letters, digits, `_` or `-`, starting with a letter or digit "
+           f"(it names bus topics and files), got {s.id!r}") for s in cfg.strategy),
     ]
     for ok, key, problem in checks:
         if not ok:

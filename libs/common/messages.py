@@ -6,19 +6,68 @@ carries ``ts_ns``, its creation time in nanoseconds since the epoch.
 
 Money that reaches an order, the broker or the ledger is ``Decimal``; ticks carry floats
 for speed. Quantities are ints in shares (not lots). Sides are ``BUY``/``SELL``.
+
+The requests that change state (``OrderRequest``, ``ExecuteOrder``, ``KillSwitch``,
+``Flatten``, ``CancelEntries``, ``RecordRiskEvent``) are checked where they enter: the
+decoder refuses, with a ``msgspec.ValidationError`` naming the field, a side, order type,
+product or purpose outside its closed set; an id that is not short printable ASCII
+(``STRATEGY_ID_PATTERN`` for strategy ids, which also name bus topics and files); a
+quantity outside 0..``MAX_QTY``; a price that is not finite, above 0 and at most
+``MAX_PRICE``; free text longer than ``MAX_TEXT`` or holding a control character (NUL
+breaks PostgreSQL ``jsonb``). A message built in-process is not checked (msgspec checks on
+decode only): risk repeats the checks that matter and gives its reason.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
+from msgspec import Meta
 
 Side = Literal["BUY", "SELL"]
 OrderType = Literal["LIMIT", "MARKET", "SL", "SL-M"]
 Product = Literal["MIS", "CNC", "NRML"]
+Purpose = Literal["ENTRY", "EXIT", "FLATTEN", "MANUAL"]
+
+
+def _one_of(closed: Any) -> str:
+    """The pattern of a ``str`` field the decoder accepts only from the ``Literal`` set
+    ``closed``. (Typing the field with the Literal itself would make every caller that holds
+    a plain ``str`` cast it.)"""
+    return "^(?:" + "|".join(re.escape(v) for v in get_args(closed)) + r")\Z"
+
+
+SideField = Annotated[str, Meta(pattern=_one_of(Side))]
+OrderTypeField = Annotated[str, Meta(pattern=_one_of(OrderType))]
+ProductField = Annotated[str, Meta(pattern=_one_of(Product))]
+PurposeField = Annotated[str, Meta(pattern=_one_of(Purpose))]
+
+# Wire limits (decode-time constraints of the requests that change state).
+MAX_QTY = 10_000_000  # shares in one request
+MAX_PRICE = Decimal(10_000_000)  # rupees; also the cap for trigger, stop loss and target
+MAX_CAPITAL = Decimal(10) ** 12  # sizing capital
+MAX_TEXT = 500  # characters of a reason
+STRATEGY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z"  # also libs.common.config's rule
+_ID = r"[A-Za-z0-9][A-Za-z0-9_.:#-]{0,63}"
+# ``\Z``, not ``$``: ``$`` also matches before a trailing newline.
+RequestId = Annotated[str, Meta(pattern=rf"^{_ID}\Z")]
+OptionalRequestId = Annotated[str, Meta(pattern=rf"^(?:{_ID})?\Z")]
+StrategyId = Annotated[str, Meta(pattern=STRATEGY_ID_PATTERN)]
+OptionalStrategyId = Annotated[str, Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,31})?\Z")]
+# Symbols and tokens may hold spaces and ``&`` ("Nifty 50", "M&M-EQ"): printable ASCII.
+Name = Annotated[str, Meta(max_length=64, pattern=r"^[\x20-\x7e]*\Z")]
+Segment = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{0,16}\Z")]
+Source = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{0,32}\Z")]
+EventName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}\Z")]
+Text = Annotated[str, Meta(max_length=MAX_TEXT, pattern=r"^[^\x00-\x1f\x7f-\x9f]*\Z")]
+Quantity = Annotated[int, Meta(ge=0, le=MAX_QTY)]  # 0 is allowed: risk sizes the order
+PositiveQuantity = Annotated[int, Meta(gt=0, le=MAX_QTY)]
 
 # Order states, in lifecycle order (DESIGN §6).
 PENDING_BROKER = "PENDING_BROKER"
@@ -98,8 +147,8 @@ class Heartbeat(_Msg, frozen=True, tag=True):
 class Sizing(msgspec.Struct, frozen=True, kw_only=True):
     """Ask risk to size the order: risk ``risk_pct`` % of ``capital`` between entry and stop."""
 
-    capital: Decimal
-    risk_pct: Decimal
+    capital: Decimal  # above 0, at most MAX_CAPITAL (checked on decode)
+    risk_pct: Decimal  # above 0, at most 100
 
 
 class OrderRequest(_Msg, frozen=True, tag=True):
@@ -109,22 +158,22 @@ class OrderRequest(_Msg, frozen=True, tag=True):
     ``symbol`` or ``segment``+``token`` names the instrument.
     """
 
-    request_id: str
-    strategy_id: str
-    side: str
-    quantity: int = 0
-    symbol: str = ""
-    segment: str = ""
-    token: str = ""
+    request_id: RequestId
+    strategy_id: StrategyId
+    side: SideField
+    quantity: Quantity = 0
+    symbol: Name = ""
+    segment: Segment = ""
+    token: Name = ""
     price: Decimal | None = None
-    order_type: str = "LIMIT"
+    order_type: OrderTypeField = "LIMIT"
     trigger_price: Decimal | None = None
     stop_loss: Decimal | None = None
     target: Decimal | None = None
-    product: str = "MIS"
+    product: ProductField = "MIS"
     sizing: Sizing | None = None
     reduce_only: bool = False
-    purpose: str = "ENTRY"  # ENTRY | EXIT | FLATTEN | MANUAL
+    purpose: PurposeField = "ENTRY"  # ENTRY | EXIT | FLATTEN | MANUAL
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
@@ -141,14 +190,22 @@ class RiskVerdict(_Msg, frozen=True, tag=True):
 
 
 class ExecuteOrder(_Msg, frozen=True, tag=True):
-    """An order that risk approved, sent to execution. Idempotent on ``request_id``."""
+    """An order that risk approved, sent to execution. Idempotent on ``request_id``.
 
-    request_id: str
+    ``expires_ns`` (epoch ns; 0 = no deadline): execution refuses to place an order whose
+    deadline passed before its ``PENDING_BROKER`` row was committed. Risk sets it to the
+    send time plus the time it waits for execution, less a margin, so an order execution
+    accepted is always answered before risk gives up and tells the strategy it expired
+    unplaced.
+    """
+
+    request_id: RequestId
     order: OrderRequest
-    quantity: int
-    segment: str
-    token: str
-    symbol: str
+    quantity: PositiveQuantity
+    segment: Segment
+    token: Name
+    symbol: Name
+    expires_ns: Annotated[int, Meta(ge=0)] = 0
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
@@ -260,27 +317,27 @@ class KillSwitch(_Msg, frozen=True, tag=True):
 
     on: bool = False
     query: bool = False
-    reason: str = ""
-    source: str = "cli"
-    request_id: str = ""
+    reason: Text = ""
+    source: Source = "cli"
+    request_id: OptionalRequestId = ""
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
 class Flatten(_Msg, frozen=True, tag=True):
     """Cancel open orders and close every position, or the one named."""
 
-    request_id: str
-    symbol: str = ""
-    strategy_id: str = ""
-    source: str = "cli"
+    request_id: RequestId
+    symbol: Name = ""
+    strategy_id: OptionalStrategyId = ""
+    source: Source = "cli"
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
 class CancelEntries(_Msg, frozen=True, tag=True):
     """Kill-switch hook: execution cancels every open entry order."""
 
-    request_id: str
-    reason: str = ""
+    request_id: RequestId
+    reason: Text = ""
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
@@ -333,13 +390,14 @@ class GetFeedSession(_Msg, frozen=True, tag=True):
 
 
 class RecordRiskEvent(_Msg, frozen=True, tag=True):
-    """Risk asks execution to write a ``risk_events`` row."""
+    """Risk asks execution to write a ``risk_events`` row. ``data`` holds JSON values only
+    (no NaN, no NUL, at most ``_MAX_DATA_ITEMS`` values), as the row stores it in ``jsonb``."""
 
-    event: str
-    reason: str
-    source: str = "risk"
+    event: EventName
+    reason: Text
+    source: Source = "risk"
     data: dict[str, Any] = msgspec.field(default_factory=dict)
-    request_id: str = ""
+    request_id: OptionalRequestId = ""
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
@@ -390,16 +448,103 @@ ALL_TYPES: tuple[type[_Msg], ...] = (
 )
 
 
+# --------------------------------------------------------------------------- decode-time checks
+# msgspec cannot put bounds on a Decimal, nor look inside ``Any``: these run after decoding,
+# only for the request types below (a tick pays one dict lookup), and raise the same
+# ``msgspec.ValidationError`` as the declared constraints.
+
+_MAX_DATA_ITEMS = 64
+_MAX_DATA_DEPTH = 4
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_money(label: str, value: Decimal | None, cap: Decimal) -> None:
+    if value is None:
+        return
+    if not (value.is_finite() and 0 < value <= cap):
+        raise msgspec.ValidationError(
+            f"{label} must be a finite number above 0 and at most {cap}, got {value} - at `$.{label}`")
+
+
+def _check_order_request(msg: Any, at: str = "") -> None:
+    for name in ("price", "trigger_price", "stop_loss", "target"):
+        _check_money(at + name, getattr(msg, name), MAX_PRICE)
+    if msg.sizing is not None:
+        _check_money(at + "sizing.capital", msg.sizing.capital, MAX_CAPITAL)
+        _check_money(at + "sizing.risk_pct", msg.sizing.risk_pct, Decimal(100))
+
+
+def _check_execute_order(msg: Any) -> None:
+    _check_order_request(msg.order, "order.")
+    if msg.order.request_id != msg.request_id:
+        raise msgspec.ValidationError(
+            f"order.request_id {msg.order.request_id} differs from request_id {msg.request_id}"
+            " - at `$.order.request_id`")
+
+
+def _check_json(value: Any, at: str, budget: list[int], depth: int = 0) -> None:
+    budget[0] -= 1
+    if budget[0] < 0 or depth > _MAX_DATA_DEPTH:
+        raise msgspec.ValidationError(
+            f"data is too large (at most {_MAX_DATA_ITEMS} values, {_MAX_DATA_DEPTH} levels) - at `{at}`")
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise msgspec.ValidationError(f"data numbers must be finite, got {value} - at `{at}`")
+    elif isinstance(value, str):
+        if len(value) > MAX_TEXT or _CONTROL.search(value):
+            raise msgspec.ValidationError(
+                f"data text must be at most {MAX_TEXT} characters without control characters - at `{at}`")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, f"{at}[{i}]", budget, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise msgspec.ValidationError(f"data keys must be text - at `{at}`")
+            _check_json(key, f"{at}.{key[:32]}", budget, depth + 1)
+            budget[0] += 1  # a key is not a value
+            _check_json(item, f"{at}.{key[:32]}", budget, depth + 1)
+    else:
+        raise msgspec.ValidationError(f"data holds a {type(value).__name__}, not a JSON value - at `{at}`")
+
+
+def _check_risk_event(msg: Any) -> None:
+    _check_json(msg.data, "$.data", [_MAX_DATA_ITEMS + 1])
+
+
+_DECODE_CHECKS: dict[type, Callable[[Any], None]] = {
+    OrderRequest: _check_order_request,
+    ExecuteOrder: _check_execute_order,
+    RecordRiskEvent: _check_risk_event,
+}
+
+
 class Codec:
-    """msgpack encoder/decoder pair for the whole union. Build one per socket and reuse it."""
+    """msgpack encoder/decoder pair for the whole union. Build one per socket and reuse it.
+
+    ``decode`` raises ``msgspec.ValidationError`` for a request that breaks the wire limits
+    (see the module docstring); the bus server answers it with ``Reply(code="malformed")``.
+    """
 
     __slots__ = ("decode", "encode")
 
     def __init__(self) -> None:
         enc = msgspec.msgpack.Encoder(decimal_format="string")
         dec: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
+        raw = dec.decode
+        checks = _DECODE_CHECKS.get
+
+        def decode(buf: bytes | bytearray | memoryview) -> Message:
+            msg = raw(buf)
+            check = checks(msg.__class__)
+            if check is not None:
+                check(msg)
+            return msg
+
         self.encode = enc.encode
-        self.decode = dec.decode
+        self.decode = decode
 
 
 def to_builtins(msg: Any) -> Any:

@@ -14,21 +14,33 @@ authenticator about every client; it accepts only public keys found in ``allowed
 their own keypair and the public key of the service that owns the endpoint they connect
 to. A refused client is logged (rate limited) with its public key; it gets no reply, no
 publication — no order, kill switch or flatten gets through.
+
+Being on the allow-list lets a client talk; it does not let it trade. ``SenderCheck`` is
+execution's gate for the commands that place or cancel orders: ``ExecuteOrder`` only from
+risk, ``Flatten``/``CancelEntries``/``RecordRiskEvent`` from risk or the operator's CLI
+(``admin``). With CURVE the sender is known by its public key (the ZAP User-Id of the
+connection); without CURVE it presents the per-stack secret of ``libs.common.stack_secret``.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from libs.common.config import Config, ConfigError, home_dir
+from libs.common.messages import CancelEntries, ExecuteOrder, Flatten, Message, RecordRiskEvent, Reply
+from libs.common.stack_secret import StackSecret
+
+if TYPE_CHECKING:
+    from libs.common.bus import Responder
 
 ZAP_DOMAIN = "neopulse"
 ALLOWED_DIR = "allowed"
@@ -275,3 +287,91 @@ def install_curve(bus: Any, cfg: Config, service_name: str) -> CurveSecurity:
     bus.close = close_with_auth
     log.info("curve_enabled", identity=service_name, keys_dir=str(security.dir))
     return security
+
+
+# --------------------------------------------------------------------------- who may trade
+
+# The commands that place or cancel orders, and who may send each to execution. Only risk
+# places orders; the operator's CLI (identity ``admin``) also flattens, cancels entries and
+# records the kill switch, which it does when risk is unreachable.
+GUARDED_COMMANDS: tuple[type, ...] = (ExecuteOrder, Flatten, CancelEntries, RecordRiskEvent)
+ORDER_SENDERS = ("risk",)
+CONTROL_SENDERS = ("risk", "admin")
+UNAUTHORISED = "unauthorised"
+_WARN_EVERY_S = 10.0
+
+
+def _public_key(directory: Path, name: str) -> bytes | None:
+    for path in (directory / f"{name}.key", directory / ALLOWED_DIR / f"{name}.key"):
+        if path.is_file():
+            return zmq.auth.load_certificate(str(path))[0]
+    return None
+
+
+class SenderCheck:
+    """Execution's gate: ``refusal(msg, responder)`` is None for an authorised sender, else the
+    ``Reply(ok=False, code="unauthorised")`` to send back. A refusal is logged (rate limited)
+    with its reason, never with a credential."""
+
+    def __init__(self, cfg: Config, home: Path, log: Any) -> None:
+        self.log = log
+        self.curve = cfg.bus.curve
+        self.refused = 0
+        self._last_warned: dict[tuple[str, str], float] = {}
+        self._keys: dict[str, bytes] = {}
+        self.secret: StackSecret | None = None
+        if self.curve:
+            directory = keys_dir(cfg)
+            for name in CONTROL_SENDERS:
+                key = _public_key(directory, name)
+                if key is not None:
+                    self._keys[name] = key
+            if "risk" not in self._keys:
+                raise ConfigError(f"config error: bus.curve is on but {directory / 'risk.key'} is "
+                                  f"missing (execution takes orders only from risk's key); "
+                                  f"run `neopulse keys generate`")
+        else:
+            self.secret = StackSecret(home, create=True)
+
+    def refusal(self, msg: Message, responder: Responder) -> Reply | None:
+        senders = ORDER_SENDERS if isinstance(msg, ExecuteOrder) else CONTROL_SENDERS
+        reason = self._curve_reason(senders, responder) if self.curve else self._secret_reason(responder)
+        if reason is None:
+            return None
+        kind = type(msg).__name__
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_warned.get((kind, reason), 0.0) > _WARN_EVERY_S:
+            self._last_warned[(kind, reason)] = now
+            self.log.warning("sender_refused", kind=kind, reason=reason, refused_total=self.refused,
+                             request_id=getattr(msg, "request_id", ""))
+        who = " or ".join("the neopulse CLI" if s == "admin" else s for s in senders)
+        return Reply(ok=False, code=UNAUTHORISED,
+                     error=f"unauthorised: execution takes {kind} only from {who}; {reason}")
+
+    def _curve_reason(self, senders: tuple[str, ...], responder: Responder) -> str | None:
+        sender = responder.user_id.encode("ascii", "replace")
+        for name in senders:
+            key = self._keys.get(name)
+            if key is not None and hmac.compare_digest(sender, key):
+                return None
+        known = next((n for n, k in self._keys.items() if hmac.compare_digest(sender, k)), "")
+        return (f"the sender's CURVE key is {known}'s" if known else
+                f"the sender's CURVE key {responder.user_id or '(none)'} is not {' or '.join(senders)}'s")
+
+    def _secret_reason(self, responder: Responder) -> str | None:
+        assert self.secret is not None
+        if not responder.credential:
+            return f"the request carried no stack credential (from {self.secret.path})"
+        for recheck in (False, True):  # a mismatch looks once more, in case the file was replaced
+            expected = self.secret.current(recheck=recheck)
+            if expected is not None and hmac.compare_digest(responder.credential, expected):
+                return None
+        return f"the request's stack credential does not match {self.secret.path}"
+
+
+def present_credential(client: Any, cfg: Config, home: Path, *, create: bool = True) -> None:
+    """Make ``client`` (a bus Client or AsyncClient to execution) present the stack secret with
+    each request. With CURVE nothing is needed: the client's key says who it is."""
+    if not cfg.bus.curve:
+        client.credential = StackSecret(home, create=create)

@@ -19,6 +19,7 @@ from typing import Any
 
 from libs.common import config as config_mod
 from libs.common.bus import AsyncClient, Bus, Publisher, Reactor, Subscriber, topic
+from libs.common.clock import OFFSET_ENV, check_clock_offset, clock_offset_ns
 from libs.common.config import Config, ConfigError
 from libs.common.log import setup_logging
 from libs.common.messages import Heartbeat
@@ -43,6 +44,9 @@ class Service:
             max_bytes=cfg.log.max_bytes, backups=cfg.log.backups,
         )
         self.started_ns = time.time_ns()
+        offset_ns = clock_offset_ns()
+        if offset_ns:
+            self.log.warning("clock_offset_active", env=OFFSET_ENV, offset_s=offset_ns / 1e9)
         self.bus = Bus(cfg, self.log)
         if cfg.bus.curve:
             from libs.common.security import install_curve
@@ -165,9 +169,12 @@ class Service:
 
 
 def load_config_or_exit() -> Config:
-    """Load config for a service entry point; a bad config prints one line and exits 2."""
+    """Load config for a service entry point; a bad config (or a bad or misplaced
+    ``NEOPULSE_CLOCK_OFFSET_S``) prints one line and exits 2."""
     try:
-        return config_mod.load_config()
+        cfg = config_mod.load_config()
+        check_clock_offset(cfg)
+        return cfg
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None

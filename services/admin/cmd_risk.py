@@ -32,6 +32,7 @@ from services.admin.common import (
     AdminClient,
     emit,
     fail,
+    unauthorised_hint,
 )
 
 MANUAL_STRATEGY = "manual"
@@ -130,7 +131,7 @@ def trade(
 
 
 def _ask_or_none(admin: AdminClient, endpoint_name: str, msg: Message) -> Message | None:
-    client = admin.bus.client(admin.cfg.bus.endpoint(endpoint_name), admin.timeout_ms)
+    client = admin.open_client(endpoint_name, msg)
     try:
         return client.request(msg)
     except RequestTimeout:
@@ -190,7 +191,8 @@ def _kill_via_execution(admin: AdminClient, reason: str, request_id: str) -> Non
         fail(f"risk is unreachable at {risk_ep}; the kill switch was recorded with execution "
              f"({note}) and risk will start HALTED", EXIT_UNREACHABLE)
     fail(f"risk is unreachable at {risk_ep} and execution did not record the kill switch "
-         f"({getattr(recorded, 'error', '') or 'no reply'}) — stop the stack to be safe", EXIT_UNREACHABLE)
+         f"({getattr(recorded, 'error', '') or 'no reply'}{unauthorised_hint(recorded)}) "
+         f"— stop the stack to be safe", EXIT_UNREACHABLE)
 
 
 @kill_app.command("off")

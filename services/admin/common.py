@@ -12,9 +12,11 @@ from typing import Any, NoReturn
 
 import typer
 
-from libs.common.bus import Bus, RequestTimeout
-from libs.common.config import Config, ConfigError, load_config
+from libs.common.bus import Bus, Client, RequestTimeout
+from libs.common.config import Config, ConfigError, home_dir, load_config
 from libs.common.messages import Message, Reply, to_builtins
+from libs.common.security import GUARDED_COMMANDS, UNAUTHORISED, present_credential
+from libs.common.stack_secret import StackSecretError
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -56,9 +58,22 @@ class AdminClient:
                 fail(str(exc), EXIT_USAGE)
         self.timeout_ms = timeout_ms or self.cfg.bus.request_timeout_ms
 
+    def open_client(self, endpoint_name: str, msg: Message, timeout_ms: int | None = None) -> Client:
+        """A client for one request. A command that places or cancels orders at execution
+        presents the stack secret (read, never created, here); with no secret file yet it goes
+        without one and execution, if it is running at all, says why it refused."""
+        client = self.bus.client(self.cfg.bus.endpoint(endpoint_name), timeout_ms or self.timeout_ms)
+        if endpoint_name == "execution_rep" and isinstance(msg, GUARDED_COMMANDS):
+            try:
+                present_credential(client, self.cfg, home_dir(), create=False)
+            except StackSecretError as exc:
+                client.close()
+                fail(str(exc), EXIT_USAGE)
+        return client
+
     def ask(self, endpoint_name: str, msg: Message, timeout_ms: int | None = None) -> Message:
         endpoint = self.cfg.bus.endpoint(endpoint_name)
-        client = self.bus.client(endpoint, timeout_ms or self.timeout_ms)
+        client = self.open_client(endpoint_name, msg, timeout_ms)
         try:
             return client.request(msg)
         except RequestTimeout:
@@ -74,11 +89,19 @@ class AdminClient:
         if not isinstance(reply, Reply):
             return reply
         if not reply.ok:
-            fail(f"refused: {reply.error}", EXIT_REFUSED)
+            fail(f"refused: {reply.error}{unauthorised_hint(reply)}", EXIT_REFUSED)
         return reply.data
 
     def close(self) -> None:
         self.bus.close()
+
+
+def unauthorised_hint(reply: Message | None) -> str:
+    """What the operator can do about an ``unauthorised`` refusal (empty for any other reply)."""
+    if not (isinstance(reply, Reply) and reply.code == UNAUTHORISED):
+        return ""
+    return (f" — run neopulse as the user that runs the stack, with its NEOPULSE_HOME "
+            f"(here {home_dir()})")
 
 
 def emit(data: Any, as_json: bool, human: str | None = None) -> None:

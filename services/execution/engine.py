@@ -120,7 +120,9 @@ def _topic(kind: str, name: str) -> bytes:
     if t is None:
         if len(_TOPICS) > 10_000:  # strategy ids come from requests: keep the memo bounded
             _TOPICS.clear()
-        t = _TOPICS[(kind, name)] = topic(kind, name)
+        # an id that is not plain ASCII is refused, but its REJECTED row is still published
+        safe = name if name.isascii() else name.encode("ascii", "replace").decode()
+        t = _TOPICS[(kind, name)] = topic(kind, safe)
     return t
 
 

@@ -48,6 +48,7 @@ from libs.common.messages import (
     Tick,
     to_builtins,
 )
+from libs.common.security import GUARDED_COMMANDS, SenderCheck
 from libs.common.service import Service
 from services.execution.embedded_pg import Database, DatabaseError, open_database
 from services.execution.engine import ExecutionEngine, Intent, PlaceIntent, run_intent
@@ -146,6 +147,8 @@ class ExecutionService(Service):
             self.engine.after_place = self._crash_after_place
         if not self.inline:
             self.pool = ThreadPoolExecutor(cfg.execution.pool_workers, thread_name_prefix="broker")
+        # Only risk may place orders; risk or the CLI may flatten, cancel entries, record risk events.
+        self.senders = SenderCheck(cfg, self.home, self.log)
         self.server = self.bus.server(cfg.bus.endpoint("execution_rep"))
         self.server.handler = self._handle
         self.reactor.add_reader(self.server.sock, self._on_requests)
@@ -328,6 +331,10 @@ class ExecutionService(Service):
 
     def _handle(self, msg: Message, responder: Responder) -> Message | None:
         engine = self.engine
+        if isinstance(msg, GUARDED_COMMANDS):
+            refusal = self.senders.refusal(msg, responder)
+            if refusal is not None:  # nothing reaches the engine or the ledger
+                return refusal
         if isinstance(msg, ExecuteOrder):
             self._batch.append((msg, responder))
             return None

@@ -13,14 +13,20 @@ Checks, in this fixed order (the first reason rejects the order, and the trader 
  2. kill switch — ``HALTED`` rejects everything ("HALTED: ...");
  3. order fields — side BUY/SELL, product MIS/CNC/NRML, a known order type;
  4. instrument — known to the master and tradable (not an index, tick size known);
- 5. prices — price, trigger, stop loss and target positive, finite and on tick
-    (price ``None`` is market intent); market intent needs a last traded price;
+ 5. prices — price, trigger, stop loss and target positive, finite, at most ``MAX_PRICE``
+    and on tick (price ``None`` is market intent); market intent needs a last traded price;
  6. bracket — BUY: stop loss < entry < target; SELL: target < entry < stop loss
     (entry is the last price for market intent);
     then sizing: a request with ``sizing`` and quantity 0 is sized to the risk budget;
  7. quantity — > 0, a multiple of the lot size, ≤ ``max_qty``;
- 8. exposure — in ``REDUCING`` (or for ``reduce_only`` orders) only orders that reduce an
-    open position pass, never flipping it (orders already working count);
+ 8. exposure — in ``REDUCING`` (or for ``reduce_only`` orders) only reducing orders pass.
+    An order reduces when it closes part of the SENDING strategy's own position in the
+    instrument (opposite side, not flipping it together with that strategy's closing orders
+    already working). Per strategy, not netted across strategies, because execution sizes
+    bracket legs per strategy: another strategy's SELL that nets the account flat leaves this
+    strategy's long, and its stop, live — the stop then opens a short. A strategy closing its
+    own position never leaves another's leg unprotected, so it passes even when it moves the
+    account's net away from zero;
  9. notional — quantity * price (last price for market intent) ≤ ``max_notional``;
 10. open positions — a new instrument must not take the count past ``max_open_positions``;
 11. throttle — at most ``max_orders_per_sec`` approvals in any sliding one-second window.
@@ -31,19 +37,31 @@ PnL: gross = realised + marked to market on the latest tick; cost = turnover *
 re-open entries), with an ``Alert`` and a ``RecordRiskEvent`` for execution to store.
 Kill switch on → ``HALTED``; off → ``ACTIVE``, or ``REDUCING`` while the loss stays breached.
 ``restore(DayState)`` rebuilds all of it after a restart; it never unlocks a tripped switch.
+The kill switch outlives the trading day (it stays on until switched off); the loss breach
+does not (each day has a fresh budget). ``backstop()``/``restore_backstop()`` are the local
+copy the service keeps in ``$NEOPULSE_HOME/run/risk-day.json``, with the same rules.
 ``resync(DayState)`` periodically adopts execution's positions, realised PnL and turnover,
 so a fill missed on the bus cannot leave risk's PnL wrong for long.
 
-Positions are kept per strategy (as execution keeps them) for PnL, and netted per
-instrument for exposure, because the broker account nets them.
+Positions are kept per strategy (as execution keeps them) and netted per instrument for the
+account's exposure; a reducing order is judged on its own strategy's position (check 8).
+
+Execution deadline: with ``exec_timeout_ms`` set, each ``ExecuteOrder`` carries
+``expires_ns`` = send time + ``EXEC_ATTEMPTS`` attempts of it - ``EXEC_MARGIN`` of one;
+execution does not place an order whose deadline passed before its row was committed, and
+risk waits the whole budget (``exec_budget_ns``) before it gives up. So an order that
+execution accepted is answered before risk gives up, and ``execution_timed_out`` may tell
+the strategy truthfully that the order expires unplaced. That verdict is remembered like an
+approval: a retry of the request id gets it again and never makes a second attempt.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
+from typing import Any
 
 import msgspec
 
@@ -52,8 +70,12 @@ from libs.common.config import RiskConfig
 from libs.common.instruments import Instrument, MasterData
 from libs.common.messages import (
     ACTIVE,
+    CANCELLED,
     HALTED,
+    MAX_PRICE,
+    MAX_TEXT,
     REDUCING,
+    REJECTED,
     TERMINAL_STATES,
     Alert,
     CancelEntries,
@@ -76,6 +98,8 @@ _HUNDRED = Decimal(100)
 _REMEMBERED_REQUESTS = 200_000  # request ids kept for duplicate detection (bounded memory)
 _REMEMBERED_FILLS = 200_000
 RESTORE_GUARD_S = 10.0  # after a restore, fills traded before the snapshot are taken as in it
+EXEC_ATTEMPTS = 2  # attempts at ExecuteOrder (execution is idempotent on request_id)
+EXEC_MARGIN = 0.2  # of one attempt: the deadline falls this much before risk gives up
 
 Event = Alert | RecordRiskEvent | CancelEntries
 _NO_EVENTS: tuple[Event, ...] = ()
@@ -150,12 +174,13 @@ class _Position:
 class _Working:
     """An order risk approved that has not reached a terminal state yet."""
 
-    __slots__ = ("fill_qty", "key", "qty", "side", "update_filled")
+    __slots__ = ("fill_qty", "key", "qty", "side", "strategy_id", "update_filled")
 
-    def __init__(self, key: str, side: str, qty: int) -> None:
+    def __init__(self, key: str, side: str, qty: int, strategy_id: str) -> None:
         self.key = key
         self.side = side
         self.qty = qty
+        self.strategy_id = strategy_id
         self.update_filled = 0  # filled_qty from the latest OrderUpdate
         self.fill_qty = 0  # sum of Fill messages seen
 
@@ -184,10 +209,14 @@ def _positive_finite(value: Decimal) -> bool:
 class RiskSentinel:
     """Pre-trade checks and the day's risk state. See the module docstring for the order."""
 
-    def __init__(self, cfg: RiskConfig, master: MasterData, clock: Clock) -> None:
+    def __init__(self, cfg: RiskConfig, master: MasterData, clock: Clock, exec_timeout_ms: int = 0) -> None:
         self.cfg = cfg
         self.master = master
         self.clock = clock
+        # The time risk waits for execution, and the deadline it gives it (0: no deadline,
+        # e.g. a backtest, where execution answers at once).
+        self.exec_budget_ns = EXEC_ATTEMPTS * exec_timeout_ms * 1_000_000
+        self._exec_deadline_ns = round((EXEC_ATTEMPTS - EXEC_MARGIN) * exec_timeout_ms * 1_000_000)
         self._max_notional = Decimal(repr(cfg.max_notional))
         self._cost_rate = cfg.cost_rate
         self.trading_day = ""
@@ -208,6 +237,7 @@ class RiskSentinel:
         self._working: dict[str, _Working] = {}  # request_id → working order
         self._order_ids: dict[str, str] = {}  # order_id → request_id
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        self._expired: OrderedDict[str, None] = OrderedDict()  # request ids reported "expires unplaced"
         self._fills_seen: OrderedDict[str, None] = OrderedDict()
         self._restored_upto_ns = 0  # fills traded at or before this are in the restored day...
         self._guard_until = 0.0  # ...when they arrive before this (clock.monotonic)
@@ -295,10 +325,11 @@ class RiskSentinel:
         reason = self._check_quantity(qty, inst)
         if reason:
             return self._reject(req, reason), None
-        reducing = self._reduces_exposure(req.side, qty, inst.key)
-        reason = self._check_exposure(req, qty, inst, reducing)
-        if reason:
-            return self._reject(req, reason), None
+        not_reducing = self._why_not_reducing(req, qty, inst)
+        reducing = not_reducing is None
+        if not_reducing and (self.loss_breached or req.reduce_only):
+            prefix = "REDUCING: daily loss limit breached; " if self.loss_breached else "reduce-only: "
+            return self._reject(req, prefix + not_reducing), None
         reason = self._check_notional(qty, entry)
         if reason:
             return self._reject(req, reason), None
@@ -314,15 +345,17 @@ class RiskSentinel:
     def _approve(self, req: OrderRequest, norm: OrderRequest, qty: int,
                  inst: Instrument) -> tuple[RiskVerdict, ExecuteOrder]:
         self._approvals.append(self.clock.monotonic())
-        self._working[req.request_id] = _Working(inst.key, req.side, qty)
+        self._working[req.request_id] = _Working(inst.key, req.side, qty, req.strategy_id)
+        now = self.clock.now_ns()
         verdict = RiskVerdict(request_id=req.request_id, approved=True, quantity=qty,
-                              state=self.current_state, ts_ns=self.clock.now_ns())
+                              state=self.current_state, ts_ns=now)
         self._remember(req.request_id, _Seen(norm, verdict))
         self.approved += 1
         order = msgspec.structs.replace(req, quantity=qty, symbol=inst.symbol, segment=inst.segment,
                                         token=inst.token)
+        expires = now + self._exec_deadline_ns if self._exec_deadline_ns else 0
         execute = ExecuteOrder(request_id=req.request_id, order=order, quantity=qty, segment=inst.segment,
-                               token=inst.token, symbol=inst.symbol, ts_ns=self.clock.now_ns())
+                               token=inst.token, symbol=inst.symbol, expires_ns=expires, ts_ns=now)
         return verdict, execute
 
     def _reject(self, req: OrderRequest, reason: str) -> RiskVerdict:
@@ -348,14 +381,35 @@ class RiskSentinel:
         return seen.verdict
 
     def execution_failed(self, request_id: str, reason: str) -> RiskVerdict:
-        """Execution refused or never answered: the approval is withdrawn and forgotten, so
-        a retry with the same request_id asks again (execution is idempotent on it)."""
+        """Execution refused the order (it answered, and nothing was placed): the approval is
+        withdrawn and forgotten, so a retry with the same request_id is judged again."""
         self._working.pop(request_id, None)
         if self._seen.pop(request_id, None) is not None:
             self.approved -= 1
         self.rejected += 1
         return RiskVerdict(request_id=request_id, approved=False, reason=reason,
                            state=self.current_state, ts_ns=self.clock.now_ns())
+
+    def execution_timed_out(self, request_id: str, waited_ms: int) -> RiskVerdict:
+        """Execution did not answer within the whole budget, so the order's deadline has
+        passed and it will not be placed. The approval is withdrawn (it stops counting as a
+        working order) and the verdict is remembered for the request id: a Lazy Pirate retry
+        gets the same answer, never a second attempt. Call only with ``expires_ns`` set and
+        the budget spent; without a deadline, execution may still place the order."""
+        self._working.pop(request_id, None)
+        reason = f"execution did not answer within {waited_ms} ms; the order expires unplaced"
+        verdict = RiskVerdict(request_id=request_id, approved=False, reason=reason,
+                              state=self.current_state, ts_ns=self.clock.now_ns())
+        seen = self._seen.get(request_id)
+        if seen is not None:
+            if seen.verdict.approved:
+                self.approved -= 1
+            seen.verdict = verdict
+        self.rejected += 1
+        self._expired[request_id] = None
+        if len(self._expired) > _REMEMBERED_REQUESTS:
+            self._expired.popitem(last=False)
+        return verdict
 
     # ------------------------------------------------------------------ checks
 
@@ -412,27 +466,20 @@ class RiskSentinel:
             return f"quantity {qty} exceeds max_qty {self.cfg.max_qty}"
         return None
 
-    def _reduces_exposure(self, side: str, qty: int, key: str) -> bool:
-        net = self._net_qty.get(key, 0)
-        if net == 0 or (side == "SELL") != (net > 0):
-            return False
-        # Same-side orders already working would close part of the position first.
-        working = sum(w.remaining for w in self._working.values() if w.key == key and w.side == side)
-        return qty <= abs(net) - working
-
-    def _check_exposure(self, req: OrderRequest, qty: int, inst: Instrument, reducing: bool) -> str | None:
-        if reducing or not (self.loss_breached or req.reduce_only):
-            return None
-        net = self._net_qty.get(inst.key, 0)
-        prefix = "REDUCING: daily loss limit breached; " if self.loss_breached else "reduce-only: "
-        if net != 0 and (req.side == "SELL") == (net > 0):
-            working = sum(w.remaining for w in self._working.values()
-                          if w.key == inst.key and w.side == req.side)
-            closable = max(0, abs(net) - working)
-            return (f"{prefix}{req.side} {qty} {inst.symbol} is more than the {closable} "
-                    f"that would close the position")
-        return (f"{prefix}only orders that reduce a position pass "
-                f"({req.side} {qty} {inst.symbol} would open or add)")
+    def _why_not_reducing(self, req: OrderRequest, qty: int, inst: Instrument) -> str | None:
+        """None when the order reduces (check 8), else what it would do instead."""
+        key, side, sid = inst.key, req.side, req.strategy_id
+        what = f"{side} {qty} {inst.symbol}"
+        pos = self._positions.get((sid, key))
+        own = pos.qty if pos is not None else 0
+        if own == 0 or (side == "SELL") != (own > 0):
+            return (f"only orders that reduce the strategy's own position pass "
+                    f"({what} would open or add for {sid})")
+        same_side = [w for w in self._working.values() if w.key == key and w.side == side]
+        own_closable = max(0, abs(own) - sum(w.remaining for w in same_side if w.strategy_id == sid))
+        if qty > own_closable:
+            return f"{what} is more than the {own_closable} that would close {sid}'s position"
+        return None
 
     def _check_notional(self, qty: int, entry: Decimal) -> str | None:
         notional = entry * qty
@@ -519,17 +566,31 @@ class RiskSentinel:
                     self._forget_working(request_id)
         return self._check_loss() if not self.loss_breached else _NO_EVENTS
 
-    def on_order_update(self, upd: OrderUpdate) -> None:
-        """Keep the working-order book: terminal orders stop counting as exposure."""
+    def on_order_update(self, upd: OrderUpdate) -> Sequence[Event]:
+        """Keep the working-order book: terminal orders stop counting as exposure. An order
+        risk had reported as expired unplaced but that execution placed after all is taken
+        back into the book, with a CRITICAL alert (the strategy was told it was not placed)."""
         working = self._working.get(upd.request_id)
         if working is None:
-            return
+            if upd.request_id in self._expired and upd.status not in (REJECTED, CANCELLED):
+                del self._expired[upd.request_id]
+                working = _Working(f"{upd.segment}|{upd.token}", upd.side, upd.quantity, upd.strategy_id)
+                self._working[upd.request_id] = working
+                text = (f"order {upd.order_id} ({upd.request_id}: {upd.side} {upd.quantity} {upd.symbol}) "
+                        f"is {upd.status} at execution although risk told {upd.strategy_id} it expired "
+                        f"unplaced; it counts as working again")
+                alert = Alert(level="CRITICAL", source="risk", text=text, code="expired_order_placed",
+                              ts_ns=self.clock.now_ns())
+                self.on_order_update(upd)
+                return (alert,)
+            return _NO_EVENTS
         if upd.order_id and upd.order_id not in self._order_ids:
             self._order_ids[upd.order_id] = upd.request_id
         if upd.status in TERMINAL_STATES:
             self._forget_working(upd.request_id)
         else:
             working.update_filled = max(working.update_filled, upd.filled_qty)
+        return _NO_EVENTS
 
     def _forget_working(self, request_id: str) -> None:
         self._working.pop(request_id, None)
@@ -625,6 +686,25 @@ class RiskSentinel:
             self.loss_breached = True
         return self._check_loss() if not self.loss_breached else _NO_EVENTS
 
+    def backstop(self, today: str) -> dict[str, Any]:
+        """What the service keeps in its local file (``risk-day.json``)."""
+        return {"trading_day": self.trading_day or today, "kill_switch": self.kill_switch,
+                "kill_reason": self.kill_reason, "loss_breached": self.loss_breached}
+
+    def restore_backstop(self, data: Mapping[str, Any], today: str) -> bool:
+        """Take the local copy back at start, before the day is loaded from execution. The
+        kill switch is restored whatever day wrote it (it stays on until switched off); the
+        loss breach only on the day it happened. Returns whether the switch was restored."""
+        if data.get("loss_breached") is True and data.get("trading_day") == today:
+            self.loss_breached = True
+            self.breach_reason = "daily loss limit breached earlier today"
+        if data.get("kill_switch") is not True or self.kill_switch:
+            return False
+        reason = str(data.get("kill_reason") or "kill switch tripped before restart")[:MAX_TEXT]
+        self.kill_switch = True
+        self.kill_reason = reason
+        return True
+
     def resync(self, day: DayState) -> tuple[Sequence[Event], bool]:
         """Periodic self-correction from execution's ledger: adopt its positions, realised
         PnL and turnover (a fill missed on the bus is healed here). The kill switch and the
@@ -685,6 +765,8 @@ def _check_prices(req: OrderRequest, inst: Instrument) -> str | None:
             continue
         if not _positive_finite(value):
             return f"{label} {value} must be a positive finite number"
+        if value > MAX_PRICE:
+            return f"{label} {value} is above the {MAX_PRICE} cap on any price"
         try:
             off_tick = bool(value % tick)
         except InvalidOperation:  # absurdly large: the remainder is beyond Decimal precision

@@ -17,9 +17,15 @@ turnover with the ledger and to notice a new trading day; ``ExecuteOrder``; the 
 (``RecordRiskEvent``, ``CancelEntries``), which are delivered in order and retried until
 execution answers, so a kill switch is recorded even if execution was briefly down.
 
+``ExecuteOrder`` carries a deadline (``expires_ns``, see ``services.risk.sentinel``). Risk
+re-sends it (execution is idempotent on ``request_id``) until execution answers or the
+whole budget — two attempts of 0.4 x ``bus.request_timeout_ms`` — has passed; only then it
+answers "execution did not answer within N ms; the order expires unplaced", and it gives a
+retry of that request id the same answer.
+
 The kill switch and the loss breach are also written to ``$NEOPULSE_HOME/run/risk-day.json``
-so that a restart while execution is down still starts HALTED (a restart never unlocks a
-tripped switch).
+so that a restart while execution is down still starts HALTED. A restart never unlocks a
+tripped switch, also not on a later trading day; the loss breach is kept for its day only.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from libs.common.messages import (
     Tick,
     to_builtins,
 )
+from libs.common.security import present_credential
 from libs.common.service import Service
 from services.risk.sentinel import Event, RiskSentinel
 
@@ -65,6 +72,7 @@ _TOPIC_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 DAY_RETRY_S = 1.0
 DELIVER_RETRY_S = 1.0
 RESYNC_S = 30.0
+EXEC_RETRY_PAUSE_S = 0.01  # before re-sending ExecuteOrder (a send refused at once must not spin)
 PERMANENT_REFUSALS = frozenset({"unsupported", "malformed"})  # retrying these cannot help
 
 
@@ -79,7 +87,9 @@ class RiskService(Service):
         super().__init__(cfg, pub_endpoint=cfg.bus.endpoint("risk_pub"))
         self.clock = clock or Clock()
         self.master = master if master is not None else MasterData.load_for_home(self.home)
-        self.sentinel = RiskSentinel(cfg.risk, self.master, self.clock)
+        # Two attempts at ExecuteOrder must fit inside a strategy's own request timeout.
+        self._exec_timeout_ms = max(200, cfg.bus.request_timeout_ms * 2 // 5)
+        self.sentinel = RiskSentinel(cfg.risk, self.master, self.clock, exec_timeout_ms=self._exec_timeout_ms)
         self.day_loaded = False
         self.day_attempts = 0
         self._day_pending = False
@@ -92,8 +102,6 @@ class RiskService(Service):
         self._last_state: tuple[str, bool] | None = None
         self._state_file = self.home / "run" / "risk-day.json"
         self.server: Server | None = None
-        # Two attempts at ExecuteOrder must fit inside a strategy's own request timeout.
-        self._exec_timeout_ms = max(200, cfg.bus.request_timeout_ms * 2 // 5)
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -103,6 +111,8 @@ class RiskService(Service):
         server = self.server
         self.reactor.add_reader(server.sock, server.drain)
         self.execution = self.client(bus.endpoint("execution_rep"), self._exec_timeout_ms)
+        # ExecuteOrder and the risk events carry proof that they come from risk (the stack secret).
+        present_credential(self.execution, self.cfg, self.home)
         self.feed = self.client(bus.endpoint("feed_rep"))
         self.subscribe([bus.endpoint("feed_pub")], [b"tick."], self._on_feed)
         self.subscribe([bus.endpoint("execution_pub")], [b"fill.", b"order."], self._on_execution)
@@ -175,7 +185,15 @@ class RiskService(Service):
         def done(reply: Message | Exception) -> None:
             self._on_execute_reply(req, execute, attempt, reply)
 
-        self.execution.request(execute, done)
+        left_ms = self._budget_left_ms(execute)
+        if attempt > 1 and left_ms <= 0:  # the pause before this retry used up the budget
+            done(RequestTimeout(self.execution.endpoint, self._exec_timeout_ms))
+            return
+        self.execution.request(execute, done, timeout_ms=max(1, min(self._exec_timeout_ms, left_ms)))
+
+    def _budget_left_ms(self, execute: ExecuteOrder) -> int:
+        """What is left of the time risk waits for execution (wall clock, as ``expires_ns``)."""
+        return (execute.ts_ns + self.sentinel.exec_budget_ns - self.clock.now_ns()) // 1_000_000
 
     def _on_execute_reply(self, req: OrderRequest, execute: ExecuteOrder, attempt: int,
                           reply: Message | Exception) -> None:
@@ -187,14 +205,22 @@ class RiskService(Service):
                 verdict = RiskVerdict(request_id=rid, approved=True, quantity=execute.quantity,
                                       order_id=str(data.get("order_id", "")),
                                       state=self.sentinel.current_state)
-        elif isinstance(reply, RequestTimeout) and attempt == 1:
-            self.log.warning("execution_timeout_retrying", request_id=rid, endpoint=reply.endpoint)
-            self._send_execute(req, execute, attempt=2)  # execution is idempotent on request_id
+        elif isinstance(reply, Exception) and self._budget_left_ms(execute) > 0:
+            # No answer (or an unreadable one) yet, and the order's deadline is still ahead:
+            # execution may yet place it, so ask again (it is idempotent on request_id). A
+            # timeout of another request also fails this one early (Lazy Pirate).
+            self.log.warning("execution_timeout_retrying", request_id=rid, attempt=attempt,
+                             error=str(reply), left_ms=self._budget_left_ms(execute))
+            self.reactor.call_later(EXEC_RETRY_PAUSE_S,
+                                    lambda: self._send_execute(req, execute, attempt + 1))
             return
         elif isinstance(reply, Reply):
             verdict = self.sentinel.execution_failed(rid, f"execution refused: {reply.error or reply.code}")
         elif isinstance(reply, Exception):
-            verdict = self.sentinel.execution_failed(rid, f"execution unreachable: {reply}")
+            # The budget is spent, so the deadline has passed: execution will not place it.
+            self.log.error("execution_timeout_gave_up", request_id=rid, attempts=attempt,
+                           error=str(reply), expires_ns=execute.expires_ns)
+            verdict = self.sentinel.execution_timed_out(rid, self.sentinel.exec_budget_ns // 1_000_000)
         else:
             verdict = self.sentinel.execution_failed(
                 rid, f"execution answered with an unexpected {type(reply).__name__}")
@@ -263,7 +289,9 @@ class RiskService(Service):
                 self._dispatch(events)
             self._publish_state_if_changed()
         elif isinstance(msg, OrderUpdate):
-            self.sentinel.on_order_update(msg)
+            events = self.sentinel.on_order_update(msg)
+            if events:
+                self._dispatch(events)
 
     # ----------------------------------------------------------------- events to execution
     def _dispatch(self, events: Sequence[Event]) -> None:
@@ -375,10 +403,7 @@ class RiskService(Service):
 
     # ----------------------------------------------------------------- local backstop
     def _persist_local(self, recorded: bool = False) -> None:
-        s = self.sentinel
-        data = {"trading_day": s.trading_day or trading_day(self.clock), "kill_switch": s.kill_switch,
-                "kill_reason": s.kill_reason, "loss_breached": s.loss_breached,
-                "recorded": recorded or not self._events}
+        data = {**self.sentinel.backstop(trading_day(self.clock)), "recorded": recorded or not self._events}
         try:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._state_file.with_suffix(".tmp")
@@ -389,15 +414,11 @@ class RiskService(Service):
 
     def _restore_local(self) -> None:
         data = _read_json(self._state_file)
-        if not data or data.get("trading_day") != trading_day(self.clock):
+        if not data:
             return
-        if data.get("kill_switch"):
-            reason = str(data.get("kill_reason") or "kill switch tripped before restart")
-            self.sentinel.set_kill_switch(True, reason, source="risk")
-            self.log.warning("kill_switch_restored_locally", reason=reason)
-        if data.get("loss_breached"):
-            self.sentinel.loss_breached = True
-            self.sentinel.breach_reason = "daily loss limit breached earlier today"
+        if self.sentinel.restore_backstop(data, trading_day(self.clock)):
+            self.log.warning("kill_switch_restored_locally", reason=self.sentinel.kill_reason,
+                             tripped_on=data.get("trading_day"))
 
     # ----------------------------------------------------------------- state publication
     def _publish_state(self) -> None:

@@ -39,19 +39,46 @@ Control API (JSON in, JSON out), for tests only::
     GET  /_control/requests[?api=NAME] every broker request: {ts, mono, method, path, api}
     GET  /_control/orders              order-book rows (also of expired sessions)
     GET  /_control/trades              trade-book rows
-    POST /_control/hang_next_place     {"seconds": 5, "count": 1}
+    POST /_control/hang_next_place     {"seconds": 5, "count": 1, "placed": true}
+                                        placed=false: the order never reaches the book
     POST /_control/reject_next_place   {"reason": "...", "delay_s": 0.2}  ack, then rejected
     POST /_control/orders/<no>/reject  {"reason": "..."}
     POST /_control/orders/<no>/fill    {"qty": 75, "price": "123.45"}  (both optional)
+                                       + "trade_after_polls": N   the order row says filled at
+                                         once; the trade book (and positions) show the trade
+                                         only after N more trade-book requests
+                                       + "hold_trade": true       ... only after release_trades
+    POST /_control/release_trades      {}   every held-back trade appears now
     POST /_control/orders/<no>/cancel  {}   exchange-side cancel (e.g. IOC remainder)
     POST /_control/expire_session      {}   every session token becomes invalid
     POST /_control/fail_next           {"api": "order_book", "status": 503, "body": {...},
                                         "count": 1, "after_handling": false}
+    POST /_control/fail_next_cancel    {"order_no": "..." (null = any order), "mode": "timeout",
+                                        "seconds": 3.0, "count": 1, "after_handling": false}
+                                        mode "timeout": the reply comes after `seconds` (past the
+                                        client's timeout); mode "error": {"status": 503,
+                                        "body": ...} at once. Unless after_handling, the order
+                                        is NOT cancelled; the next cancel is handled normally.
+                                        count null = every cancel until clear_faults.
+    POST /_control/empty_books         {"order_book": 1, "trade_book": 1, "positions": 0,
+                                        "seconds": null, "shape": "no_data"}
+                                        the next N requests of each book are answered as an
+                                        empty book (shape "no_data": Kotak's stCode 5203 reply;
+                                        "empty_list": stat Ok with data []) while the orders
+                                        really remain. A count of -1 = every request until
+                                        `seconds` pass (null: until clear_faults).
+                                        "order_book" covers GET /quick/user/orders[/<no>].
+    POST /_control/clear_faults        {}   drop every armed fault, release held-back trades
     POST /_control/rate_limit          {"orders_per_s": 10, "requests_per_s": 25}  (null = off)
     POST /_control/reset               {}   forget orders, trades, sessions and logs
 
+Every request log row (``/_control/requests``) also carries ``order_no`` for cancel and
+modify, and ``fault`` when an armed fault changed the answer (``cancel_timeout``,
+``cancel_error``, ``empty_book``, ``trade_held``, ``place_lost``).
+
 Orders, trades, sessions and the received-order log live in the JSON state file (rewritten
-atomically after every change), so the fake can be restarted without losing the book.
+atomically after every change), so the fake can be restarted without losing the book. Armed
+faults are not persisted: a restart of the fake drops them (held-back trades appear).
 Only the standard library and pyotp are used by the server itself.
 """
 
@@ -482,8 +509,44 @@ class FailRule:
     after_handling: bool
 
 
+@dataclass
+class CancelFault:
+    """A cancel that fails: ``mode`` "timeout" (answer after ``seconds``) or "error" (at once)."""
+
+    order_no: str | None  # None: any order
+    mode: str
+    seconds: float
+    status: int
+    body: Any
+    count: int | None  # None: until cleared
+    after_handling: bool  # the cancel takes effect, only its answer is lost
+
+
+@dataclass
+class EmptyBookRule:
+    """Answer one book API as empty: for ``count`` requests (None: any number) until ``until``
+    (a monotonic deadline; None: no deadline)."""
+
+    count: int | None
+    until: float | None
+    shape: str  # "no_data" | "empty_list"
+
+    def live(self, now: float) -> bool:
+        return (self.count is None or self.count > 0) and (self.until is None or now < self.until)
+
+
 class _BadBody(Exception):
     pass
+
+
+_CURRENT = threading.local()  # the request-log row of the request this thread is handling
+
+
+def _note(**values: Any) -> None:
+    """Add fields to the current request's log row (what a fault did to it)."""
+    row = getattr(_CURRENT, "row", None)
+    if row is not None:
+        row.update(values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,9 +593,13 @@ class FakeKotakBroker:
                 self._instruments[(inst.segment or segment, inst.trading_symbol)] = inst
         # Volatile (not persisted) test controls and logs.
         self._requests: list[dict[str, Any]] = []
-        self._hang_next: list[float] = []
+        self._hang_next: list[tuple[float, bool]] = []  # (seconds, placed)
         self._reject_next: list[tuple[str, float]] = []
         self._fail_rules: list[FailRule] = []
+        self._cancel_faults: list[CancelFault] = []
+        self._empty_books: dict[str, EmptyBookRule] = {}
+        # fill_id -> trade-book requests still to miss it (None: until release_trades)
+        self._held_trades: dict[str, int | None] = {}
         self._orders_per_s: float | None = None
         self._requests_per_s: float | None = None
         self.state = self._load()
@@ -560,11 +627,11 @@ class FakeKotakBroker:
             except _BadBody as exc:
                 return json_reply(400, {"error": str(exc)})
         api, handler = self._route(req)
+        row: dict[str, Any] = {"ts": time.time(), "mono": time.monotonic(), "method": req.method,
+                               "path": req.path, "api": api}  # fmt: skip
+        _CURRENT.row = row
         with self._lock:
-            self._requests.append(
-                {"ts": time.time(), "mono": time.monotonic(), "method": req.method,
-                 "path": req.path, "api": api}
-            )  # fmt: skip
+            self._requests.append(row)
             limited = self._rate_limited(api)
             rule = self._take_fail_rule(api)
         if limited is not None:
@@ -774,6 +841,12 @@ class FakeKotakBroker:
         if (err := self._auth_error(req, needs_consumer_key=True)) is not None:
             self._log_received(req, outcome="auth_error", response=json.loads(err.body))
             return err
+        with self._lock:
+            lost = self._hang_next.pop(0) if self._hang_next and not self._hang_next[0][1] else None
+        if lost is not None:  # the request died on the way: late gateway page, nothing placed
+            _note(fault="place_lost")
+            self._log_received(req, outcome="lost", response=None)
+            return Reply(504, b"<html><body>504 Gateway Time-out</body></html>", "text/html", lost[0])
         try:
             body = _form_jdata(req)
         except _BadBody:
@@ -830,7 +903,7 @@ class FakeKotakBroker:
                 self._transition(order, "open pending")
                 self._transition(order, "trigger pending" if order_type == "SL" else "open")
             self._save()
-            delay = self._hang_next.pop(0) if self._hang_next else 0.0
+            delay = self._hang_next.pop(0)[0] if self._hang_next and self._hang_next[0][1] else 0.0
             injected = self._reject_next.pop(0) if self._reject_next else None
         if injected is not None:
             self._schedule_reject(n_ord_no, *injected)
@@ -883,6 +956,7 @@ class FakeKotakBroker:
         if (err := self._auth_error(req, needs_consumer_key=True)) is not None:
             return err
         body = _form_jdata(req)
+        _note(order_no=str(body.get("no") or ""))
         with self._lock:
             order = self._find_order(str(body.get("no") or ""))
             if order is None:
@@ -924,6 +998,7 @@ class FakeKotakBroker:
         if (err := self._auth_error(req, needs_consumer_key=True)) is not None:
             return err
         body = _form_jdata(req)
+        _note(order_no=str(body.get("on") or ""))
         with self._lock:
             order = self._find_order(str(body.get("on") or ""))
             if order is None:
@@ -932,16 +1007,45 @@ class FakeKotakBroker:
             if order.is_terminal:
                 return json_reply(400, not_ok(ST_ORDER_COMPLETE, f"order is {order.status}",
                                               "please provide valid order number"))  # fmt: skip
-            self._cancel(order)
-            self._save()
+            fault = self._take_cancel_fault(order.n_ord_no)
+            if fault is None or fault.after_handling:
+                self._cancel(order)
+                self._save()
+        if fault is not None:
+            return self._cancel_fault_reply(fault)
         return json_reply(200, {"stat": "Ok", "nOrdNo": order.n_ord_no, "stCode": 200})
+
+    def _take_cancel_fault(self, n_ord_no: str) -> CancelFault | None:
+        for fault in self._cancel_faults:
+            if fault.order_no in (None, n_ord_no):
+                if fault.count is not None:
+                    fault.count -= 1
+                    if fault.count <= 0:
+                        self._cancel_faults.remove(fault)
+                return fault
+        return None
+
+    @staticmethod
+    def _cancel_fault_reply(fault: CancelFault) -> Reply:
+        if fault.mode == "timeout":
+            _note(fault="cancel_timeout")
+            return Reply(504, b"<html><body>504 Gateway Time-out</body></html>", "text/html",
+                         fault.seconds)  # fmt: skip
+        _note(fault="cancel_error")
+        if isinstance(fault.body, str):
+            return Reply(fault.status, fault.body.encode(), "text/html")
+        return json_reply(fault.status, fault.body)
 
     def _cancel(self, order: FakeOrder) -> None:
         order.cancelled_qty = order.unfilled
         self._transition(order, "cancel pending")
         self._transition(order, "cancelled")
 
-    def fill(self, n_ord_no: str, qty: int | None, price: Decimal | None) -> dict[str, Any]:
+    def fill(self, n_ord_no: str, qty: int | None, price: Decimal | None, *,
+             trade_after_polls: int = 0, hold_trade: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Fill the order now. The order row shows it at once; with ``trade_after_polls`` the
+        trade book misses the trade for that many more requests, with ``hold_trade`` until
+        ``release_trades`` (Kotak often reports COMPLETE before the trade)."""
         with self._lock:
             order = self._find_order(n_ord_no)
             if order is None:
@@ -960,6 +1064,8 @@ class FakeKotakBroker:
                 filled_ns=time.time_ns(),
             )  # fmt: skip
             self.state.trades.append(trade)
+            if hold_trade or trade_after_polls > 0:
+                self._held_trades[trade.fill_id] = None if hold_trade else trade_after_polls
             order.filled_qty += fill_qty
             order.fill_value = str(Decimal(order.fill_value) + fill_price * fill_qty)
             self._transition(order, "complete" if order.unfilled == 0 else "open")
@@ -971,6 +1077,8 @@ class FakeKotakBroker:
     def _order_book(self, req: HttpRequest) -> Reply:
         if (err := self._auth_error(req, needs_consumer_key=False)) is not None:
             return err
+        if (empty := self._empty_reply("order_book")) is not None:
+            return empty
         prefix = "/quick/user/orders/"
         with self._lock:
             if req.path.startswith(prefix) and req.path != prefix:
@@ -998,15 +1106,55 @@ class FakeKotakBroker:
     def _trade_book(self, req: HttpRequest) -> Reply:
         if (err := self._auth_error(req, needs_consumer_key=False)) is not None:
             return err
+        if (empty := self._empty_reply("trade_report")) is not None:
+            return empty
         with self._lock:
-            rows = [self._trade_row(t, self.state.orders[t.n_ord_no]) for t in self.state.trades]
+            rows = []
+            held = 0
+            for t in self.state.trades:
+                if t.fill_id in self._held_trades:
+                    left = self._held_trades[t.fill_id]
+                    if left is None or left > 0:
+                        if left is not None:
+                            self._held_trades[t.fill_id] = left - 1
+                        held += 1
+                        continue
+                    del self._held_trades[t.fill_id]
+                rows.append(self._trade_row(t, self.state.orders[t.n_ord_no]))
+        if held:
+            _note(fault="trade_held", held=held)
         if not rows:
             return json_reply(200, not_ok(ST_NO_DATA, "No Data"))
         return json_reply(200, {"stat": "ok", "stCode": 200, "data": rows})
 
+    def _trade_held(self, fill_id: str) -> bool:
+        if fill_id not in self._held_trades:
+            return False
+        left = self._held_trades[fill_id]
+        return left is None or left > 0
+
+    def _empty_reply(self, api: str) -> Reply | None:
+        """The empty-book answer when an ``empty_books`` rule covers this request."""
+        with self._lock:
+            rule = self._empty_books.get(api)
+            if rule is None:
+                return None
+            if not rule.live(time.monotonic()):
+                del self._empty_books[api]
+                return None
+            if rule.count is not None:
+                rule.count -= 1
+            shape = rule.shape
+        _note(fault="empty_book")
+        if shape == "empty_list":
+            return json_reply(200, {"stat": "Ok" if api == "order_book" else "ok", "stCode": 200, "data": []})
+        return json_reply(200, not_ok(ST_NO_DATA, "No Data"))
+
     def _positions(self, req: HttpRequest) -> Reply:
         if (err := self._auth_error(req, needs_consumer_key=False)) is not None:
             return err
+        if (empty := self._empty_reply("positions")) is not None:
+            return empty
         with self._lock:
             rows = self._position_rows()
         if not rows:
@@ -1117,6 +1265,8 @@ class FakeKotakBroker:
     def _position_rows(self) -> list[dict[str, Any]]:
         grouped: dict[tuple[str, str, str], dict[str, Any]] = {}
         for t in self.state.trades:
+            if self._trade_held(t.fill_id):  # positions follow the trade book
+                continue
             o = self.state.orders[t.n_ord_no]
             key = (o.segment, o.token, o.product)
             pos = grouped.setdefault(key, {
@@ -1165,7 +1315,27 @@ class FakeKotakBroker:
             return self._control_order(parts[1], parts[2], body)
         with self._lock:
             if name == "hang_next_place":
-                self._hang_next.extend([float(body["seconds"])] * int(body.get("count", 1)))
+                hang = (float(body["seconds"]), bool(body.get("placed", True)))
+                self._hang_next.extend([hang] * int(body.get("count", 1)))
+            elif name == "release_trades":
+                self._held_trades.clear()
+            elif name == "fail_next_cancel":
+                mode = str(body.get("mode", "timeout"))
+                if mode not in {"timeout", "error"}:
+                    raise _BadBody(f"mode must be timeout or error, got {mode!r}")
+                count = body.get("count", 1)
+                self._cancel_faults.append(CancelFault(
+                    order_no=None if body.get("order_no") is None else str(body["order_no"]),
+                    mode=mode, seconds=float(body.get("seconds", 3.0)),
+                    status=int(body.get("status", 503)),
+                    body=body.get("body", {"stat": "Not_Ok", "errMsg": "Service Unavailable"}),
+                    count=None if count is None else int(count),
+                    after_handling=bool(body.get("after_handling", False)),
+                ))  # fmt: skip
+            elif name == "empty_books":
+                self._arm_empty_books(body)
+            elif name == "clear_faults":
+                self._clear_faults()
             elif name == "reject_next_place":
                 self._reject_next.append((str(body["reason"]), float(body.get("delay_s", 0.0))))
             elif name == "expire_session":
@@ -1186,13 +1356,35 @@ class FakeKotakBroker:
             elif name == "reset":
                 self.state = BrokerState()
                 self._requests.clear()
-                self._hang_next.clear()
-                self._reject_next.clear()
-                self._fail_rules.clear()
+                self._clear_faults()
                 self._save()
             else:
                 return json_reply(404, {"error": f"no control {name}"})
         return json_reply(200, {"ok": True})
+
+    def _clear_faults(self) -> None:
+        self._hang_next.clear()
+        self._reject_next.clear()
+        self._fail_rules.clear()
+        self._cancel_faults.clear()
+        self._empty_books.clear()
+        self._held_trades.clear()
+
+    def _arm_empty_books(self, body: dict[str, Any]) -> None:
+        shape = str(body.get("shape", "no_data"))
+        if shape not in {"no_data", "empty_list"}:
+            raise _BadBody(f"shape must be no_data or empty_list, got {shape!r}")
+        seconds = body.get("seconds")
+        until = None if seconds is None else time.monotonic() + float(seconds)
+        for key, api in (("order_book", "order_book"), ("trade_book", "trade_report"),
+                         ("trade_report", "trade_report"), ("positions", "positions")):  # fmt: skip
+            if key not in body:
+                continue
+            count = int(body[key])
+            if count == 0:
+                self._empty_books.pop(api, None)
+            else:
+                self._empty_books[api] = EmptyBookRule(None if count < 0 else count, until, shape)
 
     def _control_get(self, name: str, req: HttpRequest) -> Reply:
         with self._lock:
@@ -1216,7 +1408,9 @@ class FakeKotakBroker:
             qty = body.get("qty")
             price = body.get("price")
             row = self.fill(n_ord_no, None if qty is None else int(qty),
-                            None if price is None else Decimal(str(price)))  # fmt: skip
+                            None if price is None else Decimal(str(price)),
+                            trade_after_polls=int(body.get("trade_after_polls") or 0),
+                            hold_trade=bool(body.get("hold_trade", False)))  # fmt: skip
             return json_reply(200, {"ok": True, "trade": row})
         with self._lock:
             order = self._find_order(n_ord_no)
@@ -1534,9 +1728,10 @@ class KotakRestFake:
     def totp_now(self) -> str:
         return self.credentials.totp_now()
 
-    def hang_next_place(self, seconds: float, count: int = 1) -> None:
-        """The next ``count`` place_order calls are recorded, then answered after ``seconds``."""
-        self._call("POST", "hang_next_place", {"seconds": seconds, "count": count})
+    def hang_next_place(self, seconds: float, count: int = 1, placed: bool = True) -> None:
+        """The next ``count`` place_order calls are recorded, then answered after ``seconds``.
+        With ``placed=False`` the order never reaches the book (answer: a late 504 page)."""
+        self._call("POST", "hang_next_place", {"seconds": seconds, "count": count, "placed": placed})
 
     def reject_next_place(self, reason: str, delay_s: float = 0.0) -> None:
         """The next place_order is acked (nOrdNo), then rejected with ``reason`` after ``delay_s``."""
@@ -1550,13 +1745,53 @@ class KotakRestFake:
         row: dict[str, Any] = self._call("POST", f"orders/{order_no}/cancel", {})["order"]
         return row
 
-    def fill(
-        self, order_no: str, qty: int | None = None, price: Decimal | str | None = None
-    ) -> dict[str, Any]:
-        """Fill ``qty`` (default: all that is open) at ``price`` (default: the limit price)."""
-        body: dict[str, Any] = {"qty": qty, "price": None if price is None else str(price)}
+    def fill(self, order_no: str, qty: int | None = None, price: Decimal | str | None = None, *,
+             trade_after_polls: int = 0, hold_trade: bool = False) -> dict[str, Any]:  # fmt: skip
+        """Fill ``qty`` (default: all that is open) at ``price`` (default: the limit price).
+
+        Status before trade: the order-book row shows the fill at once (``complete``,
+        ``fldQty`` = qty), while the trade book (and positions) miss the trade for the next
+        ``trade_after_polls`` trade-book requests, or with ``hold_trade`` until
+        ``release_trades()``."""
+        body: dict[str, Any] = {"qty": qty, "price": None if price is None else str(price),
+                                "trade_after_polls": trade_after_polls, "hold_trade": hold_trade}  # fmt: skip
         row: dict[str, Any] = self._call("POST", f"orders/{order_no}/fill", body)["trade"]
         return row
+
+    def release_trades(self) -> None:
+        """Every trade held back by ``fill(..., hold_trade=True)`` appears in the trade book."""
+        self._call("POST", "release_trades", {})
+
+    def fail_next_cancel(self, order_no: str | None = None, *, mode: str = "timeout",
+                         seconds: float = 3.0, status: int = 503, body: Any = None,
+                         count: int | None = 1, after_handling: bool = False) -> None:  # fmt: skip
+        """Fail the next ``count`` cancels of ``order_no`` (None: of any order); ``count`` None
+        fails every one until ``clear_faults()``. ``mode="timeout"``: the fake answers only
+        after ``seconds`` (set it past the client's timeout); ``mode="error"``: ``status`` and
+        ``body`` at once (a str body is sent as HTML). Unless ``after_handling``, the order
+        stays live; the cancel after the last failure is handled normally."""
+        payload: dict[str, Any] = {"order_no": order_no, "mode": mode, "seconds": seconds,
+                                   "status": status, "count": count,
+                                   "after_handling": after_handling}  # fmt: skip
+        if body is not None:
+            payload["body"] = body
+        self._call("POST", "fail_next_cancel", payload)
+
+    def empty_books(self, order_book: int = 1, trade_book: int = 0, positions: int = 0, *,
+                    seconds: float | None = None, shape: str = "no_data") -> None:  # fmt: skip
+        """Answer the next ``order_book`` order-book requests (whole book and single-order
+        lookups), ``trade_book`` trade-book requests and ``positions`` positions requests as an
+        empty book, while the orders really stay live. -1 = every request, for ``seconds``
+        (None: until ``clear_faults()``); 0 = leave that book alone. ``shape="no_data"`` is
+        Kotak's answer (``{"stat":"Not_Ok","errMsg":"No Data","stCode":5203}``);
+        ``"empty_list"`` is ``{"stat":"Ok","stCode":200,"data":[]}``."""
+        self._call("POST", "empty_books", {"order_book": order_book, "trade_book": trade_book,
+                                           "positions": positions, "seconds": seconds,
+                                           "shape": shape})  # fmt: skip
+
+    def clear_faults(self) -> None:
+        """Drop every armed fault (hangs, failures, empty books) and release held-back trades."""
+        self._call("POST", "clear_faults", {})
 
     def expire_session(self) -> None:
         self._call("POST", "expire_session", {})

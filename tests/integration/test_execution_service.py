@@ -38,6 +38,7 @@ from libs.common.messages import (
     SyncMaster,
     Tick,
 )
+from libs.common.security import present_credential
 from tests.helpers import eventually, free_base_port, stack_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +144,7 @@ class ExecStack:
 
     def ask(self, msg: Message, timeout_ms: int = 5000) -> Message:
         client = self.bus.client(self.cfg.bus.endpoint("execution_rep"), timeout_ms)
+        present_credential(client, self.cfg, self.home)  # this test plays risk
         try:
             return client.request(msg)
         finally:

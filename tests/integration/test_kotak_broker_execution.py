@@ -32,6 +32,7 @@ from libs.common.messages import (
     Tick,
 )
 from libs.common.money import protected_limit
+from libs.common.security import present_credential
 from services.execution.brokers.kotak import KotakBroker
 from services.execution.master_sync import fetch_kotak_master
 from tests.fakes.kotak_rest import KotakRestFake, default_instruments
@@ -92,6 +93,7 @@ class LiveExecution:
 
     def ask(self, msg: Message, timeout_ms: int = 5000) -> Message:
         client = self.bus.client(self.cfg.bus.endpoint("execution_rep"), timeout_ms)
+        present_credential(client, self.cfg, self.home)  # this test plays risk
         try:
             return client.request(msg)
         finally:

@@ -332,3 +332,149 @@ def test_request_timestamps_are_recorded(fake: KotakRestFake, client: NeoAPI) ->
     stamps = [r["ts"] for r in fake.requests(api="place_order")]
     assert len(stamps) == 3 and stamps == sorted(stamps)
     assert all(r["path"] == "/quick/order/rule/ms/place" for r in fake.requests(api="place_order"))
+
+
+# --------------------------------------------------------------------------------------------
+# Fault switches (issue 10): status before trade, a cancel that fails once, an empty book,
+# a place whose fate is unknown.
+
+
+NO_DATA = {"stCode": 5203, "errMsg": "No Data", "stat": "Not_Ok"}
+
+
+def faults(fake: KotakRestFake, api: str) -> list[tuple[str | None, str | None]]:
+    """(order_no, fault) of every request of ``api`` the fake logged."""
+    return [(r.get("order_no"), r.get("fault")) for r in fake.requests(api=api)]
+
+
+def test_status_before_trade_the_book_says_complete_while_the_trade_book_lags(
+    fake: KotakRestFake, client: NeoAPI
+) -> None:
+    order_no = place_limit(client, "np0040", qty="5")["nOrdNo"]
+
+    fake.fill(order_no, trade_after_polls=2)
+
+    row = wait_row(client, order_no, ordSt="complete")
+    assert (row["fldQty"], row["unFldSz"], row["avgPrc"]) == (5, 0, "2500.10")
+    assert client.positions() == NO_DATA  # positions follow the trade book
+    assert client.trade_report() == NO_DATA
+    assert client.trade_report() == NO_DATA
+    [trade] = client.trade_report()["data"]  # the third look finds it
+    assert (trade["nOrdNo"], trade["fldQty"], trade["GuiOrdId"]) == (order_no, 5, "np0040")
+    assert client.positions()["data"][0]["flBuyQty"] == "5"
+    assert [f for _, f in faults(fake, "trade_report")] == ["trade_held", "trade_held", None]
+
+
+def test_a_held_trade_appears_only_when_released(fake: KotakRestFake, client: NeoAPI) -> None:
+    first = place_limit(client, "np0041")["nOrdNo"]
+    fake.fill(first)  # an ordinary fill: its trade is there at once
+    held = place_limit(client, "np0042")["nOrdNo"]
+
+    fake.fill(held, hold_trade=True)
+
+    wait_row(client, held, ordSt="complete", fldQty=5)
+    for _ in range(3):
+        assert [t["nOrdNo"] for t in client.trade_report()["data"]] == [first]
+    fake.release_trades()
+    assert [t["nOrdNo"] for t in client.trade_report()["data"]] == [first, held]
+
+
+def test_a_cancel_that_times_out_once_leaves_the_order_live_then_the_retry_cancels(
+    fake: KotakRestFake,
+) -> None:
+    client = new_client(fake, timeout=1.0)
+    login(client, fake)
+    order_no = place_limit(client, "np0043")["nOrdNo"]
+    other = place_limit(client, "np0044")["nOrdNo"]
+    fake.fail_next_cancel(order_no, mode="timeout", seconds=2.0)
+
+    # Another order's cancel is not the one armed.
+    assert client.cancel_order(order_id=other)["stat"] == "Ok"
+    reply = client.cancel_order(order_id=order_no)
+
+    assert set(reply) == {"error"} and isinstance(reply["error"], ApiException)
+    assert "timeout" in str(reply["error"].reason).lower()
+    assert book_row(client, order_no)["ordSt"] == "open"  # type: ignore[index]
+    assert client.cancel_order(order_id=order_no) == {"stat": "Ok", "nOrdNo": order_no, "stCode": 200}
+    wait_row(client, order_no, ordSt="cancelled", cnlQty=5)
+    assert faults(fake, "cancel_order") == [(other, None), (order_no, "cancel_timeout"), (order_no, None)]
+
+
+def test_a_cancel_answered_5xx_once_leaves_the_order_live_then_the_retry_cancels(
+    fake: KotakRestFake, client: NeoAPI
+) -> None:
+    order_no = place_limit(client, "np0045")["nOrdNo"]
+    fake.fail_next_cancel(order_no, mode="error", status=503)
+
+    reply = client.cancel_order(order_id=order_no)
+
+    assert reply == {"stat": "Not_Ok", "errMsg": "Service Unavailable"}  # no stCode: not a refusal
+    assert book_row(client, order_no)["ordSt"] == "open"  # type: ignore[index]
+    assert client.cancel_order(order_id=order_no)["stat"] == "Ok"
+    wait_row(client, order_no, ordSt="cancelled")
+
+    # A gateway page, every time until cleared.
+    again = place_limit(client, "np0046")["nOrdNo"]
+    fake.fail_next_cancel(mode="error", status=502, body="<html>502 Bad Gateway</html>", count=None)
+    for _ in range(2):
+        assert isinstance(client.cancel_order(order_id=again).get("Error"), ValueError)
+    fake.clear_faults()
+    assert client.cancel_order(order_id=again)["stat"] == "Ok"
+
+
+def test_a_cancel_whose_answer_is_lost_after_it_took_effect(fake: KotakRestFake, client: NeoAPI) -> None:
+    order_no = place_limit(client, "np0047")["nOrdNo"]
+    fake.fail_next_cancel(order_no, mode="error", status=504, after_handling=True)
+
+    assert client.cancel_order(order_id=order_no)["stat"] == "Not_Ok"
+
+    wait_row(client, order_no, ordSt="cancelled")
+    assert client.cancel_order(order_id=order_no)["stCode"] == 1021  # already final
+
+
+def test_empty_books_answer_no_data_while_the_orders_stay_live(fake: KotakRestFake, client: NeoAPI) -> None:
+    order_no = place_limit(client, "np0048", qty="5")["nOrdNo"]
+    fake.fill(order_no, qty=2)
+
+    fake.empty_books(order_book=2, trade_book=1)
+
+    assert client.order_report() == NO_DATA
+    assert client.order_report(order_id=order_no) == NO_DATA  # single-order lookups count too
+    assert client.trade_report() == NO_DATA
+    assert book_row(client, order_no)["ordSt"] == "open"  # type: ignore[index]
+    assert len(client.trade_report()["data"]) == 1
+    assert [f for _, f in faults(fake, "order_book")][-3:] == ["empty_book", "empty_book", None]
+
+    fake.empty_books(order_book=1, trade_book=1, positions=1, shape="empty_list")
+    assert client.order_report() == {"stat": "Ok", "stCode": 200, "data": []}
+    assert client.trade_report() == {"stat": "ok", "stCode": 200, "data": []}
+    assert client.positions() == {"stat": "ok", "stCode": 200, "data": []}
+    assert fake.order(order_no)["ordSt"] == "open"  # the control view shows the truth
+
+
+def test_empty_books_for_a_while_or_until_cleared(fake: KotakRestFake, client: NeoAPI) -> None:
+    order_no = place_limit(client, "np0049")["nOrdNo"]
+
+    fake.empty_books(order_book=-1, seconds=0.5)
+    assert client.order_report() == NO_DATA and client.order_report() == NO_DATA
+    eventually(lambda: book_row(client, order_no), timeout=3)
+
+    fake.empty_books(order_book=-1, trade_book=-1)  # no deadline
+    time.sleep(0.2)
+    assert client.order_report() == NO_DATA
+    fake.clear_faults()
+    assert book_row(client, order_no) is not None
+
+
+def test_a_place_lost_on_the_way_never_reaches_the_book(fake: KotakRestFake) -> None:
+    client = new_client(fake, timeout=1.0)
+    login(client, fake)
+    fake.hang_next_place(seconds=2.0, placed=False)
+
+    reply = place_limit(client, "np0050")
+
+    assert set(reply) == {"error"} and isinstance(reply["error"], ApiException)
+    assert client.order_report() == NO_DATA
+    received = [(r["tag"], r["outcome"], r["nOrdNo"]) for r in fake.received_orders()]
+    assert received == [("np0050", "lost", None)]
+    assert place_limit(client, "np0051")["stat"] == "Ok"  # only the armed one is lost

@@ -224,7 +224,7 @@ def test_index_is_not_tradable() -> None:
         ("NaN", "price NaN must be a positive finite number"),
         ("Infinity", "price Infinity must be a positive finite number"),
         ("1290.55", "price 1290.55 is not on tick size 0.1 for RELIANCE-EQ"),
-        ("1E+40", "price 1E+40 is not a usable price"),
+        ("1E+40", "price 1E+40 is above the 10000000 cap on any price"),
     ],
 )
 def test_bad_price_is_rejected(price: str, text: str) -> None:
@@ -404,8 +404,8 @@ def test_reducing_refuses_a_new_buy() -> None:
     s, _ = make()
     breach(s)
     assert reason(s, order(side="BUY", qty=10, price="1230.5")) == (
-        "REDUCING: daily loss limit breached; only orders that reduce a position pass "
-        "(BUY 10 RELIANCE-EQ would open or add)"
+        "REDUCING: daily loss limit breached; only orders that reduce the strategy's own position pass "
+        "(BUY 10 RELIANCE-EQ would open or add for s1)"
     )
     assert reason(s, order(side="BUY", symbol="TATASTEEL-EQ", price="165.3")).startswith("REDUCING")
 
@@ -415,7 +415,7 @@ def test_reducing_passes_a_closing_sell_but_not_a_flip() -> None:
     breach(s)
     assert reason(s, order(side="SELL", qty=150, price="1230.5")) == (
         "REDUCING: daily loss limit breached; "
-        "SELL 150 RELIANCE-EQ is more than the 100 that would close the position"
+        "SELL 150 RELIANCE-EQ is more than the 100 that would close s1's position"
     )
     approve(s, order(side="SELL", qty=100, price="1230.5"))
 
@@ -425,7 +425,7 @@ def test_reducing_counts_closing_orders_already_working() -> None:
     breach(s)
     approve(s, order(side="SELL", qty=60, price="1230.5"))
     assert reason(s, order(side="SELL", qty=60, price="1230.5")).endswith(
-        "SELL 60 RELIANCE-EQ is more than the 40 that would close the position"
+        "SELL 60 RELIANCE-EQ is more than the 40 that would close s1's position"
     )
     approve(s, order(side="SELL", qty=40, price="1230.5"))
 
@@ -454,7 +454,8 @@ def test_a_cancelled_working_order_stops_counting() -> None:
 def test_reduce_only_outside_reducing() -> None:
     s, _ = make()
     assert reason(s, order(reduce_only=True)) == (
-        "reduce-only: only orders that reduce a position pass (BUY 10 RELIANCE-EQ would open or add)"
+        "reduce-only: only orders that reduce the strategy's own position pass "
+        "(BUY 10 RELIANCE-EQ would open or add for s1)"
     )
     s.on_fill(fill("SELL", 10, "1290.5"))
     approve(s, order(side="BUY", qty=10, reduce_only=True))

@@ -68,6 +68,7 @@ from services.execution.brokers.base import (
     BrokerError,
     BrokerOrder,
     BrokerOrderStatus,
+    BrokerPosition,
     BrokerRejected,
     BrokerTemporary,
     BrokerTrade,
@@ -78,6 +79,7 @@ from services.execution.brokers.kotak_protocol import (
     Kind,
     OrderRefused,
     Verdict,
+    carried_position,
     classify,
     order_status,
     place_args,
@@ -506,6 +508,11 @@ class KotakBroker:
                 "sell_amount": amount("sellAmt") + amount("cfSellAmt"),
             })  # fmt: skip
         return out
+
+    def carried_positions(self) -> list[BrokerPosition]:
+        """Positions carried from earlier days (NRML / CNC), from Kotak's positions."""
+        rows_ = self._book("positions", self._client.positions)
+        return [p for p in (carried_position(r) for r in rows_) if p is not None]
 
     # ------------------------------------------------------------------ status polling
 

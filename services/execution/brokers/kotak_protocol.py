@@ -20,7 +20,7 @@ from typing import Any
 from libs.common.clock import IST
 from libs.common.instruments import Instrument
 from libs.common.sdk import import_sdk
-from services.execution.brokers.base import BrokerOrder, BrokerOrderStatus, BrokerTrade
+from services.execution.brokers.base import BrokerOrder, BrokerOrderStatus, BrokerPosition, BrokerTrade
 
 SEGMENTS = frozenset({"nse_cm", "bse_cm", "nse_fo", "bse_fo", "mcx_fo"})
 PRODUCTS = frozenset({"CNC", "NRML", "MIS", "MTF"})
@@ -245,6 +245,23 @@ def _qty(value: Any) -> int:
         d = _dec(value)
         return int(d) if d is not None else 0
     return n
+
+
+def carried_position(row: dict[str, Any]) -> BrokerPosition | None:
+    """The carry-forward part of one positions row (``cfBuyQty`` - ``cfSellQty``) of an NRML or
+    CNC position, at its carry-forward price; None when nothing is carried."""
+    product = str(row.get("prod") or "").strip().upper()
+    if product not in ("NRML", "CNC"):
+        return None
+    cf_buy, cf_sell = _qty(row.get("cfBuyQty")), _qty(row.get("cfSellQty"))
+    net = cf_buy - cf_sell
+    if not net:
+        return None
+    qty, amount = (cf_buy, _dec(row.get("cfBuyAmt"))) if net > 0 else (cf_sell, _dec(row.get("cfSellAmt")))
+    avg = (amount / qty).quantize(Decimal("0.0001")) if amount is not None and qty else Decimal(0)
+    return BrokerPosition(segment=str(row.get("exSeg") or ""), token=str(row.get("tok") or ""),
+                          symbol=str(row.get("trdSym") or ""), product=product, quantity=net,
+                          avg_price=avg, raw=row)  # fmt: skip
 
 
 def map_status(ord_st: str, filled: int) -> str:

@@ -14,7 +14,10 @@ Fill rules
 The book (orders, trades, cancels, modifications) is an append-only JSON-lines journal,
 written before each call returns, so a restarted execution reconciles against it exactly
 as against a real broker's order book and trade book. Like a real broker's, the books
-hold today's orders only: open orders of earlier days have expired.
+hold today's orders only: open orders of earlier days have expired. Positions in NRML and
+CNC are carried: when the journal is compacted at the start of a day, the net of earlier
+days' trades in those products is written as ``carry`` records, and ``carried_positions()``
+reports them as a real broker's positions call would.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from services.execution.brokers.base import (
     BrokerAck,
     BrokerOrder,
     BrokerOrderStatus,
+    BrokerPosition,
     BrokerRejected,
     BrokerTrade,
 )
 
 _OPEN, _PARTIAL, _COMPLETE, _CANCELLED = "OPEN", "PARTIAL", "COMPLETE", "CANCELLED"
 _DONE = frozenset({_COMPLETE, _CANCELLED, "REJECTED"})
+_CARRIED_PRODUCTS = frozenset({"NRML", "CNC"})  # MIS is squared off the same day
 BrokerEvent = BrokerOrderStatus | BrokerTrade
 
 
@@ -103,6 +108,8 @@ class PaperBroker:
         self._tseq = 0
         self._day = trading_day(self.clock)
         self._journal_path = journal
+        # (segment, token, product) → [symbol, signed quantity, average price]
+        self.carried: dict[tuple[str, str, str], list[Any]] = {}
         self._fh: Any = None
         if journal is not None:
             self._load(journal)
@@ -112,6 +119,7 @@ class PaperBroker:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         stale = False
+        old_places: dict[str, dict[str, Any]] = {}
         if path.exists():
             with path.open("r", encoding="utf-8") as fh:
                 for raw_line in fh:
@@ -126,17 +134,60 @@ class PaperBroker:
                     if rec.get("day") != self._day:
                         stale = True
                         self._bump_seq(rec)
+                        self._carry_in(rec, old_places)
                         continue
                     self._apply(rec)
                     kept.append(line)
-        if stale:  # compact: only today's book survives
+        if stale:  # compact: only today's book survives, with what earlier days carried into it
+            carry = [
+                json.dumps(
+                    {"op": "carry", "seg": k[0], "tok": k[1], "product": k[2], "sym": v[0], "qty": v[1],
+                     "avg": str(v[2]), "day": self._day},
+                    separators=(",", ":"),
+                )
+                for k, v in self.carried.items()
+                if v[1]
+            ]
             tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            tmp.write_text("".join(k + "\n" for k in carry + kept), encoding="utf-8")
             tmp.replace(path)
         self._fh = path.open("a", encoding="utf-8")
         for o in self.orders.values():
             if o.status not in _DONE:
                 self.resting.setdefault(o.key, []).append(o)
+
+    def _carry_in(self, rec: dict[str, Any], places: dict[str, dict[str, Any]]) -> None:
+        """Fold one record of an earlier day into the carried positions."""
+        op = rec.get("op")
+        if op == "place":
+            places[rec["id"]] = rec
+        elif op == "carry":
+            self._carry_rec(rec)
+        elif op == "trade":
+            p = places.get(rec.get("oid", ""))
+            if p is None or p.get("product", "MIS") not in _CARRIED_PRODUCTS:
+                return
+            key = (p["seg"], p["tok"], p["product"])
+            sym, held, avg = self.carried.get(key, [p["sym"], 0, Decimal(0)])
+            qty = rec["qty"] if p["side"] == "BUY" else -rec["qty"]
+            price = Decimal(rec["price"])
+            if held == 0 or (held > 0) == (qty > 0):  # adds: average in
+                avg = (avg * abs(held) + price * abs(qty)) / (abs(held) + abs(qty))
+            elif abs(qty) > abs(held):  # flips: the rest opens at this price
+                avg = price
+            held += qty
+            self.carried[key] = [sym, held, avg if held else Decimal(0)]
+
+    def _carry_rec(self, rec: dict[str, Any]) -> None:
+        self.carried[(rec["seg"], rec["tok"], rec["product"])] = [rec["sym"], rec["qty"], Decimal(rec["avg"])]
+
+    def carried_positions(self) -> list[BrokerPosition]:
+        """Positions carried from earlier days (NRML/CNC), as of this trading day's start."""
+        return [
+            BrokerPosition(segment=seg, token=tok, symbol=v[0], product=prod, quantity=v[1], avg_price=v[2])
+            for (seg, tok, prod), v in self.carried.items()
+            if v[1]
+        ]
 
     def _bump_seq(self, rec: dict[str, Any]) -> None:
         ident = rec.get("id", "")
@@ -190,6 +241,8 @@ class PaperBroker:
             o.reason = rec.get("reason", "")
         elif op == "trigger":
             self.orders[rec["oid"]].triggered = True
+        elif op == "carry":
+            self._carry_rec(rec)
         elif op == "modify":
             o = self.orders[rec["oid"]]
             o.quantity = rec["qty"]

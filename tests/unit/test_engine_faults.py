@@ -1,0 +1,678 @@
+"""The execution engine under ordinary broker faults (issue 10), driven by hand.
+
+A ``HandBroker`` stands in for the broker at the protocol level: the test takes the engine's
+intents and answers them, and pushes order-status and trade events, in whatever order a real
+broker might (status before trade, a cancel that fails, an empty book, a late fill). Each test
+is named after the behaviour it proves and failed on the engine before the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from libs.common.clock import ManualClock
+from libs.common.config import load_config
+from libs.common.instruments import MasterData
+from libs.common.messages import (
+    CANCELLED,
+    COMPLETE,
+    HALTED,
+    OPEN,
+    REJECTED,
+    UNKNOWN,
+    Alert,
+    ExecuteOrder,
+    Flatten,
+    OrderRequest,
+    RecordRiskEvent,
+    Tick,
+)
+from services.execution.brokers.base import (
+    BrokerAck,
+    BrokerOrderStatus,
+    BrokerPosition,
+    BrokerTemporary,
+    BrokerTrade,
+    BrokerUnknown,
+)
+from services.execution.engine import (
+    BooksIntent,
+    CancelIntent,
+    ExecutionEngine,
+    Intent,
+    PlaceIntent,
+    PositionsIntent,
+)
+from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, OrderRow
+from services.execution.store import MemoryOrderStore
+
+MASTER = MasterData.load()
+REL = MASTER.resolve("RELIANCE-EQ")
+DAY0_NS = 1_763_700_000_000_000_000  # Friday 2025-11-21, 10:10 IST
+_ids = itertools.count(1)
+
+
+@dataclass
+class HandBroker:
+    """What the engine reads of a broker; every call is answered by the test."""
+
+    name: str = "hand"
+    book_lag_s: float = 0.0
+
+
+class Hand:
+    """Engine + in-memory ledger; intents are taken and answered by the test."""
+
+    def __init__(self, store: MemoryOrderStore | None = None, clock: ManualClock | None = None,
+                 carried: list[BrokerPosition] | None = None) -> None:  # fmt: skip
+        self.cfg = load_config(env={})
+        self.clock = clock or ManualClock(DAY0_NS)
+        self.store = store if store is not None else MemoryOrderStore()
+        self.engine = ExecutionEngine(self.store, HandBroker(), MASTER, self.clock, self.cfg)
+        self.engine.start()
+        self.boids = itertools.count(1)
+        self.tids = itertools.count(1)
+        self.alerts: list[Alert] = []
+        self.pending: list[Intent] = []
+        for i in self.take():  # startup: carried positions and the books
+            if isinstance(i, PositionsIntent):
+                self.answer(i, carried or [])
+            elif isinstance(i, BooksIntent):
+                self.answer(i, ([], []))
+            else:
+                self.pending.append(i)
+
+    # -- driving
+    def take(self) -> list[Intent]:
+        self.engine.flush()
+        out = self.pending + self.engine.take_intents()
+        self.pending = []
+        self._collect()
+        return out
+
+    def _collect(self) -> None:
+        self.alerts.extend(m for _, m in self.engine.take_messages() if isinstance(m, Alert))
+
+    def answer(self, intent: Intent, result: Any) -> None:
+        self.engine.on_result(intent, result)
+        self.engine.flush()
+        self._collect()
+
+    def ack(self, intent: PlaceIntent) -> str:
+        boid = f"B{next(self.boids)}"
+        self.answer(intent, BrokerAck(broker_order_id=boid))
+        return boid
+
+    def status(self, o: OrderRow, status: str, filled: int = 0) -> None:
+        self.engine.on_broker_event(BrokerOrderStatus(
+            broker_order_id=o.broker_order_id, client_tag=o.client_tag, status=status,
+            quantity=o.quantity, filled_qty=filled))  # fmt: skip
+        self.engine.flush()
+        self._collect()
+
+    def trade(self, o: OrderRow, qty: int, price: str, tid: str = "") -> BrokerTrade:
+        tr = BrokerTrade(trade_id=tid or f"T{next(self.tids)}", broker_order_id=o.broker_order_id,
+                         client_tag=o.client_tag, side=o.side, quantity=qty, price=Decimal(price),
+                         ts_ns=self.clock.now_ns())  # fmt: skip
+        self.engine.on_broker_event(tr)
+        self.engine.flush()
+        self._collect()
+        return tr
+
+    def books(self, orders: list[BrokerOrderStatus], trades: list[BrokerTrade]) -> None:
+        self.engine.request_reconcile("test")
+        for i in self.take():
+            if isinstance(i, BooksIntent):
+                self.answer(i, (orders, trades))
+            else:
+                self.pending.append(i)
+
+    def row(self, o: OrderRow) -> BrokerOrderStatus:
+        return BrokerOrderStatus(broker_order_id=o.broker_order_id, client_tag=o.client_tag, status=OPEN,
+                                 quantity=o.quantity)  # fmt: skip
+
+    def tick(self, ltp: float, symbol: str = "RELIANCE-EQ") -> None:
+        inst = MASTER.resolve(symbol)
+        self.engine.on_tick(Tick(segment=inst.segment, token=inst.token, ltp=ltp))
+
+    # -- reading
+    def order(self, order_id: str) -> OrderRow:
+        return self.engine.orders[order_id]
+
+    def legs(self, order_id: str, kind: str, live: bool = True) -> list[OrderRow]:
+        e = self.order(order_id)
+        return [self.order(x) for x in self.engine.legs.get(e.bracket_id, [])
+                if self.order(x).purpose == kind and (not live or not self.order(x).terminal)]  # fmt: skip
+
+    def position(self, strategy: str = "s1", key: str = REL.key) -> int:
+        p = self.engine.positions.get((strategy, key))
+        return p.quantity if p else 0
+
+    def codes(self) -> list[str]:
+        return [a.code for a in self.alerts]
+
+
+def execute(side: str = "BUY", qty: int = 10, price: str | None = "1290.00", strategy: str = "s1",
+            product: str = "MIS", expires_ns: int = 0, **kw: Any) -> ExecuteOrder:  # fmt: skip
+    rid = f"r{next(_ids)}"
+    req = OrderRequest(request_id=rid, strategy_id=strategy, side=side, quantity=qty, symbol=REL.symbol,
+                       segment=REL.segment, token=REL.token, price=Decimal(price) if price else None,
+                       product=product, **kw)  # fmt: skip
+    return ExecuteOrder(request_id=rid, order=req, quantity=qty, segment=REL.segment, token=REL.token,
+                        symbol=REL.symbol, expires_ns=expires_ns)  # fmt: skip
+
+
+def places(intents: list[Intent]) -> list[PlaceIntent]:
+    return [i for i in intents if isinstance(i, PlaceIntent)]
+
+
+def cancels(intents: list[Intent]) -> list[CancelIntent]:
+    return [i for i in intents if isinstance(i, CancelIntent)]
+
+
+def bracketed_entry(h: Hand, qty: int = 10) -> str:
+    """A BUY 10 with stop 1280 and target 1300, acknowledged and filled: its legs are placed
+    and acknowledged. Returns the entry's order id."""
+    [res] = h.engine.submit([execute(qty=qty, stop_loss=Decimal("1280.00"), target=Decimal("1300.00"))])
+    [p] = places(h.take())
+    h.ack(p)
+    e = h.order(res.order_id)
+    h.trade(e, qty, "1290.00")
+    legs = places(h.take())
+    assert sorted(h.order(i.order_id).purpose for i in legs) == [STOP, TARGET]
+    for leg in legs:
+        h.ack(leg)
+    return res.order_id
+
+
+# ------------------------------------------------------------------ 1. status before trade
+
+
+def test_entry_reported_complete_before_its_trade_still_gets_its_stop_and_target() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute(stop_loss=Decimal("1280.00"), target=Decimal("1300.00"))])
+    [p] = places(h.take())
+    h.ack(p)
+    entry = h.order(res.order_id)
+
+    h.status(entry, COMPLETE, filled=10)  # the order book is ahead of the trade book
+
+    assert entry.status == OPEN and not entry.terminal  # awaiting fills, not closed
+    assert h.engine.brackets[entry.bracket_id].state == "PENDING_ENTRY"
+    assert places(h.take()) == []
+    h.trade(entry, 10, "1290.00")
+    assert entry.status == COMPLETE
+    legs = places(h.take())
+    assert sorted(h.order(i.order_id).purpose for i in legs) == [STOP, TARGET]
+    assert all(i.order.quantity == 10 for i in legs)
+
+
+def test_stop_leg_reported_complete_before_its_trade_places_no_second_stop() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    [target] = h.legs(eid, TARGET)
+
+    h.status(stop, COMPLETE, filled=10)  # stop triggered; its trade is not in yet
+
+    intents = h.take()
+    assert places(intents) == []  # no second stop
+    assert not stop.terminal
+    h.trade(stop, 10, "1279.00")
+    assert stop.status == COMPLETE and h.position() == 0
+    assert [c.order_id for c in cancels(h.take())] == [target.order_id]  # OCO: the target goes
+    assert len(h.legs(eid, STOP, live=False)) == 1
+
+
+def test_a_fill_after_the_entry_was_closed_reopens_its_bracket() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute(stop_loss=Decimal("1280.00"), target=Decimal("1300.00"))])
+    [p] = places(h.take())
+    h.ack(p)
+    entry = h.order(res.order_id)
+    h.status(entry, CANCELLED, filled=0)  # the broker's book says cancelled, nothing traded
+    assert entry.status == CANCELLED
+
+    h.trade(entry, 10, "1290.00")  # ...and then a trade turns up after all
+
+    assert h.engine.brackets[entry.bracket_id].state == B_ACTIVE
+    legs = places(h.take())
+    assert sorted(h.order(i.order_id).purpose for i in legs) == [STOP, TARGET]
+    assert "bracket_reopened" in h.codes()
+
+
+# ------------------------------------------------------------------ 2. owed cancels
+
+
+def test_a_cancel_that_fails_once_is_sent_again_until_the_broker_confirms() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    [target] = h.legs(eid, TARGET)
+    h.trade(target, 10, "1300.00")  # the target fills: the stop must go
+    [c1] = cancels(h.take())
+    assert c1.order_id == stop.order_id
+
+    h.answer(c1, BrokerTemporary("HTTP 503"))  # the cancel fails once
+    assert cancels(h.take()) == []  # backoff first
+    h.clock.advance(1.0)
+    h.engine.reconcile_if_due()
+    again = cancels(h.take())
+    assert [c.order_id for c in again] == [stop.order_id]
+
+    h.answer(again[0], None)  # accepted, but the book still shows the stop working later on
+    h.clock.advance(6.0)
+    h.engine.reconcile_if_due()
+    third = cancels(h.take())
+    assert [c.order_id for c in third] == [stop.order_id]
+    h.answer(third[0], None)
+    h.status(stop, CANCELLED)
+    h.clock.advance(60.0)
+    h.engine.reconcile_if_due()
+    assert cancels(h.take()) == [] and stop.terminal
+
+
+def test_repeated_cancel_failures_raise_a_critical_alert_and_keep_retrying() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    [target] = h.legs(eid, TARGET)
+    h.trade(target, 10, "1300.00")
+    for _ in range(6):
+        [c] = cancels(h.take())
+        h.answer(c, BrokerTemporary("timeout"))
+        h.clock.advance(31.0)
+        h.engine.reconcile_if_due()
+    assert "cancel_failing" in h.codes()
+    assert [c.order_id for c in cancels(h.take())] == [stop.order_id]
+
+
+def test_an_owed_cancel_of_a_closed_brackets_stop_survives_a_restart() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    [target] = h.legs(eid, TARGET)
+    h.trade(target, 10, "1300.00")
+    [c] = cancels(h.take())
+    h.answer(c, BrokerUnknown("read timeout"))
+    assert h.engine.brackets[stop.bracket_id].state == B_CLOSED
+
+    h2 = Hand(store=h.store, clock=h.clock)  # execution restarts; the stop still works at the broker
+    h2.books([h2.row(h2.order(stop.order_id))], [])
+
+    assert [c.order_id for c in cancels(h2.take())] == [stop.order_id]
+
+
+def test_a_cancel_asked_while_the_place_is_unknown_is_sent_once_the_broker_id_is_known() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute()])
+    [p] = places(h.take())
+    h.answer(p, BrokerUnknown("read timeout"))
+    o = h.order(res.order_id)
+    assert o.status == UNKNOWN
+    assert h.engine.cancel_entries("kill switch") == [o.order_id]
+    assert cancels(h.take()) == []  # no broker id to cancel yet
+
+    found = BrokerOrderStatus(broker_order_id="B77", client_tag=o.client_tag, status=OPEN, quantity=10)
+    h.books([found], [])
+
+    assert [(c.order_id, c.broker_order_id) for c in cancels(h.take())] == [(o.order_id, "B77")]
+
+
+def test_a_stop_leg_not_placed_for_a_passing_reason_is_placed_again() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute(stop_loss=Decimal("1280.00"))])
+    [p] = places(h.take())
+    h.ack(p)
+    h.trade(h.order(res.order_id), 10, "1290.00")
+    [leg] = places(h.take())
+    h.answer(leg, BrokerTemporary("HTTP 429 too many requests"))
+    assert places(h.take()) == []
+    h.clock.advance(1.0)
+    h.engine.reconcile_if_due()
+    [again] = places(h.take())
+    assert h.order(again.order_id).purpose == STOP and again.order.quantity == 10
+
+
+# ------------------------------------------------------------------ 3. a bad row never wedges
+
+
+def test_a_trade_with_zero_quantity_or_price_is_set_aside_and_the_ledger_keeps_writing() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute()])
+    [p] = places(h.take())
+    h.ack(p)
+    o = h.order(res.order_id)
+
+    h.trade(o, 0, "1290.00")
+    h.trade(o, 5, "0")
+
+    assert o.filled_qty == 0 and h.position() == 0
+    assert h.codes().count("trade_quarantined") == 2
+    assert not h.engine.pending_writes()  # nothing stuck in the unit of work
+    [ok] = h.engine.submit([execute()])
+    assert ok.ok, ok.reason
+    h.trade(o, 10, "1290.00")
+    assert h.position() == 10 and h.store.load_fills(h.engine.day)[0].quantity == 10
+
+
+# ------------------------------------------------------------------ 4. flatten
+
+
+def test_flatten_waits_for_a_leg_fill_on_its_way_and_does_not_reverse_the_position() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    h.tick(1281.0)
+    reports: list[dict[str, Any]] = []
+    h.engine.flatten(Flatten(request_id="f1"), reports.append)
+    cs = cancels(h.take())
+    assert len(cs) == 2
+    for c in cs:
+        h.answer(c, None)  # both cancel replies arrive...
+    assert places(h.take()) == []  # ...but the broker has not confirmed: no close yet
+
+    h.trade(stop, 10, "1280.00")  # the stop had triggered: its fill was on its way
+    h.status(stop, COMPLETE, filled=10)
+    target = next(x for x in h.legs(eid, TARGET, live=False))
+    h.status(target, CANCELLED)
+
+    assert places(h.take()) == []  # the position is flat: nothing to close
+    h.engine.finish_jobs()
+    assert reports and reports[0]["closing"] == [] and h.position() == 0
+
+
+def test_flatten_waits_for_an_unknown_entry_before_closing() -> None:
+    h = Hand()
+    [a] = h.engine.submit([execute(price="1290.00")])
+    [pa] = places(h.take())
+    h.ack(pa)
+    h.trade(h.order(a.order_id), 10, "1290.00")
+    [b] = h.engine.submit([execute(price="1291.00")])
+    [pb] = places(h.take())
+    h.answer(pb, BrokerUnknown("timeout"))
+    h.tick(1291.0)
+    h.engine.flatten(Flatten(request_id="f2"), lambda r: None)
+    assert places(h.take()) == []  # the UNKNOWN order may have filled: wait
+
+    ub = h.order(b.order_id)
+    found = BrokerOrderStatus(broker_order_id="B99", client_tag=ub.client_tag, status=COMPLETE,
+                              quantity=10, filled_qty=10)  # fmt: skip
+    trade = BrokerTrade(trade_id="T99", broker_order_id="B99", client_tag=ub.client_tag, side="BUY",
+                        quantity=10, price=Decimal("1291.00"), ts_ns=h.clock.now_ns())  # fmt: skip
+    h.books([found], [trade])
+
+    [close] = places(h.take())
+    assert close.order.side == "SELL" and close.order.quantity == 20
+
+
+def test_flatten_closes_each_product_in_its_own_product() -> None:
+    h = Hand()
+    for product in ("MIS", "NRML"):
+        [r] = h.engine.submit([execute(product=product)])
+        [p] = places(h.take())
+        h.ack(p)
+        h.trade(h.order(r.order_id), 10, "1290.00")
+    h.tick(1290.0)
+    h.engine.flatten(Flatten(request_id="f3"), lambda r: None)
+    closes = places(h.take())
+    assert sorted((c.order.product, c.order.side, c.order.quantity) for c in closes) == [
+        ("MIS", "SELL", 10),
+        ("NRML", "SELL", 10),
+    ]
+
+
+def test_flatten_that_cannot_get_confirmations_closes_after_the_wait_and_says_so() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    h.tick(1290.0)
+    reports: list[dict[str, Any]] = []
+    h.engine.flatten(Flatten(request_id="f4"), reports.append)
+    for c in cancels(h.take()):
+        h.answer(c, BrokerTemporary("HTTP 502"))
+    h.clock.advance(11.0)
+    h.engine.reconcile_if_due()
+    closes = places(h.take())
+    assert [(c.order.side, c.order.quantity) for c in closes] == [("SELL", 10)]
+    for c in closes:
+        h.ack(c)
+    h.engine.finish_jobs()
+    assert len(reports[0]["unconfirmed"]) == 2 and "flatten_unconfirmed" in h.codes()
+    assert h.legs(eid, STOP)  # still working: the cancel keeps being retried
+
+
+# ------------------------------------------------------------------ 5. deadlines
+
+
+class StallingStore(MemoryOrderStore):
+    """A ledger whose commit takes ``stall_s`` (an fsync stall), on the test's clock."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.stall_s = 0.0
+
+    def write(self, changes: Any) -> Any:
+        self.clock.advance(self.stall_s)
+        return super().write(changes)
+
+
+def test_an_order_that_reaches_execution_after_its_deadline_is_never_sent() -> None:
+    h = Hand()
+    late = execute(expires_ns=h.clock.now_ns() - 1)
+    [res] = h.engine.submit([late])
+    assert not res.ok and "deadline" in res.reason
+    assert places(h.take()) == []
+    [again] = h.engine.submit([late])  # risk's retry gets the same answer
+    assert not again.ok and again.order_id == res.order_id
+
+
+def test_an_order_whose_deadline_passes_during_a_stalled_commit_is_never_sent() -> None:
+    clock = ManualClock(DAY0_NS)
+    store = StallingStore(clock)
+    h = Hand(store=store, clock=clock)
+    store.stall_s = 2.0
+    [res] = h.engine.submit([execute(expires_ns=clock.now_ns() + 1_000_000_000)])
+    assert not res.ok and "not placed" in res.reason
+    assert places(h.take()) == []
+    assert h.order(res.order_id).status == REJECTED
+
+
+# ------------------------------------------------------------------ 6. one snapshot is not the truth
+
+
+def test_one_empty_order_book_closes_nothing_and_places_no_second_legs() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    [target] = h.legs(eid, TARGET)
+    entry = h.order(eid)
+    h.clock.advance(1.0)
+
+    h.books([], [])  # "No Data"
+
+    assert not stop.terminal and not target.terminal
+    assert places(h.take()) == []
+    h.clock.advance(1.0)
+    trades = [BrokerTrade(trade_id="T1", broker_order_id=entry.broker_order_id, client_tag=entry.client_tag,
+                          side="BUY", quantity=10, price=Decimal("1290.00"))]  # fmt: skip
+    h.books([h.row(stop), h.row(target)], trades)  # back again
+    assert stop.missing == 0 and places(h.take()) == []
+
+
+def test_an_order_missing_from_two_books_over_the_lag_is_closed() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute()])
+    [p] = places(h.take())
+    h.ack(p)
+    o = h.order(res.order_id)
+    h.clock.advance(1.0)
+    h.books([], [])
+    assert not o.terminal
+    h.clock.advance(1.0)
+    h.books([], [])
+    assert o.status == CANCELLED and "no longer in the broker's order book" in o.reason
+
+
+def test_a_row_the_ledger_closed_but_the_broker_shows_working_is_adopted_with_an_alert() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    h.clock.advance(1.0)
+    h.books([], [])
+    h.clock.advance(1.0)
+    h.books([], [])  # two books without the legs (and the entry's fills in no trade book)
+    assert stop.status == CANCELLED
+    h.clock.advance(1.0)
+
+    fresh = places(h.take())  # the books said the legs were gone: new ones went out
+    assert sorted(h.order(i.order_id).purpose for i in fresh) == [STOP, TARGET]
+    for i in fresh:
+        h.ack(i)
+    new_stop = next(h.order(i.order_id) for i in fresh if h.order(i.order_id).purpose == STOP)
+
+    h.books([h.row(stop), h.row(new_stop)], [])  # the old stop was working all along
+
+    assert stop.status == OPEN and "order_adopted" in h.codes()
+    [c] = cancels(h.take())  # two stops for one position: the newer one goes
+    assert c.order_id == new_stop.order_id
+    h.answer(c, None)
+    h.status(new_stop, CANCELLED)
+    assert sum(x.remaining for x in h.legs(eid, STOP)) == 10
+
+
+# ------------------------------------------------------------------ 7. the kill switch
+
+
+def test_kill_switch_cancels_a_resting_manual_order_but_keeps_the_legs() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [m] = h.engine.submit([execute(price="1250.00", purpose="MANUAL")])
+    [p] = places(h.take())
+    h.ack(p)
+
+    ids = h.engine.cancel_entries("kill switch")
+
+    assert ids == [m.order_id]
+    assert h.legs(eid, STOP) and h.legs(eid, TARGET)
+
+
+def test_an_order_with_an_unknown_purpose_is_refused() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute(purpose="HEDGE")])
+    assert not res.ok and "purpose" in res.reason
+    assert places(h.take()) == []
+
+
+# ------------------------------------------------------------------ 8. the switch across midnight
+
+
+def test_kill_switch_stays_on_in_day_state_on_the_next_trading_day() -> None:
+    h = Hand()
+    h.engine.record_risk_event(RecordRiskEvent(event="kill_switch_on", reason="too many losses",
+                                               data={"kill_switch": True, "risk_state": HALTED}))  # fmt: skip
+    h.engine.flush()
+    h.clock.advance(3 * 86_400)  # Monday
+    h2 = Hand(store=h.store, clock=h.clock)
+
+    st = h2.engine.day_state()
+
+    assert st.trading_day != h.engine.day
+    assert st.kill_switch and st.risk_state == HALTED and st.kill_reason == "too many losses"
+
+
+# ------------------------------------------------------------------ 10. carried positions
+
+
+def test_positions_the_broker_carries_from_earlier_days_are_loaded_and_flattened() -> None:
+    carried = [BrokerPosition(segment=REL.segment, token=REL.token, symbol=REL.symbol, product="NRML",
+                              quantity=-20, avg_price=Decimal("1300.00"))]  # fmt: skip
+    h = Hand(carried=carried)
+    assert h.position("carried") == -20
+    assert [p.quantity for p in h.engine.day_state().positions] == [-20]
+    h.tick(1290.0)
+    h.engine.flatten(Flatten(request_id="f5"), lambda r: None)
+    [close] = places(h.take())
+    assert (close.order.side, close.order.quantity, close.order.product) == ("BUY", 20, "NRML")
+
+
+# ------------------------------------------------------------------ 11. odd values
+
+
+def test_an_absurd_stop_loss_is_refused_whole_and_a_retry_is_not_told_accepted() -> None:
+    h = Hand()
+    cmd = execute(stop_loss=Decimal("1E+26"))
+    [res] = h.engine.submit([cmd])
+    assert not res.ok
+    assert places(h.take()) == [] and h.engine.open_count() == 0
+    [again] = h.engine.submit([cmd])
+    assert not again.ok and again.order_id == res.order_id
+    [fine] = h.engine.submit([execute()])
+    assert fine.ok
+
+
+def test_a_non_ascii_strategy_id_is_refused_and_later_reconciles_work() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute(strategy="straddle\u200b")])
+    assert not res.ok and "strategy id" in res.reason
+    h.books([], [])
+    [fine] = h.engine.submit([execute()])
+    assert fine.ok
+
+
+# ------------------------------------------------------------------ 12. fills per segment
+
+
+def test_the_same_trade_number_in_two_segments_is_two_fills() -> None:
+    h = Hand()
+    nifty = MASTER.resolve("NIFTY26NOVFUT")
+    [a] = h.engine.submit([execute()])
+    req = OrderRequest(request_id="fut1", strategy_id="s1", side="BUY", quantity=nifty.lot_size,
+                       symbol=nifty.symbol, segment=nifty.segment, token=nifty.token,
+                       price=Decimal("26000.00"))  # fmt: skip
+    fut = ExecuteOrder(request_id="fut1", order=req, quantity=nifty.lot_size, segment=nifty.segment,
+                       token=nifty.token, symbol=nifty.symbol)  # fmt: skip
+    [b] = h.engine.submit([fut])
+    for p in places(h.take()):
+        h.ack(p)
+
+    h.trade(h.order(a.order_id), 10, "1290.00", tid="1001")
+    h.trade(h.order(b.order_id), nifty.lot_size, "26000.00", tid="1001")
+
+    assert h.position() == 10 and h.position(key=nifty.key) == nifty.lot_size
+    assert len(h.store.load_fills(h.engine.day)) == 2
+
+
+def test_paper_broker_carries_nrml_positions_across_days_in_its_journal(tmp_path: Any) -> None:
+    from services.execution.brokers.paper import PaperBroker
+
+    journal = tmp_path / "paper-book.jsonl"
+    clock = ManualClock(DAY0_NS)
+    cfg = load_config(env={})
+    store = MemoryOrderStore()
+    broker = PaperBroker(MASTER, clock, journal=journal)
+    engine = ExecutionEngine(store, broker, MASTER, clock, cfg)
+    engine.start()
+    t = Tick(segment=REL.segment, token=REL.token, ltp=1290.0, bid=1289.9, ask=1290.1)
+    engine.on_tick(t)
+    broker.on_tick(t)
+    for product, side in (("NRML", "BUY"), ("MIS", "BUY"), ("NRML", "SELL")):
+        qty = 30 if side == "BUY" else 10
+        engine.submit([execute(side=side, qty=qty, price=None, order_type="MARKET", product=product)])
+        engine.pump()
+    broker.close()
+    clock.advance(3 * 86_400)  # Monday: MIS was squared off by the exchange day's end; NRML carries
+
+    broker2 = PaperBroker(MASTER, clock, journal=journal)
+    engine2 = ExecutionEngine(store, broker2, MASTER, clock, cfg)
+    engine2.start()
+    engine2.pump()
+
+    [pos] = broker2.carried_positions()
+    assert (pos.product, pos.quantity) == ("NRML", 20)
+    assert engine2.positions[("carried", REL.key)].quantity == 20
+    broker2.close()
+    assert [p.quantity for p in PaperBroker(MASTER, clock, journal=journal).carried_positions()] == [20]
