@@ -211,12 +211,21 @@ def flatten(
             lines.append(f"NOT closed {s['symbol']}: {s['reason']}")
         if not report["closing"] and not report["skipped"]:
             lines.append("no open positions")
+        for u in report.get("unconfirmed", []):
+            lines.append(
+                f"NOT confirmed cancelled: {u['purpose'].lower()} {u['side']} {u['remaining']} {u['symbol']} "
+                f"({u['status']}) — still working at the broker, check it"
+            )
         for p in report.get("open_positions", []):
             lines.append(
                 f"still open: {p['symbol']} {p['quantity']:+d} ({p['strategy_id']}) — the close is working"
             )
         emit(report, False, "\n".join(lines))
-    failed = report["skipped"] or any(c["status"] in ("REJECTED", "UNKNOWN") for c in report["closing"])
+    failed = (
+        report["skipped"]
+        or report.get("unconfirmed")
+        or any(c["status"] in ("REJECTED", "UNKNOWN") for c in report["closing"])
+    )
     raise typer.Exit(EXIT_REFUSED if failed else EXIT_OK)
 
 

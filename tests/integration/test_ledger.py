@@ -258,6 +258,38 @@ def test_a_ledger_outage_refuses_orders_instead_of_sending_them(pg_url: str) -> 
     store.close()
 
 
+def test_nul_characters_are_stored_replaced_instead_of_failing_the_transaction(pg_url: str) -> None:
+    # PostgreSQL's text and jsonb hold no NUL: a kill-switch reason or a broker reply carrying
+    # one used to fail the whole change set, retried forever ("ledger unavailable")
+    s = PgOrderStore(pg_url)
+    o = order("nul-1", reason="broker said \x00 no")
+    s.write(Changes(new_orders=[o], events=[EventRow(o.order_id, "PENDING", "", o.status, NS, {"raw": "a\x00b"})],
+                    risk_events=[RiskEventRow("kill_switch_on", "halt \x00 now", "cli", NS, DAY,
+                                              {"why": "x\x00y"}, "nul-ev-1")]))  # fmt: skip
+    [ev] = [r for r in s.risk_events(DAY) if r.request_id == "nul-ev-1"]
+    assert ev.reason == "halt \ufffd now" and ev.data == {"why": "x\ufffdy"}
+    assert s.events_for(o.order_id)[0].payload == {"raw": "a\ufffdb"}
+    assert s.find_by_request_ids(["nul-1"])["nul-1"].reason == "broker said \ufffd no"
+    s.close()
+
+
+def test_an_order_the_ledger_refuses_is_set_aside_and_the_rest_of_the_batch_is_written(pg_url: str) -> None:
+    store = PgOrderStore(pg_url)
+    h = Harness(store=store)
+    h.tick("RELIANCE-EQ", 1295.0, bid=1294.9, ask=1295.1)
+    huge = execute(price="1200.00", qty=3_000_000_000)  # beyond the INTEGER quantity column
+
+    bad, good = h.submit(huge, execute(price="1200.00"))
+
+    assert not bad.ok and "the ledger refused the order" in bad.reason
+    assert good.ok and h.engine.orders[good.order_id].status == OPEN
+    assert h.broker.places == 1  # the refused order never reached the broker
+    assert "ledger_quarantine" in {getattr(m, "code", "") for m in h.published}
+    [res] = h.submit(execute(price="1200.00"))  # and nothing stays wedged
+    assert res.ok and not h.engine.pending_writes()
+    store.close()
+
+
 # ---------------------------------------------------------------------------- embedded server
 
 _EMBEDDED = """
