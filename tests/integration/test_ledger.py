@@ -263,9 +263,9 @@ def test_nul_characters_are_stored_replaced_instead_of_failing_the_transaction(p
     # one used to fail the whole change set, retried forever ("ledger unavailable")
     s = PgOrderStore(pg_url)
     o = order("nul-1", reason="broker said \x00 no")
-    s.write(Changes(new_orders=[o], events=[EventRow(o.order_id, "PENDING", "", o.status, NS, {"raw": "a\x00b"})],
-                    risk_events=[RiskEventRow("kill_switch_on", "halt \x00 now", "cli", NS, DAY,
-                                              {"why": "x\x00y"}, "nul-ev-1")]))  # fmt: skip
+    event = EventRow(o.order_id, "PENDING", "", o.status, NS, {"raw": "a\x00b"})
+    risk = RiskEventRow("kill_switch_on", "halt \x00 now", "cli", NS, DAY, {"why": "x\x00y"}, "nul-ev-1")
+    s.write(Changes(new_orders=[o], events=[event], risk_events=[risk]))
     [ev] = [r for r in s.risk_events(DAY) if r.request_id == "nul-ev-1"]
     assert ev.reason == "halt \ufffd now" and ev.data == {"why": "x\ufffdy"}
     assert s.events_for(o.order_id)[0].payload == {"raw": "a\ufffdb"}
