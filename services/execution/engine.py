@@ -218,6 +218,24 @@ class PositionState:
     sell_value: Decimal = _ZERO
     # net quantity per product (MIS / NRML / CNC): a close goes out in the product it closes
     by_product: dict[str, int] = field(default_factory=dict)
+    # what the broker carried into today per product (already included in ``quantity``)
+    carried: dict[str, int] = field(default_factory=dict)
+
+    def carry(self, product: str, qty: int, avg_price: Decimal) -> None:
+        """Set the quantity carried from earlier days in ``product`` (idempotent: a second
+        report of the same carry changes nothing; today's fills stay on top of it)."""
+        delta = qty - self.carried.get(product, 0)
+        if not delta:
+            return
+        self.carried[product] = qty
+        if self.quantity == 0:
+            self.avg_price = avg_price
+        self.quantity += delta
+        net = self.by_product.get(product, 0) + delta
+        if net:
+            self.by_product[product] = net
+        else:
+            self.by_product.pop(product, None)
 
     def apply(self, side: str, qty: int, price: Decimal, product: str = "MIS") -> None:
         signed = qty if side == "BUY" else -qty
@@ -1051,9 +1069,7 @@ class ExecutionEngine:
             pos = self.positions.get(k)
             if pos is None:
                 pos = self.positions[k] = PositionState(CARRIED, cp.segment, cp.token, cp.symbol)
-            pos.quantity += cp.quantity - pos.by_product.get(cp.product, 0)
-            pos.by_product[cp.product] = cp.quantity
-            pos.avg_price = cp.avg_price
+            pos.carry(cp.product, cp.quantity, cp.avg_price)
             last = self.last.get(k[1])
             self._held_msgs.append((_topic("position", CARRIED), pos.message(last.ltp if last else 0.0, now)))
         if result and self.log is not None:

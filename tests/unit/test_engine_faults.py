@@ -676,3 +676,41 @@ def test_paper_broker_carries_nrml_positions_across_days_in_its_journal(tmp_path
     assert engine2.positions[("carried", REL.key)].quantity == 20
     broker2.close()
     assert [p.quantity for p in PaperBroker(MASTER, clock, journal=journal).carried_positions()] == [20]
+
+
+def test_a_restart_after_closing_a_carried_position_does_not_count_the_carry_twice() -> None:
+    carried = [BrokerPosition(segment=REL.segment, token=REL.token, symbol=REL.symbol, product="NRML",
+                              quantity=-20, avg_price=Decimal("1300.00"))]  # fmt: skip
+    h = Hand(carried=carried)
+    h.tick(1290.0)
+    h.engine.flatten(Flatten(request_id="f6"), lambda r: None)
+    [close] = places(h.take())
+    h.ack(close)
+    h.trade(h.order(close.order_id), 20, "1290.00")
+    assert h.position("carried") == 0
+
+    h2 = Hand(store=h.store, clock=h.clock, carried=carried)  # Kotak still reports cfSellQty 20
+
+    assert h2.position("carried") == 0
+    assert h2.engine.positions[("carried", REL.key)].by_product == {}
+
+
+def test_a_running_paper_stack_carries_nrml_into_the_next_day(tmp_path: Any) -> None:
+    from services.execution.brokers.paper import PaperBroker
+
+    clock = ManualClock(DAY0_NS)
+    broker = PaperBroker(MASTER, clock, journal=tmp_path / "paper-book.jsonl")
+    engine = ExecutionEngine(MemoryOrderStore(), broker, MASTER, clock, load_config(env={}))
+    engine.start()
+    t = Tick(segment=REL.segment, token=REL.token, ltp=1290.0, bid=1289.9, ask=1290.1)
+    engine.on_tick(t)
+    broker.on_tick(t)
+    engine.submit([execute(qty=15, price=None, order_type="MARKET", product="NRML")])
+    engine.pump()
+    clock.advance(3 * 86_400)
+
+    assert engine.check_day()
+    engine.pump()
+
+    assert engine.positions[("carried", REL.key)].quantity == 15
+    assert broker.order_book() == []  # yesterday's book expired

@@ -182,7 +182,14 @@ class PaperBroker:
         self.carried[(rec["seg"], rec["tok"], rec["product"])] = [rec["sym"], rec["qty"], Decimal(rec["avg"])]
 
     def carried_positions(self) -> list[BrokerPosition]:
-        """Positions carried from earlier days (NRML/CNC), as of this trading day's start."""
+        """Positions carried from earlier days (NRML/CNC), as of this trading day's start. Asked
+        on a new trading day while running, the journal is rolled over first: yesterday's
+        orders expire and its NRML/CNC trades become today's carry, as after a restart."""
+        if trading_day(self.clock) != self._day and self._journal_path is not None:
+            self.close()
+            self.orders, self.trades, self.resting, self.carried = {}, [], {}, {}
+            self._day = trading_day(self.clock)
+            self._load(self._journal_path)
         return [
             BrokerPosition(segment=seg, token=tok, symbol=v[0], product=prod, quantity=v[1], avg_price=v[2])
             for (seg, tok, prod), v in self.carried.items()
