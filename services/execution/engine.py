@@ -297,8 +297,18 @@ class FlattenJob:
     closing: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     unconfirmed: list[str] = field(default_factory=list)  # still working when the wait ran out
+    rounds: int = 0  # close rounds: the first, then one per unconfirmed order that ended
     phase: str = "cancel"  # cancel → close → ready → done
     report: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class ReconcileState:
+    """What reconciliation remembers between snapshots."""
+
+    incomplete_since_ns: int = 0  # first of the consecutive order books that were not whole
+    incomplete_alerted: bool = False
+    carried_retry: bool = False  # the carried positions could not be read: ask again
 
 
 # --------------------------------------------------------------------------- engine
@@ -374,7 +384,7 @@ class ExecutionEngine:
         self._orphans_alerted: set[str] = set()
         self._refused: dict[str, str] = {}  # request id → why the ledger would not store it
         self._active_jobs: set[str] = set()  # flattens not answered yet
-        self._carried_retry = False
+        self.recon = ReconcileState()
         self.stats = {
             "submitted": 0,
             "duplicates": 0,
@@ -1055,12 +1065,12 @@ class ExecutionEngine:
         ``neopulse positions`` see them under the strategy id ``carried``."""
         if isinstance(result, BaseException) or not isinstance(result, list):
             why = getattr(result, "reason", str(result))
-            self._carried_retry = True  # asked again with the next reconciliation
+            self.recon.carried_retry = True  # asked again with the next reconciliation
             self.alert(
                 "WARNING", f"carried positions could not be read from the broker: {why}", "carried_unread"
             )
             return
-        self._carried_retry = False
+        self.recon.carried_retry = False
         now = self._now()
         for cp in result:
             if not isinstance(cp, BrokerPosition) or not cp.quantity:
@@ -1269,6 +1279,10 @@ class ExecutionEngine:
         self._transition(o, OPEN, OPEN, raw)
         o.updated_ns = self._now()
         self._event(o, "AWAITING_FILLS", o.status, {"broker_status": status, "traded": traded, "raw": raw})
+        self.owed_cancels.discard(o.order_id)
+        b = self._bracket_of(o)
+        if b is not None:  # a leg announced as done: its OCO partner goes now
+            self._sync_bracket(b)
 
     def _on_trade(self, tr: BrokerTrade, o: OrderRow) -> None:
         day = self._day_of(tr.ts_ns)
@@ -1467,7 +1481,10 @@ class ExecutionEngine:
         legs = [self.orders[x] for x in self.legs.get(b.bracket_id, []) if x in self.orders]
         exit_filled = sum(leg.filled_qty for leg in legs)
         own = entry.filled_qty - exit_filled
-        protect = max(0, min(own, avail))
+        # a leg the broker called complete has exited, even before its trade is in: the
+        # other leg goes now (OCO), and no leg is placed for those shares again
+        exited = sum(leg.exited_qty for leg in legs)
+        protect = max(0, min(entry.filled_qty - exited, avail))
         changed = entry.filled_qty != b.entry_filled or exit_filled != b.exit_filled
         b.entry_filled, b.exit_filled = entry.filled_qty, exit_filled
         if b.state == B_CANCELLED and own > 0:
@@ -1490,7 +1507,7 @@ class ExecutionEngine:
                     f"bracket on {b.symbol} over-exited by {-own}: check the position",
                     "bracket_overexit",
                 )
-            if own <= 0 and exit_filled > 0 and not entry.terminal:
+            if entry.filled_qty - exited <= 0 and exited > 0 and not entry.terminal:
                 self._cancel_tree(entry)  # a leg ended the trade: drop the rest of the entry
             for kind in _LEGS:
                 price = b.stop_loss if kind == STOP else b.target
@@ -1512,8 +1529,8 @@ class ExecutionEngine:
         return protect
 
     def _size_legs(self, b: BracketRow, kind: str, legs: list[OrderRow], want: int) -> None:
-        live = [x for x in legs if not x.terminal and not x.cancel_requested]
-        have = sum(x.remaining for x in live)
+        live = [x for x in legs if not x.terminal and not x.cancel_requested and x.open_qty]
+        have = sum(x.open_qty for x in live)
         if have < want:
             if (b.bracket_id, kind) in self.leg_failed:
                 return
@@ -1528,8 +1545,8 @@ class ExecutionEngine:
                     break
                 if not leg.broker_order_id or leg.order_id in self.inflight:
                     continue  # resized once the broker has acknowledged it
-                if leg.remaining <= excess:
-                    excess -= leg.remaining
+                if leg.open_qty <= excess:
+                    excess -= leg.open_qty
                     self._request_cancel(leg)
                 else:
                     self._modify_qty(leg, leg.quantity - excess)
@@ -1586,7 +1603,7 @@ class ExecutionEngine:
         """Ask for ``o`` to be cancelled. The cancel is owed until the broker's book shows the
         order closed: sent now when its broker id is known, else once it is (ack, order feed or
         reconciliation), and sent again with backoff when it fails. True if newly requested."""
-        if o.terminal or o.sliced:
+        if o.terminal or o.sliced or o.broker_final:  # done at the broker: nothing to cancel
             return False
         if o.cancel_requested:
             self._pay_cancel(o)
@@ -1607,6 +1624,7 @@ class ExecutionEngine:
         if (
             o.cancel_requested
             and not o.terminal
+            and not o.broker_final
             and o.broker_order_id
             and o.order_id not in self.inflight
             and o.order_id not in self.cancel_sent
@@ -1622,7 +1640,7 @@ class ExecutionEngine:
         """Periodic: owed cancels whose backoff elapsed, and legs whose re-place is due."""
         for oid in list(self.owed_cancels):
             o = self.orders.get(oid)
-            if o is None or o.terminal or not o.cancel_requested:
+            if o is None or o.terminal or o.broker_final or not o.cancel_requested:
                 self.owed_cancels.discard(oid)
                 continue
             self._pay_cancel(o)
@@ -1726,7 +1744,11 @@ class ExecutionEngine:
         return not (req.symbol and key != match_key)
 
     def _flatten_close(self, job: FlattenJob) -> None:
+        """Close what is held, less what working orders on the closing side (still waiting for
+        a cancel the broker has not confirmed, or this job's own earlier closes) may still
+        take off: never sell what an unconfirmed stop might also sell."""
         job.phase = "close"
+        job.rounds += 1
         req = job.request
         match_key = self._match_symbol(req.symbol) if req.symbol else None
         now = self._now()
@@ -1750,10 +1772,15 @@ class ExecutionEngine:
                 if not held:
                     continue
                 side = "SELL" if held > 0 else "BUY"
+                qty = abs(held) - self._closing_qty(sid, key, product, side)
+                if qty <= 0:
+                    continue
                 price = protected_limit(side, last.ltp, self.protection_pct, inst.tick_size)
                 rid = f"flatten:{req.request_id}:{sid}:{key}"
                 if len(by_product) > 1:
                     rid += f":{product}"
+                if job.rounds > 1:
+                    rid += f":{job.rounds}"
                 row = OrderRow(
                     order_id=new_id(),
                     request_id=rid,
@@ -1765,7 +1792,7 @@ class ExecutionEngine:
                     side=side,
                     order_type="LIMIT",
                     product=product,
-                    quantity=abs(held),
+                    quantity=qty,
                     price=price,
                     status=PENDING_BROKER,
                     trading_day=self.day,
@@ -1782,6 +1809,26 @@ class ExecutionEngine:
                 for x in kids or [row]:
                     job.pending_places.add(x.order_id)
         self._advance_job(job)
+
+    def _closing_qty(self, strategy_id: str, key: str, product: str, side: str) -> int:
+        """What working orders of this strategy, instrument and product on ``side`` may still
+        trade; the two legs of one bracket protect the same shares (OCO), so count once."""
+        total, per_bracket = 0, dict[tuple[str, str], int]()
+        for o in self.orders.values():
+            if (
+                o.terminal or o.sliced or o.side != side or o.strategy_id != strategy_id
+                or o.product != product or o.key != key or not o.open_qty
+            ):  # fmt: skip
+                continue
+            if o.bracket_id and o.purpose in _LEGS:
+                leg = (o.bracket_id, o.purpose)
+                per_bracket[leg] = per_bracket.get(leg, 0) + o.open_qty
+            else:
+                total += o.open_qty
+        legs: dict[str, int] = {}
+        for (bid, _kind), q in per_bracket.items():
+            legs[bid] = max(legs.get(bid, 0), q)
+        return total + sum(legs.values())
 
     def _unconfirmed(self, order_id: str) -> dict[str, Any]:
         o = self.orders[order_id]
@@ -1805,12 +1852,20 @@ class ExecutionEngine:
             self._flatten_close(job)
         if job.phase == "close" and not any(oid in self.inflight for oid in job.pending_places):
             job.phase = "ready"
+        if job.phase in ("ready", "done") and job.unconfirmed:
+            # answered already; an order that was still working has ended since: close what
+            # it did not take off
+            still = [x for x in job.unconfirmed if x in self.orders and not self.orders[x].terminal]
+            if len(still) != len(job.unconfirmed):
+                job.unconfirmed = still
+                self._flatten_close(job)
 
     def _advance_jobs(self) -> None:
-        """Move every flatten on: cancels confirmed (or waited out), closes answered."""
+        """Move every flatten on: cancels confirmed (or waited out), closes answered, and the
+        follow-up closes of a flatten that had to go ahead with orders still working."""
         for rid in list(self._active_jobs):
             job = self.flatten_jobs.get(rid)
-            if job is None or job.phase not in ("cancel", "close"):
+            if job is None or (job.phase == "done" and not job.unconfirmed):
                 self._active_jobs.discard(rid)
                 continue
             self._advance_job(job)
@@ -1870,8 +1925,8 @@ class ExecutionEngine:
             return False
         self._books_pending = True
         self.reconcile_due_ns = 0
-        if self._carried_retry:
-            self._carried_retry = False
+        if self.recon.carried_retry:
+            self.recon.carried_retry = False
             self._held_intents.append(PositionsIntent(self._now()))
         self._held_intents.append(BooksIntent(self._now(), reason))
         return True
@@ -1919,6 +1974,8 @@ class ExecutionEngine:
             traded.add(o.order_id)
             self._on_trade(tr, o)
         cutoff = started_ns - self.book_lag_ns
+        absent: list[OrderRow] = []
+        lost: list[OrderRow] = []  # today's acknowledged orders the book does not show
         for o in list(self.orders.values()):
             if o.terminal or o.sliced:
                 continue
@@ -1933,8 +1990,22 @@ class ExecutionEngine:
                 continue
             if o.order_id in self.inflight or o.created_ns > cutoff:
                 continue
-            if o.filled_qty and o.trading_day == self.day and o.order_id not in traded:
-                continue  # the trade book lacks fills the ledger holds: this snapshot is not whole
+            acked = o.status not in (PENDING_BROKER, UNKNOWN)
+            if (acked and o.trading_day == self.day) or (
+                o.filled_qty and o.trading_day == self.day and o.order_id not in traded
+            ):
+                lost.append(o)
+            else:
+                absent.append(o)
+        if lost:
+            # The broker's day book keeps every order it acknowledged today, filled or not, and
+            # its trade book every trade: a snapshot without one of them is not whole ("No
+            # Data", a lagging replica). Nothing is closed from it.
+            self._book_incomplete(lost, started_ns)
+            self._after_books(order_book, trade_book)
+            return
+        self.recon.incomplete_since_ns = 0
+        for o in absent:  # never acknowledged, or of an earlier day (expired overnight)
             o.missing += 1
             if o.missing == 1:
                 o.missing_since_ns = started_ns
@@ -1944,6 +2015,9 @@ class ExecutionEngine:
                 self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, max(again, self._now() + 1))
                 continue
             self._close_missing(o)
+        self._after_books(order_book, trade_book)
+
+    def _after_books(self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade]) -> None:
         for b in list(self.brackets.values()):
             if b.state in BRACKET_OPEN or self._has_working_leg(b):
                 self._sync_bracket(b)
@@ -1954,6 +2028,30 @@ class ExecutionEngine:
                 broker_trades=len(trade_book),
                 open_orders=self.open_count(),
             )
+
+    def _book_incomplete(self, lost: list[OrderRow], started_ns: int) -> None:
+        if not self.recon.incomplete_since_ns:
+            self.recon.incomplete_since_ns = started_ns
+            self.recon.incomplete_alerted = False
+        self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + MISSING_RECHECK_NS * 5)
+        if self.log is not None:
+            self.log.warning("broker_book_incomplete", missing=len(lost),
+                             client_tags=[o.client_tag for o in lost[:10]])  # fmt: skip
+        if self.recon.incomplete_alerted or started_ns - self.recon.incomplete_since_ns < max(
+            self.book_lag_ns, 60_000_000_000
+        ):
+            return
+        self.recon.incomplete_alerted = True
+        names = ", ".join(
+            f"{o.purpose.lower()} {o.side} {o.remaining} {o.symbol} ({o.client_tag})" for o in lost[:5]
+        )
+        self.alert(
+            "CRITICAL",
+            f"the broker's order book has not shown {len(lost)} of today's acknowledged orders for "
+            f"{(started_ns - self.recon.incomplete_since_ns) / 1e9:.0f} s ({names}); nothing is closed from "
+            "it — check them at the broker: a stop that is really gone leaves its position unprotected",
+            "book_incomplete",
+        )
 
     def _close_missing(self, o: OrderRow) -> None:
         """Consecutive books over ``book_lag_s`` agree the order is not at the broker."""

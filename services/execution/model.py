@@ -119,6 +119,7 @@ class OrderRow:
     # an owed cancel: failures so far and when to send it again
     cancel_failures: int = 0
     cancel_due_ns: int = 0
+    expires_ns: int = 0  # the request's deadline: never sent after it (0: none)
 
     @property
     def key(self) -> str:
@@ -131,6 +132,18 @@ class OrderRow:
     @property
     def remaining(self) -> int:
         return max(0, self.quantity - self.filled_qty)
+
+    @property
+    def open_qty(self) -> int:
+        """What can still trade at the broker: nothing once the broker called the order done,
+        even while its trades are still on their way ("awaiting fills")."""
+        return 0 if self.broker_final else max(0, self.quantity - self.filled_qty)
+
+    @property
+    def exited_qty(self) -> int:
+        """Filled as far as order management goes: the trades, or what the broker's final
+        status announced when that is more (positions still count only trades)."""
+        return max(self.filled_qty, self.broker_filled) if self.broker_final else self.filled_qty
 
     def as_dict(self) -> dict[str, Any]:
         return {
