@@ -111,6 +111,8 @@ CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works 
 FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
 KILL_EVENTS = ("kill_switch_on", "kill_switch_off", "kill_switch")
 CARRIED = "carried"  # the strategy id of positions the broker carries from earlier days
+QTY_MAX = 2**31 - 1  # the ledger's INTEGER quantity columns
+MAX_PRICE = Decimal(10_000_000)  # the decoder's cap on any price (risk checks it too)
 _TOPICS: dict[tuple[str, str], bytes] = {}
 
 
@@ -133,6 +135,7 @@ def _topic(kind: str, name: str) -> bytes:
 class PlaceIntent:
     order_id: str
     order: BrokerOrder
+    expires_ns: int = 0  # the request's deadline: not sent once it has passed (0: none)
 
 
 @dataclass(slots=True)
@@ -167,9 +170,14 @@ class PositionsIntent:
 Intent = PlaceIntent | CancelIntent | ModifyIntent | BooksIntent | PositionsIntent
 
 
-def run_intent(broker: Any, intent: Intent) -> Any:
-    """Execute one intent against a broker (on the loop for paper, in a worker thread otherwise)."""
+def run_intent(broker: Any, intent: Intent, clock: Clock | None = None) -> Any:
+    """Execute one intent against a broker (on the loop for paper, in a worker thread otherwise).
+    A place whose deadline passed while it waited for a worker is not sent: risk has told the
+    strategy by then that the order expires unplaced."""
     if isinstance(intent, PlaceIntent):
+        if intent.expires_ns and clock is not None and clock.now_ns() > intent.expires_ns:
+            late_ms = (clock.now_ns() - intent.expires_ns) / 1e6
+            raise BrokerTemporary(f"deadline passed {late_ms:.0f} ms before it could be sent")
         return broker.place(intent.order)
     if isinstance(intent, CancelIntent):
         return broker.cancel(intent.broker_order_id)
@@ -309,9 +317,19 @@ class ReconcileState:
     incomplete_since_ns: int = 0  # first of the consecutive order books that were not whole
     incomplete_alerted: bool = False
     carried_retry: bool = False  # the carried positions could not be read: ask again
+    bad_rows: set[str] = field(default_factory=set)  # orders whose impossible book row was alerted
 
 
 # --------------------------------------------------------------------------- engine
+
+
+def _odd_price(o: Any) -> str | None:
+    """A price, trigger, stop loss or target that is not finite and within the price cap."""
+    for name, value in (("price", o.price), ("trigger price", o.trigger_price), ("stop loss", o.stop_loss),
+                        ("target", o.target)):  # fmt: skip
+        if value is not None and (not value.is_finite() or not 0 < value <= MAX_PRICE):
+            return f"{name} {value} must be a finite number above 0 and at most {MAX_PRICE}"
+    return None
 
 
 def _printable_id(text: str) -> bool:
@@ -783,25 +801,11 @@ class ExecutionEngine:
         purpose = (o.purpose or ENTRY).upper()
         inst = self._instrument(cmd)
         qty = int(cmd.quantity)
-        reason = ""
         otype, price, trig = "LIMIT", None, None
         stop_limit: Decimal | None = None
-        if expired:
-            late_ms = (now - cmd.expires_ns) / 1e6
-            reason = f"reached execution {late_ms:.0f} ms after its deadline; not placed"
-        elif side not in ("BUY", "SELL"):
-            reason = f"side {o.side!r} must be BUY or SELL"
-        elif purpose not in REQUEST_PURPOSES:
-            reason = f"purpose {o.purpose!r} must be one of {', '.join(sorted(REQUEST_PURPOSES))}"
-        elif not _printable_id(o.strategy_id):
-            reason = "strategy id must be 1-64 printable ASCII characters"
-        elif inst is None:
-            reason = f"unknown instrument: {cmd.symbol or cmd.segment + '|' + cmd.token}"
-        elif qty <= 0:
-            reason = "quantity must be positive"
-        elif qty % max(1, inst.lot_size) != 0:
-            reason = f"quantity {qty} is not a multiple of the lot size {inst.lot_size}"
-        else:
+        reason = self._refusal(cmd, side, purpose, inst, qty, expired_at=now if expired else 0)
+        if not reason:
+            assert inst is not None
             try:
                 otype, price, trig = self._price(cmd, inst, side)
                 reason = self._bracket_reason(cmd, inst, side, price) or ""
@@ -836,6 +840,7 @@ class ExecutionEngine:
             purpose=purpose if purpose in REQUEST_PURPOSES else ENTRY,
             broker=self.broker_name,
             reason=reason,
+            expires_ns=cmd.expires_ns,
         )
         payload = {"request": to_builtins(cmd)}
         rows = [row]
@@ -848,6 +853,31 @@ class ExecutionEngine:
             self._new_bracket(row, o.stop_loss, o.target, stop_limit)
         rows.extend(self._slice_and_place(row, inst))
         return rows
+
+    @staticmethod
+    def _refusal(cmd: ExecuteOrder, side: str, purpose: str, inst: Instrument | None, qty: int, *,
+                 expired_at: int) -> str:  # fmt: skip
+        """Why the command's fields refuse it before any pricing, or ""."""
+        o = cmd.order
+        if expired_at:
+            late_ms = (expired_at - cmd.expires_ns) / 1e6
+            return f"reached execution {late_ms:.0f} ms after its deadline; not placed"
+        if side not in ("BUY", "SELL"):
+            return f"side {o.side!r} must be BUY or SELL"
+        if purpose not in REQUEST_PURPOSES:
+            return f"purpose {o.purpose!r} must be one of {', '.join(sorted(REQUEST_PURPOSES))}"
+        if not _printable_id(o.strategy_id):
+            return "strategy id must be 1-64 printable ASCII characters"
+        odd = _odd_price(o)
+        if odd is not None:
+            return odd
+        if inst is None:
+            return f"unknown instrument: {cmd.symbol or cmd.segment + '|' + cmd.token}"
+        if qty <= 0:
+            return "quantity must be positive"
+        if qty % max(1, inst.lot_size) != 0:
+            return f"quantity {qty} is not a multiple of the lot size {inst.lot_size}"
+        return ""
 
     def _bracket_reason(self, cmd: ExecuteOrder, inst: Instrument, side: str, price: Decimal) -> str | None:
         sl, tgt = cmd.order.stop_loss, cmd.order.target
@@ -931,6 +961,7 @@ class ExecutionEngine:
                 parent_id=row.order_id,
                 purpose=row.purpose,
                 broker=row.broker,
+                expires_ns=row.expires_ns,
             )
             self._add(kid, "PENDING", {"slice": n, "of": len(sizes), "freeze_qty": freeze})
             self._queue_place(kid)
@@ -942,7 +973,8 @@ class ExecutionEngine:
         self._held_intents.append(
             PlaceIntent(
                 o.order_id,
-                BrokerOrder(
+                expires_ns=o.expires_ns,
+                order=BrokerOrder(
                     client_tag=o.client_tag,
                     segment=o.segment,
                     token=o.token,
@@ -1239,7 +1271,16 @@ class ExecutionEngine:
 
     def _on_status(self, st: BrokerOrderStatus, o: OrderRow) -> None:
         raw = st.raw if st.raw is not None else {"status": st.status, "filled_qty": st.filled_qty}
-        if st.quantity and st.quantity != o.quantity and not o.terminal and st.status != REJECTED:
+        if not 0 <= st.filled_qty <= QTY_MAX or not 0 <= st.quantity <= QTY_MAX:
+            self._bad_row(o, f"quantity {st.quantity} / filled {st.filled_qty} out of range", raw)
+            return
+        if (
+            st.quantity
+            and st.quantity != o.quantity
+            and not o.terminal
+            and st.status != REJECTED
+            and st.quantity >= max(1, o.filled_qty)  # a modify never goes below what has traded
+        ):
             old_q = o.quantity
             o.quantity = st.quantity
             o.updated_ns = self._now()
@@ -1266,6 +1307,16 @@ class ExecutionEngine:
             self._transition(o, status, status, raw, reason)
         elif status == REJECTED:
             self._transition(o, REJECTED, REJECTED, raw, st.reason or "rejected by the broker")
+
+    def _bad_row(self, o: OrderRow, why: str, raw: Any) -> None:
+        """A broker book row for ``o`` that cannot be true: ignored, recorded, alerted once."""
+        o.updated_ns = self._now()
+        self._event(o, "BROKER_ROW_IGNORED", o.status, {"error": why, "raw": raw})
+        self._mark(o)
+        if o.order_id not in self.recon.bad_rows:
+            self.recon.bad_rows.add(o.order_id)
+            text = f"broker row for {o.client_tag} ({o.symbol}) ignored: {why}"
+            self.alert("CRITICAL", text, "broker_row_bad")
 
     def _await_fills(self, o: OrderRow, status: str, traded: int, reason: str, raw: Any) -> None:
         """The broker says the order ended with ``traded`` filled, but fewer shares have arrived
@@ -2138,7 +2189,7 @@ class ExecutionEngine:
                 break
             for intent in intents:
                 try:
-                    result = run_intent(self.broker, intent)
+                    result = run_intent(self.broker, intent, self.clock)
                 except Exception as exc:  # noqa: BLE001 - any broker error is a result, never a crash
                     result = exc
                 if self.after_place is not None and isinstance(intent, PlaceIntent):

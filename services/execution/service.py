@@ -236,7 +236,9 @@ class ExecutionService(Service):
         self._pump()
 
     def _dispatch(self, intent: Intent) -> None:
-        self._in_pool(lambda: run_intent(self.broker, intent), lambda res: self._on_pool_result(intent, res))
+        self._in_pool(
+            lambda: run_intent(self.broker, intent, self.clock), lambda res: self._on_pool_result(intent, res)
+        )
 
     def _in_pool(self, fn: Any, on_done: Any) -> None:
         assert self.pool is not None

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from libs.common.clock import ManualClock
 from libs.common.config import load_config
 from libs.common.instruments import MasterData
@@ -642,9 +644,11 @@ def test_positions_the_broker_carries_from_earlier_days_are_loaded_and_flattened
 # ------------------------------------------------------------------ 11. odd values
 
 
-def test_an_absurd_stop_loss_is_refused_whole_and_a_retry_is_not_told_accepted() -> None:
+@pytest.mark.parametrize(("side", "stop"), [("BUY", "1E+28"), ("SELL", "1E+26"), ("SELL", "NaN")])
+def test_an_absurd_stop_loss_is_refused_whole_and_a_retry_is_not_told_accepted(side: str, stop: str) -> None:
     h = Hand()
-    cmd = execute(stop_loss=Decimal("1E+26"))
+    h.tick(1290.0)
+    cmd = execute(side=side, stop_loss=Decimal(stop))
     [res] = h.engine.submit([cmd])
     assert not res.ok
     assert places(h.take()) == [] and h.engine.open_count() == 0
@@ -754,3 +758,29 @@ def test_a_running_paper_stack_carries_nrml_into_the_next_day(tmp_path: Any) -> 
 
     assert engine.positions[("carried", REL.key)].quantity == 15
     assert broker.order_book() == []  # yesterday's book expired
+
+
+def test_a_place_that_waited_past_its_deadline_for_a_broker_worker_is_not_sent() -> None:
+    from services.execution.engine import run_intent
+
+    @dataclass
+    class CountingBroker:
+        places: int = 0
+
+        def place(self, order: Any) -> BrokerAck:
+            self.places += 1
+            return BrokerAck(broker_order_id="B1")
+
+    h = Hand()
+    [res] = h.engine.submit([execute(expires_ns=h.clock.now_ns() + 500_000_000)])
+    assert res.ok
+    [p] = places(h.take())
+    broker = CountingBroker()
+    h.clock.advance(1.0)  # the worker pool was busy (a slow broker): the deadline passed meanwhile
+    try:
+        result: Any = run_intent(broker, p, h.clock)
+    except BrokerTemporary as exc:
+        result = exc
+    h.answer(p, result)
+    assert broker.places == 0
+    assert h.order(res.order_id).status == REJECTED and "deadline passed" in h.order(res.order_id).reason

@@ -240,11 +240,19 @@ def _dec(value: Any) -> Decimal | None:
 
 
 def _qty(value: Any) -> int:
+    """A share count; anything that is not a whole number reads as 0 (which execution refuses
+    as a fill and ignores as an order quantity)."""
     n = _int(value)
     if n is None:
         d = _dec(value)
-        return int(d) if d is not None else 0
+        return int(d) if d is not None and d == d.to_integral_value() else 0
     return n
+
+
+def _id(value: Any) -> str:
+    """An order number or tag as text; one that is not short printable ASCII matches nothing."""
+    text = str(value or "").strip()
+    return text if len(text) <= 64 and text.isascii() and text.isprintable() else ""
 
 
 def carried_position(row: dict[str, Any]) -> BrokerPosition | None:
@@ -280,8 +288,8 @@ def order_status(row: dict[str, Any]) -> BrokerOrderStatus:
     reason = str(row.get("rejRsn") or "").strip()
     avg = _dec(row.get("avgPrc")) if filled > 0 else None
     return BrokerOrderStatus(
-        broker_order_id=str(row.get("nOrdNo") or ""),
-        client_tag=str(row.get("GuiOrdId") or ""),
+        broker_order_id=_id(row.get("nOrdNo")),
+        client_tag=_id(row.get("GuiOrdId")),
         status=map_status(str(row.get("ordSt") or ""), filled),
         quantity=_qty(row.get("qty")),
         filled_qty=filled,
@@ -305,14 +313,14 @@ def _trade_ts_ns(row: dict[str, Any]) -> int:
 def trade(row: dict[str, Any]) -> BrokerTrade | None:
     """One trade-book row (one fill: ``fldQty`` is this fill's quantity, ``avgPrc`` its price)."""
     price = _dec(row.get("avgPrc"))
-    trade_id = str(row.get("flId") or "").strip()
+    trade_id = _id(row.get("flId"))
     if price is None or not trade_id:
         return None
     side = "BUY" if str(row.get("trnsTp", "")).strip().upper() in {"B", "BUY"} else "SELL"
     return BrokerTrade(
         trade_id=trade_id,
-        broker_order_id=str(row.get("nOrdNo") or ""),
-        client_tag=str(row.get("GuiOrdId") or ""),
+        broker_order_id=_id(row.get("nOrdNo")),
+        client_tag=_id(row.get("GuiOrdId")),
         side=side,
         quantity=_qty(row.get("fldQty")),
         price=price,
