@@ -194,7 +194,8 @@ def flatten(
             strategy_id=strategy,
             source="cli",
         )
-        timeout = max(client.timeout_ms, 15_000)  # cancels and closes go to the broker first
+        # cancels are confirmed (up to 10 s) and closes answered by the broker first
+        timeout = max(client.timeout_ms, 30_000)
         report = client.ask_ok("execution_rep", req, timeout_ms=timeout)
     finally:
         client.close()

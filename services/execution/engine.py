@@ -98,7 +98,13 @@ from services.execution.model import (
     new_id,
     tag_key,
 )
-from services.execution.store import LedgerDataError, LedgerError, OrderStore, fill_problem
+from services.execution.store import (
+    CARRIED_STRATEGY,
+    LedgerDataError,
+    LedgerError,
+    OrderStore,
+    fill_problem,
+)
 
 _ZERO = Decimal(0)
 _LEGS = LEG_PURPOSES
@@ -110,7 +116,7 @@ MISSING_RECHECK_NS = 1_000_000_000  # the next book after a miss is asked for th
 CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works after this is sent again
 FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
 KILL_EVENTS = ("kill_switch_on", "kill_switch_off", "kill_switch")
-CARRIED = "carried"  # the strategy id of positions the broker carries from earlier days
+CARRIED = CARRIED_STRATEGY  # the strategy id of carried positions no strategy's fills explain
 QTY_MAX = 2**31 - 1  # the ledger's INTEGER quantity columns
 MAX_PRICE = Decimal(10_000_000)  # the decoder's cap on any price (risk checks it too)
 _TOPICS: dict[tuple[str, str], bytes] = {}
@@ -185,7 +191,7 @@ def run_intent(broker: Any, intent: Intent, clock: Clock | None = None) -> Any:
         return broker.modify(intent.broker_order_id, quantity=intent.quantity)
     if isinstance(intent, PositionsIntent):
         carried = getattr(broker, "carried_positions", None)
-        return carried() if carried is not None else []
+        return carried() if carried is not None else None
     return (broker.order_book(), broker.trade_book())
 
 
@@ -431,6 +437,7 @@ class ExecutionEngine:
             self.brackets[b.bracket_id] = b
             if b.state in BRACKET_OPEN:
                 self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
+        self._load_carries()
         for f in self.store.load_fills(self.day):
             self.fill_keys.add((f.trading_day, f.segment, f.trade_id))
             self._apply_position(f)
@@ -1092,9 +1099,25 @@ class ExecutionEngine:
         if self._active_jobs:
             self._advance_jobs()
 
+    def _load_carries(self) -> None:
+        """Each strategy's NRML/CNC net from the ledger's fills of earlier days: what it
+        carries into today, so its position (and the legs sized to it) outlives midnight."""
+        for c in self.store.carried_nets(self.day):
+            k = (c.strategy_id, f"{c.segment}|{c.token}")
+            pos = self.positions.get(k)
+            if pos is None:
+                pos = self.positions[k] = PositionState(c.strategy_id, c.segment, c.token, c.symbol)
+            pos.carry(c.product, c.quantity, c.avg_price)
+
     def _on_carried(self, result: Any) -> None:
-        """Positions the broker carries from earlier days (NRML/CNC): risk limits, flatten and
-        ``neopulse positions`` see them under the strategy id ``carried``."""
+        """The broker's carried positions (NRML/CNC from earlier days) are the truth for the
+        account; the ledger says which strategy holds them. What the ledger cannot attribute
+        is held under the strategy id ``carried``, so risk limits, ``neopulse positions`` and
+        flatten see it. When the ledger claims more than the broker carries (closed outside
+        NeoPulse, a delivery settled), the broker's figure goes to ``carried`` and the
+        strategies' carries are dropped, with a warning."""
+        if result is None:  # the broker has no positions call
+            return
         if isinstance(result, BaseException) or not isinstance(result, list):
             why = getattr(result, "reason", str(result))
             self.recon.carried_retry = True  # asked again with the next reconciliation
@@ -1103,19 +1126,45 @@ class ExecutionEngine:
             )
             return
         self.recon.carried_retry = False
-        now = self._now()
+        broker: dict[tuple[str, str], BrokerPosition] = {}
         for cp in result:
-            if not isinstance(cp, BrokerPosition) or not cp.quantity:
-                continue
-            k = (CARRIED, f"{cp.segment}|{cp.token}")
-            pos = self.positions.get(k)
-            if pos is None:
-                pos = self.positions[k] = PositionState(CARRIED, cp.segment, cp.token, cp.symbol)
-            pos.carry(cp.product, cp.quantity, cp.avg_price)
-            last = self.last.get(k[1])
-            self._held_msgs.append((_topic("position", CARRIED), pos.message(last.ltp if last else 0.0, now)))
+            if isinstance(cp, BrokerPosition) and abs(cp.quantity) <= QTY_MAX:
+                broker[(f"{cp.segment}|{cp.token}", cp.product)] = cp
+        ledger: dict[tuple[str, str], int] = {}
+        for (sid, key), pos in self.positions.items():
+            if sid != CARRIED:
+                for product, q in pos.carried.items():
+                    ledger[(key, product)] = ledger.get((key, product), 0) + q
+        for key, product in sorted(set(broker) | set(ledger)):
+            cp = broker.get((key, product))
+            held, known = (cp.quantity if cp is not None else 0), ledger.get((key, product), 0)
+            if known and ((held > 0) != (known > 0) or abs(held) < abs(known)):
+                self._drop_ledger_carries(key, product, held, known)
+                known = 0
+            if cp is not None or (CARRIED, key) in self.positions:
+                seg, tok = key.split("|", 1)
+                rest = self.positions.get((CARRIED, key))
+                if rest is None:
+                    rest = self.positions[(CARRIED, key)] = PositionState(
+                        CARRIED, seg, tok, cp.symbol if cp is not None else key
+                    )
+                rest.carry(product, held - known, cp.avg_price if cp is not None else _ZERO)
+                last = self.last.get(key)
+                msg = rest.message(last.ltp if last else 0.0, self._now())
+                self._held_msgs.append((_topic("position", CARRIED), msg))
         if result and self.log is not None:
             self.log.info("carried_positions", count=len(result))
+
+    def _drop_ledger_carries(self, key: str, product: str, held: int, known: int) -> None:
+        for (sid, k), pos in self.positions.items():
+            if k == key and sid != CARRIED and pos.carried.get(product):
+                pos.carry(product, 0, pos.avg_price)
+        self.alert(
+            "WARNING",
+            f"the broker carries {held:+d} {key} {product} into today but the ledger's strategies carry "
+            f"{known:+d}: the broker's figure is held as 'carried'",
+            "carried_mismatch",
+        )
 
     def _on_place(self, intent: PlaceIntent, result: Any) -> None:
         o = self.orders.get(intent.order_id)
@@ -2014,6 +2063,7 @@ class ExecutionEngine:
                 and not o.sliced
                 and st.status.upper() in (ACK, OPEN, PARTIAL)
                 and o.updated_ns < started_ns  # closed before this snapshot was asked for
+                and o.filled_qty < o.quantity  # all its trades are in: a stale row, not a live order
             ):
                 self._adopt(o, st)
         traded: set[str] = set()  # orders with a trade in this trade book
@@ -2142,6 +2192,8 @@ class ExecutionEngine:
         o.missing = 0
         o.updated_ns = self._now()
         self.stats["adopted"] += 1
+        if o.bracket_id and o.purpose in _LEGS:  # it protects after all: the bracket may size on it
+            self.leg_failed.discard((o.bracket_id, o.purpose))
         self._mark(o)
         self._event(o, "ADOPTED", old, {"broker_status": st.status, "raw": st.raw})
         self._publish_order(o)
@@ -2304,6 +2356,7 @@ class ExecutionEngine:
             return False
         self.day = today
         self.positions.clear()
+        self._load_carries()
         self.turnover = _ZERO
         self.fill_count = 0
         for o in list(self.orders.values()):

@@ -21,6 +21,7 @@ import psycopg
 from libs.common.instruments import Instrument
 from services.execution.model import (
     BracketRow,
+    CarriedNet,
     Changes,
     EventRow,
     FillRow,
@@ -28,7 +29,7 @@ from services.execution.model import (
     OrderRow,
     RiskEventRow,
 )
-from services.execution.store import LedgerDataError, LedgerError
+from services.execution.store import CARRIED_STRATEGY, LedgerDataError, LedgerError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x4E50_4C44  # "NPLD": one migrator at a time
@@ -432,6 +433,27 @@ class PgOrderStore:
             (trading_day,),
         )
         return [_risk_row(r) for r in rows]
+
+    def carried_nets(self, before_day: str) -> list[CarriedNet]:
+        rows = self._read(
+            "SELECT f.strategy_id, f.exchange_segment, f.token, max(f.trading_symbol), o.product, "
+            "sum(CASE WHEN f.transaction_type = 'BUY' THEN f.quantity ELSE -f.quantity END) AS net, "
+            "sum(CASE WHEN f.transaction_type = 'BUY' THEN f.quantity * f.price END) AS buy_value, "
+            "sum(CASE WHEN f.transaction_type = 'BUY' THEN f.quantity END) AS buy_qty, "
+            "sum(CASE WHEN f.transaction_type = 'SELL' THEN f.quantity * f.price END) AS sell_value, "
+            "sum(CASE WHEN f.transaction_type = 'SELL' THEN f.quantity END) AS sell_qty "
+            "FROM fills f JOIN order_ledger o ON o.internal_id = f.order_id "
+            "WHERE f.trading_day < %s AND o.product IN ('NRML', 'CNC') AND f.strategy_id <> %s "
+            "GROUP BY f.strategy_id, f.exchange_segment, f.token, o.product "
+            "HAVING sum(CASE WHEN f.transaction_type = 'BUY' THEN f.quantity ELSE -f.quantity END) <> 0",
+            (before_day, CARRIED_STRATEGY),
+        )
+        out = []
+        for sid, seg, tok, sym, prod, net, bv, bq, sv, sq in rows:
+            value, qty = (bv, bq) if net > 0 else (sv, sq)  # the opening side's average price
+            avg = (Decimal(value) / qty) if value is not None and qty else Decimal(0)
+            out.append(CarriedNet(sid, seg, tok, sym, prod, int(net), avg))
+        return out
 
     def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
         rows = self._read(

@@ -213,6 +213,19 @@ class FillRow:
 
 
 @dataclass(slots=True)
+class CarriedNet:
+    """A strategy's NRML/CNC net in one instrument from the ledger's fills of earlier days."""
+
+    strategy_id: str
+    segment: str
+    token: str
+    symbol: str
+    product: str
+    quantity: int
+    avg_price: Decimal
+
+
+@dataclass(slots=True)
 class BracketRow:
     """One OCO group: an entry and its protective stop-limit and target legs."""
 

@@ -9,6 +9,7 @@ that the engine's in-memory objects are never the stored ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
 from libs.common.instruments import Instrument
@@ -16,6 +17,7 @@ from services.execution.model import (
     BRACKET_OPEN,
     TERMINAL,
     BracketRow,
+    CarriedNet,
     Changes,
     EventRow,
     FillRow,
@@ -26,6 +28,8 @@ from services.execution.model import (
 
 _T = TypeVar("_T")
 _INT_MAX = 2**31 - 1  # the ledger's INTEGER columns
+CARRY_PRODUCTS = ("NRML", "CNC")  # products that outlive the trading day (MIS is squared off)
+CARRIED_STRATEGY = "carried"  # positions the broker carries that no strategy's fills explain
 
 
 class _Copier:
@@ -106,6 +110,11 @@ class OrderStore(Protocol):
 
     def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
         """The newest ``risk_events`` row of any day whose event is one of ``events``."""
+        ...
+
+    def carried_nets(self, before_day: str) -> list[CarriedNet]:
+        """Per strategy, instrument and product (NRML, CNC): the net of fills of the days
+        before ``before_day``, where not zero (strategy ``carried`` excluded)."""
         ...
 
     def replace_instruments(self, instruments: Iterable[Instrument]) -> int: ...
@@ -238,6 +247,26 @@ class MemoryOrderStore:
 
     def risk_events(self, trading_day: str) -> list[RiskEventRow]:
         return [copy.copy(r) for r in self.risk if r.trading_day == trading_day]
+
+    def carried_nets(self, before_day: str) -> list[CarriedNet]:
+        acc: dict[tuple[str, str, str, str], list[Any]] = {}
+        for f in sorted(self.fills.values(), key=lambda x: (x.trading_day, x.ts_ns)):
+            o = self.orders.get(f.order_id)
+            if f.trading_day >= before_day or o is None or o.product not in CARRY_PRODUCTS:
+                continue
+            if f.strategy_id == CARRIED_STRATEGY:
+                continue
+            a = acc.setdefault((f.strategy_id, f.segment, f.token, o.product), [f.symbol, 0, Decimal(0), 0])
+            signed = f.quantity if f.side == "BUY" else -f.quantity
+            a[1] += signed
+            if (f.side == "BUY") == (a[1] > 0):  # opening side: its average price
+                a[2] += f.price * f.quantity
+                a[3] += f.quantity
+        return [
+            CarriedNet(sid, seg, tok, a[0], prod, a[1], (a[2] / a[3]) if a[3] else Decimal(0))
+            for (sid, seg, tok, prod), a in acc.items()
+            if a[1]
+        ]
 
     def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
         wanted = set(events)

@@ -258,6 +258,26 @@ def test_a_ledger_outage_refuses_orders_instead_of_sending_them(pg_url: str) -> 
     store.close()
 
 
+def test_carried_nets_are_the_nrml_and_cnc_net_of_earlier_days_per_strategy(store: OrderStore) -> None:
+    kinds = [("NRML", "s1"), ("MIS", "s1"), ("NRML", "s1"), ("CNC", "s2")]
+    rows = [order(f"cn-{i}", product=prod, strategy_id=sid) for i, (prod, sid) in enumerate(kinds)]
+    sides, qtys, prices = ["BUY", "BUY", "SELL", "BUY"], [30, 5, 10, 7], ["100", "100", "110", "50"]
+
+    def fill(i: int, o: OrderRow) -> FillRow:
+        return FillRow(f"T{i}", o.order_id, "", o.strategy_id, o.segment, o.token, o.symbol, sides[i],
+                       qtys[i], Decimal(prices[i]), NS + i, DAY)  # fmt: skip
+
+    fills = [fill(i, o) for i, o in enumerate(rows)]
+    store.write(Changes(new_orders=rows, fills=fills))
+
+    nets = sorted(
+        (c.strategy_id, c.product, c.quantity, c.avg_price) for c in store.carried_nets("2025-11-24")
+    )
+
+    assert nets == [("s1", "NRML", 20, Decimal(100)), ("s2", "CNC", 7, Decimal(50))]
+    assert store.carried_nets(DAY) == []  # nothing before the day itself
+
+
 def test_nul_characters_are_stored_replaced_instead_of_failing_the_transaction(pg_url: str) -> None:
     # PostgreSQL's text and jsonb hold no NUL: a kill-switch reason or a broker reply carrying
     # one used to fail the whole change set, retried forever ("ledger unavailable")

@@ -717,7 +717,10 @@ def test_paper_broker_carries_nrml_positions_across_days_in_its_journal(tmp_path
 
     [pos] = broker2.carried_positions()
     assert (pos.product, pos.quantity) == ("NRML", 20)
-    assert engine2.positions[("carried", REL.key)].quantity == 20
+    # the ledger says whose it is: s1 still holds its 20 NRML, nothing is left unexplained
+    assert engine2.positions[("s1", REL.key)].quantity == 20
+    assert engine2.positions[("s1", REL.key)].by_product == {"NRML": 20}
+    assert engine2.positions[("carried", REL.key)].quantity == 0
     broker2.close()
     assert [p.quantity for p in PaperBroker(MASTER, clock, journal=journal).carried_positions()] == [20]
 
@@ -756,7 +759,8 @@ def test_a_running_paper_stack_carries_nrml_into_the_next_day(tmp_path: Any) -> 
     assert engine.check_day()
     engine.pump()
 
-    assert engine.positions[("carried", REL.key)].quantity == 15
+    assert engine.positions[("s1", REL.key)].quantity == 15  # the strategy keeps its NRML overnight
+    assert engine.positions[("carried", REL.key)].quantity == 0
     assert broker.order_book() == []  # yesterday's book expired
 
 
@@ -784,3 +788,49 @@ def test_a_place_that_waited_past_its_deadline_for_a_broker_worker_is_not_sent()
     h.answer(p, result)
     assert broker.places == 0
     assert h.order(res.order_id).status == REJECTED and "deadline passed" in h.order(res.order_id).reason
+
+
+def test_a_strategys_nrml_bracket_is_protected_again_on_the_next_day() -> None:
+    h = Hand()
+    bracket = {"stop_loss": Decimal("1280.00"), "target": Decimal("1300.00")}
+    [res] = h.engine.submit([execute(product="NRML", **bracket)])
+    [p] = places(h.take())
+    h.ack(p)
+    h.trade(h.order(res.order_id), 10, "1290.00")
+    for leg in places(h.take()):
+        h.ack(leg)
+    h.clock.advance(3 * 86_400)  # Monday: yesterday's DAY legs expired at the broker overnight
+
+    assert h.engine.check_day()
+    [pi] = [i for i in h.take() if isinstance(i, PositionsIntent)]
+    h.answer(pi, [BrokerPosition(segment=REL.segment, token=REL.token, symbol=REL.symbol, product="NRML",
+                                 quantity=10, avg_price=Decimal("1290.00"))])  # fmt: skip
+    assert h.position() == 10 and h.position("carried") == 0
+    for _ in range(2):  # today's books: the legs are not there
+        h.clock.advance(1.0)
+        h.books([], [])
+
+    fresh = places(h.take())
+    assert sorted((h.order(i.order_id).purpose, i.order.quantity, i.order.product) for i in fresh) == [
+        (STOP, 10, "NRML"),
+        (TARGET, 10, "NRML"),
+    ]
+
+
+def test_a_carry_the_ledger_cannot_explain_is_held_as_carried_and_a_smaller_one_wins() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute(product="NRML")])
+    [p] = places(h.take())
+    h.ack(p)
+    h.trade(h.order(res.order_id), 10, "1290.00")
+    h.clock.advance(3 * 86_400)
+    more = [BrokerPosition(segment=REL.segment, token=REL.token, symbol=REL.symbol, product="NRML",
+                           quantity=25, avg_price=Decimal("1285.00"))]  # fmt: skip
+    h2 = Hand(store=h.store, clock=h.clock, carried=more)
+    assert (h2.position(), h2.position("carried")) == (10, 15)
+
+    less = [BrokerPosition(segment=REL.segment, token=REL.token, symbol=REL.symbol, product="NRML",
+                           quantity=4, avg_price=Decimal("1285.00"))]  # fmt: skip
+    h3 = Hand(store=h.store, clock=h.clock, carried=less)  # 6 were sold outside NeoPulse
+    assert (h3.position(), h3.position("carried")) == (0, 4)
+    assert "carried_mismatch" in h3.codes()
