@@ -4,20 +4,17 @@ request the decoder refuses."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
 import zmq
 
-from libs.common.bus import Bus, Reactor, Responder
+from libs.common.bus import Responder
 from libs.common.clock import Clock, trading_day
 from libs.common.messages import (
     Codec,
@@ -32,6 +29,7 @@ from libs.common.messages import (
 )
 from tests.helpers import eventually
 from tests.integration.risk_support import Stack, stack
+from tests.integration.test_bus import served
 
 DAY_S = 86_400
 
@@ -52,34 +50,6 @@ class SilentExecution:
             self.executes.append((time.time_ns(), msg))
             return None  # never answered
         return Reply(ok=True)
-
-
-@contextmanager
-def served(endpoint: str, handler: Callable[[Message, Responder], Message | None]) -> Iterator[None]:
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def run() -> None:
-        sbus = Bus()
-        reactor = Reactor(sbus.ctx)
-        server = sbus.server(endpoint)
-        server.handler = handler
-        reactor.add_reader(server.sock, server.drain)
-        holder.update(reactor=reactor)
-        ready.set()
-        reactor.run()
-        server.close()
-        reactor.close()
-        sbus.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(5)
-    try:
-        yield
-    finally:
-        holder["reactor"].call_soon_threadsafe(holder["reactor"].stop)
-        t.join(5)
 
 
 @pytest.fixture
