@@ -112,6 +112,7 @@ RETRY_BASE_S = 0.5  # first retry of a failed cancel or leg place; doubles up to
 RETRY_MAX_S = 30.0
 RETRY_ALERT_AFTER = 5  # failures of one owed cancel / leg place before a CRITICAL alert
 MISSING_SNAPSHOTS = 2  # consecutive order books without an order before it is closed
+LOST_CLOSE_S = 300.0  # an acknowledged order absent from a working book this long is gone
 MISSING_RECHECK_NS = 1_000_000_000  # the next book after a miss is asked for this soon at the earliest
 CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works after this is sent again
 FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
@@ -324,6 +325,7 @@ class ReconcileState:
     incomplete_alerted: bool = False
     carried_retry: bool = False  # the carried positions could not be read: ask again
     bad_rows: set[str] = field(default_factory=set)  # orders whose impossible book row was alerted
+    carry_alerted: set[tuple[str, str]] = field(default_factory=set)  # (instrument, product)
 
 
 # --------------------------------------------------------------------------- engine
@@ -1139,9 +1141,8 @@ class ExecutionEngine:
             cp = broker.get((key, product))
             held, known = (cp.quantity if cp is not None else 0), ledger.get((key, product), 0)
             if known and ((held > 0) != (known > 0) or abs(held) < abs(known)):
-                self._drop_ledger_carries(key, product, held, known)
-                known = 0
-            if cp is not None or (CARRIED, key) in self.positions:
+                self._carry_mismatch(key, product, held, known)
+            if cp is not None or (CARRIED, key) in self.positions or held != known:
                 seg, tok = key.split("|", 1)
                 rest = self.positions.get((CARRIED, key))
                 if rest is None:
@@ -1155,14 +1156,20 @@ class ExecutionEngine:
         if result and self.log is not None:
             self.log.info("carried_positions", count=len(result))
 
-    def _drop_ledger_carries(self, key: str, product: str, held: int, known: int) -> None:
-        for (sid, k), pos in self.positions.items():
-            if k == key and sid != CARRIED and pos.carried.get(product):
-                pos.carry(product, 0, pos.avg_price)
+    def _carry_mismatch(self, key: str, product: str, held: int, known: int) -> None:
+        """The ledger's strategies carry more than the broker reports (closed outside NeoPulse,
+        a settlement, or a broker read before its start-of-day roll). One reading never takes
+        a strategy's carry away (its legs are sized to it): the difference is held, negative,
+        under ``carried`` so the account's net matches the broker, and the positions are read
+        again with the next reconciliation."""
+        self.recon.carried_retry = True
+        if (key, product) in self.recon.carry_alerted:
+            return
+        self.recon.carry_alerted.add((key, product))
         self.alert(
-            "WARNING",
+            "CRITICAL",
             f"the broker carries {held:+d} {key} {product} into today but the ledger's strategies carry "
-            f"{known:+d}: the broker's figure is held as 'carried'",
+            f"{known:+d}: the difference is held as 'carried' until they agree — check the account",
             "carried_mismatch",
         )
 
@@ -1359,11 +1366,11 @@ class ExecutionEngine:
 
     def _bad_row(self, o: OrderRow, why: str, raw: Any) -> None:
         """A broker book row for ``o`` that cannot be true: ignored, recorded, alerted once."""
-        o.updated_ns = self._now()
-        self._event(o, "BROKER_ROW_IGNORED", o.status, {"error": why, "raw": raw})
-        self._mark(o)
-        if o.order_id not in self.recon.bad_rows:
+        if o.order_id not in self.recon.bad_rows:  # recorded and alerted once, not every snapshot
             self.recon.bad_rows.add(o.order_id)
+            o.updated_ns = self._now()
+            self._event(o, "BROKER_ROW_IGNORED", o.status, {"error": why, "raw": raw})
+            self._mark(o)
             text = f"broker row for {o.client_tag} ({o.symbol}) ignored: {why}"
             self.alert("CRITICAL", text, "broker_row_bad")
 
@@ -1912,19 +1919,21 @@ class ExecutionEngine:
 
     def _closing_qty(self, strategy_id: str, key: str, product: str, side: str) -> int:
         """What working orders of this strategy, instrument and product on ``side`` may still
-        trade; the two legs of one bracket protect the same shares (OCO), so count once."""
+        move the position by (their open rest, or trades a final status announced that are
+        still on their way); the two legs of one bracket protect the same shares (OCO), so
+        count once."""
         total, per_bracket = 0, dict[tuple[str, str], int]()
         for o in self.orders.values():
             if (
                 o.terminal or o.sliced or o.side != side or o.strategy_id != strategy_id
-                or o.product != product or o.key != key or not o.open_qty
+                or o.product != product or o.key != key or not o.unsettled_qty
             ):  # fmt: skip
                 continue
             if o.bracket_id and o.purpose in _LEGS:
                 leg = (o.bracket_id, o.purpose)
-                per_bracket[leg] = per_bracket.get(leg, 0) + o.open_qty
+                per_bracket[leg] = per_bracket.get(leg, 0) + o.unsettled_qty
             else:
-                total += o.open_qty
+                total += o.unsettled_qty
         legs: dict[str, int] = {}
         for (bid, _kind), q in per_bracket.items():
             legs[bid] = max(legs.get(bid, 0), q)
@@ -2046,34 +2055,18 @@ class ExecutionEngine:
         """Match every non-terminal row and open bracket against the broker's books by tag.
 
         One snapshot is never trusted to close an order: a book that lags or answers "No Data"
-        would otherwise close live orders and have fresh legs placed beside the old ones. An
-        order is closed as missing only after ``MISSING_SNAPSHOTS`` consecutive books over
-        ``book_lag_s`` without it, and not while the trade book fails to show the fills the
-        ledger holds for it. A row the ledger calls terminal that the broker shows working is
-        adopted back, with a CRITICAL alert."""
+        would otherwise close live orders and have fresh legs placed beside the old ones. The
+        broker's day book keeps every order it acknowledged today, so a book without one of
+        them (or without fills the ledger holds) is not whole and closes nothing; only an
+        order missing from a book that shows others for ``LOST_CLOSE_S`` is taken as gone.
+        From whole books, a row never acknowledged or an order of an earlier day is closed
+        after ``MISSING_SNAPSHOTS`` consecutive books over ``book_lag_s`` without it. A row
+        the ledger calls terminal that the broker shows working is adopted back, with a
+        CRITICAL alert."""
         self.stats["reconciles"] += 1
         by_id = {s.broker_order_id: s for s in order_book if s.broker_order_id}
         by_tag = {tag_key(s.client_tag): s for s in order_book if s.client_tag}
-        for st in order_book:
-            o = self._find(st.broker_order_id, st.client_tag)
-            if o is None:
-                self._orphan(st.broker_order_id, st.client_tag)
-            elif (
-                o.terminal
-                and not o.sliced
-                and st.status.upper() in (ACK, OPEN, PARTIAL)
-                and o.updated_ns < started_ns  # closed before this snapshot was asked for
-                and o.filled_qty < o.quantity  # all its trades are in: a stale row, not a live order
-            ):
-                self._adopt(o, st)
-        traded: set[str] = set()  # orders with a trade in this trade book
-        for tr in trade_book:
-            o = self._find(tr.broker_order_id, tr.client_tag)
-            if o is None:
-                self._orphan(tr.broker_order_id, tr.client_tag)
-                continue
-            traded.add(o.order_id)
-            self._on_trade(tr, o)
+        traded = self._apply_book_rows(order_book, trade_book, started_ns)
         cutoff = started_ns - self.book_lag_ns
         absent: list[OrderRow] = []
         lost: list[OrderRow] = []  # today's acknowledged orders the book does not show
@@ -2098,6 +2091,8 @@ class ExecutionEngine:
                 lost.append(o)
             else:
                 absent.append(o)
+        if lost and order_book:
+            lost = [o for o in lost if not self._gone_for_good(o, started_ns)]
         if lost:
             # The broker's day book keeps every order it acknowledged today, filled or not, and
             # its trade book every trade: a snapshot without one of them is not whole ("No
@@ -2107,16 +2102,45 @@ class ExecutionEngine:
             return
         self.recon.incomplete_since_ns = 0
         for o in absent:  # never acknowledged, or of an earlier day (expired overnight)
-            o.missing += 1
-            if o.missing == 1:
-                o.missing_since_ns = started_ns
-            if o.missing < MISSING_SNAPSHOTS or started_ns - o.missing_since_ns < self.book_lag_ns:
-                # look again soon: an order that is really gone is closed within about book_lag
-                again = o.missing_since_ns + max(self.book_lag_ns, MISSING_RECHECK_NS)
-                self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, max(again, self._now() + 1))
-                continue
-            self._close_missing(o)
+            self._count_absent(o, started_ns)
         self._after_books(order_book, trade_book)
+
+    def _apply_book_rows(
+        self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade], started_ns: int
+    ) -> set[str]:
+        """Orphans, adoptions and the trade book's fills; returns the orders with a trade in it."""
+        for st in order_book:
+            o = self._find(st.broker_order_id, st.client_tag)
+            if o is None:
+                self._orphan(st.broker_order_id, st.client_tag)
+            elif (
+                o.terminal
+                and not o.sliced
+                and st.status.upper() in (ACK, OPEN, PARTIAL)
+                and o.updated_ns < started_ns  # closed before this snapshot was asked for
+                and o.filled_qty < o.quantity  # all its trades are in: a stale row, not a live order
+            ):
+                self._adopt(o, st)
+        traded: set[str] = set()
+        for tr in trade_book:
+            o = self._find(tr.broker_order_id, tr.client_tag)
+            if o is None:
+                self._orphan(tr.broker_order_id, tr.client_tag)
+                continue
+            traded.add(o.order_id)
+            self._on_trade(tr, o)
+        return traded
+
+    def _count_absent(self, o: OrderRow, started_ns: int) -> None:
+        o.missing += 1
+        if o.missing == 1:
+            o.missing_since_ns = started_ns
+        if o.missing < MISSING_SNAPSHOTS or started_ns - o.missing_since_ns < self.book_lag_ns:
+            # look again soon: an order that is really gone is closed within about book_lag
+            again = o.missing_since_ns + max(self.book_lag_ns, MISSING_RECHECK_NS)
+            self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, max(again, self._now() + 1))
+            return
+        self._close_missing(o)
 
     def _after_books(self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade]) -> None:
         for b in list(self.brackets.values()):
@@ -2129,6 +2153,26 @@ class ExecutionEngine:
                 broker_trades=len(trade_book),
                 open_orders=self.open_count(),
             )
+
+    def _gone_for_good(self, o: OrderRow, started_ns: int) -> bool:
+        """An acknowledged order of today that the broker's book, while it shows other orders,
+        has not shown for ``LOST_CLOSE_S`` (at least ten book lags): the book is working and
+        this order is gone. It is closed with a CRITICAL alert, so one vanished order cannot
+        stop reconciliation for the rest of the day."""
+        if not o.missing:
+            o.missing_since_ns = started_ns
+        o.missing += 1
+        if started_ns - o.missing_since_ns < max(10 * self.book_lag_ns, int(LOST_CLOSE_S * 1e9)):
+            return False
+        self.alert(
+            "CRITICAL",
+            f"{o.purpose.lower()} order {o.client_tag} ({o.side} {o.remaining} {o.symbol}) has been missing "
+            f"from the broker's order book for {(started_ns - o.missing_since_ns) / 1e9:.0f} s while it "
+            "showed other orders: closed as gone — check it at the broker",
+            "order_vanished",
+        )
+        self._close_missing(o)
+        return True
 
     def _book_incomplete(self, lost: list[OrderRow], started_ns: int) -> None:
         if not self.recon.incomplete_since_ns:
@@ -2367,6 +2411,7 @@ class ExecutionEngine:
             ):
                 self._unindex(o)
         self.fill_keys = {k for k in self.fill_keys if k[0] == today}
+        self.recon.carry_alerted.clear()
         self._held_intents.append(PositionsIntent(self._now()))  # yesterday's NRML/CNC are carried now
         return True
 

@@ -29,7 +29,7 @@ from services.execution.model import (
     OrderRow,
     RiskEventRow,
 )
-from services.execution.store import CARRIED_STRATEGY, LedgerDataError, LedgerError
+from services.execution.store import CARRIED_STRATEGY, LedgerDataError, LedgerError, carried_net
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x4E50_4C44  # "NPLD": one migrator at a time
@@ -448,12 +448,7 @@ class PgOrderStore:
             "HAVING sum(CASE WHEN f.transaction_type = 'BUY' THEN f.quantity ELSE -f.quantity END) <> 0",
             (before_day, CARRIED_STRATEGY),
         )
-        out = []
-        for sid, seg, tok, sym, prod, net, bv, bq, sv, sq in rows:
-            value, qty = (bv, bq) if net > 0 else (sv, sq)  # the opening side's average price
-            avg = (Decimal(value) / qty) if value is not None and qty else Decimal(0)
-            out.append(CarriedNet(sid, seg, tok, sym, prod, int(net), avg))
-        return out
+        return [carried_net(tuple(r[:5]), tuple(r[6:10])) for r in rows]
 
     def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
         rows = self._read(

@@ -140,6 +140,14 @@ class OrderRow:
         return 0 if self.broker_final else max(0, self.quantity - self.filled_qty)
 
     @property
+    def unsettled_qty(self) -> int:
+        """What may still move the position: the rest of a working order, or the trades a
+        final broker status announced that have not arrived yet."""
+        if self.broker_final:
+            return max(0, self.broker_filled - self.filled_qty)
+        return max(0, self.quantity - self.filled_qty)
+
+    @property
     def exited_qty(self) -> int:
         """Filled as far as order management goes: the trades, or what the broker's final
         status announced when that is more (positions still count only trades)."""

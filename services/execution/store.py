@@ -62,6 +62,18 @@ class LedgerError(RuntimeError):
     """The ledger could not write or read; the transaction was rolled back."""
 
 
+def carried_net(names: tuple[str, str, str, str, str], sums: tuple[Any, Any, Any, Any]) -> CarriedNet:
+    """The net of a strategy's earlier-day fills in one instrument and product, at the average
+    price of the side it is net of (the same rule for every store). ``names`` is (strategy,
+    segment, token, symbol, product); ``sums`` (buy value, buy qty, sell value, sell qty)."""
+    buy_value, buy_qty, sell_value, sell_qty = sums
+    bq, sq = int(buy_qty or 0), int(sell_qty or 0)
+    net = bq - sq
+    value, qty = (buy_value, bq) if net > 0 else (sell_value, sq)
+    avg = Decimal(value) / qty if value is not None and qty else Decimal(0)
+    return CarriedNet(*names, quantity=net, avg_price=avg)
+
+
 class LedgerDataError(LedgerError):
     """The ledger refused the data itself (a CHECK, a type, an unstorable value): writing the
     same rows again can never succeed, so the caller must set the offending row aside."""
@@ -250,22 +262,21 @@ class MemoryOrderStore:
 
     def carried_nets(self, before_day: str) -> list[CarriedNet]:
         acc: dict[tuple[str, str, str, str], list[Any]] = {}
-        for f in sorted(self.fills.values(), key=lambda x: (x.trading_day, x.ts_ns)):
+        for f in self.fills.values():
             o = self.orders.get(f.order_id)
             if f.trading_day >= before_day or o is None or o.product not in CARRY_PRODUCTS:
                 continue
             if f.strategy_id == CARRIED_STRATEGY:
                 continue
-            a = acc.setdefault((f.strategy_id, f.segment, f.token, o.product), [f.symbol, 0, Decimal(0), 0])
-            signed = f.quantity if f.side == "BUY" else -f.quantity
-            a[1] += signed
-            if (f.side == "BUY") == (a[1] > 0):  # opening side: its average price
-                a[2] += f.price * f.quantity
-                a[3] += f.quantity
+            # symbol, buy value, buy qty, sell value, sell qty
+            a = acc.setdefault((f.strategy_id, f.segment, f.token, o.product), [f.symbol, 0, 0, 0, 0])
+            i = 1 if f.side == "BUY" else 3
+            a[i] += f.price * f.quantity
+            a[i + 1] += f.quantity
         return [
-            CarriedNet(sid, seg, tok, a[0], prod, a[1], (a[2] / a[3]) if a[3] else Decimal(0))
+            carried_net((sid, seg, tok, a[0], prod), (a[1], a[2], a[3], a[4]))
             for (sid, seg, tok, prod), a in acc.items()
-            if a[1]
+            if a[2] != a[4]
         ]
 
     def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
