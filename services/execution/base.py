@@ -1,0 +1,337 @@
+"""The execution engine's shared state, its constants and its small value types."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from libs.common.bus import topic
+from libs.common.clock import Clock, trading_day
+from libs.common.instruments import MasterData
+from libs.common.messages import (
+    Flatten,
+    Message,
+    Position,
+    Tick,
+)
+from services.execution.brokers.base import BrokerOrderStatus, BrokerTrade
+from services.execution.intents import Intent, PlaceIntent
+from services.execution.model import (
+    BRACKET_OPEN,
+    LEG_PURPOSES,
+    BracketRow,
+    EventRow,
+    FillRow,
+    OrderRow,
+    RiskEventRow,
+    tag_key,
+)
+from services.execution.pricing import MAX_PRICE  # noqa: F401 - re-exported
+from services.execution.store import (
+    CARRIED_STRATEGY,
+    OrderStore,
+)
+
+_ZERO = Decimal(0)
+_LEGS = LEG_PURPOSES
+RETRY_BASE_S = 0.5  # first retry of a failed cancel or leg place; doubles up to RETRY_MAX_S
+RETRY_MAX_S = 30.0
+RETRY_ALERT_AFTER = 5  # failures of one owed cancel / leg place before a CRITICAL alert
+MISSING_SNAPSHOTS = 2  # consecutive order books without an order before it is closed
+LOST_CLOSE_S = 300.0  # an acknowledged order absent from a working book this long is gone
+MISSING_RECHECK_NS = 1_000_000_000  # the next book after a miss is asked for this soon at the earliest
+CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works after this is sent again
+FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
+KILL_EVENTS = ("kill_switch_on", "kill_switch_off", "kill_switch")
+CARRIED = CARRIED_STRATEGY  # the strategy id of carried positions no strategy's fills explain
+QTY_MAX = 2**31 - 1  # the ledger's INTEGER quantity columns
+_TOPICS: dict[tuple[str, str], bytes] = {}
+
+
+def _topic(kind: str, name: str) -> bytes:
+    """``topic(kind, name)``, remembered: a few strategies make a few topics, used per order."""
+    t = _TOPICS.get((kind, name))
+    if t is None:
+        if len(_TOPICS) > 10_000:  # strategy ids come from requests: keep the memo bounded
+            _TOPICS.clear()
+        # an id that is not plain ASCII is refused, but its REJECTED row is still published
+        safe = name if name.isascii() else name.encode("ascii", "replace").decode()
+        t = _TOPICS[(kind, name)] = topic(kind, safe)
+    return t
+
+
+@dataclass(slots=True)
+class SubmitResult:
+    request_id: str
+    ok: bool
+    order_id: str = ""
+    status: str = ""
+    client_tag: str = ""
+    reason: str = ""
+    code: str = ""
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "order_id": self.order_id,
+            "status": self.status,
+            "client_tag": self.client_tag,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class PositionState:
+    strategy_id: str
+    segment: str
+    token: str
+    symbol: str
+    quantity: int = 0
+    avg_price: Decimal = _ZERO
+    realised: Decimal = _ZERO
+    buy_qty: int = 0
+    sell_qty: int = 0
+    buy_value: Decimal = _ZERO
+    sell_value: Decimal = _ZERO
+    # net quantity per product (MIS / NRML / CNC): a close goes out in the product it closes
+    by_product: dict[str, int] = field(default_factory=dict)
+    # what the broker carried into today per product (already included in ``quantity``)
+    carried: dict[str, int] = field(default_factory=dict)
+
+    def carry(self, product: str, qty: int, avg_price: Decimal) -> None:
+        """Set the quantity carried from earlier days in ``product`` (idempotent: a second
+        report of the same carry changes nothing; today's fills stay on top of it)."""
+        delta = qty - self.carried.get(product, 0)
+        if not delta:
+            return
+        self.carried[product] = qty
+        if self.quantity == 0:
+            self.avg_price = avg_price
+        self.quantity += delta
+        net = self.by_product.get(product, 0) + delta
+        if net:
+            self.by_product[product] = net
+        else:
+            self.by_product.pop(product, None)
+
+    def apply(self, side: str, qty: int, price: Decimal, product: str = "MIS") -> None:
+        signed = qty if side == "BUY" else -qty
+        net = self.by_product.get(product, 0) + signed
+        if net:
+            self.by_product[product] = net
+        else:
+            self.by_product.pop(product, None)
+        if side == "BUY":
+            self.buy_qty += qty
+            self.buy_value += price * qty
+        else:
+            self.sell_qty += qty
+            self.sell_value += price * qty
+        held = self.quantity
+        if held == 0 or (held > 0) == (signed > 0):
+            total = abs(held) + qty
+            self.avg_price = (self.avg_price * abs(held) + price * qty) / total
+            self.quantity = held + signed
+            return
+        closing = min(abs(held), qty)
+        direction = 1 if held > 0 else -1
+        self.realised += (price - self.avg_price) * closing * direction
+        self.quantity = held + signed
+        if self.quantity == 0:
+            self.avg_price = _ZERO
+        elif qty > closing:  # flipped through zero: the rest opens at this price
+            self.avg_price = price
+
+    def message(self, last_price: float, now_ns: int) -> Position:
+        return Position(
+            strategy_id=self.strategy_id,
+            symbol=self.symbol,
+            segment=self.segment,
+            token=self.token,
+            quantity=self.quantity,
+            avg_price=self.avg_price,
+            realised_pnl=self.realised,
+            buy_qty=self.buy_qty,
+            sell_qty=self.sell_qty,
+            buy_value=self.buy_value,
+            sell_value=self.sell_value,
+            last_price=last_price,
+            ts_ns=now_ns,
+        )
+
+
+@dataclass
+class FlattenJob:
+    """One flatten: cancel what works, wait until the broker confirms every one of those
+    orders closed (fills of a leg may still be on their way), then close what is held."""
+
+    request: Flatten
+    waiters: list[Callable[[dict[str, Any]], None]]
+    deadline_ns: int = 0
+    waiting: set[str] = field(default_factory=set)  # orders that must end before the close
+    pending_places: set[str] = field(default_factory=set)
+    cancelled: list[str] = field(default_factory=list)
+    closing: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    unconfirmed: list[str] = field(default_factory=list)  # still working when the wait ran out
+    rounds: int = 0  # close rounds: the first, then one per unconfirmed order that ended
+    phase: str = "cancel"  # cancel → close → ready → done
+    report: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class ReconcileState:
+    """What reconciliation remembers between snapshots."""
+
+    incomplete_since_ns: int = 0  # first of the consecutive order books that were not whole
+    incomplete_alerted: bool = False
+    carried_retry: bool = False  # the carried positions could not be read: ask again
+    bad_rows: set[str] = field(default_factory=set)  # orders whose impossible book row was alerted
+    carry_alerted: set[tuple[str, str]] = field(default_factory=set)  # (instrument, product)
+
+
+
+class EngineBase:
+    """The engine's state and indexes; each part of the engine (unit of work, orders, broker
+    events, brackets, flatten, reconciliation) is a subclass adding its rules."""
+
+    def __init__(
+        self, store: OrderStore, broker: Any, master: MasterData, clock: Clock, cfg: Any, *, log: Any = None
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.master = master
+        self.clock = clock
+        self.cfg = cfg
+        self.log = log
+        self.protection_pct = float(cfg.execution.protection_pct)
+        self.broker_name = str(getattr(broker, "name", cfg.execution.broker))
+        self.book_lag_ns = int(float(getattr(broker, "book_lag_s", 10.0)) * 1e9)
+        self.day = trading_day(clock)
+        # state
+        self.orders: dict[str, OrderRow] = {}
+        self.by_request: dict[str, str] = {}
+        self.by_tag: dict[str, str] = {}
+        self.by_broker_id: dict[str, str] = {}
+        self.children: dict[str, list[str]] = {}  # sliced parent → slices
+        self.brackets: dict[str, BracketRow] = {}
+        # (strategy, segment, token) → its brackets that may still be open, in creation order
+        # (pruned as they close: a closed bracket never reopens); ``brackets`` is the truth
+        self._bgroups: dict[tuple[str, str, str], list[BracketRow]] = {}
+        self.legs: dict[str, list[str]] = {}  # bracket → STOP/TARGET orders
+        self.positions: dict[tuple[str, str], PositionState] = {}
+        self.fill_keys: set[tuple[str, str, str]] = set()  # (trading day, segment, trade id)
+        self._day_span: tuple[float, float, str] = (0.0, 0.0, "")  # _day_of's last day (seconds)
+        self.last: dict[str, Tick] = {}
+        self.turnover = _ZERO
+        self.fill_count = 0
+        # unit of work (one ledger transaction per flush)
+        self._new: dict[str, OrderRow] = {}
+        self._dirty: dict[str, OrderRow] = {}
+        self._events: list[EventRow] = []
+        self._fills: list[FillRow] = []
+        self._bdirty: dict[str, BracketRow] = {}
+        self._risk: list[RiskEventRow] = []
+        self._held_intents: list[Intent] = []
+        self._held_msgs: list[tuple[bytes, Message]] = []
+        # released after the flush that made them durable
+        self.intents: deque[Intent] = deque()
+        self.messages: list[tuple[bytes, Message]] = []
+        self.inflight: set[str] = set()  # place intents not answered yet
+        self.cancel_sent: set[str] = set()  # cancel intents not answered yet
+        self.owed_cancels: set[str] = set()  # cancel requested, order not closed yet
+        self.leg_failed: set[tuple[str, str]] = set()  # legs the broker refused: not re-placed
+        self.leg_retry: dict[tuple[str, str], tuple[int, int]] = {}  # (bracket, kind) → (failures, due)
+        self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
+        self._awaiting_alerted: set[str] = set()
+        self.flatten_jobs: dict[str, FlattenJob] = {}
+        self._books_pending = False
+        self.reconcile_due_ns = 0
+        self._orphans_alerted: set[str] = set()
+        self._refused: dict[str, str] = {}  # request id → why the ledger would not store it
+        self._active_jobs: set[str] = set()  # flattens not answered yet
+        self.recon = ReconcileState()
+        self.stats = {
+            "submitted": 0,
+            "duplicates": 0,
+            "rejected": 0,
+            "fills": 0,
+            "flushes": 0,
+            "ledger_errors": 0,
+            "reconciles": 0,
+            "unknown": 0,
+            "orphans": 0,
+            "quarantined": 0,
+            "cancel_retries": 0,
+            "adopted": 0,
+        }
+        self.after_place: Callable[[PlaceIntent, Any], None] | None = None  # test crash hook
+
+    def _index(self, o: OrderRow) -> None:
+        self.orders[o.order_id] = o
+        self.by_request[o.request_id] = o.order_id
+        self.by_tag[tag_key(o.client_tag)] = o.order_id
+        if o.broker_order_id:
+            self.by_broker_id[o.broker_order_id] = o.order_id
+        if o.parent_id and o.purpose not in _LEGS:
+            self.children.setdefault(o.parent_id, []).append(o.order_id)
+        if o.bracket_id and o.purpose in _LEGS:
+            self.legs.setdefault(o.bracket_id, []).append(o.order_id)
+
+    def _unindex(self, o: OrderRow) -> None:
+        self.orders.pop(o.order_id, None)
+        if self.by_request.get(o.request_id) == o.order_id:
+            del self.by_request[o.request_id]
+        self.by_tag.pop(tag_key(o.client_tag), None)
+        if o.parent_id and o.parent_id in self.children:
+            self.children[o.parent_id] = [c for c in self.children[o.parent_id] if c != o.order_id]
+        if o.bracket_id and o.bracket_id in self.legs:
+            self.legs[o.bracket_id] = [c for c in self.legs[o.bracket_id] if c != o.order_id]
+
+    def _now(self) -> int:
+        return self.clock.now_ns()
+
+    def _bracket_of(self, o: OrderRow) -> BracketRow | None:
+        """The bracket an entry or leg belongs to (slices reach it through their parent)."""
+        return self.brackets.get(o.bracket_id) if o.bracket_id else None
+
+    def _open_brackets(self, strategy_id: str, segment: str, token: str) -> list[BracketRow]:
+        """The open brackets of one strategy and instrument, in the order ``brackets`` holds
+        them; drops the closed (or forgotten) ones from the index on the way."""
+        key = (strategy_id, segment, token)
+        group = self._bgroups.get(key)
+        if not group:
+            return []
+        brackets = self.brackets
+        live = [x for x in group if x.state in BRACKET_OPEN and brackets.get(x.bracket_id) is x]
+        if len(live) != len(group):
+            self._bgroups[key] = live
+        return list(live)
+
+    def open_count(self) -> int:
+        return sum(1 for o in self.orders.values() if not o.terminal and not o.sliced)
+
+
+    # ------------------------------------------------------------ provided by the later parts
+    # (each part builds on the one before: unit of work → orders → brackets → broker events →
+    # flatten → reconciliation; these few calls go the other way)
+    def _sync_bracket(self, b: BracketRow) -> None:
+        raise NotImplementedError  # brackets.Brackets
+
+    def _new_bracket(
+        self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None
+    ) -> None:
+        raise NotImplementedError  # brackets.Brackets
+
+    def _advance_jobs(self) -> None:
+        raise NotImplementedError  # flatten.Flattening
+
+    def on_books(
+        self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade], started_ns: int
+    ) -> None:
+        raise NotImplementedError  # reconcile.Reconciliation
+
+    def _on_carried(self, result: Any) -> None:
+        raise NotImplementedError  # reconcile.Reconciliation

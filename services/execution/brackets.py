@@ -1,0 +1,303 @@
+"""OCO brackets: legs sized to what is really held, leg failures and re-places, and the owed
+    cancels (also the kill switch's)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from libs.common.messages import (
+    PENDING_BROKER,
+)
+from services.execution.base import (
+    _LEGS,
+    RETRY_BASE_S,
+    RETRY_MAX_S,
+)
+from services.execution.intents import (
+    CancelIntent,
+    ModifyIntent,
+)
+from services.execution.model import (
+    B_ACTIVE,
+    B_CANCELLED,
+    B_CLOSED,
+    B_PENDING,
+    BRACKET_OPEN,
+    EXIT,
+    FLATTEN_P,
+    STOP,
+    BracketRow,
+    OrderRow,
+    new_id,
+)
+from services.execution.orders import Orders
+from services.execution.pricing import (
+    freeze_step,
+)
+
+
+class Brackets(Orders):
+    """OCO brackets: legs sized to what is really held, leg failures and re-places, and the owed
+    cancels (also the kill switch's)."""
+
+    def _new_bracket(
+        self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None
+    ) -> None:
+        b = BracketRow(
+            bracket_id=new_id(),
+            entry_id=entry.order_id,
+            strategy_id=entry.strategy_id,
+            segment=entry.segment,
+            token=entry.token,
+            symbol=entry.symbol,
+            side=entry.side,
+            product=entry.product,
+            stop_loss=stop_loss,
+            target=target,
+            state=B_PENDING,
+            trading_day=entry.trading_day,
+            created_ns=entry.created_ns,
+            updated_ns=entry.created_ns,
+            stop_limit=stop_limit,
+        )
+        entry.bracket_id = b.bracket_id
+        self.brackets[b.bracket_id] = b
+        self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
+        self._bdirty[b.bracket_id] = b
+
+    def _sync_bracket(self, b: BracketRow) -> None:
+        """Re-size the legs of every bracket of this strategy and instrument. Legs protect what
+        is really held: each bracket's own exposure (entry fills - leg fills), capped by the
+        strategy's position in the entry's direction, shared oldest bracket first. So an exit
+        by other means (the strategy's own EXIT, a manual order) shrinks or cancels the legs
+        instead of leaving a stop that would open a new position."""
+        pos = self.positions.get((b.strategy_id, f"{b.segment}|{b.token}"))
+        held = pos.quantity if pos is not None else 0
+        avail = {"BUY": max(held, 0), "SELL": max(-held, 0)}
+        group = self._open_brackets(b.strategy_id, b.segment, b.token)
+        if self.brackets.get(b.bracket_id) is b and not any(x is b for x in group):
+            group.append(b)  # a closed one still cancels what is left of its legs
+        if len(group) > 1:
+            group.sort(key=lambda y: (y.created_ns, y.bracket_id))
+        for x in group:
+            if x.state in BRACKET_OPEN or x is b:  # an earlier one's sync may have closed it
+                avail[x.side] -= self._sync_one(x, avail[x.side])
+
+    def _sync_one(self, b: BracketRow, avail: int) -> int:
+        """Size one bracket's legs to min(own exposure, ``avail``); returns the size protected."""
+        entry = self.orders.get(b.entry_id)
+        if entry is None:
+            return 0
+        legs = [self.orders[x] for x in self.legs.get(b.bracket_id, []) if x in self.orders]
+        exit_filled = sum(leg.filled_qty for leg in legs)
+        own = entry.filled_qty - exit_filled
+        # a leg the broker called complete has exited, even before its trade is in: the
+        # other leg goes now (OCO), and no leg is placed for those shares again
+        exited = sum(leg.exited_qty for leg in legs)
+        protect = max(0, min(entry.filled_qty - exited, avail))
+        changed = entry.filled_qty != b.entry_filled or exit_filled != b.exit_filled
+        b.entry_filled, b.exit_filled = entry.filled_qty, exit_filled
+        if b.state == B_CANCELLED and own > 0:
+            # closed as "entry ended unfilled", yet a trade of the entry arrived after all
+            # (a status that came before its trade): the position it opened needs its legs
+            b.state = B_ACTIVE
+            changed = True
+            self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
+            self.alert(
+                "WARNING",
+                f"bracket on {b.symbol} reopened: the entry filled {entry.filled_qty} after it was "
+                "reported closed; placing its stop and target",
+                "bracket_reopened",
+            )
+        state = b.state
+        if state in BRACKET_OPEN:
+            if own < 0:
+                self.alert(
+                    "CRITICAL",
+                    f"bracket on {b.symbol} over-exited by {-own}: check the position",
+                    "bracket_overexit",
+                )
+            if entry.filled_qty - exited <= 0 and exited > 0 and not entry.terminal:
+                self._cancel_tree(entry)  # a leg ended the trade: drop the rest of the entry
+            for kind in _LEGS:
+                price = b.stop_loss if kind == STOP else b.target
+                if price is not None:
+                    self._size_legs(b, kind, [x for x in legs if x.purpose == kind], protect)
+            if entry.terminal and protect <= 0:
+                state = B_CLOSED if entry.filled_qty > 0 else B_CANCELLED
+            elif entry.filled_qty > 0:
+                state = B_ACTIVE
+        else:
+            protect = 0
+            for leg in legs:
+                if not leg.terminal:
+                    self._request_cancel(leg)
+        if state != b.state or changed:
+            b.state = state
+            b.updated_ns = self._now()
+            self._bdirty[b.bracket_id] = b
+        return protect
+
+    def _size_legs(self, b: BracketRow, kind: str, legs: list[OrderRow], want: int) -> None:
+        live = [x for x in legs if not x.terminal and not x.cancel_requested and x.open_qty]
+        have = sum(x.open_qty for x in live)
+        if have < want:
+            if (b.bracket_id, kind) in self.leg_failed:
+                return
+            retry = self.leg_retry.get((b.bracket_id, kind))
+            if retry is not None and self._now() < retry[1]:
+                return  # placed again once the backoff has passed (``_retry_owed``)
+            self._place_legs(b, kind, want - have, len(legs))
+        elif have > want:
+            excess = have - want
+            for leg in sorted(live, key=lambda x: x.created_ns, reverse=True):
+                if excess <= 0:
+                    break
+                if not leg.broker_order_id or leg.order_id in self.inflight:
+                    continue  # resized once the broker has acknowledged it
+                if leg.open_qty <= excess:
+                    excess -= leg.open_qty
+                    self._request_cancel(leg)
+                else:
+                    self._modify_qty(leg, leg.quantity - excess)
+                    excess = 0
+
+    def _place_legs(self, b: BracketRow, kind: str, qty: int, seen: int) -> None:
+        inst = self.master.get(b.segment, b.token)
+        freeze = inst.freeze_qty if inst is not None else 0
+        step = freeze_step(inst.lot_size, freeze) if inst is not None and freeze else qty
+        now = self._now()
+        exit_side = "SELL" if b.side == "BUY" else "BUY"
+        n = seen
+        while qty > 0:
+            size = min(step, qty)
+            qty -= size
+            n += 1
+            leg = OrderRow(
+                order_id=new_id(),
+                request_id=f"{b.bracket_id}:{kind}:{n}",
+                client_tag=self._tag(),
+                strategy_id=b.strategy_id,
+                segment=b.segment,
+                token=b.token,
+                symbol=b.symbol,
+                side=exit_side,
+                order_type="SL" if kind == STOP else "LIMIT",
+                product=b.product,
+                quantity=size,
+                price=b.stop_limit if kind == STOP else b.target,
+                trigger_price=b.stop_loss if kind == STOP else None,
+                status=PENDING_BROKER,
+                trading_day=self.day,
+                created_ns=now,
+                updated_ns=now,
+                parent_id=b.entry_id,
+                bracket_id=b.bracket_id,
+                purpose=kind,
+                broker=self.broker_name,
+            )
+            self._add(leg, "PENDING", {"bracket_id": b.bracket_id, "leg": kind})
+            self._queue_place(leg)
+
+    def _modify_qty(self, o: OrderRow, qty: int) -> None:
+        old = o.quantity
+        o.quantity = qty
+        o.updated_ns = self._now()
+        self._mark(o)
+        self._event(o, "MODIFY_REQUESTED", o.status, {"quantity": qty, "was": old})
+        self._publish_order(o)
+        self._held_intents.append(ModifyIntent(o.order_id, o.broker_order_id, qty, old))
+
+    def _has_working_leg(self, b: BracketRow) -> bool:
+        orders = self.orders
+        return any(x in orders and not orders[x].terminal for x in self.legs.get(b.bracket_id, ()))
+
+    def _request_cancel(self, o: OrderRow, reason: str = "") -> bool:
+        """Ask for ``o`` to be cancelled. The cancel is owed until the broker's book shows the
+        order closed: sent now when its broker id is known, else once it is (ack, order feed or
+        reconciliation), and sent again with backoff when it fails. True if newly requested."""
+        if o.terminal or o.sliced or o.broker_final:  # done at the broker: nothing to cancel
+            return False
+        if o.cancel_requested:
+            self._pay_cancel(o)
+            return False
+        o.cancel_requested = True
+        o.updated_ns = self._now()
+        self._mark(o)
+        self._event(o, "CANCEL_REQUESTED", o.status, {"reason": reason} if reason else None)
+        if self._withdraw(o, reason or "cancelled before it was sent"):  # not sent yet: never will be
+            return True
+        self.owed_cancels.add(o.order_id)
+        self._pay_cancel(o)
+        return True
+
+    def _pay_cancel(self, o: OrderRow) -> None:
+        """Send an owed cancel if it can go now: broker id known, place answered, no cancel of
+        it in flight, and its backoff elapsed."""
+        if (
+            o.cancel_requested
+            and not o.terminal
+            and not o.broker_final
+            and o.broker_order_id
+            and o.order_id not in self.inflight
+            and o.order_id not in self.cancel_sent
+            and self._now() >= o.cancel_due_ns
+        ):
+            self._send_cancel(o)
+
+    def _send_cancel(self, o: OrderRow) -> None:
+        self.cancel_sent.add(o.order_id)
+        self._held_intents.append(CancelIntent(o.order_id, o.broker_order_id))
+
+    def _retry_owed(self) -> None:
+        """Periodic: owed cancels whose backoff elapsed, and legs whose re-place is due."""
+        for oid in list(self.owed_cancels):
+            o = self.orders.get(oid)
+            if o is None or o.terminal or o.broker_final or not o.cancel_requested:
+                self.owed_cancels.discard(oid)
+                continue
+            self._pay_cancel(o)
+        if self.leg_retry:
+            now = self._now()
+            for (bid, _kind), (_n, due) in list(self.leg_retry.items()):
+                b = self.brackets.get(bid)
+                if b is None or b.state not in BRACKET_OPEN:
+                    self.leg_retry.pop((bid, _kind), None)
+                elif now >= due:
+                    self._sync_bracket(b)
+
+    @staticmethod
+    def _backoff_ns(failures: int) -> int:
+        return int(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, failures - 1)) * 1e9)
+
+    def _cancel_tree(self, o: OrderRow, reason: str = "") -> list[str]:
+        ids = []
+        targets = [self.orders[c] for c in self.children.get(o.order_id, [])] if o.sliced else [o]
+        for x in targets:
+            if self._request_cancel(x, reason):
+                ids.append(x.order_id)
+        return ids
+
+    def cancel_entries(self, reason: str = "kill switch") -> list[str]:
+        """Kill-switch hook: cancel every working order that can add exposure — entries and
+        manual orders, and an exit that would now open or flip its strategy's position.
+        Bracket legs and flatten closes keep working: they only take exposure off."""
+        ids = []
+        for o in list(self.orders.values()):
+            if o.terminal or o.sliced or not self._can_add_exposure(o):
+                continue
+            if self._request_cancel(o, reason):
+                ids.append(o.order_id)
+        if ids and self.log is not None:
+            self.log.info("entries_cancelled", count=len(ids), reason=reason)
+        return ids
+
+    def _can_add_exposure(self, o: OrderRow) -> bool:
+        if o.purpose in _LEGS or o.purpose == FLATTEN_P:
+            return False
+        if o.purpose != EXIT:
+            return True
+        pos = self.positions.get((o.strategy_id, o.key))
+        held = pos.quantity if pos is not None else 0
+        reduces = (held > 0 and o.side == "SELL") or (held < 0 and o.side == "BUY")
+        return not reduces or o.remaining > abs(held)

@@ -1,0 +1,428 @@
+"""What the broker answers: intent results, order-status and trade events, fills and positions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libs.common.clock import IST
+from libs.common.messages import (
+    ACK,
+    CANCELLED,
+    COMPLETE,
+    OPEN,
+    PARTIAL,
+    PENDING_BROKER,
+    REJECTED,
+    UNKNOWN,
+    Fill,
+    Tick,
+)
+from services.execution.base import (
+    _LEGS,
+    CANCEL_CONFIRM_NS,
+    QTY_MAX,
+    RETRY_ALERT_AFTER,
+    PositionState,
+    _topic,
+)
+from services.execution.brackets import Brackets
+from services.execution.brokers.base import (
+    BrokerAck,
+    BrokerOrderStatus,
+    BrokerRejected,
+    BrokerTemporary,
+    BrokerTrade,
+    BrokerUnknown,
+)
+from services.execution.intents import (
+    CancelIntent,
+    Intent,
+    ModifyIntent,
+    PlaceIntent,
+    PositionsIntent,
+)
+from services.execution.model import (
+    RANK,
+    FillRow,
+    OrderRow,
+    tag_key,
+)
+from services.execution.store import (
+    fill_problem,
+)
+
+
+class BrokerEvents(Brackets):
+    """What the broker answers: intent results, order-status and trade events, fills and positions."""
+
+    def on_result(self, intent: Intent, result: Any) -> None:
+        """The outcome of an intent: a return value, or the exception the broker raised."""
+        if isinstance(intent, PlaceIntent):
+            self._on_place(intent, result)
+        elif isinstance(intent, CancelIntent):
+            self._on_cancel(intent, result)
+        elif isinstance(intent, ModifyIntent):
+            self._on_modify(intent, result)
+        elif isinstance(intent, PositionsIntent):
+            self._on_carried(result)
+        else:
+            self._books_pending = False
+            if isinstance(result, BaseException):
+                if self.log is not None:
+                    self.log.warning("reconcile_books_failed", error=f"{type(result).__name__}: {result}")
+                self.reconcile_due_ns = self._now() + 5_000_000_000
+            else:
+                self.on_books(result[0], result[1], intent.started_ns)
+        if self._active_jobs:
+            self._advance_jobs()
+
+    def _on_place(self, intent: PlaceIntent, result: Any) -> None:
+        o = self.orders.get(intent.order_id)
+        self.inflight.discard(intent.order_id)
+        if o is None:
+            return
+        if isinstance(result, BrokerAck):
+            if result.broker_order_id and not o.broker_order_id:
+                o.broker_order_id = result.broker_order_id
+                self.by_broker_id[result.broker_order_id] = o.order_id
+            o.raw = result.raw
+            if not self._transition(
+                o, ACK, "ACK", {"ack": result.raw, "broker_order_id": result.broker_order_id}
+            ):
+                o.updated_ns = self._now()
+                self._mark(o)
+            self._pay_cancel(o)
+            b = self._bracket_of(o)
+            if b is not None:
+                if o.purpose in _LEGS:
+                    self.leg_retry.pop((b.bracket_id, o.purpose), None)
+                self._sync_bracket(b)
+            return
+        if isinstance(result, BrokerRejected):
+            self._transition(
+                o, REJECTED, "REJECTED", {"error": result.reason, "raw": result.raw}, result.reason
+            )
+            return
+        if isinstance(result, BrokerTemporary):
+            if o.purpose in _LEGS and o.bracket_id:
+                self._leg_not_placed(o, result.reason)
+            self._transition(
+                o,
+                REJECTED,
+                "REJECTED",
+                {"error": result.reason, "raw": result.raw},
+                f"not placed: {result.reason}",
+            )
+            return
+        # BrokerUnknown, or anything unexpected: we cannot tell whether the broker has it
+        why = result.reason if isinstance(result, BrokerUnknown) else f"{type(result).__name__}: {result}"
+        self.stats["unknown"] += 1
+        if RANK[o.status] >= RANK[ACK]:  # the broker's book already showed it: nothing is unknown
+            o.updated_ns = self._now()
+            self._event(o, "PLACE_REPLY_LOST", o.status, {"error": why})
+            return
+        self._transition(o, UNKNOWN, "UNKNOWN", {"error": why}, f"outcome unknown: {why}")
+        self.alert(
+            "WARNING",
+            f"order {o.client_tag} ({o.side} {o.quantity} {o.symbol}): broker outcome unknown "
+            f"({why}); reconciling by tag, not re-sending",
+            "order_unknown",
+        )
+        self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + self.book_lag_ns)
+
+    def _leg_not_placed(self, o: OrderRow, why: str) -> None:
+        """A bracket leg did not reach the broker for a passing reason (rate limit, timeout,
+        a book that lost it): place it again after a backoff; CRITICAL after a few failures."""
+        key = (o.bracket_id, o.purpose)
+        n = self.leg_retry.get(key, (0, 0))[0] + 1
+        self.leg_retry[key] = (n, self._now() + self._backoff_ns(n))
+        self._temp_refused.add(o.order_id)
+        if n == RETRY_ALERT_AFTER:
+            self.alert(
+                "CRITICAL",
+                f"{o.purpose.lower()} leg of {o.symbol} could not be placed {n} times ({why}); "
+                "still retrying: the position is not protected by it meanwhile",
+                "leg_place_failing",
+            )
+
+    def _on_cancel(self, intent: CancelIntent, result: Any) -> None:
+        self.cancel_sent.discard(intent.order_id)
+        o = self.orders.get(intent.order_id)
+        if o is None or o.terminal:
+            return
+        now = self._now()
+        if not isinstance(result, BaseException):
+            # accepted: the broker's book confirms it; still working after a while → sent again
+            o.cancel_due_ns = now + max(self._backoff_ns(o.cancel_failures + 1), CANCEL_CONFIRM_NS)
+            return
+        why = getattr(result, "reason", str(result))
+        o.cancel_failures += 1
+        n = o.cancel_failures
+        o.cancel_due_ns = now + self._backoff_ns(n)
+        o.updated_ns = now
+        self.stats["cancel_retries"] += 1
+        self._event(o, "CANCEL_FAILED", o.status, {"error": why, "failures": n})
+        if self.log is not None:
+            self.log.warning("cancel_failed", order_id=o.order_id, error=why, failures=n)
+        if n == RETRY_ALERT_AFTER:
+            self.alert(
+                "CRITICAL",
+                f"cancel of {o.purpose.lower()} order {o.client_tag} ({o.side} {o.remaining} {o.symbol}) "
+                f"failed {n} times ({why}); still retrying: check it at the broker",
+                "cancel_failing",
+            )
+        # the order may have ended meanwhile (a fill, an expiry): the books tell
+        self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, now + self._backoff_ns(n))
+
+    def _on_modify(self, intent: ModifyIntent, result: Any) -> None:
+        o = self.orders.get(intent.order_id)
+        if o is None or not isinstance(result, BaseException):
+            return
+        why = getattr(result, "reason", str(result))
+        if not o.terminal and o.quantity == intent.quantity:
+            o.quantity = intent.old_quantity
+            o.updated_ns = self._now()
+            self._mark(o)
+        self._event(o, "MODIFY_FAILED", o.status, {"error": why, "quantity": intent.quantity})
+        self.alert(
+            "WARNING",
+            f"could not resize {o.purpose.lower()} leg {o.client_tag} of {o.symbol} to "
+            f"{intent.quantity}: {why}",
+            "modify_failed",
+        )
+
+    def on_broker_event(self, ev: BrokerOrderStatus | BrokerTrade) -> None:
+        """An order-feed update or a trade, from the broker's push channel or a book poll."""
+        o = self._find(ev.broker_order_id, ev.client_tag)
+        if o is None:
+            self._orphan(ev.broker_order_id, ev.client_tag)
+            return
+        if isinstance(ev, BrokerTrade):
+            self._on_trade(ev, o)
+        else:
+            self._on_status(ev, o)
+        if self._active_jobs:
+            self._advance_jobs()
+
+    def _find(self, broker_order_id: str, client_tag: str) -> OrderRow | None:
+        oid = self.by_broker_id.get(broker_order_id) if broker_order_id else None
+        if oid is None and client_tag:
+            oid = self.by_tag.get(tag_key(client_tag))
+        o = self.orders.get(oid) if oid else None
+        if o is not None and broker_order_id and not o.broker_order_id:
+            o.broker_order_id = broker_order_id
+            self.by_broker_id[broker_order_id] = o.order_id
+            self._mark(o)
+            self._pay_cancel(o)  # a cancel asked for while its place was unanswered or UNKNOWN
+        return o
+
+    def _orphan(self, broker_order_id: str, client_tag: str) -> None:
+        if not client_tag.lower().startswith("np") or broker_order_id in self._orphans_alerted:
+            return
+        self._orphans_alerted.add(broker_order_id)
+        self.stats["orphans"] += 1
+        self.alert(
+            "CRITICAL",
+            f"broker order {broker_order_id} (tag {client_tag}) is not in the ledger",
+            "orphan_order",
+        )
+
+    def _on_status(self, st: BrokerOrderStatus, o: OrderRow) -> None:
+        raw = st.raw if st.raw is not None else {"status": st.status, "filled_qty": st.filled_qty}
+        if not 0 <= st.filled_qty <= QTY_MAX or not 0 <= st.quantity <= QTY_MAX:
+            self._bad_row(o, f"quantity {st.quantity} / filled {st.filled_qty} out of range", raw)
+            return
+        if (
+            st.quantity
+            and st.quantity != o.quantity
+            and not o.terminal
+            and st.status != REJECTED
+            and st.quantity >= max(1, o.filled_qty)  # a modify never goes below what has traded
+        ):
+            old_q = o.quantity
+            o.quantity = st.quantity
+            o.updated_ns = self._now()
+            self._mark(o)
+            self._event(o, "MODIFIED", o.status, {"quantity": st.quantity, "was": old_q})
+            self._publish_order(o)
+        status = st.status.upper()
+        if status in (OPEN, ACK, PARTIAL):
+            if status == PARTIAL and o.filled_qty == 0:
+                status = OPEN  # the trade itself moves it to PARTIAL
+            if o.status in (PENDING_BROKER, UNKNOWN) and status != ACK:
+                self._transition(o, ACK, "ACK", raw)
+            self._transition(o, status, status, raw)
+        elif status in (COMPLETE, CANCELLED):
+            if o.status in (PENDING_BROKER, UNKNOWN):
+                self._transition(o, ACK, "ACK", raw)
+            # a filled quantity comes only from trades: the broker's book may call an order
+            # COMPLETE before its trade is in the trade book
+            traded = (st.filled_qty or o.quantity) if status == COMPLETE else st.filled_qty
+            if o.filled_qty < traded:
+                self._await_fills(o, status, traded, st.reason, raw)
+                return
+            reason = "" if status == COMPLETE else (st.reason or "cancelled")
+            self._transition(o, status, status, raw, reason)
+        elif status == REJECTED:
+            self._transition(o, REJECTED, REJECTED, raw, st.reason or "rejected by the broker")
+
+    def _bad_row(self, o: OrderRow, why: str, raw: Any) -> None:
+        """A broker book row for ``o`` that cannot be true: ignored, recorded, alerted once."""
+        if o.order_id not in self.recon.bad_rows:  # recorded and alerted once, not every snapshot
+            self.recon.bad_rows.add(o.order_id)
+            o.updated_ns = self._now()
+            self._event(o, "BROKER_ROW_IGNORED", o.status, {"error": why, "raw": raw})
+            self._mark(o)
+            text = f"broker row for {o.client_tag} ({o.symbol}) ignored: {why}"
+            self.alert("CRITICAL", text, "broker_row_bad")
+
+    def _await_fills(self, o: OrderRow, status: str, traded: int, reason: str, raw: Any) -> None:
+        """The broker says the order ended with ``traded`` filled, but fewer shares have arrived
+        as trades: it stays working until they do (``_on_trade`` then closes it)."""
+        if o.broker_final:
+            o.broker_filled = max(o.broker_filled, traded)
+            return
+        o.broker_final, o.broker_filled, o.awaiting_since_ns = status, traded, self._now()
+        if status == CANCELLED and reason:
+            o.reason = reason
+        self._transition(o, OPEN, OPEN, raw)
+        o.updated_ns = self._now()
+        self._event(o, "AWAITING_FILLS", o.status, {"broker_status": status, "traded": traded, "raw": raw})
+        self.owed_cancels.discard(o.order_id)
+        b = self._bracket_of(o)
+        if b is not None:  # a leg announced as done: its OCO partner goes now
+            self._sync_bracket(b)
+
+    def _on_trade(self, tr: BrokerTrade, o: OrderRow) -> None:
+        day = self._day_of(tr.ts_ns)
+        key = (day, o.segment, tr.trade_id)
+        if key in self.fill_keys:
+            return
+        self.fill_keys.add(key)
+        now = self._now()
+        fill = FillRow(
+            trade_id=tr.trade_id,
+            order_id=o.order_id,
+            broker_order_id=tr.broker_order_id,
+            strategy_id=o.strategy_id,
+            segment=o.segment,
+            token=o.token,
+            symbol=o.symbol,
+            side=o.side,
+            quantity=tr.quantity,
+            price=tr.price,
+            ts_ns=tr.ts_ns or now,
+            trading_day=day,
+            broker=self.broker_name,
+            raw=tr.raw,
+        )
+        problem = fill_problem(fill)
+        if problem is not None:  # the ledger could never store it, and the position must not take it
+            self.stats["quarantined"] += 1
+            self._event(o, "TRADE_QUARANTINED", o.status, {"trade_id": tr.trade_id, "error": problem,
+                                                          "raw": tr.raw})  # fmt: skip
+            self._mark(o)
+            self.alert(
+                "CRITICAL",
+                f"broker trade {tr.trade_id} of {o.symbol} ({o.client_tag}) set aside: {problem}; "
+                "the position ignores it — check the broker's trade book",
+                "trade_quarantined",
+            )
+            return
+        self._fills.append(fill)
+        self.stats["fills"] += 1
+        o.filled_qty += tr.quantity
+        o.filled_value += tr.price * tr.quantity
+        o.avg_price = o.filled_value / o.filled_qty
+        o.updated_ns = now
+        self._mark(o)
+        self._event(
+            o,
+            "FILL",
+            o.status,
+            {"trade_id": tr.trade_id, "qty": tr.quantity, "price": str(tr.price), "raw": tr.raw},
+        )
+        if o.filled_qty > o.quantity:
+            self.alert(
+                "CRITICAL", f"order {o.client_tag} overfilled: {o.filled_qty} of {o.quantity}", "overfill"
+            )
+        self._held_msgs.append(
+            (
+                _topic("fill", o.strategy_id),
+                Fill(
+                    fill_id=tr.trade_id,
+                    order_id=o.parent_id if o.parent_id and o.purpose not in _LEGS else o.order_id,
+                    strategy_id=o.strategy_id,
+                    symbol=o.symbol,
+                    segment=o.segment,
+                    token=o.token,
+                    side=o.side,
+                    quantity=tr.quantity,
+                    price=tr.price,
+                    ts_ns=fill.ts_ns,
+                ),
+            )
+        )
+        if day == self.day:
+            pos = self._apply_position(fill)
+            last = self.last.get(o.key)
+            self._held_msgs.append(
+                (_topic("position", o.strategy_id), pos.message(last.ltp if last else 0.0, now))
+            )
+        if not o.terminal:
+            status = COMPLETE if o.filled_qty >= o.quantity else PARTIAL
+            if o.broker_final and o.filled_qty >= o.broker_filled:
+                status = o.broker_final  # the trades the broker's status announced are all here
+            if o.status in (PENDING_BROKER, UNKNOWN):
+                self._transition(o, ACK, "ACK", {"via": "trade"})
+            if not self._transition(o, status, status, {"trade_id": tr.trade_id}):
+                self._publish_order(o)
+        else:
+            self._publish_order(o)
+        if o.parent_id and o.purpose not in _LEGS:
+            self._refresh_parent(o.parent_id)
+        b = self._bracket_of(o)
+        if b is None:  # any fill moves the position that brackets of this instrument protect
+            b = next(iter(self._open_brackets(o.strategy_id, o.segment, o.token)), None)
+        if b is not None:
+            self._sync_bracket(b)
+
+    def _day_of(self, ts_ns: int) -> str:
+        if not ts_ns:
+            return self.day
+        secs = ts_ns / 1e9
+        lo, hi, day = self._day_span
+        if lo < secs < hi:  # well inside the day of the previous answer
+            return day
+        import datetime as _dt
+
+        when = _dt.datetime.fromtimestamp(secs, IST)
+        day = when.strftime("%Y-%m-%d")
+        midnight = when.replace(hour=0, minute=0, second=0, microsecond=0)
+        start = midnight.timestamp()
+        end = (midnight + _dt.timedelta(days=1)).timestamp()
+        # a millisecond of margin at both ends keeps clear of fromtimestamp's rounding
+        self._day_span = (start + 1e-3, end - 1e-3, day)
+        return day
+
+    def _apply_position(self, f: FillRow) -> PositionState:
+        k = (f.strategy_id, f.key)
+        pos = self.positions.get(k)
+        if pos is None:
+            pos = self.positions[k] = PositionState(f.strategy_id, f.segment, f.token, f.symbol)
+        o = self.orders.get(f.order_id)
+        pos.apply(f.side, f.quantity, f.price, o.product if o is not None else "MIS")
+        self.turnover += f.price * f.quantity
+        self.fill_count += 1
+        return pos
+
+    def on_tick(self, tick: Tick) -> None:
+        """Remember the last price (market intent, flatten, marks). Hot path: one dict store."""
+        self.last[f"{tick.segment}|{tick.token}"] = tick
+
+    def drain_broker_events(self) -> None:
+        drain = getattr(self.broker, "drain_events", None)
+        if drain is None:
+            return
+        for ev in drain():
+            self.on_broker_event(ev)

@@ -1,0 +1,259 @@
+"""Flatten: cancel what works, wait until the broker confirms, then close what is held."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from libs.common.messages import (
+    PENDING_BROKER,
+    Flatten,
+)
+from libs.common.money import protected_limit
+from services.execution.base import (
+    _LEGS,
+    FLATTEN_CANCEL_WAIT_S,
+    FlattenJob,
+)
+from services.execution.events import BrokerEvents
+from services.execution.model import (
+    B_FLATTENED,
+    BRACKET_OPEN,
+    FLATTEN_P,
+    OrderRow,
+    new_id,
+)
+
+
+class Flattening(BrokerEvents):
+    """Flatten: cancel, wait for the broker's confirmations, close what is then held."""
+
+    def flatten(self, req: Flatten, done: Callable[[dict[str, Any]], None]) -> None:
+        """Cancel open orders; once the broker confirms each of them closed (a leg's fill may
+        still be on its way, an order in flight or UNKNOWN may still turn up), close the
+        positions as they then stand, each in its own product, with protected limits;
+        ``done(report)`` once every close has its broker answer. If confirmations take longer
+        than ``FLATTEN_CANCEL_WAIT_S`` the close goes out anyway and the report names the orders
+        still working. Idempotent on ``request_id``."""
+        job = self.flatten_jobs.get(req.request_id)
+        if job is not None:
+            if job.report is not None:
+                done(job.report)
+            else:
+                job.waiters.append(done)
+            return
+        job = FlattenJob(
+            request=req, waiters=[done], deadline_ns=self._now() + int(FLATTEN_CANCEL_WAIT_S * 1e9)
+        )
+        self.flatten_jobs[req.request_id] = job
+        self._active_jobs.add(req.request_id)
+        match_key = self._match_symbol(req.symbol) if req.symbol else None
+        if req.symbol and match_key is None:
+            job.skipped.append({"symbol": req.symbol, "reason": f"unknown instrument: {req.symbol}"})
+        for b in self.brackets.values():
+            if b.state in BRACKET_OPEN and self._matches(
+                b.strategy_id, f"{b.segment}|{b.token}", req, match_key
+            ):
+                b.state = B_FLATTENED
+                b.reason = f"flatten {req.request_id}"
+                b.updated_ns = self._now()
+                self._bdirty[b.bracket_id] = b
+        for o in list(self.orders.values()):
+            if o.terminal or o.sliced or not self._matches(o.strategy_id, o.key, req, match_key):
+                continue
+            if req.symbol and match_key is None:
+                continue
+            if self._request_cancel(o, f"flatten {req.request_id}"):
+                job.cancelled.append(o.order_id)
+            if not o.terminal:
+                job.waiting.add(o.order_id)
+        self._advance_job(job)
+
+    def _match_symbol(self, symbol: str) -> str | None:
+        try:
+            return self.master.resolve(symbol).key
+        except KeyError:
+            return None
+
+    @staticmethod
+    def _matches(strategy_id: str, key: str, req: Flatten, match_key: str | None) -> bool:
+        if req.strategy_id and strategy_id != req.strategy_id:
+            return False
+        return not (req.symbol and key != match_key)
+
+    def _flatten_close(self, job: FlattenJob) -> None:
+        """Close what is held, less what working orders on the closing side (still waiting for
+        a cancel the broker has not confirmed, or this job's own earlier closes) may still
+        take off: never sell what an unconfirmed stop might also sell."""
+        job.phase = "close"
+        job.rounds += 1
+        req = job.request
+        match_key = self._match_symbol(req.symbol) if req.symbol else None
+        now = self._now()
+        for (sid, key), pos in sorted(self.positions.items()):
+            if pos.quantity == 0 or not self._matches(sid, key, req, match_key):
+                continue
+            if req.symbol and match_key is None:
+                continue
+            inst = self.master.get(pos.segment, pos.token)
+            last = self.last.get(key)
+            if inst is None or inst.tick_size <= 0:
+                job.skipped.append(
+                    {"symbol": pos.symbol, "reason": "tick size unknown: cannot price the close"}
+                )
+                continue
+            if last is None or last.ltp <= 0:
+                job.skipped.append({"symbol": pos.symbol, "reason": "no last price: cannot price the close"})
+                continue
+            by_product = pos.by_product or {"MIS": pos.quantity}
+            for product, held in sorted(by_product.items()):
+                if not held:
+                    continue
+                side = "SELL" if held > 0 else "BUY"
+                qty = abs(held) - self._closing_qty(sid, key, product, side)
+                if qty <= 0:
+                    continue
+                price = protected_limit(side, last.ltp, self.protection_pct, inst.tick_size)
+                rid = f"flatten:{req.request_id}:{sid}:{key}"
+                if len(by_product) > 1:
+                    rid += f":{product}"
+                if job.rounds > 1:
+                    rid += f":{job.rounds}"
+                row = OrderRow(
+                    order_id=new_id(),
+                    request_id=rid,
+                    client_tag=self._tag(),
+                    strategy_id=sid,
+                    segment=pos.segment,
+                    token=pos.token,
+                    symbol=pos.symbol,
+                    side=side,
+                    order_type="LIMIT",
+                    product=product,
+                    quantity=qty,
+                    price=price,
+                    status=PENDING_BROKER,
+                    trading_day=self.day,
+                    created_ns=now,
+                    updated_ns=now,
+                    purpose=FLATTEN_P,
+                    broker=self.broker_name,
+                )
+                if row.request_id in self.by_request:
+                    continue
+                self._add(row, "PENDING", {"flatten": req.request_id, "position": held, "product": product})
+                kids = self._slice_and_place(row, inst)
+                job.closing.append(row.order_id)
+                for x in kids or [row]:
+                    job.pending_places.add(x.order_id)
+        self._advance_job(job)
+
+    def _closing_qty(self, strategy_id: str, key: str, product: str, side: str) -> int:
+        """What working orders of this strategy, instrument and product on ``side`` may still
+        move the position by (their open rest, or trades a final status announced that are
+        still on their way); the two legs of one bracket protect the same shares (OCO), so
+        count once."""
+        total, per_bracket = 0, dict[tuple[str, str], int]()
+        for o in self.orders.values():
+            if (
+                o.terminal or o.sliced or o.side != side or o.strategy_id != strategy_id
+                or o.product != product or o.key != key or not o.unsettled_qty
+            ):  # fmt: skip
+                continue
+            if o.bracket_id and o.purpose in _LEGS:
+                leg = (o.bracket_id, o.purpose)
+                per_bracket[leg] = per_bracket.get(leg, 0) + o.unsettled_qty
+            else:
+                total += o.unsettled_qty
+        legs: dict[str, int] = {}
+        for (bid, _kind), q in per_bracket.items():
+            legs[bid] = max(legs.get(bid, 0), q)
+        return total + sum(legs.values())
+
+    def _unconfirmed(self, order_id: str) -> dict[str, Any]:
+        o = self.orders[order_id]
+        return {"order_id": o.order_id, "symbol": o.symbol, "side": o.side, "purpose": o.purpose,
+                "status": o.status, "remaining": o.remaining}  # fmt: skip
+
+    def _advance_job(self, job: FlattenJob) -> None:
+        if job.phase == "cancel":
+            job.waiting = {oid for oid in job.waiting if oid in self.orders and not self.orders[oid].terminal}
+            if job.waiting and self._now() < job.deadline_ns:
+                return
+            if job.waiting:
+                job.unconfirmed = sorted(job.waiting)
+                self.alert(
+                    "WARNING",
+                    f"flatten {job.request.request_id}: {len(job.waiting)} order(s) still working at the "
+                    f"broker after {FLATTEN_CANCEL_WAIT_S:.0f} s (cancel not confirmed); closing the "
+                    "positions as they stand — check those orders",
+                    "flatten_unconfirmed",
+                )
+            self._flatten_close(job)
+        if job.phase == "close" and not any(oid in self.inflight for oid in job.pending_places):
+            job.phase = "ready"
+        if job.phase in ("ready", "done") and job.unconfirmed:
+            # answered already; an order that was still working has ended since: close what
+            # it did not take off
+            still = [x for x in job.unconfirmed if x in self.orders and not self.orders[x].terminal]
+            if len(still) != len(job.unconfirmed):
+                job.unconfirmed = still
+                self._flatten_close(job)
+
+    def _advance_jobs(self) -> None:
+        """Move every flatten on: cancels confirmed (or waited out), closes answered, and the
+        follow-up closes of a flatten that had to go ahead with orders still working."""
+        for rid in list(self._active_jobs):
+            job = self.flatten_jobs.get(rid)
+            if job is None or (job.phase == "done" and not job.unconfirmed):
+                self._active_jobs.discard(rid)
+                continue
+            self._advance_job(job)
+
+    def finish_jobs(self) -> None:
+        """Answer flatten requests whose orders are all placed (after the pump settled)."""
+        for job in self.flatten_jobs.values():
+            if job.phase != "ready":
+                continue
+            job.phase = "done"
+            closing = []
+            for oid in job.closing:
+                o = self.orders.get(oid)
+                if o is not None:
+                    closing.append(
+                        {
+                            "order_id": o.order_id,
+                            "symbol": o.symbol,
+                            "strategy_id": o.strategy_id,
+                            "side": o.side,
+                            "quantity": o.quantity,
+                            "price": str(o.price),
+                            "status": o.status,
+                            "filled_qty": o.filled_qty,
+                            "reason": o.reason,
+                        }
+                    )
+            req = job.request
+            left = [
+                p
+                for (sid, key), p in self.positions.items()
+                if p.quantity != 0
+                and self._matches(sid, key, req, self._match_symbol(req.symbol) if req.symbol else None)
+            ]
+            job.report = {
+                "request_id": req.request_id,
+                "cancelled": len(job.cancelled),
+                "cancelled_ids": job.cancelled,
+                "unconfirmed": [self._unconfirmed(x) for x in job.unconfirmed if x in self.orders],
+                "closing": closing,
+                "skipped": job.skipped,
+                "open_positions": [
+                    {"strategy_id": p.strategy_id, "symbol": p.symbol, "quantity": p.quantity} for p in left
+                ],
+            }
+            for w in job.waiters:
+                w(job.report)
+            job.waiters = []
+        if len(self.flatten_jobs) > 100:  # keep recent reports for idempotent retries
+            for rid in [r for r, j in self.flatten_jobs.items() if j.phase == "done"][:-50]:
+                del self.flatten_jobs[rid]

@@ -1,0 +1,73 @@
+"""What the engine asks of a broker: intents, and ``run_intent`` that carries one out.
+
+The engine never calls the broker itself: it emits these, whoever runs it executes them
+(inline for paper, in a thread pool for a real broker) and hands the result back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from libs.common.clock import Clock
+from services.execution.brokers.base import (
+    BrokerOrder,
+    BrokerTemporary,
+)
+
+
+@dataclass(slots=True)
+class PlaceIntent:
+    order_id: str
+    order: BrokerOrder
+    expires_ns: int = 0  # the request's deadline: not sent once it has passed (0: none)
+
+
+@dataclass(slots=True)
+class CancelIntent:
+    order_id: str
+    broker_order_id: str
+
+
+@dataclass(slots=True)
+class ModifyIntent:
+    order_id: str
+    broker_order_id: str
+    quantity: int
+    old_quantity: int
+
+
+@dataclass(slots=True)
+class BooksIntent:
+    """Fetch the broker's order book and trade book (reconciliation)."""
+
+    started_ns: int
+    reason: str = "periodic"
+
+
+@dataclass(slots=True)
+class PositionsIntent:
+    """Fetch the positions the broker carries from earlier days (NRML/CNC), once at start."""
+
+    started_ns: int
+
+
+Intent = PlaceIntent | CancelIntent | ModifyIntent | BooksIntent | PositionsIntent
+
+
+def run_intent(broker: Any, intent: Intent, clock: Clock | None = None) -> Any:
+    """Execute one intent against a broker (on the loop for paper, in a worker thread otherwise).
+    A place whose deadline passed while it waited for a worker is not sent: risk has told the
+    strategy by then that the order expires unplaced."""
+    if isinstance(intent, PlaceIntent):
+        if intent.expires_ns and clock is not None and clock.now_ns() > intent.expires_ns:
+            late_ms = (clock.now_ns() - intent.expires_ns) / 1e6
+            raise BrokerTemporary(f"deadline passed {late_ms:.0f} ms before it could be sent")
+        return broker.place(intent.order)
+    if isinstance(intent, CancelIntent):
+        return broker.cancel(intent.broker_order_id)
+    if isinstance(intent, ModifyIntent):
+        return broker.modify(intent.broker_order_id, quantity=intent.quantity)
+    if isinstance(intent, PositionsIntent):
+        carried = getattr(broker, "carried_positions", None)
+        return carried() if carried is not None else None
+    return (broker.order_book(), broker.trade_book())
