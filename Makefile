@@ -20,10 +20,14 @@ up: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+## make lint: ruff, and mypy strict on libs and services
 lint: $(STAMP)
 	$(BIN)/ruff check libs services tests benchmarks
 	$(BIN)/mypy
 
+## make bench: the benchmarks in about a minute, each figure beside its target (feed >= 200k
+## ticks/s with no gaps, execution >= 1,000 orders/s, backtest >= 100k ticks per CPU-second,
+## tick -> durable paper order p50 <= 2x the raw floor and p99 <= 3 ms)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 

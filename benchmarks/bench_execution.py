@@ -135,7 +135,7 @@ def bench_ledger(url: str, n: int) -> dict[str, Any]:
     write = pct(lat)
     cfg = load_config(env={})
     broker = PaperBroker(MASTER, Clock())
-    engine = ExecutionEngine(store, broker, MASTER, Clock(), cfg)
+    engine = ExecutionEngine(store, broker, MASTER, Clock(), cfg.execution)
     engine.start()
     engine.pump()
     inst = MASTER.resolve("RELIANCE-EQ")

@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.helpers import free_base_port  # noqa: E402
+from tests.kit.fixtures import clock, master  # noqa: E402, F401 - the kit's fixtures, for every test
 
 
 @pytest.fixture(autouse=True)

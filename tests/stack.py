@@ -15,15 +15,24 @@ from typing import Any
 import psutil
 
 from tests.helpers import stack_env
+from tests.kit.processes import OwnHome, spawn, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
 class Stack:
-    """A honcho-managed stack. ``stop()`` sends Ctrl-C to the whole process group."""
+    """A honcho-managed stack. ``stop()`` sends Ctrl-C to the whole process group.
 
-    def __init__(self, home: Path, base_port: int, procfile: Path | None = None, **env: Any) -> None:
+    Without ``home`` the stack gets its own NEOPULSE_HOME outside pytest's tmp tree (the
+    embedded PostgreSQL keeps its pgdata there; see ``OwnHome``); ``remove()`` kills what
+    is left and deletes it."""
+
+    def __init__(self, base_port: int, procfile: Path | None = None, *, home: Path | None = None,
+                 **env: Any) -> None:  # fmt: skip
+        self._own = OwnHome("neopulse-stack-") if home is None else None
+        home = self._own.path if self._own is not None else home
+        assert home is not None
         self.home = home
         self.base_port = base_port
         self.env = stack_env(home, base_port, **env)
@@ -49,27 +58,13 @@ class Stack:
         """Start one service as its own process, outside honcho, with extra environment (for
         example ``NEOPULSE_CLOCK_OFFSET_S``), so it can be stopped and restarted alone.
         Its output goes to ``$NEOPULSE_HOME/<name>.out``."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        run_env = {**self.env, **{k: str(v) for k, v in env.items()}}
-        with (self.home / f"{name}.out").open("ab") as out:  # the child keeps its own copy
-            proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=run_env,
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
+        proc = spawn(self.home, name, {**self.env, **{k: str(v) for k, v in env.items()}})
         self.services[name] = proc
         return proc
 
     def stop_service(self, name: str, timeout: float = 10.0) -> int:
         """SIGTERM a service from ``start_service`` (SIGKILL after ``timeout``); its exit code."""
-        proc = self.services.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
+        return stop(self.services.pop(name), timeout=timeout)
 
     def service_output(self, *names: str, tail: int = 2000) -> str:
         """The last ``tail`` characters of each named service's output (all when none named)."""
@@ -135,3 +130,9 @@ class Stack:
 
     def log(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def remove(self) -> None:
+        """Kill whatever still runs and delete the home this stack created (if it did)."""
+        self.kill_all()
+        if self._own is not None:
+            self._own.remove()

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from libs.common.messages import STRATEGY_ID_PATTERN
+from libs.common.messages import STRATEGY_ID_PATTERN, BrokerName, FeedSource, Vocabulary, choices
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -77,7 +77,7 @@ class BusConfig(_Section, frozen=True):
 
 
 class FeedConfig(_Section, frozen=True):
-    source: str = "sim"  # sim | replay | kotak
+    source: FeedSource = FeedSource.SIM
     instruments: list[str] = msgspec.field(
         default_factory=lambda: ["RELIANCE-EQ", "INFY-EQ", "TCS-EQ", "HDFCBANK-EQ", "SBIN-EQ"]
     )
@@ -109,7 +109,7 @@ class RiskConfig(_Section, frozen=True):
 
 
 class ExecutionConfig(_Section, frozen=True):
-    broker: str = "paper"  # paper | kotak
+    broker: BrokerName = BrokerName.PAPER
     protection_pct: Annotated[float, Meta(gt=0, le=20)] = 1.0
     reconcile_s: PositiveFloat = 60.0
     pool_workers: PositiveInt = 20
@@ -163,6 +163,12 @@ class LogConfig(_Section, frozen=True):
     level: str = "INFO"
     max_bytes: PositiveInt = 20_000_000
     backups: NonNegInt = 5
+    console_level: str = ""
+    """What a service prints on the console (the JSON log file always keeps everything).
+    Empty, the default: one short line per event an operator acts on (order approved or
+    refused, fill, bracket, risk state, feed state, alerts) and one line per warning or
+    error. ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``: every line at that level or above
+    in full, as the ``--verbose`` flag of a service (``DEBUG``) does."""
 
 
 class StrategyInstance(_Section, frozen=True):
@@ -260,6 +266,10 @@ def _env_var_for(path: str, origins: dict[str, str]) -> str | None:
     return origins.get(f"{section}.{key}")
 
 
+# Keys whose value is one word of a closed set: a wrong word is refused naming the allowed ones.
+_CLOSED: dict[str, type[Vocabulary]] = {"feed.source": FeedSource, "execution.broker": BrokerName}
+
+
 def _explain(err: msgspec.ValidationError, source: str, origins: dict[str, str] | None = None) -> str:
     text = str(err)
     # msgspec: "Object contains unknown field `foo` - at `$.risk`"
@@ -273,6 +283,9 @@ def _explain(err: msgspec.ValidationError, source: str, origins: dict[str, str] 
             return f"config error: {var}: unknown key `{where}`"
         return f"config error: unknown key `{where}` ({source})"
     var = _env_var_for(path, origins or {})
+    closed = _CLOSED.get(path)
+    if closed is not None and msg.startswith("Invalid enum value"):
+        return f"config error: {var + ': ' if var else ''}`{path}` must be {choices(closed)}"
     if var:
         return f"config error: {var}: `{path}`: {msg}"
     return f"config error: {path or 'config'}: {msg} ({source})"
@@ -322,9 +335,9 @@ def load_config(
 
 def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
     checks = [
-        (cfg.feed.source in {"sim", "replay", "kotak"}, "feed.source", "must be sim, replay or kotak"),
-        (cfg.execution.broker in {"paper", "kotak"}, "execution.broker", "must be paper or kotak"),
         (cfg.log.level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "log.level", "must be DEBUG..ERROR"),
+        (cfg.log.console_level.upper() in {"", "DEBUG", "INFO", "WARNING", "ERROR"}, "log.console_level",
+         "must be empty (short operator lines) or DEBUG..ERROR"),
         (cfg.feed.replay_speed == "max" or _is_positive_number(cfg.feed.replay_speed),
          "feed.replay_speed", "must be a positive number or `max`"),
         (cfg.feed.reconnect_min_s <= cfg.feed.reconnect_max_s, "feed.reconnect_min_s",

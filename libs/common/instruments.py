@@ -23,6 +23,24 @@ _PAISE = Decimal(100)
 _KOTAK_EPOCH_OFFSET = 315513000  # Kotak derivative expiries count from 1980-01-01 IST
 
 
+KEY_SEP = "|"
+
+
+def instrument_key(segment: str, token: str) -> str:
+    """The one name of an instrument across NeoPulse: ``segment|token`` (``nse_cm|2885``).
+
+    Dicts of positions, ticks and subscriptions are keyed by it, and users may type it
+    where a trading symbol is asked for. Where a key is built per tick the f-string is
+    written inline (``# instrument_key, inlined: hot path``): a call costs more."""
+    return f"{segment}|{token}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"nse_cm|2885"`` → ``("nse_cm", "2885")``; a key without ``|`` is all segment."""
+    segment, _, token = key.partition(KEY_SEP)
+    return segment, token
+
+
 class UnknownInstrument(KeyError):
     """A symbol or ``segment|token`` that the master does not know."""
 
@@ -46,7 +64,7 @@ class Instrument(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def key(self) -> str:
-        return f"{self.segment}|{self.token}"
+        return f"{self.segment}|{self.token}"  # instrument_key, inlined: hot path
 
     @property
     def tradable(self) -> bool:
@@ -95,16 +113,16 @@ class MasterData:
 
     def resolve(self, name: str) -> Instrument:
         """Find by ``segment|token`` or by trading symbol (case-insensitive)."""
-        inst = self.by_key.get(name) if "|" in name else self.by_symbol.get(name.strip().upper())
-        if inst is None and "|" in name:
-            seg, _, tok = name.partition("|")
-            inst = self.by_key.get(f"{seg.strip().lower()}|{tok.strip()}")
+        inst = self.by_key.get(name) if KEY_SEP in name else self.by_symbol.get(name.strip().upper())
+        if inst is None and KEY_SEP in name:
+            seg, tok = split_key(name)
+            inst = self.by_key.get(instrument_key(seg.strip().lower(), tok.strip()))
         if inst is None:
             raise UnknownInstrument(name)
         return inst
 
     def get(self, segment: str, token: str) -> Instrument | None:
-        return self.by_key.get(f"{segment}|{token}")
+        return self.by_key.get(f"{segment}|{token}")  # instrument_key, inlined: hot path (replay)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -10,12 +10,13 @@ for speed. Quantities are ints in shares (not lots). Sides are ``BUY``/``SELL``.
 The requests that change state (``OrderRequest``, ``ExecuteOrder``, ``KillSwitch``,
 ``Flatten``, ``CancelEntries``, ``RecordRiskEvent``) are checked where they enter: the
 decoder refuses, with a ``msgspec.ValidationError`` naming the field, a side, order type,
-product or purpose outside its closed set; an id that is not short printable ASCII
-(``STRATEGY_ID_PATTERN`` for strategy ids, which also name bus topics and files); a
-quantity outside 0..``MAX_QTY``; a price that is not finite, above 0 and at most
-``MAX_PRICE``; free text longer than ``MAX_TEXT`` or holding a control character (NUL
-breaks PostgreSQL ``jsonb``). A message built in-process is not checked (msgspec checks on
-decode only): risk repeats the checks that matter and gives its reason.
+product, purpose or risk event outside its closed set (the vocabularies below); an id
+that is not short printable ASCII (``STRATEGY_ID_PATTERN`` for strategy ids, which also
+name bus topics and files); a quantity outside 0..``MAX_QTY``; a price that is not
+finite, above 0 and at most ``MAX_PRICE``; free text longer than ``MAX_TEXT`` or holding a
+control character (NUL breaks PostgreSQL ``jsonb``). A message built in-process is not
+checked (msgspec checks on decode only): risk repeats the checks that matter and gives its
+reason.
 """
 
 from __future__ import annotations
@@ -23,30 +24,136 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
-from typing import Annotated, Any, Literal, get_args
+from enum import StrEnum
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
-Side = Literal["BUY", "SELL"]
-OrderType = Literal["LIMIT", "MARKET", "SL", "SL-M"]
-Product = Literal["MIS", "CNC", "NRML"]
-Purpose = Literal["ENTRY", "EXIT", "FLATTEN", "MANUAL"]
+# --------------------------------------------------------------------------- vocabularies
+# Every closed set of words in NeoPulse, defined once. A member IS its text: it compares and
+# hashes equal to the plain string, and msgpack, JSON, ``to_builtins``, SQL, f-strings and
+# ``repr`` (so log lines) all show the text. Code that holds a plain ``str`` keeps working.
 
 
-def _one_of(closed: Any) -> str:
-    """The pattern of a ``str`` field the decoder accepts only from the ``Literal`` set
-    ``closed``. (Typing the field with the Literal itself would make every caller that holds
-    a plain ``str`` cast it.)"""
-    return "^(?:" + "|".join(re.escape(v) for v in get_args(closed)) + r")\Z"
+class Vocabulary(StrEnum):
+    """Base of the closed sets below: a ``StrEnum`` whose ``repr`` is its text's."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Side(Vocabulary):
+    BUY = "BUY"
+    SELL = "SELL"
+
+
+class OrderType(Vocabulary):
+    LIMIT = "LIMIT"
+    MARKET = "MARKET"
+    SL = "SL"  # stop-limit
+    SL_M = "SL-M"  # stop-market
+
+
+class Product(Vocabulary):
+    MIS = "MIS"  # intraday
+    CNC = "CNC"  # delivery
+    NRML = "NRML"  # carry-forward derivatives
+
+
+class Purpose(Vocabulary):
+    """What an order is for. ENTRY/EXIT/FLATTEN/MANUAL come from requests; STOP and TARGET
+    are the legs execution places for an OCO bracket."""
+
+    ENTRY = "ENTRY"
+    EXIT = "EXIT"
+    FLATTEN = "FLATTEN"
+    MANUAL = "MANUAL"
+    STOP = "STOP"
+    TARGET = "TARGET"
+
+
+REQUEST_PURPOSES: frozenset[str] = frozenset({Purpose.ENTRY, Purpose.EXIT, Purpose.FLATTEN, Purpose.MANUAL})
+LEG_PURPOSES: frozenset[str] = frozenset({Purpose.STOP, Purpose.TARGET})
+
+
+class OrderStatus(Vocabulary):
+    """Order states, in lifecycle order (DESIGN §6); ``TERMINAL_STATES`` are final."""
+
+    PENDING_BROKER = "PENDING_BROKER"
+    ACK = "ACK"
+    OPEN = "OPEN"
+    PARTIAL = "PARTIAL"
+    COMPLETE = "COMPLETE"
+    REJECTED = "REJECTED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+
+class BracketState(Vocabulary):
+    PENDING_ENTRY = "PENDING_ENTRY"  # waiting for the entry to fill
+    ACTIVE = "ACTIVE"  # position open, legs protecting it
+    CLOSED = "CLOSED"  # position closed by a leg (or nothing left to protect)
+    CANCELLED = "CANCELLED"  # entry ended without a fill
+    FLATTENED = "FLATTENED"  # flatten took over: legs cancelled, position closed by flatten
+
+
+class FlattenPhase(Vocabulary):
+    """A flatten job's progress: cancel → close → ready → done."""
+
+    CANCEL = "cancel"  # cancelling open orders
+    CLOSE = "close"  # closing orders placed, some still in flight
+    READY = "ready"  # every close placed: waiting for them to end
+    DONE = "done"
+
+
+class RiskEvent(Vocabulary):
+    """The kinds of ``risk_events`` row risk (or the CLI) asks execution to write."""
+
+    KILL_SWITCH_ON = "kill_switch_on"
+    KILL_SWITCH_OFF = "kill_switch_off"
+    LOSS_BREACHED = "loss_breached"
+
+
+class FeedSource(Vocabulary):
+    """``feed.source``: where ticks come from."""
+
+    SIM = "sim"
+    REPLAY = "replay"
+    KOTAK = "kotak"
+
+
+class BrokerName(Vocabulary):
+    """``execution.broker``: where orders go."""
+
+    PAPER = "paper"
+    KOTAK = "kotak"
+
+
+def choices(closed: Iterable[str]) -> str:
+    """``"sim, replay or kotak"``: the words of a closed set, for an error message."""
+    words = list(closed)
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else "".join(words)
+
+
+def _one_of(closed: Iterable[str]) -> str:
+    """The pattern of a ``str`` field the decoder accepts only from ``closed`` (in order).
+
+    The fields stay typed ``str``, not the enum: a decoded value stays a plain ``str``, a
+    caller holding a ``str`` needs no cast, and ``omit_defaults`` (which compares by
+    identity) drops exactly the same fields as before, so the wire and ``to_builtins`` do not
+    change. The refusal names the allowed words (``Expected `str` matching regex
+    '^(?:BUY|SELL)\\Z' - at `$.side```)."""
+    return "^(?:" + "|".join(re.escape(v) for v in closed) + r")\Z"
 
 
 SideField = Annotated[str, Meta(pattern=_one_of(Side))]
 OrderTypeField = Annotated[str, Meta(pattern=_one_of(OrderType))]
 ProductField = Annotated[str, Meta(pattern=_one_of(Product))]
-PurposeField = Annotated[str, Meta(pattern=_one_of(Purpose))]
+PurposeField = Annotated[str, Meta(pattern=_one_of(p for p in Purpose if p in REQUEST_PURPOSES))]
+RiskEventField = Annotated[str, Meta(pattern=_one_of(RiskEvent))]
 
 # Wire limits (decode-time constraints of the requests that change state).
 MAX_QTY = 10_000_000  # shares in one request
@@ -64,21 +171,21 @@ OptionalStrategyId = Annotated[str, Meta(pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9_-]{
 Name = Annotated[str, Meta(max_length=64, pattern=r"^[\x20-\x7e]*\Z")]
 Segment = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]{0,16}\Z")]
 Source = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{0,32}\Z")]
-EventName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}\Z")]
 Text = Annotated[str, Meta(max_length=MAX_TEXT, pattern=r"^[^\x00-\x1f\x7f-\x9f]*\Z")]
 Quantity = Annotated[int, Meta(ge=0, le=MAX_QTY)]  # 0 is allowed: risk sizes the order
 PositiveQuantity = Annotated[int, Meta(gt=0, le=MAX_QTY)]
 
-# Order states, in lifecycle order (DESIGN §6).
-PENDING_BROKER = "PENDING_BROKER"
-ACK = "ACK"
-OPEN = "OPEN"
-PARTIAL = "PARTIAL"
-COMPLETE = "COMPLETE"
-REJECTED = "REJECTED"
-CANCELLED = "CANCELLED"
-UNKNOWN = "UNKNOWN"
-TERMINAL_STATES = frozenset({COMPLETE, REJECTED, CANCELLED})
+# Order states by the names importers use (typed ``str``, as they were, so code that mixes
+# them with plain strings needs no change), and the one definition of "terminal".
+PENDING_BROKER: str = OrderStatus.PENDING_BROKER
+ACK: str = OrderStatus.ACK
+OPEN: str = OrderStatus.OPEN
+PARTIAL: str = OrderStatus.PARTIAL
+COMPLETE: str = OrderStatus.COMPLETE
+REJECTED: str = OrderStatus.REJECTED
+CANCELLED: str = OrderStatus.CANCELLED
+UNKNOWN: str = OrderStatus.UNKNOWN
+TERMINAL_STATES: frozenset[str] = frozenset({COMPLETE, REJECTED, CANCELLED})
 
 # Risk states (DESIGN §7).
 ACTIVE = "ACTIVE"
@@ -177,12 +284,46 @@ class OrderRequest(_Msg, frozen=True, tag=True):
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
+class VerdictCode(Vocabulary):
+    """Why risk refused an order (``RiskVerdict.code``): code that reacts to a refusal (the
+    CLI, the notifier, tests) matches on this, never on the wording of ``reason``. The
+    checks run in the order documented in ``services.risk.sentinel``."""
+
+    NONE = ""  # approved
+    STARTING = "starting"  # risk has not loaded the day from execution yet
+    DUPLICATE = "duplicate"  # the request_id was already approved for another order
+    HALTED = "halted"  # the kill switch is on
+    FIELDS = "fields"  # side, product or order type not allowed (or SL without a trigger)
+    INSTRUMENT = "instrument"  # none named, unknown, an index, or not tradable
+    PRICE = "price"  # a price, trigger, stop loss or target not positive, finite and capped
+    TICK = "tick"  # a price not on the instrument's tick size
+    LAST_PRICE = "last_price"  # market intent, but no last traded price yet
+    BRACKET = "bracket"  # stop loss or target on the wrong side of the entry
+    SIZING = "sizing"  # the order could not be sized to the risk budget
+    QUANTITY = "quantity"  # quantity not above 0, or above max_qty
+    LOT = "lot"  # quantity not a whole number of lots
+    REDUCING = "reducing"  # daily loss limit breached: only reducing orders pass
+    REDUCE_ONLY = "reduce_only"  # a reduce-only order that would open or add
+    NOTIONAL = "notional"  # quantity x price above max_notional
+    POSITIONS = "positions"  # a new instrument beyond max_open_positions
+    THROTTLE = "throttle"  # max_orders_per_sec approvals already in the last second
+    EXPIRED = "expired"  # execution did not answer in time: the order expires unplaced
+    EXECUTION = "execution"  # execution refused the order or answered oddly: nothing placed
+    UNAUTHORISED = "unauthorised"  # execution refused risk's credentials: nothing placed
+    REFUSED = "refused"  # risk refused the request itself (unreadable or unsupported)
+
+
+VerdictCodeField = Annotated[str, Meta(pattern=_one_of(VerdictCode))]
+
+
 class RiskVerdict(_Msg, frozen=True, tag=True):
-    """Risk's answer to an ``OrderRequest``. A denial carries the reason in trader's words."""
+    """Risk's answer to an ``OrderRequest``. A denial carries the reason in trader's words
+    and its ``code`` (``VerdictCode``; empty for an approval)."""
 
     request_id: str
     approved: bool
     reason: str = ""
+    code: VerdictCodeField = ""  # a VerdictCode
     order_id: str = ""
     quantity: int = 0
     state: str = ACTIVE
@@ -393,7 +534,7 @@ class RecordRiskEvent(_Msg, frozen=True, tag=True):
     """Risk asks execution to write a ``risk_events`` row. ``data`` holds JSON values only
     (no NaN, no NUL, at most ``_MAX_DATA_ITEMS`` values), as the row stores it in ``jsonb``."""
 
-    event: EventName
+    event: RiskEventField  # a RiskEvent
     reason: Text
     source: Source = "risk"
     data: dict[str, Any] = msgspec.field(default_factory=dict)

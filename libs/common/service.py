@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -41,7 +42,7 @@ class Service:
         self.home = config_mod.home_dir()
         self.log: Any = setup_logging(
             self.name, self.home, cfg.log.level, config_mod.secret_values(cfg),
-            max_bytes=cfg.log.max_bytes, backups=cfg.log.backups,
+            max_bytes=cfg.log.max_bytes, backups=cfg.log.backups, console_level=cfg.log.console_level,
         )
         self.started_ns = time.time_ns()
         offset_ns = clock_offset_ns()
@@ -168,9 +169,15 @@ class Service:
         return self.exit_code
 
 
-def load_config_or_exit() -> Config:
+VERBOSE_HELP = "print every log line on the console, not only the operator lines (log.console_level=DEBUG)"
+
+
+def load_config_or_exit(*, verbose: bool = False) -> Config:
     """Load config for a service entry point; a bad config (or a bad or misplaced
-    ``NEOPULSE_CLOCK_OFFSET_S``) prints one line and exits 2."""
+    ``NEOPULSE_CLOCK_OFFSET_S``) prints one line and exits 2. ``verbose`` (a service's
+    ``--verbose``) sets ``log.console_level`` to DEBUG, for this process and its children."""
+    if verbose:
+        os.environ["NEOPULSE_LOG__CONSOLE_LEVEL"] = "DEBUG"
     try:
         cfg = config_mod.load_config()
         check_clock_offset(cfg)
@@ -182,7 +189,10 @@ def load_config_or_exit() -> Config:
 
 def main_for(factory: Callable[[Config], Service]) -> None:
     """Standard ``__main__``: load config, build the service, run it, exit with its code."""
-    cfg = load_config_or_exit()
+    parser = argparse.ArgumentParser(prog=f"python -m {factory.__module__.rsplit('.', 1)[0]}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    args = parser.parse_args()
+    cfg = load_config_or_exit(verbose=args.verbose)
     try:
         svc = factory(cfg)
     except ConfigError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from libs.common.instruments import instrument_key
 from libs.common.messages import Flatten, GetOrders, GetPositions, GetStatus, SyncMaster
 from services.admin.cli import app
 from services.admin.common import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, JSON_OPT, AdminClient, emit, fail
@@ -178,7 +179,8 @@ def flatten(
                 open_pos = [
                     p
                     for p in open_pos
-                    if p["symbol"].upper() == symbol.upper() or f"{p['segment']}|{p['token']}" == symbol
+                    if p["symbol"].upper() == symbol.upper()
+                    or instrument_key(p["segment"], p["token"]) == symbol
                 ]
             what = (
                 ", ".join(f"{p['symbol']} {p['quantity']:+d} ({p['strategy_id']})" for p in open_pos)

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from libs.common.clock import IST
+from libs.common.instruments import instrument_key
 from libs.common.messages import GetLastTicks, GetStatus, Subscribe
 from services.admin.cli import app
 from services.admin.common import EXIT_USAGE, JSON_OPT, AdminClient, emit, fail
@@ -70,7 +71,7 @@ def last(instruments: list[str] = typer.Argument(None, help="Instruments (defaul
         client.close()
     rows = [f"{'instrument':<22}{'ltp':>12}{'bid':>12}{'ask':>12}{'volume':>14}  time"]
     for t in ticks:
-        name = t.get("symbol") or f"{t['segment']}|{t['token']}"
+        name = t.get("symbol") or instrument_key(t["segment"], t["token"])
         rows.append(f"{name:<22}{t['ltp']:>12,.2f}{t.get('bid', 0):>12,.2f}{t.get('ask', 0):>12,.2f}"
                     f"{t.get('volume', 0):>14,}  {_time(t.get('exch_ts_ns') or t.get('ts_ns', 0))}")
     emit(ticks, as_json, "\n".join(rows) if ticks else "no ticks yet")
@@ -88,7 +89,7 @@ def inspect(path: Path = typer.Argument(..., help="A .ticks recording, a CSV, or
     first = last_ts = 0
     try:
         for t in iter_ticks(path, stats=stats):
-            key = t.symbol or f"{t.segment}|{t.token}"
+            key = t.symbol or f"{t.segment}|{t.token}"  # instrument_key, inlined: hot path
             per[key] = per.get(key, 0) + 1
             first = first or t.ts_ns
             last_ts = t.ts_ns

@@ -17,6 +17,7 @@ import zmq
 
 from libs.common import config as config_mod
 from libs.common.config import Config, ConfigError, redacted
+from libs.common.instruments import instrument_key
 from libs.common.messages import FeedStatus, GetLastTicks, GetStatus, Heartbeat, Reply, Subscribe, Tick
 from services.admin.cli import app
 from services.admin.common import (
@@ -286,7 +287,7 @@ def watch(  # noqa: PLR0915 - one screen loop reads best in one place
         for raw in last.data:
             with contextlib.suppress(msgspec.ValidationError):
                 t = msgspec.convert(raw, Tick)
-                ticks[f"{t.segment}|{t.token}"] = t
+                ticks[instrument_key(t.segment, t.token)] = t
     last_hb = time.monotonic()
     console = Console() if sys.stdout.isatty() else Console(width=120)
     started = time.monotonic()
@@ -305,7 +306,7 @@ def watch(  # noqa: PLR0915 - one screen loop reads best in one place
                 continue
             msg = parsed[1]
             if isinstance(msg, Tick):
-                ticks[f"{msg.segment}|{msg.token}"] = msg
+                ticks[f"{msg.segment}|{msg.token}"] = msg  # instrument_key, inlined: hot path
             elif isinstance(msg, FeedStatus):
                 feed_state, feed_detail = msg.state, msg.detail
             elif isinstance(msg, Heartbeat):

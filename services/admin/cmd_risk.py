@@ -18,6 +18,7 @@ from libs.common.messages import (
     OrderRequest,
     RecordRiskEvent,
     Reply,
+    RiskEvent,
     RiskState,
     RiskVerdict,
     to_builtins,
@@ -80,8 +81,10 @@ def trade(
 ) -> None:
     """Send a manual order through risk, like any strategy order.
 
-    Prints the verdict and the order id. Exit codes: 0 approved, 1 rejected, 2 usage
-    error, 3 risk unreachable. Missing values are asked for on a terminal.
+    Prints the verdict: the order id, or why it was rejected.
+    With --json a rejection also carries its code (quantity, tick, halted, reducing, ...).
+    Exit codes: 0 approved, 1 rejected, 2 usage error, 3 risk unreachable.
+    Missing values are asked for on a terminal.
     """
     missing = [name for name, value in (("SIDE", side), ("SYMBOL", symbol), ("--qty", qty)) if value is None]
     if missing and not _interactive():
@@ -180,8 +183,8 @@ def kill_on(
 def _kill_via_execution(admin: AdminClient, reason: str, request_id: str) -> None:
     """Risk is down: have execution record the switch (risk restarts HALTED) and cancel entries."""
     risk_ep = admin.cfg.bus.endpoint("risk_rep")
-    record = RecordRiskEvent(event="kill_switch_on", reason=reason, source="cli", request_id=request_id,
-                             data={"kill_switch": True, "risk_state": "HALTED"})
+    record = RecordRiskEvent(event=RiskEvent.KILL_SWITCH_ON, reason=reason, source="cli",
+                             request_id=request_id, data={"kill_switch": True, "risk_state": "HALTED"})
     recorded = _ask_or_none(admin, "execution_rep", record)
     cancelled = _ask_or_none(admin, "execution_rep", CancelEntries(request_id=f"{request_id}-cancel",
                                                                    reason=f"kill switch: {reason}"))

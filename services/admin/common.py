@@ -1,6 +1,6 @@
 """Shared plumbing for ``neopulse`` commands: config, bus requests, output, exit codes.
 
-Exit codes (DESIGN §9): 0 ok, 1 refused/rejected, 2 usage or config error, 3 a service
+Exit codes, the same for every command: 0 ok, 1 refused/rejected, 2 usage or config error, 3 a service
 is unreachable (the message names the service and its endpoint).
 """
 

@@ -22,7 +22,7 @@ class PaperExecution:
 
     def __init__(self, cfg: Config, master: MasterData, clock: Clock, log: Any = None) -> None:
         self.broker = PaperBroker(master, clock, slippage_bps=cfg.paper.slippage_bps, log=log)
-        self.engine = ExecutionEngine(MemoryOrderStore(), self.broker, master, clock, cfg, log=log)
+        self.engine = ExecutionEngine(MemoryOrderStore(), self.broker, master, clock, cfg.execution, log=log)
         self.engine.start()
         self.engine.pump()
         self.engine.take_messages()

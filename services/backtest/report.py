@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from libs.common.clock import IST
+from libs.common.instruments import instrument_key, split_key
 from libs.common.messages import Fill
 from libs.common.money import to_decimal
+from libs.common.positions import FloatPositionState
 
 ZERO = Decimal(0)
 CURVE_POINTS = 1000  # at most this many points of the equity curve go into the report
@@ -79,16 +81,6 @@ class Trade:
         }
 
 
-@dataclass(slots=True)
-class _Inst:
-    key: str
-    symbol: str
-    qty: int = 0
-    avg: float = 0.0  # float average entry, for the per-tick equity curve only
-    mark: float = 0.0
-    trade: Trade | None = None
-
-
 @dataclass
 class Book:
     """Fills and marks → trades, exact totals and a marked-to-market equity curve."""
@@ -104,7 +96,10 @@ class Book:
     peak: float = 0.0
     exposure_ns: int = 0
     curve: list[tuple[int, float]] = field(default_factory=list)
-    _insts: dict[str, _Inst] = field(default_factory=dict)
+    # per instrument: the float position behind the equity curve (marked at ``last_price``)
+    # and the trade it is in, if any
+    _positions: dict[str, FloatPositionState] = field(default_factory=dict)
+    _open: dict[str, Trade] = field(default_factory=dict)
     _realised: float = 0.0  # float mirror of realised gross, for the curve
     _unreal: float = 0.0
     _cost: float = 0.0
@@ -122,29 +117,32 @@ class Book:
             self.first_ns = ts_ns
             self._next_sample = ts_ns
         self.last_ns = ts_ns
-        inst = self._insts.get(key)
-        if inst is None:
+        pos = self._positions.get(key)
+        if pos is None:
             return
-        if inst.qty:
-            self._unreal += inst.qty * (price - inst.mark)
-        inst.mark = price
+        if pos.quantity:
+            self._unreal += pos.quantity * (price - pos.last_price)
+        pos.last_price = price
         if self._open_count:
             self._observe(ts_ns)
 
     def mark(self, key: str, symbol: str, price: float) -> None:
         """Register an instrument's price before any fill (so open trades mark correctly)."""
-        inst = self._insts.get(key)
-        if inst is None:
-            self._insts[key] = _Inst(key, symbol, mark=price)
+        pos = self._positions.get(key)
+        if pos is None:
+            segment, token = split_key(key)
+            self._positions[key] = FloatPositionState("", segment, token, symbol, last_price=price)
         else:
-            inst.mark = price
+            pos.last_price = price
 
     def on_fill(self, fill: Fill, ts_ns: int) -> None:  # noqa: PLR0915 - one fill, one pass
         """Book a fill (exact money) into its instrument's current trade."""
-        key = f"{fill.segment}|{fill.token}"
-        inst = self._insts.get(key)
-        if inst is None:
-            inst = self._insts[key] = _Inst(key, fill.symbol, mark=float(fill.price))
+        key = instrument_key(fill.segment, fill.token)
+        pos = self._positions.get(key)
+        if pos is None:
+            pos = self._positions[key] = FloatPositionState(
+                "", fill.segment, fill.token, fill.symbol, last_price=float(fill.price)
+            )
         if not self.first_ns:
             self.first_ns = self._next_sample = ts_ns
         self.last_ns = max(self.last_ns, ts_ns)
@@ -152,23 +150,25 @@ class Book:
         price = fill.price
         pf = float(price)
         remaining = fill.quantity
-        buy = fill.side == "BUY"
+        side = fill.side
+        buy = side == "BUY"
         while remaining:
-            if inst.trade is None:
-                inst.trade = Trade(
-                    symbol=inst.symbol or fill.symbol,
+            trade = self._open.get(key)
+            if trade is None:
+                trade = self._open[key] = Trade(
+                    symbol=pos.symbol or fill.symbol,
                     key=key,
                     direction="LONG" if buy else "SHORT",
                     entry_ns=ts_ns,
                 )
-                self.trades.append(inst.trade)
+                self.trades.append(trade)
                 if self._open_count == 0:
                     self._open_since = ts_ns
                 self._open_count += 1
-            trade = inst.trade
             # the part of this fill that belongs to the current trade (a reversal splits it)
-            opening = inst.qty == 0 or (inst.qty > 0) == buy
-            part = remaining if opening else min(remaining, abs(inst.qty))
+            q = pos.quantity
+            opening = q == 0 or (q > 0) == buy
+            part = remaining if opening else min(remaining, abs(q))
             signed = part if buy else -part
             value = price * part
             if buy:
@@ -180,21 +180,19 @@ class Book:
             trade.fills += 1
             self.turnover += value
             self._cost += float(value) * self._rate_f
-            # float mirror for the curve: realise on reduction, re-average on increase
-            q = inst.qty
-            if q == 0 or (q > 0) == buy:
-                inst.avg = (inst.avg * abs(q) + pf * part) / (abs(q) + part)
-                self._unreal += signed * (inst.mark - pf)
+            # float mirror for the curve, booked part by part: a reversal is a close and then
+            # an open from flat (in floats that open's average is pf x part / part, not pf)
+            if opening:
+                self._unreal += signed * (pos.last_price - pf)
+                pos.apply(side, part, pf)
             else:
-                self._realised += (pf - inst.avg) * part * (1 if q > 0 else -1)
-                self._unreal += signed * (inst.mark - inst.avg)
-            inst.qty = q + signed
-            trade.quantity = max(trade.quantity, abs(inst.qty))
+                self._unreal += signed * (pos.last_price - pos.avg_price)
+                self._realised += pos.apply(side, part, pf)
+            trade.quantity = max(trade.quantity, abs(pos.quantity))
             remaining -= part
-            if inst.qty == 0:
-                inst.avg = 0.0
+            if pos.quantity == 0:
                 trade.exit_ns = ts_ns
-                inst.trade = None
+                del self._open[key]
                 self._open_count -= 1
                 if self._open_count == 0:
                     self.exposure_ns += ts_ns - self._open_since
@@ -213,10 +211,9 @@ class Book:
     # ------------------------------------------------------------------ results
     def finish(self) -> None:
         """Mark open trades at the last price and close the exposure window."""
-        for inst in self._insts.values():
-            if inst.trade is not None:
-                inst.trade.open = True
-                inst.trade.mark = to_decimal(inst.mark)
+        for key, trade in self._open.items():
+            trade.open = True
+            trade.mark = to_decimal(self._positions[key].last_price)
         if self._open_count:
             self.exposure_ns += self.last_ns - self._open_since
             self._open_since = self.last_ns

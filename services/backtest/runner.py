@@ -142,6 +142,7 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
     t0 = time.perf_counter()
     first: Tick | None = None
     for candidate in it:
+        # instrument_key, inlined: hot path
         if wanted is None or f"{candidate.segment}|{candidate.token}" in wanted:
             first = candidate
             break
@@ -175,7 +176,7 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
     next_timer = 0
     tick: Tick | None = first
     while tick is not None:
-        key = f"{tick.segment}|{tick.token}"
+        key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         if wanted is None or key in wanted:
             ts = tick.exch_ts_ns or tick.ts_ns
             if ts > now:

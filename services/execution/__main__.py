@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from libs.common.service import EXIT_CONFIG, load_config_or_exit
+from libs.common.service import EXIT_CONFIG, VERBOSE_HELP, load_config_or_exit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="allow real orders when execution.broker=kotak (or set NEOPULSE_LIVE=1)",
     )
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit()
+    cfg = load_config_or_exit(verbose=args.verbose)
 
     from services.execution.service import ExecutionService, live_guard
 

@@ -10,14 +10,17 @@ from typing import Any
 
 from libs.common.bus import topic
 from libs.common.clock import Clock, trading_day
+from libs.common.config import ExecutionConfig
 from libs.common.instruments import MasterData
 from libs.common.messages import (
     Flatten,
+    FlattenPhase,
     Message,
-    Position,
+    RiskEvent,
     Tick,
 )
-from services.execution.brokers.base import BrokerOrderStatus, BrokerTrade
+from libs.common.positions import PositionState  # the one position model
+from services.execution.brokers.base import Broker, BrokerOrderStatus, BrokerTrade
 from services.execution.intents import Intent, PlaceIntent
 from services.execution.model import (
     BRACKET_OPEN,
@@ -45,7 +48,8 @@ LOST_CLOSE_S = 300.0  # an acknowledged order absent from a working book this lo
 MISSING_RECHECK_NS = 1_000_000_000  # the next book after a miss is asked for this soon at the earliest
 CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works after this is sent again
 FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
-KILL_EVENTS = ("kill_switch_on", "kill_switch_off", "kill_switch")
+# the switch events, and the legacy name old ledger rows may carry
+KILL_EVENTS = (RiskEvent.KILL_SWITCH_ON, RiskEvent.KILL_SWITCH_OFF, "kill_switch")
 CARRIED = CARRIED_STRATEGY  # the strategy id of carried positions no strategy's fills explain
 QTY_MAX = 2**31 - 1  # the ledger's INTEGER quantity columns
 _TOPICS: dict[tuple[str, str], bytes] = {}
@@ -83,86 +87,6 @@ class SubmitResult:
 
 
 @dataclass
-class PositionState:
-    strategy_id: str
-    segment: str
-    token: str
-    symbol: str
-    quantity: int = 0
-    avg_price: Decimal = _ZERO
-    realised: Decimal = _ZERO
-    buy_qty: int = 0
-    sell_qty: int = 0
-    buy_value: Decimal = _ZERO
-    sell_value: Decimal = _ZERO
-    # net quantity per product (MIS / NRML / CNC): a close goes out in the product it closes
-    by_product: dict[str, int] = field(default_factory=dict)
-    # what the broker carried into today per product (already included in ``quantity``)
-    carried: dict[str, int] = field(default_factory=dict)
-
-    def carry(self, product: str, qty: int, avg_price: Decimal) -> None:
-        """Set the quantity carried from earlier days in ``product`` (idempotent: a second
-        report of the same carry changes nothing; today's fills stay on top of it)."""
-        delta = qty - self.carried.get(product, 0)
-        if not delta:
-            return
-        self.carried[product] = qty
-        if self.quantity == 0:
-            self.avg_price = avg_price
-        self.quantity += delta
-        net = self.by_product.get(product, 0) + delta
-        if net:
-            self.by_product[product] = net
-        else:
-            self.by_product.pop(product, None)
-
-    def apply(self, side: str, qty: int, price: Decimal, product: str = "MIS") -> None:
-        signed = qty if side == "BUY" else -qty
-        net = self.by_product.get(product, 0) + signed
-        if net:
-            self.by_product[product] = net
-        else:
-            self.by_product.pop(product, None)
-        if side == "BUY":
-            self.buy_qty += qty
-            self.buy_value += price * qty
-        else:
-            self.sell_qty += qty
-            self.sell_value += price * qty
-        held = self.quantity
-        if held == 0 or (held > 0) == (signed > 0):
-            total = abs(held) + qty
-            self.avg_price = (self.avg_price * abs(held) + price * qty) / total
-            self.quantity = held + signed
-            return
-        closing = min(abs(held), qty)
-        direction = 1 if held > 0 else -1
-        self.realised += (price - self.avg_price) * closing * direction
-        self.quantity = held + signed
-        if self.quantity == 0:
-            self.avg_price = _ZERO
-        elif qty > closing:  # flipped through zero: the rest opens at this price
-            self.avg_price = price
-
-    def message(self, last_price: float, now_ns: int) -> Position:
-        return Position(
-            strategy_id=self.strategy_id,
-            symbol=self.symbol,
-            segment=self.segment,
-            token=self.token,
-            quantity=self.quantity,
-            avg_price=self.avg_price,
-            realised_pnl=self.realised,
-            buy_qty=self.buy_qty,
-            sell_qty=self.sell_qty,
-            buy_value=self.buy_value,
-            sell_value=self.sell_value,
-            last_price=last_price,
-            ts_ns=now_ns,
-        )
-
-
-@dataclass
 class FlattenJob:
     """One flatten: cancel what works, wait until the broker confirms every one of those
     orders closed (fills of a leg may still be on their way), then close what is held."""
@@ -177,7 +101,7 @@ class FlattenJob:
     skipped: list[dict[str, str]] = field(default_factory=list)
     unconfirmed: list[str] = field(default_factory=list)  # still working when the wait ran out
     rounds: int = 0  # close rounds: the first, then one per unconfirmed order that ended
-    phase: str = "cancel"  # cancel → close → ready → done
+    phase: FlattenPhase = FlattenPhase.CANCEL  # cancel → close → ready → done
     report: dict[str, Any] | None = None
 
 
@@ -198,7 +122,8 @@ class EngineBase:
     events, brackets, flatten, reconciliation) is a subclass adding its rules."""
 
     def __init__(
-        self, store: OrderStore, broker: Any, master: MasterData, clock: Clock, cfg: Any, *, log: Any = None
+        self, store: OrderStore, broker: Broker, master: MasterData, clock: Clock, cfg: ExecutionConfig, *,
+        log: Any = None,
     ) -> None:
         self.store = store
         self.broker = broker
@@ -206,9 +131,9 @@ class EngineBase:
         self.clock = clock
         self.cfg = cfg
         self.log = log
-        self.protection_pct = float(cfg.execution.protection_pct)
-        self.broker_name = str(getattr(broker, "name", cfg.execution.broker))
-        self.book_lag_ns = int(float(getattr(broker, "book_lag_s", 10.0)) * 1e9)
+        self.protection_pct = float(cfg.protection_pct)
+        self.broker_name = broker.name
+        self.book_lag_ns = int(float(broker.book_lag_s) * 1e9)
         self.day = trading_day(clock)
         # state
         self.orders: dict[str, OrderRow] = {}

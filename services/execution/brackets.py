@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from libs.common.instruments import instrument_key
 from libs.common.messages import (
     PENDING_BROKER,
 )
@@ -71,7 +72,7 @@ class Brackets(Orders):
         strategy's position in the entry's direction, shared oldest bracket first. So an exit
         by other means (the strategy's own EXIT, a manual order) shrinks or cancels the legs
         instead of leaving a stop that would open a new position."""
-        pos = self.positions.get((b.strategy_id, f"{b.segment}|{b.token}"))
+        pos = self.positions.get((b.strategy_id, instrument_key(b.segment, b.token)))
         held = pos.quantity if pos is not None else 0
         avail = {"BUY": max(held, 0), "SELL": max(-held, 0)}
         group = self._open_brackets(b.strategy_id, b.segment, b.token)
@@ -132,6 +133,13 @@ class Brackets(Orders):
             for leg in legs:
                 if not leg.terminal:
                     self._request_cancel(leg)
+        if state != b.state and self.log is not None and state in (B_ACTIVE, B_CLOSED, B_CANCELLED):
+            self.log.info(
+                "bracket_armed" if state == B_ACTIVE else "bracket_closed",
+                symbol=b.symbol, strategy_id=b.strategy_id, side=b.side, protected=protect,
+                stop_loss=str(b.stop_loss) if b.stop_loss is not None else "",
+                target=str(b.target) if b.target is not None else "", state=state,
+            )  # fmt: skip
         if state != b.state or changed:
             b.state = state
             b.updated_ns = self._now()

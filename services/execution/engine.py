@@ -39,14 +39,15 @@ from libs.common.messages import (
     DayState,
     Position,
     RecordRiskEvent,
+    RiskEvent,
 )
+from libs.common.positions import PositionState
 from services.execution.base import (  # the engine's names, re-exported (``__all__``)
     _ZERO,
     CARRIED,
     KILL_EVENTS,
     EngineBase,
     FlattenJob,
-    PositionState,
     ReconcileState,
     SubmitResult,
 )
@@ -174,7 +175,7 @@ class ExecutionEngine(Reconciliation):
         if last_switch is not None:
             data = last_switch.data or {}
             ev = last_switch.event.lower()
-            if ev == "kill_switch_on" or (
+            if ev == RiskEvent.KILL_SWITCH_ON or (
                 ev == "kill_switch" and data.get("on", data.get("kill_switch", True))
             ):
                 kill, kill_reason = True, last_switch.reason

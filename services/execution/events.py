@@ -17,12 +17,12 @@ from libs.common.messages import (
     Fill,
     Tick,
 )
+from libs.common.positions import PositionState
 from services.execution.base import (
     _LEGS,
     CANCEL_CONFIRM_NS,
     QTY_MAX,
     RETRY_ALERT_AFTER,
-    PositionState,
     _topic,
 )
 from services.execution.brackets import Brackets
@@ -33,6 +33,7 @@ from services.execution.brokers.base import (
     BrokerTemporary,
     BrokerTrade,
     BrokerUnknown,
+    error_reason,
 )
 from services.execution.intents import (
     CancelIntent,
@@ -155,7 +156,7 @@ class BrokerEvents(Brackets):
             # accepted: the broker's book confirms it; still working after a while → sent again
             o.cancel_due_ns = now + max(self._backoff_ns(o.cancel_failures + 1), CANCEL_CONFIRM_NS)
             return
-        why = getattr(result, "reason", str(result))
+        why = error_reason(result)
         o.cancel_failures += 1
         n = o.cancel_failures
         o.cancel_due_ns = now + self._backoff_ns(n)
@@ -178,7 +179,7 @@ class BrokerEvents(Brackets):
         o = self.orders.get(intent.order_id)
         if o is None or not isinstance(result, BaseException):
             return
-        why = getattr(result, "reason", str(result))
+        why = error_reason(result)
         if not o.terminal and o.quantity == intent.quantity:
             o.quantity = intent.old_quantity
             o.updated_ns = self._now()
@@ -418,11 +419,8 @@ class BrokerEvents(Brackets):
 
     def on_tick(self, tick: Tick) -> None:
         """Remember the last price (market intent, flatten, marks). Hot path: one dict store."""
-        self.last[f"{tick.segment}|{tick.token}"] = tick
+        self.last[f"{tick.segment}|{tick.token}"] = tick  # instrument_key, inlined: hot path
 
     def drain_broker_events(self) -> None:
-        drain = getattr(self.broker, "drain_events", None)
-        if drain is None:
-            return
-        for ev in drain():
+        for ev in self.broker.drain_events():
             self.on_broker_event(ev)

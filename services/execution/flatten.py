@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from libs.common.instruments import instrument_key
 from libs.common.messages import (
     PENDING_BROKER,
     Flatten,
+    FlattenPhase,
 )
 from libs.common.money import protected_limit
 from services.execution.base import (
@@ -52,7 +54,7 @@ class Flattening(BrokerEvents):
             job.skipped.append({"symbol": req.symbol, "reason": f"unknown instrument: {req.symbol}"})
         for b in self.brackets.values():
             if b.state in BRACKET_OPEN and self._matches(
-                b.strategy_id, f"{b.segment}|{b.token}", req, match_key
+                b.strategy_id, instrument_key(b.segment, b.token), req, match_key
             ):
                 b.state = B_FLATTENED
                 b.reason = f"flatten {req.request_id}"
@@ -85,7 +87,7 @@ class Flattening(BrokerEvents):
         """Close what is held, less what working orders on the closing side (still waiting for
         a cancel the broker has not confirmed, or this job's own earlier closes) may still
         take off: never sell what an unconfirmed stop might also sell."""
-        job.phase = "close"
+        job.phase = FlattenPhase.CLOSE
         job.rounds += 1
         req = job.request
         match_key = self._match_symbol(req.symbol) if req.symbol else None
@@ -176,7 +178,7 @@ class Flattening(BrokerEvents):
                 "status": o.status, "remaining": o.remaining}  # fmt: skip
 
     def _advance_job(self, job: FlattenJob) -> None:
-        if job.phase == "cancel":
+        if job.phase == FlattenPhase.CANCEL:
             job.waiting = {oid for oid in job.waiting if oid in self.orders and not self.orders[oid].terminal}
             if job.waiting and self._now() < job.deadline_ns:
                 return
@@ -190,9 +192,9 @@ class Flattening(BrokerEvents):
                     "flatten_unconfirmed",
                 )
             self._flatten_close(job)
-        if job.phase == "close" and not any(oid in self.inflight for oid in job.pending_places):
-            job.phase = "ready"
-        if job.phase in ("ready", "done") and job.unconfirmed:
+        if job.phase == FlattenPhase.CLOSE and not any(oid in self.inflight for oid in job.pending_places):
+            job.phase = FlattenPhase.READY
+        if job.phase in (FlattenPhase.READY, FlattenPhase.DONE) and job.unconfirmed:
             # answered already; an order that was still working has ended since: close what
             # it did not take off
             still = [x for x in job.unconfirmed if x in self.orders and not self.orders[x].terminal]
@@ -205,7 +207,7 @@ class Flattening(BrokerEvents):
         follow-up closes of a flatten that had to go ahead with orders still working."""
         for rid in list(self._active_jobs):
             job = self.flatten_jobs.get(rid)
-            if job is None or (job.phase == "done" and not job.unconfirmed):
+            if job is None or (job.phase == FlattenPhase.DONE and not job.unconfirmed):
                 self._active_jobs.discard(rid)
                 continue
             self._advance_job(job)
@@ -213,9 +215,9 @@ class Flattening(BrokerEvents):
     def finish_jobs(self) -> None:
         """Answer flatten requests whose orders are all placed (after the pump settled)."""
         for job in self.flatten_jobs.values():
-            if job.phase != "ready":
+            if job.phase != FlattenPhase.READY:
                 continue
-            job.phase = "done"
+            job.phase = FlattenPhase.DONE
             closing = []
             for oid in job.closing:
                 o = self.orders.get(oid)
@@ -255,5 +257,5 @@ class Flattening(BrokerEvents):
                 w(job.report)
             job.waiters = []
         if len(self.flatten_jobs) > 100:  # keep recent reports for idempotent retries
-            for rid in [r for r, j in self.flatten_jobs.items() if j.phase == "done"][:-50]:
+            for rid in [r for r, j in self.flatten_jobs.items() if j.phase == FlattenPhase.DONE][:-50]:
                 del self.flatten_jobs[rid]

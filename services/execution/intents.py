@@ -10,6 +10,7 @@ from typing import Any
 
 from libs.common.clock import Clock
 from services.execution.brokers.base import (
+    Broker,
     BrokerOrder,
     BrokerTemporary,
 )
@@ -54,7 +55,7 @@ class PositionsIntent:
 Intent = PlaceIntent | CancelIntent | ModifyIntent | BooksIntent | PositionsIntent
 
 
-def run_intent(broker: Any, intent: Intent, clock: Clock | None = None) -> Any:
+def run_intent(broker: Broker, intent: Intent, clock: Clock | None = None) -> Any:
     """Execute one intent against a broker (on the loop for paper, in a worker thread otherwise).
     A place whose deadline passed while it waited for a worker is not sent: risk has told the
     strategy by then that the order expires unplaced."""
@@ -68,6 +69,5 @@ def run_intent(broker: Any, intent: Intent, clock: Clock | None = None) -> Any:
     if isinstance(intent, ModifyIntent):
         return broker.modify(intent.broker_order_id, quantity=intent.quantity)
     if isinstance(intent, PositionsIntent):
-        carried = getattr(broker, "carried_positions", None)
-        return carried() if carried is not None else None
+        return broker.carried_positions()
     return (broker.order_book(), broker.trade_book())

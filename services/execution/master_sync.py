@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from services.execution.brokers.base import BrokerTemporary
 
 if TYPE_CHECKING:
-    from services.execution.brokers.kotak import KotakBroker
+    from services.execution.brokers.base import LiveBroker
 
 
 def _segment_of(url: str) -> str:
@@ -26,7 +26,7 @@ def _segment_of(url: str) -> str:
     return name.removesuffix(".csv").removesuffix("-v1")
 
 
-def fetch_kotak_master(broker: KotakBroker, home: Path, segments: Iterable[str] | None = None) -> list[Path]:
+def fetch_kotak_master(broker: LiveBroker, home: Path, segments: Iterable[str] | None = None) -> list[Path]:
     """Download every scrip-master CSV Kotak lists today (or only ``segments``) through the
     broker's transport (pinned to ``kotak.base_url`` in sandbox mode) and cache each as
     ``master/<segment>.csv``. Returns the paths written. A file is replaced only once its

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from libs.common import messages
 from libs.common.messages import (
     ACK,
     CANCELLED,
@@ -19,27 +20,49 @@ from libs.common.messages import (
     PARTIAL,
     PENDING_BROKER,
     REJECTED,
+    TERMINAL_STATES,
     UNKNOWN,
+    BracketState,
+    Purpose,
 )
 
-TERMINAL = frozenset({COMPLETE, REJECTED, CANCELLED})
+TERMINAL = TERMINAL_STATES  # defined once, in libs.common.messages
 
 # Lifecycle order: a status never moves to a lower rank (terminal states are final).
-RANK = {PENDING_BROKER: 0, UNKNOWN: 1, ACK: 2, OPEN: 3, PARTIAL: 4, COMPLETE: 5, REJECTED: 5, CANCELLED: 5}
+RANK: dict[str, int] = {
+    PENDING_BROKER: 0, UNKNOWN: 1, ACK: 2, OPEN: 3, PARTIAL: 4, COMPLETE: 5, REJECTED: 5, CANCELLED: 5,
+}
 
-# Purposes: what an order is for. ENTRY/EXIT/FLATTEN/MANUAL come from requests; STOP and
-# TARGET are the legs execution places for an OCO bracket.
-ENTRY, EXIT, FLATTEN_P, MANUAL, STOP, TARGET = "ENTRY", "EXIT", "FLATTEN", "MANUAL", "STOP", "TARGET"
-REQUEST_PURPOSES = frozenset({ENTRY, EXIT, FLATTEN_P, MANUAL})  # what a request may ask for
-LEG_PURPOSES = frozenset({STOP, TARGET})
 
-# Bracket states.
-B_PENDING = "PENDING_ENTRY"  # waiting for the entry to fill
-B_ACTIVE = "ACTIVE"  # position open, legs protecting it
-B_CLOSED = "CLOSED"  # position closed by a leg (or nothing left to protect)
-B_CANCELLED = "CANCELLED"  # entry ended without a fill
-B_FLATTENED = "FLATTENED"  # flatten took over: legs cancelled, position closed by flatten
-BRACKET_OPEN = frozenset({B_PENDING, B_ACTIVE})
+def next_status(current: str, reported: str) -> str | None:
+    """The status an order at ``current`` moves to when ``reported`` arrives, or None for no
+    move: the same status, anything after a terminal state, or a lower rank (a late
+    ``OPEN`` after ``PARTIAL``). Equal ranks other than terminal ones do not occur."""
+    if current == reported or current in TERMINAL_STATES:
+        return None
+    if RANK[reported] < RANK[current]:
+        return None
+    return reported
+
+
+# Purposes (``libs.common.messages.Purpose``): what an order is for. The aliases are typed
+# ``str``, as they were, so code that mixes them with plain strings needs no change.
+ENTRY: str = Purpose.ENTRY
+EXIT: str = Purpose.EXIT
+FLATTEN_P: str = Purpose.FLATTEN
+MANUAL: str = Purpose.MANUAL
+STOP: str = Purpose.STOP
+TARGET: str = Purpose.TARGET
+REQUEST_PURPOSES = messages.REQUEST_PURPOSES  # what a request may ask for
+LEG_PURPOSES = messages.LEG_PURPOSES  # the legs execution places for an OCO bracket
+
+# Bracket states (``libs.common.messages.BracketState``).
+B_PENDING: str = BracketState.PENDING_ENTRY
+B_ACTIVE: str = BracketState.ACTIVE
+B_CLOSED: str = BracketState.CLOSED
+B_CANCELLED: str = BracketState.CANCELLED
+B_FLATTENED: str = BracketState.FLATTENED
+BRACKET_OPEN: frozenset[str] = frozenset({B_PENDING, B_ACTIVE})
 
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
 
@@ -123,7 +146,7 @@ class OrderRow:
 
     @property
     def key(self) -> str:
-        return f"{self.segment}|{self.token}"
+        return f"{self.segment}|{self.token}"  # instrument_key, inlined: hot path
 
     @property
     def terminal(self) -> bool:
@@ -206,7 +229,7 @@ class FillRow:
 
     @property
     def key(self) -> str:
-        return f"{self.segment}|{self.token}"
+        return f"{self.segment}|{self.token}"  # instrument_key, inlined: hot path
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ from libs.common.messages import (
     PARTIAL,
     PENDING_BROKER,
     REJECTED,
+    TERMINAL_STATES,
     UNKNOWN,
     ExecuteOrder,
     to_builtins,
@@ -37,6 +38,7 @@ from services.execution.model import (
     OrderRow,
     new_client_tag,
     new_id,
+    next_status,
 )
 from services.execution.pricing import (
     bracket_reason,
@@ -276,9 +278,7 @@ class Orders(UnitOfWork):
         )
 
     def _transition(self, o: OrderRow, status: str, kind: str, payload: Any = None, reason: str = "") -> bool:
-        if o.status == status or o.status in (COMPLETE, REJECTED, CANCELLED):
-            return False
-        if RANK[status] < RANK[o.status]:
+        if next_status(o.status, status) is None:  # terminal is final; never back down the ranks
             return False
         old = o.status
         o.status = status
@@ -329,7 +329,7 @@ class Orders(UnitOfWork):
             self._mark(p)
             self._publish_order(p)
         statuses = [k.status for k in kids]
-        if all(s in (COMPLETE, REJECTED, CANCELLED) for s in statuses):
+        if all(s in TERMINAL_STATES for s in statuses):
             if filled >= p.quantity:
                 status = COMPLETE
             elif all(s == REJECTED for s in statuses):

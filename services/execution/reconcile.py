@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from libs.common.instruments import instrument_key, split_key
 from libs.common.messages import (
     ACK,
     CANCELLED,
@@ -13,6 +14,7 @@ from libs.common.messages import (
     REJECTED,
     UNKNOWN,
 )
+from libs.common.positions import PositionState
 from services.execution.base import (
     _LEGS,
     _ZERO,
@@ -21,13 +23,13 @@ from services.execution.base import (
     MISSING_RECHECK_NS,
     MISSING_SNAPSHOTS,
     QTY_MAX,
-    PositionState,
     _topic,
 )
 from services.execution.brokers.base import (
     BrokerOrderStatus,
     BrokerPosition,
     BrokerTrade,
+    error_reason,
 )
 from services.execution.flatten import Flattening
 from services.execution.intents import (
@@ -285,7 +287,7 @@ class Reconciliation(Flattening):
         """Each strategy's NRML/CNC net from the ledger's fills of earlier days: what it
         carries into today, so its position (and the legs sized to it) outlives midnight."""
         for c in self.store.carried_nets(self.day):
-            k = (c.strategy_id, f"{c.segment}|{c.token}")
+            k = (c.strategy_id, instrument_key(c.segment, c.token))
             pos = self.positions.get(k)
             if pos is None:
                 pos = self.positions[k] = PositionState(c.strategy_id, c.segment, c.token, c.symbol)
@@ -298,10 +300,8 @@ class Reconciliation(Flattening):
         flatten see it. When the ledger claims more than the broker carries (closed outside
         NeoPulse, a delivery settled), the broker's figure goes to ``carried`` and the
         strategies' carries are dropped, with a warning."""
-        if result is None:  # the broker has no positions call
-            return
         if isinstance(result, BaseException) or not isinstance(result, list):
-            why = getattr(result, "reason", str(result))
+            why = error_reason(result)
             self.recon.carried_retry = True  # asked again with the next reconciliation
             self.alert(
                 "WARNING", f"carried positions could not be read from the broker: {why}", "carried_unread"
@@ -311,7 +311,7 @@ class Reconciliation(Flattening):
         broker: dict[tuple[str, str], BrokerPosition] = {}
         for cp in result:
             if isinstance(cp, BrokerPosition) and abs(cp.quantity) <= QTY_MAX:
-                broker[(f"{cp.segment}|{cp.token}", cp.product)] = cp
+                broker[(instrument_key(cp.segment, cp.token), cp.product)] = cp
         ledger: dict[tuple[str, str], int] = {}
         for (sid, key), pos in self.positions.items():
             if sid != CARRIED:
@@ -323,7 +323,7 @@ class Reconciliation(Flattening):
             if known and ((held > 0) != (known > 0) or abs(held) < abs(known)):
                 self._carry_mismatch(key, product, held, known)
             if cp is not None or (CARRIED, key) in self.positions or held != known:
-                seg, tok = key.split("|", 1)
+                seg, tok = split_key(key)
                 rest = self.positions.get((CARRIED, key))
                 if rest is None:
                     rest = self.positions[(CARRIED, key)] = PositionState(

@@ -19,17 +19,17 @@ process with SIGKILL right after the PENDING commit and before the broker call;
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from libs.common.bus import Responder, Server, topic
 from libs.common.clock import Clock
-from libs.common.config import Config, ConfigError
+from libs.common.config import Config
 from libs.common.instruments import MasterData
 from libs.common.messages import (
     Alert,
@@ -50,6 +50,7 @@ from libs.common.messages import (
 )
 from libs.common.security import GUARDED_COMMANDS, SenderCheck
 from libs.common.service import Service
+from services.execution.brokers.base import Broker, InlineBroker, LiveBroker, error_reason
 from services.execution.embedded_pg import Database, DatabaseError, open_database
 from services.execution.engine import ExecutionEngine, Intent, PlaceIntent, run_intent
 from services.execution.ledger import PgOrderStore
@@ -71,35 +72,41 @@ def live_guard(cfg: Config, live: bool) -> str | None:
             "refusing to start: execution.broker=kotak places REAL orders; "
             "pass --live or set NEOPULSE_LIVE=1 to confirm"
         )
-    if importlib.util.find_spec("services.execution.brokers.kotak") is None:
-        return (
-            "execution.broker=kotak, but this build has no Kotak broker "
-            "(services/execution/brokers/kotak.py is missing)"
-        )
     return None
 
 
-def make_broker(cfg: Config, master: MasterData, clock: Clock, home: Path, log: Any) -> Any:
+def _failed(code: str, what: str, exc: BaseException) -> Reply:
+    """The answer to a request whose broker call failed: what failed, in the broker's words."""
+    return Reply(ok=False, code=code, error=f"{what}: {error_reason(exc)}")
+
+
+@dataclass(frozen=True)
+class Brokers:
+    """The configured broker, and what kind it is: exactly one of ``inline`` (paper, run on the
+    loop and fed the ticks) and ``live`` (a real account, run in the thread pool) is set."""
+
+    broker: Broker
+    inline: InlineBroker | None = None
+    live: LiveBroker | None = None
+
+
+def make_broker(cfg: Config, master: MasterData, clock: Clock, home: Path, log: Any) -> Brokers:
     """The configured broker: ``paper`` (journal under ``$NEOPULSE_HOME/run``) or ``kotak``."""
     if cfg.execution.broker == "paper":
         from services.execution.brokers.paper import PaperBroker
 
-        return PaperBroker(
+        paper = PaperBroker(
             master,
             clock,
             slippage_bps=cfg.paper.slippage_bps,
             journal=home / "run" / "paper-book.jsonl",
             log=log,
         )
-    try:
-        from services.execution.brokers.kotak import KotakBroker
-    except ModuleNotFoundError as exc:
-        if exc.name == "services.execution.brokers.kotak":
-            raise ConfigError(
-                "execution.broker=kotak, but services/execution/brokers/kotak.py is missing"
-            ) from None
-        raise
-    return KotakBroker(cfg.kotak, cfg.execution, master, clock, log)
+        return Brokers(paper, inline=paper)
+    from services.execution.brokers.kotak import KotakBroker
+
+    kotak = KotakBroker(cfg.kotak, cfg.execution, master, clock, log)
+    return Brokers(kotak, live=kotak)
 
 
 class ExecutionService(Service):
@@ -113,7 +120,9 @@ class ExecutionService(Service):
         self.db: Database | None = None
         self.store: PgOrderStore | None = None
         self.engine: ExecutionEngine = None  # type: ignore[assignment]
-        self.broker: Any = None
+        self.broker: Broker = None  # type: ignore[assignment]
+        self.inline_broker: InlineBroker | None = None  # paper: runs on the loop, fed the ticks
+        self.live_broker: LiveBroker | None = None  # a real account: runs in the thread pool
         self.inline = True
         self.pool: ThreadPoolExecutor | None = None
         self.server: Server | None = None
@@ -128,8 +137,9 @@ class ExecutionService(Service):
     def on_start(self) -> None:
         cfg = self.cfg
         master = MasterData.load_for_home(self.home)
-        self.broker = make_broker(cfg, master, self.clock, self.home, self.log)
-        self.inline = bool(getattr(self.broker, "inline", False))
+        brokers = make_broker(cfg, master, self.clock, self.home, self.log)
+        self.broker, self.inline_broker, self.live_broker = brokers.broker, brokers.inline, brokers.live
+        self.inline = self.inline_broker is not None
         try:
             self.db = open_database(cfg, self.home, self.log)
             self.store = PgOrderStore(self.db.url, self.log)
@@ -142,7 +152,9 @@ class ExecutionService(Service):
             startup_ms=round(self.db.startup_ms, 1),
             migrations=applied,
         )
-        self.engine = ExecutionEngine(self.store, self.broker, master, self.clock, cfg, log=self.log)
+        self.engine = ExecutionEngine(
+            self.store, self.broker, master, self.clock, cfg.execution, log=self.log
+        )
         if self.crash_at == "after_broker":
             self.engine.after_place = self._crash_after_place
         if not self.inline:
@@ -162,10 +174,9 @@ class ExecutionService(Service):
         self.add_task("due", DUE_CHECK_S, self._due)
         if not self.inline:
             self.add_task("status_poll", STATUS_POLL_S, self._poll_status)
-            if hasattr(self.broker, "logout_if_due"):
-                self.add_task(
-                    "logout", 30.0, lambda: self._in_pool(self.broker.logout_if_due, lambda r: None)
-                )
+            live = self.live_broker
+            if live is not None:
+                self.add_task("logout", 30.0, lambda: self._in_pool(live.logout_if_due, lambda r: None))
         self.log.info(
             "execution_ready",
             broker=self.engine.broker_name,
@@ -264,7 +275,7 @@ class ExecutionService(Service):
         self._pump()
 
     def _poll_status(self) -> None:
-        if self._polling or not hasattr(self.broker, "drain_events"):
+        if self._polling:
             return
         self._polling = True
 
@@ -298,7 +309,8 @@ class ExecutionService(Service):
     # ----------------------------------------------------------------- ticks
     def _on_ticks(self) -> None:
         engine_tick = self.engine.on_tick
-        broker_tick = self.broker.on_tick if self.inline and hasattr(self.broker, "on_tick") else None
+        paper = self.inline_broker
+        broker_tick = paper.on_tick if paper is not None else None
 
         def on_msg(_topic: bytes, msg: Message) -> None:
             if type(msg) is Tick:
@@ -307,7 +319,7 @@ class ExecutionService(Service):
                     broker_tick(msg)
 
         self._sub.drain(on_msg)
-        if broker_tick is not None and self.broker.events:
+        if paper is not None and paper.events:
             self._pump(settle=False)
 
     # ----------------------------------------------------------------- requests
@@ -403,8 +415,8 @@ class ExecutionService(Service):
         return Reply(ok=False, code="unsupported", error=f"execution does not handle {type(msg).__name__}")
 
     def _feed_session(self, responder: Responder) -> Message | None:
-        lease = getattr(self.broker, "feed_session", None)
-        if lease is None or self.inline:
+        live = self.live_broker
+        if live is None:
             return Reply(
                 ok=False,
                 code="no_session",
@@ -414,33 +426,22 @@ class ExecutionService(Service):
 
         def done(result: Any) -> None:
             if isinstance(result, BaseException):
-                responder.send(
-                    Reply(
-                        ok=False,
-                        code="no_session",
-                        error=f"feed session unavailable: {getattr(result, 'reason', result)}",
-                    )
-                )
+                responder.send(_failed("no_session", "feed session unavailable", result))
             else:
                 responder.send(Reply(ok=True, data=result))
 
-        self._in_pool(lease, done)
+        self._in_pool(live.feed_session, done)
         return None
 
     def _sync_master(self, msg: SyncMaster, responder: Responder) -> Message | None:
-        if self.inline or not hasattr(self.broker, "scrip_master_urls"):
+        live = self.live_broker
+        if live is None:
             return Reply(ok=False, code="needs_kotak", error="sync-master needs execution.broker=kotak")
         from services.execution.master_sync import fetch_kotak_master
 
         def done(result: Any) -> None:
             if isinstance(result, BaseException):
-                responder.send(
-                    Reply(
-                        ok=False,
-                        code="sync_failed",
-                        error=f"scrip master download failed: {getattr(result, 'reason', result)}",
-                    )
-                )
+                responder.send(_failed("sync_failed", "scrip master download failed", result))
                 return
             try:
                 master = MasterData.load_for_home(self.home)
@@ -450,10 +451,9 @@ class ExecutionService(Service):
                 responder.send(Reply(ok=False, code="sync_failed", error=f"scrip master not loaded: {exc}"))
                 return
             self.engine.master = master
-            if hasattr(self.broker, "master"):
-                self.broker.master = master
+            live.master = master
             self.log.info("master_synced", files=[str(p) for p in result], instruments=n)
             responder.send(Reply(ok=True, data={"files": [str(p) for p in result], "instruments": n}))
 
-        self._in_pool(lambda: fetch_kotak_master(self.broker, self.home), done)
+        self._in_pool(lambda: fetch_kotak_master(live, self.home), done)
         return None

@@ -5,7 +5,8 @@ ROUTER ``risk_rep``:
                         ``ExecuteOrder``; the verdict is sent once execution has committed
                         the PENDING row, carrying its ``order_id``. A rejection is answered
                         at once. Until the day is loaded from execution every order is
-                        refused with "risk is starting: day state not loaded".
+                        refused with "risk is starting: day state not loaded" (code
+                        ``starting``).
     ``KillSwitch``    → ``Reply(data=RiskState dict + day_loaded)``; on/off or query.
     ``GetRiskState``  → ``RiskState``.   ``GetStatus`` → ``Reply(data={...})``.
 PUB ``risk_pub``: ``risk.state.`` (on change and every second), ``verdict.<strategy_id>.``
@@ -40,7 +41,7 @@ from typing import Any
 from libs.common.bus import RequestTimeout, Responder, Server, topic
 from libs.common.clock import Clock, trading_day
 from libs.common.config import Config
-from libs.common.instruments import MasterData
+from libs.common.instruments import MasterData, instrument_key
 from libs.common.messages import (
     Alert,
     CancelEntries,
@@ -56,14 +57,17 @@ from libs.common.messages import (
     OrderUpdate,
     RecordRiskEvent,
     Reply,
+    RiskEvent,
     RiskVerdict,
     Subscribe,
     Tick,
+    VerdictCode,
     to_builtins,
 )
-from libs.common.security import present_credential
+from libs.common.security import UNAUTHORISED, present_credential
 from libs.common.service import Service
-from services.risk.sentinel import Event, RiskSentinel
+from services.risk.book import Event
+from services.risk.sentinel import RiskSentinel
 
 STATE_TOPIC = topic("risk", "state")
 ALERT_TOPIC = topic("alert", "risk")
@@ -169,7 +173,7 @@ class RiskService(Service):
             return None
         if not self.day_loaded:
             verdict = RiskVerdict(request_id=req.request_id, approved=False, reason=STARTING_REASON,
-                                  state=self.sentinel.current_state)
+                                  code=VerdictCode.STARTING, state=self.sentinel.current_state)
             self._announce(req, verdict)
             return verdict
         verdict, execute = self.sentinel.evaluate(req)
@@ -215,7 +219,9 @@ class RiskService(Service):
                                     lambda: self._send_execute(req, execute, attempt + 1))
             return
         elif isinstance(reply, Reply):
-            verdict = self.sentinel.execution_failed(rid, f"execution refused: {reply.error or reply.code}")
+            code = VerdictCode.UNAUTHORISED if reply.code == UNAUTHORISED else VerdictCode.EXECUTION
+            reason = f"execution refused: {reply.error or reply.code}"
+            verdict = self.sentinel.execution_failed(rid, reason, code)
         elif isinstance(reply, Exception):
             # The budget is spent, so the deadline has passed: execution will not place it.
             self.log.error("execution_timeout_gave_up", request_id=rid, attempts=attempt,
@@ -232,12 +238,14 @@ class RiskService(Service):
         """Log and publish every verdict (the notifier announces rejections)."""
         if verdict.approved:
             self.log.info("order_approved", request_id=req.request_id, order_id=verdict.order_id,
-                          strategy_id=req.strategy_id, symbol=req.symbol or f"{req.segment}|{req.token}",
+                          strategy_id=req.strategy_id,
+                          symbol=req.symbol or instrument_key(req.segment, req.token),
                           side=req.side, quantity=verdict.quantity,
                           price=str(req.price) if req.price is not None else "market")
         else:
             self.log.info("order_rejected", request_id=req.request_id, reason=verdict.reason,
-                          strategy_id=req.strategy_id, symbol=req.symbol or f"{req.segment}|{req.token}",
+                          code=verdict.code, strategy_id=req.strategy_id,
+                          symbol=req.symbol or instrument_key(req.segment, req.token),
                           side=req.side, quantity=req.quantity,
                           price=str(req.price) if req.price is not None else "market")
         assert self.pub is not None
@@ -246,7 +254,7 @@ class RiskService(Service):
 
     def _ensure_marked(self, execute: ExecuteOrder) -> None:
         """Ask the feed for ticks of a traded instrument, so its position is marked to market."""
-        key = f"{execute.segment}|{execute.token}"
+        key = instrument_key(execute.segment, execute.token)
         if key in self._marked:
             return
         self._marked.add(key)
@@ -388,7 +396,7 @@ class RiskService(Service):
         now = self.clock.now_ns()
         s = self.sentinel
         return (
-            RecordRiskEvent(event="kill_switch_on", reason=s.kill_reason, source="risk",
+            RecordRiskEvent(event=RiskEvent.KILL_SWITCH_ON, reason=s.kill_reason, source="risk",
                             data={"kill_switch": True, "risk_state": s.current_state,
                                   "trading_day": s.trading_day},
                             request_id=f"risk-ks-on-{now}", ts_ns=now),

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from libs.common.config import ConfigError, StrategyInstance
-from libs.common.service import EXIT_CONFIG, load_config_or_exit
+from libs.common.service import EXIT_CONFIG, VERBOSE_HELP, load_config_or_exit
 
 
 def parse_params(pairs: list[str]) -> dict[str, object]:
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param", action="append", default=[], metavar="K=V", help="parameter override")
     parser.add_argument("--instruments", default="", help="comma-separated symbols or segment|token")
     parser.add_argument("--on-error", choices=("continue", "stop"), default=None)
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit()
+    cfg = load_config_or_exit(verbose=args.verbose)
     if args.name is None:
         from services.strategy.supervisor import run_all
 

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from libs.common.clock import Clock
-from libs.common.instruments import Instrument, MasterData
+from libs.common.instruments import Instrument, MasterData, instrument_key, split_key
 from libs.common.messages import (
     TERMINAL_STATES,
     Fill,
@@ -54,13 +54,15 @@ from libs.common.messages import (
     Tick,
 )
 from libs.common.money import snap, to_decimal
+from libs.common.positions import FloatPositionState
 from services.strategy.bars import Bar, BarAggregator
 
 __all__ = [
     "Bar",
+    "FloatPositionState",
+    "InstrumentRef",
     "NoParams",
     "ParamsError",
-    "PositionState",
     "Sizing",
     "Strategy",
     "StrategyContext",
@@ -71,8 +73,10 @@ __all__ = [
 _EMPTY: tuple[OrderRequest, ...] = ()
 UNCONFIRMED_TTL_S = 15.0  # how long an order whose risk reply timed out blocks re-entry
 BAR_FLUSH_GRACE_NS = 2_000_000_000  # a quiet bar closes this long after its end (clock skew)
-_LOG_FIRST_ERRORS = 5
-_LOG_EVERY_ERRORS = 1000
+ERROR_REPEAT_S = 5.0  # a hook that keeps raising logs one counter line at most this often
+
+#: What the helpers accept as an instrument: a tick, a bar, ``segment|token`` or a symbol.
+InstrumentRef = str | Tick | Bar
 
 
 class ParamsError(ValueError):
@@ -131,52 +135,6 @@ class StrategyContext:
         return lambda: f"{strategy_id}-{next(counter):06d}"
 
 
-class PositionState:
-    """The strategy's net position in one instrument, from its own fills."""
-
-    __slots__ = ("avg_price", "key", "last_price", "quantity", "realised", "segment", "symbol", "token")
-
-    def __init__(self, key: str, symbol: str = "") -> None:
-        self.key = key
-        self.segment, _, self.token = key.partition("|")
-        self.symbol = symbol
-        self.quantity = 0  # signed: + long, - short
-        self.avg_price = 0.0
-        self.realised = 0.0
-        self.last_price = 0.0
-
-    @property
-    def unrealised(self) -> float:
-        if not self.quantity or not self.last_price:
-            return 0.0
-        return (self.last_price - self.avg_price) * self.quantity
-
-    def apply(self, side: str, qty: int, price: float) -> None:
-        """Book a fill: average in when adding, realise PnL when reducing or reversing."""
-        signed = qty if side == "BUY" else -qty
-        q = self.quantity
-        if q == 0 or (q > 0) == (signed > 0):
-            total = q + signed
-            self.avg_price = (self.avg_price * abs(q) + price * qty) / abs(total)
-            self.quantity = total
-            return
-        closing = min(abs(q), qty)
-        direction = 1 if q > 0 else -1
-        self.realised += (price - self.avg_price) * closing * direction
-        total = q + signed
-        self.quantity = total
-        if total == 0:
-            self.avg_price = 0.0
-        elif (total > 0) != (q > 0):  # reversed through zero: the rest opens at this price
-            self.avg_price = price
-
-    def __repr__(self) -> str:
-        return (
-            f"PositionState({self.key} qty={self.quantity} avg={self.avg_price:.2f} "
-            f"realised={self.realised:.2f})"
-        )
-
-
 class Strategy:
     """Base class of every strategy. Override the hooks; call the helpers.
 
@@ -202,12 +160,15 @@ class Strategy:
         self.id = ctx.strategy_id
         self.log = ctx.log
         self.params: Any = self.parse_params(params)
-        self.positions: dict[str, PositionState] = {}
+        self.positions: dict[str, FloatPositionState] = {}  # key → this strategy's own fills, booked
         self.pending: dict[str, OrderRequest] = {}  # request_id → sent, execution not heard from yet
         self.unconfirmed: dict[str, int] = {}  # request_id → deadline (risk reply timed out)
         self.open_orders: dict[str, OrderUpdate] = {}  # order_id → last non-terminal update
         self.last: dict[str, Tick] = {}  # key → last tick
         self.errors = 0
+        self._error_kinds: set[tuple[str, str]] = set()  # (hook, exception type) logged in full
+        self._error_logged_at = 0.0  # clock.monotonic() of the last hook-failure line
+        self._errors_unlogged = 0  # failures since that line
         self.halted = ""  # set when on_error=stop and a hook raised: the reason
         self.instruments: list[Instrument] = []
         self._outbox: list[OrderRequest] = []
@@ -254,7 +215,7 @@ class Strategy:
     # ================================================================== helpers
     def buy(
         self,
-        instrument: str | Tick,
+        instrument: InstrumentRef,
         quantity: int | None = None,
         *,
         price: float | Decimal | None = None,
@@ -276,7 +237,7 @@ class Strategy:
 
     def sell(
         self,
-        instrument: str | Tick,
+        instrument: InstrumentRef,
         quantity: int | None = None,
         *,
         price: float | Decimal | None = None,
@@ -289,7 +250,7 @@ class Strategy:
         return self._entry("SELL", instrument, quantity, price, stop_loss, target, sizing, product)
 
     def exit(
-        self, instrument: str | Tick, *, price: float | Decimal | None = None, product: str = "MIS"
+        self, instrument: InstrumentRef, *, price: float | Decimal | None = None, product: str = "MIS"
     ) -> OrderRequest | None:
         """Close the whole position in ``instrument`` (reduce-only, market intent unless
         ``price``). Returns ``None`` when flat or when an exit is already in flight."""
@@ -298,14 +259,14 @@ class Strategy:
         if pos is None or pos.quantity == 0:
             return None
         for req in self._outbox:
-            if req.purpose == "EXIT" and self._req_key(req) == key:
+            if req.purpose == "EXIT" and _req_key(req) == key:
                 return None
         for rid in self._exit_ids:
             sent = self.pending.get(rid)
-            if sent is not None and self._req_key(sent) == key:
+            if sent is not None and _req_key(sent) == key:
                 return None
         for upd in self.open_orders.values():
-            if upd.request_id in self._exit_ids and f"{upd.segment}|{upd.token}" == key:
+            if upd.request_id in self._exit_ids and instrument_key(upd.segment, upd.token) == key:
                 return None
         side = "SELL" if pos.quantity > 0 else "BUY"
         req = self._build(
@@ -314,38 +275,42 @@ class Strategy:
         self._exit_ids.add(req.request_id)
         return req
 
-    def position(self, instrument: str | Tick) -> int:
+    def position(self, instrument: InstrumentRef) -> int:
         """Signed quantity held in ``instrument`` (+ long, - short, 0 flat)."""
         pos = self.positions.get(self.key_of(instrument))
         return pos.quantity if pos is not None else 0
 
-    def is_flat(self, instrument: str | Tick) -> bool:
+    def is_flat(self, instrument: InstrumentRef) -> bool:
         """True when there is no position and no order open or in flight in ``instrument``."""
         key = self.key_of(instrument)
         return self.position(key) == 0 and not self.has_orders(key)
 
-    def has_orders(self, instrument: str | Tick) -> bool:
+    def has_orders(self, instrument: InstrumentRef) -> bool:
         """True when an order in ``instrument`` is in flight or open at the broker."""
         key = self.key_of(instrument)
         if key in self._busy:
             return True
-        return any(self._req_key(req) == key for req in self._outbox)
+        return any(_req_key(req) == key for req in self._outbox)
 
-    def key_of(self, instrument: str | Tick) -> str:
-        """``segment|token`` of a tick, a ``segment|token`` string or a trading symbol."""
+    def key_of(self, instrument: InstrumentRef) -> str:
+        """``segment|token`` of a tick, a bar, a ``segment|token`` string or a trading symbol."""
         if type(instrument) is str and "|" in instrument:
             return instrument
         if isinstance(instrument, Tick):
-            return f"{instrument.segment}|{instrument.token}"
+            return f"{instrument.segment}|{instrument.token}"  # instrument_key, inlined: hot path
+        if isinstance(instrument, Bar):
+            return instrument.key
         master = self.ctx.master
         if master is None:
             raise ValueError(f"cannot resolve symbol {instrument!r} without an instrument master")
         return master.resolve(instrument).key
 
-    def price_offset(self, instrument: str | Tick, base: float, pct: float, mode: str = "nearest") -> Decimal:
+    def price_offset(
+        self, instrument: InstrumentRef, base: float, pct: float, mode: str = "nearest"
+    ) -> Decimal:
         """``base x (1 + pct/100)`` snapped to the instrument's tick size (``mode``:
         nearest, up, down). Handy for stops and targets in percent."""
-        return snap(base * (1.0 + pct / 100.0), self._tick_size(self.key_of(instrument)), mode)
+        return snap(base * (1.0 + pct / 100.0), _tick_size_of(self.ctx.master, self.key_of(instrument)), mode)
 
     # ================================================================== host API
     # The host (live service, backtest) calls these; strategies do not.
@@ -381,7 +346,7 @@ class Strategy:
         if self.halted:
             return _EMPTY
         if key is None:
-            key = f"{tick.segment}|{tick.token}"
+            key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         self.last[key] = tick
         pos = self.positions.get(key)
         if pos is not None:
@@ -433,7 +398,7 @@ class Strategy:
                 self.unconfirmed[rid] = self.ctx.clock.now_ns() + int(UNCONFIRMED_TTL_S * 1e9)
             self.log.warning("order_request_failed", strategy_id=self.id, request_id=rid, error=str(verdict))
             return _EMPTY
-        key = self._req_key(request)
+        key = _req_key(request)
         if verdict.approved:
             if self._backoff:
                 self._backoff.pop(key, None)
@@ -461,7 +426,7 @@ class Strategy:
         if update.filled_qty > self._known_qty.get(oid, 0):
             self._known_qty[oid] = update.filled_qty
             price = float(update.avg_price) if update.avg_price is not None else 0.0
-            self._book(oid, f"{update.segment}|{update.token}", update.symbol, update.side, price)
+            self._book(oid, instrument_key(update.segment, update.token), update.symbol, update.side, price)
         return self._guarded("on_order", lambda: self.on_order(update))
 
     def dispatch_fill(self, fill: Fill) -> list[OrderRequest] | tuple[OrderRequest, ...]:
@@ -471,7 +436,7 @@ class Strategy:
         self._fill_ids.add(fill.fill_id)
         oid = fill.order_id
         self._fill_qty[oid] = self._fill_qty.get(oid, 0) + fill.quantity
-        self._book(oid, f"{fill.segment}|{fill.token}", fill.symbol, fill.side, float(fill.price))
+        self._book(oid, instrument_key(fill.segment, fill.token), fill.symbol, fill.side, float(fill.price))
         return self._guarded("on_fill", lambda: self.on_fill(fill))
 
     def dispatch_stop(self) -> list[OrderRequest] | tuple[OrderRequest, ...]:
@@ -490,8 +455,8 @@ class Strategy:
         for p in positions:
             if p.strategy_id and p.strategy_id != self.id:
                 continue
-            key = f"{p.segment}|{p.token}"
-            pos = self.positions.get(key) or PositionState(key, p.symbol)
+            key = instrument_key(p.segment, p.token)
+            pos = self.positions.get(key) or FloatPositionState(self.id, p.segment, p.token, p.symbol)
             pos.quantity = p.quantity
             pos.avg_price = float(p.avg_price)
             pos.realised = float(p.realised_pnl)
@@ -520,7 +485,8 @@ class Strategy:
         self._applied_qty[oid] = target
         pos = self.positions.get(key)
         if pos is None:
-            pos = self.positions[key] = PositionState(key, symbol)
+            segment, token = split_key(key)
+            pos = self.positions[key] = FloatPositionState(self.id, segment, token, symbol)
             last = self.last.get(key)
             pos.last_price = last.ltp if last is not None else price
         pos.apply(side, delta, price)
@@ -528,7 +494,7 @@ class Strategy:
     def _entry(  # noqa: PLR0917 - the helpers' arguments, passed through
         self,
         side: str,
-        instrument: str | Tick,
+        instrument: InstrumentRef,
         quantity: int | None,
         price: float | Decimal | None,
         stop_loss: float | Decimal | None,
@@ -565,20 +531,20 @@ class Strategy:
         reduce_only: bool,
         purpose: str,
     ) -> OrderRequest:
-        segment, _, token = key.partition("|")
-        tick_size = self._tick_size(key)
+        segment, token = split_key(key)
+        tick_size = _tick_size_of(self.ctx.master, key)
         buy = side == "BUY"
         req = OrderRequest(
             request_id=self.ctx.new_request_id(),
             strategy_id=self.id,
             side=side,
             quantity=quantity,
-            symbol=self._symbol(key),
+            symbol=_symbol_of(self.ctx.master, self.last.get(key), key),
             segment=segment,
             token=token,
-            price=self._price(price, tick_size, "nearest"),
-            stop_loss=self._price(stop_loss, tick_size, "down" if buy else "up"),
-            target=self._price(target, tick_size, "up" if buy else "down"),
+            price=_request_price(price, tick_size, "nearest"),
+            stop_loss=_request_price(stop_loss, tick_size, "down" if buy else "up"),
+            target=_request_price(target, tick_size, "up" if buy else "down"),
             product=product,
             sizing=sizing,
             reduce_only=reduce_only,
@@ -588,33 +554,6 @@ class Strategy:
         # Queue only a complete request: nothing half-built can leave the strategy.
         self._outbox.append(req)
         return req
-
-    @staticmethod
-    def _price(value: float | Decimal | None, tick_size: Decimal, mode: str) -> Decimal | None:
-        if value is None:
-            return None
-        if isinstance(value, Decimal):
-            return value
-        if tick_size > 0:
-            return snap(value, tick_size, mode)
-        return to_decimal(round(value, 2))
-
-    def _tick_size(self, key: str) -> Decimal:
-        master = self.ctx.master
-        inst = master.by_key.get(key) if master is not None else None
-        return inst.tick_size if inst is not None else Decimal("0.05")
-
-    def _symbol(self, key: str) -> str:
-        master = self.ctx.master
-        inst = master.by_key.get(key) if master is not None else None
-        if inst is not None:
-            return inst.symbol
-        last = self.last.get(key)
-        return last.symbol if last is not None else ""
-
-    @staticmethod
-    def _req_key(req: OrderRequest) -> str:
-        return f"{req.segment}|{req.token}"
 
     def _commit(self) -> list[OrderRequest]:
         out = self._outbox
@@ -626,8 +565,8 @@ class Strategy:
 
     def _refresh_busy(self) -> None:
         """Recompute the instruments with orders in flight or open (on order events only)."""
-        busy = {f"{r.segment}|{r.token}" for r in self.pending.values()}
-        busy.update(f"{u.segment}|{u.token}" for u in self.open_orders.values())
+        busy = {instrument_key(r.segment, r.token) for r in self.pending.values()}
+        busy.update(instrument_key(u.segment, u.token) for u in self.open_orders.values())
         self._busy = busy
 
     def _guarded(self, hook: str, fn: Callable[[], Any]) -> list[OrderRequest] | tuple[OrderRequest, ...]:
@@ -649,18 +588,59 @@ class Strategy:
                     self.on_bar(bar)
 
     def _failed(self, hook: str, exc: Exception, force_stop: bool = False) -> None:
+        """Count a hook failure and log it: the first of each hook and exception type with
+        its traceback, repeats as one line with the running count at most every
+        ``ERROR_REPEAT_S`` (a hook raising on every tick must not flood the console)."""
         self.errors += 1
         n = self.errors
         stop = force_stop or self.ctx.on_error == "stop"
         if stop:
             self.halted = f"strategy {self.id} stopped: {hook} raised {type(exc).__name__}: {exc}"
-        if stop or n <= _LOG_FIRST_ERRORS or n % _LOG_EVERY_ERRORS == 0:
-            self.log.error(
-                "strategy_hook_failed",
-                strategy_id=self.id,
-                hook=hook,
-                errors=n,
-                error=f"{type(exc).__name__}: {exc}",
-                action="stop" if stop else "continue",
-                exc_info=exc,
-            )
+        kind = (hook, type(exc).__name__)
+        first = kind not in self._error_kinds
+        now = self.ctx.clock.monotonic()
+        if not (stop or first or now - self._error_logged_at >= ERROR_REPEAT_S):
+            self._errors_unlogged += 1
+            return
+        self._error_kinds.add(kind)
+        self._error_logged_at = now
+        repeated, self._errors_unlogged = self._errors_unlogged, 0
+        self.log.error(
+            "strategy_hook_failed",
+            strategy_id=self.id,
+            hook=hook,
+            errors=n,
+            error=f"{type(exc).__name__}: {exc}",
+            action="stop" if stop else "continue",
+            **({"exc_info": exc} if first else {"repeated": repeated}),
+        )
+
+
+# ------------------------------------------------------------------ request building helpers
+
+
+def _request_price(value: float | Decimal | None, tick_size: Decimal, mode: str) -> Decimal | None:
+    """A strategy's float price on the tick (``mode`` rounds toward safety); a Decimal as given."""
+    if value is None:
+        return None
+    if isinstance(value, Decimal):
+        return value
+    if tick_size > 0:
+        return snap(value, tick_size, mode)
+    return to_decimal(round(value, 2))
+
+
+def _tick_size_of(master: MasterData | None, key: str) -> Decimal:
+    inst = master.by_key.get(key) if master is not None else None
+    return inst.tick_size if inst is not None else Decimal("0.05")
+
+
+def _symbol_of(master: MasterData | None, last: Tick | None, key: str) -> str:
+    inst = master.by_key.get(key) if master is not None else None
+    if inst is not None:
+        return inst.symbol
+    return last.symbol if last is not None else ""
+
+
+def _req_key(req: OrderRequest) -> str:
+    return f"{req.segment}|{req.token}"  # instrument_key, inlined: hot path

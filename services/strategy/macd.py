@@ -16,6 +16,7 @@ from typing import Annotated
 
 from msgspec import Meta
 
+from libs.common.instruments import instrument_key
 from libs.common.messages import Fill
 from services.strategy.bars import Bar
 from services.strategy.base import Strategy, StrategyParams
@@ -82,7 +83,7 @@ class MacdCrossover(Strategy):
 
     def on_fill(self, fill: Fill) -> None:
         """After a reversal's exit fills, open the other side."""
-        key = f"{fill.segment}|{fill.token}"
+        key = instrument_key(fill.segment, fill.token)
         st = self.state.get(key)
         if st is not None and st.want and self.position(key) == 0:
             self._reconcile(key, st, float(fill.price))

@@ -19,6 +19,7 @@ from typing import Annotated
 
 from msgspec import Meta
 
+from libs.common.instruments import instrument_key
 from libs.common.messages import Fill, Sizing, Tick
 from services.strategy.base import Strategy, StrategyParams
 
@@ -63,7 +64,7 @@ class Momentum(Strategy):
     def on_tick(self, tick: Tick) -> None:
         """Enter on a strong N-tick move; exit on reversal (and on stop/target without bracket)."""
         p = self.params
-        key = f"{tick.segment}|{tick.token}"
+        key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         st = self.state.get(key)
         if st is None:
             st = self.state[key] = _State(p.lookback)
@@ -97,7 +98,7 @@ class Momentum(Strategy):
 
     def on_fill(self, fill: Fill) -> None:
         """Start the cooldown when a position has been closed."""
-        key = f"{fill.segment}|{fill.token}"
+        key = instrument_key(fill.segment, fill.token)
         st = self.state.get(key)
         if st is not None and self.position(key) == 0:
             st.cooldown = self.params.cooldown_ticks

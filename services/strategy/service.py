@@ -37,6 +37,7 @@ from libs.common.messages import (
     RiskVerdict,
     Subscribe,
     Tick,
+    VerdictCode,
 )
 from libs.common.service import EXIT_ERROR, Service
 from services.strategy import registry
@@ -237,7 +238,8 @@ class StrategyService(Service):
         if isinstance(reply, RiskVerdict):
             verdict = reply
         elif isinstance(reply, Reply):
-            verdict = RiskVerdict(request_id=req.request_id, approved=False, reason=reply.error or "refused")
+            verdict = RiskVerdict(request_id=req.request_id, approved=False, reason=reply.error or "refused",
+                                  code=VerdictCode.REFUSED)
         elif isinstance(reply, Exception):
             verdict = reply
         else:

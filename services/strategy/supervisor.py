@@ -42,6 +42,7 @@ def run_all(cfg: Config) -> int:
         config_mod.secret_values(cfg),
         max_bytes=cfg.log.max_bytes,
         backups=cfg.log.backups,
+        console_level=cfg.log.console_level,
     )
     stopping: list[int] = []
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,8 +38,8 @@ def _offset_s(day: date, now: datetime) -> int:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path / "home", free_base_port(),
+def stack() -> Iterator[Stack]:
+    s = Stack(free_base_port(),
               NEOPULSE_FEED__INSTRUMENTS='["RELIANCE-EQ"]', NEOPULSE_FEED__RECORD="false",
               NEOPULSE_FEED__SIM_VOLATILITY="0", NEOPULSE_FEED__SIM_RATE="20")
     try:
@@ -49,7 +48,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         for name in ("risk", "feed", "execution"):  # execution last: it stops its PostgreSQL
             if name in s.services:
                 s.stop_service(name)
-        s.kill_all()
+        s.remove()
 
 
 def _start(stack: Stack, offset_s: int) -> None:
@@ -133,4 +132,4 @@ def test_kill_switch_cancels_a_resting_manual_order_and_stays_on_the_next_tradin
         f"a restart on the next trading day unlocked the kill switch: {state}")
     res = stack.cli("trade", "BUY", "RELIANCE-EQ", "--qty", "1", "--price", FAR_BELOW, "--json")
     verdict = json.loads(res.stdout)
-    assert res.returncode == 1 and verdict["reason"].startswith("HALTED"), verdict
+    assert res.returncode == 1 and verdict["code"] == "halted", verdict

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,10 +13,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def stack(tmp_path: Path):
-    s = Stack(tmp_path / "home", free_base_port()).start()
+def stack():
+    s = Stack(free_base_port()).start()
     yield s
-    s.kill_all()
+    s.remove()
 
 
 def test_momentum_order_reaches_the_ledger_and_fills_then_ctrl_c_stops_everything(stack: Stack) -> None:
@@ -54,9 +53,9 @@ def test_momentum_order_reaches_the_ledger_and_fills_then_ctrl_c_stops_everythin
     assert stack.member_pids() == []
 
 
-def test_status_names_risk_as_down_and_exits_3(tmp_path: Path) -> None:
+def test_status_names_risk_as_down_and_exits_3() -> None:
     # Arrange: every process of the Procfile except risk.
-    stack = Stack(tmp_path / "home", free_base_port()).start("feed", "strategy", "execution", "notifier")
+    stack = Stack(free_base_port()).start("feed", "strategy", "execution", "notifier")
     try:
         def others_up():
             r = stack.cli("status", "--json")
@@ -75,4 +74,4 @@ def test_status_names_risk_as_down_and_exits_3(tmp_path: Path) -> None:
         assert "risk" in res.stderr and str(stack.base_port + 102) in res.stderr
     finally:
         stack.stop()
-        stack.kill_all()
+        stack.remove()

@@ -12,10 +12,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fakes.kotak_rest import KotakRestFake
 
 _db_ids = itertools.count(1)
 TEMPLATE = "np_template"
@@ -51,6 +54,22 @@ def _with_db(url: str, name: str) -> str:
     return f"{base}/{name}" + (f"?{query}" if query else "")
 
 
+@contextmanager
+def cloned_db(pg_server: Any, name: str) -> Iterator[str]:
+    """The URL of database ``name``, a clone of the migrated template (for a module-scoped
+    stack; a crashed run's leftover is dropped first), dropped again afterwards."""
+    import psycopg
+
+    with psycopg.connect(pg_server.url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    try:
+        yield _with_db(pg_server.url, name)
+    finally:
+        with psycopg.connect(pg_server.url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def pg_url(pg_server: Any) -> Iterator[str]:
     """A fresh, migrated database for this test."""
@@ -62,6 +81,14 @@ def pg_url(pg_server: Any) -> Iterator[str]:
     yield _with_db(pg_server.url, name)
     with psycopg.connect(pg_server.url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
+    """The Kotak REST fake, running, with its state in this test's tmp dir (the SFeed tests
+    define their own ``fake``)."""
+    with KotakRestFake(tmp_path / "kotak-state.json") as running:
+        yield running
 
 
 @pytest.fixture

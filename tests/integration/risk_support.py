@@ -3,6 +3,7 @@ the real bus, run the real CLI."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -13,10 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from libs.common.bus import Bus, RequestTimeout
+from libs.common.bus import Bus
 from libs.common.config import Config, load_config
 from libs.common.messages import GetStatus, Message, Reply
 from tests.helpers import eventually, stack_env
+from tests.kit import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 # The installed console script, as an operator runs it (the venv's, next to this python).
@@ -37,36 +39,20 @@ class Stack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, service: str, ready: bool = True) -> subprocess.Popen[bytes]:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with (self.home / f"{service}.out").open("ab") as out:  # the child keeps its own copy
-            proc = subprocess.Popen([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT)
+        proc = processes.spawn(self.home, service, self.env)
         self.procs[service] = proc
         if ready:
             endpoint = {"risk": "risk_rep", "execution": "execution_rep", "feed": "feed_rep"}[service]
-            eventually(lambda: self._answers(endpoint, proc, service), timeout=30,
-                       message=f"{service} to answer")
+            status = functools.partial(self.ask, endpoint, timeout_ms=300)
+            eventually(lambda: processes.answers(proc, self.home, service, status),
+                       timeout=30, message=f"{service} to answer")  # fmt: skip
         return proc
 
-    def _answers(self, endpoint: str, proc: subprocess.Popen[bytes], service: str) -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{service} exited with {proc.returncode}:\n{self.output(service)[-3000:]}")
-        try:
-            reply = self.ask(endpoint, GetStatus(), timeout_ms=300)
-        except RequestTimeout:
-            return False
-        return isinstance(reply, Reply) and reply.ok
-
     def output(self, service: str) -> str:
-        path = self.home / f"{service}.out"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return processes.output(self.home, service)
 
     def ask(self, endpoint_name: str, msg: Message, timeout_ms: int = 3000) -> Message:
-        client = self.bus.client(self.cfg.bus.endpoint(endpoint_name), timeout_ms)
-        try:
-            return client.request(msg)
-        finally:
-            client.close()
+        return processes.ask(self.bus, self.cfg, endpoint_name, msg, timeout_ms)
 
     def status(self, endpoint_name: str = "risk_rep") -> dict[str, Any]:
         reply = self.ask(endpoint_name, GetStatus())
@@ -75,15 +61,7 @@ class Stack:
         return data
 
     def stop(self, service: str, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        proc = self.procs.pop(service)
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
+        return processes.stop(self.procs.pop(service), sig, timeout)
 
     def kill(self, service: str) -> None:
         self.stop(service, signal.SIGKILL)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import msgspec
@@ -16,6 +15,7 @@ from libs.common.bus import _HDR, SEP, Bus, Reactor, RequestTimeout, Responder, 
 from libs.common.config import load_config
 from libs.common.messages import Codec, GetStatus, Heartbeat, Message, Reply, Tick
 from tests.helpers import eventually, free_port
+from tests.kit.bus import served
 
 
 def _ep() -> str:
@@ -37,35 +37,6 @@ def _handshake(pub_send: Callable[[], None], sub: Any) -> None:
     eventually(seen, 5, 0.0, "subscription handshake")
     while sub.sock.poll(50):
         sub.sock.recv()
-
-
-@contextmanager
-def served(endpoint: str, handler: Callable[[Message, Responder], Message | None]) -> Iterator[Bus]:
-    """A ROUTER server on ``endpoint`` running in its own reactor thread."""
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def run() -> None:
-        sbus = Bus()
-        reactor = Reactor(sbus.ctx)
-        server = sbus.server(endpoint)
-        server.handler = handler
-        reactor.add_reader(server.sock, server.drain)
-        holder.update(bus=sbus, reactor=reactor, server=server)
-        ready.set()
-        reactor.run()
-        server.close()
-        reactor.close()
-        sbus.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(5)
-    try:
-        yield holder["server"]
-    finally:
-        holder["reactor"].call_soon_threadsafe(holder["reactor"].stop)
-        t.join(5)
 
 
 def _status_ok(msg: Message, _r: Responder) -> Message:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import pytest
 
 from tests.fakes.telegram_server import TelegramFake
 from tests.helpers import eventually, free_base_port, stack_env
+from tests.integration.conftest import cloned_db
+from tests.kit import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 NEOPULSE = str(Path(sys.executable).parent / "neopulse")
@@ -46,21 +47,10 @@ class PaperStack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with (self.home / f"{name}.out").open("ab") as out:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT,
-                                                env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL)
+        self.procs[name] = processes.spawn(self.home, name, self.env)
 
     def stop(self, name: str, timeout: float = 10) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        processes.stop(self.procs.pop(name), timeout=timeout)
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return subprocess.run([NEOPULSE, *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
@@ -79,30 +69,22 @@ def telegram() -> Iterator[TelegramFake]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: Any,
           telegram: TelegramFake) -> Iterator[PaperStack]:
-    import psycopg
-
-    name = f"np_ops{os.getpid()}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE np_template")
-    head, _, query = pg_server.url.partition("?")
-    url = f"{head.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    tmp = tmp_path_factory.mktemp("ops")
-    home = tmp / "home"
-    env = stack_env(home, free_base_port(), NEOPULSE_DATABASE__URL=url,
-                    NEOPULSE_ENV_FILE=str(tmp / "none.env"), NEOPULSE_TELEGRAM__API_URL=telegram.api_url,
-                    NEOPULSE_NOTIFIER__AGGREGATE_MS="300", **SECRETS)
-    s = PaperStack(home, env)
-    for svc in SERVICES:
-        s.start(svc)
-    try:
-        eventually(lambda: s.cli("status", "--listen", "1.2").returncode == 0, 40, 0.5,
-                   message=f"every service up\n{s.outputs()}")
-        yield s
-    finally:
-        for svc in list(s.procs):
-            s.stop(svc)
-        with psycopg.connect(pg_server.url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with cloned_db(pg_server, f"np_ops{os.getpid()}") as url:
+        tmp = tmp_path_factory.mktemp("ops")
+        home = tmp / "home"
+        env = stack_env(home, free_base_port(), NEOPULSE_DATABASE__URL=url,
+                        NEOPULSE_ENV_FILE=str(tmp / "none.env"), NEOPULSE_TELEGRAM__API_URL=telegram.api_url,
+                        NEOPULSE_NOTIFIER__AGGREGATE_MS="300", **SECRETS)
+        s = PaperStack(home, env)
+        for svc in SERVICES:
+            s.start(svc)
+        try:
+            eventually(lambda: s.cli("status", "--listen", "1.2").returncode == 0, 40, 0.5,
+                       message=f"every service up\n{s.outputs()}")
+            yield s
+        finally:
+            for svc in list(s.procs):
+                s.stop(svc)
 
 
 # --------------------------------------------------------------------------- tests

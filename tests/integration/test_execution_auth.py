@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,15 @@ from libs.common.messages import (
     GetOrders,
     GetStatus,
     Message,
-    OrderRequest,
     RecordRiskEvent,
     Reply,
 )
 from libs.common.security import install_curve
 from libs.common.stack_secret import StackSecretError, load_or_create_secret, read_secret, secret_path
 from tests.helpers import eventually, free_base_port, stack_env
+from tests.integration.conftest import cloned_db
 from tests.integration.test_execution_service import NEOPULSE, ExecStack
+from tests.kit import execute_order
 
 ROOT = Path(__file__).resolve().parents[2]
 MASTER = MasterData.load()
@@ -44,27 +44,17 @@ LEDGER_TABLES = ("order_ledger", "order_events", "fills", "brackets", "risk_even
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: Any) -> Iterator[ExecStack]:
-    from tests.integration.conftest import TEMPLATE, _with_db
-
-    name = f"np_auth_{os.getpid()}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    s = ExecStack(tmp_path_factory.mktemp("exec-auth") / "home", _with_db(pg_server.url, name))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.close()
+    with cloned_db(pg_server, f"np_auth_{os.getpid()}") as url:
+        s = ExecStack(tmp_path_factory.mktemp("exec-auth") / "home", url)
+        try:
+            s.start()
+            yield s
+        finally:
+            s.close()
 
 
 def _execute(request_id: str, strategy: str = "s1", symbol: str = "RELIANCE-EQ") -> ExecuteOrder:
-    inst = MASTER.resolve(symbol)
-    req = OrderRequest(request_id=request_id, strategy_id=strategy, side="BUY", quantity=1,
-                       symbol=inst.symbol, segment=inst.segment, token=inst.token,
-                       price=Decimal("1000.00"), order_type="LIMIT")
-    return ExecuteOrder(request_id=request_id, order=req, quantity=1, segment=inst.segment,
-                        token=inst.token, symbol=inst.symbol)
+    return execute_order(symbol, "BUY", 1, "1000.00", strategy=strategy, rid=request_id)
 
 
 def _send(bus: Bus, endpoint: str, msg: Message, credential: bytes | None = None,

@@ -20,12 +20,6 @@ from tests.integration.test_execution_service import ExecStack
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
-    with KotakRestFake(tmp_path / "kotak-state.json") as running:
-        yield running
-
-
-@pytest.fixture
 def stack(tmp_path: Path, pg_url: str, fake: KotakRestFake) -> Iterator[ExecStack]:
     c = fake.credentials
     s = ExecStack(

@@ -57,12 +57,6 @@ def kotak_env(fake: KotakRestFake) -> dict[str, str]:
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
-    with KotakRestFake(tmp_path / "kotak-state.json") as running:
-        yield running
-
-
-@pytest.fixture
 def stack(tmp_path: Path, pg_url: str, fake: KotakRestFake) -> Iterator[ExecStack]:
     s = ExecStack(tmp_path / "home", pg_url, quotes={"RELIANCE-EQ": 1290.0}, **kotak_env(fake))
     try:

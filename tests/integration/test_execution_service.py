@@ -30,7 +30,6 @@ from libs.common.messages import (
     GetPositions,
     GetStatus,
     Message,
-    OrderRequest,
     OrderUpdate,
     RecordRiskEvent,
     Reply,
@@ -38,8 +37,9 @@ from libs.common.messages import (
     SyncMaster,
     Tick,
 )
-from libs.common.security import present_credential
 from tests.helpers import eventually, free_base_port, stack_env
+from tests.integration.conftest import cloned_db
+from tests.kit import execute_order, processes
 
 ROOT = Path(__file__).resolve().parents[2]
 MASTER = MasterData.load()
@@ -116,14 +116,7 @@ class ExecStack:
         self._ids = 0
 
     def start(self, *args: str, wait: bool = True, **env: str) -> subprocess.Popen[bytes]:
-        with (self.home / "execution.out").open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.execution", *args],
-                cwd=ROOT,
-                env={**self.env, **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.proc = processes.spawn(self.home, "execution", {**self.env, **env}, *args)
         if wait:
             eventually(self._ready, timeout=30, message="execution to answer and see prices")
         return self.proc
@@ -139,16 +132,10 @@ class ExecStack:
         return isinstance(reply, Reply) and reply.ok and reply.data["last_prices"] >= len(self.feed.quotes)
 
     def output(self) -> str:
-        path = self.home / "execution.out"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return processes.output(self.home, "execution")
 
     def ask(self, msg: Message, timeout_ms: int = 5000) -> Message:
-        client = self.bus.client(self.cfg.bus.endpoint("execution_rep"), timeout_ms)
-        present_credential(client, self.cfg, self.home)  # this test plays risk
-        try:
-            return client.request(msg)
-        finally:
-            client.close()
+        return processes.ask_execution(self.bus, self.cfg, self.home, msg, timeout_ms)
 
     def ok(self, msg: Message, timeout_ms: int = 5000) -> Any:
         reply = self.ask(msg, timeout_ms)
@@ -156,38 +143,13 @@ class ExecStack:
         return reply.data
 
     def order(
-        self,
-        symbol: str = "RELIANCE-EQ",
-        side: str = "BUY",
-        qty: int = 5,
-        price: str | None = None,
-        strategy: str = "s1",
-        rid: str = "",
-        **kw: Any,
-    ) -> ExecuteOrder:
+        self, symbol: str = "RELIANCE-EQ", side: str = "BUY", qty: int = 5, price: str | None = None,
+        rid: str = "", **kw: Any,
+    ) -> ExecuteOrder:  # fmt: skip
+        """The kit's ``execute_order`` (5, market intent) with an id unique to this process:
+        the ledger database outlives one test."""
         self._ids += 1
-        inst = MASTER.resolve(symbol)
-        rid = rid or f"t-{os.getpid()}-{self._ids}"
-        req = OrderRequest(
-            request_id=rid,
-            strategy_id=strategy,
-            side=side,
-            quantity=qty,
-            symbol=inst.symbol,
-            segment=inst.segment,
-            token=inst.token,
-            price=Decimal(price) if price else None,
-            order_type="LIMIT" if price else "MARKET",
-            **kw,
-        )
-        return ExecuteOrder(
-            request_id=rid,
-            order=req,
-            quantity=qty,
-            segment=inst.segment,
-            token=inst.token,
-            symbol=inst.symbol,
-        )
+        return execute_order(symbol, side, qty, price, rid=rid or f"t-{os.getpid()}-{self._ids}", **kw)
 
     def orders(self) -> list[dict[str, Any]]:
         return list(self.ok(GetOrders(limit=10_000)))
@@ -251,20 +213,13 @@ class ExecStack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, pg_server: Any) -> Iterator[ExecStack]:
-    import psycopg
-
-    from tests.integration.conftest import TEMPLATE, _with_db
-
-    name = f"np_svc_{os.getpid()}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    s = ExecStack(tmp_path_factory.mktemp("exec-svc") / "home", _with_db(pg_server.url, name))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.close()
+    with cloned_db(pg_server, f"np_svc_{os.getpid()}") as url:
+        s = ExecStack(tmp_path_factory.mktemp("exec-svc") / "home", url)
+        try:
+            s.start()
+            yield s
+        finally:
+            s.close()
 
 
 def test_execute_order_acks_after_the_pending_commit_is_idempotent_and_publishes(stack: ExecStack) -> None:

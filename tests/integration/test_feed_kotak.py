@@ -21,7 +21,7 @@ from libs.common.config import load_config
 from libs.common.messages import GetFeedSession, Reply, Subscribe
 from tests.fakes.sfeed_server import DepthRow, FakeSFeedServer
 from tests.helpers import eventually, stack_env
-from tests.integration.test_feed_support import Collector, FeedProc, env_json
+from tests.integration.feed_support import Collector, FeedProc, env_json
 
 os.environ.setdefault("NEO_LOG_FILE_ENABLED", "false")
 

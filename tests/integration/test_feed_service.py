@@ -14,7 +14,7 @@ from libs.common.messages import GetLastTicks, GetOrders, Reply, Subscribe, Tick
 from services.feed.recorder import ReadStats
 from services.feed.sources.replay import iter_ticks
 from tests.helpers import eventually
-from tests.integration.test_feed_support import Collector, FeedProc, env_json
+from tests.integration.feed_support import Collector, FeedProc, env_json
 
 
 def _sim(home: Path, base_port: int, **env: str) -> FeedProc:

@@ -48,12 +48,6 @@ def kotak_config(fake: KotakRestFake, **overrides: Any) -> KotakConfig:
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
-    with KotakRestFake(tmp_path / "kotak-state.json") as running:
-        yield running
-
-
-@pytest.fixture
 def master(fake: KotakRestFake, tmp_path: Path) -> MasterData:
     """The fake's own scrip master, fetched the way `SyncMaster` does it."""
     broker = KotakBroker(kotak_config(fake), ExecutionConfig())

@@ -8,6 +8,7 @@ the execution level, as issue 5 asks.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import threading
@@ -18,25 +19,24 @@ from typing import Any
 
 import pytest
 
-from libs.common.bus import Bus, RequestTimeout, topic
+from libs.common.bus import Bus, topic
 from libs.common.config import ExecutionConfig, load_config
 from libs.common.messages import (
     ExecuteOrder,
     GetFeedSession,
     GetOrders,
     GetPositions,
-    GetStatus,
     Message,
     OrderRequest,
     Reply,
     Tick,
 )
 from libs.common.money import protected_limit
-from libs.common.security import present_credential
 from services.execution.brokers.kotak import KotakBroker
 from services.execution.master_sync import fetch_kotak_master
 from tests.fakes.kotak_rest import KotakRestFake, default_instruments
 from tests.helpers import eventually, stack_env
+from tests.kit import processes
 
 pytestmark = pytest.mark.skipif(
     not (Path(__file__).resolve().parents[2] / "services" / "execution" / "service.py").exists(),
@@ -71,33 +71,16 @@ class LiveExecution:
         self._ticker: threading.Thread | None = None
 
     def start(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with (self.home / "execution.out").open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.execution", "--live"], cwd=ROOT,
-                                         env=self.env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-        eventually(self._answers, timeout=30, message="execution to answer")
-
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"execution exited {self.proc.returncode}:\n{self.output()[-3000:]}")
-        try:
-            reply = self.ask(GetStatus(), timeout_ms=300)
-        except RequestTimeout:
-            return False
-        return isinstance(reply, Reply) and reply.ok
+        proc = self.proc = processes.spawn(self.home, "execution", self.env, "--live")
+        status = functools.partial(self.ask, timeout_ms=300)
+        eventually(lambda: processes.answers(proc, self.home, "execution", status), timeout=30,
+                   message="execution to answer")  # fmt: skip
 
     def output(self) -> str:
-        path = self.home / "execution.out"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return processes.output(self.home, "execution")
 
     def ask(self, msg: Message, timeout_ms: int = 5000) -> Message:
-        client = self.bus.client(self.cfg.bus.endpoint("execution_rep"), timeout_ms)
-        present_credential(client, self.cfg, self.home)  # this test plays risk
-        try:
-            return client.request(msg)
-        finally:
-            client.close()
+        return processes.ask_execution(self.bus, self.cfg, self.home, msg, timeout_ms)
 
     def start_ticks(self, ltp: float) -> None:
         """Publish the NIFTY future's last price every 50 ms (the feed's job), until stopped."""
@@ -120,21 +103,10 @@ class LiveExecution:
         self._ticking.set()
         if self._ticker is not None:
             self._ticker.join(2)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            processes.stop(self.proc)
         self.feed.close()
         self.bus.close()
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
-    with KotakRestFake(tmp_path / "kotak-state.json") as running:
-        yield running
 
 
 @pytest.fixture

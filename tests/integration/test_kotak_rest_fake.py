@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -41,12 +40,6 @@ def eventually(condition: Callable[[], T | None], timeout: float = 5.0, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
         time.sleep(interval)
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Iterator[KotakRestFake]:
-    with KotakRestFake(tmp_path / "kotak-state.json") as running:
-        yield running
 
 
 def new_client(fake: KotakRestFake, timeout: float = 5.0) -> NeoAPI:

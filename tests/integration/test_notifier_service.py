@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from libs.common.bus import Bus, Publisher, Reactor, topic
+from libs.common.bus import Bus, Publisher, topic
 from libs.common.clock import IST
 from libs.common.config import Config, load_config
 from libs.common.messages import (
@@ -29,12 +29,12 @@ from libs.common.messages import (
     DayState,
     Fill,
     Heartbeat,
-    Message,
     RiskState,
     RiskVerdict,
 )
 from tests.fakes.telegram_server import TelegramFake
 from tests.helpers import eventually, stack_env
+from tests.kit.bus import served
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "424242:FAKE-telegram-TOKEN-xyz"
@@ -320,29 +320,6 @@ def test_silent_service_is_named_and_its_recovery_announced(
     proc.stop()
 
 
-def _served(endpoint: str, reply: Message) -> tuple[threading.Thread, Reactor]:
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def run() -> None:
-        bus = Bus()
-        reactor = Reactor(bus.ctx)
-        server = bus.server(endpoint)
-        server.handler = lambda _m, _r: reply
-        reactor.add_reader(server.sock, server.drain)
-        holder["reactor"] = reactor
-        ready.set()
-        reactor.run()
-        server.close()
-        reactor.close()
-        bus.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(5)
-    return t, holder["reactor"]
-
-
 def test_daily_summary_with_equity_chart_at_summary_at(stack: dict[str, Any], telegram: TelegramFake,
                                                       pubs: Pubs) -> None:
     now = datetime.now(IST)
@@ -353,26 +330,25 @@ def test_daily_summary_with_equity_chart_at_summary_at(stack: dict[str, Any], te
         pytest.skip("too close to midnight IST for a same-day summary")
     day = DayState(trading_day=at.strftime("%Y-%m-%d"), fills=17, turnover=Decimal("250000"),
                    realised_pnl=Decimal("812.5"))
-    thread, reactor = _served(stack["cfg"].bus.endpoint("execution_rep"), day)
-    proc = start_notifier(stack, telegram, NEOPULSE_NOTIFIER__SUMMARY_AT=at.strftime("%H:%M:%S"))
-    pubs.join(proc, "risk")
-    for i in range(3):
-        pubs.pub("risk").publish(b"risk.state.", RiskState(state="ACTIVE", net_pnl=700.0 + i, gross_pnl=800.0,
-                                                          cost=99.0))
-    setup_s = (datetime.now(IST) - now).total_seconds()
-    assert datetime.now(IST) < at - timedelta(seconds=1), f"set-up took {setup_s:.1f}s, past summary_at"
+    with served(stack["cfg"].bus.endpoint("execution_rep"), lambda _m, _r: day):
+        proc = start_notifier(stack, telegram, NEOPULSE_NOTIFIER__SUMMARY_AT=at.strftime("%H:%M:%S"))
+        pubs.join(proc, "risk")
+        for i in range(3):
+            state = RiskState(state="ACTIVE", net_pnl=700.0 + i, gross_pnl=800.0, cost=99.0)
+            pubs.pub("risk").publish(b"risk.state.", state)
+        setup_s = (datetime.now(IST) - now).total_seconds()
+        assert datetime.now(IST) < at - timedelta(seconds=1), f"set-up took {setup_s:.1f}s, past summary_at"
 
-    # The summary fetches the day from execution and renders the chart (matplotlib) off the loop.
-    eventually(lambda: any(m.method == "sendPhoto" for m in telegram.messages), 30, message="summary photo")
-    photo = next(m for m in telegram.messages if m.method == "sendPhoto")
-    assert photo.photo.startswith(b"\x89PNG")
-    assert "daily summary" in photo.text and "Net PnL: ₹702.00" in photo.text
-    assert "17 fills" in photo.text
-    proc.wait_for("daily summary")
-    assert list((stack["home"] / "reports").glob("summary-*.png"))
-    proc.stop()
-    reactor.call_soon_threadsafe(reactor.stop)
-    thread.join(5)
+        # The summary fetches the day from execution and renders the chart (matplotlib) off the loop.
+        eventually(lambda: any(m.method == "sendPhoto" for m in telegram.messages), 30,
+                   message="summary photo")
+        photo = next(m for m in telegram.messages if m.method == "sendPhoto")
+        assert photo.photo.startswith(b"\x89PNG")
+        assert "daily summary" in photo.text and "Net PnL: ₹702.00" in photo.text
+        assert "17 fills" in photo.text
+        proc.wait_for("daily summary")
+        assert list((stack["home"] / "reports").glob("summary-*.png"))
+        proc.stop()
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from libs.common.messages import (
     OrderRequest,
     Reply,
     RiskVerdict,
+    VerdictCode,
 )
 from tests.helpers import eventually
 from tests.integration.risk_support import Stack, stack
@@ -74,7 +75,7 @@ def test_an_order_execution_never_answers_expires_unplaced_and_its_retry_is_not_
     verdict = s.ask("risk_rep", _order("stall-1"), timeout_ms=3000)
     answered_ns = time.time_ns()
 
-    assert isinstance(verdict, RiskVerdict) and not verdict.approved
+    assert isinstance(verdict, RiskVerdict) and not verdict.approved and verdict.code == VerdictCode.EXPIRED
     assert verdict.reason == f"execution did not answer within {budget_ms} ms; the order expires unplaced"
     sent = [e for _, e in execution.executes]
     assert len(sent) >= 2 and {e.request_id for e in sent} == {"stall-1"}

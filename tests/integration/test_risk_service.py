@@ -20,6 +20,7 @@ from libs.common.messages import (
     Reply,
     RiskState,
     RiskVerdict,
+    VerdictCode,
 )
 from tests.helpers import eventually
 from tests.integration.risk_support import Stack, stack
@@ -69,14 +70,15 @@ def test_orders_are_refused_until_the_day_is_loaded(risk_alone: Stack) -> None:
                        price=Decimal("1290.5"))
     verdict = s.ask("risk_rep", req)
     assert isinstance(verdict, RiskVerdict)
-    assert not verdict.approved and verdict.reason == "risk is starting: day state not loaded"
+    assert not verdict.approved and verdict.code == VerdictCode.STARTING
+    assert verdict.reason == "risk is starting: day state not loaded"
     assert s.status()["day_loaded"] is False
     res = s.cli("trade", "BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.5")
     assert res.returncode == 1
     assert "risk is starting: day state not loaded" in res.stdout
     logged = [ln for ln in s.log_lines("risk") if ln.get("event") == "order_rejected"]
     assert {ln["request_id"] for ln in logged} >= {"early-1"}
-    assert all(ln["reason"] for ln in logged)
+    assert all(ln["reason"] and ln["code"] == "starting" for ln in logged)
 
 
 def test_kill_switch_commands_and_a_restart_without_execution(tmp_path: Path, base_port: int) -> None:

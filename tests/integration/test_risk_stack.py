@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import zmq
 
-from libs.common.messages import Codec, GetOrders, KillSwitch, OrderRequest, Reply, RiskVerdict
+from libs.common.messages import Codec, GetOrders, KillSwitch, OrderRequest, Reply, RiskVerdict, VerdictCode
 from tests.helpers import eventually, free_base_port
+from tests.integration.conftest import cloned_db
 from tests.integration.risk_support import Stack, has_execution_service
 
 pytestmark = pytest.mark.skipif(not has_execution_service(), reason="services/execution is not built yet")
@@ -30,28 +31,20 @@ FAR_BELOW = "1000.0"  # RELIANCE starts at 1290.5 and walks in 0.1 steps: a BUY 
 
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory: pytest.TempPathFactory, pg_server: Any) -> Iterator[Stack]:
-    import psycopg
-
-    from tests.integration.conftest import TEMPLATE, _with_db
-
-    name = f"np_risk_{os.getpid()}"
-    with psycopg.connect(pg_server.url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    home = tmp_path_factory.mktemp("risk-stack") / "home"
-    s = Stack(home, free_base_port(), NEOPULSE_DATABASE__URL=_with_db(pg_server.url, name),
-              NEOPULSE_RISK__MAX_DAILY_LOSS=MAX_DAILY_LOSS, NEOPULSE_FEED__INSTRUMENTS='["RELIANCE-EQ"]',
-              NEOPULSE_FEED__RECORD="false", NEOPULSE_FEED__SIM_VOLATILITY="0", NEOPULSE_FEED__SIM_RATE="50")
-    try:
-        s.start("execution")
-        s.start("feed")
-        s.start("risk")
-        eventually(lambda: s.status()["day_loaded"], timeout=15, message="risk to load the day")
-        yield s
-    finally:
-        s.close()
-        with psycopg.connect(pg_server.url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with cloned_db(pg_server, f"np_risk_{os.getpid()}") as url:
+        home = tmp_path_factory.mktemp("risk-stack") / "home"
+        s = Stack(home, free_base_port(), NEOPULSE_DATABASE__URL=url,
+                  NEOPULSE_RISK__MAX_DAILY_LOSS=MAX_DAILY_LOSS, NEOPULSE_FEED__INSTRUMENTS='["RELIANCE-EQ"]',
+                  NEOPULSE_FEED__RECORD="false", NEOPULSE_FEED__SIM_VOLATILITY="0",
+                  NEOPULSE_FEED__SIM_RATE="50")
+        try:
+            s.start("execution")
+            s.start("feed")
+            s.start("risk")
+            eventually(lambda: s.status()["day_loaded"], timeout=15, message="risk to load the day")
+            yield s
+        finally:
+            s.close()
 
 
 def trade(s: Stack, *args: str) -> tuple[int, dict[str, Any]]:
@@ -65,31 +58,35 @@ def ledger_order(s: Stack, order_id: str) -> dict[str, Any] | None:
 
 
 REJECTIONS = [
-    (("BUY", "RELIANCE-EQ", "--qty", "0", "--price", "1290.5"), "quantity 0 must be greater than 0"),
-    (("BUY", "TATASTEEL-EQ", "--qty", "1001", "--price", "165.3"), "quantity 1001 exceeds max_qty 1000"),
-    (("BUY", "NIFTY26NOVFUT", "--qty", "10", "--price", "25950"),
+    (("BUY", "RELIANCE-EQ", "--qty", "0", "--price", "1290.5"), "quantity",
+     "quantity 0 must be greater than 0"),
+    (("BUY", "TATASTEEL-EQ", "--qty", "1001", "--price", "165.3"), "quantity",
+     "quantity 1001 exceeds max_qty 1000"),
+    (("BUY", "NIFTY26NOVFUT", "--qty", "10", "--price", "25950"), "lot",
      "quantity 10 is not a multiple of lot size 75 for NIFTY26NOVFUT"),
-    (("BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.55"),
+    (("BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.55"), "tick",
      "price 1290.55 is not on tick size 0.1 for RELIANCE-EQ"),
-    (("BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.5", "--sl", "1300"),
+    (("BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.5", "--sl", "1300"), "bracket",
      "BUY stop loss 1300 must be below entry 1290.5"),
-    (("BUY", "NOPE-EQ", "--qty", "1", "--price", "10"), "unknown instrument: NOPE-EQ"),
+    (("BUY", "NOPE-EQ", "--qty", "1", "--price", "10"), "instrument", "unknown instrument: NOPE-EQ"),
 ]
 
 
 def test_bad_orders_are_rejected_with_a_reason_and_exit_1_and_logged(paper: Stack) -> None:
-    results = paper.cli_many(*[("trade", *args, "--json") for args, _ in REJECTIONS],
+    results = paper.cli_many(*[("trade", *args, "--json") for args, _, _ in REJECTIONS],
                              ("trade", "BUY", "RELIANCE-EQ", "--qty", "0", "--price", "1290.5"))
-    for (args, reason), (rc, stdout, stderr) in zip(REJECTIONS, results, strict=False):
+    for (args, code, reason), (rc, stdout, stderr) in zip(REJECTIONS, results, strict=False):
         verdict = json.loads(stdout) if stdout.strip() else {"stderr": stderr}
-        assert (rc, verdict.get("approved"), verdict.get("reason")) == (1, False, reason), (args, verdict)
+        got = (rc, verdict.get("approved"), verdict.get("code"), verdict.get("reason"))
+        assert got == (1, False, code, reason), (args, verdict)
     rc, human, _ = results[-1]
     assert rc == 1
     assert "REJECTED  BUY 0 RELIANCE-EQ @ 1290.5 (MIS) — quantity 0 must be greater than 0" in human
 
     logged = {ln["reason"]: ln for ln in paper.log_lines("risk") if ln.get("event") == "order_rejected"}
-    for _, reason in REJECTIONS:
+    for _, code, reason in REJECTIONS:
         assert reason in logged and logged[reason]["request_id"].startswith("cli-")
+        assert logged[reason]["code"] == code
 
 
 def test_a_valid_order_passes_and_reaches_the_ledger(paper: Stack) -> None:
@@ -125,15 +122,16 @@ def test_a_burst_of_15_orders_inside_one_second_has_at_most_10_approved(paper: S
     approved = [v for v in verdicts if v.approved]
     assert 1 <= len(approved) <= 10
     assert all(v.order_id for v in approved)
-    assert {v.reason for v in verdicts if not v.approved} == {
-        "throttled: 10 orders in the last second (max_orders_per_sec 10)"}
+    assert {(v.code, v.reason) for v in verdicts if not v.approved} == {
+        (VerdictCode.THROTTLE, "throttled: 10 orders in the last second (max_orders_per_sec 10)")}
 
 
 def test_kill_switch_on_halts_trades_and_off_lets_them_pass(paper: Stack) -> None:
     rc, state = paper.cli_json("kill-switch", "on", "--reason", "integration test")
     assert rc == 0 and state["state"] == "HALTED"
     rc, verdict = trade(paper, "BUY", "RELIANCE-EQ", "--qty", "1", "--price", FAR_BELOW)
-    assert rc == 1 and verdict["reason"] == "HALTED: kill switch is on (integration test)"
+    assert rc == 1 and verdict["code"] == "halted"
+    assert verdict["reason"] == "HALTED: kill switch is on (integration test)"
     rc, state = paper.cli_json("kill-switch", "off")
     assert rc == 0 and state["state"] == "ACTIVE"
     rc, verdict = trade(paper, "BUY", "RELIANCE-EQ", "--qty", "1", "--price", FAR_BELOW)
@@ -158,8 +156,7 @@ def test_loss_turns_risk_reducing_and_the_switch_survives_a_restart(paper: Stack
 
     # A new BUY is refused; the SELL that closes the position passes.
     rc, verdict = trade(paper, "BUY", "RELIANCE-EQ", "--qty", "1", "--price", FAR_BELOW)
-    assert rc == 1
-    assert verdict["reason"].startswith("REDUCING: daily loss limit breached; only orders that reduce")
+    assert rc == 1 and verdict["code"] == "reducing", verdict
     rc, verdict = trade(paper, "SELL", "RELIANCE-EQ", "--qty", "20")
     assert rc == 0 and verdict["approved"], verdict
     eventually(lambda: _risk_state(paper).get("open_positions", 0) == 0, timeout=10, message="flat")
@@ -175,7 +172,7 @@ def test_loss_turns_risk_reducing_and_the_switch_survives_a_restart(paper: Stack
     state = _risk_state(paper)
     assert state["state"] == "HALTED" and state["kill_switch"] is True
     rc, verdict = trade(paper, "SELL", "RELIANCE-EQ", "--qty", "1", "--price", "1290.5")
-    assert rc == 1 and verdict["reason"].startswith("HALTED")
+    assert rc == 1 and verdict["code"] == "halted", verdict
     # Off again: the loss is still breached, so risk goes to REDUCING, not ACTIVE.
     rc, state = paper.cli_json("kill-switch", "off")
     assert rc == 0 and state["state"] == "REDUCING"

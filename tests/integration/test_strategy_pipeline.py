@@ -47,7 +47,7 @@ def _ts(line: dict[str, Any]) -> float:
 
 def test_momentum_first_order_within_10s_fills_and_updates_its_position(tmp_path: Path, pg_url: str) -> None:
     home = tmp_path / "home"
-    stack = Stack(home, free_base_port(), NEOPULSE_DATABASE__URL=pg_url).start(
+    stack = Stack(free_base_port(), home=home, NEOPULSE_DATABASE__URL=pg_url).start(
         "feed", "risk", "execution", "strategy"
     )
     try:

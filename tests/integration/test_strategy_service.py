@@ -306,13 +306,18 @@ instruments = ["INFY-EQ"]
     peers.start()
     proc = _start(["tests.integration.test_strategy_service:Raiser", "--id", "boom"], env)
     try:
+        # The first failure is logged with its traceback, the repeats as a counter line
+        # at most every ERROR_REPEAT_S.
         eventually(
             lambda: (
-                sum(ln["event"] == "strategy_hook_failed" for ln in _log_lines(home, "strategy-boom")) >= 3
+                sum(ln["event"] == "strategy_hook_failed" for ln in _log_lines(home, "strategy-boom")) >= 2
             ),
             15,
             message="repeated, logged errors",
         )
+        failed = [ln for ln in _log_lines(home, "strategy-boom") if ln["event"] == "strategy_hook_failed"]
+        assert "exception" in failed[0] and "exception" not in failed[1]
+        assert failed[1]["errors"] > 1 and failed[1]["action"] == "continue"
         assert proc.poll() is None
         assert peers.requests == []
     finally:

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 from libs.common.messages import Fill
 from services.backtest.report import Book, to_json
+from tests.kit import fill
 
 S = 1_000_000_000
 T0 = 1_704_167_100 * S
@@ -13,17 +14,7 @@ KEY = "nse_cm|1594"
 
 
 def _fill(side: str, qty: int, price: str, n: int) -> Fill:
-    return Fill(
-        fill_id=f"f{n}",
-        order_id=f"o{n}",
-        strategy_id="bt",
-        symbol="INFY-EQ",
-        segment="nse_cm",
-        token="1594",
-        side=side,
-        quantity=qty,
-        price=Decimal(price),
-    )
+    return fill("INFY-EQ", side, qty, price, strategy="bt", order_id=f"o{n}", fill_id=f"f{n}")
 
 
 def test_round_trip_reversal_and_open_trade() -> None:

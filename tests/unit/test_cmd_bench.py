@@ -30,6 +30,16 @@ def test_an_unknown_benchmark_is_a_usage_error() -> None:
     assert "pipeline" in result.output
 
 
+def test_the_help_names_each_target_in_words_a_user_has() -> None:
+    cli._register()
+    result = CliRunner().invoke(cli.app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    targets = ("200,000 ticks/s", "1,000 paper orders/s", "100,000 ticks per CPU-second", "p99 at most 3 ms")
+    for words in targets:
+        assert words in result.output
+    assert "DESIGN" not in result.output and "§" not in result.output
+
+
 def test_run_all_refuses_unknown_names_and_reports_a_failed_benchmark() -> None:
     from benchmarks import run_all
 

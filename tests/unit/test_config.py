@@ -13,6 +13,7 @@ from libs.common.config import (
     redacted,
     secret_values,
 )
+from libs.common.messages import BrokerName, FeedSource
 
 
 def _write(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -149,6 +150,28 @@ def test_bad_environment_value_names_the_variable(
 
     assert str(exc.value).startswith(expected)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "words"),
+    [
+        ("NEOPULSE_FEED__SOURCE", "Sim", "sim, replay or kotak"),
+        ("NEOPULSE_EXECUTION__BROKER", "zerodha", "paper or kotak"),
+    ],
+)
+def test_a_closed_key_accepts_only_its_words_and_lists_them(
+    tmp_path: Path, var: str, value: str, words: str
+) -> None:
+    env = {"NEOPULSE_ENV_FILE": str(tmp_path / "none.env")}
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(env={**env, var: value})
+    cfg = load_config(env={**env, "NEOPULSE_FEED__SOURCE": "replay", "NEOPULSE_EXECUTION__BROKER": "kotak"})
+
+    key = var.removeprefix("NEOPULSE_").lower().replace("__", ".")
+    assert str(exc.value) == f"config error: {var}: `{key}` must be {words}"
+    assert (cfg.feed.source, cfg.execution.broker) == (FeedSource.REPLAY, BrokerName.KOTAK)
+    assert redacted(cfg)["feed"]["source"] == "replay" and type(redacted(cfg)["feed"]["source"]) is str
 
 
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:

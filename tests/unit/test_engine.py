@@ -4,7 +4,6 @@ brackets (with restart), flatten, the kill-switch hook and reconciliation."""
 
 from __future__ import annotations
 
-import itertools
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,11 +35,11 @@ from services.execution.brokers.paper import PaperBroker
 from services.execution.engine import ExecutionEngine, PlaceIntent
 from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET
 from services.execution.store import MemoryOrderStore, OrderStore
+from tests.kit import execute_order
 
 MASTER = MasterData.load()
 REL = MASTER.resolve("RELIANCE-EQ")
 NIFTY = MASTER.resolve("NIFTY26NOVFUT")
-_ids = itertools.count(1)
 
 
 def execute(
@@ -49,27 +48,10 @@ def execute(
     qty: int = 10,
     price: str | None = "1290.50",
     order_type: str = "LIMIT",
-    strategy: str = "s1",
-    rid: str | None = None,
     **kw: Any,
 ) -> ExecuteOrder:
-    inst = MASTER.resolve(symbol)
-    rid = rid or f"r{next(_ids)}"
-    req = OrderRequest(
-        request_id=rid,
-        strategy_id=strategy,
-        side=side,
-        quantity=qty,
-        symbol=inst.symbol,
-        segment=inst.segment,
-        token=inst.token,
-        price=Decimal(price) if price else None,
-        order_type=order_type,
-        **kw,
-    )
-    return ExecuteOrder(
-        request_id=rid, order=req, quantity=qty, segment=inst.segment, token=inst.token, symbol=inst.symbol
-    )
+    """The kit's ``execute_order`` with this module's defaults (a LIMIT BUY 10 at 1290.50)."""
+    return execute_order(symbol, side, qty, price, order_type=order_type, **kw)
 
 
 class Harness:
@@ -88,7 +70,7 @@ class Harness:
         self.broker = PaperBroker(
             MASTER, self.clock, slippage_bps=self.cfg.paper.slippage_bps, journal=journal, **broker_kw
         )
-        self.engine = ExecutionEngine(self.store, self.broker, MASTER, self.clock, self.cfg)
+        self.engine = ExecutionEngine(self.store, self.broker, MASTER, self.clock, self.cfg.execution)
         self.engine.start()
         self.engine.pump()
         self.published: list[Any] = []

@@ -50,19 +50,23 @@ from services.execution.engine import (
 )
 from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, OrderRow
 from services.execution.store import MemoryOrderStore
+from tests.kit import execute_order
 
 MASTER = MasterData.load()
 REL = MASTER.resolve("RELIANCE-EQ")
 DAY0_NS = 1_763_700_000_000_000_000  # Friday 2025-11-21, 10:10 IST
-_ids = itertools.count(1)
 
 
 @dataclass
 class HandBroker:
-    """What the engine reads of a broker; every call is answered by the test."""
+    """A broker whose every call is answered by the test (it is never called itself)."""
 
     name: str = "hand"
+    inline: bool = False
     book_lag_s: float = 0.0
+
+    def drain_events(self) -> list[Any]:
+        return []
 
 
 class Hand:
@@ -73,7 +77,7 @@ class Hand:
         self.cfg = load_config(env={})
         self.clock = clock or ManualClock(DAY0_NS)
         self.store = store if store is not None else MemoryOrderStore()
-        self.engine = ExecutionEngine(self.store, HandBroker(), MASTER, self.clock, self.cfg)
+        self.engine = ExecutionEngine(self.store, HandBroker(), MASTER, self.clock, self.cfg.execution)
         self.engine.start()
         self.boids = itertools.count(1)
         self.tids = itertools.count(1)
@@ -157,14 +161,10 @@ class Hand:
         return [a.code for a in self.alerts]
 
 
-def execute(side: str = "BUY", qty: int = 10, price: str | None = "1290.00", strategy: str = "s1",
-            product: str = "MIS", expires_ns: int = 0, **kw: Any) -> ExecuteOrder:  # fmt: skip
-    rid = f"r{next(_ids)}"
-    req = OrderRequest(request_id=rid, strategy_id=strategy, side=side, quantity=qty, symbol=REL.symbol,
-                       segment=REL.segment, token=REL.token, price=Decimal(price) if price else None,
-                       product=product, **kw)  # fmt: skip
-    return ExecuteOrder(request_id=rid, order=req, quantity=qty, segment=REL.segment, token=REL.token,
-                        symbol=REL.symbol, expires_ns=expires_ns)  # fmt: skip
+def execute(side: str = "BUY", qty: int = 10, price: str | None = "1290.00", **kw: Any) -> ExecuteOrder:
+    """The kit's ``execute_order`` for RELIANCE-EQ (LIMIT, as OrderRequest's default, even unpriced)."""
+    kw.setdefault("order_type", "LIMIT")
+    return execute_order(REL, side, qty, price, **kw)
 
 
 def places(intents: list[Intent]) -> list[PlaceIntent]:
@@ -698,7 +698,7 @@ def test_paper_broker_carries_nrml_positions_across_days_in_its_journal(tmp_path
     cfg = load_config(env={})
     store = MemoryOrderStore()
     broker = PaperBroker(MASTER, clock, journal=journal)
-    engine = ExecutionEngine(store, broker, MASTER, clock, cfg)
+    engine = ExecutionEngine(store, broker, MASTER, clock, cfg.execution)
     engine.start()
     t = Tick(segment=REL.segment, token=REL.token, ltp=1290.0, bid=1289.9, ask=1290.1)
     engine.on_tick(t)
@@ -711,7 +711,7 @@ def test_paper_broker_carries_nrml_positions_across_days_in_its_journal(tmp_path
     clock.advance(3 * 86_400)  # Monday: MIS was squared off by the exchange day's end; NRML carries
 
     broker2 = PaperBroker(MASTER, clock, journal=journal)
-    engine2 = ExecutionEngine(store, broker2, MASTER, clock, cfg)
+    engine2 = ExecutionEngine(store, broker2, MASTER, clock, cfg.execution)
     engine2.start()
     engine2.pump()
 
@@ -747,7 +747,7 @@ def test_a_running_paper_stack_carries_nrml_into_the_next_day(tmp_path: Any) -> 
 
     clock = ManualClock(DAY0_NS)
     broker = PaperBroker(MASTER, clock, journal=tmp_path / "paper-book.jsonl")
-    engine = ExecutionEngine(MemoryOrderStore(), broker, MASTER, clock, load_config(env={}))
+    engine = ExecutionEngine(MemoryOrderStore(), broker, MASTER, clock, load_config(env={}).execution)
     engine.start()
     t = Tick(segment=REL.segment, token=REL.token, ltp=1290.0, bid=1289.9, ask=1290.1)
     engine.on_tick(t)

@@ -36,7 +36,7 @@ def test_the_trading_day_of_a_trade_is_its_ist_date_also_around_midnight() -> No
     master = MasterData.load()
     clock = ManualClock(1_704_167_100_000_000_000)
     broker = PaperBroker(master, clock)
-    engine = ExecutionEngine(MemoryOrderStore(), broker, master, clock, load_config(env={}))
+    engine = ExecutionEngine(MemoryOrderStore(), broker, master, clock, load_config(env={}).execution)
     midnight = int(dt.datetime(2024, 1, 3, tzinfo=IST).timestamp()) * 1_000_000_000
     for offset_ns in (-86_400 * 10**9, -10**9, -1000, -1, 0, 1, 10**6, 3600 * 10**9, -3600 * 10**9, 5):
         ts = midnight + offset_ns

@@ -13,7 +13,7 @@ import pytest
 from libs.common import messages as m
 
 # A value for each constrained text field: the first that matches its pattern.
-_STR_SAMPLES = ("x-42", "BUY", "LIMIT", "MIS", "ENTRY", "nse_cm", "kill_switch_on")
+_STR_SAMPLES = ("x-42", "BUY", "LIMIT", "MIS", "ENTRY", "nse_cm", "kill_switch_on", "halted")
 
 
 def _sample(t: msgspec.inspect.Type, depth: int = 0) -> Any:

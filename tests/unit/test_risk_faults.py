@@ -22,6 +22,7 @@ from libs.common.messages import (
     Fill,
     OrderRequest,
     OrderUpdate,
+    VerdictCode,
 )
 from services.risk.sentinel import RiskSentinel
 
@@ -95,11 +96,12 @@ def test_an_order_execution_never_answered_expires_unplaced_and_a_retry_gets_the
     verdict = s.execution_timed_out("slow-1", 800)
     retry, again = s.evaluate(msgspec.structs.replace(req, ts_ns=req.ts_ns + 5))
 
-    assert not verdict.approved
+    assert not verdict.approved and verdict.code == VerdictCode.EXPIRED
     assert verdict.reason == "execution did not answer within 800 ms; the order expires unplaced"
     assert again is None  # no second ExecuteOrder for the same request id
     assert retry == verdict
     reused = s.check(order(request_id="slow-1", qty=20))
+    assert reused.code == VerdictCode.DUPLICATE
     assert reused.reason == "duplicate request_id slow-1: already used for another order"
 
 
@@ -110,7 +112,7 @@ def test_an_order_that_expired_unplaced_stops_counting_as_working() -> None:
     assert s.state().open_positions == 0
     blocked = s.check(OrderRequest(request_id="other-1", strategy_id="a", side="BUY", symbol="TATASTEEL-EQ",
                                    quantity=1, price=Decimal("165.3")))
-    assert blocked.reason.startswith("max_open_positions 1 reached")
+    assert blocked.code == VerdictCode.POSITIONS
 
     s.execution_timed_out("slow-2", 800)
 
@@ -165,7 +167,8 @@ def test_kill_switch_stays_on_after_a_restart_on_the_next_trading_day() -> None:
     assert restarted.current_state == HALTED
     assert restarted.kill_reason == "broker outage"
     assert not restarted.loss_breached  # a fresh loss budget: only the switch outlives the day
-    assert restarted.check(order()).reason == "HALTED: kill switch is on (broker outage)"
+    halted = restarted.check(order())
+    assert (halted.code, halted.reason) == (VerdictCode.HALTED, "HALTED: kill switch is on (broker outage)")
 
 
 def test_the_loss_breach_restored_locally_only_on_its_own_day() -> None:
@@ -203,7 +206,7 @@ def test_reducing_order_must_reduce_its_own_strategys_position() -> None:
 
     verdict = s.check(order(side="SELL", qty=100, strategy="b"))  # b has no position
 
-    assert not verdict.approved
+    assert not verdict.approved and verdict.code == VerdictCode.REDUCING
     assert verdict.reason == (
         "REDUCING: daily loss limit breached; only orders that reduce the strategy's own position pass "
         "(SELL 100 RELIANCE-EQ would open or add for b)")
@@ -252,6 +255,7 @@ def test_a_stop_loss_beyond_the_price_cap_is_rejected_with_a_reason() -> None:
 
     verdict = s.check(order(side="SELL", stop_loss=Decimal("1E+26")))
 
+    assert verdict.code == VerdictCode.PRICE
     assert verdict.reason == "stop loss 1E+26 is above the 10000000 cap on any price"
 
 

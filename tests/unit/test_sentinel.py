@@ -1,4 +1,4 @@
-"""RiskSentinel: each pre-trade check passes and fails with its exact reason; PnL, the loss
+"""RiskSentinel: each pre-trade check passes and fails with its code and exact reason; PnL, the loss
 breach, the kill switch and restore. Pure logic with a ManualClock: no sockets."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from libs.common.clock import ManualClock
 from libs.common.config import RiskConfig
-from libs.common.instruments import MasterData
+from libs.common.instruments import Instrument, MasterData
 from libs.common.messages import (
     ACTIVE,
     HALTED,
@@ -26,6 +26,7 @@ from libs.common.messages import (
     RecordRiskEvent,
     Sizing,
     Tick,
+    VerdictCode,
 )
 from services.risk.sentinel import RiskSentinel
 
@@ -88,10 +89,11 @@ def tick(ltp: float, key: str = "nse_cm|2885") -> Tick:
     return Tick(segment=seg, token=tok, ltp=ltp)
 
 
-def reason(s: RiskSentinel, req: OrderRequest) -> str:
+def refused(s: RiskSentinel, req: OrderRequest) -> tuple[VerdictCode, str]:
+    """The (code, reason) of a rejection."""
     v = s.check(req)
     assert not v.approved, f"expected a rejection, got {v}"
-    return v.reason
+    return v.code, v.reason
 
 
 def approve(s: RiskSentinel, req: OrderRequest) -> None:
@@ -106,6 +108,7 @@ def test_valid_limit_order_is_approved_with_its_quantity_and_execute_order() -> 
     s, _ = make()
     verdict, execute = s.evaluate(order(qty=10, price="1290.5"))
     assert verdict.approved and verdict.quantity == 10 and verdict.state == ACTIVE and verdict.reason == ""
+    assert verdict.code == VerdictCode.NONE == ""
     assert isinstance(execute, ExecuteOrder)
     assert (execute.segment, execute.token, execute.symbol, execute.quantity) == (
         "nse_cm",
@@ -140,9 +143,9 @@ def test_identical_retry_gets_the_same_verdict_and_no_second_order() -> None:
 def test_reused_request_id_for_another_order_is_rejected() -> None:
     s, _ = make()
     approve(s, order(request_id="dup2", qty=10))
-    assert (
-        reason(s, order(request_id="dup2", qty=20))
-        == "duplicate request_id dup2: already used for another order"
+    assert refused(s, order(request_id="dup2", qty=20)) == (
+        VerdictCode.DUPLICATE,
+        "duplicate request_id dup2: already used for another order",
     )
 
 
@@ -150,7 +153,7 @@ def test_rejected_request_may_be_sent_again_and_is_judged_again() -> None:
     s, _ = make()
     s.set_kill_switch(True, "lunch")
     req = order(request_id="again")
-    assert reason(s, req).startswith("HALTED")
+    assert refused(s, req)[0] == VerdictCode.HALTED
     s.set_kill_switch(False)
     approve(s, req)
 
@@ -161,8 +164,9 @@ def test_rejected_request_may_be_sent_again_and_is_judged_again() -> None:
 def test_halted_rejects_everything_even_unknown_symbols() -> None:
     s, _ = make()
     s.set_kill_switch(True, "broker issue")
-    assert reason(s, order()) == "HALTED: kill switch is on (broker issue)"
-    assert reason(s, order(symbol="NOPE-EQ")) == "HALTED: kill switch is on (broker issue)"
+    halted = (VerdictCode.HALTED, "HALTED: kill switch is on (broker issue)")
+    assert refused(s, order()) == halted
+    assert refused(s, order(symbol="NOPE-EQ")) == halted
     assert s.check(order()).state == HALTED
 
 
@@ -180,7 +184,7 @@ def test_halted_rejects_everything_even_unknown_symbols() -> None:
 )
 def test_bad_order_fields_are_rejected(kw: dict[str, str], text: str) -> None:
     s, _ = make()
-    assert reason(s, order(**kw)) == text
+    assert refused(s, order(**kw)) == (VerdictCode.FIELDS, text)
 
 
 def test_stop_limit_with_trigger_passes() -> None:
@@ -193,55 +197,74 @@ def test_stop_limit_with_trigger_passes() -> None:
 
 def test_unknown_symbol_is_rejected() -> None:
     s, _ = make()
-    assert reason(s, order(symbol="NOPE-EQ")) == "unknown instrument: NOPE-EQ"
+    assert refused(s, order(symbol="NOPE-EQ")) == (VerdictCode.INSTRUMENT, "unknown instrument: NOPE-EQ")
 
 
 def test_unknown_token_is_rejected() -> None:
     s, _ = make()
-    assert (
-        reason(s, order(symbol="", segment="nse_cm", token="999999")) == "unknown instrument: nse_cm|999999"
+    assert refused(s, order(symbol="", segment="nse_cm", token="999999")) == (
+        VerdictCode.INSTRUMENT,
+        "unknown instrument: nse_cm|999999",
     )
 
 
 def test_order_without_instrument_is_rejected() -> None:
     s, _ = make()
-    assert reason(s, order(symbol="")) == "the order names no instrument (symbol, or segment and token)"
+    assert refused(s, order(symbol="")) == (
+        VerdictCode.INSTRUMENT,
+        "the order names no instrument (symbol, or segment and token)",
+    )
 
 
 def test_index_is_not_tradable() -> None:
     s, _ = make()
-    assert reason(s, order(symbol="Nifty 50", price="25900")) == "Nifty 50 is an index and cannot be traded"
+    assert refused(s, order(symbol="Nifty 50", price="25900")) == (
+        VerdictCode.INSTRUMENT,
+        "Nifty 50 is an index and cannot be traded",
+    )
+
+
+def test_an_instrument_without_a_tick_size_is_not_tradable() -> None:
+    odd = Instrument(segment="nse_cm", token="1", symbol="ODD-EQ", tick_size=Decimal(0))
+    s = RiskSentinel(RiskConfig(), MasterData([odd]), ManualClock())
+    assert refused(s, order(symbol="ODD-EQ")) == (
+        VerdictCode.INSTRUMENT,
+        "ODD-EQ is not tradable: tick size unknown",
+    )
 
 
 # --------------------------------------------------------------------------- 5. prices
 
 
 @pytest.mark.parametrize(
-    ("price", "text"),
+    ("price", "code", "text"),
     [
-        ("0", "price 0 must be a positive finite number"),
-        ("-1290.5", "price -1290.5 must be a positive finite number"),
-        ("NaN", "price NaN must be a positive finite number"),
-        ("Infinity", "price Infinity must be a positive finite number"),
-        ("1290.55", "price 1290.55 is not on tick size 0.1 for RELIANCE-EQ"),
-        ("1E+40", "price 1E+40 is above the 10000000 cap on any price"),
+        ("0", VerdictCode.PRICE, "price 0 must be a positive finite number"),
+        ("-1290.5", VerdictCode.PRICE, "price -1290.5 must be a positive finite number"),
+        ("NaN", VerdictCode.PRICE, "price NaN must be a positive finite number"),
+        ("Infinity", VerdictCode.PRICE, "price Infinity must be a positive finite number"),
+        ("1290.55", VerdictCode.TICK, "price 1290.55 is not on tick size 0.1 for RELIANCE-EQ"),
+        ("1E+40", VerdictCode.PRICE, "price 1E+40 is above the 10000000 cap on any price"),
     ],
 )
-def test_bad_price_is_rejected(price: str, text: str) -> None:
+def test_bad_price_is_rejected(price: str, code: VerdictCode, text: str) -> None:
     s, _ = make()
-    assert reason(s, order(price=price)) == text
+    assert refused(s, order(price=price)) == (code, text)
 
 
 def test_stop_loss_and_target_must_be_on_tick_and_positive() -> None:
     s, _ = make()
-    assert (
-        reason(s, order(stop_loss=D("1280.05")))
-        == "stop loss 1280.05 is not on tick size 0.1 for RELIANCE-EQ"
+    assert refused(s, order(stop_loss=D("1280.05"))) == (
+        VerdictCode.TICK,
+        "stop loss 1280.05 is not on tick size 0.1 for RELIANCE-EQ",
     )
-    assert reason(s, order(target=D("-5"))) == "target -5 must be a positive finite number"
-    assert (
-        reason(s, order(order_type="SL", trigger_price=D("sNaN")))
-        == "trigger price sNaN must be a positive finite number"
+    assert refused(s, order(target=D("-5"))) == (
+        VerdictCode.PRICE,
+        "target -5 must be a positive finite number",
+    )
+    assert refused(s, order(order_type="SL", trigger_price=D("sNaN"))) == (
+        VerdictCode.PRICE,
+        "trigger price sNaN must be a positive finite number",
     )
 
 
@@ -252,7 +275,10 @@ def test_price_on_a_five_paise_tick_passes() -> None:
 
 def test_market_intent_needs_a_last_price() -> None:
     s, _ = make()
-    assert reason(s, order(price=None)) == "no last price for RELIANCE-EQ yet: give a limit price"
+    assert refused(s, order(price=None)) == (
+        VerdictCode.LAST_PRICE,
+        "no last price for RELIANCE-EQ yet: give a limit price",
+    )
     s.on_tick(tick(1290.5))
     approve(s, order(price=None))
 
@@ -274,7 +300,7 @@ def test_bracket_on_the_wrong_side_is_rejected(
     side: str, sl: str | None, target: str | None, text: str
 ) -> None:
     s, _ = make()
-    assert reason(s, order(side=side, stop_loss=D(sl), target=D(target))) == text
+    assert refused(s, order(side=side, stop_loss=D(sl), target=D(target))) == (VerdictCode.BRACKET, text)
 
 
 @pytest.mark.parametrize(
@@ -288,9 +314,9 @@ def test_bracket_on_the_right_side_passes(side: str, sl: str, target: str) -> No
 def test_market_bracket_uses_the_last_price_as_entry() -> None:
     s, _ = make()
     s.on_tick(tick(1300.0))
-    assert (
-        reason(s, order(price=None, stop_loss=D("1305.0")))
-        == "BUY stop loss 1305.0 must be below entry 1300.0"
+    assert refused(s, order(price=None, stop_loss=D("1305.0"))) == (
+        VerdictCode.BRACKET,
+        "BUY stop loss 1305.0 must be below entry 1300.0",
     )
     approve(s, order(price=None, stop_loss=D("1295.0")))
 
@@ -319,7 +345,8 @@ def test_sizing_a_future_rounds_down_to_lots() -> None:
     )
     v, exe = s.evaluate(req)
     # 150 x 25950 is over max_notional, so this also proves the sized quantity is what gets checked
-    assert not v.approved and v.reason == "notional 3892500.00 exceeds max_notional 1000000.00"
+    assert not v.approved and v.code == VerdictCode.NOTIONAL
+    assert v.reason == "notional 3892500.00 exceeds max_notional 1000000.00"
     s2, _ = make(max_notional=5_000_000.0)
     v, exe = s2.evaluate(req)
     assert v.approved and v.quantity == 150 and exe is not None and exe.quantity == 150 == exe.order.quantity
@@ -328,7 +355,7 @@ def test_sizing_a_future_rounds_down_to_lots() -> None:
 def test_sizing_without_a_stop_loss_is_rejected() -> None:
     s, _ = make()
     req = order(qty=0, sizing=Sizing(capital=Decimal(100000), risk_pct=Decimal(1)))
-    assert reason(s, req) == "sizing needs a stop loss to measure the risk per share"
+    assert refused(s, req) == (VerdictCode.SIZING, "sizing needs a stop loss to measure the risk per share")
 
 
 def test_sizing_below_one_lot_is_rejected() -> None:
@@ -340,35 +367,37 @@ def test_sizing_below_one_lot_is_rejected() -> None:
         stop_loss=D("25850"),
         sizing=Sizing(capital=Decimal(100000), risk_pct=Decimal(1)),
     )
-    assert reason(s, req) == (
+    assert refused(s, req) == (
+        VerdictCode.SIZING,
         "sized quantity is 0: risk budget 1000.00 is less than one lot of NIFTY26NOVFUT "
-        "(7500.00 at risk per lot)"
+        "(7500.00 at risk per lot)",
     )
 
 
 def test_sizing_with_bad_inputs_is_rejected() -> None:
     s, _ = make()
     bad_pct = order(qty=0, stop_loss=D("1280.0"), sizing=Sizing(capital=Decimal(1000), risk_pct=Decimal(150)))
-    assert reason(s, bad_pct) == "sizing risk_pct 150 must be above 0 and at most 100"
+    assert refused(s, bad_pct) == (VerdictCode.SIZING, "sizing risk_pct 150 must be above 0 and at most 100")
     bad_cap = order(qty=0, stop_loss=D("1280.0"), sizing=Sizing(capital=Decimal("-1"), risk_pct=Decimal(1)))
-    assert reason(s, bad_cap) == "sizing capital -1 must be a positive finite number"
+    assert refused(s, bad_cap) == (VerdictCode.SIZING, "sizing capital -1 must be a positive finite number")
 
 
 # --------------------------------------------------------------------------- 7. quantity
 
 
 @pytest.mark.parametrize(
-    ("symbol", "price", "qty", "text"),
+    ("symbol", "price", "qty", "code", "text"),
     [
-        ("RELIANCE-EQ", "1290.5", 0, "quantity 0 must be greater than 0"),
-        ("RELIANCE-EQ", "1290.5", -5, "quantity -5 must be greater than 0"),
-        ("TATASTEEL-EQ", "165.3", 1001, "quantity 1001 exceeds max_qty 1000"),
-        ("NIFTY26NOVFUT", "25950", 10, "quantity 10 is not a multiple of lot size 75 for NIFTY26NOVFUT"),
+        ("RELIANCE-EQ", "1290.5", 0, VerdictCode.QUANTITY, "quantity 0 must be greater than 0"),
+        ("RELIANCE-EQ", "1290.5", -5, VerdictCode.QUANTITY, "quantity -5 must be greater than 0"),
+        ("TATASTEEL-EQ", "165.3", 1001, VerdictCode.QUANTITY, "quantity 1001 exceeds max_qty 1000"),
+        ("NIFTY26NOVFUT", "25950", 10, VerdictCode.LOT,
+         "quantity 10 is not a multiple of lot size 75 for NIFTY26NOVFUT"),
     ],
 )
-def test_bad_quantity_is_rejected(symbol: str, price: str, qty: int, text: str) -> None:
+def test_bad_quantity_is_rejected(symbol: str, price: str, qty: int, code: VerdictCode, text: str) -> None:
     s, _ = make()
-    assert reason(s, order(symbol=symbol, price=price, qty=qty)) == text
+    assert refused(s, order(symbol=symbol, price=price, qty=qty)) == (code, text)
 
 
 def test_quantity_at_max_qty_and_whole_lots_pass() -> None:
@@ -403,19 +432,21 @@ def test_loss_breach_turns_risk_reducing_and_says_so() -> None:
 def test_reducing_refuses_a_new_buy() -> None:
     s, _ = make()
     breach(s)
-    assert reason(s, order(side="BUY", qty=10, price="1230.5")) == (
+    assert refused(s, order(side="BUY", qty=10, price="1230.5")) == (
+        VerdictCode.REDUCING,
         "REDUCING: daily loss limit breached; only orders that reduce the strategy's own position pass "
-        "(BUY 10 RELIANCE-EQ would open or add for s1)"
+        "(BUY 10 RELIANCE-EQ would open or add for s1)",
     )
-    assert reason(s, order(side="BUY", symbol="TATASTEEL-EQ", price="165.3")).startswith("REDUCING")
+    assert refused(s, order(side="BUY", symbol="TATASTEEL-EQ", price="165.3"))[0] == VerdictCode.REDUCING
 
 
 def test_reducing_passes_a_closing_sell_but_not_a_flip() -> None:
     s, _ = make()
     breach(s)
-    assert reason(s, order(side="SELL", qty=150, price="1230.5")) == (
+    assert refused(s, order(side="SELL", qty=150, price="1230.5")) == (
+        VerdictCode.REDUCING,
         "REDUCING: daily loss limit breached; "
-        "SELL 150 RELIANCE-EQ is more than the 100 that would close s1's position"
+        "SELL 150 RELIANCE-EQ is more than the 100 that would close s1's position",
     )
     approve(s, order(side="SELL", qty=100, price="1230.5"))
 
@@ -424,9 +455,9 @@ def test_reducing_counts_closing_orders_already_working() -> None:
     s, _ = make()
     breach(s)
     approve(s, order(side="SELL", qty=60, price="1230.5"))
-    assert reason(s, order(side="SELL", qty=60, price="1230.5")).endswith(
-        "SELL 60 RELIANCE-EQ is more than the 40 that would close s1's position"
-    )
+    code, text = refused(s, order(side="SELL", qty=60, price="1230.5"))
+    assert code == VerdictCode.REDUCING
+    assert text.endswith("SELL 60 RELIANCE-EQ is more than the 40 that would close s1's position")
     approve(s, order(side="SELL", qty=40, price="1230.5"))
 
 
@@ -453,9 +484,10 @@ def test_a_cancelled_working_order_stops_counting() -> None:
 
 def test_reduce_only_outside_reducing() -> None:
     s, _ = make()
-    assert reason(s, order(reduce_only=True)) == (
+    assert refused(s, order(reduce_only=True)) == (
+        VerdictCode.REDUCE_ONLY,
         "reduce-only: only orders that reduce the strategy's own position pass "
-        "(BUY 10 RELIANCE-EQ would open or add for s1)"
+        "(BUY 10 RELIANCE-EQ would open or add for s1)",
     )
     s.on_fill(fill("SELL", 10, "1290.5"))
     approve(s, order(side="BUY", qty=10, reduce_only=True))
@@ -466,14 +498,20 @@ def test_reduce_only_outside_reducing() -> None:
 
 def test_notional_above_the_limit_is_rejected() -> None:
     s, _ = make()
-    assert reason(s, order(qty=800)) == "notional 1032400.00 exceeds max_notional 1000000.00"
+    assert refused(s, order(qty=800)) == (
+        VerdictCode.NOTIONAL,
+        "notional 1032400.00 exceeds max_notional 1000000.00",
+    )
     approve(s, order(qty=700))
 
 
 def test_market_notional_uses_the_last_price() -> None:
     s, _ = make()
     s.on_tick(tick(2000.0))
-    assert reason(s, order(price=None, qty=600)) == "notional 1200000.00 exceeds max_notional 1000000.00"
+    assert refused(s, order(price=None, qty=600)) == (
+        VerdictCode.NOTIONAL,
+        "notional 1200000.00 exceeds max_notional 1000000.00",
+    )
 
 
 # --------------------------------------------------------------------------- 10. open positions
@@ -483,8 +521,9 @@ def test_a_new_instrument_beyond_max_open_positions_is_rejected() -> None:
     s, _ = make(max_open_positions=2)
     s.on_fill(fill("BUY", 1, "1290.5", key="nse_cm|2885"))
     s.on_fill(fill("BUY", 1, "165.3", key="nse_cm|3499"))
-    assert reason(s, order(symbol="HDFCBANK-EQ", price="985.45")) == (
-        "max_open_positions 2 reached: HDFCBANK-EQ would be position 3"
+    assert refused(s, order(symbol="HDFCBANK-EQ", price="985.45")) == (
+        VerdictCode.POSITIONS,
+        "max_open_positions 2 reached: HDFCBANK-EQ would be position 3",
     )
     approve(s, order(symbol="RELIANCE-EQ"))  # adding to an open position is fine
 
@@ -492,8 +531,9 @@ def test_a_new_instrument_beyond_max_open_positions_is_rejected() -> None:
 def test_working_entries_count_as_open_positions() -> None:
     s, _ = make(max_open_positions=1)
     approve(s, order(symbol="RELIANCE-EQ"))
-    assert reason(s, order(symbol="TATASTEEL-EQ", price="165.3")) == (
-        "max_open_positions 1 reached: TATASTEEL-EQ would be position 2"
+    assert refused(s, order(symbol="TATASTEEL-EQ", price="165.3")) == (
+        VerdictCode.POSITIONS,
+        "max_open_positions 1 reached: TATASTEEL-EQ would be position 2",
     )
 
 
@@ -508,8 +548,8 @@ def test_burst_of_15_in_one_second_approves_10() -> None:
         clock.advance(0.05)  # 15 orders inside 0.75 s
     approved = [v for v in verdicts if v.approved]
     assert len(approved) == 10
-    assert {v.reason for v in verdicts if not v.approved} == {
-        "throttled: 10 orders in the last second (max_orders_per_sec 10)"
+    assert {(v.code, v.reason) for v in verdicts if not v.approved} == {
+        (VerdictCode.THROTTLE, "throttled: 10 orders in the last second (max_orders_per_sec 10)")
     }
 
 
@@ -519,7 +559,7 @@ def test_throttle_window_slides() -> None:
     clock.advance(0.6)
     approve(s, order(qty=1))
     clock.advance(0.3)
-    assert reason(s, order(qty=1)).startswith("throttled: 2 orders")
+    assert refused(s, order(qty=1))[0] == VerdictCode.THROTTLE
     clock.advance(0.1)  # the first approval is now a full second old
     approve(s, order(qty=1))
 
@@ -527,7 +567,7 @@ def test_throttle_window_slides() -> None:
 def test_rejected_orders_do_not_use_up_the_throttle() -> None:
     s, _ = make(max_orders_per_sec=2)
     for _ in range(5):
-        reason(s, order(qty=0))
+        refused(s, order(qty=0))
     approve(s, order(qty=1))
     approve(s, order(qty=1))
 
@@ -570,7 +610,7 @@ def test_failed_execution_withdraws_the_approval() -> None:
     s, _ = make()
     approve(s, order(request_id="x1"))
     v = s.execution_failed("x1", "execution unreachable: no reply")
-    assert not v.approved and v.reason == "execution unreachable: no reply"
+    assert (v.approved, v.code, v.reason) == (False, VerdictCode.EXECUTION, "execution unreachable: no reply")
     approve(s, order(request_id="x1", qty=20))  # the id is free again
 
 
@@ -643,7 +683,7 @@ def test_restore_keeps_a_tripped_kill_switch() -> None:
     s, _ = make()
     s.restore(day(kill_switch=True, kill_reason="tripped before restart"))
     assert s.current_state == HALTED
-    assert reason(s, order()) == "HALTED: kill switch is on (tripped before restart)"
+    assert refused(s, order()) == (VerdictCode.HALTED, "HALTED: kill switch is on (tripped before restart)")
 
 
 def test_restore_never_unlocks_a_switch_tripped_while_loading() -> None:

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from libs.common.clock import ManualClock
 from libs.common.config import RiskConfig
 from libs.common.instruments import MasterData
-from libs.common.messages import Fill, OrderRequest, Sizing, Tick
+from libs.common.messages import OrderRequest, Sizing, Tick
 from services.risk.sentinel import RiskSentinel, calculate_size
+from tests.kit import fill
 
 MASTER = MasterData.load()
 _ids = itertools.count(1)
@@ -35,19 +36,7 @@ def test_net_is_gross_minus_turnover_times_rate(
     qty = 0
     turnover = Decimal(0)
     for i, (side, q, price) in enumerate(fills):
-        s.on_fill(
-            Fill(
-                fill_id=f"f{i}",
-                order_id="o",
-                strategy_id="s1",
-                symbol="RELIANCE-EQ",
-                segment="nse_cm",
-                token="2885",
-                side=side,
-                quantity=q,
-                price=price,
-            )
-        )
+        s.on_fill(fill("RELIANCE-EQ", side, q, price, order_id="o", fill_id=f"f{i}"))
         sign = 1 if side == "BUY" else -1
         cash -= sign * q * price
         qty += sign * q

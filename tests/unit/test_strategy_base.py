@@ -4,22 +4,19 @@ isolation of a failing hook, typed params, the registry."""
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from libs.common.clock import ManualClock
-from libs.common.instruments import MasterData
-from libs.common.messages import Fill, OrderRequest, OrderUpdate, Position, RiskVerdict, Sizing, Tick
+from libs.common.messages import OrderRequest, Position, RiskVerdict, Sizing, Tick
 from services.strategy import registry
 from services.strategy.bars import Bar
-from services.strategy.base import ParamsError, Strategy, StrategyContext, StrategyParams
+from services.strategy.base import ERROR_REPEAT_S, ParamsError, Strategy, StrategyContext, StrategyParams
+from tests.kit import MASTER, T0, S, fill_of, order_update, tick
 
-MASTER = MasterData.load()
 REL = MASTER.resolve("RELIANCE-EQ")
 KEY = REL.key
-S = 1_000_000_000
-T0 = 1_704_167_100 * S  # 09:15 IST
 
 
 class RecordingLog:
@@ -81,41 +78,11 @@ def _ctx(
 
 
 def _tick(ltp: float, ts: int = T0) -> Tick:
-    return Tick(segment=REL.segment, token=REL.token, ltp=ltp, exch_ts_ns=ts, ts_ns=ts)
+    return tick(REL, ltp, ts)
 
 
-def _update(
-    req: OrderRequest, status: str, filled: int = 0, avg: str | None = None, oid: str = "o1"
-) -> OrderUpdate:
-    return OrderUpdate(
-        order_id=oid,
-        request_id=req.request_id,
-        strategy_id="s1",
-        client_tag="t",
-        symbol=req.symbol,
-        segment=req.segment,
-        token=req.token,
-        side=req.side,
-        quantity=req.quantity,
-        status=status,
-        filled_qty=filled,
-        avg_price=Decimal(avg) if avg else None,
-        purpose=req.purpose,
-    )
-
-
-def _fill(req: OrderRequest, qty: int, price: str, fid: str = "f1", oid: str = "o1") -> Fill:
-    return Fill(
-        fill_id=fid,
-        order_id=oid,
-        strategy_id="s1",
-        symbol=req.symbol,
-        segment=req.segment,
-        token=req.token,
-        side=req.side,
-        quantity=qty,
-        price=Decimal(price),
-    )
+_update = order_update
+_fill = fill_of
 
 
 def test_buy_builds_a_complete_market_intent_bracket_order_snapped_to_tick() -> None:
@@ -265,8 +232,7 @@ def test_bars_reach_on_bar_only_for_strategies_that_want_them() -> None:
     assert Probe(_ctx())._wants_bars is False
 
 
-def test_unconfirmed_order_blocks_reentry_until_released() -> None:
-    clock = ManualClock(T0)
+def test_unconfirmed_order_blocks_reentry_until_released(clock: ManualClock) -> None:
     strat = Probe(_ctx(clock=clock))
     strat.dispatch_start()
     (req,) = strat.dispatch_tick(_tick(1290.0))
@@ -310,8 +276,7 @@ def test_registry_finds_builtins_and_dotted_paths() -> None:
     assert registry.load("probe") is Probe
 
 
-def test_refused_entries_back_off_and_an_approval_resets() -> None:
-    clock = ManualClock(T0)
+def test_refused_entries_back_off_and_an_approval_resets(clock: ManualClock) -> None:
     strat = Probe(_ctx(clock=clock))
     strat.dispatch_start()
 
@@ -330,3 +295,77 @@ def test_refused_entries_back_off_and_an_approval_resets() -> None:
     (req,) = strat.dispatch_tick(_tick(1290.0))
     strat.dispatch_verdict(req, RiskVerdict(request_id=req.request_id, approved=True, order_id="o1"))
     assert strat._backoff == {}
+
+
+class BarTrader(Strategy):
+    """Uses every helper with the bar ``on_bar`` receives, as a new user would."""
+
+    name = "bar_trader"
+    seen: ClassVar[list[tuple[int, bool, bool]]] = []
+
+    def on_bar(self, bar: Bar) -> None:
+        self.seen.append((self.position(bar), self.is_flat(bar), self.has_orders(bar)))
+        if self.position(bar) == 0:
+            self.buy(bar, 3)
+        else:
+            self.exit(bar)
+
+
+def test_helpers_accept_the_bar_on_bar_receives() -> None:
+    BarTrader.seen = []
+    strat = BarTrader(_ctx())
+    strat.dispatch_start()
+    strat.dispatch_tick(_tick(100.0, T0))
+
+    (entry,) = strat.dispatch_tick(_tick(101.0, T0 + 60 * S))  # closes the first bar
+    strat.dispatch_fill(_fill(entry, 3, "101.00"))
+    strat.dispatch_order(_update(entry, "COMPLETE", 3, "101.00"))
+    (leave,) = strat.dispatch_tick(_tick(102.0, T0 + 120 * S))
+
+    assert (entry.side, entry.quantity, f"{entry.segment}|{entry.token}") == ("BUY", 3, KEY)
+    assert (leave.side, leave.quantity, leave.purpose) == ("SELL", 3, "EXIT")
+    assert BarTrader.seen == [(0, True, False), (3, False, False)]
+    bar = Bar(key=KEY, start_ns=T0, end_ns=T0 + 60 * S, open=1, high=1, low=1, close=1)
+    assert strat.key_of(bar) == KEY and strat.sell(bar, 1) is None  # a position is open
+
+
+def test_a_hook_that_keeps_raising_logs_one_traceback_then_a_rate_limited_counter(clock: ManualClock) -> None:
+    log = RecordingLog()
+    strat = Exploding(_ctx(log=log, clock=clock))
+    strat.dispatch_start()
+
+    for _ in range(1000):  # a burst within one second: the first line only
+        strat.dispatch_tick(_tick(101.0))
+    clock.advance(ERROR_REPEAT_S)
+    for _ in range(10):
+        strat.dispatch_tick(_tick(101.0))
+
+    lines = [kw for level, ev, kw in log.events if level == "error" and ev == "strategy_hook_failed"]
+    assert strat.errors == 1010 and not strat.halted
+    assert len(lines) == 2
+    assert isinstance(lines[0]["exc_info"], RuntimeError) and lines[0]["errors"] == 1
+    assert "exc_info" not in lines[1]
+    assert (lines[1]["errors"], lines[1]["repeated"], lines[1]["action"]) == (1001, 999, "continue")
+
+
+def test_a_new_kind_of_failure_gets_its_own_traceback_and_stop_always_logs() -> None:
+    class Moody(Strategy):
+        name = "moody"
+
+        def on_tick(self, tick: Tick) -> None:
+            raise (ValueError if tick.ltp > 100 else KeyError)("x")
+
+    log = RecordingLog()
+    strat = Moody(_ctx(log=log))
+    strat.dispatch_start()
+    for ltp in (101.0, 101.0, 99.0, 99.0):
+        strat.dispatch_tick(_tick(ltp))
+    stopper = Moody(_ctx(on_error="stop", log=log))
+    stopper.dispatch_start()
+    stopper.dispatch_tick(_tick(101.0))
+
+    lines = [kw for level, ev, kw in log.events if ev == "strategy_hook_failed"]
+    assert [(kw["errors"], type(kw.get("exc_info")).__name__) for kw in lines] == [
+        (1, "ValueError"), (3, "KeyError"), (1, "ValueError"),
+    ]
+    assert lines[-1]["action"] == "stop" and stopper.halted

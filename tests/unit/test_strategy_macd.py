@@ -9,9 +9,10 @@ import pytest
 
 from libs.common.clock import ManualClock
 from libs.common.instruments import MasterData
-from libs.common.messages import Fill, OrderRequest, OrderUpdate, Tick
+from libs.common.messages import OrderRequest, Tick
 from services.strategy.base import ParamsError, StrategyContext
 from services.strategy.macd import MacdCrossover
+from tests.kit import fill_of, order_update, strategy_context, tick
 
 MASTER = MasterData.load()
 INST = MASTER.resolve("INFY-EQ")
@@ -20,20 +21,13 @@ T0 = 1_704_167_100 * S
 
 
 def _strategy(**params: object) -> MacdCrossover:
-    ctx = StrategyContext(
-        "m1",
-        clock=ManualClock(T0),
-        master=MASTER,
-        instruments=["INFY-EQ"],
-        request_ids=StrategyContext.sequential_ids("m1"),
-    )
-    strat = MacdCrossover(ctx, {"fast": 3, "slow": 6, "signal": 3, **params})
+    strat = MacdCrossover(strategy_context("m1", ["INFY-EQ"]), {"fast": 3, "slow": 6, "signal": 3, **params})
     strat.dispatch_start()
     return strat
 
 
 def _tick(ltp: float, ts: int) -> Tick:
-    return Tick(segment=INST.segment, token=INST.token, ltp=ltp, exch_ts_ns=ts, ts_ns=ts)
+    return tick(INST, ltp, ts)
 
 
 def _fill_all(strat: MacdCrossover, orders: object, price: float, log: list[OrderRequest]) -> None:
@@ -42,35 +36,8 @@ def _fill_all(strat: MacdCrossover, orders: object, price: float, log: list[Orde
         log.append(req)
         oid = f"o{len(log)}"
         px = Decimal(str(round(price, 1)))
-        strat.dispatch_order(
-            OrderUpdate(
-                order_id=oid,
-                request_id=req.request_id,
-                strategy_id="m1",
-                client_tag="t",
-                symbol="INFY-EQ",
-                segment=INST.segment,
-                token=INST.token,
-                side=req.side,
-                quantity=req.quantity,
-                status="COMPLETE",
-                filled_qty=req.quantity,
-                avg_price=px,
-            )
-        )
-        more = strat.dispatch_fill(
-            Fill(
-                fill_id=f"f{len(log)}",
-                order_id=oid,
-                strategy_id="m1",
-                symbol="INFY-EQ",
-                segment=INST.segment,
-                token=INST.token,
-                side=req.side,
-                quantity=req.quantity,
-                price=px,
-            )
-        )
+        strat.dispatch_order(order_update(req, "COMPLETE", req.quantity, str(px), oid))
+        more = strat.dispatch_fill(fill_of(req, req.quantity, px, f"f{len(log)}", oid))
         _fill_all(strat, more, price, log)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from decimal import Decimal
 
-from libs.common.clock import ManualClock
 from libs.common.instruments import MasterData
-from libs.common.messages import Fill, Tick
-from services.strategy.base import StrategyContext
+from libs.common.messages import Tick
 from services.strategy.momentum import Momentum
+from tests.kit import fill, strategy_context, tick
 
 MASTER = MasterData.load()
 SYMBOLS = ["RELIANCE-EQ", "INFY-EQ", "TCS-EQ", "HDFCBANK-EQ", "SBIN-EQ"]
@@ -18,21 +17,13 @@ T0 = 1_704_167_100 * S
 
 
 def _strategy(**params: object) -> Momentum:
-    ctx = StrategyContext(
-        "mom1",
-        clock=ManualClock(T0),
-        master=MASTER,
-        instruments=SYMBOLS,
-        request_ids=StrategyContext.sequential_ids("mom1"),
-    )
-    strat = Momentum(ctx, params)
+    strat = Momentum(strategy_context("mom1", SYMBOLS), params)
     strat.dispatch_start()
     return strat
 
 
 def _tick(symbol: str, ltp: float) -> Tick:
-    inst = MASTER.resolve(symbol)
-    return Tick(segment=inst.segment, token=inst.token, ltp=ltp, symbol=symbol, ts_ns=T0)
+    return tick(symbol, ltp, symbol=symbol, ts_ns=T0)
 
 
 def test_rise_enters_long_with_market_intent_stop_and_target() -> None:
@@ -62,19 +53,9 @@ def test_reversal_exits_then_cooldown() -> None:
     strat = _strategy(lookback=5, entry_pct=0.2, exit_pct=0.1, cooldown_ticks=3)
     prices = [1000.0 * (1 + 0.001 * i) for i in range(7)]
     orders = [o for p in prices for o in strat.dispatch_tick(_tick("SBIN-EQ", p))]
-    (entry,) = orders
+    assert [o.side for o in orders] == ["BUY"]
     strat.dispatch_fill(
-        Fill(
-            fill_id="f1",
-            order_id="o1",
-            strategy_id="mom1",
-            symbol="SBIN-EQ",
-            segment=entry.segment,
-            token=entry.token,
-            side="BUY",
-            quantity=1,
-            price=Decimal("1006.0"),
-        )
+        fill("SBIN-EQ", "BUY", 1, "1006.0", strategy="mom1", order_id="o1", fill_id="f1")
     )
     down = [1006.0 * (1 - 0.0005 * i) for i in range(1, 8)]
     orders = [o for p in down for o in strat.dispatch_tick(_tick("SBIN-EQ", p))]
@@ -87,17 +68,7 @@ def test_without_bracket_the_strategy_watches_its_own_target() -> None:
     (entry,) = orders
     assert entry.stop_loss is None and entry.target is None
     strat.dispatch_fill(
-        Fill(
-            fill_id="f1",
-            order_id="o1",
-            strategy_id="mom1",
-            symbol="INFY-EQ",
-            segment=entry.segment,
-            token=entry.token,
-            side="BUY",
-            quantity=1,
-            price=Decimal("1504.5"),
-        )
+        fill("INFY-EQ", "BUY", 1, "1504.5", strategy="mom1", order_id="o1", fill_id="f1")
     )
     assert strat.dispatch_tick(_tick("INFY-EQ", 1506.0)) == ()
     (ex,) = strat.dispatch_tick(_tick("INFY-EQ", 1513.0))

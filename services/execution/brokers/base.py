@@ -13,9 +13,15 @@ event loop. Errors decide control flow:
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
+
+if TYPE_CHECKING:
+    import httpx
+
+    from libs.common.instruments import MasterData
+    from libs.common.messages import Tick
 
 
 class BrokerError(Exception):
@@ -23,6 +29,11 @@ class BrokerError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.raw = raw
+
+
+def error_reason(exc: BaseException | object) -> str:
+    """The broker's own words for a failure, or the exception's text."""
+    return exc.reason if isinstance(exc, BrokerError) else str(exc)
 
 
 class BrokerRejected(BrokerError):
@@ -97,8 +108,17 @@ class BrokerPosition(msgspec.Struct, frozen=True, kw_only=True):
     raw: Any = None
 
 
+BrokerEvent = BrokerOrderStatus | BrokerTrade
+
+
 class Broker(Protocol):
+    """What execution asks of every broker. ``inline`` says how its calls run: on the event loop
+    (paper: fast and local) or in execution's thread pool (a real broker's blocking HTTP).
+    ``book_lag_s`` is how long a just-sent order may be missing from its order book."""
+
     name: str
+    inline: bool
+    book_lag_s: float
 
     def place(self, order: BrokerOrder) -> BrokerAck: ...
 
@@ -111,4 +131,38 @@ class Broker(Protocol):
 
     def trade_book(self) -> list[BrokerTrade]: ...
 
+    def drain_events(self) -> list[BrokerEvent]:
+        """Order-status and trade events since the last call (its order feed, or a poll)."""
+        ...
+
+    def carried_positions(self) -> list[BrokerPosition]:
+        """Positions carried from earlier days (NRML / CNC)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class InlineBroker(Broker, Protocol):
+    """A broker simulated in process (paper): it fills on the ticks execution hands it and
+    queues the resulting events for ``drain_events``."""
+
+    events: list[BrokerEvent]
+
+    def on_tick(self, tick: Tick) -> None: ...
+
+
+class LiveBroker(Broker, Protocol):
+    """A real broker account: a login session the feed can lease, a daily logout, and the
+    scrip master to download."""
+
+    master: MasterData | None
+
+    def feed_session(self) -> dict[str, str]: ...
+
+    def logout_if_due(self) -> bool: ...
+
+    def scrip_master_urls(self) -> list[str]: ...
+
+    def http_client(self) -> httpx.Client:
+        """An HTTP client on the broker's own transport (for the scrip-master download)."""
+        ...

@@ -18,7 +18,8 @@ from json import JSONDecodeError
 from typing import Any
 
 from libs.common.clock import IST
-from libs.common.instruments import Instrument
+from libs.common.instruments import Instrument, instrument_key
+from libs.common.messages import ACK, OPEN, PARTIAL, TERMINAL_STATES
 from libs.common.sdk import import_sdk
 from services.execution.brokers.base import BrokerOrder, BrokerOrderStatus, BrokerPosition, BrokerTrade
 
@@ -192,7 +193,8 @@ def place_args(order: BrokerOrder, inst: Instrument | None) -> dict[str, str]:
     tick: Decimal | None = None
     if inst is not None:
         if inst.symbol != order.symbol:
-            raise OrderRefused(f"token {order.segment}|{order.token} is {inst.symbol}, not {order.symbol}")
+            key = instrument_key(order.segment, order.token)
+            raise OrderRefused(f"token {key} is {inst.symbol}, not {order.symbol}")
         if inst.lot_size > 1 and order.quantity % inst.lot_size:
             raise OrderRefused(f"quantity {order.quantity} is not a multiple of lot size {inst.lot_size}")
         if inst.freeze_qty and order.quantity > inst.freeze_qty:
@@ -222,7 +224,8 @@ def place_args(order: BrokerOrder, inst: Instrument | None) -> dict[str, str]:
 # Replies: order book and trade book rows
 # --------------------------------------------------------------------------------------------
 
-TERMINAL = {"complete": "COMPLETE", "rejected": "REJECTED", "cancelled": "CANCELLED"}
+# Kotak's final ``ordSt`` words ("complete", "rejected", "cancelled") → our terminal states.
+TERMINAL = {s.lower(): s for s in TERMINAL_STATES}
 # Accepted by Kotak but not yet working at the exchange.
 PRE_OPEN = frozenset({"put order req received", "validation pending", "open pending",
                       "after market order req received"})  # fmt: skip
@@ -279,8 +282,8 @@ def map_status(ord_st: str, filled: int) -> str:
     if st in TERMINAL:
         return TERMINAL[st]
     if st in WORKING:
-        return "PARTIAL" if filled > 0 else "OPEN"
-    return "PARTIAL" if filled > 0 else "ACK"
+        return PARTIAL if filled > 0 else OPEN
+    return PARTIAL if filled > 0 else ACK
 
 
 def order_status(row: dict[str, Any]) -> BrokerOrderStatus:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from libs.common.clock import Clock, trading_day
-from libs.common.instruments import MasterData
+from libs.common.instruments import MasterData, instrument_key
 from libs.common.messages import Tick
 from libs.common.money import MoneyError, snap
 from services.execution.brokers.base import (
@@ -73,7 +73,7 @@ class PaperOrder:
 
     @property
     def key(self) -> str:
-        return f"{self.segment}|{self.token}"
+        return f"{self.segment}|{self.token}"  # instrument_key, inlined: hot path
 
 
 class PaperBroker:
@@ -269,7 +269,7 @@ class PaperBroker:
     def place(self, order: BrokerOrder) -> BrokerAck:
         inst = self.master.get(order.segment, order.token)
         if inst is None:
-            raise BrokerRejected(f"unknown instrument {order.segment}|{order.token}")
+            raise BrokerRejected(f"unknown instrument {instrument_key(order.segment, order.token)}")
         if order.quantity <= 0:
             raise BrokerRejected("quantity must be positive")
         if order.order_type not in ("LIMIT", "SL"):
@@ -400,7 +400,7 @@ class PaperBroker:
     # ------------------------------------------------------------------ market data
     def on_tick(self, tick: Tick) -> None:
         """Remember the touch; fill resting orders this tick crosses. Cheap when nothing rests."""
-        key = f"{tick.segment}|{tick.token}"
+        key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         self.last[key] = tick
         book = self.resting.get(key)
         if not book:

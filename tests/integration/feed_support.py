@@ -1,12 +1,9 @@
 """Helpers for the feed's integration tests: run ``python -m services.feed`` as a real
 process with its own home and ports, ask its REP, and collect what it publishes.
-
-(No tests here; the name keeps the file inside the feed tests' own area.)
 """
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +13,7 @@ from libs.common.bus import Bus, Subscriber
 from libs.common.config import load_config
 from libs.common.messages import FeedStatus, Message, Reply, Tick
 from tests.helpers import eventually, stack_env
+from tests.kit import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,11 +52,7 @@ class FeedProc:
         return self
 
     def ask(self, msg: Message, timeout_ms: int = 3000) -> Message:
-        client = self.bus.client(self.rep, timeout_ms)
-        try:
-            return client.request(msg)
-        finally:
-            client.close()
+        return processes.ask(self.bus, self.cfg, "feed_rep", msg, timeout_ms)
 
     def wait_ready(self, timeout: float = 15.0) -> dict[str, Any]:
         from libs.common.messages import GetStatus
@@ -96,13 +90,7 @@ class FeedProc:
     def stop(self, timeout: float = 10.0) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
+        rc = processes.stop(self.proc, timeout=timeout)
         self.bus.close()
         return rc
 
