@@ -7,18 +7,12 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from libs.common.messages import (
-    Alert,
-    Message,
-    OrderUpdate,
-)
+from libs.common.messages import Alert, Fill, Message, OrderUpdate
 from services.execution.base import (
     EngineBase,
     _topic,
 )
-from services.execution.intents import (
-    Intent,
-)
+from services.execution.intents import CancelIntent, Intent, ModifyIntent, PlaceIntent
 from services.execution.model import (
     Changes,
     EventRow,
@@ -138,11 +132,7 @@ class UnitOfWork(EngineBase):
             for o in unit.new_orders:
                 self._refused[o.request_id] = f"the ledger refused the order: {why}"
                 self._unindex(o)
-            self.inflight -= dropped
-            self._held_intents = [i for i in self._held_intents if getattr(i, "order_id", "") not in dropped]
-            self._held_msgs = [
-                (t, m) for t, m in self._held_msgs if getattr(m, "order_id", "") not in dropped
-            ]
+            self._drop_work(dropped)
             for bid in unit.brackets:
                 b = self.brackets.pop(bid, None)
                 if b is not None:
@@ -153,6 +143,21 @@ class UnitOfWork(EngineBase):
             "ledger_quarantine",
         )
 
+    def _drop_work(self, dropped: set[str]) -> None:
+        """Forget the intents and held publications of orders that are not in the ledger."""
+
+        def keep(x: object) -> bool:
+            if isinstance(x, PlaceIntent | CancelIntent | ModifyIntent):
+                return x.order_id not in dropped
+            if isinstance(x, OrderUpdate | Fill):
+                return x.order_id not in dropped
+            return True
+
+        self.inflight -= dropped
+        self._held_intents = [i for i in self._held_intents if keep(i)]
+        self.intents = deque(i for i in self.intents if keep(i))
+        self._held_msgs = [(t, m) for t, m in self._held_msgs if keep(m)]
+
     def _adopt_conflicts(self, conflicts: dict[str, OrderRow]) -> None:
         for rid, existing in conflicts.items():
             mine = self.orders.get(self.by_request.get(rid, ""))
@@ -162,10 +167,7 @@ class UnitOfWork(EngineBase):
                     o = self.orders.get(oid)
                     if o is not None:
                         self._unindex(o)
-                self._held_intents = [
-                    i for i in self._held_intents if getattr(i, "order_id", "") not in dropped
-                ]
-                self.intents = deque(i for i in self.intents if getattr(i, "order_id", "") not in dropped)
+                self._drop_work(dropped)
                 self.brackets = {k: b for k, b in self.brackets.items() if b.entry_id not in dropped}
             self._index(existing)
 
