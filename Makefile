@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint bench clean-venv
+.PHONY: up test lint bench fuzz clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,9 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-## make up: run the whole pipeline in paper mode (embedded PostgreSQL, simulated feed)
+## make up: run the whole pipeline in paper mode (embedded PostgreSQL, simulated feed).
+## Refused (one line naming the port and the running stack's pids, exit 2) while a stack runs in
+## this NEOPULSE_HOME or a port is taken; `neopulse stop` stops a stack from another terminal.
 up: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f Procfile start
+	@$(BIN)/neopulse preflight
+	PATH="$(CURDIR)/$(BIN):$$PATH" NEOPULSE_SUPERVISED=1 $(BIN)/honcho -f Procfile start
 
 ## make test: run every test (unit, integration, e2e)
 test: $(STAMP)
@@ -33,3 +36,7 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+## make fuzz: 100,000 hostile requests and tick frames at real risk and execution processes (FUZZ_ARGS="--cases N --seed S")
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz_bus $(FUZZ_ARGS)

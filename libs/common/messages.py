@@ -243,8 +243,9 @@ class Heartbeat(_Msg, frozen=True, tag=True):
     service: str
     pid: int
     started_ns: int = 0
-    state: str = "ok"
+    state: str = "ok"  # "ok", or "degraded" (running but unable to do its job; ``reason`` says why)
     info: dict[str, Any] = msgspec.field(default_factory=dict)
+    reason: str = ""
     ts_ns: int = msgspec.field(default_factory=_now)
 
 

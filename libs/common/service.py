@@ -1,7 +1,8 @@
 """The one service lifecycle every NeoPulse process uses.
 
 ``Service`` owns: config, logging, the bus context, the reactor, a PUB socket with a
-``Heartbeat`` every second, SIGINT/SIGTERM handling, a task registry, the run file under
+``Heartbeat`` every second, SIGINT/SIGTERM/SIGHUP handling, a stop when the supervisor that
+started it dies (``libs.common.stack.SupervisorWatch``), a task registry, the run file under
 ``$NEOPULSE_HOME/run/`` and a clean exit within 5 s. Subclasses fill in ``on_start``,
 ``on_stop`` and ``status_info`` and register sockets with ``self.reactor``.
 """
@@ -24,10 +25,12 @@ from libs.common.clock import OFFSET_ENV, check_clock_offset, clock_offset_ns
 from libs.common.config import Config, ConfigError
 from libs.common.log import setup_logging
 from libs.common.messages import Heartbeat
+from libs.common.stack import SupervisorWatch
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+SUPERVISOR_POLL_S = 0.5  # how often a service checks that its supervisor (honcho) still runs
 
 
 class Service:
@@ -76,6 +79,11 @@ class Service:
         """Extra fields for the heartbeat and ``neopulse status``."""
         return {}
 
+    def health(self) -> tuple[str, str]:
+        """``(state, reason)`` for the heartbeat: ``("ok", "")``, or ``("degraded", why)`` while
+        the service runs but cannot do its job (``neopulse status`` then exits 3)."""
+        return "ok", ""
+
     # ----------------------------------------------------------------- helpers
     def add_task(self, name: str, interval: float, fn: Callable[[], Any]) -> None:
         """Register a periodic task; failures are logged and the task keeps its schedule."""
@@ -106,14 +114,21 @@ class Service:
         if self.pub is None:
             return
         info = {**self.bus_stats(), **self.status_info()}
+        state, reason = self.health()
         self.pub.publish(self._hb_topic, Heartbeat(service=self.name, pid=os.getpid(),
-                                                   started_ns=self.started_ns, info=info))
+                                                   started_ns=self.started_ns, state=state,
+                                                   reason=reason, info=info))
 
     def stop(self, reason: str = "", exit_code: int | None = None) -> None:
         if exit_code is not None:
             self.exit_code = exit_code
         self.stop_reason = reason or self.stop_reason
         self.reactor.stop()
+
+    def _check_supervisor(self, watch: SupervisorWatch) -> None:
+        if gone := watch.gone():
+            self.log.warning("supervisor_gone", detail=f"{gone}; stopping")
+            self.stop(gone)
 
     def _on_task_error(self, what: str, exc: BaseException) -> None:
         self.log.error("task_failed", where=what, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
@@ -136,11 +151,15 @@ class Service:
 
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGHUP, _on_signal)  # its terminal closed: stop cleanly, not die
+        watch = SupervisorWatch()  # taken before on_start, so a death during it is seen too
         run_file: Path | None = None
         try:
             self.on_start()
             run_file = self._write_run_file()
             self.add_task("heartbeat", 1.0, self.heartbeat)
+            if watch.chain:
+                self.add_task("supervisor_watch", SUPERVISOR_POLL_S, lambda: self._check_supervisor(watch))
             self.heartbeat()
             self.log.info("service_started", pub=self.pub.endpoint if self.pub else None)
             self.reactor.run()

@@ -9,7 +9,7 @@ import typer
 
 app = typer.Typer(
     name="neopulse",
-    help="Operate a NeoPulse stack: status, orders, positions, kill switch, flatten, trades, logs.",
+    help="Operate a NeoPulse stack: status, orders, positions, kill switch, flatten, trades, logs, stop.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -20,7 +20,7 @@ def _register() -> None:
     # Importing a command module registers its commands on ``app``.
     import importlib
 
-    for mod in ("cmd_ops", "cmd_risk", "cmd_exec", "cmd_strategy", "cmd_feed", "cmd_bench"):
+    for mod in ("cmd_ops", "cmd_risk", "cmd_exec", "cmd_strategy", "cmd_feed", "cmd_bench", "cmd_stack"):
         try:
             importlib.import_module(f"services.admin.{mod}")
         except ModuleNotFoundError as exc:

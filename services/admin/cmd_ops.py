@@ -149,21 +149,30 @@ def status(
             "service": name, "up": True, "endpoint": endpoint,
             "heartbeat_age_s": round(max(0, now - hb.ts_ns) / 1e9, 3),
             "received_age_s": round((now - received) / 1e9, 3),
-            "pid": hb.pid, "state": hb.state,
+            "pid": hb.pid, "state": hb.state, "reason": hb.reason,
             "uptime_s": round((now - hb.started_ns) / 1e9, 1) if hb.started_ns else None,
             "info": hb.info,
         })
     down = [r for r in rows if not r["up"]]
+    degraded = [r for r in rows if r["up"] and r["state"] != "ok"]  # running, but cannot do its job
     if as_json:
-        emit({"ok": not down, "services": rows, "down": [r["service"] for r in down]}, True)
+        emit({"ok": not down and not degraded, "services": rows, "down": [r["service"] for r in down],
+              "degraded": [r["service"] for r in degraded]}, True)  # fmt: skip
     else:
-        table = [[r["service"], "up" if r["up"] else "DOWN", _age(r["heartbeat_age_s"]),
-                  str(r["pid"] or "-"), _age(r["uptime_s"]), r["endpoint"],
-                  _detail(r["service"], r["info"])] for r in rows]
+        table = [[r["service"], ("up" if r["state"] == "ok" else r["state"].upper()) if r["up"] else "DOWN",
+                  _age(r["heartbeat_age_s"]), str(r["pid"] or "-"), _age(r["uptime_s"]), r["endpoint"],
+                  " ".join(x for x in (r.get("reason", ""), _detail(r["service"], r["info"])) if x)]
+                 for r in rows]  # fmt: skip
         typer.echo(_table(["SERVICE", "STATE", "HEARTBEAT", "PID", "UPTIME", "ENDPOINT", "DETAIL"], table))
+    problems = []
     if down:
-        names = "; ".join(f"{r['service']} (no heartbeat from {r['endpoint']})" for r in down)
-        fail(f"down: {names}", EXIT_UNREACHABLE)
+        problems.append("down: " + "; ".join(
+            f"{r['service']} (no heartbeat from {r['endpoint']})" for r in down))  # fmt: skip
+    if degraded:
+        problems.append("degraded: " + "; ".join(
+            f"{r['service']} ({r['reason'] or r['state']})" for r in degraded))  # fmt: skip
+    if problems:
+        fail(" | ".join(problems), EXIT_UNREACHABLE)
 
 
 # --------------------------------------------------------------------------- config show

@@ -1,7 +1,8 @@
 """Shared plumbing for ``neopulse`` commands: config, bus requests, output, exit codes.
 
 Exit codes, the same for every command: 0 ok, 1 refused/rejected, 2 usage or config error, 3 a service
-is unreachable (the message names the service and its endpoint).
+is unreachable (the message names the service and its endpoint) or, for ``status``, reports itself
+degraded (the message names the service and why, e.g. "execution (ledger unavailable: ...)").
 """
 
 from __future__ import annotations

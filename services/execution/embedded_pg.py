@@ -14,6 +14,7 @@ Robust to a previous ``kill -9``:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import time
@@ -44,6 +45,44 @@ class Database:
             with contextlib.suppress(Exception):
                 self.server.cleanup()
             self.server = None
+
+    def postmaster_pid(self) -> int:
+        """The embedded server's postmaster pid (0 for an external ``database.url``)."""
+        if self.server is None:
+            return 0
+        with contextlib.suppress(Exception):
+            return int(self.server.get_pid() or 0)
+        return 0
+
+    def postmaster_gone(self) -> bool:
+        """True when the embedded server's postmaster exited (killed, or stopped by someone):
+        only then may it be started again. A stopped (SIGSTOP) or busy one is not gone."""
+        pid = self.postmaster_pid()
+        if not pid:
+            return False
+        import psutil
+
+        try:
+            return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.AccessDenied:
+            return False
+
+    def restart(self, log: Any = None) -> None:
+        """Start the embedded server again after its postmaster exited, with the same robust
+        start as at startup (stale ``postmaster.pid``, socket lock, shared memory still held).
+        The old handle is forgotten without stopping anything (there is nothing left to stop)."""
+        assert self.embedded and self.server is not None
+        old = self.server
+        _, pgs = _pgserver()
+        pgdata = Path(old.pgdata)
+        with pgs.PostgresServer._lock:
+            if pgs.PostgresServer._instances.get(pgdata) is old:
+                del pgs.PostgresServer._instances[pgdata]
+        atexit.unregister(old._cleanup)
+        fresh = start_embedded(pgdata, log, cleanup_mode=old.cleanup_mode)
+        self.url, self.server, self.startup_ms = fresh.url, fresh.server, fresh.startup_ms
 
 
 def _pgserver() -> Any:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
+import socket
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -258,25 +262,92 @@ def _bracket_row(r: Sequence[Any]) -> BracketRow:
     )
 
 
-class PgOrderStore:
-    """The ledger on PostgreSQL. Not thread-safe: the execution loop owns it."""
+def connect(url: str, timeout_s: int = 5) -> psycopg.Connection[Any]:
+    """A ledger connection (autocommit off); ``LedgerError`` when the server cannot be reached."""
+    try:
+        return psycopg.connect(url, autocommit=False, connect_timeout=timeout_s)
+    except psycopg.Error as exc:
+        raise LedgerError(f"cannot connect to the ledger database: {exc}") from None
 
-    def __init__(self, url: str, log: Any = None) -> None:
+
+class PgOrderStore:
+    """The ledger on PostgreSQL. Not thread-safe: the execution loop owns it.
+
+    With ``reconnect=False`` (execution) a lost connection is never re-opened on the caller's
+    thread, where a frozen server would block the loop for ``connect_timeout``: every call fails
+    fast with ``LedgerError`` until ``adopt`` hands over a connection opened elsewhere. After
+    ``arm_deadlines`` a write or read that gets no answer for that long (the server frozen, not
+    gone) has its socket shut down from a watchdog thread, so the call fails instead of hanging."""
+
+    def __init__(self, url: str, log: Any = None, *, reconnect: bool = True) -> None:
         self.url = url
         self.log = log
+        self.reconnect = reconnect
         self.transactions = 0
-        self.conn = self._connect()
+        self.last_error = ""
+        self.conn = connect(url)
+        self._busy: tuple[psycopg.Connection[Any], float] | None = None  # (conn, deadline)
+        self._write_s = self._read_s = 0.0
+        self._closing = threading.Event()
+
+    def arm_deadlines(self, write_s: float, read_s: float) -> None:
+        """From now on a write (read) with no answer after ``write_s`` (``read_s``) fails."""
+        self._write_s, self._read_s = write_s, read_s
+        threading.Thread(target=self._watch, name="ledger-watchdog", daemon=True).start()
 
     def _connect(self) -> psycopg.Connection[Any]:
-        try:
-            return psycopg.connect(self.url, autocommit=False, connect_timeout=5)
-        except psycopg.Error as exc:
-            raise LedgerError(f"cannot connect to the ledger database: {exc}") from None
+        return connect(self.url)
+
+    def connected(self) -> bool:
+        """False once the connection broke (the server went away, or a call overran its deadline)."""
+        return not (self.conn.closed or self.conn.broken)
+
+    def adopt(self, conn: psycopg.Connection[Any]) -> None:
+        """Take over a connection opened on another thread (the old one is dropped)."""
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
+        self.conn = conn
+        self.last_error = ""
+
+    def drop(self, reason: str) -> None:
+        """Close the connection: the server is known to be gone."""
+        self.last_error = reason
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
 
     def _ensure(self) -> psycopg.Connection[Any]:
         if self.conn.closed or self.conn.broken:
+            if not self.reconnect:
+                raise LedgerError(f"ledger connection lost: {self.last_error or 'connection closed'}")
             self.conn = self._connect()
         return self.conn
+
+    def _watch(self) -> None:
+        while not self._closing.wait(0.1):
+            busy = self._busy
+            if busy is None or time.monotonic() < busy[1]:
+                continue
+            conn = busy[0]
+            if self._busy is not busy or conn.closed:
+                continue
+            with contextlib.suppress(OSError, psycopg.Error):
+                fd = conn.pgconn.socket
+                sock = socket.socket(fileno=os.dup(fd))
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked call sees EOF and fails
+                finally:
+                    sock.close()
+                if self.log is not None:
+                    self.log.warning("ledger_call_timed_out")
+            self._busy = None
+
+    def _start(self, conn: psycopg.Connection[Any], deadline_s: float) -> None:
+        if deadline_s:
+            self._busy = (conn, time.monotonic() + deadline_s)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._busy = None
+        self.last_error = f"{type(exc).__name__}: {str(exc).strip()}"
 
     # ------------------------------------------------------------------ schema
     def migrate(self) -> list[str]:
@@ -313,6 +384,7 @@ class PgOrderStore:
             return {}
         conn = self._ensure()
         conflicts: dict[str, OrderRow] = {}
+        self._start(conn, self._write_s)
         try:
             with conn.cursor() as cur:
                 if _single_pending(changes):
@@ -328,8 +400,10 @@ class PgOrderStore:
                     conflicts = self._find(cur, skipped)
             conn.commit()
         except psycopg.Error as exc:
+            self._failed(exc)
             self._rollback()
             raise _ledger_error("ledger write failed", exc) from None
+        self._busy = None
         self.transactions += 1
         return conflicts
 
@@ -340,14 +414,17 @@ class PgOrderStore:
     # ------------------------------------------------------------------ reads
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         conn = self._ensure()
+        self._start(conn, self._read_s)
         try:
             with conn.cursor() as cur:
                 cur.execute(sql, params)
                 rows = cur.fetchall()
             conn.commit()  # end the read transaction: never sit idle in one
         except psycopg.Error as exc:
+            self._failed(exc)
             self._rollback()
             raise LedgerError(f"ledger read failed: {type(exc).__name__}: {exc}") from None
+        self._busy = None
         return rows
 
     def _find(self, cur: psycopg.Cursor[Any], request_ids: list[str]) -> dict[str, OrderRow]:
@@ -492,5 +569,6 @@ class PgOrderStore:
         return n
 
     def close(self) -> None:
+        self._closing.set()
         with contextlib.suppress(psycopg.Error):
             self.conn.close()

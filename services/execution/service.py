@@ -19,8 +19,10 @@ process with SIGKILL right after the PENDING commit and before the broker call;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,13 +55,22 @@ from libs.common.service import Service
 from services.execution.brokers.base import Broker, InlineBroker, LiveBroker, error_reason
 from services.execution.embedded_pg import Database, DatabaseError, open_database
 from services.execution.engine import ExecutionEngine, Intent, PlaceIntent, run_intent
-from services.execution.ledger import PgOrderStore
+from services.execution.ledger import PgOrderStore, connect
 from services.execution.model import OrderQuery
 from services.execution.store import LedgerError
 
 FLUSH_DELAY_S = 0.002  # acks and fills wait this long for the next PENDING commit to share it
 STATUS_POLL_S = 1.0  # real brokers: order-book poll while running (the paper broker pushes)
 DUE_CHECK_S = 0.25
+LEDGER_CHECK_S = 0.25  # how often the loop looks for a lost ledger (and a dead embedded postmaster)
+# A ledger call with no answer for this long fails (server frozen). A write's is below risk's
+# per-attempt ExecuteOrder timeout (2/5 of bus.request_timeout_ms), so even the order that meets
+# a frozen server is answered "ledger unavailable" within risk's budget.
+LEDGER_WRITE_DEADLINE_S = 1.5
+LEDGER_READ_DEADLINE_S = 5.0
+RECOVER_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0)  # between reconnect attempts (then the last)
+RECOVER_CONNECT_TIMEOUT_S = 2
+LEDGER_LOG_EVERY_S = 10.0
 CRASH_ENV = "NEOPULSE_TEST_CRASH_AT"
 
 
@@ -78,6 +89,69 @@ def live_guard(cfg: Config, live: bool) -> str | None:
 def _failed(code: str, what: str, exc: BaseException) -> Reply:
     """The answer to a request whose broker call failed: what failed, in the broker's words."""
     return Reply(ok=False, code=code, error=f"{what}: {error_reason(exc)}")
+
+
+class LedgerRecovery:
+    """Brings a lost ledger back without blocking the loop. ``check`` (on the loop, every
+    ``LEDGER_CHECK_S``) notices a broken connection or an embedded postmaster that exited; a
+    thread then restarts the embedded server when its postmaster is gone (never an external
+    ``database.url``, which is only retried), opens a new connection with backoff, and hands it
+    to the loop, where the store adopts it and ``on_back`` lets the held changes flush."""
+
+    def __init__(self, db: Database, store: PgOrderStore, reactor: Any, log: Any, on_back: Any) -> None:
+        self.db, self.store, self.reactor, self.log, self.on_back = db, store, reactor, log, on_back
+        self.reason = ""  # why the ledger is unavailable; "" while it is up
+        self.down_since = 0.0
+        self.restarts = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def check(self) -> None:
+        if self._thread is not None:
+            return
+        if self.db.embedded and self.db.postmaster_gone():
+            self.store.drop(f"embedded PostgreSQL (postmaster {self.db.postmaster_pid()}) exited")
+        if self.store.connected():
+            return
+        self.reason = self.store.last_error or "connection lost"
+        self.down_since = time.monotonic()
+        self.log.error("ledger_down", reason=self.reason, embedded=self.db.embedded)
+        self._thread = threading.Thread(target=self._recover, name="ledger-recovery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _recover(self) -> None:
+        attempt, logged_at = 0, 0.0
+        while not self._stopping.is_set():
+            try:
+                if self.db.embedded and self.db.postmaster_gone():
+                    self.reason = "restarting the embedded PostgreSQL"
+                    self.log.warning("embedded_pg_restarting", postmaster_pid=self.db.postmaster_pid())
+                    self.db.restart(self.log)
+                    self.restarts += 1
+                conn = connect(self.db.url, RECOVER_CONNECT_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - any failure here is retried with backoff
+                self.reason = f"{type(exc).__name__}: {str(exc).strip()}"[:300]
+                now = time.monotonic()
+                if now - logged_at >= LEDGER_LOG_EVERY_S:
+                    logged_at = now
+                    self.log.warning("ledger_reconnect_failed", attempts=attempt + 1, error=self.reason)
+                self._stopping.wait(RECOVER_BACKOFF_S[min(attempt, len(RECOVER_BACKOFF_S) - 1)])
+                attempt += 1
+                continue
+            with contextlib.suppress(Exception):  # the loop may be closing
+                self.reactor.call_soon_threadsafe(lambda c=conn: self._adopt(c))
+            return
+
+    def _adopt(self, conn: Any) -> None:
+        self.store.adopt(conn)
+        outage_s = time.monotonic() - self.down_since
+        self.log.warning("ledger_recovered", outage_s=round(outage_s, 2), restarts=self.restarts)
+        self.reason = ""
+        self._thread = None
+        self.on_back(outage_s)
 
 
 @dataclass(frozen=True)
@@ -132,6 +206,8 @@ class ExecutionService(Service):
         self._flush_scheduled = False
         self._ledger_errors = 0
         self._ledger_alert_at = 0.0
+        self._task_error_at = 0.0
+        self.recovery: LedgerRecovery | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -142,7 +218,7 @@ class ExecutionService(Service):
         self.inline = self.inline_broker is not None
         try:
             self.db = open_database(cfg, self.home, self.log)
-            self.store = PgOrderStore(self.db.url, self.log)
+            self.store = PgOrderStore(self.db.url, self.log, reconnect=False)
             applied = self.store.migrate()
         except (DatabaseError, LedgerError) as exc:
             raise RuntimeError(f"ledger unavailable: {exc}") from None
@@ -168,7 +244,10 @@ class ExecutionService(Service):
         self.subscribers.append(sub)
         self._sub = sub
         self.reactor.add_reader(sub.sock, self._on_ticks)
-        self.engine.start()
+        self.engine.start()  # the day's loads may take long: deadlines only from here on
+        self.store.arm_deadlines(LEDGER_WRITE_DEADLINE_S, LEDGER_READ_DEADLINE_S)
+        self.recovery = LedgerRecovery(self.db, self.store, self.reactor, self.log, self._ledger_back)
+        self.add_task("ledger", LEDGER_CHECK_S, self.recovery.check)
         self._pump()
         self.add_task("reconcile", cfg.execution.reconcile_s, self._reconcile)
         self.add_task("due", DUE_CHECK_S, self._due)
@@ -186,6 +265,8 @@ class ExecutionService(Service):
         )
 
     def on_stop(self) -> None:
+        if self.recovery is not None:
+            self.recovery.stop()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
@@ -208,7 +289,38 @@ class ExecutionService(Service):
             info["rep_malformed"] = self.server.stats.malformed
         if self.db is not None:
             info["db_embedded"] = self.db.embedded
+        if self.recovery is not None:
+            info["ledger_restarts"] = self.recovery.restarts
         return info
+
+    def ledger_unavailable(self) -> str:
+        """Why the ledger cannot be used right now, or "" when it can."""
+        if self.recovery is not None and self.recovery.reason:
+            return self.recovery.reason
+        if self.store is not None and not self.store.connected():
+            return self.store.last_error or "connection lost"
+        return ""
+
+    def health(self) -> tuple[str, str]:
+        why = self.ledger_unavailable()
+        return ("degraded", f"ledger unavailable: {why}") if why else ("ok", "")
+
+    def _ledger_back(self, outage_s: float) -> None:
+        """The ledger is back: flush what was held, tell the operator."""
+        assert self.pub is not None
+        self.pub.publish(topic("alert", "execution"), Alert(
+            level="INFO", source="execution", code="ledger_recovered",
+            text=f"the ledger is back after {outage_s:.1f} s: orders are accepted again"))  # fmt: skip
+        self._pump()
+
+    def _on_task_error(self, what: str, exc: BaseException) -> None:
+        if not isinstance(exc, LedgerError):
+            super()._on_task_error(what, exc)
+            return
+        now = time.monotonic()  # the ledger is down: one line every LEDGER_LOG_EVERY_S, no traceback
+        if now - self._task_error_at >= LEDGER_LOG_EVERY_S:
+            self._task_error_at = now
+            self.log.warning("task_ledger_unavailable", where=what, error=str(exc))
 
     # ----------------------------------------------------------------- pumping
     def _pump(self, settle: bool = True) -> None:
@@ -344,6 +456,12 @@ class ExecutionService(Service):
         self._pump(settle=False)
 
     def _handle(self, msg: Message, responder: Responder) -> Message | None:
+        try:
+            return self._dispatch_request(msg, responder)
+        except LedgerError as exc:  # a read the ledger could not answer: say so, no traceback
+            return Reply(ok=False, code="ledger", error=f"ledger unavailable: {exc}")
+
+    def _dispatch_request(self, msg: Message, responder: Responder) -> Message | None:
         engine = self.engine
         if isinstance(msg, GUARDED_COMMANDS):
             refusal = self.senders.refusal(msg, responder)
@@ -368,6 +486,12 @@ class ExecutionService(Service):
                 return Reply(ok=False, code="ledger", error=str(exc))
             return Reply(ok=True, data=rows)
         if isinstance(msg, Flatten):
+            why = self.ledger_unavailable()
+            if why:
+                self.log.warning("flatten_refused", request_id=msg.request_id, reason=why)
+                return Reply(ok=False, code="ledger", error=(
+                    f"ledger unavailable: {why}; nothing was cancelled or closed — flatten again once "
+                    "`neopulse status` shows execution ok"))  # fmt: skip
             self.log.info(
                 "flatten_requested",
                 request_id=msg.request_id,
@@ -376,7 +500,10 @@ class ExecutionService(Service):
                 source=msg.source,
             )
 
+            answered = False
+
             def done(report: dict[str, Any]) -> None:
+                nonlocal answered
                 self.log.info(
                     "flatten_done",
                     request_id=msg.request_id,
@@ -384,10 +511,18 @@ class ExecutionService(Service):
                     cancelled=report["cancelled"],
                     skipped=len(report["skipped"]),
                 )
-                responder.send(Reply(ok=True, data=report))
+                if not answered:
+                    answered = True
+                    responder.send(Reply(ok=True, data=report))
 
             engine.flatten(msg, done)
             self._pump()
+            why = self.ledger_unavailable()
+            if why and not answered:  # the ledger went away while this flatten started
+                answered = True
+                return Reply(ok=False, code="ledger", error=(
+                    f"ledger unavailable: {why}; the flatten is held and runs once the ledger is "
+                    "back"))  # fmt: skip
             return None
         if isinstance(msg, CancelEntries):
             ids = engine.cancel_entries(msg.reason or "kill switch")

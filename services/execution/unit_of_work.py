@@ -29,6 +29,10 @@ class UnitOfWork(EngineBase):
     intents and publications are released; a savepoint rolls a batch back; an unstorable row is
     set aside."""
 
+    LEDGER_LOG_EVERY_NS = 10_000_000_000  # while the ledger is down: one error line per 10 s
+    _ledger_logged_ns = 0  # when ``ledger_write_failed`` was last logged (0: the ledger is fine)
+    _ledger_failures = 0  # failed flushes since the last good one
+
     def flush(self) -> bool:
         """Write pending changes in one transaction, then release their intents and messages.
         On a ledger error the changes stay pending (retried on the next flush) and nothing
@@ -49,10 +53,19 @@ class UnitOfWork(EngineBase):
                     conflicts = self._write_isolating(changes, exc)
             except LedgerError as exc:
                 self.stats["ledger_errors"] += 1
-                n = self.stats["ledger_errors"]
-                if self.log is not None and (n < 5 or n % 100 == 0):
-                    self.log.error("ledger_write_failed", error=str(exc), failures=n)
+                self._ledger_failures += 1
+                now = self._now()
+                if self.log is not None and (
+                    not self._ledger_logged_ns or now - self._ledger_logged_ns >= self.LEDGER_LOG_EVERY_NS
+                ):
+                    self._ledger_logged_ns = now or 1
+                    self.log.error("ledger_write_failed", error=str(exc), failures=self._ledger_failures,
+                                   total=self.stats["ledger_errors"])  # fmt: skip
                 return False
+            if self._ledger_failures:
+                if self.log is not None:
+                    self.log.warning("ledger_write_recovered", failures=self._ledger_failures)
+                self._ledger_logged_ns = self._ledger_failures = 0
             self.stats["flushes"] += 1
             self._new, self._dirty, self._events, self._fills, self._bdirty, self._risk = (
                 {},

@@ -49,7 +49,7 @@ from services.execution.engine import (
     PositionsIntent,
 )
 from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, OrderRow
-from services.execution.store import MemoryOrderStore
+from services.execution.store import LedgerError, MemoryOrderStore
 from tests.kit import execute_order
 
 MASTER = MasterData.load()
@@ -870,3 +870,56 @@ def test_an_order_gone_from_a_working_book_for_minutes_is_closed_with_an_alert()
 
     assert gone.status == CANCELLED and "order_vanished" in h.codes()
     assert not kept.terminal
+
+
+# ------------------------------------------------------------------ 7. ledger outage
+
+
+class DownStore(MemoryOrderStore):
+    """A ledger that can be taken away (``down``): every write then fails as a lost connection does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def write(self, changes: Any) -> Any:
+        if self.down:
+            raise LedgerError("ledger connection lost: server closed the connection unexpectedly")
+        return super().write(changes)
+
+
+class Lines:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def __getattr__(self, _level: str) -> Any:
+        return lambda event, **_kw: self.events.append(event)
+
+
+def test_a_ledger_outage_refuses_orders_logs_one_line_per_10s_and_flushes_what_was_held_on_return() -> None:
+    # Arrange: a filled-order ack is held when the ledger goes away.
+    store = DownStore()
+    h = Hand(store=store)
+    h.engine.log = log = Lines()
+    [res] = h.engine.submit([execute()])
+    [place] = places(h.take())
+    store.down = True
+    h.answer(place, BrokerAck(broker_order_id="B1"))
+
+    # Act: 1,000 flushes and a new order while it is down, 5 s apart in two halves; then it returns.
+    for _ in range(500):
+        h.engine.flush()
+    h.clock.advance(5.0)
+    [refused] = h.engine.submit([execute()])
+    for _ in range(500):
+        h.engine.flush()
+    h.clock.advance(6.0)
+    h.engine.flush()
+    store.down = False
+    assert h.engine.flush()
+
+    # Assert: refused "ledger unavailable", two error lines not 1,000, and the held ack is durable.
+    assert not refused.ok and refused.reason == "ledger unavailable" and refused.code == "ledger"
+    assert log.events.count("ledger_write_failed") == 2
+    assert log.events.count("ledger_write_recovered") == 1
+    assert store.orders[res.order_id].broker_order_id == "B1"
