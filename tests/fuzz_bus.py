@@ -43,6 +43,7 @@ from tests.kit.processes import ask as kit_ask
 from tests.stack import Stack
 
 TARGETS = ("risk_rep", "execution_rep")
+FLATTEN_ANSWER_S = 15.0  # execution's flatten may wait 10 s for cancel confirmations
 _ENC = msgspec.msgpack.Encoder()
 
 NASTY = st.one_of(
@@ -109,6 +110,18 @@ def frames(draw: st.DrawFn) -> tuple[str, bytes, bool]:
     return target, payload, draw(st.booleans())
 
 
+def _describe(payload: bytes) -> str:
+    """A short name for a case in the report: its kind and first fields, or its first bytes."""
+    try:
+        body = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return f"bytes {payload[:24].hex()}"
+    if isinstance(body, dict):
+        short = {k: (v[:30] if isinstance(v, str | bytes) else v) for k, v in list(body.items())[:6]}
+        return repr(short)[:200]
+    return repr(body)[:80]
+
+
 @dataclass
 class Report:
     sent: Counter[str] = field(default_factory=Counter)
@@ -135,7 +148,7 @@ class Report:
         lines.append(f"tick frames into subscribers: {self.ticks}")
         lines.append(f"crashes {len(self.crashes)}, wedges {len(self.wedges)}, refusals without a reason "
                      f"{len(self.reasonless)}, unexpected replies {len(self.unexpected)}")  # fmt: skip
-        for what in (self.crashes, self.wedges, self.reasonless[:5], self.unexpected[:5]):
+        for what in (self.crashes, self.wedges, self.reasonless[:5], self.unexpected[:5], self.silent):
             lines.extend(f"  {x}" for x in what)
         return "\n".join(lines)
 
@@ -176,7 +189,7 @@ class Fuzzer:
         corr = self.corr.to_bytes(8, "big")
         parts = [b"", corr, payload] + ([self.secret] if credential and self.secret else [])
         self.socks[target].send_multipart(parts)
-        self.pending[(target, corr)] = payload[:60].hex()
+        self.pending[(target, corr)] = _describe(payload)
         self.report.sent[target] += 1
 
     def tick_frame(self, rng: random.Random) -> None:
@@ -218,6 +231,9 @@ class Fuzzer:
 
     def finish_batch(self) -> None:
         self.collect(3.0)
+        if any("'Flatten'" in name for name in self.pending.values()):
+            # a flatten answers once the broker has confirmed its cancels, or after its 10 s wait
+            self.collect(FLATTEN_ANSWER_S)
         for key, name in list(self.pending.items()):
             self.report.unanswered[key[0]] += 1
             if len(self.report.silent) < 20:
@@ -289,7 +305,8 @@ def run(cases: int, seed: int, batch: int = 500) -> Report:
             log = stack.home / "log" / f"{name}.log"
             text = log.read_text(errors="replace") if log.exists() else ""
             fuzzer.report.crashes.extend(
-                f"{name}: {line[:300]}" for line in text.splitlines() if '"task_failed"' in line
+                f"{name}: {line[:300]}" for line in text.splitlines()
+                if '"task_failed"' in line or '"request_handler_failed"' in line
             )
         return fuzzer.report
     finally:

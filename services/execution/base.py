@@ -52,6 +52,7 @@ FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are co
 KILL_EVENTS = (RiskEvent.KILL_SWITCH_ON, RiskEvent.KILL_SWITCH_OFF, "kill_switch")
 CARRIED = CARRIED_STRATEGY  # the strategy id of carried positions no strategy's fills explain
 QTY_MAX = 2**31 - 1  # the ledger's INTEGER quantity columns
+MAX_TICK_PRICE = 10_000_000.0  # a tick above the price cap (or NaN, or not positive) is not a price
 _TOPICS: dict[tuple[str, str], bytes] = {}
 
 

@@ -21,6 +21,7 @@ from libs.common.positions import PositionState
 from services.execution.base import (
     _LEGS,
     CANCEL_CONFIRM_NS,
+    MAX_TICK_PRICE,
     QTY_MAX,
     RETRY_ALERT_AFTER,
     _topic,
@@ -418,8 +419,11 @@ class BrokerEvents(Brackets):
         return pos
 
     def on_tick(self, tick: Tick) -> None:
-        """Remember the last price (market intent, flatten, marks). Hot path: one dict store."""
-        self.last[f"{tick.segment}|{tick.token}"] = tick  # instrument_key, inlined: hot path
+        """Remember the last price (market intent, flatten, marks). Hot path: one dict store.
+        A tick whose price is not a possible price (NaN, infinite, not positive, above the
+        price cap) is ignored: the last good one stays the reference for pricing."""
+        if 0.0 < tick.ltp <= MAX_TICK_PRICE:  # NaN fails both comparisons
+            self.last[f"{tick.segment}|{tick.token}"] = tick  # instrument_key, inlined: hot path
 
     def drain_broker_events(self) -> None:
         for ev in self.broker.drain_events():

@@ -9,6 +9,7 @@ is named after the behaviour it proves and failed on the engine before the fix.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -923,3 +924,27 @@ def test_a_ledger_outage_refuses_orders_logs_one_line_per_10s_and_flushes_what_w
     assert log.events.count("ledger_write_failed") == 2
     assert log.events.count("ledger_write_recovered") == 1
     assert store.orders[res.order_id].broker_order_id == "B1"
+
+
+@pytest.mark.parametrize("ltp", [math.nan, math.inf, -1.0, 1e308])
+def test_a_tick_with_an_impossible_price_is_ignored_and_flatten_still_answers(ltp: float) -> None:
+    # found by the bus fuzzer: a NaN tick became the last price, flatten priced its close from
+    # it, raised inside the request handler and never answered
+    h = Hand()
+    [r] = h.engine.submit([execute()])
+    [p] = places(h.take())
+    h.ack(p)
+    h.trade(h.order(r.order_id), 10, "1290.00")
+    h.tick(1290.0)
+
+    h.tick(ltp)
+    reports: list[dict[str, Any]] = []
+    h.engine.flatten(Flatten(request_id=f"f-{ltp}"), reports.append)
+    closes = places(h.take())
+    for c in closes:
+        h.ack(c)
+    h.engine.finish_jobs()
+
+    assert reports, "flatten never answered"
+    assert [(c.order.side, c.order.quantity) for c in closes] == [("SELL", 10)]
+    assert Decimal("1200") < closes[0].order.price < Decimal("1300")  # priced from the last good tick

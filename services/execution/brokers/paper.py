@@ -399,7 +399,10 @@ class PaperBroker:
 
     # ------------------------------------------------------------------ market data
     def on_tick(self, tick: Tick) -> None:
-        """Remember the touch; fill resting orders this tick crosses. Cheap when nothing rests."""
+        """Remember the touch; fill resting orders this tick crosses. Cheap when nothing rests.
+        A tick without a possible price (NaN, infinite, not positive, absurd) fills nothing."""
+        if not 0.0 < tick.ltp <= 10_000_000.0:  # NaN fails both comparisons
+            return
         key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         self.last[key] = tick
         book = self.resting.get(key)
