@@ -69,7 +69,14 @@ class Flattening(BrokerEvents):
                 job.cancelled.append(o.order_id)
             if not o.terminal:
                 job.waiting.add(o.order_id)
-        self._advance_job(job)
+        try:
+            self._advance_job(job)
+        except Exception:
+            # a job that could not be built must not hold its request id: a retry starts afresh
+            # instead of waiting for a report that never comes
+            self.flatten_jobs.pop(req.request_id, None)
+            self._active_jobs.discard(req.request_id)
+            raise
 
     def _match_symbol(self, symbol: str) -> str | None:
         try:
