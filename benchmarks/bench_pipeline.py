@@ -2,8 +2,8 @@
 
     python -m benchmarks.bench_pipeline [--orders 200] [--gap-ms 5 10] [--kind market|limit] [--json]
 
-DESIGN §11: "Tick → durable paper order (feed publish to execution's ack, PENDING row
-committed): p50 within 2x the sum of the raw hops and one durable insert; p99 ≤ 3 ms".
+Target: tick → durable paper order (feed publish to execution's ack, PENDING row committed)
+with a p50 within 2x the sum of the raw hops and one durable insert, and a p99 of at most 3 ms.
 
 Processes (own ``NEOPULSE_HOME`` in a temp dir, own ``bus.base_port``):
 

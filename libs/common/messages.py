@@ -80,7 +80,7 @@ LEG_PURPOSES: frozenset[str] = frozenset({Purpose.STOP, Purpose.TARGET})
 
 
 class OrderStatus(Vocabulary):
-    """Order states, in lifecycle order (DESIGN §6); ``TERMINAL_STATES`` are final."""
+    """Order states, in lifecycle order; ``TERMINAL_STATES`` are final."""
 
     PENDING_BROKER = "PENDING_BROKER"
     ACK = "ACK"
@@ -187,7 +187,7 @@ CANCELLED: str = OrderStatus.CANCELLED
 UNKNOWN: str = OrderStatus.UNKNOWN
 TERMINAL_STATES: frozenset[str] = frozenset({COMPLETE, REJECTED, CANCELLED})
 
-# Risk states (DESIGN §7).
+# Risk states: ACTIVE trades, REDUCING only reduces, HALTED (kill switch) nothing.
 ACTIVE = "ACTIVE"
 REDUCING = "REDUCING"
 HALTED = "HALTED"

@@ -10,7 +10,7 @@ from libs.common.config import Config
 from libs.common.instruments import Instrument, MasterData
 from libs.common.messages import Tick
 
-# Connection states published as FeedStatus (DESIGN §8).
+# Connection states published as FeedStatus.
 CONNECTING = "CONNECTING"
 LIVE = "LIVE"
 STALE = "STALE"

@@ -61,7 +61,7 @@ def _skip_package_init() -> None:
 
     ``import neo_api_client`` pulls in the REST client, httpx and pandas (1.3 s and ~55 MB
     here) that the feed never uses; with them the feed would miss the 80 MB idle budget
-    (DESIGN §11). A bare package module with the real ``__path__`` lets
+    of the feed process. A bare package module with the real ``__path__`` lets
     ``neo_api_client.websocket.feed`` import as usual (its own imports are the logger and two
     URL helpers). Skipped when the real package is already loaded in this process.
     """
