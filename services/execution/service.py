@@ -52,7 +52,7 @@ from libs.common.messages import (
 )
 from libs.common.security import GUARDED_COMMANDS, SenderCheck
 from libs.common.service import Service
-from services.execution.brokers.base import Broker, InlineBroker, LiveBroker, error_reason
+from services.execution.brokers.base import Broker, BrokerIpBlocked, InlineBroker, LiveBroker, error_reason
 from services.execution.embedded_pg import Database, DatabaseError, open_database
 from services.execution.engine import ExecutionEngine, Intent, PlaceIntent, run_intent
 from services.execution.ledger import PgOrderStore, connect
@@ -208,6 +208,9 @@ class ExecutionService(Service):
         self._ledger_alert_at = 0.0
         self._task_error_at = 0.0
         self.recovery: LedgerRecovery | None = None
+        self._ip_alerted = 0  # the IpBlock episode last alerted (0: none open)
+        self._ip_probing = False
+        self._ip_poll_logged_at = 0.0
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -256,6 +259,7 @@ class ExecutionService(Service):
             live = self.live_broker
             if live is not None:
                 self.add_task("logout", 30.0, lambda: self._in_pool(live.logout_if_due, lambda r: None))
+                self.add_task("broker_ip", DUE_CHECK_S, self._watch_broker_ip)
         self.log.info(
             "execution_ready",
             broker=self.engine.broker_name,
@@ -301,9 +305,47 @@ class ExecutionService(Service):
             return self.store.last_error or "connection lost"
         return ""
 
+    def broker_unavailable(self) -> str:
+        """Why the broker takes no orders from here right now (Kotak's static-IP rule), or ""."""
+        block = self.live_broker.ip_block() if self.live_broker is not None else None
+        return block.summary if block is not None and block.refusing else ""
+
     def health(self) -> tuple[str, str]:
         why = self.ledger_unavailable()
-        return ("degraded", f"ledger unavailable: {why}") if why else ("ok", "")
+        if why:
+            return "degraded", f"ledger unavailable: {why}"
+        why = self.broker_unavailable()
+        return ("degraded", why) if why else ("ok", "")
+
+    def _watch_broker_ip(self) -> None:
+        """One CRITICAL alert per episode of the broker refusing this IP (and when its code
+        changes), INFO when it ends; and the bounded probe (a fresh login) while it refuses."""
+        live = self.live_broker
+        assert live is not None and self.pub is not None
+        block = live.ip_block()
+        if block is not None and block.episode != self._ip_alerted:
+            self._ip_alerted = block.episode
+            self.log.error("broker_ip_blocked", code=block.code, reason=block.reason, ip=block.ip)
+            self.pub.publish(topic("alert", "execution"), Alert(
+                level="CRITICAL", source="execution", code="broker_ip_blocked",
+                text=f"Kotak refuses orders from this machine: {block.reason}. To fix: {block.fix}. "
+                     "Until then new orders and flatten are refused and nothing is sent; orders and stops "
+                     "already at Kotak keep working."))  # fmt: skip
+        elif block is None and self._ip_alerted:
+            self._ip_alerted = 0
+            self.log.warning("broker_ip_cleared")
+            self.pub.publish(topic("alert", "execution"), Alert(
+                level="INFO", source="execution", code="broker_ip_cleared",
+                text="Kotak accepts orders from this machine again: new orders are accepted"))  # fmt: skip
+        if block is not None and block.refusing and not self._ip_probing and live.ip_probe_due():
+            self._ip_probing = True
+
+            def done(result: Any) -> None:
+                self._ip_probing = False
+                if isinstance(result, BaseException):
+                    self.log.warning("broker_ip_probe_failed", error=f"{type(result).__name__}: {result}")
+
+            self._in_pool(live.probe_ip_block, done)
 
     def _ledger_back(self, outage_s: float) -> None:
         """The ledger is back: flush what was held, tell the operator."""
@@ -393,6 +435,12 @@ class ExecutionService(Service):
 
         def done(events: Any) -> None:
             self._polling = False
+            if isinstance(events, BrokerIpBlocked):  # alerted once; one line per 10 s, not per poll
+                now = time.monotonic()
+                if now - self._ip_poll_logged_at >= LEDGER_LOG_EVERY_S:
+                    self._ip_poll_logged_at = now
+                    self.log.warning("status_poll_failed", error=events.reason, code=events.code)
+                return
             if isinstance(events, BaseException):
                 self.log.warning("status_poll_failed", error=f"{type(events).__name__}: {events}")
                 return
@@ -443,6 +491,15 @@ class ExecutionService(Service):
 
     def _submit_batch(self) -> None:
         batch, self._batch = self._batch, []
+        why = self.broker_unavailable()
+        if why:  # the broker refuses this IP: new orders are refused, nothing is written or sent
+            known = self.engine.by_request  # a repeat of an accepted order still gets its answer
+            for msg, responder in [(m, r) for m, r in batch if m.request_id not in known]:
+                self.log.info("order_refused", request_id=msg.request_id, code="broker_ip", reason=why)
+                responder.send(Reply(ok=False, code="broker_ip", error=f"not placed: {why}"))
+            batch = [(m, r) for m, r in batch if m.request_id in known]
+            if not batch:
+                return
         results = self.engine.submit([m for m, _ in batch])
         if self.crash_at == "after_pending" and any(r.ok for r in results):
             self.log.warning("test_crash", at="after_pending", orders=len(results))
@@ -492,6 +549,13 @@ class ExecutionService(Service):
                 return Reply(ok=False, code="ledger", error=(
                     f"ledger unavailable: {why}; nothing was cancelled or closed — flatten again once "
                     "`neopulse status` shows execution ok"))  # fmt: skip
+            why = self.broker_unavailable()
+            if why:  # its cancels could go while its closes cannot: stops would be lost, nothing closed
+                self.log.warning("flatten_refused", request_id=msg.request_id, code="broker_ip", reason=why)
+                return Reply(ok=False, code="broker_ip", error=(
+                    f"{why}; nothing was cancelled or closed (stops at the broker keep working) — "
+                    "flatten again once `neopulse status` shows execution ok, or close at Kotak "
+                    "directly"))  # fmt: skip
             self.log.info(
                 "flatten_requested",
                 request_id=msg.request_id,
@@ -546,7 +610,9 @@ class ExecutionService(Service):
         if isinstance(msg, SyncMaster):
             return self._sync_master(msg, responder)
         if isinstance(msg, GetStatus):
-            return Reply(ok=True, data={"service": self.name, "pid": os.getpid(), **self.status_info()})
+            state, reason = self.health()
+            return Reply(ok=True, data={"service": self.name, "pid": os.getpid(), "state": state,
+                                        "reason": reason, **self.status_info()})  # fmt: skip
         return Reply(ok=False, code="unsupported", error=f"execution does not handle {type(msg).__name__}")
 
     def _feed_session(self, responder: Responder) -> Message | None:
