@@ -64,6 +64,7 @@ RECOVER_S = 45.0  # a kill not recovered from within this long is a violation
 PROTECT_GRACE_S = 10.0  # an unprotected bracket must get its live stop within this long
 FLAT_WITHIN_S = 60.0
 MANUAL_EVERY_S = 1.5
+TERMINAL = ("COMPLETE", "CANCELLED", "REJECTED")
 MANUAL_SYMBOL = "RELIANCE-EQ"
 HANDLER_FAILURES = ('"task_failed"', '"request_handler_failed"', "Traceback (most recent call last)")
 INVARIANTS = (
@@ -373,9 +374,18 @@ class ChaosStack:
             time.sleep(0.05)
         return None
 
+    def ledger_restarts(self) -> int:
+        """How often this execution process restarted its embedded PostgreSQL (-1: no answer)."""
+        try:
+            reply = self.ask("execution_rep", GetStatus(), 500)
+        except RequestTimeout:
+            return -1
+        return int(reply.data.get("ledger_restarts", 0)) if isinstance(reply, Reply) and reply.ok else -1
+
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "services.admin.cli", *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- a manual trader
@@ -462,7 +472,8 @@ class Report:
             lines.append(f"{t:12s} {self.kills[t]:6d} {mean:>16s} {top:>8s}")
         lines.append(f"{'total':12s} {sum(self.kills.values()):6d}")
         lines.append(f"orders {self.orders}, fills {self.fills}, manual approved {self.approved_manual}, "
-                     f"manual refused {dict(self.refused_manual)}, protection checks {self.protect_checks}")  # fmt: skip
+                     f"manual refused {dict(self.refused_manual)}, "
+                     f"protection checks {self.protect_checks}")  # fmt: skip
         lines.append("invariant                              violations")
         lines.extend(f"  {name:36s} {self.violations[name]:6d}" for name in INVARIANTS)
         lines.extend(f"  ! {s}" for s in self.samples)
@@ -479,7 +490,7 @@ def check_protection(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, r
         try:
             brackets = ledger.open_brackets()
             orders = ledger.orders()
-        except Exception:  # noqa: BLE001 - the server may be restarting: try again
+        except Exception:
             brackets, orders = [], []
             if time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -525,7 +536,8 @@ def final_checks(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, trade
                            f"broker {o.oid}")  # fmt: skip
     for row in orders:
         if row["exchange_id"] and row["exchange_id"] not in by_oid:
-            report.violate("ledger row without broker order", f"{row['client_tag']} claims {row['exchange_id']}")
+            report.violate("ledger row without broker order",
+                           f"{row['client_tag']} claims {row['exchange_id']}")  # fmt: skip
     filled: dict[str, int] = defaultdict(int)
     for f in fills:
         filled[str(f["order_id"])] += f["quantity"]
@@ -546,7 +558,8 @@ def final_checks(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, trade
             for p in (reply.data if isinstance(reply, Reply) and reply.ok else [])}  # fmt: skip
     for k in set(net) | set(held):
         if net.get(k, 0) != held.get(k, 0):
-            report.violate("position differs from fills", f"{k}: execution {held.get(k, 0)}, fills {net.get(k, 0)}")
+            report.violate("position differs from fills",
+                           f"{k}: execution {held.get(k, 0)}, fills {net.get(k, 0)}")  # fmt: skip
     per_key = {k: v for k, v in per_key.items() if v}
     if per_key != book.net():
         report.violate("broker net differs from ledger", f"ledger {per_key}, broker {book.net()}")
@@ -557,7 +570,7 @@ def final_checks(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, trade
     if any(held.values()) or per_key or book.net():
         report.violate("not flat after flatten", f"positions {({k: v for k, v in held.items() if v})}, "
                        f"broker {book.net()}")  # fmt: skip
-    working = [o for o in orders if o["status"] not in ("COMPLETE", "CANCELLED", "REJECTED") and not o["sliced"]]
+    working = [o for o in orders if o["status"] not in TERMINAL and not o["sliced"]]
     if working or book.working():
         report.violate("still working after flatten", f"ledger {[o['client_tag'] for o in working][:5]}, "
                        f"broker {[o.tag for o in book.working()][:5]}")  # fmt: skip
@@ -576,8 +589,7 @@ def _settle_flat(stack: ChaosStack, ledger: Ledger, journal: PaperJournal) -> No
     while time.monotonic() < deadline:
         book = journal.read()
         with contextlib.suppress(Exception):
-            working = [o for o in ledger.orders() if o["status"] not in ("COMPLETE", "CANCELLED", "REJECTED")
-                       and not o["sliced"]]  # fmt: skip
+            working = [o for o in ledger.orders() if o["status"] not in TERMINAL and not o["sliced"]]
             if not book.working() and not book.net() and not working:
                 return
         time.sleep(0.5)
@@ -608,8 +620,9 @@ def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: 
                 if pm is None:
                     report.violate("service not recovered", "no postmaster to kill")
                     continue
+                restarts = stack.ledger_restarts()
                 pm.kill()
-                took = _wait_postgres(stack, pm.pid, t_kill)
+                took = _wait_postgres(stack, pm.pid, restarts, t_kill)
                 name = "execution"
             else:
                 name = target if target != "strategy" else f"strategy-{rng.choice(STRATEGIES)}"
@@ -654,11 +667,12 @@ def _say(log: Any, text: str) -> None:
         log(text)
 
 
-def _wait_postgres(stack: ChaosStack, old_pid: int, t_kill: float) -> float | None:
-    """Until execution has started a new postmaster and says its ledger is healthy."""
+def _wait_postgres(stack: ChaosStack, old_pid: int, restarts: int, t_kill: float) -> float | None:
+    """Until execution has started a new postmaster itself and says its ledger is healthy."""
     while time.monotonic() - t_kill < RECOVER_S:
         pm = stack.postmaster()
-        if pm is not None and pm.pid != old_pid and stack.is_up("execution", 0):
+        if (pm is not None and pm.pid != old_pid and stack.ledger_restarts() > restarts
+                and stack.is_up("execution", 0)):  # fmt: skip
             return time.monotonic() - t_kill
         time.sleep(0.05)
     return None

@@ -29,6 +29,7 @@ from services.execution.base import (
 from services.execution.brackets import Brackets
 from services.execution.brokers.base import (
     BrokerAck,
+    BrokerIpBlocked,
     BrokerOrderStatus,
     BrokerRejected,
     BrokerTemporary,
@@ -105,7 +106,8 @@ class BrokerEvents(Brackets):
                 o, REJECTED, "REJECTED", {"error": result.reason, "raw": result.raw}, result.reason
             )
             return
-        if isinstance(result, BrokerTemporary):
+        # Not placed; a bracket leg is placed again later (a static-IP block ends when the operator acts).
+        if isinstance(result, (BrokerTemporary, BrokerIpBlocked)):
             if o.purpose in _LEGS and o.bracket_id:
                 self._leg_not_placed(o, result.reason)
             self._transition(

@@ -68,13 +68,19 @@ Control API (JSON in, JSON out), for tests only::
                                         really remain. A count of -1 = every request until
                                         `seconds` pass (null: until clear_faults).
                                         "order_book" covers GET /quick/user/orders[/<no>].
+    POST /_control/ip_block            {"code": 100008, "apis": null, "count": null}
+                                        static-IP refusal (100008 IP not whitelisted | 1037
+                                        session created from another IP) for the APIs named
+                                        (null: place/modify/cancel, the ones Kotak IP-checks),
+                                        for `count` requests (null: until cleared; code null
+                                        lifts it). Nothing is done for a refused request.
     POST /_control/clear_faults        {}   drop every armed fault, release held-back trades
     POST /_control/rate_limit          {"orders_per_s": 10, "requests_per_s": 25}  (null = off)
     POST /_control/reset               {}   forget orders, trades, sessions and logs
 
 Every request log row (``/_control/requests``) also carries ``order_no`` for cancel and
 modify, and ``fault`` when an armed fault changed the answer (``cancel_timeout``,
-``cancel_error``, ``empty_book``, ``trade_held``, ``place_lost``).
+``cancel_error``, ``empty_book``, ``trade_held``, ``place_lost``, ``ip_block`` with its ``code``).
 
 Orders, trades, sessions and the received-order log live in the JSON state file (rewritten
 atomically after every change), so the fake can be restarted without losing the book. Armed
@@ -142,7 +148,20 @@ class FakeCredentials:
 # --------------------------------------------------------------------------------------------
 
 ST_INVALID_SESSION = 100022  # {"stCode":100022,"errMsg":"invalid session token","stat":"Not_Ok"}
-ST_UNAUTHORIZED = 100008
+# A wrong consumer key (the API gateway's "Invalid Credentials"). It used to be 100008 here, but
+# Kotak's 100008 means the request came from an IP that is not whitelisted (below).
+ST_INVALID_CREDENTIALS = 900901
+# Static-IP rule (Kotak, from 2026-04-01): the order APIs take requests only from a whitelisted
+# static IP, in a session created from that IP. Kotak documents these two bodies.
+ST_IP_NOT_WHITELISTED = 100008  # {"stCode":100008,"errMsg":"unauthorized","stat":"Not_Ok"}
+ST_SESSION_IP_MISMATCH = 1037  # {"stCode":1037,"errMsg":"session ip does not match",...}
+IP_ERRORS = {  # code -> (HTTP status, errMsg): the statuses and 1037's full text are the fake's choice
+    ST_IP_NOT_WHITELISTED: (401, "unauthorized"),
+    ST_SESSION_IP_MISMATCH: (403, "session ip does not match"),
+}
+# The APIs Kotak checks the IP on ("IP validation is enforced only on order APIs").
+ORDER_APIS = frozenset({"place_order", "modify_order", "cancel_order"})
+LOGIN_APIS = frozenset({"totp_login", "totp_validate"})
 ST_INVALID_ACCESS_TYPE = 100021  # observed for MKT orders from API sessions
 ST_BODY_INVALID = 1007
 ST_INVALID_SYMBOL = 1009
@@ -523,6 +542,20 @@ class CancelFault:
 
 
 @dataclass
+class IpBlockRule:
+    """Answer ``apis`` (None: the order APIs) with a static-IP refusal ``code``, for ``count``
+    requests (None: until cleared)."""
+
+    code: int
+    apis: frozenset[str] | None
+    count: int | None
+
+    def covers(self, api: str) -> bool:
+        left = self.count is None or self.count > 0
+        return left and api in (ORDER_APIS if self.apis is None else self.apis)
+
+
+@dataclass
 class EmptyBookRule:
     """Answer one book API as empty: for ``count`` requests (None: any number) until ``until``
     (a monotonic deadline; None: no deadline)."""
@@ -598,6 +631,7 @@ class FakeKotakBroker:
         self._fail_rules: list[FailRule] = []
         self._cancel_faults: list[CancelFault] = []
         self._empty_books: dict[str, EmptyBookRule] = {}
+        self._ip_block: IpBlockRule | None = None
         # fill_id -> trade-book requests still to miss it (None: until release_trades)
         self._held_trades: dict[str, int | None] = {}
         self._orders_per_s: float | None = None
@@ -633,11 +667,16 @@ class FakeKotakBroker:
         with self._lock:
             self._requests.append(row)
             limited = self._rate_limited(api)
-            rule = self._take_fail_rule(api)
+            ip_refusal = self._take_ip_block(api) if limited is None else None
+            rule = self._take_fail_rule(api) if limited is None and ip_refusal is None else None
         if limited is not None:
             if api == "place_order":
                 self._log_received(req, outcome="rate_limited", response=limited)
             return json_reply(429, limited)
+        if ip_refusal is not None:  # checked before the order is looked at: nothing is done
+            if api == "place_order":
+                self._log_received(req, outcome="ip_blocked", response=json.loads(ip_refusal.body))
+            return ip_refusal
         if rule is not None and not rule.after_handling:
             return self._fail_reply(rule)
         try:
@@ -702,6 +741,20 @@ class FakeKotakBroker:
                 return rule
         return None
 
+    def _take_ip_block(self, api: str) -> Reply | None:
+        """The static-IP refusal for this request when an ``ip_block`` rule covers it. Login
+        APIs answer in the login service's shape, the rest in the order/report envelope."""
+        rule = self._ip_block
+        if rule is None or not rule.covers(api):
+            return None
+        if rule.count is not None:
+            rule.count -= 1
+        status, message = IP_ERRORS[rule.code]
+        _note(fault="ip_block", code=rule.code)
+        if api in LOGIN_APIS:
+            return json_reply(status, login_error(str(rule.code), message))
+        return json_reply(status, not_ok(rule.code, message))
+
     @staticmethod
     def _fail_reply(rule: FailRule) -> Reply:
         if isinstance(rule.body, str):
@@ -733,7 +786,7 @@ class FakeKotakBroker:
     def _auth_error(self, req: HttpRequest, *, needs_consumer_key: bool) -> Reply | None:
         """None when the request carries a live trade session (and consumer key if needed)."""
         if needs_consumer_key and req.header("Authorization") != self.creds.consumer_key:
-            return json_reply(401, not_ok(ST_UNAUTHORIZED, "unauthorized"))
+            return json_reply(401, not_ok(ST_INVALID_CREDENTIALS, "Invalid Credentials"))
         if self._trade_session(req) is None:
             return json_reply(403, not_ok(ST_INVALID_SESSION, "invalid session token"))
         return None
@@ -1173,7 +1226,7 @@ class FakeKotakBroker:
 
     def _file_paths(self, req: HttpRequest) -> Reply:
         if req.header("Authorization") != self.creds.consumer_key:
-            return json_reply(401, not_ok(ST_UNAUTHORIZED, "unauthorized"))
+            return json_reply(401, not_ok(ST_INVALID_CREDENTIALS, "Invalid Credentials"))
         paths = [
             f"{self.advertise_url}{_scrip_file_path(seg, self._master_day)}"
             for seg in sorted(self._master_csv, key=lambda s: (s.endswith("_cm"), s))
@@ -1334,6 +1387,8 @@ class FakeKotakBroker:
                 ))  # fmt: skip
             elif name == "empty_books":
                 self._arm_empty_books(body)
+            elif name == "ip_block":
+                self._arm_ip_block(body)
             elif name == "clear_faults":
                 self._clear_faults()
             elif name == "reject_next_place":
@@ -1369,6 +1424,20 @@ class FakeKotakBroker:
         self._cancel_faults.clear()
         self._empty_books.clear()
         self._held_trades.clear()
+        self._ip_block = None
+
+    def _arm_ip_block(self, body: dict[str, Any]) -> None:
+        code = body.get("code")
+        if code is None:  # lift it
+            self._ip_block = None
+            return
+        if int(code) not in IP_ERRORS:
+            raise _BadBody(f"code must be one of {sorted(IP_ERRORS)} or null, got {code!r}")
+        apis, count = body.get("apis"), body.get("count")
+        if apis is not None and (not isinstance(apis, list) or not all(isinstance(a, str) for a in apis)):
+            raise _BadBody("apis must be a list of API names or null (the order APIs)")
+        self._ip_block = IpBlockRule(int(code), None if apis is None else frozenset(apis),
+                                     None if count is None else int(count))  # fmt: skip
 
     def _arm_empty_books(self, body: dict[str, Any]) -> None:
         shape = str(body.get("shape", "no_data"))
@@ -1790,8 +1859,20 @@ class KotakRestFake:
                                            "shape": shape})  # fmt: skip
 
     def clear_faults(self) -> None:
-        """Drop every armed fault (hangs, failures, empty books) and release held-back trades."""
+        """Drop every armed fault (hangs, failures, empty books, the IP block) and release
+        held-back trades."""
         self._call("POST", "clear_faults", {})
+
+    def ip_block(self, code: int | None = ST_IP_NOT_WHITELISTED, apis: Sequence[str] | None = None,
+                 count: int | None = None) -> None:  # fmt: skip
+        """Kotak's static-IP rule: answer ``apis`` (None: the order APIs place/modify/cancel, the
+        ones Kotak checks the IP on; or any API names, e.g. ``"order_book"``, ``"totp_login"``)
+        with ``code`` -- 100008 (IP not whitelisted) or 1037 (session created from another IP) --
+        for the next ``count`` requests (None: until ``clear_faults()`` or ``ip_block(None)``).
+        Nothing is done for a refused request; a refused place_order shows in
+        ``received_orders()`` with outcome ``ip_blocked``."""
+        self._call("POST", "ip_block", {"code": code, "apis": None if apis is None else list(apis),
+                                        "count": count})  # fmt: skip
 
     def expire_session(self) -> None:
         self._call("POST", "expire_session", {})

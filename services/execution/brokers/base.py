@@ -8,6 +8,9 @@ event loop. Errors decide control flow:
 - ``BrokerUnknown``   the outcome of ``place`` is unknown (timeout, unreadable reply): the
                       row becomes ``UNKNOWN`` and reconciliation finds it by ``client_tag``.
                       ``place`` is never re-sent blindly.
+- ``BrokerIpBlocked`` operational: the broker refuses orders from this machine's IP (Kotak's
+                      static-IP rule). Nothing was done; neither a retry nor a re-login helps
+                      until the operator acts. Execution halts intake and alerts (``IpBlock``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,18 @@ class BrokerTemporary(BrokerError):
 
 class BrokerUnknown(BrokerError):
     """We cannot tell whether the order reached the broker."""
+
+
+class BrokerIpBlocked(BrokerError):
+    """The broker refuses orders from this machine's IP: Kotak 100008 (the IP is not
+    whitelisted) or 1037 (the session was created from another IP). Not a session expiry and
+    not a passing error: the call was not carried out, and repeating it (or logging in again
+    from the same IP) cannot help until the operator does what ``fix`` says."""
+
+    def __init__(self, reason: str, *, code: int, fix: str, raw: Any = None) -> None:
+        super().__init__(reason, raw)
+        self.code = code
+        self.fix = fix
 
 
 class BrokerOrder(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +123,27 @@ class BrokerPosition(msgspec.Struct, frozen=True, kw_only=True):
     raw: Any = None
 
 
+class IpBlock(msgspec.Struct, frozen=True, kw_only=True):
+    """An episode of the broker refusing orders from this machine's IP (``LiveBroker.ip_block``).
+
+    ``refusing``: new orders are refused and no order call is sent. A fresh login (the bounded
+    probe) lifts the refusal; the episode itself ends only when the broker answers an order call
+    without the IP error. ``episode`` changes with each new episode and when the code changes."""
+
+    episode: int
+    code: int  # the broker's code: Kotak 100008 (IP not whitelisted) | 1037 (session from another IP)
+    reason: str  # what the broker says, in the trader's words
+    fix: str  # what the operator must do
+    refusing: bool = True
+    ip: str = ""  # this machine's public IP as the broker sees it, when known
+    since_ns: int = 0
+
+    @property
+    def summary(self) -> str:
+        """One line for a refusal, the heartbeat and ``neopulse status``."""
+        return f"broker refuses orders from this machine's IP: {self.reason}; fix: {self.fix}"
+
+
 BrokerEvent = BrokerOrderStatus | BrokerTrade
 
 
@@ -165,4 +201,17 @@ class LiveBroker(Broker, Protocol):
 
     def http_client(self) -> httpx.Client:
         """An HTTP client on the broker's own transport (for the scrip-master download)."""
+        ...
+
+    def ip_block(self) -> IpBlock | None:
+        """The broker refuses orders from this machine's IP (None: it does not, as far as known)."""
+        ...
+
+    def ip_probe_due(self) -> bool:
+        """While refusing for ``ip_block``: whether the bounded probe may run now."""
+        ...
+
+    def probe_ip_block(self) -> bool:
+        """Log in again (blocking; at most once per probe interval). True when that lifted the
+        refusal (the next order call then tells whether the block is really gone)."""
         ...

@@ -39,6 +39,18 @@ Decisions a reviewer should know about
   (``create_order_feed``) is left out: it can be pointed at a local URL, but no fake here
   serves its ``/realtime`` protocol, so it could not be tested, and the books stay the
   source of truth either way (the feed does not replay gaps).
+* **Static IP** (Kotak's rule since 2026-04-01: orders only from a whitelisted static IP, in a
+  session created from that IP). ``100008`` (IP not whitelisted) and ``1037`` (session from
+  another IP) are neither a session expiry nor a passing error: the call raises
+  ``BrokerIpBlocked`` (no re-login, no second send) and an episode starts (``ip_block()``).
+  While it refuses, no order call is sent (they raise ``BrokerIpBlocked`` locally) and no lazy
+  login either when the login itself was refused; reads go on (Kotak does not IP-check its
+  report and portfolio APIs). The probe (``probe_ip_block()``, run by the service) logs in again
+  at most once per ``IP_PROBE_S`` step, because Kotak needs a new session after an IP change and
+  a session from the right IP cures 1037; a successful login lifts the refusal. The episode
+  ends when Kotak answers an order call without the IP error; an IP error after the lift
+  continues the same episode (refusing again, the probe backing off), so the operator is
+  alerted once per episode.
 * **Logout** (``logout()``, or ``logout_if_due()`` which the service calls periodically) only
   clears the SDK's tokens: in SDK 3.0.9 ``logout()`` does not call the server, and Kotak ends
   sessions itself at the end of the day. After it, calls raise ``BrokerTemporary`` for the
@@ -56,6 +68,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import msgspec
 import pyotp
 
 from libs.common.clock import IST, Clock, trading_day
@@ -66,6 +79,7 @@ from libs.common.sdk import import_sdk
 from services.execution.brokers.base import (
     BrokerAck,
     BrokerError,
+    BrokerIpBlocked,
     BrokerOrder,
     BrokerOrderStatus,
     BrokerPosition,
@@ -73,6 +87,7 @@ from services.execution.brokers.base import (
     BrokerTemporary,
     BrokerTrade,
     BrokerUnknown,
+    IpBlock,
 )
 from services.execution.brokers.kotak_protocol import (
     MAYBE_DONE,
@@ -81,6 +96,7 @@ from services.execution.brokers.kotak_protocol import (
     Verdict,
     carried_position,
     classify,
+    ip_block_words,
     order_status,
     place_args,
     price_text,
@@ -92,6 +108,12 @@ from services.execution.brokers.ratelimit import RateLimiter
 BrokerEvent = BrokerOrderStatus | BrokerTrade
 SFEED_DEFAULT_URL = "wss://sfeed.kotaksecurities.com/apifeed"
 _TOTP_REFUSED_WORDS = ("totp", "otp")
+# While Kotak refuses orders from this IP: seconds before each probe (a fresh login), the last
+# one repeating. A probe whose lift did not hold moves one step on. The fix texts
+# (kotak_protocol.IP_BLOCK_WORDS) promise a login "within two minutes": keep the last step there.
+IP_PROBE_S = (30.0, 60.0, 120.0)
+# Kinds of an order-call answer that show the IP check passed (Kotak answered the order itself).
+_PAST_IP_CHECK = frozenset({Kind.OK, Kind.REFUSED})
 
 
 class KotakLoginError(BrokerTemporary):
@@ -118,6 +140,105 @@ class PinnedOriginTransport(httpx.HTTPTransport):
         request.url = request.url.copy_with(scheme=t.scheme, host=t.host, port=t.port)
         request.headers["Host"] = t.netloc.decode("ascii")
         return super().handle_request(request)
+
+
+class _IpGate:
+    """One episode at a time of Kotak refusing orders from this IP; thread-safe (pool threads
+    record and check, the loop reads ``block``). See "Static IP" in the module docstring."""
+
+    def __init__(self, schedule: tuple[float, ...], clock: Clock, log: Any) -> None:
+        self.schedule = schedule or IP_PROBE_S
+        self.clock, self.log = clock, log
+        self._lock = threading.Lock()
+        self.block: IpBlock | None = None
+        self._episodes = 0
+        self._misses = 0  # lifts that did not hold in this episode (the probe's backoff step)
+        self._probe_at = 0.0
+        self._probing = False
+        self._login_refused = False  # the refusal came from a login: no lazy login either
+
+    def _step(self) -> float:
+        return self.schedule[min(self._misses, len(self.schedule) - 1)]
+
+    def starts_episode(self, code: int) -> bool:
+        block = self.block
+        return block is None or block.code != code
+
+    def record(self, verdict: Verdict, raw: Any, ip: str, *, at_login: bool) -> BrokerIpBlocked:
+        code = verdict.code or 0
+        reason, fix = ip_block_words(code, verdict.reason, ip)
+        with self._lock:
+            block = self.block
+            if block is None or block.code != code:
+                self._episodes += 1
+                self._misses = 0
+                block = IpBlock(episode=self._episodes, code=code, reason=reason, fix=fix, ip=ip,
+                                since_ns=self.clock.now_ns())  # fmt: skip
+                self._probe_at = time.monotonic() + self._step()
+                self.log.error("kotak_ip_blocked", code=code, broker_reason=verdict.reason, ip=ip,
+                               episode=block.episode, probe_in_s=self._step())  # fmt: skip
+            elif not block.refusing:  # lifted by a fresh login, but orders are still refused
+                self._misses += 1
+                self._probe_at = time.monotonic() + self._step()
+                block = msgspec.structs.replace(block, refusing=True)
+                self.log.warning("kotak_ip_still_blocked", code=code, episode=block.episode,
+                                 probe_in_s=self._step())  # fmt: skip
+            self._login_refused = self._login_refused or at_login
+            self.block = block
+        return BrokerIpBlocked(block.summary, code=code, fix=block.fix, raw=raw)
+
+    def _refusal(self, block: IpBlock) -> BrokerIpBlocked:
+        return BrokerIpBlocked(f"{block.summary} (not sent)", code=block.code, fix=block.fix)
+
+    def check_order(self) -> None:
+        """Before an order call: raise while refusing (nothing is sent)."""
+        block = self.block
+        if block is not None and block.refusing:
+            raise self._refusal(block)
+
+    def check_login(self) -> None:
+        """Before a lazy login: raise while refusing because a login was refused for the IP."""
+        block = self.block
+        if block is not None and block.refusing and self._login_refused:
+            raise self._refusal(block)
+
+    def probe_due(self) -> bool:
+        block = self.block
+        due = time.monotonic() >= self._probe_at
+        return block is not None and block.refusing and not self._probing and due
+
+    def claim_probe(self) -> bool:
+        with self._lock:
+            if not self.probe_due():
+                return False
+            self._probing = True
+            self._probe_at = time.monotonic() + self._step()  # a failed probe waits a full step
+            return True
+
+    def probe_done(self) -> None:
+        self._probing = False
+
+    def on_login(self) -> None:
+        """A login succeeded: a new session from this machine's IP. Lift the refusal; the next
+        order call tells whether the block is gone."""
+        with self._lock:
+            block = self.block
+            if block is None or not block.refusing:
+                return
+            self.block = msgspec.structs.replace(block, refusing=False)
+            self._login_refused = False
+        self.log.warning("kotak_ip_block_lifted", code=block.code, episode=block.episode)
+
+    def on_order_answer(self) -> None:
+        """Kotak answered an order call past its IP check: the episode is over."""
+        if self.block is None:
+            return
+        with self._lock:
+            block, self.block = self.block, None
+            self._misses = 0
+            self._login_refused = False
+        if block is not None:
+            self.log.warning("kotak_ip_block_cleared", code=block.code, episode=block.episode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +273,8 @@ class KotakBroker:
     inline = False  # blocking HTTP: execution calls it from its thread pool
 
     def __init__(self, kotak: KotakConfig, execution: ExecutionConfig, master: MasterData | None = None,
-                 clock: Clock | None = None, log: Any = None) -> None:  # fmt: skip
+                 clock: Clock | None = None, log: Any = None, *,
+                 ip_probe_s: tuple[float, ...] = IP_PROBE_S) -> None:  # fmt: skip
         if kotak.environment != "prod":
             # In "uat" the SDK ignores the validate reply's baseUrl, so nothing could be pinned.
             raise ConfigError(f"config error: `kotak.environment` must be prod, got {kotak.environment!r}")
@@ -184,6 +306,57 @@ class KotakBroker:
         self._traded_qty: dict[str, int] = {}
         self._book_filled: dict[str, int] = {}
         self._seen_day = trading_day(self.clock)
+        self._ip = _IpGate(ip_probe_s, self.clock, self.log)
+
+    # ------------------------------------------------------------------ static IP
+
+    def ip_block(self) -> IpBlock | None:
+        """Kotak refuses orders from this machine's IP (100008 / 1037), or None."""
+        return self._ip.block
+
+    def ip_probe_due(self) -> bool:
+        return self._ip.probe_due()
+
+    def probe_ip_block(self) -> bool:
+        """While Kotak refuses orders from this IP: log in again, at most once per probe step
+        (Kotak needs a new session after an IP change; one from the whitelisted IP cures 1037).
+        Blocking: run it in the pool. True when the login succeeded and lifted the refusal."""
+        if not self._ip.claim_probe():
+            return False
+        try:
+            with self._session_lock:
+                if self._login_error is not None:
+                    raise self._login_error
+                self._check_not_logged_out()
+                self.log.info("kotak_ip_probe", code=self._ip.block.code if self._ip.block else None)
+                self._logged_in = False
+                self._login_locked()
+        except BrokerError as exc:
+            self.log.warning("kotak_ip_probe_failed", error=exc.reason)
+            return False
+        finally:
+            self._ip.probe_done()
+        return True
+
+    def _ip_refused(self, verdict: Verdict, reply: Any, *, at_login: bool = False) -> BrokerIpBlocked:
+        """Kotak refused a call for the static-IP rule: record it (asking Kotak once per episode
+        which IP it sees, for the operator) and return the error to raise."""
+        ip = self._public_ip() if self._ip.starts_episode(verdict.code or 0) else ""
+        if not ip and self._ip.block is not None:
+            ip = self._ip.block.ip
+        return self._ip.record(verdict, _safe(reply), ip, at_login=at_login)
+
+    def _public_ip(self) -> str:
+        """This machine's public IP as Kotak sees it (``whatsmyip``), or "" (best effort)."""
+        try:
+            with self.requests_limiter.hold():
+                reply = self._client.whatsmyip()
+            data = reply.get("data") if isinstance(reply, dict) else None
+            row = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+            ip = str(row.get("ip") or "").strip()
+        except Exception:  # noqa: BLE001 - only a hint for the alert; never fail the call for it
+            return ""
+        return ip if len(ip) <= 45 and all(c in "0123456789abcdefABCDEF.:" for c in ip) else ""
 
     # ------------------------------------------------------------------ session
 
@@ -224,6 +397,7 @@ class KotakBroker:
                 raise self._login_error
             self._check_not_logged_out()
             if not self._logged_in:
+                self._ip.check_login()  # a login refused for the IP waits for the probe
                 self._login_locked()
             return self._session_gen
 
@@ -240,6 +414,7 @@ class KotakBroker:
             self._check_not_logged_out()
             if self._session_gen != seen_gen and self._logged_in:
                 return
+            self._ip.check_login()
             self.log.warning("kotak_session_expired", reason=why)
             self._logged_in = False
             self._login_locked()
@@ -276,6 +451,7 @@ class KotakBroker:
         self._logged_in = True
         self._login_error = None
         self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox)
+        self._ip.on_login()
 
     def _totp_login(self, totp: pyotp.TOTP) -> Any:
         """Returns None on success, else the reply."""
@@ -304,6 +480,8 @@ class KotakBroker:
 
     def _refuse_login(self, step: str, reply: Any) -> None:
         verdict = classify(reply)
+        if verdict.kind is Kind.IP_BLOCKED:  # not the credentials: never sticky, never retried here
+            raise self._ip_refused(verdict, reply, at_login=True)
         if verdict.kind in MAYBE_DONE or verdict.kind is Kind.RATE_LIMITED:
             raise BrokerTemporary(f"Kotak {step} failed: {verdict.reason}", raw=_safe(reply))
         self._login_error = KotakLoginError(f"Kotak {step} refused: {verdict.reason or 'no reason given'}",
@@ -314,14 +492,22 @@ class KotakBroker:
     # ------------------------------------------------------------------ plumbing
 
     def _send(self, call: Callable[[], Any], *, order: bool) -> tuple[Verdict, Any, int]:
-        """One SDK call under the rate limits and the session gate."""
+        """One SDK call under the rate limits, the session gate and (for order calls) the
+        static-IP gate. A static-IP refusal raises ``BrokerIpBlocked``."""
+        if order:
+            self._ip.check_order()  # while Kotak refuses this IP, order calls are not sent
         gen = self._session()  # before taking tokens: a login needs request tokens itself
         with self.orders_limiter.hold() if order else contextlib.nullcontext(), self.requests_limiter.hold():
             try:
                 reply = call()
             except Exception as exc:  # noqa: BLE001 - the SDK should not raise; treat it as its error dict
                 reply = {"Error": exc}
-        return classify(reply), reply, gen
+        verdict = classify(reply)
+        if verdict.kind is Kind.IP_BLOCKED:
+            raise self._ip_refused(verdict, reply)
+        if order and verdict.kind in _PAST_IP_CHECK:
+            self._ip.on_order_answer()
+        return verdict, reply, gen
 
     def _request(self, what: str, call: Callable[[], Any], *, order: bool = False) -> tuple[Verdict, Any]:
         """A call that is safe to repeat: on an expired session, log in again and repeat once."""
@@ -350,6 +536,8 @@ class KotakBroker:
 
         try:
             verdict, reply, gen = self._send(send, order=True)
+        except BrokerIpBlocked:  # static IP: not placed, not re-sent, no re-login
+            raise
         except BrokerError as exc:  # no session and none to be had: nothing was sent
             raise BrokerRejected(f"not sent: {exc.reason}", raw=exc.raw) from None
         if verdict.kind is Kind.SESSION:
@@ -367,6 +555,8 @@ class KotakBroker:
         try:
             self._relogin(gen, f"place_order: {refusal.reason}")
             existing = self.find_by_tag(tag)
+        except BrokerIpBlocked:
+            raise
         except BrokerError as exc:
             raise BrokerRejected(f"not placed: session expired ({refusal.reason}) and could not be "
                                  f"restored: {exc.reason}") from None  # fmt: skip
@@ -376,6 +566,8 @@ class KotakBroker:
             return Verdict(Kind.OK), BrokerAck(broker_order_id=existing.broker_order_id, raw=existing.raw)
         try:
             verdict, reply, _ = self._send(send, order=True)
+        except BrokerIpBlocked:
+            raise
         except BrokerError as exc:
             raise BrokerRejected(f"not sent: {exc.reason}", raw=exc.raw) from None
         if verdict.kind is Kind.SESSION:

@@ -9,6 +9,7 @@ or the broker's own body).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,17 +32,31 @@ TAG_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
 
 ST_NO_DATA = 5203
 ST_RATE_LIMITED = 429
-# Expired or invalid session: 100022 "invalid session token" (HTTP 403), 100008
-# "unauthorized", 10020 "Authentication Failed", 900901 "Invalid Credentials".
-SESSION_CODES = frozenset({100022, 100008, 10020, 900901})
+# Expired or invalid session: 100022 "invalid session token" (HTTP 403), 10020
+# "Authentication Failed", 900901 "Invalid Credentials".
+SESSION_CODES = frozenset({100022, 10020, 900901})
 SESSION_WORDS = ("invalid session", "session expired", "authentication failed",
                  "invalid credentials", "unauthorized", "invalid token", "2fa")  # fmt: skip
+# Kotak's static-IP rule (since 2026-04-01): the order APIs (place, modify, cancel) take
+# requests only from a whitelisted static IP, in a session created from that same IP.
+# 100008 "unauthorized": the IP is not whitelisted. 1037 "session ip does not match": the
+# session was created from another IP. Neither a retry nor a re-login from the same IP helps.
+ST_IP_NOT_WHITELISTED = 100008
+ST_SESSION_IP_MISMATCH = 1037
+IP_CODES = frozenset({ST_IP_NOT_WHITELISTED, ST_SESSION_IP_MISMATCH})
+# Where a code may sit in a reply: the order/report envelope (stCode), other Kotak bodies
+# (errCode), login and gateway errors (code).
+_CODE_KEYS = ("stCode", "errCode", "code")
+_MESSAGE_KEYS = ("errMsg", "emsg", "message", "description")
+# Words for a reply that carries no code (checked only on replies that are not "Ok").
+_IP_WORDS = (("not whitelisted", ST_IP_NOT_WHITELISTED), ("session ip", ST_SESSION_IP_MISMATCH))
 
 
 class Kind(StrEnum):
     OK = "ok"
     EMPTY = "empty"  # "No Data": an empty book
     SESSION = "session"  # not logged in, or the session expired: nothing was done
+    IP_BLOCKED = "ip_blocked"  # static-IP rule (100008 / 1037): nothing was done, retry is useless
     RATE_LIMITED = "rate_limited"  # 429: nothing was done
     REFUSED = "refused"  # the broker said no, with its own code and reason
     INVALID = "invalid"  # the SDK's own validation refused it: nothing was sent
@@ -86,6 +101,97 @@ def _exception_verdict(exc: BaseException) -> Verdict:
     return Verdict(Kind.UNRECOGNISED, f"{exc.__class__.__name__}: {exc}")
 
 
+def _ip_code(value: Any, depth: int = 0) -> int | None:
+    """100008 or 1037 wherever an error envelope carries it: the top level, a ``data`` object
+    (``order_history`` wraps the broker's body), an ``error``/``Error``/``fault`` object or list
+    (login and gateway errors), or the body of an SDK exception; as an int or a string. A
+    ``data`` list (book rows) is never searched: rows are data, not errors."""
+    if depth > 3:
+        return None
+    if isinstance(value, BaseException):
+        body = getattr(value, "body", None)
+        if isinstance(body, (bytes, str)):
+            try:
+                body = json.loads(body)
+            except ValueError:
+                return None
+        return _ip_code(body, depth + 1) if isinstance(body, dict) else None
+    if isinstance(value, list):
+        codes = (_ip_code(v, depth + 1) for v in value[:5] if isinstance(v, dict))
+        return next((c for c in codes if c), None)
+    if not isinstance(value, dict) or str(value.get("stat", "")).strip().lower() == "ok":
+        return None
+    for key in _CODE_KEYS:
+        code = _int(value.get(key))
+        if code in IP_CODES:
+            return code
+    for key in ("data", "error", "Error", "fault"):
+        inner = value.get(key)
+        if key == "data" and not isinstance(inner, dict):
+            continue
+        if isinstance(inner, (dict, list, BaseException)) and (code := _ip_code(inner, depth + 1)):
+            return code
+    return None
+
+
+def _messages(value: Any, depth: int = 0) -> list[str]:
+    """The message texts of an error envelope (same places as ``_ip_code``)."""
+    if depth > 3:
+        return []
+    if isinstance(value, list):
+        return [m for v in value[:5] for m in _messages(v, depth + 1)]
+    if not isinstance(value, dict):
+        return []
+    out = [str(value[k]) for k in _MESSAGE_KEYS if isinstance(value.get(k), str) and value[k].strip()]
+    for key in ("data", "error", "Error", "fault"):
+        inner = value.get(key)
+        if isinstance(inner, dict) or (key != "data" and isinstance(inner, list)):
+            out += _messages(inner, depth + 1)
+    return out
+
+
+def ip_verdict(reply: Any) -> Verdict | None:
+    """The static-IP refusal in a reply (any call, any envelope), or None."""
+    if isinstance(reply, dict) and "Error Message" in reply:
+        return None  # the SDK's own "not logged in": nothing reached Kotak
+    code = _ip_code(reply)
+    texts = _messages(reply)
+    if code is None and not (isinstance(reply, dict) and str(reply.get("stat", "")).strip().lower() == "ok"):
+        low = " ".join(texts).lower()
+        code = next((c for word, c in _IP_WORDS if word in low), None)
+    if code is None:
+        return None
+    return Verdict(Kind.IP_BLOCKED, texts[0].strip() if texts else IP_BLOCK_WORDS[code][0], code)
+
+
+# What each static-IP code means and what the operator must do, in the trader's words. "Within
+# two minutes" is the adapter's probe schedule (kotak.IP_PROBE_S).
+IP_BLOCK_WORDS: dict[int, tuple[str, str]] = {
+    ST_IP_NOT_WHITELISTED: (
+        "this machine's IP is not whitelisted for orders",
+        "whitelist this machine's public IP{ip} in Kotak Neo's API dashboard (More > Trade API > "
+        "Add IP); NeoPulse then logs in again by itself within two minutes (Kotak wants a new "
+        "session after an IP change), or restart execution",
+    ),
+    ST_SESSION_IP_MISMATCH: (
+        "the Kotak session was created from another IP than the one now sending orders",
+        "log in again from the whitelisted IP (the session was created from another IP): keep this "
+        "machine on its whitelisted static IP ({now}a VPN, a second line or a router change moves "
+        "it); NeoPulse logs in again by itself within two minutes, or restart execution",
+    ),
+}
+
+
+def ip_block_words(code: int, broker_words: str = "", ip: str = "") -> tuple[str, str]:
+    """``(reason, fix)`` for a static-IP refusal: what happened (with Kotak's code and words) and
+    what the operator must do. ``ip`` is this machine's public IP as Kotak sees it, if known."""
+    what, fix = IP_BLOCK_WORDS.get(code, ("Kotak refuses orders from this IP", "check the static IP{ip}"))
+    said = f": {broker_words.strip()}" if broker_words.strip() and broker_words.strip() != what else ""
+    fix = fix.format(ip=f", which Kotak sees as {ip}," if ip else "",
+                     now=f"Kotak now sees {ip}; " if ip else "")  # fmt: skip
+    return f"{what} (Kotak {code}{said})", fix
+
+
 def _is_session_text(text: str) -> bool:
     low = text.lower()
     return any(word in low for word in SESSION_WORDS)
@@ -105,7 +211,9 @@ def _coded(code: int | None, message: str) -> Verdict:
 
 
 def classify(reply: Any) -> Verdict:
-    """What one SDK reply means (docs/kotak-rest.md §4, §7)."""
+    """What one SDK reply means (docs/kotak-rest.md §4, §7, §12)."""
+    if (blocked := ip_verdict(reply)) is not None:  # before the session check: 100008 is no session error
+        return blocked
     if not isinstance(reply, dict):
         return Verdict(Kind.UNRECOGNISED, f"reply of type {type(reply).__name__}")
     if "Error Message" in reply:  # the SDK has no session: nothing was sent
