@@ -45,14 +45,23 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from libs.common.bus import Bus, RequestTimeout
 from libs.common.config import Config, load_config
 from libs.common.instruments import MasterData
-from libs.common.messages import GetPositions, GetStatus, Heartbeat, OrderRequest, Reply, RiskVerdict, Tick
+from libs.common.messages import (
+    Alert,
+    GetPositions,
+    GetStatus,
+    Heartbeat,
+    OrderRequest,
+    Reply,
+    RiskVerdict,
+    Tick,
+)
 from libs.common.security import present_credential
 from tests.helpers import free_base_port, stack_env
 from tests.kit.processes import OwnHome, spawn, stop
@@ -81,6 +90,9 @@ INVARIANTS = (
     "service not recovered",
     "service down at the end",
     "handler failure in a log",
+    "ip block retry storm",  # --broker kotak: the static-IP episodes
+    "ip block without alert",
+    "ip block without refusal",
 )
 
 CONFIG = """
@@ -149,6 +161,10 @@ class Book:
 
     def working(self) -> list[BookOrder]:
         return [o for o in self.orders.values() if not o.done]
+
+
+class BookSource(Protocol):
+    def read(self) -> Book: ...
 
 
 class PaperJournal:
@@ -227,10 +243,11 @@ class Service:
 
 
 class ChaosStack:
-    def __init__(self, **env: Any) -> None:
+    def __init__(self, config: str = CONFIG, strategies: tuple[str, ...] = STRATEGIES, **env: Any) -> None:
         self.own = OwnHome("neopulse-chaos-")
         self.home = self.own.path
-        (self.home / "chaos.toml").write_text(CONFIG)
+        self.strategies = strategies
+        (self.home / "chaos.toml").write_text(config)
         self.env = stack_env(self.home, free_base_port(), NEOPULSE_ENV_FILE=str(self.home / "no.env"),
                              NEOPULSE_CONFIG=str(self.home / "chaos.toml"), **env)  # fmt: skip
         self.cfg: Config = load_config(env=self.env)
@@ -242,19 +259,23 @@ class ChaosStack:
             "feed": Service("feed", ("services.feed",)),
             "notifier": Service("notifier", ("services.notifier",)),
         }
-        for sid in STRATEGIES:
+        for sid in strategies:
             self.services[f"strategy-{sid}"] = Service(f"strategy-{sid}", ("services.strategy", "momentum",
                                                                             "--id", sid))  # fmt: skip
         self.beats: dict[str, Heartbeat] = {}
         self._beat_lock = threading.Lock()
         self._stop = threading.Event()
-        self.prices: dict[str, float] = {}
+        self.prices: dict[str, float] = {}  # symbol → last price
+        self.prices_by_key: dict[str, float] = {}  # segment|token → last price
+        self.alerts: list[tuple[float, Alert]] = []  # (time.time(), alert)
+        self.starts: dict[str, list[float]] = defaultdict(list)  # service → time.time() of each start
         self._listener = threading.Thread(target=self._listen, daemon=True)
 
     # ------------------------------------------------------------ processes
     def spawn(self, name: str) -> None:
         svc = self.services[name]
         svc.proc = spawn(self.home, name, self.env, *svc.args[1:], module=svc.args[0])
+        self.starts[name].append(time.time())
 
     def start(self) -> None:
         self.spawn("execution")
@@ -313,8 +334,8 @@ class ChaosStack:
     # ------------------------------------------------------------ health
     def _listen(self) -> None:
         eps = [self.cfg.bus.endpoint(e) for e in ("feed_pub", "risk_pub", "execution_pub", "notifier_pub")]
-        eps += [f"ipc://{self.home}/run/strategy-{sid}.pub" for sid in STRATEGIES]
-        sub = self.bus.subscriber(eps, [b"hb.", b"tick."])
+        eps += [f"ipc://{self.home}/run/strategy-{sid}.pub" for sid in self.strategies]
+        sub = self.bus.subscriber(eps, [b"hb.", b"tick.", b"alert."])
         master = MasterData.load()
         names: dict[tuple[str, str], str] = {}
         try:
@@ -332,6 +353,9 @@ class ChaosStack:
                         inst = master.get(msg.segment, msg.token)
                         names[key] = inst.symbol if inst is not None else ""
                     self.prices[names[key]] = msg.ltp
+                    self.prices_by_key[f"{msg.segment}|{msg.token}"] = msg.ltp
+                elif isinstance(msg, Alert):
+                    self.alerts.append((time.time(), msg))
         finally:
             sub.close()
 
@@ -351,7 +375,10 @@ class ChaosStack:
             return False
         with self._beat_lock:
             beat = self.beats.get(name)
-        if beat is None or (pid and beat.pid != pid) or beat.state != "ok":
+        if beat is None or (pid and beat.pid != pid):
+            return False
+        # degraded for the broker's IP block is up and refusing as it should; for the ledger, not
+        if beat.state != "ok" and (beat.state != "degraded" or beat.reason.startswith("ledger")):
             return False
         if name in ("feed", "risk", "execution"):
             try:
@@ -399,6 +426,7 @@ class ManualTrader(threading.Thread):
         self.rng = random.Random(rng.random())
         self.approved: dict[str, str] = {}  # request id → order id
         self.refused: Counter[str] = Counter()
+        self.refusals: list[tuple[float, str, str]] = []  # (time.time(), code, reason)
         self.unanswered = 0
         self.halt = threading.Event()
         inst = MasterData.load().resolve(MANUAL_SYMBOL)
@@ -432,8 +460,11 @@ class ManualTrader(threading.Thread):
                 if isinstance(verdict, RiskVerdict) and verdict.approved:
                     self.approved[req.request_id] = verdict.order_id
                 else:
-                    code = verdict.code if isinstance(verdict, RiskVerdict) else getattr(verdict, "code", "?")
+                    ours = isinstance(verdict, RiskVerdict)
+                    code = verdict.code if ours else getattr(verdict, "code", "?")
+                    reason = verdict.reason if ours else getattr(verdict, "error", "")
                     self.refused[code or "?"] += 1
+                    self.refusals.append((time.time(), code or "?", reason))
         finally:
             bus.close()
 
@@ -452,6 +483,8 @@ class Report:
     refused_manual: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     protect_checks: int = 0
+    broker: str = "paper"
+    faults: dict[str, int] = field(default_factory=dict)  # --broker kotak: what was injected
     home: str = ""  # kept for a failed run (or with --keep): its logs and the ledger's pgdata
 
     def violate(self, what: str, detail: str) -> None:
@@ -474,13 +507,15 @@ class Report:
         lines.append(f"orders {self.orders}, fills {self.fills}, manual approved {self.approved_manual}, "
                      f"manual refused {dict(self.refused_manual)}, "
                      f"protection checks {self.protect_checks}")  # fmt: skip
+        if self.faults:
+            lines.append("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())))
         lines.append("invariant                              violations")
         lines.extend(f"  {name:36s} {self.violations[name]:6d}" for name in INVARIANTS)
         lines.extend(f"  ! {s}" for s in self.samples)
         return "\n".join(lines)
 
 
-def check_protection(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, report: Report) -> None:
+def check_protection(stack: ChaosStack, ledger: Ledger, journal: BookSource, report: Report) -> None:
     """Every open bracketed position has a live stop at the broker covering it, or gets one
     within ``PROTECT_GRACE_S`` (its entry may have filled a moment ago)."""
     report.protect_checks += 1
@@ -516,7 +551,7 @@ def check_protection(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, r
         time.sleep(0.2)
 
 
-def final_checks(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, trader: ManualTrader,
+def final_checks(stack: ChaosStack, ledger: Ledger, journal: BookSource, trader: ManualTrader,
                  report: Report) -> None:  # fmt: skip
     book = journal.read()  # first: a ledger row is written before its order reaches the broker
     orders = ledger.orders()
@@ -583,7 +618,7 @@ def final_checks(stack: ChaosStack, ledger: Ledger, journal: PaperJournal, trade
                 report.violate("handler failure in a log", f"{log.name}: {line[:300]}")
 
 
-def _settle_flat(stack: ChaosStack, ledger: Ledger, journal: PaperJournal) -> None:
+def _settle_flat(stack: ChaosStack, ledger: Ledger, journal: BookSource) -> None:
     """Wait until the broker's book and the ledger say flat and idle (or the deadline passes)."""
     deadline = time.monotonic() + FLAT_WITHIN_S
     while time.monotonic() < deadline:
@@ -596,16 +631,38 @@ def _settle_flat(stack: ChaosStack, ledger: Ledger, journal: PaperJournal) -> No
 
 
 def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: Any = print,
-        keep: bool = False) -> Report:  # fmt: skip
+        keep: bool = False, broker: str = "paper", fault_rate: float = 0.2) -> Report:  # fmt: skip
+    """One chaos run: ``broker`` "paper" (the paper broker's journal is the broker's book) or
+    "kotak" (the real SDK against the Kotak REST fake, with faults at ``fault_rate`` per second;
+    see ``tests.chaos_kotak``)."""
     seed = int.from_bytes(os.urandom(3), "big") if seed is None else seed
     rng = random.Random(seed)
-    report = Report(seed=seed)
+    report = Report(seed=seed, broker=broker)
     t_start = time.monotonic()
-    stack = ChaosStack()
+    kotak: Any = None
+    fake_home: OwnHome | None = None
+    threads: list[Any] = []
+    if broker == "kotak":
+        from tests import chaos_kotak as kotak
+
+        fake_home = OwnHome("neopulse-kotak-fake-")
+        fake = kotak.start_fake(fake_home.path)
+        stack = ChaosStack(kotak.CONFIG, kotak.STRATEGIES, **kotak.kotak_env(fake))
+    else:
+        stack = ChaosStack()
     try:
         stack.start()
         ledger = Ledger(stack.pgdata)
-        journal = PaperJournal(stack.home / "run" / "paper-book.jsonl")
+        book: BookSource = PaperJournal(stack.home / "run" / "paper-book.jsonl")
+        if kotak is not None:
+            book = kotak.FakeBook(fake)
+            faults = kotak.Faults()
+            exchange = kotak.Exchange(fake, stack.prices_by_key, random.Random(rng.random()), fault_rate,
+                                      faults)  # fmt: skip
+            injector = kotak.Injector(fake, random.Random(rng.random()), fault_rate, faults)
+            threads = [exchange, injector]
+            for t in threads:
+                t.start()
         trader = ManualTrader(stack, rng)
         trader.start()
         t0 = time.monotonic()
@@ -625,7 +682,7 @@ def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: 
                 took = _wait_postgres(stack, pm.pid, restarts, t_kill)
                 name = "execution"
             else:
-                name = target if target != "strategy" else f"strategy-{rng.choice(STRATEGIES)}"
+                name = target if target != "strategy" else f"strategy-{rng.choice(stack.strategies)}"
                 stack.kill(name)
                 took = stack.wait_up(name, stack.pid(name), RECOVER_S)
             if took is None:
@@ -634,10 +691,14 @@ def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: 
             took = time.monotonic() - t_kill
             report.recovery[target].append(took)
             _say(log, f"kill {i + 1:3d}/{kills}: {target:9s} {name:18s} back in {took:5.2f} s")
-            check_protection(stack, ledger, journal, report)
-        _say(log, "kills done: stopping the manual trader")
+            check_protection(stack, ledger, book, report)
+        _say(log, "kills done: stopping the manual trader" + (" and the faults" if threads else ""))
         trader.halt.set()
         trader.join(10)
+        if kotak is not None:
+            injector.halt.set()
+            injector.join(10)
+            fake.clear_faults()  # held-back trades appear, no fault is left armed
         report.approved_manual, report.refused_manual = len(trader.approved), trader.refused
         for name in stack.services:  # the last kill may have just recovered: every service answers
             if stack.wait_up(name, 0, RECOVER_S) is None:
@@ -648,18 +709,32 @@ def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: 
             report.samples.append(f"kill on exited {on.returncode}: {on.stderr.strip()[:200]}")
         flat = stack.cli("flatten", "--yes", timeout=120)
         if flat.returncode != 0:
-            report.samples.append(f"flatten exited {flat.returncode}: {flat.stderr.strip()[:300]}")
+            said = (flat.stderr.strip() or flat.stdout.strip())[-600:]
+            report.samples.append(f"flatten exited {flat.returncode}: {said}")
         _say(log, f"flatten exited {flat.returncode}: waiting for the book to settle")
-        _settle_flat(stack, ledger, journal)
+        _settle_flat(stack, ledger, book)
         _say(log, "checking the invariants")
-        final_checks(stack, ledger, journal, trader, report)
+        final_checks(stack, ledger, book, trader, report)
+        if kotak is not None:
+            for what, detail in kotak.check_episodes(fake, faults, stack.alerts, trader.refusals,
+                                                     stack.starts["execution"]):  # fmt: skip
+                report.violate(what, detail)
+            report.faults = dict(faults.injected)
+            report.faults["exchange fills"] = faults.fills
+            report.faults["ip episodes"] = len(faults.episodes)
         return report
     finally:
+        for t in threads:
+            t.halt.set()
         report.seconds = time.monotonic() - t_start
         keep = keep or not report.ok() or sys.exc_info()[0] is not None
         stack.close(keep=keep)
         if keep:
             report.home = str(stack.home)
+        if kotak is not None:
+            fake.stop()
+            if fake_home is not None and not keep:
+                fake_home.remove()
 
 
 def _say(log: Any, text: str) -> None:
@@ -685,9 +760,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="spread the kills over about this long (default 420)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=None, help="replay a run (printed at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the stack's home (always kept on failure)")
+    ap.add_argument("--broker", choices=("paper", "kotak"), default="paper",
+                    help="paper, or the real Kotak SDK against the Kotak REST fake with faults")  # fmt: skip
+    ap.add_argument("--fault-rate", type=float, default=0.2,
+                    help="--broker kotak: faults armed per second (default 0.2)")  # fmt: skip
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    report = run(args.kills, args.seconds, args.seed, keep=args.keep)
+    report = run(args.kills, args.seconds, args.seed, keep=args.keep, broker=args.broker,
+                 fault_rate=args.fault_rate)  # fmt: skip
     print(report.table())
     if report.home:
         print(f"logs, journal and pgdata kept in {report.home}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import select
 import socket
 import threading
 import time
@@ -299,8 +300,21 @@ class PgOrderStore:
         return connect(self.url)
 
     def connected(self) -> bool:
-        """False once the connection broke (the server went away, or a call overran its deadline)."""
-        return not (self.conn.closed or self.conn.broken)
+        """False once the connection broke (the server went away, or a call overran its deadline).
+        An idle connection is looked at without blocking: a server that was stopped or killed
+        has left its FATAL message and EOF on the socket, which only a read would notice."""
+        conn = self.conn
+        if conn.closed or conn.broken:
+            return False
+        if self._busy is None and conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            try:
+                poller = select.poll()
+                poller.register(conn.pgconn.socket, select.POLLIN)
+                if poller.poll(0):
+                    conn.pgconn.consume_input()  # fails at EOF, and libpq marks the connection bad
+            except (OSError, psycopg.Error) as exc:
+                self.last_error = f"{type(exc).__name__}: {str(exc).strip()}"
+        return not (conn.closed or conn.broken)
 
     def adopt(self, conn: psycopg.Connection[Any]) -> None:
         """Take over a connection opened on another thread (the old one is dropped)."""

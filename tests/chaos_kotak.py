@@ -1,0 +1,264 @@
+"""The Kotak side of ``tests.chaos --broker kotak``: execution runs the real SDK against the
+Kotak REST fake, the harness plays the exchange (fills by the sim feed's prices) and injects
+the faults a trading day at Kotak brings, at ``--fault-rate`` per second:
+
+* place timeouts (the order is placed, the reply comes after execution's broker timeout) and
+  lost places (a late 504, nothing placed);
+* 503 and 429 on the order book and the trade book;
+* status before trade (the order row says complete, the trade book shows it two polls later);
+* rejection after acknowledgement;
+* an empty "No Data" order or trade book while the orders really stay live;
+* session expiry;
+* episodes of the static-IP errors 100008 (IP not whitelisted) and 1037 (session IP mismatch),
+  each lifted after a few seconds as an operator would.
+
+The broker's own book is the fake's control view (``/_control/orders`` and ``/trades``).
+For each IP episode the run also checks: no retry storm (refused order calls stay bounded),
+a CRITICAL ``broker_ip_blocked`` alert, and new orders refused with that reason.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tests.fakes.kotak_rest import KotakRestFake
+
+if TYPE_CHECKING:
+    from tests.chaos import Book
+
+BROKER_TIMEOUT_S = 1.0
+LIVE = frozenset({"open", "trigger pending", "open pending", "validation pending", "put order req received",
+                  "partially filled"})  # fmt: skip
+IP_CODES = (100008, 1037)
+IP_EPISODE_S = (4.0, 8.0)  # how long an operator takes to fix the whitelist
+STORM_BASE = 4  # refused order calls an episode may see, plus one per probe and per restart
+PROBE_S = 30.0
+
+CONFIG = """
+[feed]
+sim_rate = 10.0
+record = false
+
+[risk]
+max_daily_loss = 1000000000.0
+max_orders_per_sec = 50
+max_open_positions = 50
+max_notional = 100000000.0
+
+[[strategy]]
+name = "momentum"
+id = "chaos1"
+[strategy.params]
+lookback = 8
+entry_pct = 0.05
+exit_pct = 0.08
+cooldown_ticks = 40
+stop_pct = 0.2
+target_pct = 0.2
+quantity = 2
+"""
+STRATEGIES = ("chaos1",)
+
+
+def kotak_env(fake: KotakRestFake) -> dict[str, str]:
+    c = fake.credentials
+    return {
+        "NEOPULSE_EXECUTION__BROKER": "kotak",
+        "NEOPULSE_LIVE": "1",
+        "NEOPULSE_EXECUTION__BROKER_TIMEOUT_S": str(BROKER_TIMEOUT_S),
+        "NEOPULSE_EXECUTION__BOOK_LAG_S": "4",
+        "NEOPULSE_EXECUTION__RECONCILE_S": "1",
+        "NEOPULSE_KOTAK__CONSUMER_KEY": c.consumer_key,
+        "NEOPULSE_KOTAK__MOBILE": c.mobile_number,
+        "NEOPULSE_KOTAK__UCC": c.ucc,
+        "NEOPULSE_KOTAK__MPIN": c.mpin,
+        "NEOPULSE_KOTAK__TOTP_SECRET": c.totp_secret,
+        "NEOPULSE_KOTAK__BASE_URL": fake.base_url,
+        "NEOPULSE_KOTAK__SFEED_URL": "ws://127.0.0.1:9/feed",
+    }
+
+
+class FakeBook:
+    """The broker's own book: the fake's control view, never subject to an injected fault."""
+
+    def __init__(self, fake: KotakRestFake) -> None:
+        self.fake = fake
+
+    def read(self) -> Book:
+        from tests.chaos import Book, BookOrder
+
+        book = Book()
+        for row in self.fake.orders():
+            oid, tag = str(row["nOrdNo"]), str(row["GuiOrdId"])
+            book.places[tag] += 1
+            book.orders[oid] = BookOrder(oid, tag, f"{row['exSeg']}|{row['tok']}",
+                                         "BUY" if row["trnsTp"] == "B" else "SELL", int(row["qty"]),
+                                         int(row["fldQty"]), row["ordSt"] not in LIVE)  # fmt: skip
+        for t in self.fake.trades():
+            oid = str(t["nOrdNo"])
+            book.trades[oid] = book.trades.get(oid, 0) + int(t["fldQty"])
+        return book
+
+
+@dataclass
+class Episode:
+    code: int
+    start: float  # time.time()
+    end: float = 0.0
+
+
+@dataclass
+class Faults:
+    injected: Counter[str] = field(default_factory=Counter)
+    episodes: list[Episode] = field(default_factory=list)
+    fills: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # control calls that failed (fake busy)
+
+
+class Exchange(threading.Thread):
+    """Fills the fake's live orders by the sim feed's last prices (a limit when the market
+    reaches it, a stop-limit once triggered), sometimes with the trade reported late."""
+
+    def __init__(self, fake: KotakRestFake, prices: dict[str, float], rng: random.Random, fault_rate: float,
+                 faults: Faults) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.fake, self.prices, self.rng, self.rate, self.faults = fake, prices, rng, fault_rate, faults
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.25):
+            try:
+                rows = self.fake.orders()
+            except Exception as exc:
+                self.faults.errors[type(exc).__name__] += 1
+                continue
+            for row in rows:
+                if row["ordSt"] not in ("open", "trigger pending"):
+                    continue
+                ltp = self.prices.get(f"{row['exSeg']}|{row['tok']}")
+                if not ltp:
+                    continue
+                buy = row["trnsTp"] == "B"
+                limit = Decimal(str(row["prc"]))
+                if row["ordSt"] == "trigger pending":
+                    trigger = Decimal(str(row["trgPrc"]))
+                    if not (ltp >= trigger if buy else ltp <= trigger):
+                        continue
+                elif not (limit >= Decimal(str(ltp)) if buy else limit <= Decimal(str(ltp))):
+                    continue
+                late = self.rng.random() < self.rate
+                try:
+                    self.fake.fill(str(row["nOrdNo"]), price=limit, trade_after_polls=2 if late else 0)
+                except Exception as exc:
+                    self.faults.errors[type(exc).__name__] += 1
+                    continue
+                self.faults.fills += 1
+                if late:
+                    self.faults.injected["status before trade"] += 1
+
+
+class Injector(threading.Thread):
+    """Arms one fault at the fake now and then (``fault_rate`` per second), and runs IP
+    episodes: the block is armed, then lifted after ``IP_EPISODE_S``."""
+
+    KINDS = ("place timeout", "place lost", "order book 503", "trade book 429", "reject after ack",
+             "empty order book", "empty trade book", "session expiry", "ip block")  # fmt: skip
+
+    def __init__(self, fake: KotakRestFake, rng: random.Random, fault_rate: float, faults: Faults) -> None:
+        super().__init__(daemon=True)
+        self.fake, self.rng, self.rate, self.faults = fake, rng, fault_rate, faults
+        self.halt = threading.Event()
+        self._ip_until = 0.0
+        self._next_ip = time.monotonic() + 15.0  # episodes at least a probe interval apart
+
+    def run(self) -> None:
+        while not self.halt.wait(1.0):
+            try:
+                self._step()
+            except Exception as exc:
+                self.faults.errors[type(exc).__name__] += 1
+        self.lift()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        if self._ip_until and now >= self._ip_until:
+            self.lift()
+        if self.rng.random() >= self.rate:
+            return
+        kind = self.rng.choice(self.KINDS)
+        if kind == "ip block":
+            if self._ip_until or now < self._next_ip:
+                return
+            code = self.rng.choice(IP_CODES)
+            self.fake.ip_block(code)
+            self.faults.episodes.append(Episode(code, time.time()))
+            self._ip_until = now + self.rng.uniform(*IP_EPISODE_S)
+            self._next_ip = self._ip_until + PROBE_S * 2
+        elif kind == "place timeout":
+            self.fake.hang_next_place(BROKER_TIMEOUT_S + 1.5)
+        elif kind == "place lost":
+            self.fake.hang_next_place(BROKER_TIMEOUT_S + 1.5, placed=False)
+        elif kind == "order book 503":
+            self.fake.fail_next("order_book", 503, "<html>503 Service Unavailable</html>")
+        elif kind == "trade book 429":
+            self.fake.fail_next("trade_book", 429, {"stat": "Not_Ok", "emsg": "Too many requests"})
+        elif kind == "reject after ack":
+            self.fake.reject_next_place("RMS:Margin Exceeds", delay_s=0.2)
+        elif kind == "empty order book":
+            self.fake.empty_books(order_book=1)
+        elif kind == "empty trade book":
+            self.fake.empty_books(order_book=0, trade_book=1)
+        else:
+            self.fake.expire_session()
+        self.faults.injected[kind] += 1
+
+    def lift(self) -> None:
+        """End a running IP episode (the operator fixed the whitelist)."""
+        if self._ip_until:
+            self.fake.ip_block(None)
+            self.faults.episodes[-1].end = time.time()
+            self.faults.injected["ip block"] += 1
+            self._ip_until = 0.0
+
+
+def check_episodes(fake: KotakRestFake, faults: Faults, alerts: list[tuple[float, Any]],
+                   refusals: list[tuple[float, str, str]],
+                   starts: list[float]) -> list[tuple[str, str]]:  # fmt: skip
+    """Violations of the static-IP promise, per episode: ``(invariant, detail)``."""
+    out: list[tuple[str, str]] = []
+    received = fake.received_orders()
+    for ep in faults.episodes:
+        end = ep.end or time.time()
+        window = (ep.start, end + PROBE_S * 4 + 5)  # the probe may lift it only up to a while later
+        refused = [r for r in received if r["outcome"] == "ip_blocked" and window[0] <= r["ts"] <= window[1]]
+        if not refused:
+            continue  # no order call while blocked: nothing to notice
+        restarts = sum(1 for t in starts if window[0] <= t <= window[1])
+        probes = int((window[1] - window[0]) / PROBE_S) + 1
+        allowed = STORM_BASE + probes + 2 * restarts
+        if len(refused) > allowed:
+            out.append(("ip block retry storm",
+                        f"{ep.code}: {len(refused)} refused places (allowed {allowed})"))  # fmt: skip
+        crit = [a for t, a in alerts if window[0] <= t <= window[1] and a.code == "broker_ip_blocked"
+                and a.level == "CRITICAL"]  # fmt: skip
+        if not crit:
+            when = time.strftime("%X", time.gmtime(ep.start))
+            out.append(("ip block without alert", f"{ep.code} at {when} UTC"))
+        elif len(crit) > 1 + restarts:
+            out.append(("ip block retry storm",
+                        f"{ep.code}: {len(crit)} CRITICAL alerts, {restarts} restarts"))  # fmt: skip
+        said = [r for t, code, r in refusals if window[0] <= t <= window[1] and "IP" in r]
+        if not said:
+            out.append(("ip block without refusal", f"{ep.code}: no order refused naming the IP"))
+    return out
+
+
+def start_fake(directory: Path) -> KotakRestFake:
+    return KotakRestFake(directory / "kotak.json").start()
