@@ -495,7 +495,8 @@ class ExecutionService(Service):
         if why:  # the broker refuses this IP: new orders are refused, nothing is written or sent
             known = self.engine.by_request  # a repeat of an accepted order still gets its answer
             for msg, responder in [(m, r) for m, r in batch if m.request_id not in known]:
-                self.log.info("order_refused", request_id=msg.request_id, code="broker_ip", reason=why)
+                self.log.info("order_refused", request_id=msg.request_id, order_id="", code="broker_ip",
+                              reason=why)  # fmt: skip
                 responder.send(Reply(ok=False, code="broker_ip", error=f"not placed: {why}"))
             batch = [(m, r) for m, r in batch if m.request_id in known]
             if not batch:
