@@ -515,38 +515,78 @@ class Report:
         return "\n".join(lines)
 
 
+def protection_gaps(orders: list[dict[str, Any]], book: Book) -> dict[str, str]:
+    """What is unprotected, or over-protected, at the broker right now: ``{where: what}``.
+
+    Exposure comes from the broker's own book, not from the ledger's bracket states: per
+    bracket, the fills of its entry at the broker minus the fills of its legs, capped by the
+    strategy's net position at the broker in that direction (an exit or a flatten may have
+    closed it). The ledger only says which broker order belongs to which strategy and bracket
+    (by client tag, written before the order reached the broker). Each strategy's live stops
+    on an instrument must cover that exposure, and must not exceed its position there (a stop
+    larger than the position would open a reverse one)."""
+    by_tag = {o.tag: o for o in book.orders.values()}
+    net: dict[tuple[str, str], int] = defaultdict(int)  # (strategy, instrument) at the broker
+    entry: dict[str, int] = defaultdict(int)
+    legs: dict[str, int] = defaultdict(int)
+    live: dict[str, int] = defaultdict(int)
+    where: dict[str, tuple[str, str, str]] = {}  # bracket → (strategy, instrument, entry side)
+    for o in orders:
+        b = by_tag.get(o["client_tag"])
+        if b is None:
+            continue
+        net[(o["strategy_id"], b.key)] += b.filled if b.side == "BUY" else -b.filled
+        if o["bracket_id"] is None:
+            continue
+        bid = str(o["bracket_id"])
+        if o["purpose"] in ("STOP", "TARGET"):
+            legs[bid] += b.filled
+            if o["purpose"] == "STOP" and not b.done:
+                live[bid] += b.quantity - b.filled
+        else:  # the entry, or one slice of it
+            entry[bid] += b.filled
+            where[bid] = (o["strategy_id"], b.key, b.side)
+    need: dict[tuple[str, str, str], int] = defaultdict(int)
+    have: dict[tuple[str, str, str], int] = defaultdict(int)
+    for bid, at in where.items():
+        need[at] += max(0, entry[bid] - legs[bid])
+        have[at] += live[bid]
+    gaps: dict[str, str] = {}
+    for at in set(need) | set(have):
+        sid, key, side = at
+        held = max(0, net[(sid, key)] if side == "BUY" else -net[(sid, key)])
+        want = min(need[at], held)
+        if have[at] < want:
+            gaps[f"{sid} {key} {side}"] = (f"position {held} at the broker, bracketed {want}, "
+                                           f"live stop {have[at]}")  # fmt: skip
+        elif have[at] > held:
+            gaps[f"{sid} {key} {side} oversize"] = f"live stop {have[at]} > position {held} at the broker"
+    return gaps
+
+
 def check_protection(stack: ChaosStack, ledger: Ledger, journal: BookSource, report: Report) -> None:
-    """Every open bracketed position has a live stop at the broker covering it, or gets one
-    within ``PROTECT_GRACE_S`` (its entry may have filled a moment ago)."""
+    """``protection_gaps`` is empty, or each gap closes within ``PROTECT_GRACE_S`` (an entry
+    may have filled a moment ago; a closed position's stop is being cancelled)."""
     report.protect_checks += 1
     deadline = time.monotonic() + PROTECT_GRACE_S
     suspects: dict[str, str] | None = None
     while True:
-        try:
-            brackets = ledger.open_brackets()
-            orders = ledger.orders()
-        except Exception:
-            brackets, orders = [], []
+        try:  # the server (or the fake) may be restarting or busy: try again until the deadline
+            book = journal.read()
+            orders = ledger.orders()  # after the book: a ledger row precedes its broker order
+        except Exception as exc:
             if time.monotonic() < deadline:
                 time.sleep(0.2)
                 continue
-        book = journal.read()
-        by_tag = {o.tag: o for o in book.orders.values()}
-        stops: dict[str, int] = defaultdict(int)
-        for o in orders:
-            b = by_tag.get(o["client_tag"])
-            if o["purpose"] == "STOP" and o["bracket_id"] is not None and b is not None and not b.done:
-                stops[str(o["bracket_id"])] += b.quantity - b.filled
-        now_bad = {str(b["bracket_id"]): f"{b['strategy_id']} {b['trading_symbol']} open "
-                   f"{b['entry_filled'] - b['exit_filled']}, live stop {stops.get(str(b['bracket_id']), 0)}"
-                   for b in brackets
-                   if stops.get(str(b["bracket_id"]), 0) < b["entry_filled"] - b["exit_filled"]}  # fmt: skip
-        suspects = now_bad if suspects is None else {k: v for k, v in suspects.items() if k in now_bad}
+            report.violate("bracket without live stop", f"could not check: {type(exc).__name__}: {exc}")
+            return
+        now_bad = protection_gaps(orders, book)
+        suspects = now_bad if suspects is None else {k: now_bad[k] for k in suspects if k in now_bad}
         if not suspects:
             return
         if time.monotonic() >= deadline:
-            for bid, what in suspects.items():
-                report.violate("bracket without live stop", f"bracket {bid[:8]}: {what}")
+            for at, what in suspects.items():
+                report.violate("bracket without live stop", f"{at}: {what}")
             return
         time.sleep(0.2)
 

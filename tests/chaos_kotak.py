@@ -133,7 +133,7 @@ class Exchange(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        while not self.halt.wait(0.25):
+        while not self.halt.wait(0.5):
             try:
                 rows = self.fake.orders()
             except Exception as exc:

@@ -649,7 +649,7 @@ class FakeKotakBroker:
     def _save(self) -> None:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps(self.state.to_json(), indent=1))
+        tmp.write_text(json.dumps(self.state.to_json(), separators=(",", ":")))  # per change: compact
         tmp.replace(self.state_file)
 
     # ---- routing --------------------------------------------------------------------------
