@@ -37,8 +37,7 @@ BROKER_TIMEOUT_S = 1.0
 LIVE = frozenset({"open", "trigger pending", "open pending", "validation pending", "put order req received",
                   "partially filled"})  # fmt: skip
 IP_CODES = (100008, 1037)
-IP_EPISODE_S = (4.0, 8.0)  # how long an operator takes to fix the whitelist
-STORM_BASE = 4  # refused order calls an episode may see, plus one per probe and per restart
+IP_EPISODE_S = ((4.0, 8.0), (70.0, 100.0))  # how long an operator takes: quickly, or past two probes
 PROBE_S = 30.0
 
 CONFIG = """
@@ -199,7 +198,7 @@ class Injector(threading.Thread):
             code = self.rng.choice(IP_CODES)
             self.fake.ip_block(code)
             self.faults.episodes.append(Episode(code, time.time()))
-            self._ip_until = now + self.rng.uniform(*IP_EPISODE_S)
+            self._ip_until = now + self.rng.uniform(*self.rng.choice(IP_EPISODE_S))
             self._next_ip = self._ip_until + PROBE_S * 2
         elif kind == "place timeout":
             self.fake.hang_next_place(BROKER_TIMEOUT_S + 1.5)
@@ -222,31 +221,53 @@ class Injector(threading.Thread):
     def lift(self) -> None:
         """End a running IP episode (the operator fixed the whitelist)."""
         if self._ip_until:
-            self.fake.ip_block(None)
+            for attempt in range(5):  # a busy fake must not leave the block armed for the rest
+                try:
+                    self.fake.ip_block(None)
+                    break
+                except Exception:
+                    if attempt == 4:
+                        raise
+                    time.sleep(1.0)
             self.faults.episodes[-1].end = time.time()
             self.faults.injected["ip block"] += 1
             self._ip_until = 0.0
 
 
+ORDER_APIS = frozenset({"place_order", "modify_order", "cancel_order"})
+IN_FLIGHT = 3  # order calls already on their way together when the first refusal comes back
+
+
 def check_episodes(fake: KotakRestFake, faults: Faults, alerts: list[tuple[float, Any]],
                    refusals: list[tuple[float, str, str]],
                    starts: list[float]) -> list[tuple[str, str]]:  # fmt: skip
-    """Violations of the static-IP promise, per episode: ``(invariant, detail)``."""
+    """Violations of the static-IP promise, per episode: ``(invariant, detail)``.
+
+    Storm: between two IP-refused order calls (place, modify or cancel) there must be a login
+    (a probe) or a restart of execution, except for the few calls already in flight together.
+    Each episode that refused an order call must have raised a CRITICAL ``broker_ip_blocked``
+    alert (one per execution process) and refused a new order naming the IP. An episode's
+    window ends at the next episode's start, so one episode's evidence never counts for another."""
     out: list[tuple[str, str]] = []
-    received = fake.received_orders()
-    for ep in faults.episodes:
-        end = ep.end or time.time()
-        window = (ep.start, end + PROBE_S * 4 + 5)  # the probe may lift it only up to a while later
-        refused = [r for r in received if r["outcome"] == "ip_blocked" and window[0] <= r["ts"] <= window[1]]
+    reqs = fake.requests()
+    logins = [r["ts"] for r in reqs if r["api"] == "totp_login"]
+    for i, ep in enumerate(faults.episodes):
+        nxt = faults.episodes[i + 1].start if i + 1 < len(faults.episodes) else float("inf")
+        window = (ep.start, min((ep.end or time.time()) + PROBE_S * 4 + 5, nxt))
+        refused = sorted(r["ts"] for r in reqs if r.get("fault") == "ip_block" and r["api"] in ORDER_APIS
+                         and window[0] <= r["ts"] < window[1])  # fmt: skip
         if not refused:
             continue  # no order call while blocked: nothing to notice
-        restarts = sum(1 for t in starts if window[0] <= t <= window[1])
-        probes = int((window[1] - window[0]) / PROBE_S) + 1
-        allowed = STORM_BASE + probes + 2 * restarts
-        if len(refused) > allowed:
-            out.append(("ip block retry storm",
-                        f"{ep.code}: {len(refused)} refused places (allowed {allowed})"))  # fmt: skip
-        crit = [a for t, a in alerts if window[0] <= t <= window[1] and a.code == "broker_ip_blocked"
+        markers = sorted(t for t in [*logins, *starts] if window[0] <= t < window[1])
+        burst, worst, prev = 0, 0, window[0]
+        for t in refused:
+            burst = 1 if any(prev < m <= t for m in markers) else burst + 1
+            worst, prev = max(worst, burst), t
+        if worst > IN_FLIGHT:
+            out.append(("ip block retry storm", f"{ep.code}: {worst} IP-refused order calls "
+                        "without a login or restart between"))  # fmt: skip
+        restarts = sum(1 for t in starts if window[0] <= t < window[1])
+        crit = [a for t, a in alerts if window[0] <= t < window[1] and a.code == "broker_ip_blocked"
                 and a.level == "CRITICAL"]  # fmt: skip
         if not crit:
             when = time.strftime("%X", time.gmtime(ep.start))
@@ -254,11 +275,13 @@ def check_episodes(fake: KotakRestFake, faults: Faults, alerts: list[tuple[float
         elif len(crit) > 1 + restarts:
             out.append(("ip block retry storm",
                         f"{ep.code}: {len(crit)} CRITICAL alerts, {restarts} restarts"))  # fmt: skip
-        said = [r for t, code, r in refusals if window[0] <= t <= window[1] and "IP" in r]
+        said = [r for t, code, r in refusals if window[0] <= t < window[1] and "IP" in r]
         if not said:
             out.append(("ip block without refusal", f"{ep.code}: no order refused naming the IP"))
     return out
 
 
 def start_fake(directory: Path) -> KotakRestFake:
-    return KotakRestFake(directory / "kotak.json").start()
+    fake = KotakRestFake(directory / "kotak.json").start()
+    fake.control_timeout_s = 30.0  # the fake rewrites its whole book per change: slow under load
+    return fake

@@ -73,7 +73,10 @@ Control API (JSON in, JSON out), for tests only::
                                         session created from another IP) for the APIs named
                                         (null: place/modify/cancel, the ones Kotak IP-checks),
                                         for `count` requests (null: until cleared; code null
-                                        lifts it). Nothing is done for a refused request.
+                                        lifts it). Nothing is done for a refused request: as at
+                                        Kotak, the IP is checked before anything else, so a
+                                        cancel of an order number that does not exist gets the
+                                        IP code too (unblocked: 1021 "order not found").
     POST /_control/clear_faults        {}   drop every armed fault, release held-back trades
     POST /_control/rate_limit          {"orders_per_s": 10, "requests_per_s": 25}  (null = off)
     POST /_control/reset               {}   forget orders, trades, sessions and logs
@@ -722,8 +725,14 @@ class FakeKotakBroker:
     # ---- volatile controls ----------------------------------------------------------------
 
     def _rate_limited(self, api: str) -> dict[str, Any] | None:
+        if self._requests_per_s is None and self._orders_per_s is None:
+            return None
         now = time.monotonic()
-        window = [r for r in self._requests[:-1] if now - r["mono"] < 1.0]
+        window = []  # the requests of the last second, newest first: the log only grows
+        for r in reversed(self._requests[:-1]):
+            if now - r["mono"] >= 1.0:
+                break
+            window.append(r)
         if self._requests_per_s is not None and len(window) >= self._requests_per_s:
             return not_ok(ST_RATE_LIMITED, "Too many requests")
         if api == "place_order" and self._orders_per_s is not None:
@@ -1704,6 +1713,7 @@ class KotakRestFake:
         self.port = port
         self.extra_args = list(extra_args)
         self.log_file = self.state_file.with_suffix(".log")
+        self.control_timeout_s = 5.0  # a long chaos run on a busy machine may raise it
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -1781,7 +1791,8 @@ class KotakRestFake:
     # ---- control API ----------------------------------------------------------------------
 
     def _call(self, method: str, name: str, body: dict[str, Any] | None = None,
-              timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+              timeout: float | None = None) -> dict[str, Any]:  # fmt: skip
+        timeout = self.control_timeout_s if timeout is None else timeout
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             f"{self.base_url}/_control/{name}", data=data, method=method,
