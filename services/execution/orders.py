@@ -32,6 +32,8 @@ from services.execution.intents import (
 )
 from services.execution.model import (
     ENTRY,
+    EXIT,
+    FLATTEN_P,
     RANK,
     REQUEST_PURPOSES,
     EventRow,
@@ -143,6 +145,9 @@ class Orders(UnitOfWork):
         otype, price, trig = "LIMIT", None, None
         stop_limit: Decimal | None = None
         reason = refusal(cmd, side, purpose, inst, qty, expired_at=now if expired else 0)
+        if not reason and purpose == EXIT:
+            assert inst is not None
+            reason, qty = self._exit_size(o.strategy_id, inst, side, qty)
         if not reason:
             assert inst is not None
             try:
@@ -193,6 +198,29 @@ class Orders(UnitOfWork):
             self._new_bracket(row, o.stop_loss, o.target, stop_limit)
         rows.extend(self._slice_and_place(row, inst))
         return rows
+
+    def _exit_size(self, strategy: str, inst: Instrument, side: str, qty: int) -> tuple[str, int]:
+        """An exit only reduces: (why not, "") or ("", the quantity to send). The position is
+        execution's own, as of the last fill it processed, less the exits already working;
+        a strategy whose view lags (its stop filled a moment ago) must not open the reverse
+        position. An exit larger than what is left is cut to it."""
+        held = self.positions.get((strategy, inst.key))
+        net = held.quantity if held is not None else 0
+        closing = net if side == "SELL" else -net  # what this side can close
+        working = sum(
+            w.quantity - w.filled_qty
+            for w in self.orders.values()
+            if w.strategy_id == strategy and w.segment == inst.segment and w.token == inst.token
+            and w.side == side and w.purpose in (EXIT, FLATTEN_P) and not w.sliced
+            and w.status not in TERMINAL_STATES
+        )  # fmt: skip
+        left = closing - working
+        left -= left % max(1, inst.lot_size)
+        if left <= 0:
+            more = f" and exits of {working} already working" if working else ""
+            return (f"nothing to exit: {strategy} holds {net:+d} {inst.symbol}{more}; an exit only "
+                    "reduces a position, so this one was not placed"), qty  # fmt: skip
+        return "", min(qty, left)
 
     def _tag(self) -> str:
         while True:
