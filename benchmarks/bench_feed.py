@@ -18,6 +18,7 @@ slow-joiner effect.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import subprocess
@@ -41,12 +42,15 @@ from services.feed.recorder import TickRecorder  # noqa: E402
 from services.feed.sources.sim import Walk  # noqa: E402
 
 SYMBOLS = ["RELIANCE-EQ", "INFY-EQ", "TCS-EQ", "HDFCBANK-EQ", "SBIN-EQ", "ICICIBANK-EQ", "ITC-EQ", "LT-EQ",
-           "NIFTY26NOVFUT", "BANKNIFTY26NOVFUT"]
+           "NIFTY", "BANKNIFTY"]  # the indices' front futures: the paper master's change monthly
 
 
 def make_ticks(n: int) -> list[Tick]:
     master = MasterData.load()
-    walks = [Walk(master.resolve(s), 42, 0.0008) for s in SYMBOLS if s.upper() in master.by_symbol]
+    futures = {i.underlying: i for i in sorted((i for i in master if i.inst_type == "FUTIDX"),
+                                               key=lambda i: i.expiry or dt.date.max, reverse=True)}
+    insts = [futures[s] if s in futures else master.resolve(s) for s in SYMBOLS]
+    walks = [Walk(inst, 42, 0.0008) for inst in insts]
     t0 = 1_795_000_000_000_000_000
     return [walks[i % len(walks)].step(t0 + i * 1000) for i in range(n)]
 

@@ -32,6 +32,7 @@ Port = Annotated[int, Meta(ge=1, le=65535)]
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
 Fraction = Annotated[float, Meta(ge=0, le=1)]
+Volatility = Annotated[float, Meta(gt=0, le=5)]  # annual, 0.12 = 12 %
 
 ENV_PREFIX = "NEOPULSE_"
 # Environment variables that are not config keys.
@@ -76,6 +77,10 @@ class BusConfig(_Section, frozen=True):
         return f"tcp://{self.host}:{self.base_port + offsets[name]}"
 
 
+# The simulator's implied volatility per underlying (annual), near the indices' usual levels.
+SIM_IV_DEFAULTS = {"NIFTY": 0.12, "BANKNIFTY": 0.15, "FINNIFTY": 0.13, "MIDCPNIFTY": 0.16, "SENSEX": 0.12}
+
+
 class FeedConfig(_Section, frozen=True):
     source: FeedSource = FeedSource.SIM
     instruments: list[str] = msgspec.field(
@@ -84,6 +89,13 @@ class FeedConfig(_Section, frozen=True):
     sim_rate: PositiveFloat = 20.0  # ticks per second per instrument
     sim_seed: int = 42
     sim_volatility: NonNegFloat = 0.0008  # per-tick relative step
+    # Option premiums on the sim (Black-Scholes from the simulated underlying):
+    sim_iv: dict[str, Volatility] = msgspec.field(default_factory=lambda: dict(SIM_IV_DEFAULTS))
+    """Implied volatility per underlying (``sim_iv = { NIFTY = 0.12 }``). Entries given replace
+    the defaults for those underlyings only; an underlying listed nowhere uses 0.25."""
+    sim_smile: NonNegFloat = 0.8  # IV added per unit of |ln(strike / spot)|
+    sim_spread_pct: Annotated[float, Meta(ge=0, le=50)] = 0.2  # option bid-ask, % of premium; >= 1 tick/side
+    sim_interest_rate: Annotated[float, Meta(ge=0, le=0.5)] = 0.065  # annual: option pricing, futures carry
     replay_path: str = ""
     replay_speed: str = "1"  # a factor, or "max"
     replay_loop: bool = False
@@ -106,6 +118,9 @@ class RiskConfig(_Section, frozen=True):
     max_daily_loss: PositiveFloat = 5_000.0
     cost_rate: Fraction = 0.00035
     default_capital: PositiveFloat = 100_000.0
+    # "HH:MM" (IST): from then on, new entries in contracts expiring today are refused (exits
+    # still pass). Empty: entries are allowed until the contract stops trading.
+    expiry_day_cutoff: str = ""
 
 
 class ExecutionConfig(_Section, frozen=True):
@@ -121,6 +136,9 @@ class ExecutionConfig(_Section, frozen=True):
     # unknown outcome still missing from the book after this long is taken as never sent.
     # 0 = the broker's default (Kotak: max(30 s, 3 * broker_timeout_s)).
     book_lag_s: NonNegFloat = 0.0
+    # A basket leg that fails: cancel the basket's working legs and close its filled ones
+    # (true), or only stop placing its legs and leave the rest as they are (false).
+    basket_rollback: bool = True
 
 
 class PaperConfig(_Section, frozen=True):
@@ -343,6 +361,8 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
         (cfg.feed.reconnect_min_s <= cfg.feed.reconnect_max_s, "feed.reconnect_min_s",
          "must not exceed feed.reconnect_max_s"),
         (len({s.id for s in cfg.strategy}) == len(cfg.strategy), "strategy.id", "ids must be unique"),
+        (not cfg.risk.expiry_day_cutoff or hhmm_minutes(cfg.risk.expiry_day_cutoff) is not None,
+         "risk.expiry_day_cutoff", "must be empty or a time of day HH:MM (IST), e.g. 15:00"),
         *((re.match(STRATEGY_ID_PATTERN, s.id) is not None, "strategy.id",
            f"must be 1-32 letters, digits, `_` or `-`, starting with a letter or digit "
            f"(it names bus topics and files), got {s.id!r}") for s in cfg.strategy),
@@ -381,6 +401,12 @@ def _is_positive_number(text: str) -> bool:
         return float(text) > 0
     except ValueError:
         return False
+
+
+def hhmm_minutes(text: str) -> int | None:
+    """``"15:00"`` → minutes after midnight (900); None unless a valid 24-hour ``HH:MM``."""
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text.strip())
+    return int(match[1]) * 60 + int(match[2]) if match else None
 
 
 def _parse_hours(text: str) -> tuple[int, int]:

@@ -100,6 +100,23 @@ class BracketState(Vocabulary):
     FLATTENED = "FLATTENED"  # flatten took over: legs cancelled, position closed by flatten
 
 
+class BasketState(Vocabulary):
+    """A basket's progress at execution: protective long legs first, then the short legs;
+    a leg that fails turns it into a rollback."""
+
+    PLACING_LONGS = "PLACING_LONGS"  # long (BUY) legs sent; short legs held until every long is acked
+    PLACED = "PLACED"  # every leg released to the broker; open until every leg has ended
+    COMPLETE = "COMPLETE"  # every leg ended without a rejection
+    ROLLING_BACK = "ROLLING_BACK"  # a leg failed: working legs cancelled, filled legs being closed
+    FAILED = "FAILED"  # a leg failed and the rollback is done (or rollback is off)
+
+
+BASKET_OPEN: frozenset[str] = frozenset(
+    {BasketState.PLACING_LONGS, BasketState.PLACED, BasketState.ROLLING_BACK})
+BASKET_MIN_LEGS = 2
+BASKET_MAX_LEGS = 4
+
+
 class FlattenPhase(Vocabulary):
     """A flatten job's progress: cancel → close → ready → done."""
 
@@ -162,6 +179,8 @@ MAX_CAPITAL = Decimal(10) ** 12  # sizing capital
 MAX_TEXT = 500  # characters of a reason
 STRATEGY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z"  # also libs.common.config's rule
 _ID = r"[A-Za-z0-9][A-Za-z0-9_.:#-]{0,63}"
+# a basket's id leaves room for the ``:legN`` suffix of its legs' ids
+BasketId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:#-]{0,58}\Z")]
 # ``\Z``, not ``$``: ``$`` also matches before a trailing newline.
 RequestId = Annotated[str, Meta(pattern=rf"^{_ID}\Z")]
 OptionalRequestId = Annotated[str, Meta(pattern=rf"^(?:{_ID})?\Z")]
@@ -306,8 +325,11 @@ class VerdictCode(Vocabulary):
     REDUCING = "reducing"  # daily loss limit breached: only reducing orders pass
     REDUCE_ONLY = "reduce_only"  # a reduce-only order that would open or add
     NOTIONAL = "notional"  # quantity x price above max_notional
+    BASKET = "basket"  # a basket that is not 2 to 4 legs of one strategy, or a leg refused
     POSITIONS = "positions"  # a new instrument beyond max_open_positions
     THROTTLE = "throttle"  # max_orders_per_sec approvals already in the last second
+    CONTRACT_EXPIRED = "contract_expired"  # the contract's expiry day is past: it no longer trades
+    EXPIRY_CUTOFF = "expiry_cutoff"  # a new entry in a contract expiring today, after risk.expiry_day_cutoff
     EXPIRED = "expired"  # execution did not answer in time: the order expires unplaced
     EXECUTION = "execution"  # execution refused the order or answered oddly: nothing placed
     UNAUTHORISED = "unauthorised"  # execution refused risk's credentials: nothing placed
@@ -347,6 +369,50 @@ class ExecuteOrder(_Msg, frozen=True, tag=True):
     segment: Segment
     token: Name
     symbol: Name
+    expires_ns: Annotated[int, Meta(ge=0)] = 0
+    ts_ns: int = msgspec.field(default_factory=_now)
+
+
+def basket_leg_id(request_id: str, n: int) -> str:
+    """The request id of leg ``n`` (1-based) of basket ``request_id``: derived, so stable
+    across retries of the basket (execution is idempotent on it)."""
+    return f"{request_id}:leg{n}"
+
+
+class BasketRequest(_Msg, frozen=True, tag=True):
+    """A strategy's (or the CLI's) multi-leg order: 2 to 4 legs judged and placed as one.
+    Each leg is an ``OrderRequest`` of its own (its ``stop_loss``/``target`` become that
+    leg's bracket); risk gives leg ``n`` the request id ``basket_leg_id(request_id, n)``
+    and the basket's strategy id, whatever the leg carried."""
+
+    request_id: BasketId
+    strategy_id: StrategyId
+    legs: Annotated[list[OrderRequest], Meta(max_length=BASKET_MAX_LEGS)]  # risk refuses fewer than 2
+    ts_ns: int = msgspec.field(default_factory=_now)
+
+
+class BasketVerdict(_Msg, frozen=True, tag=True):
+    """Risk's answer to a ``BasketRequest``: approved only if every leg passed. ``legs`` has
+    one ``RiskVerdict`` per leg (in the request's order, each with its reason and, once
+    execution accepted the basket, its ``order_id``); ``reason`` names every failing leg."""
+
+    request_id: str
+    approved: bool
+    reason: str = ""
+    code: VerdictCodeField = ""
+    legs: list[RiskVerdict] = msgspec.field(default_factory=list)
+    basket_id: str = ""
+    state: str = ACTIVE
+    ts_ns: int = msgspec.field(default_factory=_now)
+
+
+class ExecuteBasket(_Msg, frozen=True, tag=True):
+    """Risk → execution: an approved basket. Every leg's row is committed before the broker
+    sees any of them; long legs go first, short legs once every long is acked."""
+
+    request_id: BasketId
+    strategy_id: StrategyId
+    legs: Annotated[list[ExecuteOrder], Meta(max_length=BASKET_MAX_LEGS)]  # leg ids checked by execution
     expires_ns: Annotated[int, Meta(ge=0)] = 0
     ts_ns: int = msgspec.field(default_factory=_now)
 
@@ -560,6 +626,9 @@ Message = (
     | OrderRequest
     | RiskVerdict
     | ExecuteOrder
+    | BasketRequest
+    | BasketVerdict
+    | ExecuteBasket
     | OrderUpdate
     | Fill
     | Position
@@ -586,7 +655,7 @@ ALL_TYPES: tuple[type[_Msg], ...] = (
     Tick, FeedStatus, Heartbeat, OrderRequest, RiskVerdict, ExecuteOrder, OrderUpdate, Fill,
     Position, DayState, RiskState, Alert, KillSwitch, Flatten, CancelEntries, GetStatus,
     GetOrders, GetPositions, GetDayState, GetRiskState, Subscribe, GetLastTicks, SyncMaster,
-    GetFeedSession, RecordRiskEvent, Reply,
+    GetFeedSession, RecordRiskEvent, Reply, BasketRequest, BasketVerdict, ExecuteBasket,
 )
 
 
@@ -624,6 +693,16 @@ def _check_execute_order(msg: Any) -> None:
             " - at `$.order.request_id`")
 
 
+def _check_basket_request(msg: Any) -> None:
+    for n, leg in enumerate(msg.legs, 1):
+        _check_order_request(leg, f"legs[{n - 1}].")
+
+
+def _check_execute_basket(msg: Any) -> None:
+    for leg in msg.legs:
+        _check_execute_order(leg)
+
+
 def _check_json(value: Any, at: str, budget: list[int], depth: int = 0) -> None:
     budget[0] -= 1
     if budget[0] < 0 or depth > _MAX_DATA_DEPTH:
@@ -659,6 +738,8 @@ def _check_risk_event(msg: Any) -> None:
 _DECODE_CHECKS: dict[type, Callable[[Any], None]] = {
     OrderRequest: _check_order_request,
     ExecuteOrder: _check_execute_order,
+    BasketRequest: _check_basket_request,
+    ExecuteBasket: _check_execute_basket,
     RecordRiskEvent: _check_risk_event,
 }
 

@@ -36,7 +36,15 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from libs.common.config import Config, ConfigError, home_dir
-from libs.common.messages import CancelEntries, ExecuteOrder, Flatten, Message, RecordRiskEvent, Reply
+from libs.common.messages import (
+    CancelEntries,
+    ExecuteBasket,
+    ExecuteOrder,
+    Flatten,
+    Message,
+    RecordRiskEvent,
+    Reply,
+)
 from libs.common.stack_secret import StackSecret
 
 if TYPE_CHECKING:
@@ -294,7 +302,7 @@ def install_curve(bus: Any, cfg: Config, service_name: str) -> CurveSecurity:
 # The commands that place or cancel orders, and who may send each to execution. Only risk
 # places orders; the operator's CLI (identity ``admin``) also flattens, cancels entries and
 # records the kill switch, which it does when risk is unreachable.
-GUARDED_COMMANDS: tuple[type, ...] = (ExecuteOrder, Flatten, CancelEntries, RecordRiskEvent)
+GUARDED_COMMANDS: tuple[type, ...] = (ExecuteOrder, ExecuteBasket, Flatten, CancelEntries, RecordRiskEvent)
 ORDER_SENDERS = ("risk",)
 CONTROL_SENDERS = ("risk", "admin")
 UNAUTHORISED = "unauthorised"
@@ -334,7 +342,7 @@ class SenderCheck:
             self.secret = StackSecret(home, create=True)
 
     def refusal(self, msg: Message, responder: Responder) -> Reply | None:
-        senders = ORDER_SENDERS if isinstance(msg, ExecuteOrder) else CONTROL_SENDERS
+        senders = ORDER_SENDERS if isinstance(msg, ExecuteOrder | ExecuteBasket) else CONTROL_SENDERS
         reason = self._curve_reason(senders, responder) if self.curve else self._secret_reason(responder)
         if reason is None:
             return None

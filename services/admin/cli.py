@@ -20,7 +20,8 @@ def _register() -> None:
     # Importing a command module registers its commands on ``app``.
     import importlib
 
-    for mod in ("cmd_ops", "cmd_risk", "cmd_exec", "cmd_strategy", "cmd_feed", "cmd_bench", "cmd_stack"):
+    for mod in ("cmd_ops", "cmd_risk", "cmd_exec", "cmd_strategy", "cmd_feed", "cmd_bench", "cmd_stack",
+                "cmd_chain"):
         try:
             importlib.import_module(f"services.admin.{mod}")
         except ModuleNotFoundError as exc:

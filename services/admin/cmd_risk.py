@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 import uuid
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
 
 import typer
 
 from libs.common.bus import RequestTimeout
+from libs.common.chain import find_option
+from libs.common.clock import IST, Clock
+from libs.common.config import home_dir
+from libs.common.instruments import MasterData, UnknownInstrument
 from libs.common.messages import (
+    BASKET_MAX_LEGS,
+    BASKET_MIN_LEGS,
+    BasketRequest,
+    BasketVerdict,
     CancelEntries,
     GetRiskState,
     KillSwitch,
@@ -61,6 +70,13 @@ def _money(value: float) -> str:
 
 # --------------------------------------------------------------------------- trade
 
+LEG_OPT = typer.Option(None, "--leg", help=(
+    'A basket leg (repeat 2 to 4 times): "SIDE UNDERLYING STRIKE CE|PE EXPIRY QTY [@PRICE]" '
+    '(EXPIRY weekly, next-weekly, monthly or YYYY-MM-DD), or "SIDE SYMBOL QTY [@PRICE]". '
+    "The legs are judged and placed as one: long legs first, short legs once every long "
+    "is accepted; if a leg fails the others are rolled back."), show_default=False)
+
+
 
 @app.command()
 def trade(
@@ -77,15 +93,25 @@ def trade(
     target: str = typer.Option(None, "--target", help="Target: above entry for BUY, below for SELL.",
                                show_default=False),
     product: str = typer.Option("MIS", "--product", help="MIS (intraday), CNC (delivery) or NRML."),
+    leg: list[str] | None = LEG_OPT,
+    sl_pct: str = typer.Option(None, "--sl-pct", help="Basket legs: a stop loss this many percent "
+                               "beyond each leg's price (its own bracket); needs @PRICE on every leg.",
+                               show_default=False),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Send a manual order through risk, like any strategy order.
+    """Send a manual order through risk, like any strategy order; or, with --leg, a basket.
 
-    Prints the verdict: the order id, or why it was rejected.
+    Prints the verdict: the order id, or why it was rejected; for a basket one line per leg.
     With --json a rejection also carries its code (quantity, tick, halted, reducing, ...).
     Exit codes: 0 approved, 1 rejected, 2 usage error, 3 risk unreachable.
     Missing values are asked for on a terminal.
     """
+    if leg:
+        if side is not None or symbol is not None or qty is not None or price is not None:
+            fail("--leg cannot be combined with SIDE SYMBOL --qty --price: put each order in a --leg",
+                 EXIT_USAGE)
+        _trade_basket(leg, product, _decimal("--sl-pct", sl_pct), as_json)
+        return
     missing = [name for name, value in (("SIDE", side), ("SYMBOL", symbol), ("--qty", qty)) if value is None]
     if missing and not _interactive():
         fail(f"missing {', '.join(missing)} (no terminal to ask on); "
@@ -127,6 +153,114 @@ def trade(
                    f"risk {reply.state})")
     else:
         typer.echo(f"REJECTED  {what}{extras} — {reply.reason}")
+    raise typer.Exit(EXIT_OK if reply.approved else EXIT_REFUSED)
+
+
+# --------------------------------------------------------------------------- basket
+
+
+class LegError(ValueError):
+    """A ``--leg`` the CLI cannot read or resolve; the text says which and why."""
+
+
+def parse_leg(text: str, master: MasterData, today: dt.date, product: str = "MIS",
+              sl_pct: Decimal | None = None) -> OrderRequest:
+    """One ``--leg``: ``SIDE UNDERLYING STRIKE CE|PE EXPIRY QTY [@PRICE]`` (the option is
+    found in the master's chain) or ``SIDE SYMBOL QTY [@PRICE]``. The request id and the
+    strategy id are the basket's (risk sets them)."""
+    words = text.replace("@ ", "@").split()
+    price: Decimal | None = None
+    if words and words[-1].startswith("@"):
+        try:
+            price = Decimal(words.pop()[1:])
+        except InvalidOperation:
+            raise LegError(f"leg {text!r}: the price after @ is not a number") from None
+        if not price.is_finite() or price <= 0:
+            raise LegError(f"leg {text!r}: the price must be above 0")
+    if len(words) not in (3, 6):
+        raise LegError(f"leg {text!r}: expected \"SIDE UNDERLYING STRIKE CE|PE EXPIRY QTY [@PRICE]\" "
+                       f"or \"SIDE SYMBOL QTY [@PRICE]\"")
+    side = words[0].upper()
+    if side not in ("BUY", "SELL"):
+        raise LegError(f"leg {text!r}: side must be BUY or SELL, not {words[0]!r}")
+    try:
+        qty = int(words[-1])
+    except ValueError:
+        raise LegError(f"leg {text!r}: quantity {words[-1]!r} is not a whole number") from None
+    if qty <= 0:
+        raise LegError(f"leg {text!r}: quantity must be above 0")
+    if len(words) == 6 and words[3].upper() not in ("CE", "PE"):
+        raise LegError(f"leg {text!r}: option type must be CE or PE, not {words[3]!r}")
+    try:
+        if len(words) == 6:
+            underlying, strike, option_type, expiry = words[1].upper(), words[2], words[3].upper(), words[4]
+            try:
+                spec: str | dt.date = dt.date.fromisoformat(expiry)
+            except ValueError:
+                spec = expiry.lower()
+            inst = find_option(master, underlying, strike, option_type, spec, today)
+        else:
+            inst = master.resolve(words[1])
+    except UnknownInstrument as exc:
+        raise LegError(f"leg {text!r}: {exc}") from None
+    except (ValueError, InvalidOperation) as exc:
+        raise LegError(f"leg {text!r}: {exc}") from None
+    stop = None
+    if sl_pct is not None:
+        if price is None:
+            raise LegError(f"leg {text!r}: --sl-pct needs a price (@PRICE) on every leg")
+        away = price * sl_pct / 100
+        tick = inst.tick_size
+        raw = price - away if side == "BUY" else price + away
+        stop = (raw / tick).to_integral_value(ROUND_FLOOR if side == "BUY" else ROUND_CEILING) * tick
+    return OrderRequest(request_id="leg", strategy_id=MANUAL_STRATEGY, side=side, symbol=inst.symbol,
+                        segment=inst.segment, token=inst.token, quantity=qty, price=price,
+                        order_type="LIMIT" if price is not None else "MARKET", stop_loss=stop,
+                        product=product, purpose="MANUAL")  # fmt: skip
+
+
+def _trade_basket(texts: list[str], product: str, sl_pct: Decimal | None, as_json: bool) -> None:
+    product = product.strip().upper()
+    if product not in ("MIS", "CNC", "NRML"):
+        fail(f"--product must be MIS, CNC or NRML, got {product!r}", EXIT_USAGE)
+    if not BASKET_MIN_LEGS <= len(texts) <= BASKET_MAX_LEGS:
+        fail(f"a basket has {BASKET_MIN_LEGS} to {BASKET_MAX_LEGS} --leg options, not {len(texts)}",
+             EXIT_USAGE)
+    if sl_pct is not None and not (sl_pct.is_finite() and 0 < sl_pct < 100):
+        fail(f"--sl-pct must be above 0 and below 100, got {sl_pct}", EXIT_USAGE)
+    master = MasterData.load_for_home(home_dir())
+    today = Clock().now(IST).date()
+    try:
+        legs = [parse_leg(t, master, today, product, sl_pct) for t in texts]
+    except LegError as exc:
+        fail(str(exc), EXIT_USAGE)
+    req = BasketRequest(request_id=f"cli-{uuid.uuid4().hex[:16]}", strategy_id=MANUAL_STRATEGY, legs=legs)
+    admin = AdminClient()
+    try:
+        reply = admin.ask("risk_rep", req, timeout_ms=2 * admin.timeout_ms + 1000)
+    finally:
+        admin.close()
+    if not isinstance(reply, BasketVerdict):
+        error = reply.error if isinstance(reply, Reply) else type(reply).__name__
+        fail(f"refused: {error}", EXIT_REFUSED)
+    if as_json:
+        emit({**to_builtins(reply), "legs_sent": [to_builtins(x) for x in legs]}, True)
+    else:
+        head = "APPROVED" if reply.approved else "REJECTED"
+        basket_id = f" — {reply.basket_id}" if reply.basket_id else ""
+        typer.echo(f"{head}  basket of {len(legs)} legs{basket_id}"
+                   + ("" if reply.approved else f" — {reply.reason}"))
+        verdicts: list[RiskVerdict | None] = [*reply.legs] or [None] * len(legs)
+        for n, (x, v) in enumerate(zip(legs, verdicts, strict=False), 1):
+            what = f"{x.side} {x.quantity} {x.symbol} @ {x.price if x.price is not None else 'market'}"
+            if x.stop_loss is not None:
+                what += f" SL {x.stop_loss}"
+            if v is None:
+                typer.echo(f"  leg {n}  {what}")
+            elif v.approved:
+                typer.echo(f"  leg {n}  ok        {what} — order {v.order_id or '(not placed)'}")
+            else:
+                typer.echo(f"  leg {n}  REJECTED  {what} — {v.reason}")
     raise typer.Exit(EXIT_OK if reply.approved else EXIT_REFUSED)
 
 
@@ -191,6 +325,10 @@ def _kill_via_execution(admin: AdminClient, reason: str, request_id: str) -> Non
     if isinstance(recorded, Reply) and recorded.ok:
         note = "open entry orders cancelled" if isinstance(cancelled, Reply) and cancelled.ok else \
             "cancelling open entries FAILED"
+        not_sent = cancelled.data.get("not_sent") if isinstance(cancelled, Reply) and isinstance(
+            cancelled.data, dict) else None
+        if not_sent:  # the broker refuses order calls from this IP: requested, not sent
+            note = f"open entry orders NOT cancelled at the broker yet — {not_sent}"
         fail(f"risk is unreachable at {risk_ep}; the kill switch was recorded with execution "
              f"({note}) and risk will start HALTED", EXIT_UNREACHABLE)
     fail(f"risk is unreachable at {risk_ep} and execution did not record the kill switch "

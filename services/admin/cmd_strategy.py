@@ -11,7 +11,6 @@ import typer
 
 from libs.common import config as config_mod
 from libs.common.config import ConfigError
-from libs.common.instruments import MasterData
 from libs.common.log import setup_logging
 from services.admin.cli import app
 from services.admin.common import EXIT_USAGE, JSON_OPT, fail, get_config
@@ -55,7 +54,7 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     drawdown and exposure time. With the same input it is byte-identical from run to run.
     """
     from services.backtest.report import render_text, to_json, write_equity_png
-    from services.backtest.runner import BacktestError, run_backtest
+    from services.backtest.runner import BacktestError, master_for_recording, run_backtest
     from services.feed.sources.replay import iter_ticks
     from services.strategy.base import ParamsError
 
@@ -64,9 +63,9 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     log = setup_logging("backtest", home, cfg.log.level, config_mod.secret_values(cfg), console=False)
     if not ticks.exists():
         fail(f"no such file or directory: {ticks}", EXIT_USAGE)
-    master = MasterData.load_for_home(home)
     names = [s.strip() for s in instruments.split(",") if s.strip()]
     try:
+        master = master_for_recording(home, ticks)  # the recording's day: its contracts' tokens
         result = run_backtest(
             iter_ticks(ticks, master),
             strategy,

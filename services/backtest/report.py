@@ -29,6 +29,7 @@ from libs.common.positions import FloatPositionState
 
 ZERO = Decimal(0)
 CURVE_POINTS = 1000  # at most this many points of the equity curve go into the report
+TEXT_TRADES = 20  # trades listed in the human summary (all of them are in the JSON)
 
 
 @dataclass(slots=True)
@@ -297,7 +298,32 @@ def render_text(report: dict[str, Any]) -> str:
     ]
     for reason, n in sorted(report["rejections"].items(), key=lambda kv: -kv[1])[:5]:
         lines.append(f"    rejected x{n}: {reason}")
+    trades = report["trade_list"]
+    if trades:
+        # one line per trade, so each leg of a basket shows on its own: entry, exit, PnL
+        one_day = bool(report["start"]) and report["start"][:10] == (report["end"] or "")[:10]
+        lines.append("  trades (entry → exit, PnL, cost, net)")
+        lines.extend(f"    {_trade_line(t, one_day)}" for t in trades[:TEXT_TRADES])
+        if len(trades) > TEXT_TRADES:
+            lines.append(f"    … and {len(trades) - TEXT_TRADES} more (see --json)")
     return "\n".join(lines)
+
+
+def _trade_line(t: dict[str, Any], one_day: bool) -> str:
+    def when(iso: str | None) -> str:
+        if not iso:
+            return "-"
+        return iso[11:19] if one_day else f"{iso[:10]} {iso[11:19]}"
+
+    def price(p: float | None) -> str:
+        return "-" if p is None else f"{p:,.2f}"
+
+    end = "open, marked" if t["open"] else f"{price(t['exit_price'])} {when(t['exit_time'])}"
+    return (
+        f"{t['direction']:<5} {t['quantity']} {t['symbol']}  {price(t['entry_price'])} "
+        f"{when(t['entry_time'])} → {end}  PnL {t['pnl']:,.2f}  cost {t['cost']:,.2f}  "
+        f"net {t['net_pnl']:,.2f}"
+    )
 
 
 def write_equity_png(report: dict[str, Any], path: Path) -> Path:

@@ -14,23 +14,31 @@ the strategy (``dispatch_order``/``dispatch_fill``) and the book — the same me
 live processes exchange over ZeroMQ. Time is a ``ManualClock`` set to each tick's exchange
 time, so throttles, bars and timestamps follow the recording, and a run is deterministic.
 Orders a strategy places on a tick can fill from the next tick on (no look-ahead).
+
+With an instrument list, only those instruments' ticks are replayed, plus what the strategy
+subscribes to as it runs (``self.chain()``'s index and strikes, ``self.subscribe()``): the
+loop takes ``new_subscriptions`` after every tick, as the live host does, so an option strategy
+sees its chain's ticks from the next one on. The master must be the recording's day's
+(``master_for_recording``): the paper contracts, and so the option tokens, change with the day.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from libs.common.clock import ManualClock
+from libs.common.clock import IST, ManualClock
 from libs.common.config import Config
 from libs.common.instruments import MasterData
-from libs.common.messages import Fill, OrderRequest, OrderUpdate, Tick
+from libs.common.messages import BasketRequest, Fill, OrderRequest, OrderUpdate, Tick
 from services.backtest.report import Book, _iso
 from services.strategy import registry
 from services.strategy.base import Strategy, StrategyContext
@@ -82,7 +90,12 @@ class Pipeline:
     def _drain(self) -> None:
         work = self._work
         strat = self.strategy
-        while work:
+        while work or strat.new_baskets:
+            if strat.new_baskets:  # baskets the strategy queued (``Strategy.basket``)
+                baskets, strat.new_baskets = strat.new_baskets, []
+                for b in baskets:
+                    self._basket(b)
+                continue
             item = work.popleft()
             if type(item) is OrderRequest:
                 self._order(item)
@@ -94,6 +107,27 @@ class Pipeline:
                 self.risk.on_order_update(item)
                 work.extend(strat.dispatch_order(item))
             # Position, Alert and the rest are for humans and other services.
+
+    def _basket(self, req: BasketRequest) -> None:
+        """A basket: judged whole by risk, then placed by the engine (long legs first)."""
+        self.requested += len(req.legs)
+        verdict, execute = self.risk.evaluate_basket(req)
+        if execute is None or not verdict.approved:
+            self.rejections[verdict.reason] += 1
+            self._work.extend(self.strategy.dispatch_basket_verdict(req, verdict))
+            return
+        engine = self.execution.engine
+        res = engine.submit_basket(execute)
+        engine.pump()
+        events = [m for _, m in engine.take_messages()]
+        if not res.ok:
+            verdict = self.risk.basket_failed(req.request_id, res.reason)
+            self.rejections[verdict.reason] += 1
+        else:
+            self.approved += len(req.legs)
+            verdict = self.risk.confirm_basket(req.request_id, res.data()) or verdict
+        self._work.extend(events)
+        self._work.extend(self.strategy.dispatch_basket_verdict(req, verdict))
 
     def _order(self, req: OrderRequest) -> None:
         self.requested += 1
@@ -162,6 +196,8 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
     strat = cls(ctx, params or {})
     pipe = Pipeline(cfg, master, strat, clock)
     pipe.submit(strat.dispatch_start())
+    if strat.new_subscriptions:
+        _follow(strat, wanted)
 
     book, execution = pipe.book, pipe.execution
     dispatch = strat.dispatch_tick
@@ -194,13 +230,15 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
             if broker.events:
                 deliver(execution.pump())
             orders = dispatch(tick, key)
-            if orders:
+            if orders or strat.new_baskets:
                 submit(orders)
             if now >= next_timer:
                 next_timer = now + TIMER_NS
                 orders = strat.dispatch_timer(now)
-                if orders:
+                if orders or strat.new_baskets:
                     submit(orders)
+            if strat.new_subscriptions:  # a chain's strikes, subscribe(): their ticks from now on
+                _follow(strat, wanted)
             if strat.halted:
                 break
         tick = next(it, None)
@@ -209,6 +247,33 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
     elapsed = time.perf_counter() - t0
     report = _report(strat, pipe, n, seen_keys)
     return BacktestResult(report=report, ticks=n, elapsed_s=elapsed)
+
+
+def _follow(strat: Strategy, wanted: set[str] | None) -> None:
+    """The live host's job for ``new_subscriptions``: listen to them (here: let their ticks
+    through the instrument filter) and clear the list."""
+    added, strat.new_subscriptions = strat.new_subscriptions, []
+    if wanted is not None:
+        wanted.update(inst.key for inst in added)
+
+
+def recording_day(path: str | Path) -> dt.date | None:
+    """The trading day (IST) of a recording's first tick; ``None`` for an empty one."""
+    from services.feed.sources.replay import iter_ticks
+
+    first = next(iter_ticks(path), None)  # reads the first block only
+    if first is None:
+        return None
+    ts = first.exch_ts_ns or first.ts_ns
+    return dt.datetime.fromtimestamp(ts / 1e9, IST).date()
+
+
+def master_for_recording(home: Path, path: str | Path) -> MasterData:
+    """The master a backtest of ``path`` needs: the cached Kotak master as it is, else the
+    paper master of the recording's day, so the option contracts that day's feed published
+    (a weekly that has expired since) resolve to the tokens in the recording. A recording
+    over several days gets the first day's contracts."""
+    return MasterData.load_for_home(home, today=recording_day(path))
 
 
 def _report(strat: Strategy, pipe: Pipeline, n: int, seen: dict[str, str]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from services.execution.intents import Intent, PlaceIntent
 from services.execution.model import (
     BRACKET_OPEN,
     LEG_PURPOSES,
+    BasketRow,
     BracketRow,
     EventRow,
     FillRow,
@@ -122,7 +123,7 @@ class EngineBase:
     """The engine's state and indexes; each part of the engine (unit of work, orders, broker
     events, brackets, flatten, reconciliation) is a subclass adding its rules."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one statement per piece of the engine's state
         self, store: OrderStore, broker: Broker, master: MasterData, clock: Clock, cfg: ExecutionConfig, *,
         log: Any = None,
     ) -> None:
@@ -160,6 +161,7 @@ class EngineBase:
         self._fills: list[FillRow] = []
         self._bdirty: dict[str, BracketRow] = {}
         self._risk: list[RiskEventRow] = []
+        self._kdirty: dict[str, BasketRow] = {}  # baskets changed since the last flush
         self._held_intents: list[Intent] = []
         self._held_msgs: list[tuple[bytes, Message]] = []
         # released after the flush that made them durable
@@ -171,6 +173,7 @@ class EngineBase:
         self.leg_failed: set[tuple[str, str]] = set()  # legs the broker refused: not re-placed
         self.leg_retry: dict[tuple[str, str], tuple[int, int]] = {}  # (bracket, kind) → (failures, due)
         self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
+        self._oversized: dict[str, tuple[int, int]] = {}  # leg → (size it should have, failed resizes)
         self._awaiting_alerted: set[str] = set()
         self.flatten_jobs: dict[str, FlattenJob] = {}
         self._books_pending = False

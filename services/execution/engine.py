@@ -51,6 +51,7 @@ from services.execution.base import (  # the engine's names, re-exported (``__al
     ReconcileState,
     SubmitResult,
 )
+from services.execution.baskets import Baskets
 from services.execution.intents import (  # re-exported (``__all__``)
     BooksIntent,
     CancelIntent,
@@ -66,7 +67,6 @@ from services.execution.model import (
     RiskEventRow,
 )
 from services.execution.pricing import freeze_step  # re-exported (``__all__``)
-from services.execution.reconcile import Reconciliation
 
 __all__ = [
     "CARRIED", "KILL_EVENTS", "BooksIntent", "CancelIntent", "EngineBase", "ExecutionEngine", "FlattenJob",
@@ -75,7 +75,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class ExecutionEngine(Reconciliation):
+class ExecutionEngine(Baskets):
     """Order lifecycle, OCO brackets, flatten and reconciliation over an ``OrderStore``: the one
     entry point. Its rules live in the parts it is made of, one module each:
 
@@ -83,7 +83,8 @@ class ExecutionEngine(Reconciliation):
     * ``orders``: submit, slicing and the order state machine (checks in ``pricing``);
     * ``events``: intent results, order-status and trade events, fills and positions;
     * ``brackets``: OCO legs and the owed cancels; ``flatten``; ``reconcile``: the broker's
-      books and the positions it carries;
+      books and the positions it carries; ``baskets``: multi-leg orders, long legs first,
+      rollback when a leg fails;
     * ``base``: the shared state and indexes.
     """
 
@@ -102,6 +103,7 @@ class ExecutionEngine(Reconciliation):
         for f in self.store.load_fills(self.day):
             self.fill_keys.add((f.trading_day, f.segment, f.trade_id))
             self._apply_position(f)
+        self._load_baskets()
         self._held_intents.append(PositionsIntent(self._now()))
         self.request_reconcile("startup")
 

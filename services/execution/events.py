@@ -45,7 +45,9 @@ from services.execution.intents import (
     PositionsIntent,
 )
 from services.execution.model import (
+    BRACKET_OPEN,
     RANK,
+    STOP,
     FillRow,
     OrderRow,
     tag_key,
@@ -180,7 +182,10 @@ class BrokerEvents(Brackets):
 
     def _on_modify(self, intent: ModifyIntent, result: Any) -> None:
         o = self.orders.get(intent.order_id)
-        if o is None or not isinstance(result, BaseException):
+        if o is None:
+            return
+        if not isinstance(result, BaseException):
+            self._oversized.pop(o.order_id, None)
             return
         why = error_reason(result)
         if not o.terminal and o.quantity == intent.quantity:
@@ -188,12 +193,49 @@ class BrokerEvents(Brackets):
             o.updated_ns = self._now()
             self._mark(o)
         self._event(o, "MODIFY_FAILED", o.status, {"error": why, "quantity": intent.quantity})
-        self.alert(
-            "WARNING",
-            f"could not resize {o.purpose.lower()} leg {o.client_tag} of {o.symbol} to "
-            f"{intent.quantity}: {why}",
-            "modify_failed",
-        )
+        excess = o.open_qty - max(0, intent.quantity - o.filled_qty)
+        if o.purpose not in _LEGS or o.terminal or excess <= 0:
+            self.alert(
+                "WARNING",
+                f"could not resize {o.purpose.lower()} leg {o.client_tag} of {o.symbol} to "
+                f"{intent.quantity}: {why}",
+                "modify_failed",
+            )
+            return
+        # A leg larger than what it protects: if it triggers it opens a reverse position of
+        # ``excess``. CRITICAL once per size it should have; resized again soon, not at the
+        # next periodic reconciliation.
+        seen = self._oversized.get(o.order_id)
+        n = (seen[1] if seen is not None and seen[0] == intent.quantity else 0) + 1
+        self._oversized[o.order_id] = (intent.quantity, n)
+        now = self._now()
+        self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, now + self._backoff_ns(n))
+        if n == 1:
+            kind = "stop" if o.purpose == STOP else "target"
+            self.alert(
+                "CRITICAL",
+                f"{kind} order {o.client_tag} ({o.side} {o.open_qty} {o.symbol}, broker order "
+                f"{o.broker_order_id}) is {excess} larger than the position it protects and could not "
+                f"be resized ({why}): if it executes it {o.side.lower()}s {excess} more than held — "
+                f"reduce {kind} {o.client_tag} to {intent.quantity} at Kotak now; NeoPulse keeps retrying",
+                "leg_oversized",
+            )
+
+    def broker_accepts_again(self) -> None:
+        """The broker takes order calls again (a static-IP block ended): place the legs and send
+        the cancels that waited for it now, not after their backoff."""
+        now = self._now()
+        for key, (n, _due) in list(self.leg_retry.items()):
+            self.leg_retry[key] = (n, now)
+        for oid in self.owed_cancels:
+            o = self.orders.get(oid)
+            if o is not None:
+                o.cancel_due_ns = min(o.cancel_due_ns, now)
+        self._retry_owed()
+        for b in list(self.brackets.values()):
+            if b.state in BRACKET_OPEN:
+                self._sync_bracket(b)
+        self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, now)
 
     def on_broker_event(self, ev: BrokerOrderStatus | BrokerTrade) -> None:
         """An order-feed update or a trade, from the broker's push channel or a book poll."""

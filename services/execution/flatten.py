@@ -78,6 +78,33 @@ class Flattening(BrokerEvents):
             self._active_jobs.discard(req.request_id)
             raise
 
+    def _resume_flattens(self) -> None:
+        """A bracket a flatten took over (``FLATTENED``) whose flatten is not in this process (it
+        lived only in the memory of one that stopped) while its strategy still holds the position:
+        its owed cancels would remove the stop and nothing would close the position. Resume that
+        flatten for the instrument and strategy (the same cancel-confirm-close path) and say so."""
+        for b in list(self.brackets.values()):
+            rid = b.reason.removeprefix("flatten ") if b.state == B_FLATTENED else ""
+            if not rid or rid == b.reason or rid in self.flatten_jobs:
+                continue
+            pos = self.positions.get((b.strategy_id, instrument_key(b.segment, b.token)))
+            held = pos.quantity if pos is not None else 0
+            if not ((b.side == "BUY" and held > 0) or (b.side == "SELL" and held < 0)):
+                continue
+            again = f"{rid}:r"  # a new request id: the closes of the first one may be in the ledger
+            b.reason, b.updated_ns = f"flatten {again}", self._now()
+            self._bdirty[b.bracket_id] = b  # a restart during this one resumes it again
+            self.alert(
+                "CRITICAL",
+                f"{b.symbol} ({b.strategy_id}, {held:+d}) was being flattened ({rid}) when execution "
+                "restarted, and is still held: that flatten is resumed (its stop and target are "
+                "cancelled, then the position is closed) — check the position at the broker",
+                "flatten_resumed",
+            )
+            req = Flatten(request_id=again, symbol=instrument_key(b.segment, b.token),
+                          strategy_id=b.strategy_id, source="execution")  # fmt: skip
+            self.flatten(req, lambda _report: None)
+
     def _match_symbol(self, symbol: str) -> str | None:
         try:
             return self.master.resolve(symbol).key

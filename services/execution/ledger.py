@@ -25,6 +25,7 @@ import psycopg
 
 from libs.common.instruments import Instrument
 from services.execution.model import (
+    BasketRow,
     BracketRow,
     CarriedNet,
     Changes,
@@ -105,6 +106,17 @@ _PENDING_ONE = (
     "INSERT INTO order_events (order_id, ts, kind, from_status, to_status, payload) "
     "SELECT internal_id, %s, %s, %s, %s, %s::jsonb FROM o RETURNING order_id"
 )
+_SELECT_BASKET = (
+    "SELECT basket_id, request_id, strategy_id, legs, closes, state, rollback, reason, trading_day, "
+    "created_at, updated_at FROM baskets"
+)
+_BASKET_UPSERT = (
+    "INSERT INTO baskets (basket_id, request_id, strategy_id, legs, closes, state, rollback, reason, "
+    "trading_day, created_at, updated_at) "
+    "VALUES (%s, %s, %s, %s::uuid[], %s::uuid[], %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (basket_id) DO UPDATE SET closes = EXCLUDED.closes, state = EXCLUDED.state, "
+    "reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at"
+)
 _WRITE = "SELECT np_ledger_write(%s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb)"
 
 
@@ -112,7 +124,7 @@ def _single_pending(ch: Changes) -> bool:
     """One new top-level order and its one event, nothing else: the latency-critical write."""
     return (len(ch.new_orders) == 1 and len(ch.events) == 1 and not ch.new_orders[0].parent_id
             and ch.events[0].order_id == ch.new_orders[0].order_id and not ch.updated and not ch.fills
-            and not ch.brackets and not ch.risk_events)  # fmt: skip
+            and not ch.brackets and not ch.risk_events and not ch.baskets)  # fmt: skip
 
 
 def _order_params(o: OrderRow) -> tuple[Any, ...]:
@@ -412,6 +424,15 @@ class PgOrderStore:
                     skipped = list(row[0]) if row and row[0] else []
                 if skipped:
                     conflicts = self._find(cur, skipped)
+                if changes.baskets:  # same transaction; a repeat whose legs were skipped is not written
+                    rids = {o.order_id: o.request_id for o in changes.new_orders}
+                    gone = set(skipped)
+                    cur.executemany(_BASKET_UPSERT, [
+                        (k.basket_id, k.request_id, k.strategy_id, k.legs, k.closes, k.state, k.rollback,
+                         _text(k.reason), k.trading_day, _ts(k.created_ns), _ts(k.updated_ns))
+                        for k in changes.baskets.values()
+                        if not (k.legs and rids.get(k.legs[0], "") in gone)
+                    ])  # fmt: skip
             conn.commit()
         except psycopg.Error as exc:
             self._failed(exc)
@@ -470,6 +491,18 @@ class PgOrderStore:
             "'CANCELLED')) ORDER BY created_at"
         )
         return [_bracket_row(r) for r in rows]
+
+    def load_open_baskets(self) -> list[BasketRow]:
+        rows = self._read(
+            _SELECT_BASKET
+            + " WHERE state IN ('PLACING_LONGS', 'PLACED', 'ROLLING_BACK') ORDER BY created_at"
+        )
+        return [
+            BasketRow(basket_id=str(r[0]), request_id=r[1], strategy_id=r[2], legs=[str(x) for x in r[3]],
+                      closes=[str(x) for x in r[4]], state=r[5], rollback=r[6], reason=r[7],
+                      trading_day=r[8].isoformat(), created_ns=_ns(r[9]), updated_ns=_ns(r[10]))
+            for r in rows
+        ]  # fmt: skip
 
     def load_fills(self, trading_day: str) -> list[FillRow]:
         rows = self._read(_SELECT_FILL + " WHERE trading_day = %s ORDER BY ts, id", (trading_day,))

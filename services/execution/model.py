@@ -297,6 +297,37 @@ class BracketRow:
 
 
 @dataclass(slots=True)
+class BasketRow:
+    """One row of ``baskets``: a multi-leg order and how far execution got with it. ``legs``
+    are the legs' order ids in the request's order; ``closes`` the rollback's closing
+    orders. ``state`` is a ``BasketState``; what it says is durable before any intent it
+    allows is released (short legs go out only after the row says PLACED)."""
+
+    basket_id: str
+    request_id: str
+    strategy_id: str
+    legs: list[str]
+    state: str
+    trading_day: str
+    created_ns: int
+    updated_ns: int
+    rollback: bool = True
+    reason: str = ""
+    closes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "basket_id": self.basket_id,
+            "request_id": self.request_id,
+            "strategy_id": self.strategy_id,
+            "legs": list(self.legs),
+            "state": self.state,
+            "reason": self.reason,
+            "closes": list(self.closes),
+        }
+
+
+@dataclass(slots=True)
 class EventRow:
     """One row of ``order_events`` (append-only): a transition and its raw payload."""
 
@@ -331,10 +362,12 @@ class Changes:
     fills: list[FillRow] = field(default_factory=list)
     brackets: dict[str, BracketRow] = field(default_factory=dict)
     risk_events: list[RiskEventRow] = field(default_factory=list)
+    baskets: dict[str, BasketRow] = field(default_factory=dict)  # upserts, after the orders
 
     def __bool__(self) -> bool:
         return bool(
             self.new_orders or self.updated or self.events or self.fills or self.brackets or self.risk_events
+            or self.baskets
         )
 
 

@@ -161,6 +161,7 @@ class Reconciliation(Flattening):
         self._close_missing(o)
 
     def _after_books(self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade]) -> None:
+        self._resume_flattens()  # a flatten that stopped with its process: not left half done
         for b in list(self.brackets.values()):
             if b.state in BRACKET_OPEN or self._has_working_leg(b):
                 self._sync_bracket(b)

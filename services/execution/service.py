@@ -1,7 +1,8 @@
 """Execution service: the ``ExecutionEngine`` wired to the bus, the ledger and a broker.
 
 * ROUTER ``execution_rep``: ``ExecuteOrder`` (answered once the ``PENDING_BROKER`` row is
-  committed; a burst is committed in one transaction), ``Flatten``, ``CancelEntries``,
+  committed; a burst is committed in one transaction), ``ExecuteBasket`` (every leg's row
+  and the ``baskets`` row in one transaction, answered after it), ``Flatten``, ``CancelEntries``,
   ``GetPositions``, ``GetOrders``, ``GetDayState``, ``GetFeedSession``, ``SyncMaster``,
   ``RecordRiskEvent``, ``GetStatus``.
 * PUB ``execution_pub``: ``order.<sid>.`` OrderUpdate, ``fill.<sid>.`` Fill,
@@ -36,6 +37,7 @@ from libs.common.instruments import MasterData
 from libs.common.messages import (
     Alert,
     CancelEntries,
+    ExecuteBasket,
     ExecuteOrder,
     Flatten,
     GetDayState,
@@ -56,7 +58,7 @@ from services.execution.brokers.base import Broker, BrokerIpBlocked, InlineBroke
 from services.execution.embedded_pg import Database, DatabaseError, open_database
 from services.execution.engine import ExecutionEngine, Intent, PlaceIntent, run_intent
 from services.execution.ledger import PgOrderStore, connect
-from services.execution.model import OrderQuery
+from services.execution.model import LEG_PURPOSES, OrderQuery
 from services.execution.store import LedgerError
 
 FLUSH_DELAY_S = 0.002  # acks and fills wait this long for the next PENDING commit to share it
@@ -209,6 +211,7 @@ class ExecutionService(Service):
         self._task_error_at = 0.0
         self.recovery: LedgerRecovery | None = None
         self._ip_alerted = 0  # the IpBlock episode last alerted (0: none open)
+        self._ip_note = ""  # the probe's "stopped trying" note last alerted
         self._ip_probing = False
         self._ip_poll_logged_at = 0.0
 
@@ -324,20 +327,33 @@ class ExecutionService(Service):
         assert live is not None and self.pub is not None
         block = live.ip_block()
         if block is not None and block.episode != self._ip_alerted:
-            self._ip_alerted = block.episode
+            self._ip_alerted, self._ip_note = block.episode, block.note
             self.log.error("broker_ip_blocked", code=block.code, reason=block.reason, ip=block.ip)
             self.pub.publish(topic("alert", "execution"), Alert(
                 level="CRITICAL", source="execution", code="broker_ip_blocked",
                 text=f"Kotak refuses orders from this machine: {block.reason}. To fix: {block.fix}. "
                      "Until then new orders and flatten are refused and nothing is sent; orders and stops "
-                     "already at Kotak keep working."))  # fmt: skip
+                     "already at Kotak keep working, but an entry that fills meanwhile gets no stop or "
+                     "target until Kotak accepts orders again (then they are placed at once). To exit "
+                     "by hand in the Kotak app, first cancel NeoPulse's stop/target orders there (tags "
+                     f"np…), then exit: {self._working_legs()}"))  # fmt: skip
+        elif block is not None and block.note and block.note != self._ip_note:
+            self._ip_note = block.note
+            self.log.error("broker_ip_probe_stopped", code=block.code, note=block.note)
+            self.pub.publish(topic("alert", "execution"), Alert(
+                level="CRITICAL", source="execution", code="broker_ip_probe_stopped",
+                text=f"Kotak still refuses orders from this machine and NeoPulse stopped trying: "
+                     f"{block.note}"))  # fmt: skip
         elif block is None and self._ip_alerted:
-            self._ip_alerted = 0
+            self._ip_alerted, self._ip_note = 0, ""
             self.log.warning("broker_ip_cleared")
             self.pub.publish(topic("alert", "execution"), Alert(
                 level="INFO", source="execution", code="broker_ip_cleared",
-                text="Kotak accepts orders from this machine again: new orders are accepted"))  # fmt: skip
-        if block is not None and block.refusing and not self._ip_probing and live.ip_probe_due():
+                text="Kotak accepts orders from this machine again: new orders are accepted, and stops, "
+                     "targets and cancels that waited are sent now"))  # fmt: skip
+            self.engine.broker_accepts_again()
+            self._pump()
+        if block is not None and not self._ip_probing and live.ip_probe_due():
             self._ip_probing = True
 
             def done(result: Any) -> None:
@@ -346,6 +362,18 @@ class ExecutionService(Service):
                     self.log.warning("broker_ip_probe_failed", error=f"{type(result).__name__}: {result}")
 
             self._in_pool(live.probe_ip_block, done)
+
+    def _working_legs(self) -> str:
+        """NeoPulse's stop and target orders working at the broker, for an operator who exits
+        by hand (they stay live after a manual exit, and could open a reverse position)."""
+        legs = [o for o in self.engine.orders.values()
+                if not o.terminal and not o.sliced and o.purpose in LEG_PURPOSES]  # fmt: skip
+        if not legs:
+            return "none are working now"
+        shown = ", ".join(f"{o.purpose.lower()} {o.side} {o.open_qty} {o.symbol} tag {o.client_tag}"
+                          + (f" (Kotak order {o.broker_order_id})" if o.broker_order_id else "")
+                          for o in legs[:10])  # fmt: skip
+        return shown + (f" and {len(legs) - 10} more" if len(legs) > 10 else "")
 
     def _ledger_back(self, outage_s: float) -> None:
         """The ledger is back: flush what was held, tell the operator."""
@@ -513,6 +541,26 @@ class ExecutionService(Service):
             responder.send(Reply(ok=res.ok, data=res.data(), error=res.reason, code=res.code))
         self._pump(settle=False)
 
+    def _submit_basket(self, msg: ExecuteBasket, responder: Responder) -> None:
+        """A basket is committed in a transaction of its own (orders that came before it
+        first), answered once its rows are durable, then its long legs go out."""
+        if self._batch:
+            self._submit_batch()
+        why = self.broker_unavailable()
+        if why and msg.request_id not in self.engine._kby_request:
+            self.log.info("basket_refused", request_id=msg.request_id, code="broker_ip", reason=why)
+            responder.send(Reply(ok=False, code="broker_ip", error=f"not placed: {why}"))
+            return
+        res = self.engine.submit_basket(msg)
+        if self.crash_at == "after_pending" and res.ok:
+            self.log.warning("test_crash", at="after_pending", basket=msg.request_id)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if not res.ok:
+            self.log.info("basket_refused", request_id=msg.request_id, basket_id=res.basket_id,
+                          code=res.code, reason=res.reason)  # fmt: skip
+        responder.send(Reply(ok=res.ok, data=res.data(), error=res.reason, code=res.code))
+        self._pump(settle=False)
+
     def _handle(self, msg: Message, responder: Responder) -> Message | None:
         try:
             return self._dispatch_request(msg, responder)
@@ -527,6 +575,9 @@ class ExecutionService(Service):
                 return refusal
         if isinstance(msg, ExecuteOrder):
             self._batch.append((msg, responder))
+            return None
+        if isinstance(msg, ExecuteBasket):
+            self._submit_basket(msg, responder)
             return None
         if isinstance(msg, GetDayState):
             return engine.day_state()
@@ -555,8 +606,10 @@ class ExecutionService(Service):
                 self.log.warning("flatten_refused", request_id=msg.request_id, code="broker_ip", reason=why)
                 return Reply(ok=False, code="broker_ip", error=(
                     f"{why}; nothing was cancelled or closed (stops at the broker keep working) — "
-                    "flatten again once `neopulse status` shows execution ok, or close at Kotak "
-                    "directly"))  # fmt: skip
+                    "flatten again once `neopulse status` shows execution ok; to exit in the Kotak app "
+                    "instead, first cancel NeoPulse's stop/target orders there (tags np…), then exit "
+                    f"(NeoPulse does not see a manual exit, and its stops could open a reverse position): "
+                    f"{self._working_legs()}"))  # fmt: skip
             self.log.info(
                 "flatten_requested",
                 request_id=msg.request_id,
@@ -590,9 +643,7 @@ class ExecutionService(Service):
                     "back"))  # fmt: skip
             return None
         if isinstance(msg, CancelEntries):
-            ids = engine.cancel_entries(msg.reason or "kill switch")
-            self._pump()
-            return Reply(ok=True, data={"cancelled": len(ids), "order_ids": ids})
+            return self._cancel_entries(msg)
         if isinstance(msg, RecordRiskEvent):
             engine.record_risk_event(msg)
             if not engine.flush():
@@ -615,6 +666,26 @@ class ExecutionService(Service):
             return Reply(ok=True, data={"service": self.name, "pid": os.getpid(), "state": state,
                                         "reason": reason, **self.status_info()})  # fmt: skip
         return Reply(ok=False, code="unsupported", error=f"execution does not handle {type(msg).__name__}")
+
+    def _cancel_entries(self, msg: CancelEntries) -> Reply:
+        """The kill switch's cancels. While the broker refuses this IP they are owed, not sent:
+        the reply and a CRITICAL alert say so (never a plain "cancelled N")."""
+        ids = self.engine.cancel_entries(msg.reason or "kill switch")
+        self._pump()
+        why = self.broker_unavailable()
+        if why:  # requested and owed, but the broker takes no order call from here
+            if ids:
+                self.log.error("cancel_entries_not_sent", count=len(ids), reason=why)
+                assert self.pub is not None
+                self.pub.publish(topic("alert", "execution"), Alert(
+                    level="CRITICAL", source="execution", code="cancel_entries_not_sent",
+                    text=f"kill switch: {len(ids)} open entry order(s) are NOT cancelled at Kotak yet: "
+                         f"{why}. They are cancelled as soon as Kotak accepts orders again; cancel them "
+                         "in the Kotak app now to be sure"))  # fmt: skip
+            not_sent = f"none of these cancels reached Kotak: {why}"
+            return Reply(ok=True, data={"cancelled": len(ids), "order_ids": ids, "sent": False,
+                                        "not_sent": not_sent})  # fmt: skip
+        return Reply(ok=True, data={"cancelled": len(ids), "order_ids": ids})
 
     def _feed_session(self, responder: Responder) -> Message | None:
         live = self.live_broker

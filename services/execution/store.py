@@ -16,6 +16,7 @@ from libs.common.instruments import Instrument
 from services.execution.model import (
     BRACKET_OPEN,
     TERMINAL,
+    BasketRow,
     BracketRow,
     CarriedNet,
     Changes,
@@ -112,6 +113,10 @@ class OrderStore(Protocol):
 
     def load_fills(self, trading_day: str) -> list[FillRow]: ...
 
+    def load_open_baskets(self) -> list[BasketRow]:
+        """Baskets still placing or rolling back (``BASKET_OPEN``), whatever their day."""
+        ...
+
     def find_by_request_ids(self, request_ids: Iterable[str]) -> dict[str, OrderRow]: ...
 
     def query_orders(self, q: OrderQuery) -> list[tuple[OrderRow, list[FillRow]]]: ...
@@ -145,6 +150,7 @@ class MemoryOrderStore:
         self.fills: dict[tuple[str, str, str, str], FillRow] = {}
         self.brackets: dict[str, BracketRow] = {}
         self.risk: list[RiskEventRow] = []
+        self.baskets: dict[str, BasketRow] = {}
         self.instruments: dict[str, Instrument] = {}
         self.transactions = 0
 
@@ -200,6 +206,7 @@ class MemoryOrderStore:
             if b.entry_id in skipped:
                 continue
             self.brackets[b.bracket_id] = copy.copy(b)
+        self._write_baskets(changes, skipped)
         seen = {r.request_id for r in self.risk if r.request_id} if changes.risk_events else set()
         for r in changes.risk_events:
             if r.request_id and r.request_id in seen:
@@ -208,6 +215,13 @@ class MemoryOrderStore:
             self.risk.append(copy.copy(r))
         self.transactions += 1
         return conflicts
+
+    def _write_baskets(self, changes: Changes, skipped: set[str]) -> None:
+        for k in changes.baskets.values():
+            if k.legs and k.legs[0] in skipped:  # a repeat of a basket already in the ledger
+                continue
+            row = self.baskets[k.basket_id] = copy.copy(k)
+            row.legs, row.closes = list(k.legs), list(k.closes)
 
     def load_orders(self, trading_day: str) -> list[OrderRow]:
         open_brackets = {b.bracket_id for b in self.brackets.values() if b.state in BRACKET_OPEN}
@@ -229,6 +243,17 @@ class MemoryOrderStore:
 
     def load_fills(self, trading_day: str) -> list[FillRow]:
         return [copy.copy(f) for f in self.fills.values() if f.trading_day == trading_day]
+
+    def load_open_baskets(self) -> list[BasketRow]:
+        from libs.common.messages import BASKET_OPEN
+
+        out = []
+        for k in sorted(self.baskets.values(), key=lambda x: x.created_ns):
+            if k.state in BASKET_OPEN:
+                row = copy.copy(k)
+                row.legs, row.closes = list(k.legs), list(k.closes)
+                out.append(row)
+        return out
 
     def find_by_request_ids(self, request_ids: Iterable[str]) -> dict[str, OrderRow]:
         out = {}

@@ -37,7 +37,8 @@ class UnitOfWork(EngineBase):
         """Write pending changes in one transaction, then release their intents and messages.
         On a ledger error the changes stay pending (retried on the next flush) and nothing
         that depends on them is released."""
-        if self._new or self._dirty or self._events or self._fills or self._bdirty or self._risk:
+        if (self._new or self._dirty or self._events or self._fills or self._bdirty or self._risk
+                or self._kdirty):  # fmt: skip
             changes = Changes(
                 new_orders=list(self._new.values()),
                 updated={k: v for k, v in self._dirty.items() if k not in self._new},
@@ -45,6 +46,7 @@ class UnitOfWork(EngineBase):
                 fills=self._fills,
                 brackets=self._bdirty,
                 risk_events=self._risk,
+                baskets=self._kdirty,
             )
             try:
                 try:
@@ -75,6 +77,7 @@ class UnitOfWork(EngineBase):
                 {},
                 [],
             )
+            self._kdirty = {}
             if conflicts:  # pragma: no cover - only when another writer raced us
                 self._adopt_conflicts(conflicts)
         if self._held_intents:
@@ -128,6 +131,12 @@ class UnitOfWork(EngineBase):
                 units.append(("bracket", bid, Changes(brackets={bid: b})))
         for rv in changes.risk_events:
             units.append(("risk event", rv.event, Changes(risk_events=[rv])))
+        for kid, k in changes.baskets.items():  # a basket goes with its first leg's order
+            kr = root.get(k.legs[0]) if k.legs else None
+            if kr is not None:
+                new_units[kr].baskets[kid] = k
+            else:
+                units.append(("basket", kid, Changes(baskets={kid: k})))
         conflicts: dict[str, OrderRow] = {}
         for kind, name, unit in units:
             try:
@@ -273,6 +282,7 @@ class UnitOfWork(EngineBase):
             or self._fills
             or self._bdirty
             or self._risk
+            or self._kdirty
             or self._held_intents
             or self._held_msgs
         )

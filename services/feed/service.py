@@ -255,8 +255,10 @@ class FeedService(Service):
         limit = self.cfg.feed.max_subscriptions
         if len(self.subs) + len(new) > limit:
             return Reply(ok=False, code="subscription_limit",
-                         error=f"subscription limit reached: {len(self.subs)} subscribed + "
-                               f"{len(new)} new > feed.max_subscriptions ({limit})")
+                         error=f"subscription limit: {requester or 'a request'} asked for {len(insts)} "
+                               f"instruments ({len(new)} new); with the {len(self.subs)} already subscribed "
+                               f"that is {len(self.subs) + len(new)}, over feed.max_subscriptions "
+                               f"({limit}): none added")
         for inst in new:
             self.subs[inst.key] = inst
         self.source.requested()

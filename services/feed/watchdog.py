@@ -17,14 +17,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tenacity import wait_exponential_jitter
 
+from libs.common.calendar import TradingCalendar, default_calendar
 from libs.common.clock import Clock
 from libs.common.config import ConfigError, FeedConfig
 
 
 class MarketHours:
-    """``[start, end)`` minutes after midnight on the given weekdays, in one timezone."""
+    """``[start, end)`` minutes after midnight on the given weekdays, in one timezone, except
+    the exchange's holidays when a ``calendar`` is given (``from_config`` gives the bundled
+    one: NSE's holidays, since the feed's canary and most instruments trade there)."""
 
-    def __init__(self, spec: str, tz: str | tzinfo = "Asia/Kolkata", days: Iterable[int] = range(5)) -> None:
+    def __init__(self, spec: str, tz: str | tzinfo = "Asia/Kolkata", days: Iterable[int] = range(5),
+                 calendar: TradingCalendar | None = None, exchange: str = "NSE") -> None:
         try:
             start, end = spec.split("-")
             h1, m1 = (int(x) for x in start.split(":"))
@@ -43,15 +47,19 @@ class MarketHours:
         self.days = frozenset(days)
         if not self.days <= set(range(7)):
             raise ConfigError("config error: `feed.market_days` must hold weekday numbers 0 (Mon) .. 6 (Sun)")
+        self.calendar = calendar
+        self.exchange = exchange
 
     @classmethod
     def from_config(cls, feed: FeedConfig) -> MarketHours:
-        return cls(feed.market_hours, feed.timezone, feed.market_days)
+        return cls(feed.market_hours, feed.timezone, feed.market_days, calendar=default_calendar())
 
     def is_open(self, clock: Clock) -> bool:
         now = clock.now(self.tz)
         if now.weekday() not in self.days:
             return False
+        if self.calendar is not None and self.calendar.is_holiday(self.exchange, now.date()):
+            return False  # an exchange holiday: silence is normal
         minute = now.hour * 60 + now.minute
         return self.start_min <= minute < self.end_min
 

@@ -14,7 +14,10 @@ below), which the verdict carries as ``code`` for code to match on:
     sent again and is judged again (nothing was placed);
  2. kill switch [halted] — ``HALTED`` rejects everything ("HALTED: ...");
  3. order fields [fields] — side BUY/SELL, product MIS/CNC/NRML, a known order type;
- 4. instrument [instrument] — known to the master and tradable (not an index, tick size known);
+ 4. instrument [instrument, contract_expired] — known to the master and tradable (not an index,
+    tick size known), and not a contract whose expiry day is past ("NIFTY26NOVFUT expired on
+    2026-11-24"; entries and exits alike: the exchange no longer trades it). Today is the
+    clock's date in IST;
  5. prices [price, tick, last_price] — price, trigger, stop loss and target positive, finite,
     at most ``MAX_PRICE`` and on tick (price ``None`` is market intent); market intent needs
     a last traded price;
@@ -30,7 +33,9 @@ below), which the verdict carries as ``code`` for code to match on:
     bracket legs per strategy: another strategy's SELL that nets the account flat leaves this
     strategy's long, and its stop, live — the stop then opens a short. A strategy closing its
     own position never leaves another's leg unprotected, so it passes even when it moves the
-    account's net away from zero;
+    account's net away from zero. With ``risk.expiry_day_cutoff`` set (``"15:00"``), an order
+    that does not reduce, in a contract expiring today, is refused from that time on
+    [expiry_cutoff]; closing orders still pass, so a position can always be taken off;
  9. notional [notional] — quantity * price (last price for market intent) ≤ ``max_notional``;
 10. open positions [positions] — a new instrument must not take the count past ``max_open_positions``;
 11. throttle [throttle] — at most ``max_orders_per_sec`` approvals in any sliding one-second window.
@@ -64,18 +69,27 @@ unauthorised when the service was refused for its credentials].
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
+from libs.common.clock import IST
+from libs.common.config import hhmm_minutes
 from libs.common.instruments import Instrument, instrument_key
 from libs.common.messages import (
+    BASKET_MAX_LEGS,
+    BASKET_MIN_LEGS,
     MAX_PRICE,
+    BasketRequest,
+    BasketVerdict,
+    ExecuteBasket,
     ExecuteOrder,
     OrderRequest,
     RiskVerdict,
     VerdictCode,
+    basket_leg_id,
 )
 from services.risk.book import (
     _HUNDRED,
@@ -90,6 +104,15 @@ from services.risk.book import (
     _Seen,
     _Working,
 )
+
+
+class _Judged(NamedTuple):
+    """A basket leg that passed its checks."""
+
+    quantity: int
+    inst: Instrument
+    entry: Decimal
+    reducing: bool
 
 
 class Refusal(NamedTuple):
@@ -146,6 +169,11 @@ def calculate_size(  # noqa: PLR0917 - the classic positional sizing formula, ke
 
 class RiskSentinel(RiskBook):
     """Pre-trade checks and the day's risk state. See the module docstring for the order."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # basket request id → (the request, ts zeroed; its verdict), like ``_seen`` for orders
+        self._seen_baskets: OrderedDict[str, tuple[BasketRequest, BasketVerdict]] = OrderedDict()
 
 
     # ------------------------------------------------------------------ state
@@ -207,6 +235,10 @@ class RiskSentinel(RiskBook):
             else:
                 refusal = Refusal(VerdictCode.REDUCE_ONLY, "reduce-only: " + not_reducing)
             return self._reject(req, refusal), None
+        if not reducing:
+            refusal = self._check_expiry_cutoff(inst)
+            if refusal:
+                return self._reject(req, refusal), None
         refusal = self._check_notional(qty, entry)
         if refusal:
             return self._reject(req, refusal), None
@@ -290,6 +322,182 @@ class RiskSentinel(RiskBook):
             self._expired.popitem(last=False)
         return verdict
 
+    # ------------------------------------------------------------------ baskets
+
+    def evaluate_basket(self, req: BasketRequest) -> tuple[BasketVerdict, ExecuteBasket | None]:
+        """Judge a basket as one: every leg is checked as an order would be (``_leg_checks``,
+        the order checks 3-8 and 10 above), and if any leg fails the whole basket is refused,
+        the reason naming each failing leg. Notional is judged on the basket netted (a BUY leg
+        adds its value, a SELL leg takes it off: a hedged spread counts its net premium) and
+        the throttle counts every leg. Leg ``n`` gets the request id
+        ``basket_leg_id(request_id, n)`` and the basket's strategy id."""
+        norm = msgspec.structs.replace(req, ts_ns=0,
+                                       legs=[msgspec.structs.replace(x, ts_ns=0) for x in req.legs])
+        seen = self._seen_baskets.get(req.request_id)
+        if seen is not None:
+            if seen[0] == norm:
+                return seen[1], None  # an identical retry: same answer, never a second basket
+            return self._refuse_basket(req, Refusal(VerdictCode.DUPLICATE, (
+                f"duplicate request_id {req.request_id}: already used for another basket"))), None
+        if not BASKET_MIN_LEGS <= len(req.legs) <= BASKET_MAX_LEGS:
+            return self._refuse_basket(req, Refusal(VerdictCode.BASKET, (
+                f"a basket has {BASKET_MIN_LEGS} to {BASKET_MAX_LEGS} legs, not {len(req.legs)}"))), None
+        if self.kill_switch:
+            reason = f"HALTED: kill switch is on ({self.kill_reason or 'no reason given'})"
+            return self._refuse_basket(req, Refusal(VerdictCode.HALTED, reason)), None
+        legs = [msgspec.structs.replace(x, request_id=basket_leg_id(req.request_id, n),
+                                        strategy_id=req.strategy_id)
+                for n, x in enumerate(req.legs, 1)]  # fmt: skip
+        judged: list[_Judged] = []
+        verdicts: list[RiskVerdict] = []
+        failing: list[tuple[int, OrderRequest, Refusal]] = []
+        new_keys: set[str] = set()
+        for n, leg in enumerate(legs, 1):
+            if leg.request_id in self._seen:
+                why = f"duplicate request_id {leg.request_id}: already used for an order"
+                result: Refusal | _Judged = Refusal(VerdictCode.DUPLICATE, why)
+            else:
+                result = self._leg_checks(leg, new_keys)
+            if isinstance(result, Refusal):
+                failing.append((n, leg, result))
+                verdicts.append(RiskVerdict(request_id=leg.request_id, approved=False, reason=result.reason,
+                                            code=result.code, state=self.current_state))
+                continue
+            judged.append(result)
+            if not result[3]:
+                new_keys.add(result[1].key)
+            verdicts.append(RiskVerdict(request_id=leg.request_id, approved=True, quantity=result[0],
+                                        state=self.current_state))
+        if failing:
+            reason = "; ".join(f"{_leg_name(n, leg)}: {r.reason}" for n, leg, r in failing)
+            return self._refuse_basket(req, Refusal(failing[0][2].code, reason), verdicts), None
+        net = sum(((e * q) if leg.side == "BUY" else -(e * q)
+                   for leg, (q, _i, e, _r) in zip(legs, judged, strict=True)), _ZERO)  # fmt: skip
+        if abs(net) > self._max_notional:
+            reason = (f"basket net notional {_fmt(abs(net))} exceeds max_notional {_fmt(self._max_notional)}")
+            return self._refuse_basket(req, Refusal(VerdictCode.NOTIONAL, reason), verdicts), None
+        refusal = self._check_throttle(len(legs))
+        if refusal:
+            return self._refuse_basket(req, refusal, verdicts), None
+        return self._approve_basket(req, norm, legs, judged)
+
+    def _leg_checks(self, req: OrderRequest, basket_keys: set[str]) -> Refusal | _Judged:
+        """One leg's checks, in ``evaluate``'s order (keep the two in step): fields,
+        instrument (and expiry), prices, last price, bracket, sizing, quantity, exposure,
+        the expiry-day cutoff, open positions (counting the basket's other new instruments).
+        Returns (quantity, instrument, entry, reducing) when it passes."""
+        refusal = _check_fields(req)
+        if refusal:
+            return refusal
+        inst, refusal = self._check_instrument(req)
+        if inst is None:
+            return refusal or Refusal(VerdictCode.INSTRUMENT, "unknown instrument")
+        refusal = _check_prices(req, inst)
+        if refusal:
+            return refusal
+        entry = req.price if req.price is not None else self._last_price(inst)
+        if entry is None:
+            return Refusal(VerdictCode.LAST_PRICE, f"no last price for {inst.symbol} yet: give a limit price")
+        refusal = _check_bracket(req, entry)
+        if refusal:
+            return refusal
+        qty = req.quantity
+        if req.sizing is not None and qty == 0:
+            qty, refusal = self._size(req, inst, entry)
+            if refusal:
+                return refusal
+        refusal = self._check_quantity(qty, inst)
+        if refusal:
+            return refusal
+        not_reducing = self._why_not_reducing(req, qty, inst)
+        if not_reducing and self.loss_breached:
+            return Refusal(VerdictCode.REDUCING, "REDUCING: daily loss limit breached; " + not_reducing)
+        if not_reducing and req.reduce_only:
+            return Refusal(VerdictCode.REDUCE_ONLY, "reduce-only: " + not_reducing)
+        if not_reducing:
+            refusal = self._check_expiry_cutoff(inst) or self._check_open_positions(inst, basket_keys)
+            if refusal:
+                return refusal
+        return _Judged(qty, inst, entry, not_reducing is None)
+
+    def _approve_basket(self, req: BasketRequest, norm: BasketRequest, legs: list[OrderRequest],
+                        judged: list[_Judged]) -> tuple[BasketVerdict, ExecuteBasket]:
+        now = self.clock.now_ns()
+        self._approvals.extend([self.clock.monotonic()] * len(legs))
+        expires = now + self._exec_deadline_ns if self._exec_deadline_ns else 0
+        executes: list[ExecuteOrder] = []
+        verdicts: list[RiskVerdict] = []
+        for leg, (qty, inst, _entry, _reducing) in zip(legs, judged, strict=True):
+            self._working[leg.request_id] = _Working(inst.key, leg.side, qty, leg.strategy_id)
+            leg_verdict = RiskVerdict(request_id=leg.request_id, approved=True, quantity=qty,
+                                      state=self.current_state, ts_ns=now)
+            self._remember(leg.request_id, _Seen(msgspec.structs.replace(leg, ts_ns=0), leg_verdict))
+            order = msgspec.structs.replace(leg, quantity=qty, symbol=inst.symbol, segment=inst.segment,
+                                            token=inst.token)
+            executes.append(ExecuteOrder(request_id=leg.request_id, order=order, quantity=qty,
+                                         segment=inst.segment, token=inst.token, symbol=inst.symbol,
+                                         expires_ns=expires, ts_ns=now))
+            verdicts.append(leg_verdict)
+        self.approved += 1
+        verdict = BasketVerdict(request_id=req.request_id, approved=True, legs=verdicts,
+                                state=self.current_state, ts_ns=now)
+        self._remember_basket(req.request_id, norm, verdict)
+        execute = ExecuteBasket(request_id=req.request_id, strategy_id=req.strategy_id, legs=executes,
+                                expires_ns=expires, ts_ns=now)
+        return verdict, execute
+
+    def _refuse_basket(self, req: BasketRequest, refusal: Refusal,
+                       legs: list[RiskVerdict] | None = None) -> BasketVerdict:
+        self.rejected += 1  # not remembered: nothing was placed
+        return BasketVerdict(request_id=req.request_id, approved=False, reason=refusal.reason,
+                             code=refusal.code, legs=legs or [], state=self.current_state,
+                             ts_ns=self.clock.now_ns())
+
+    def _remember_basket(self, request_id: str, norm: BasketRequest, verdict: BasketVerdict) -> None:
+        self._seen_baskets[request_id] = (norm, verdict)
+        if len(self._seen_baskets) > _REMEMBERED_REQUESTS:
+            self._seen_baskets.popitem(last=False)
+
+    def confirm_basket(self, request_id: str, data: dict[str, Any]) -> BasketVerdict | None:
+        """Execution accepted the basket: the verdict carries the basket's and each leg's order id."""
+        seen = self._seen_baskets.get(request_id)
+        if seen is None:
+            return None
+        order_ids = {str(x.get("request_id", "")): str(x.get("order_id", ""))
+                     for x in data.get("legs", []) if isinstance(x, dict)}  # fmt: skip
+        legs = [self.confirm(v.request_id, order_ids.get(v.request_id, "")) or v for v in seen[1].legs]
+        verdict = msgspec.structs.replace(seen[1], legs=legs, basket_id=str(data.get("basket_id", "")))
+        self._seen_baskets[request_id] = (seen[0], verdict)
+        return verdict
+
+    def basket_failed(self, request_id: str, reason: str,
+                      code: VerdictCode = VerdictCode.EXECUTION) -> BasketVerdict:
+        """Execution refused the basket (nothing of it placed): the approval is withdrawn and
+        forgotten, so a retry with the same request id is judged again."""
+        seen = self._seen_baskets.pop(request_id, None)
+        legs = seen[1].legs if seen is not None else []
+        out = [self.execution_failed(v.request_id, reason, code) for v in legs]
+        if seen is not None:
+            self.approved -= 1
+            self.rejected -= len(out) - 1  # one basket, one rejection
+        return BasketVerdict(request_id=request_id, approved=False, reason=reason, code=code, legs=out,
+                             state=self.current_state, ts_ns=self.clock.now_ns())
+
+    def basket_timed_out(self, request_id: str, waited_ms: int) -> BasketVerdict:
+        """Execution did not answer within the whole budget: no leg will be placed (each
+        carried the deadline). Remembered, like ``execution_timed_out``."""
+        seen = self._seen_baskets.get(request_id)
+        legs = [self.execution_timed_out(v.request_id, waited_ms) for v in (seen[1].legs if seen else [])]
+        reason = f"execution did not answer within {waited_ms} ms; the basket expires unplaced"
+        verdict = BasketVerdict(request_id=request_id, approved=False, reason=reason,
+                                code=VerdictCode.EXPIRED, legs=legs, state=self.current_state,
+                                ts_ns=self.clock.now_ns())
+        if seen is not None:
+            self.approved -= 1
+            self.rejected -= len(legs) - 1
+            self._seen_baskets[request_id] = (seen[0], verdict)
+        return verdict
+
     # ------------------------------------------------------------------ checks
 
     def _check_instrument(self, req: OrderRequest) -> tuple[Instrument | None, Refusal | None]:
@@ -311,7 +519,23 @@ class RiskSentinel(RiskBook):
             return None, Refusal(VerdictCode.INSTRUMENT, f"{inst.symbol} is an index and cannot be traded")
         if not inst.tradable:
             return None, Refusal(VerdictCode.INSTRUMENT, f"{inst.symbol} is not tradable: tick size unknown")
+        if inst.expiry is not None and inst.expiry < self.clock.now(IST).date():
+            return None, Refusal(VerdictCode.CONTRACT_EXPIRED,
+                                 f"{inst.symbol} expired on {inst.expiry.isoformat()}")
         return inst, None
+
+    def _check_expiry_cutoff(self, inst: Instrument) -> Refusal | None:
+        """A new entry in a contract expiring today, at or after ``risk.expiry_day_cutoff``."""
+        cutoff = self.cfg.expiry_day_cutoff
+        if not cutoff or inst.expiry is None:
+            return None
+        now = self.clock.now(IST)
+        limit = hhmm_minutes(cutoff)
+        if inst.expiry != now.date() or limit is None or now.hour * 60 + now.minute < limit:
+            return None
+        return Refusal(VerdictCode.EXPIRY_CUTOFF,
+                       f"{inst.symbol} expires today: new entries are refused from {cutoff} "
+                       f"(risk.expiry_day_cutoff); orders that close a position still pass")
 
     def _last_price(self, inst: Instrument) -> Decimal | None:
         last = self._marks.get(inst.key)
@@ -372,21 +596,23 @@ class RiskSentinel(RiskBook):
                            f"notional {_fmt(notional)} exceeds max_notional {_fmt(self._max_notional)}")
         return None
 
-    def _check_open_positions(self, inst: Instrument) -> Refusal | None:
+    def _check_open_positions(self, inst: Instrument, also: set[str] | None = None) -> Refusal | None:
         busy = set(self._open_keys)
         busy.update(w.key for w in self._working.values() if w.remaining)
+        if also:  # a basket's other legs in new instruments
+            busy.update(also)
         if inst.key in busy or len(busy) < self.cfg.max_open_positions:
             return None
         return Refusal(VerdictCode.POSITIONS,
                        f"max_open_positions {self.cfg.max_open_positions} reached: {inst.symbol} "
                        f"would be position {len(busy) + 1}")
 
-    def _check_throttle(self) -> Refusal | None:
+    def _check_throttle(self, orders: int = 1) -> Refusal | None:
         now = self.clock.monotonic()
         window = self._approvals
         while window and now - window[0] >= 1.0:
             window.popleft()
-        if len(window) >= self.cfg.max_orders_per_sec:
+        if len(window) + orders > self.cfg.max_orders_per_sec:
             return Refusal(VerdictCode.THROTTLE,
                            f"throttled: {len(window)} orders in the last second "
                            f"(max_orders_per_sec {self.cfg.max_orders_per_sec})")
@@ -412,6 +638,12 @@ class RiskSentinel(RiskBook):
 
 
 # --------------------------------------------------------------------------- stateless checks
+
+
+def _leg_name(n: int, leg: OrderRequest) -> str:
+    price = f" @ {leg.price}" if leg.price is not None else ""
+    return f"leg {n} {leg.side} {leg.quantity} {leg.symbol or instrument_key(leg.segment, leg.token)}{price}"
+
 
 
 def _check_fields(req: OrderRequest) -> Refusal | None:

@@ -1,6 +1,8 @@
 """The risk process: ``RiskSentinel`` wired to the bus.
 
 ROUTER ``risk_rep``:
+    ``BasketRequest`` → ``BasketVerdict``: 2 to 4 legs judged as one (``evaluate_basket``)
+                        and sent as one ``ExecuteBasket``; answered like an order.
     ``OrderRequest``  → ``RiskVerdict``. An approved order goes to execution as
                         ``ExecuteOrder``; the verdict is sent once execution has committed
                         the PENDING row, carrying its ``order_id``. A rejection is answered
@@ -44,8 +46,11 @@ from libs.common.config import Config
 from libs.common.instruments import MasterData, instrument_key
 from libs.common.messages import (
     Alert,
+    BasketRequest,
+    BasketVerdict,
     CancelEntries,
     DayState,
+    ExecuteBasket,
     ExecuteOrder,
     Fill,
     GetDayState,
@@ -156,6 +161,8 @@ class RiskService(Service):
         match msg:
             case OrderRequest():
                 return self._on_order(msg, responder)
+            case BasketRequest():
+                return self._on_basket(msg, responder)
             case KillSwitch():
                 return self._on_kill_switch(msg)
             case GetRiskState():
@@ -185,6 +192,78 @@ class RiskService(Service):
         self._ensure_marked(execute)
         return None
 
+    def _on_basket(self, req: BasketRequest, responder: Responder) -> BasketVerdict | None:
+        """A basket: judged as one, sent to execution as one ``ExecuteBasket`` (re-sent within
+        the same budget as an order: execution is idempotent on the basket's request id)."""
+        key = "basket " + req.request_id  # a space is in no request id
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            waiting.append(responder)
+            return None
+        if not self.day_loaded:
+            verdict = BasketVerdict(request_id=req.request_id, approved=False, reason=STARTING_REASON,
+                                    code=VerdictCode.STARTING, state=self.sentinel.current_state)
+            self._announce_basket(req, verdict)
+            return verdict
+        verdict, execute = self.sentinel.evaluate_basket(req)
+        if execute is None:
+            self._announce_basket(req, verdict)
+            return verdict
+        self._inflight[key] = [responder]
+        self._send_basket(req, execute, attempt=1)
+        for leg in execute.legs:
+            self._ensure_marked(leg)
+        return None
+
+    def _send_basket(self, req: BasketRequest, execute: ExecuteBasket, attempt: int) -> None:
+        def done(reply: Message | Exception) -> None:
+            self._on_basket_reply(req, execute, attempt, reply)
+
+        left_ms = self._budget_left_ms(execute)
+        if attempt > 1 and left_ms <= 0:
+            done(RequestTimeout(self.execution.endpoint, self._exec_timeout_ms))
+            return
+        self.execution.request(execute, done, timeout_ms=max(1, min(self._exec_timeout_ms, left_ms)))
+
+    def _on_basket_reply(self, req: BasketRequest, execute: ExecuteBasket, attempt: int,
+                         reply: Message | Exception) -> None:
+        rid = req.request_id
+        data = reply.data if isinstance(reply, Reply) and isinstance(reply.data, dict) else {}
+        if isinstance(reply, Reply) and reply.ok:
+            verdict = self.sentinel.confirm_basket(rid, data) or BasketVerdict(
+                request_id=rid, approved=True, basket_id=str(data.get("basket_id", "")),
+                state=self.sentinel.current_state)
+        elif isinstance(reply, Exception) and self._budget_left_ms(execute) > 0:
+            self.log.warning("execution_timeout_retrying", request_id=rid, attempt=attempt,
+                             error=str(reply), left_ms=self._budget_left_ms(execute))
+            self.reactor.call_later(EXEC_RETRY_PAUSE_S,
+                                    lambda: self._send_basket(req, execute, attempt + 1))
+            return
+        elif isinstance(reply, Reply):
+            # refused whole (a leg execution would not place, the ledger, credentials): no
+            # leg of it works at the broker
+            code = VerdictCode.UNAUTHORISED if reply.code == UNAUTHORISED else VerdictCode.EXECUTION
+            why = f"execution refused: {reply.error or reply.code}"
+            verdict = self.sentinel.basket_failed(rid, why, code)
+        elif isinstance(reply, Exception):
+            self.log.error("execution_timeout_gave_up", request_id=rid, attempts=attempt,
+                           error=str(reply), expires_ns=execute.expires_ns)
+            verdict = self.sentinel.basket_timed_out(rid, self.sentinel.exec_budget_ns // 1_000_000)
+        else:
+            verdict = self.sentinel.basket_failed(
+                rid, f"execution answered with an unexpected {type(reply).__name__}")
+        self._announce_basket(req, verdict)
+        for responder in self._inflight.pop("basket " + rid, []):
+            responder.send(verdict)
+
+    def _announce_basket(self, req: BasketRequest, verdict: BasketVerdict) -> None:
+        self.log.info("basket_approved" if verdict.approved else "basket_rejected", request_id=req.request_id,
+                      strategy_id=req.strategy_id, legs=len(req.legs), basket_id=verdict.basket_id,
+                      reason=verdict.reason, code=verdict.code)  # fmt: skip
+        assert self.pub is not None
+        self.pub.publish(topic("verdict", _safe(req.strategy_id)), verdict)
+        self._publish_state_if_changed()
+
     def _send_execute(self, req: OrderRequest, execute: ExecuteOrder, attempt: int) -> None:
         def done(reply: Message | Exception) -> None:
             self._on_execute_reply(req, execute, attempt, reply)
@@ -195,7 +274,7 @@ class RiskService(Service):
             return
         self.execution.request(execute, done, timeout_ms=max(1, min(self._exec_timeout_ms, left_ms)))
 
-    def _budget_left_ms(self, execute: ExecuteOrder) -> int:
+    def _budget_left_ms(self, execute: ExecuteOrder | ExecuteBasket) -> int:
         """What is left of the time risk waits for execution (wall clock, as ``expires_ns``)."""
         return (execute.ts_ns + self.sentinel.exec_budget_ns - self.clock.now_ns()) // 1_000_000
 
@@ -252,7 +331,7 @@ class RiskService(Service):
         self.pub.publish(topic("verdict", _safe(req.strategy_id)), verdict)
         self._publish_state_if_changed()
 
-    def _ensure_marked(self, execute: ExecuteOrder) -> None:
+    def _ensure_marked(self, execute: ExecuteOrder) -> None:  # also each leg of a basket
         """Ask the feed for ticks of a traded instrument, so its position is marked to market."""
         key = instrument_key(execute.segment, execute.token)
         if key in self._marked:

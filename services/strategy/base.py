@@ -29,10 +29,25 @@ see a half-built order.
 The strategy keeps its own positions and open orders from execution's events
 (``OrderUpdate``, ``Fill``), so ``buy``/``sell`` refuse to enter twice: they return ``None``
 while a position or an order in that instrument is open or still in flight.
+
+Options: ``self.chain("NIFTY", expiry="weekly")`` returns the option chain for the clock's
+trading day (``libs.common.chain``) and subscribes the instance to it — the underlying's index
+and the calls and puts of ``strikes`` listed strikes either side of ATM, re-centred as the index
+moves — so its ticks reach ``on_tick`` with no further call::
+
+    def on_tick(self, tick: Tick) -> None:
+        nifty = self.chain("NIFTY", expiry="weekly", strikes=5)
+        if self.key_of(tick) == self.spot_key(nifty):  # a tick of the index itself
+            call = nifty.call(nifty.strike(2, tick.ltp))  # two strikes above ATM
+            if self.is_flat(call):
+                self.sell(call, 65)
+
+The helpers take the ``Instrument`` a chain returns wherever they take a symbol.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import uuid
 from collections.abc import Callable, Iterable
@@ -41,10 +56,14 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from libs.common.clock import Clock
+from libs.common import chain as chains
+from libs.common.chain import Chain
+from libs.common.clock import IST, Clock
 from libs.common.instruments import Instrument, MasterData, instrument_key, split_key
 from libs.common.messages import (
     TERMINAL_STATES,
+    BasketRequest,
+    BasketVerdict,
     Fill,
     OrderRequest,
     OrderUpdate,
@@ -52,6 +71,7 @@ from libs.common.messages import (
     RiskVerdict,
     Sizing,
     Tick,
+    basket_leg_id,
 )
 from libs.common.money import snap, to_decimal
 from libs.common.positions import FloatPositionState
@@ -59,6 +79,7 @@ from services.strategy.bars import Bar, BarAggregator
 
 __all__ = [
     "Bar",
+    "Chain",
     "FloatPositionState",
     "InstrumentRef",
     "NoParams",
@@ -74,13 +95,30 @@ _EMPTY: tuple[OrderRequest, ...] = ()
 UNCONFIRMED_TTL_S = 15.0  # how long an order whose risk reply timed out blocks re-entry
 BAR_FLUSH_GRACE_NS = 2_000_000_000  # a quiet bar closes this long after its end (clock skew)
 ERROR_REPEAT_S = 5.0  # a hook that keeps raising logs one counter line at most this often
+CHAIN_STRIKES = 10  # strikes either side of ATM that ``chain()`` subscribes by default
+NS = 1_000_000_000
 
-#: What the helpers accept as an instrument: a tick, a bar, ``segment|token`` or a symbol.
-InstrumentRef = str | Tick | Bar
+#: What the helpers accept as an instrument: a tick, a bar, ``segment|token``, a symbol or an
+#: ``Instrument`` (what ``chain().call()``/``put()`` return).
+InstrumentRef = str | Tick | Bar | Instrument
 
 
 class ParamsError(ValueError):
     """Strategy parameters that do not fit the strategy's ``Params`` Struct."""
+
+
+class _FollowedChain:
+    """A chain the strategy uses: the strike window it wants, centred on the underlying."""
+
+    __slots__ = ("chain", "high", "low", "ref_price", "spot_key", "strikes")
+
+    def __init__(self, chain: Chain, strikes: int | None, spot: Instrument | None) -> None:
+        self.chain = chain
+        self.strikes = strikes  # None: every listed strike
+        self.spot_key = spot.key if spot is not None else ""
+        self.ref_price = spot.ref_price if spot is not None else 0.0
+        # The window stays as it is while low < spot <= high (ATM unchanged); 0, 0: not placed yet.
+        self.low = self.high = 0.0
 
 
 class StrategyParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -183,6 +221,19 @@ class Strategy:
         self._wants_bars = type(self).on_bar is not Strategy.on_bar
         self._bar_interval = float(getattr(self.params, "bar_seconds", self.bar_interval_s))
         self._bar_start_ns: int | None = None
+        # option chains and extra subscriptions (``chain``/``subscribe``)
+        self._chains: dict[tuple[str, str | dt.date, dt.date], Chain] = {}
+        self._followed: dict[tuple[str, dt.date], _FollowedChain] = {}
+        self._spot_chains: dict[str, list[_FollowedChain]] = {}  # spot key → chains centred on it
+        self._subscribed: dict[str, Instrument] = {}  # key → instrument wanted beyond self.instruments
+        self._day: tuple[dt.date, int, int] | None = None  # trading day (IST), its [start, end) in ns
+        #: Host API: instruments this instance wants since the host last looked; the host
+        #: subscribes them (feed and SUB socket) and clears the list.
+        self.new_subscriptions: list[Instrument] = []
+        #: Host API: baskets queued by hooks that returned normally; the host sends each to
+        #: risk and hands the ``BasketVerdict`` to ``dispatch_basket_verdict``, then clears it.
+        self.new_baskets: list[BasketRequest] = []
+        self._basket_legs: dict[str, BasketRequest] = {}  # leg request id → its basket (this hook)
 
     # ================================================================== hooks
     def on_start(self) -> None:
@@ -275,6 +326,67 @@ class Strategy:
         self._exit_ids.add(req.request_id)
         return req
 
+    def leg(
+        self,
+        side: str,
+        instrument: InstrumentRef,
+        quantity: int,
+        *,
+        price: float | Decimal | None = None,
+        stop_loss: float | Decimal | None = None,
+        target: float | Decimal | None = None,
+        product: str = "MIS",
+    ) -> OrderRequest:
+        """One leg for ``basket``: ``self.leg("SELL", nifty.call(atm), 65, price=120)``. Not
+        queued on its own; ``stop_loss``/``target`` become that leg's own bracket."""
+        key = self.key_of(instrument)
+        segment, token = split_key(key)
+        tick_size = _tick_size_of(self.ctx.master, key)
+        buy = side == "BUY"
+        return OrderRequest(
+            request_id="leg", strategy_id=self.id, side=side, quantity=quantity,
+            symbol=_symbol_of(self.ctx.master, self.last.get(key), key), segment=segment, token=token,
+            price=_request_price(price, tick_size, "nearest"),
+            stop_loss=_request_price(stop_loss, tick_size, "down" if buy else "up"),
+            target=_request_price(target, tick_size, "up" if buy else "down"),
+            product=product, ts_ns=self.ctx.clock.now_ns(),
+        )  # fmt: skip
+
+    def basket(self, legs: list[OrderRequest]) -> BasketRequest:
+        """Send 2 to 4 legs (``self.leg(...)``) as one basket: risk judges them together (one
+        failing leg refuses all), execution places the long legs first and the short legs once
+        every long is accepted, and rolls back the filled legs if one fails. Each leg is
+        tracked like an order (``pending``, ``on_order``, ``on_reject``) under the id
+        ``<basket id>:leg<n>``. Returns the queued request."""
+        rid = self.ctx.new_request_id()
+        legs = [msgspec.structs.replace(x, request_id=basket_leg_id(rid, n), strategy_id=self.id)
+                for n, x in enumerate(legs, 1)]  # fmt: skip
+        req = BasketRequest(request_id=rid, strategy_id=self.id, legs=legs, ts_ns=self.ctx.clock.now_ns())
+        for x in legs:
+            self._basket_legs[x.request_id] = req
+        self._outbox.extend(legs)  # tracked and discarded with the hook's other orders
+        return req
+
+    def dispatch_basket_verdict(
+        self, request: BasketRequest, verdict: BasketVerdict | Exception
+    ) -> list[OrderRequest]:
+        """Risk's answer for a basket: each leg gets its own verdict (``dispatch_verdict``)."""
+        out: list[OrderRequest] = []
+        by_id = {v.request_id: v for v in verdict.legs} if isinstance(verdict, BasketVerdict) else {}
+        for x in request.legs:
+            leg_verdict: RiskVerdict | Exception
+            if isinstance(verdict, Exception):
+                leg_verdict = verdict
+            else:
+                leg_verdict = by_id.get(x.request_id) or RiskVerdict(
+                    request_id=x.request_id, approved=verdict.approved, reason=verdict.reason,
+                    code=verdict.code, state=verdict.state)  # fmt: skip
+                if leg_verdict.approved and not verdict.approved:  # refused as a whole
+                    leg_verdict = msgspec.structs.replace(leg_verdict, approved=False, reason=verdict.reason,
+                                                          code=verdict.code)  # fmt: skip
+            out.extend(self.dispatch_verdict(x, leg_verdict))
+        return out
+
     def position(self, instrument: InstrumentRef) -> int:
         """Signed quantity held in ``instrument`` (+ long, - short, 0 flat)."""
         pos = self.positions.get(self.key_of(instrument))
@@ -298,12 +410,62 @@ class Strategy:
             return instrument
         if isinstance(instrument, Tick):
             return f"{instrument.segment}|{instrument.token}"  # instrument_key, inlined: hot path
-        if isinstance(instrument, Bar):
+        if isinstance(instrument, Bar | Instrument):
             return instrument.key
         master = self.ctx.master
         if master is None:
             raise ValueError(f"cannot resolve symbol {instrument!r} without an instrument master")
         return master.resolve(instrument).key
+
+    def chain(
+        self, underlying: str, expiry: str | dt.date = "weekly", *, strikes: int | None = CHAIN_STRIKES
+    ) -> Chain:
+        """The option chain of ``underlying`` (``NIFTY``, ``BANKNIFTY``, ``SENSEX``, a stock) for
+        the clock's trading day. ``expiry``: ``"weekly"`` (the nearest listed expiry, of any kind),
+        ``"next-weekly"``, ``"monthly"`` or a ``date``. On the chain: ``atm(spot)``,
+        ``strike(n, spot)`` (n listed strikes from ATM), ``call(strike)``, ``put(strike)``.
+
+        Using a chain subscribes this instance to the underlying's index (or stock) and to the
+        CE and PE of ``strikes`` listed strikes either side of ATM (``None``: every strike); the
+        window follows the index as it moves (strikes are added, never dropped). Before the
+        index has a price (its first tick, or the master's reference price) only the index is
+        subscribed. Cheap to call on every tick. The feed serves at most
+        ``feed.max_subscriptions`` instruments in all; a refusal is logged with the counts.
+        Raises ``ChainError`` (an ``UnknownInstrument``) when the master lists no such chain."""
+        master = self.ctx.master
+        if master is None:
+            raise ValueError(f"cannot build a {underlying} option chain without an instrument master")
+        today = self._trading_day()
+        cache_key = (underlying, expiry, today)
+        found = self._chains.get(cache_key)
+        if found is None:
+            found = self._chains[cache_key] = chains.chain(master, underlying, expiry, today)
+        followed = self._followed.get((found.underlying, found.expiry))
+        if followed is None:
+            self._follow_chain(master, found, strikes)
+        elif followed.strikes is not None and (strikes is None or strikes > followed.strikes):
+            followed.strikes = strikes
+            followed.low = followed.high = 0.0  # widen at the next placement
+            self._place_window(followed)
+        return found
+
+    def spot_key(self, chain: Chain) -> str:
+        """``segment|token`` of the chain's underlying in the cash market (``nse_cm|Nifty 50``),
+        "" when the master has no such row."""
+        followed = self._followed.get((chain.underlying, chain.expiry))
+        if followed is not None:
+            return followed.spot_key
+        master = self.ctx.master
+        spot = chains.spot_instrument(master, chain.underlying) if master is not None else None
+        return spot.key if spot is not None else ""
+
+    def subscribe(self, *instruments: InstrumentRef) -> None:
+        """Add instruments (symbols, keys, ticks or ``Instrument``s) to this instance's feed
+        subscriptions; their ticks then reach ``on_tick``."""
+        for ref in instruments:
+            inst = ref if isinstance(ref, Instrument) else self._instrument(self.key_of(ref))
+            if inst is not None:
+                self._want(inst)
 
     def price_offset(
         self, instrument: InstrumentRef, base: float, pct: float, mode: str = "nearest"
@@ -348,6 +510,8 @@ class Strategy:
         if key is None:
             key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         self.last[key] = tick
+        if self._spot_chains and key in self._spot_chains:
+            self._recentre(key, tick.ltp)
         pos = self.positions.get(key)
         if pos is not None:
             pos.last_price = tick.ltp
@@ -475,6 +639,69 @@ class Strategy:
         }
 
     # ================================================================== internals
+    def _trading_day(self) -> dt.date:
+        """The clock's date in IST, recomputed only when the clock leaves the cached day."""
+        now = self.ctx.clock.now_ns()
+        day = self._day
+        if day is None or not day[1] <= now < day[2]:
+            today = dt.datetime.fromtimestamp(now // NS, IST).date()
+            start = int(dt.datetime(today.year, today.month, today.day, tzinfo=IST).timestamp()) * NS
+            day = self._day = (today, start, start + 86_400 * NS)
+        return day[0]
+
+    def _instrument(self, key: str) -> Instrument | None:
+        master = self.ctx.master
+        return master.by_key.get(key) if master is not None else None
+
+    def _want(self, inst: Instrument) -> None:
+        key = inst.key
+        if key in self._subscribed or any(i.key == key for i in self.instruments):
+            return
+        self._subscribed[key] = inst
+        self.new_subscriptions.append(inst)
+
+    def _follow_chain(self, master: MasterData, chain: Chain, strikes: int | None) -> None:
+        spot = chains.spot_instrument(master, chain.underlying)
+        followed = _FollowedChain(chain, strikes, spot)
+        self._followed[(chain.underlying, chain.expiry)] = followed
+        if spot is None:
+            # No index row to centre on: the middle of the listed strikes, for good.
+            followed.ref_price = float(chain.strikes[len(chain.strikes) // 2])
+            self._place_window(followed)
+            return
+        self._want(spot)
+        self._spot_chains.setdefault(spot.key, []).append(followed)
+        self._place_window(followed)
+
+    def _recentre(self, spot_key: str, ltp: float) -> None:
+        for followed in self._spot_chains[spot_key]:
+            if not followed.low < ltp <= followed.high:
+                self._place_window(followed, ltp)
+
+    def _place_window(self, followed: _FollowedChain, spot: float | None = None) -> None:
+        """Subscribe the chain's strikes around ``spot`` (default: the index's last price, else
+        the master's reference price; none yet: wait for the first tick) and note the band of
+        spot prices over which ATM, and so the window, stays the same."""
+        chain = followed.chain
+        if followed.strikes is None:
+            followed.low, followed.high = float("-inf"), float("inf")
+            for inst in chain.instruments():
+                self._want(inst)
+            return
+        if spot is None:
+            last = self.last.get(followed.spot_key)
+            spot = last.ltp if last is not None else followed.ref_price
+            if spot <= 0:
+                return
+        atm = chain.atm(spot)
+        i = chain.strikes.index(atm)
+        # ATM(spot) = atm for (below + atm) / 2 < spot <= (atm + above) / 2 (a tie goes lower).
+        followed.low = float((chain.strikes[i - 1] + atm) / 2) if i > 0 else float("-inf")
+        last_i = len(chain.strikes) - 1
+        followed.high = float((atm + chain.strikes[i + 1]) / 2) if i < last_i else float("inf")
+        for inst in chain.instruments(chain.near(atm, followed.strikes)):
+            self._want(inst)
+
     def _book(self, oid: str, key: str, symbol: str, side: str, price: float) -> None:
         """Book whatever part of ``oid``'s fills is not in the position yet. Fills and order
         updates may arrive in either order; the position follows the larger of the two."""
@@ -561,6 +788,12 @@ class Strategy:
         for req in out:
             self.pending[req.request_id] = req
         self._refresh_busy()
+        if self._basket_legs:  # basket legs leave as their basket, not as orders
+            legs, self._basket_legs = self._basket_legs, {}
+            for b in {legs[r.request_id].request_id: legs[r.request_id] for r in out
+                      if r.request_id in legs}.values():  # fmt: skip
+                self.new_baskets.append(b)
+            out = [r for r in out if r.request_id not in legs]
         return out
 
     def _refresh_busy(self) -> None:

@@ -4,6 +4,11 @@ Wiring only; the logic is the pure ``Strategy`` (base.py):
 
 - asks the feed (``feed_rep``) to ``Subscribe`` its instruments by symbol, retrying until
   the feed answers and again every 30 s (a restarted feed forgets strategy requests);
+- follows the instruments the strategy adds while it runs (``self.chain()``'s index and strike
+  window, ``self.subscribe()``): each batch is a ``Subscribe`` of its own, so a request the feed
+  refuses (over ``feed.max_subscriptions``, an unknown name) is logged as an error with the
+  feed's counts and never takes the configured instruments down with it; a refused batch is
+  asked for again with the 30 s refresh, not sooner;
 - SUB feed ``tick.<seg>.<token>.`` for those instruments → ``dispatch_tick``;
 - SUB execution ``order.<id>.`` and ``fill.<id>.`` → ``dispatch_order``/``dispatch_fill``;
 - on start, ``GetPositions`` from execution so a restarted instance never re-enters what
@@ -26,8 +31,10 @@ import msgspec
 from libs.common import config as config_mod
 from libs.common.bus import RequestTimeout, topic
 from libs.common.config import Config, ConfigError, StrategyInstance
-from libs.common.instruments import MasterData, UnknownInstrument
+from libs.common.instruments import Instrument, MasterData, UnknownInstrument
 from libs.common.messages import (
+    BasketRequest,
+    BasketVerdict,
     Fill,
     GetPositions,
     OrderRequest,
@@ -90,6 +97,10 @@ class StrategyService(Service):
         self.rejected = 0
         self.subscribed: list[str] = []
         self._sub_pending = False
+        self.extra: dict[str, Instrument] = {}  # key → added by the strategy while running (chains)
+        self._extra_queue: list[str] = []  # keys to ask the feed for
+        self._extra_pending = False
+        self._extra_refusal = ""  # the feed's last refusal, logged once
         self._position_attempts = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -108,6 +119,7 @@ class StrategyService(Service):
         topics = [topic("tick", i.segment, i.token) for i in strat.instruments]
         self.feed_sub = self.subscribe([cfg.bus.endpoint("feed_pub")], topics, self._on_feed)
         self._request_subscribe()
+        self._follow_subscriptions()
         self.add_task("subscribe_refresh", SUBSCRIBE_REFRESH_S, self._request_subscribe)
         self.add_task("strategy_timer", 1.0, self._on_timer)
         self._ask_positions()
@@ -133,10 +145,14 @@ class StrategyService(Service):
             "rejected": self.rejected,
             "ready": self.ready,
             "subscribed": len(self.subscribed),
+            "chain_subscriptions": len(self.extra),
         }
 
     # ----------------------------------------------------------------- feed
     def _request_subscribe(self) -> None:
+        if self.extra and not self._extra_pending:
+            self._extra_queue = list(self.extra)  # the refresh: a restarted feed forgot them
+            self._request_extra()
         if self._sub_pending:
             return
         self._sub_pending = True
@@ -156,6 +172,51 @@ class StrategyService(Service):
         self.log.warning("feed_subscribe_failed", error=error, retry_s=SUBSCRIBE_RETRY_S)
         self.reactor.call_later(SUBSCRIBE_RETRY_S, self._request_subscribe)
 
+    def _follow_subscriptions(self) -> None:
+        """Take what the strategy added (a chain's strikes, ``subscribe()``): listen to it on the
+        SUB socket and ask the feed for it."""
+        added, self.strategy.new_subscriptions = self.strategy.new_subscriptions, []
+        for inst in added:
+            if inst.key not in self.extra:
+                self.extra[inst.key] = inst
+                self.feed_sub.subscribe(topic("tick", inst.segment, inst.token))
+                self._extra_queue.append(inst.key)
+        self._request_extra()
+
+    def _request_extra(self) -> None:
+        if self._extra_pending or not self._extra_queue:
+            return
+        names, self._extra_queue = self._extra_queue, []
+        self._extra_pending = True
+        self.feed.request(Subscribe(instruments=names, requester=self.name),
+                          functools.partial(self._on_extra_subscribed, names))
+
+    def _on_extra_subscribed(self, names: list[str], reply: Any) -> None:
+        self._extra_pending = False
+        if isinstance(reply, Reply) and reply.ok:
+            data = reply.data if isinstance(reply.data, dict) else {}
+            if data.get("added") or self._extra_refusal:
+                self.log.info("feed_subscribed", instruments=names[:50], asked=len(names),
+                              added=len(data.get("added", [])), total=data.get("total"))
+            self._extra_refusal = ""
+        elif isinstance(reply, Reply) and reply.code in ("subscription_limit", "unknown_instrument"):
+            # Asking again at once would be refused again: the 30 s refresh asks for them.
+            if reply.error != self._extra_refusal:
+                wanted = len(self.extra) + len(self.strategy.instruments)
+                self.log.error("feed_subscription_refused", strategy_id=self.instance.id, code=reply.code,
+                               error=reply.error, asked=len(names), wanted_in_all=wanted,
+                               retry_s=SUBSCRIBE_REFRESH_S)
+            self._extra_refusal = reply.error
+        else:
+            error = reply.error if isinstance(reply, Reply) else str(reply)
+            self.log.warning("feed_subscribe_failed", error=error, asked=len(names),
+                             retry_s=SUBSCRIBE_RETRY_S)
+            asked = set(names)
+            self._extra_queue = names + [k for k in self._extra_queue if k not in asked]
+            self.reactor.call_later(SUBSCRIBE_RETRY_S, self._request_extra)
+            return
+        self._request_extra()
+
     def _on_feed(self, _topic: bytes, msg: Any) -> None:
         if type(msg) is not Tick or not self.ready:
             return
@@ -163,6 +224,8 @@ class StrategyService(Service):
         orders = self.strategy.dispatch_tick(msg)
         if orders:
             self._send(orders)
+        if self.strategy.new_subscriptions:
+            self._follow_subscriptions()
         if self.strategy.halted:
             self._check_halted()
 
@@ -218,6 +281,12 @@ class StrategyService(Service):
 
     # ----------------------------------------------------------------- risk
     def _send(self, orders: Any) -> None:
+        baskets, self.strategy.new_baskets = self.strategy.new_baskets, []
+        for basket in baskets:
+            self.orders_sent += 1
+            self.log.info("basket_request", request_id=basket.request_id, legs=len(basket.legs),
+                          symbols=[x.symbol for x in basket.legs])  # fmt: skip
+            self.risk.request(basket, functools.partial(self._on_basket_verdict, basket))
         for req in orders:
             self.orders_sent += 1
             self.log.info(
@@ -253,11 +322,31 @@ class StrategyService(Service):
         self._send(self.strategy.dispatch_verdict(req, verdict))
         self._check_halted()
 
+    def _on_basket_verdict(self, req: BasketRequest, reply: Any) -> None:
+        verdict: BasketVerdict | Exception
+        if isinstance(reply, BasketVerdict):
+            verdict = reply
+            if not reply.approved:
+                self.rejected += 1
+            self.log.info("basket_approved" if reply.approved else "basket_rejected",
+                          request_id=req.request_id, reason=reply.reason)  # fmt: skip
+        elif isinstance(reply, Reply):
+            verdict = BasketVerdict(request_id=req.request_id, approved=False,
+                                    reason=reply.error or "refused", code=VerdictCode.REFUSED)
+        elif isinstance(reply, Exception):
+            verdict = reply
+        else:
+            verdict = RequestTimeout(self.risk.endpoint, 0)
+        self._send(self.strategy.dispatch_basket_verdict(req, verdict))
+        self._check_halted()
+
     def _on_timer(self) -> None:
         self._send(self.strategy.dispatch_timer(self.strategy.ctx.clock.now_ns()))
         self._check_halted()
 
     def _check_halted(self) -> None:
+        if self.strategy.new_subscriptions:  # after every hook: a chain used in on_fill, on_bar...
+            self._follow_subscriptions()
         reason = self.strategy.halted
         if reason and self.reactor.running:
             self.log.error("strategy_halted", strategy_id=self.instance.id, reason=reason)

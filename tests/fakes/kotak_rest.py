@@ -43,7 +43,7 @@ Control API (JSON in, JSON out), for tests only::
                                         placed=false: the order never reaches the book
     POST /_control/reject_next_place   {"reason": "...", "delay_s": 0.2}  ack, then rejected
     POST /_control/orders/<no>/reject  {"reason": "..."}
-    POST /_control/orders/<no>/fill    {"qty": 75, "price": "123.45"}  (both optional)
+    POST /_control/orders/<no>/fill    {"qty": 65, "price": "123.45"}  (both optional)
                                        + "trade_after_polls": N   the order row says filled at
                                          once; the trade book (and positions) show the trade
                                          only after N more trade-book requests
@@ -269,13 +269,13 @@ def default_instruments(today: date | None = None) -> tuple[Instrument, ...]:
                    description="STATE BANK OF INDIA", isin="INE062A01020"),
         Instrument("nse_cm", "14366", "IDEA-EQ", "IDEA", "EQ", "EQ", 1, Decimal(1),
                    description="VODAFONE IDEA LIMITED", isin="INE669E01016"),
-        Instrument("nse_fo", "52175", f"NIFTY{month}FUT", "NIFTY", "", "FUTIDX", 75, Decimal(10),
+        Instrument("nse_fo", "52175", f"NIFTY{month}FUT", "NIFTY", "", "FUTIDX", 65, Decimal(10),
                    freeze_qty=1800, description="NIFTY", option_type="XX", strike_paise="-1",
                    expiry_epoch=exp),
-        Instrument("nse_fo", "52201", f"NIFTY{month}24000CE", "NIFTY", "", "OPTIDX", 75,
+        Instrument("nse_fo", "52201", f"NIFTY{month}24000CE", "NIFTY", "", "OPTIDX", 65,
                    Decimal(5), freeze_qty=1800, description="NIFTY", option_type="CE",
                    strike_paise="2400000", expiry_epoch=exp),
-        Instrument("nse_fo", "52202", f"NIFTY{month}24000PE", "NIFTY", "", "OPTIDX", 75,
+        Instrument("nse_fo", "52202", f"NIFTY{month}24000PE", "NIFTY", "", "OPTIDX", 65,
                    Decimal(5), freeze_qty=1800, description="NIFTY", option_type="PE",
                    strike_paise="2400000", expiry_epoch=exp),
     )  # fmt: skip

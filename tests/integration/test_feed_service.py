@@ -15,6 +15,7 @@ from services.feed.recorder import ReadStats
 from services.feed.sources.replay import iter_ticks
 from tests.helpers import eventually
 from tests.integration.feed_support import Collector, FeedProc, env_json
+from tests.kit.builders import NIFTY_FUT
 
 
 def _sim(home: Path, base_port: int, **env: str) -> FeedProc:
@@ -193,15 +194,15 @@ def test_bad_instrument_in_config_exits_2_naming_it(tmp_path: Path, base_port: i
 
 
 def test_tick_fields_round_trip_through_the_bus(tmp_path: Path, base_port: int) -> None:
-    feed = _sim(tmp_path / "home", base_port, NEOPULSE_FEED__INSTRUMENTS=env_json(["NIFTY26NOVFUT"]))
-    col = Collector(feed.subscriber(b"tick.nse_fo.35001."))
+    feed = _sim(tmp_path / "home", base_port, NEOPULSE_FEED__INSTRUMENTS=env_json([NIFTY_FUT.symbol]))
+    col = Collector(feed.subscriber(f"tick.nse_fo.{NIFTY_FUT.token}.".encode()))
     try:
         feed.start()
         ticks = col.wait_ticks(5)
     finally:
         feed.stop()
-    assert all(isinstance(t, Tick) and t.token == "35001" for t in ticks)
-    assert all(t.last_qty % 75 == 0 for t in ticks)  # whole lots
+    assert all(isinstance(t, Tick) and t.token == NIFTY_FUT.token for t in ticks)
+    assert all(t.last_qty % NIFTY_FUT.lot_size == 0 for t in ticks)  # whole lots
     assert [t.volume for t in ticks] == sorted(t.volume for t in ticks)
 
 
@@ -218,7 +219,7 @@ def test_cli_feed_commands(tmp_path: Path, base_port: int) -> None:
         eventually(lambda: feed.status()["ticks"] > 10, 10, message="ticks flowing")
 
         status = _neopulse(feed, "feed", "status", "--json")
-        added = _neopulse(feed, "feed", "subscribe", "ITC-EQ", "nse_fo|35001")
+        added = _neopulse(feed, "feed", "subscribe", "ITC-EQ", f"nse_fo|{NIFTY_FUT.token}")
         refused = _neopulse(feed, "feed", "subscribe", "NOSUCH-EQ")
         last = _neopulse(feed, "feed", "last", "SBIN-EQ", "--json")
     finally:

@@ -74,7 +74,7 @@ def reliance(tag: str, **kw: Any) -> BrokerOrder:
 
 def nifty(tag: str, **kw: Any) -> BrokerOrder:
     fields: dict[str, Any] = {"client_tag": tag, "segment": "nse_fo", "token": NIFTY_FUT.token,
-                              "symbol": NIFTY_FUT.trading_symbol, "side": "BUY", "quantity": 150,
+                              "symbol": NIFTY_FUT.trading_symbol, "side": "BUY", "quantity": 130,
                               "price": Decimal("24100.10"), "product": "NRML"}  # fmt: skip
     fields.update(kw)
     return BrokerOrder(**fields)
@@ -203,15 +203,15 @@ def test_place_timeout_is_unknown_and_the_book_finds_the_single_order_by_tag(
 
 def test_partial_fill_shows_in_order_book_and_trade_book(fake: KotakRestFake, broker: KotakBroker) -> None:
     order_no = broker.place(nifty("np0030")).broker_order_id
-    fake.fill(order_no, qty=75, price="24100.00")
+    fake.fill(order_no, qty=65, price="24100.00")
 
     partial = status_of(broker, order_no)
     assert (partial.status, partial.quantity, partial.filled_qty, partial.avg_price) == (
-        "PARTIAL", 150, 75, Decimal("24100.00")
+        "PARTIAL", 130, 65, Decimal("24100.00")
     )
     trades = broker.trade_book()
     assert [(t.broker_order_id, t.client_tag, t.side, t.quantity, t.price) for t in trades] == [
-        (order_no, "np0030", "BUY", 75, Decimal("24100.00"))
+        (order_no, "np0030", "BUY", 65, Decimal("24100.00"))
     ]
     assert trades[0].ts_ns > 0
 
@@ -221,9 +221,9 @@ def test_partial_fill_shows_in_order_book_and_trade_book(fake: KotakRestFake, br
     fake.fill(order_no, price="24100.10")
     done = broker.drain_events()
     new_trades = [e for e in done if isinstance(e, BrokerTrade)]
-    assert [(t.quantity, t.price) for t in new_trades] == [(75, Decimal("24100.10"))]
+    assert [(t.quantity, t.price) for t in new_trades] == [(65, Decimal("24100.10"))]
     final = next(e for e in done if isinstance(e, BrokerOrderStatus))
-    assert (final.status, final.filled_qty, final.avg_price) == ("COMPLETE", 150, Decimal("24100.05"))
+    assert (final.status, final.filled_qty, final.avg_price) == ("COMPLETE", 130, Decimal("24100.05"))
 
 
 def test_protected_limit_and_stop_limit_arrive_with_kotak_fields(
@@ -233,18 +233,18 @@ def test_protected_limit_and_stop_limit_arrive_with_kotak_fields(
     assert inst is not None and inst.tick_size == Decimal("0.1") and inst.freeze_qty == 1800
     # Market intent, as execution hands it over: a BUY limit 1 % above the last price, on tick.
     limit = protected_limit("BUY", 24_087.35, 1.0, inst.tick_size)
-    entry = broker.place(nifty("np0040", quantity=75, price=limit))
+    entry = broker.place(nifty("np0040", quantity=65, price=limit))
     # An SL-M intent, as a stop-limit: SELL, trigger 24000, limit a band below it.
-    stop = broker.place(nifty("np0041", side="SELL", quantity=75, order_type="SL",
+    stop = broker.place(nifty("np0041", side="SELL", quantity=65, order_type="SL",
                               trigger_price=Decimal("24000"), price=Decimal("23880.5")))  # fmt: skip
 
     bodies = {r["tag"]: r["body"] for r in fake.received_orders()}
     assert {k: bodies["np0040"][k] for k in ("pt", "pr", "tp", "qt", "tt", "es", "ts", "pc", "rt", "am")} == {
-        "pt": "L", "pr": "24328.20", "tp": "0", "qt": "75", "tt": "B", "es": "nse_fo",
+        "pt": "L", "pr": "24328.20", "tp": "0", "qt": "65", "tt": "B", "es": "nse_fo",
         "ts": NIFTY_FUT.trading_symbol, "pc": "NRML", "rt": "DAY", "am": "NO",
     }  # fmt: skip
     assert {k: bodies["np0041"][k] for k in ("pt", "pr", "tp", "qt", "tt")} == {
-        "pt": "SL", "pr": "23880.50", "tp": "24000.00", "qt": "75", "tt": "S",
+        "pt": "SL", "pr": "23880.50", "tp": "24000.00", "qt": "65", "tt": "S",
     }  # fmt: skip
     assert status_of(broker, entry.broker_order_id).status == "OPEN"
     stop_row = status_of(broker, stop.broker_order_id)
@@ -253,24 +253,24 @@ def test_protected_limit_and_stop_limit_arrive_with_kotak_fields(
     # Market and SL-M never reach Kotak (it refuses them from API sessions anyway).
     for kind in ("MARKET", "SL-M"):
         with pytest.raises(BrokerRejected, match="refused before sending"):
-            broker.place(nifty(f"np0042{kind[0]}", quantity=75, order_type=kind,
+            broker.place(nifty(f"np0042{kind[0]}", quantity=65, order_type=kind,
                                trigger_price=Decimal("24000")))  # fmt: skip
     # Nor does an order the exchange would refuse after the ack.
-    for bad, why in ((nifty("np0043", quantity=1875), "freeze quantity 1800"),
-                     (nifty("np0044", quantity=50), "lot size 75"),
-                     (nifty("np0045", quantity=75, price=Decimal("24100.15")), "tick size 0.1")):  # fmt: skip
+    for bad, why in ((nifty("np0043", quantity=1820), "freeze quantity 1800"),
+                     (nifty("np0044", quantity=50), "lot size 65"),
+                     (nifty("np0045", quantity=65, price=Decimal("24100.15")), "tick size 0.1")):  # fmt: skip
         with pytest.raises(BrokerRejected, match=why):
             broker.place(bad)
     assert sorted(bodies) == ["np0040", "np0041"] == sorted(r["tag"] for r in fake.received_orders())
 
 
 def test_modify_and_cancel(fake: KotakRestFake, broker: KotakBroker) -> None:
-    stop = nifty("np0050", side="SELL", order_type="SL", quantity=75, trigger_price=Decimal("24000"),
+    stop = nifty("np0050", side="SELL", order_type="SL", quantity=65, trigger_price=Decimal("24000"),
                  price=Decimal("23990"))  # fmt: skip
     order_no = broker.place(stop).broker_order_id
     broker.modify(order_no, trigger_price=Decimal("24010.5"), price=Decimal("24000"))
     row = status_of(broker, order_no).raw
-    assert (row["prcTp"], row["trgPrc"], row["prc"], row["qty"]) == ("SL", "24010.50", "24000.00", 75)
+    assert (row["prcTp"], row["trgPrc"], row["prc"], row["qty"]) == ("SL", "24010.50", "24000.00", 65)
 
     broker.cancel(order_no)
     assert status_of(broker, order_no).status == "CANCELLED"
@@ -385,7 +385,7 @@ def test_master_sync_caches_the_days_csv_files(fake: KotakRestFake, tmp_path: Pa
     assert all(p.parent == tmp_path / "home" / "master" for p in paths)
     master = MasterData.load_for_home(tmp_path / "home")
     fut = master.resolve(NIFTY_FUT.trading_symbol)
-    assert (fut.lot_size, fut.tick_size, fut.freeze_qty) == (75, Decimal("0.1"), 1800)
+    assert (fut.lot_size, fut.tick_size, fut.freeze_qty) == (65, Decimal("0.1"), 1800)
     assert master.resolve("RELIANCE-EQ").key == "nse_cm|2885"
     assert {r["api"] for r in fake.requests()} == {"scrip_master", "scrip_file"}  # no login needed
 

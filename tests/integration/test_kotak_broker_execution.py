@@ -2,7 +2,7 @@
 
 Execution is a real process on a real (embedded) PostgreSQL; the fake is its own process; the
 test plays the feed (a PUB on ``feed_pub`` sending ticks) and risk (``ExecuteOrder`` over the
-bus). Risk's default ``max_qty`` would refuse 3,750 NIFTY futures, so the order is driven at
+bus). Risk's default ``max_qty`` would refuse 3,900 NIFTY futures, so the order is driven at
 the execution level, as issue 5 asks.
 """
 
@@ -135,7 +135,7 @@ def execute(request_id: str, *, side: str, quantity: int, order_type: str = "LIM
                         token=NIFTY.token, symbol=NIFTY.trading_symbol)  # fmt: skip
 
 
-def test_market_intent_for_3750_nifty_futures_goes_out_as_three_protected_limit_slices(
+def test_market_intent_for_3900_nifty_futures_goes_out_as_three_protected_limit_slices(
     live: LiveExecution, fake: KotakRestFake
 ) -> None:
     live.start_ticks(LTP)
@@ -145,7 +145,7 @@ def test_market_intent_for_3750_nifty_futures_goes_out_as_three_protected_limit_
 
     def submitted() -> Reply | None:
         # Market intent (no price). A fresh request id per attempt: a refused one is final.
-        reply = live.ask(execute(f"exec-1-{next(attempts)}", side="BUY", quantity=3750))
+        reply = live.ask(execute(f"exec-1-{next(attempts)}", side="BUY", quantity=3900))
         assert isinstance(reply, Reply)
         # Until the first tick arrives, execution refuses to price a market order.
         return reply if reply.ok else None
@@ -156,7 +156,7 @@ def test_market_intent_for_3750_nifty_futures_goes_out_as_three_protected_limit_
     received = eventually(lambda: len(fake.received_orders()) == 3 and fake.received_orders(), timeout=15,
                           message="three slices at the broker")  # fmt: skip
     bodies = [r["body"] for r in received]
-    assert sorted(int(b["qt"]) for b in bodies) == [150, 1800, 1800]  # freeze 1,800, lot 75
+    assert sorted(int(b["qt"]) for b in bodies) == [390, 1755, 1755]  # freeze 1,800 → 27 lots of 65
     assert {(b["pt"], b["pr"], b["tp"], b["tt"], b["es"], b["ts"], b["pc"]) for b in bodies} == {
         ("L", f"{limit:.2f}", "0", "B", "nse_fo", NIFTY.trading_symbol, "NRML")
     }
@@ -171,9 +171,9 @@ def test_market_intent_for_3750_nifty_futures_goes_out_as_three_protected_limit_
     def position() -> dict[str, Any] | None:
         reply = live.ask(GetPositions())
         assert isinstance(reply, Reply) and reply.ok
-        return next((p for p in reply.data if int(p["quantity"]) == 3750), None)
+        return next((p for p in reply.data if int(p["quantity"]) == 3900), None)
 
-    pos = eventually(position, timeout=15, message="a 3,750 position from the fills")
+    pos = eventually(position, timeout=15, message="a 3,900 position from the fills")
     assert Decimal(str(pos["avg_price"])) == limit
     slices = [o for o in live.orders() if o["client_tag"] in tags]
     assert {o["status"] for o in slices} == {"COMPLETE"} and len(slices) == 3
@@ -182,14 +182,14 @@ def test_market_intent_for_3750_nifty_futures_goes_out_as_three_protected_limit_
 
 def test_sl_m_intent_arrives_as_a_stop_limit(live: LiveExecution, fake: KotakRestFake) -> None:
     trigger = Decimal("24000.0")
-    reply = live.ask(execute("exec-2", side="SELL", quantity=75, order_type="SL-M", trigger=trigger))
+    reply = live.ask(execute("exec-2", side="SELL", quantity=65, order_type="SL-M", trigger=trigger))
     assert isinstance(reply, Reply) and reply.ok, reply
 
     received = eventually(fake.received_orders, timeout=10, message="the stop at the broker")
     (body,) = [r["body"] for r in received]
     limit = protected_limit("SELL", trigger, 1.0, Decimal("0.1"))
     assert (body["pt"], body["tp"], body["pr"], body["qt"], body["tt"]) == (
-        "SL", "24000.00", f"{limit:.2f}", "75", "S"
+        "SL", "24000.00", f"{limit:.2f}", "65", "S"
     )
 
     def stop_open() -> bool:

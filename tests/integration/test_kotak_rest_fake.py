@@ -157,26 +157,26 @@ def test_limit_order_with_tag_is_echoed_as_gui_ord_id(fake: KotakRestFake, clien
 def test_partial_and_full_fill_show_in_trade_report(fake: KotakRestFake, client: NeoAPI) -> None:
     assert client.trade_report()["stCode"] == 5203  # empty trade book is "No Data"
     order_no = place_limit(client, "np0002", symbol=NIFTY_FUT,
-                           segment="nse_fo", qty="150", price="24100.10")["nOrdNo"]  # fmt: skip
+                           segment="nse_fo", qty="130", price="24100.10")["nOrdNo"]  # fmt: skip
 
-    fake.fill(order_no, qty=75, price="24100.00")
-    row = wait_row(client, order_no, fldQty=75)
-    assert row["ordSt"] == "open" and row["unFldSz"] == 75 and row["avgPrc"] == "24100.00"
+    fake.fill(order_no, qty=65, price="24100.00")
+    row = wait_row(client, order_no, fldQty=65)
+    assert row["ordSt"] == "open" and row["unFldSz"] == 65 and row["avgPrc"] == "24100.00"
 
     fake.fill(order_no, price="24100.10")
     row = wait_row(client, order_no, ordSt="complete")
-    assert (row["fldQty"], row["unFldSz"], row["avgPrc"]) == (150, 0, "24100.05")
+    assert (row["fldQty"], row["unFldSz"], row["avgPrc"]) == (130, 0, "24100.05")
 
     trades = client.trade_report()["data"]
     assert [(t["nOrdNo"], t["fldQty"], t["avgPrc"], t["GuiOrdId"]) for t in trades] == [
-        (order_no, 75, "24100.00", "np0002"),
-        (order_no, 75, "24100.10", "np0002"),
+        (order_no, 65, "24100.00", "np0002"),
+        (order_no, 65, "24100.10", "np0002"),
     ]
     assert len({t["flId"] for t in trades}) == 2  # unique broker trade ids
 
     positions = client.positions()["data"]
     assert [(p["trdSym"], p["flBuyQty"], p["flSellQty"], p["buyAmt"]) for p in positions] == [
-        (NIFTY_FUT, "150", "0", "3615007.50")
+        (NIFTY_FUT, "130", "0", "3133006.50")
     ]
 
 
@@ -287,7 +287,7 @@ def test_rms_rejects_off_tick_price_and_odd_lot(fake: KotakRestFake, client: Neo
                           price="24100.00")["nOrdNo"]  # fmt: skip
     rows = {n: wait_row(client, n, ordSt="rejected") for n in (off_tick, odd_lot)}
     assert rows[off_tick]["ordSt"] == "rejected" and "tick" in rows[off_tick]["rejRsn"]
-    assert rows[odd_lot]["ordSt"] == "rejected" and "lot size 75" in rows[odd_lot]["rejRsn"]
+    assert rows[odd_lot]["ordSt"] == "rejected" and "lot size 65" in rows[odd_lot]["rejRsn"]
 
 
 def test_scrip_master_lists_csv_files_served_by_the_fake(fake: KotakRestFake) -> None:

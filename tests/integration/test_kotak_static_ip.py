@@ -11,6 +11,8 @@ the stops at the broker left alone, and intake back once the block is gone.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,10 +22,16 @@ import pytest
 
 from libs.common.bus import Subscriber
 from libs.common.config import ExecutionConfig
-from libs.common.messages import Alert, ExecuteOrder, Reply
+from libs.common.messages import Alert, CancelEntries, ExecuteOrder, Reply
 from libs.common.sdk import import_sdk
-from services.execution.brokers.base import BrokerIpBlocked
-from services.execution.brokers.kotak import IP_PROBE_S, KotakBroker, PinnedOriginTransport
+from services.execution.brokers.base import BrokerIpBlocked, BrokerTemporary
+from services.execution.brokers.kotak import (
+    IP_PROBE_S,
+    PROBE_ORDER_NO,
+    KotakBroker,
+    KotakLoginError,
+    PinnedOriginTransport,
+)
 from services.execution.brokers.kotak_protocol import (
     ST_IP_NOT_WHITELISTED,
     ST_SESSION_IP_MISMATCH,
@@ -143,7 +151,7 @@ def test_an_order_refused_for_the_ip_is_not_resent_and_nothing_more_is_sent_unti
     assert block.ip == "127.0.0.1"  # whatsmyip: the IP Kotak sees, for the alert
 
 
-def test_the_probe_logs_in_once_per_step_and_the_block_ends_on_an_answered_order(
+def test_a_probe_login_alone_never_lifts_the_refusal_only_an_order_call_past_the_ip_check_does(
     fake: KotakRestFake, broker: KotakBroker
 ) -> None:
     # Arrange: blocked.
@@ -156,29 +164,53 @@ def test_the_probe_logs_in_once_per_step_and_the_block_ends_on_an_answered_order
     # Act 1: probe before its time, then at its time, while the IP is still refused.
     assert not broker.ip_probe_due() and not broker.probe_ip_block()
     eventually(broker.ip_probe_due, timeout=3, message="the probe to fall due")
-    assert broker.probe_ip_block()
-    # Assert 1: one fresh login lifted the refusal; the next place tells it still holds -- the
-    # same episode (no second alert), refusing again, the probe one step later.
+    assert not broker.probe_ip_block()
+
+    # Assert 1: one fresh login (Kotak never IP-checks one, so it proves nothing), then exactly
+    # one order call -- the harmless cancel of an order number no order has -- which Kotak
+    # refused for the IP: still refusing, same episode, the probe one step later, and an order
+    # asked for meanwhile is not sent.
     assert count(fake, "totp_login") == logins + 1
-    block = broker.ip_block()
-    assert block is not None and not block.refusing
-    with pytest.raises(BrokerIpBlocked):
-        broker.place(reliance("np0112"))
+    assert [r.get("fault") for r in fake.requests(api="cancel_order")] == ["ip_block"]
     block = broker.ip_block()
     assert block is not None and block.refusing and block.episode == 1
+    with pytest.raises(BrokerIpBlocked, match="not sent"):
+        broker.place(reliance("np0112"))
     assert not broker.ip_probe_due()
+    time.sleep(2 * PROBE_S)  # nothing lifts it by itself
+    assert broker.ip_block() is not None and count(fake, "place_order") == 1
 
-    # Act 2: the operator fixes the whitelist; the next probe logs in, the next place goes.
+    # Act 2: the operator fixes the whitelist; the next probe's order call passes the IP check.
     fake.clear_faults()
     eventually(broker.ip_probe_due, timeout=5, message="the next probe to fall due")
     assert broker.probe_ip_block()
     ack = broker.place(reliance("np0113"))
 
-    # Assert 2: placed, and the episode is over.
+    # Assert 2: the episode ended on the probe's cancel (answered "order not found"); placed.
     assert ack.broker_order_id and broker.ip_block() is None
+    assert [r.get("fault") for r in fake.requests(api="cancel_order")] == ["ip_block", None]
     outcomes = [(r["tag"], r["outcome"]) for r in fake.received_orders()]
-    assert outcomes == [("np0111", "ip_blocked"), ("np0112", "ip_blocked"), ("np0113", "ack")]
+    assert outcomes == [("np0111", "ip_blocked"), ("np0113", "ack")]
     assert count(fake, "totp_login") == logins + 2
+
+
+def test_the_fake_refuses_an_ip_blocked_cancel_before_it_looks_the_order_up(fake: KotakRestFake) -> None:
+    # Kotak checks the IP before anything else: the probe's cancel of an order number that cannot
+    # exist is answered with the IP code while blocked, and with a plain refusal when not.
+    sdk = import_sdk()
+    c = fake.credentials
+    client = sdk.NeoAPI(consumer_key=c.consumer_key, environment="prod",
+                        transport=PinnedOriginTransport(fake.base_url), timeout=5.0)  # fmt: skip
+    client.totp_login(mobile_number=c.mobile_number, ucc=c.ucc, totp=fake.totp_now())
+    client.totp_validate(mpin=c.mpin)
+
+    fake.ip_block(ST_SESSION_IP_MISMATCH)
+    blocked = classify(client.cancel_order(order_id=PROBE_ORDER_NO))
+    fake.ip_block(None)
+    passed = classify(client.cancel_order(order_id=PROBE_ORDER_NO))
+
+    assert (blocked.kind, blocked.code) == (Kind.IP_BLOCKED, ST_SESSION_IP_MISMATCH)
+    assert passed.kind is Kind.REFUSED and passed.code not in {ST_IP_NOT_WHITELISTED, ST_SESSION_IP_MISMATCH}
 
 
 def test_a_login_refused_for_the_ip_is_not_retried_until_the_probe(
@@ -200,7 +232,7 @@ def test_a_login_refused_for_the_ip_is_not_retried_until_the_probe(
     assert refused.value.code == ST_SESSION_IP_MISMATCH
     assert count(fake, "totp_login") == 1 and fake.received_orders() == []
 
-    # Act 2: the IP is right again; the probe logs in and calls work.
+    # Act 2: the IP is right again; the probe logs in, its one order call passes, calls work.
     fake.clear_faults()
     eventually(broker.ip_probe_due, timeout=3, message="the probe to fall due")
     assert broker.probe_ip_block()
@@ -208,17 +240,145 @@ def test_a_login_refused_for_the_ip_is_not_retried_until_the_probe(
     assert broker.place(reliance("np0122")).broker_order_id and broker.ip_block() is None
 
 
-def test_a_read_refused_for_the_ip_is_no_session_expiry(fake: KotakRestFake, broker: KotakBroker) -> None:
+def probe_times(broker: KotakBroker, seconds: float) -> list[float]:
+    """Run the probe whenever it is due for ``seconds``; when each one started."""
+    t0, times = time.monotonic(), []
+    while time.monotonic() - t0 < seconds:
+        if broker.ip_probe_due():
+            times.append(time.monotonic() - t0)
+            broker.probe_ip_block()
+        time.sleep(0.01)
+    return times
+
+
+def test_every_failed_probe_moves_the_probe_one_step_on_whatever_failed(fake: KotakRestFake) -> None:
+    # Arrange: orders refused for the IP; the probe's first two logins fail (a 503), the third
+    # logs in but its order call gets a 503 (no answer past the IP check either).
+    b = KotakBroker(kotak_config(fake), ExecutionConfig(broker_timeout_s=5.0),
+                    ip_probe_s=(0.3, 0.6, 1.2), ip_trial_wait_s=0.05)  # fmt: skip
+    try:
+        b.login()
+        fake.ip_block(ST_IP_NOT_WHITELISTED, apis=["place_order"])
+        with pytest.raises(BrokerIpBlocked):
+            b.place(reliance("np0131"))
+        fake.fail_next("totp_login", 503, {"stat": "Not_Ok", "stCode": 503, "errMsg": "busy"}, count=2)
+        fake.fail_next("cancel_order", 503, {"stat": "Not_Ok", "stCode": 503, "errMsg": "busy"}, count=9)
+
+        # Act
+        times = probe_times(b, 4.2)
+
+        # Assert: 30 s, 60 s, then 120 s (here 0.3, 0.6, 1.2): every failure stepped on.
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        assert len(times) >= 3, times
+        assert times[0] >= 0.25 and gaps[0] >= 0.55 and all(g >= 1.15 for g in gaps[1:]), times
+        assert b.ip_block() is not None and count(fake, "place_order") == 1
+    finally:
+        b.close()
+
+
+def test_a_login_refused_for_the_ip_again_and_again_stops_the_probe_and_says_check_the_consumer_key(
+    fake: KotakRestFake,
+) -> None:
+    b = KotakBroker(kotak_config(fake), ExecutionConfig(broker_timeout_s=5.0), ip_probe_s=(0.3, 0.6, 1.2))
+    try:
+        fake.ip_block(ST_SESSION_IP_MISMATCH, apis=["totp_login"])
+        with pytest.raises(BrokerIpBlocked):
+            b.order_book()
+
+        times = probe_times(b, 3.0)
+
+        # Two probes, one step apart (0.3 then 0.6), and then no more: three refused logins.
+        assert len(times) == 2 and times[1] - times[0] >= 0.55, times
+        assert count(fake, "totp_login") == 3
+        block = b.ip_block()
+        assert block is not None and "consumer key" in block.note and "consumer key" in block.summary
+        with pytest.raises(KotakLoginError, match="consumer key"):  # sticky: no session to keep
+            b.order_book()
+        assert count(fake, "totp_login") == 3
+    finally:
+        b.close()
+
+
+def test_a_probe_logs_in_outside_the_session_lock_and_keeps_the_old_session_when_refused(
+    fake: KotakRestFake, broker: KotakBroker
+) -> None:
+    # Arrange: trading; blocked; the probe's login is slow (a TOTP window) and then refused.
     broker.login()
-    fake.ip_block(ST_IP_NOT_WHITELISTED, apis=["order_book", "trade_report"], count=2)
-
+    fake.ip_block(ST_IP_NOT_WHITELISTED)
     with pytest.raises(BrokerIpBlocked):
-        broker.order_book()
-    with pytest.raises(BrokerIpBlocked):
-        broker.trade_book()
+        broker.place(reliance("np0141"))
+    slow_login = broker._totp_login  # the seam: make the probe's login slow
 
-    assert count(fake, "totp_login") == 1  # no re-login, as an expired session would get
-    assert broker.order_book() == []  # the next read is answered again
+    def slow(client: Any, totp: Any) -> Any:
+        time.sleep(1.0)
+        return slow_login(client, totp)
+
+    broker._totp_login = slow  # type: ignore[method-assign]
+    fake.fail_next("totp_validate", 401, {"error": [{"code": "10020", "message": "Invalid MPIN"}]})
+    eventually(broker.ip_probe_due, timeout=3, message="the probe to fall due")
+    probe = threading.Thread(target=broker.probe_ip_block)
+
+    # Act: reads during the probe's login, and after it was refused.
+    probe.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    during = broker.order_book()
+    waited = time.monotonic() - t0
+    probe.join(10)
+
+    # Assert: reads were not held by the probe, the old session still serves them, nothing is
+    # sticky, and the probe stopped (another wrong MPIN could lock the account) saying why.
+    assert waited < 0.8 and [s.client_tag for s in during] == []
+    assert broker.order_book() == [] and broker._login_error is None
+    block = broker.ip_block()
+    assert block is not None and block.refusing and "refused" in block.note
+    assert not broker.ip_probe_due()
+
+
+def test_a_read_answered_with_an_ip_code_is_a_session_problem_not_a_block(
+    fake: KotakRestFake, broker: KotakBroker
+) -> None:
+    # Kotak does not IP-check reads: 100008 on one is no static-IP block.
+    broker.login()
+    fake.ip_block(ST_IP_NOT_WHITELISTED, apis=["order_book"], count=1)
+
+    assert broker.order_book() == []  # one re-login, the read repeated
+    assert count(fake, "totp_login") == 2 and broker.ip_block() is None
+    assert broker.place(reliance("np0151")).broker_order_id  # orders are not refused
+
+    # ... and a read that keeps answering it does not turn into a login loop.
+    fake.ip_block(ST_IP_NOT_WHITELISTED, apis=["order_book"])
+    for _ in range(4):
+        with pytest.raises(BrokerTemporary):
+            broker.order_book()
+    assert count(fake, "totp_login") == 2 and broker.ip_block() is None
+
+
+def test_a_fresh_process_sends_one_order_call_first_not_a_batch(
+    fake: KotakRestFake, broker: KotakBroker
+) -> None:
+    # Arrange: the IP is not whitelisted when execution starts; eight order calls come at once.
+    fake.ip_block(ST_IP_NOT_WHITELISTED)
+    errors: list[BaseException] = []
+
+    def place(n: int) -> None:
+        try:
+            broker.place(reliance(f"np016{n}"))
+        except BaseException as exc:  # collected for the assertions
+            errors.append(exc)
+
+    # Act
+    threads = [threading.Thread(target=place, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    # Assert: one place reached Kotak (refused), one whatsmyip; the other seven were not sent.
+    assert len(errors) == 8 and all(isinstance(e, BrokerIpBlocked) for e in errors)
+    assert [r["outcome"] for r in fake.received_orders()] == ["ip_blocked"]
+    assert count(fake, "client_ip") == 1 and count(fake, "totp_login") == 1
+    assert sum("not sent" in e.reason for e in errors if isinstance(e, BrokerIpBlocked)) == 7
 
 
 # ============================================================================================
@@ -262,6 +422,9 @@ def test_execution_alerts_once_refuses_new_orders_and_resumes_after_the_ip_block
     sub = stack.bus.subscriber([stack.cfg.bus.endpoint("execution_pub")], [b"alert."])
     seen: list[Alert] = []
     _, stop_no, target_no = protected_bracket(stack, fake)
+    resting = stack.ok(new_order(stack))  # an entry resting at Kotak (BUY 1000 with the market at 1290)
+    eventually(lambda: stack.find(resting["order_id"])["broker_order_id"], timeout=10,
+               message="the resting entry acknowledged")  # fmt: skip
     assert status(stack).returncode == 0
 
     # Act 1: Kotak starts refusing orders from this IP; the next order meets it.
@@ -283,6 +446,7 @@ def test_execution_alerts_once_refuses_new_orders_and_resumes_after_the_ip_block
         time.sleep(0.5)
     blocked_status = status(stack)
     flat = stack.cli("flatten", "--yes")
+    kill = stack.ask(CancelEntries(request_id=f"ks-{time.time_ns()}", reason="kill switch: test"))
     time.sleep(max(0.0, t_block + WINDOW_S - time.time()))
 
     # Assert 1: the row says why; one CRITICAL alert that says what to fix.
@@ -303,6 +467,15 @@ def test_execution_alerts_once_refuses_new_orders_and_resumes_after_the_ip_block
     assert blocked_status.returncode == 3, (blocked_status.stdout, blocked_status.stderr)
     assert "execution" in blocked_status.stderr and "refuses orders" in blocked_status.stderr
     assert flat.returncode == 1 and "nothing was cancelled" in flat.stderr, (flat.stdout, flat.stderr)
+    # ... and says how to exit by hand safely: NeoPulse's stop and target first, each named.
+    assert "first cancel NeoPulse's stop/target orders" in flat.stderr and stop_no in flat.stderr
+    assert "close at Kotak directly" not in flat.stderr
+    assert "first cancel NeoPulse's stop/target orders" in critical[0].text and target_no in critical[0].text
+    assert "gets no stop or target" in critical[0].text
+    # The kill switch does not claim cancels that were never sent.
+    assert isinstance(kill, Reply) and kill.ok and kill.data["sent"] is False, kill
+    assert kill.data["order_ids"] == [resting["order_id"]] and "refuses orders" in kill.data["not_sent"]
+    assert any(a.code == "cancel_entries_not_sent" for a in alerts(sub, seen))
     # The protective exits at the broker are untouched.
     assert [o["nOrdNo"] for o in live_rows(fake, "stop")] == [stop_no]
     assert [o["nOrdNo"] for o in live_rows(fake, "target")] == [target_no]
@@ -331,5 +504,8 @@ def test_execution_alerts_once_refuses_new_orders_and_resumes_after_the_ip_block
     assert [a.code for a in seen].count("broker_ip_blocked") == 1, [a.code for a in seen]
     assert count(fake, "totp_login", t_block) <= 2  # the probe: one fresh login per step (30 s, 60 s, ...)
     assert [o["nOrdNo"] for o in live_rows(fake, "stop")] == [stop_no]
+    # the kill switch's owed cancel went once Kotak accepted orders again
+    eventually(lambda: stack.find(resting["order_id"])["status"] == "CANCELLED", timeout=15,
+               message="the resting entry cancelled after the block")  # fmt: skip
     sub.close()
 

@@ -31,7 +31,7 @@ from services.execution.model import (
 )
 from services.execution.store import LedgerError, MemoryOrderStore, OrderStore
 from tests.helpers import eventually
-from tests.unit.test_engine import Harness, execute, fills_sum, legs
+from tests.unit.test_engine import NIFTY, Harness, execute, fills_sum, legs
 
 DAY = "2025-11-21"
 NS = 1_763_700_000_000_000_000
@@ -76,7 +76,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[OrderStore]:
 
 def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
     s = PgOrderStore(empty_pg_url)
-    assert s.migrate() == ["0001_ledger", "0002_ledger_write", "0003_fills_segment"]
+    assert s.migrate() == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets"]
     assert s.migrate() == []
     with psycopg.connect(empty_pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -88,9 +88,10 @@ def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
         "brackets",
         "instrument_master",
         "risk_events",
+        "baskets",
         "schema_migrations",
     } <= tables
-    assert versions == ["0001_ledger", "0002_ledger_write", "0003_fills_segment"]
+    assert versions == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets"]
     s.close()
 
 
@@ -208,8 +209,8 @@ def test_engine_on_postgres_lifecycle_slicing_and_bracket_restart(pg_url: str, t
     journal = tmp_path / "paper.jsonl"
     store = PgOrderStore(pg_url)
     h = Harness(store=store, journal=journal)
-    h.tick("NIFTY26NOVFUT", 25950.0, bid=25949.9, ask=25950.1)
-    [sliced] = h.submit(execute("NIFTY26NOVFUT", qty=3750, price="25960.00"))
+    h.tick(NIFTY.symbol, 25950.0, bid=25949.9, ask=25950.1)
+    [sliced] = h.submit(execute(NIFTY.symbol, qty=3900, price="25960.00"))  # 60 lots of 65
     h.tick("RELIANCE-EQ", 1300.0, bid=1299.9, ask=1300.1)
     [entry] = h.submit(
         execute(qty=10, price="1295.00", stop_loss=Decimal("1280.00"), target=Decimal("1320.00"))
@@ -226,7 +227,7 @@ def test_engine_on_postgres_lifecycle_slicing_and_bracket_restart(pg_url: str, t
     assert [x.status for x in legs(h2, "TARGET")] == [COMPLETE]
     assert [x.status for x in legs(h2, "STOP")] == ["CANCELLED"]
     assert h2.position() == 0 == fills_sum(h2)
-    assert h2.position("NIFTY26NOVFUT") == 3750 == fills_sum(h2, "NIFTY26NOVFUT")
+    assert h2.position(NIFTY.symbol) == 3900 == fills_sum(h2, NIFTY.symbol)
     with psycopg.connect(pg_url) as conn:
         kids = conn.execute(
             "SELECT quantity FROM order_ledger WHERE parent_id = %s ORDER BY quantity DESC",
@@ -234,7 +235,7 @@ def test_engine_on_postgres_lifecycle_slicing_and_bracket_restart(pg_url: str, t
         ).fetchall()
         bracket = conn.execute("SELECT state, entry_filled, exit_filled FROM brackets").fetchone()
         dup_tags = conn.execute("SELECT count(*) - count(DISTINCT client_tag) FROM order_ledger").fetchone()
-    assert [k[0] for k in kids] == [1800, 1800, 150]
+    assert [k[0] for k in kids] == [1755, 1755, 390]  # freeze 1,800 → 27 lots of 65
     assert bracket == ("CLOSED", 10, 10)
     assert dup_tags == (0,)
     assert h2.engine.orders[entry.order_id].status == COMPLETE

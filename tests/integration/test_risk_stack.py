@@ -22,6 +22,7 @@ from libs.common.messages import Codec, GetOrders, KillSwitch, OrderRequest, Rep
 from tests.helpers import eventually, free_base_port
 from tests.integration.conftest import cloned_db
 from tests.integration.risk_support import Stack, has_execution_service
+from tests.kit.builders import NIFTY_FUT
 
 pytestmark = pytest.mark.skipif(not has_execution_service(), reason="services/execution is not built yet")
 
@@ -62,8 +63,8 @@ REJECTIONS = [
      "quantity 0 must be greater than 0"),
     (("BUY", "TATASTEEL-EQ", "--qty", "1001", "--price", "165.3"), "quantity",
      "quantity 1001 exceeds max_qty 1000"),
-    (("BUY", "NIFTY26NOVFUT", "--qty", "10", "--price", "25950"), "lot",
-     "quantity 10 is not a multiple of lot size 75 for NIFTY26NOVFUT"),
+    (("BUY", NIFTY_FUT.symbol, "--qty", "10", "--price", "25950"), "lot",
+     f"quantity 10 is not a multiple of lot size 65 for {NIFTY_FUT.symbol}"),
     (("BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.55"), "tick",
      "price 1290.55 is not on tick size 0.1 for RELIANCE-EQ"),
     (("BUY", "RELIANCE-EQ", "--qty", "1", "--price", "1290.5", "--sl", "1300"), "bracket",

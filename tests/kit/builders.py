@@ -1,8 +1,10 @@
 """Builders with the defaults most tests want; a test names only what it is about.
 
 Instruments are named by trading symbol and resolved in the repository's sample master
-(``RELIANCE-EQ`` nse_cm|2885, tick 0.10; ``INFY-EQ`` nse_cm|1594; ``NIFTY26NOVFUT``
-nse_fo|35001, lot 75)."""
+(``RELIANCE-EQ`` nse_cm|2885, tick 0.10; ``INFY-EQ`` nse_cm|1594). Index derivatives are
+generated for the trading day (``libs.common.contracts``), so their symbols change with the
+date: take them from ``front_future("NIFTY")`` (``NIFTY_FUT``: lot 65, tick 0.10, freeze
+1,800), never spelled out."""
 
 from __future__ import annotations
 
@@ -14,6 +16,16 @@ from libs.common.instruments import Instrument, MasterData
 from libs.common.messages import ExecuteOrder, Fill, OrderRequest, OrderUpdate, Tick
 
 MASTER = MasterData.load()
+
+
+def front_future(underlying: str = "NIFTY", master: MasterData = MASTER) -> Instrument:
+    """The nearest-expiry future of an index in ``master`` (the paper master's are generated
+    for today, so the symbol changes every month)."""
+    futures = [i for i in master if i.underlying == underlying and i.inst_type == "FUTIDX"]
+    return min(futures, key=lambda i: (i.expiry is None, i.expiry))
+
+
+NIFTY_FUT = front_future("NIFTY")
 S = 1_000_000_000
 T0 = 1_704_167_100 * S  # Tue 2 Jan 2024 09:15 IST, the market open
 

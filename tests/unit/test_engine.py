@@ -36,10 +36,11 @@ from services.execution.engine import ExecutionEngine, PlaceIntent
 from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET
 from services.execution.store import MemoryOrderStore, OrderStore
 from tests.kit import execute_order
+from tests.kit.builders import front_future
 
 MASTER = MasterData.load()
 REL = MASTER.resolve("RELIANCE-EQ")
-NIFTY = MASTER.resolve("NIFTY26NOVFUT")
+NIFTY = front_future("NIFTY", MASTER)
 
 
 def execute(
@@ -159,7 +160,7 @@ def test_idempotent_across_a_restart_from_the_same_store() -> None:
 
 def test_refusals_are_recorded_as_rejected_rows(h: Harness) -> None:
     bad_tick = execute(price="1290.55")
-    bad_lot = execute("NIFTY26NOVFUT", qty=70, price="25950.00")
+    bad_lot = execute(NIFTY.symbol, qty=70, price="25950.00")
     market_no_price = execute("INFY-EQ", price=None, order_type="MARKET")
     results = h.submit(bad_tick, bad_lot, market_no_price)
     assert [r.ok for r in results] == [False, False, False]
@@ -242,20 +243,20 @@ def test_sl_m_intent_becomes_a_stop_limit_that_fills_when_triggered(h: Harness) 
 
 
 def test_order_above_freeze_quantity_is_sliced_into_legal_children(h: Harness) -> None:
-    h.tick("NIFTY26NOVFUT", 25950.0, bid=25949.9, ask=25950.1)
-    [res] = h.submit(execute("NIFTY26NOVFUT", qty=3750, price="25940.00"))
+    h.tick(NIFTY.symbol, 25950.0, bid=25949.9, ask=25950.1)
+    [res] = h.submit(execute(NIFTY.symbol, qty=3900, price="25940.00"))  # 60 lots of 65
     parent = h.order(res.order_id)
     kids = [h.order(c) for c in h.engine.children[parent.order_id]]
-    assert parent.sliced and [k.quantity for k in kids] == [1800, 1800, 150]
+    assert parent.sliced and [k.quantity for k in kids] == [1755, 1755, 390]  # freeze 1,800 → 27 lots
     assert all(k.quantity % NIFTY.lot_size == 0 and k.quantity <= NIFTY.freeze_qty for k in kids)
     assert all(k.parent_id == parent.order_id for k in kids)
     assert h.broker.places == 3
     assert parent.status == OPEN
 
-    h.tick("NIFTY26NOVFUT", 25930.0, bid=25929.9, ask=25930.0)
+    h.tick(NIFTY.symbol, 25930.0, bid=25929.9, ask=25930.0)
 
-    assert parent.status == COMPLETE and parent.filled_qty == 3750
-    assert h.position("NIFTY26NOVFUT") == 3750 == fills_sum(h, "NIFTY26NOVFUT")
+    assert parent.status == COMPLETE and parent.filled_qty == 3900
+    assert h.position(NIFTY.symbol) == 3900 == fills_sum(h, NIFTY.symbol)
 
 
 def test_partial_fills_then_complete(tmp_path: Path) -> None:
@@ -498,3 +499,4 @@ def test_ack_lost_in_a_crash_is_recovered_from_the_broker_books(tmp_path: Path) 
     assert h2.position() == 10 == fills_sum(h2)
     assert h2.broker.places == 0 and len(h2.broker.orders) == 1
     assert any(isinstance(m, OrderUpdate) and m.status == ACK for m in h2.published) or o.status == COMPLETE
+

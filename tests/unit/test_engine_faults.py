@@ -52,6 +52,7 @@ from services.execution.engine import (
 from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, OrderRow
 from services.execution.store import LedgerError, MemoryOrderStore
 from tests.kit import execute_order
+from tests.kit.builders import front_future
 
 MASTER = MasterData.load()
 REL = MASTER.resolve("RELIANCE-EQ")
@@ -673,7 +674,7 @@ def test_a_non_ascii_strategy_id_is_refused_and_later_reconciles_work() -> None:
 
 def test_the_same_trade_number_in_two_segments_is_two_fills() -> None:
     h = Hand()
-    nifty = MASTER.resolve("NIFTY26NOVFUT")
+    nifty = front_future("NIFTY", MASTER)
     [a] = h.engine.submit([execute()])
     req = OrderRequest(request_id="fut1", strategy_id="s1", side="BUY", quantity=nifty.lot_size,
                        symbol=nifty.symbol, segment=nifty.segment, token=nifty.token,

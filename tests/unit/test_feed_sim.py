@@ -6,6 +6,7 @@ from decimal import Decimal
 
 from libs.common.instruments import MasterData
 from services.feed.sources.sim import Walk
+from tests.kit.builders import front_future
 
 MASTER = MasterData.load()
 
@@ -40,9 +41,9 @@ def test_walk_starts_near_the_reference_price_and_stays_on_tick() -> None:
 
 
 def test_quantities_are_whole_lots_and_volume_accumulates() -> None:
-    w = _walk("BANKNIFTY26NOVFUT")  # lot 35
+    w = Walk(front_future("BANKNIFTY", MASTER), 42, 0.0008)  # lot 30
     ticks = [w.step(i) for i in range(200)]
-    assert all(t.last_qty % 35 == 0 and t.last_qty > 0 for t in ticks)
+    assert all(t.last_qty % 30 == 0 and t.last_qty > 0 for t in ticks)
     assert ticks[-1].volume == sum(t.last_qty for t in ticks)
 
 

@@ -103,3 +103,37 @@ def test_words_say_what_happened_and_what_to_fix() -> None:
     assert "another IP" in reason and "1037" in reason
     assert fix.startswith("log in again from the whitelisted IP (the session was created from another IP)")
     assert "{ip}" not in fix and "Kotak sees" not in fix  # no IP known: no placeholder left
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind", "code"),
+    [
+        # a code that is not an IP code decides, whatever the words around it say
+        ({"stCode": 1007, "errMsg": "Scrip not whitelisted", "stat": "Not_Ok"}, Kind.REFUSED, 1007),
+        ({"stCode": 100022, "errMsg": "invalid session ip token", "stat": "Not_Ok"}, Kind.SESSION, 100022),
+        ({"error": [{"code": "10020", "message": "session ip expired"}]}, Kind.SESSION, 10020),
+    ],
+)
+def test_words_never_override_an_explicit_non_ip_code(reply: dict[str, Any], kind: Kind, code: int) -> None:
+    verdict = classify(reply)
+    assert (verdict.kind, verdict.code) == (kind, code)
+    # under errCode too (whatever else such a body means, it is not the static-IP rule)
+    assert classify({"stat": "Not_Ok", "errCode": "1009", "errMsg": "symbol not whitelisted"}).kind is not (
+        Kind.IP_BLOCKED
+    )
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"stCode": 100008, "errMsg": "unauthorized", "stat": "Not_Ok"},
+        {"stCode": 1037, "errMsg": "session ip does not match", "stat": "Not_Ok"},
+        {"data": {"stCode": 100008, "errMsg": "unauthorized", "stat": "Not_Ok"}},
+        {"stat": "Not_Ok", "emsg": "Request IP not whitelisted"},
+    ],
+)
+def test_an_ip_code_on_a_call_kotak_does_not_ip_check_is_a_session_problem(reply: dict[str, Any]) -> None:
+    # Kotak IP-checks only place/modify/cancel: on a read the code means a session to renew.
+    assert classify(reply).kind is Kind.IP_BLOCKED  # an order call (and a login)
+    verdict = classify(reply, ip_checked=False)
+    assert verdict.kind is Kind.SESSION and verdict.code in {NOT_WHITELISTED, MISMATCH} and verdict.reason

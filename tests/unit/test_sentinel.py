@@ -29,12 +29,13 @@ from libs.common.messages import (
     VerdictCode,
 )
 from services.risk.sentinel import RiskSentinel
+from tests.kit.builders import NIFTY_FUT
 
 MASTER = MasterData.load()
 _ids = itertools.count(1)
 
 # Sample master facts used below: RELIANCE-EQ nse_cm|2885 lot 1 tick 0.1; HDFCBANK-EQ tick 0.05;
-# TATASTEEL-EQ nse_cm|3499; NIFTY26NOVFUT nse_fo|35001 lot 75 tick 0.1; "Nifty 50" is an index.
+# TATASTEEL-EQ nse_cm|3499; NIFTY_FUT (the front NIFTY future) lot 65 tick 0.1; "Nifty 50" is an index.
 
 
 def make(**risk: object) -> tuple[RiskSentinel, ManualClock]:
@@ -335,21 +336,21 @@ def test_sizing_fills_in_the_quantity_from_the_risk_budget() -> None:
 
 def test_sizing_a_future_rounds_down_to_lots() -> None:
     s, _ = make()
-    # 2% of 1,000,000 = 20000; 100 per unit -> 200 -> 2 lots of 75 = 150
+    # 2% of 1,000,000 = 20000; 100 per unit -> 200 -> 3 lots of 65 = 195
     req = order(
-        symbol="NIFTY26NOVFUT",
+        symbol=NIFTY_FUT.symbol,
         price="25950",
         qty=0,
         stop_loss=D("25850"),
         sizing=Sizing(capital=Decimal(1_000_000), risk_pct=Decimal(2)),
     )
     v, exe = s.evaluate(req)
-    # 150 x 25950 is over max_notional, so this also proves the sized quantity is what gets checked
+    # 195 x 25950 is over max_notional, so this also proves the sized quantity is what gets checked
     assert not v.approved and v.code == VerdictCode.NOTIONAL
-    assert v.reason == "notional 3892500.00 exceeds max_notional 1000000.00"
-    s2, _ = make(max_notional=5_000_000.0)
+    assert v.reason == "notional 5060250.00 exceeds max_notional 1000000.00"
+    s2, _ = make(max_notional=6_000_000.0)
     v, exe = s2.evaluate(req)
-    assert v.approved and v.quantity == 150 and exe is not None and exe.quantity == 150 == exe.order.quantity
+    assert v.approved and v.quantity == 195 and exe is not None and exe.quantity == 195 == exe.order.quantity
 
 
 def test_sizing_without_a_stop_loss_is_rejected() -> None:
@@ -361,7 +362,7 @@ def test_sizing_without_a_stop_loss_is_rejected() -> None:
 def test_sizing_below_one_lot_is_rejected() -> None:
     s, _ = make()
     req = order(
-        symbol="NIFTY26NOVFUT",
+        symbol=NIFTY_FUT.symbol,
         price="25950",
         qty=0,
         stop_loss=D("25850"),
@@ -369,8 +370,8 @@ def test_sizing_below_one_lot_is_rejected() -> None:
     )
     assert refused(s, req) == (
         VerdictCode.SIZING,
-        "sized quantity is 0: risk budget 1000.00 is less than one lot of NIFTY26NOVFUT "
-        "(7500.00 at risk per lot)",
+        f"sized quantity is 0: risk budget 1000.00 is less than one lot of {NIFTY_FUT.symbol} "
+        "(6500.00 at risk per lot)",
     )
 
 
@@ -391,8 +392,8 @@ def test_sizing_with_bad_inputs_is_rejected() -> None:
         ("RELIANCE-EQ", "1290.5", 0, VerdictCode.QUANTITY, "quantity 0 must be greater than 0"),
         ("RELIANCE-EQ", "1290.5", -5, VerdictCode.QUANTITY, "quantity -5 must be greater than 0"),
         ("TATASTEEL-EQ", "165.3", 1001, VerdictCode.QUANTITY, "quantity 1001 exceeds max_qty 1000"),
-        ("NIFTY26NOVFUT", "25950", 10, VerdictCode.LOT,
-         "quantity 10 is not a multiple of lot size 75 for NIFTY26NOVFUT"),
+        (NIFTY_FUT.symbol, "25950", 10, VerdictCode.LOT,
+         f"quantity 10 is not a multiple of lot size 65 for {NIFTY_FUT.symbol}"),
     ],
 )
 def test_bad_quantity_is_rejected(symbol: str, price: str, qty: int, code: VerdictCode, text: str) -> None:
@@ -403,7 +404,7 @@ def test_bad_quantity_is_rejected(symbol: str, price: str, qty: int, code: Verdi
 def test_quantity_at_max_qty_and_whole_lots_pass() -> None:
     s, _ = make(max_notional=10_000_000.0)
     approve(s, order(symbol="TATASTEEL-EQ", price="165.3", qty=1000))
-    approve(s, order(symbol="NIFTY26NOVFUT", price="25950", qty=150))
+    approve(s, order(symbol=NIFTY_FUT.symbol, price="25950", qty=130))
 
 
 # --------------------------------------------------------------------------- 8. exposure (REDUCING)

@@ -14,6 +14,7 @@ from libs.common.instruments import MasterData
 from libs.common.messages import OrderRequest, Sizing, Tick
 from services.risk.sentinel import RiskSentinel, calculate_size
 from tests.kit import fill
+from tests.kit.builders import NIFTY_FUT
 
 MASTER = MasterData.load()
 _ids = itertools.count(1)
@@ -109,7 +110,8 @@ def test_nothing_unusable_is_ever_approved(data: st.DataObject) -> None:
     """A usable order with zero to three of its values replaced by unusable ones."""
     symbol, ref, lot = data.draw(
         st.sampled_from(
-            [("RELIANCE-EQ", 1290.5, 1), ("HDFCBANK-EQ", 985.4, 1), ("NIFTY26NOVFUT", 25950.0, 75)]
+            [("RELIANCE-EQ", 1290.5, 1), ("HDFCBANK-EQ", 985.4, 1),
+             (NIFTY_FUT.symbol, 25950.0, NIFTY_FUT.lot_size)]
         )
     )
     side = data.draw(st.sampled_from(["BUY", "SELL"]))

@@ -126,9 +126,11 @@ class BrokerPosition(msgspec.Struct, frozen=True, kw_only=True):
 class IpBlock(msgspec.Struct, frozen=True, kw_only=True):
     """An episode of the broker refusing orders from this machine's IP (``LiveBroker.ip_block``).
 
-    ``refusing``: new orders are refused and no order call is sent. A fresh login (the bounded
-    probe) lifts the refusal; the episode itself ends only when the broker answers an order call
-    without the IP error. ``episode`` changes with each new episode and when the code changes."""
+    While it exists, new orders are refused and no order call is sent (``refusing`` stays True: a
+    login is no proof, Kotak never IP-checks one). The episode ends only when an order call --
+    the one a probe login lets through -- passes the broker's IP check. ``episode`` changes with
+    each new episode and when the code changes. ``note``: why the probe stopped, if it did (a
+    login refused for the IP again and again, or for the credentials)."""
 
     episode: int
     code: int  # the broker's code: Kotak 100008 (IP not whitelisted) | 1037 (session from another IP)
@@ -137,11 +139,13 @@ class IpBlock(msgspec.Struct, frozen=True, kw_only=True):
     refusing: bool = True
     ip: str = ""  # this machine's public IP as the broker sees it, when known
     since_ns: int = 0
+    note: str = ""
 
     @property
     def summary(self) -> str:
         """One line for a refusal, the heartbeat and ``neopulse status``."""
-        return f"broker refuses orders from this machine's IP: {self.reason}; fix: {self.fix}"
+        note = f"; NeoPulse stopped trying: {self.note}" if self.note else ""
+        return f"broker refuses orders from this machine's IP: {self.reason}; fix: {self.fix}{note}"
 
 
 BrokerEvent = BrokerOrderStatus | BrokerTrade
@@ -212,6 +216,6 @@ class LiveBroker(Broker, Protocol):
         ...
 
     def probe_ip_block(self) -> bool:
-        """Log in again (blocking; at most once per probe interval). True when that lifted the
-        refusal (the next order call then tells whether the block is really gone)."""
+        """Log in again and let one order call test the IP (blocking; at most once per probe
+        interval). True when that call passed the broker's IP check: the episode is over."""
         ...

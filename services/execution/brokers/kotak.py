@@ -43,14 +43,21 @@ Decisions a reviewer should know about
   session created from that IP). ``100008`` (IP not whitelisted) and ``1037`` (session from
   another IP) are neither a session expiry nor a passing error: the call raises
   ``BrokerIpBlocked`` (no re-login, no second send) and an episode starts (``ip_block()``).
-  While it refuses, no order call is sent (they raise ``BrokerIpBlocked`` locally) and no lazy
-  login either when the login itself was refused; reads go on (Kotak does not IP-check its
-  report and portfolio APIs). The probe (``probe_ip_block()``, run by the service) logs in again
-  at most once per ``IP_PROBE_S`` step, because Kotak needs a new session after an IP change and
-  a session from the right IP cures 1037; a successful login lifts the refusal. The episode
-  ends when Kotak answers an order call without the IP error; an IP error after the lift
-  continues the same episode (refusing again, the probe backing off), so the operator is
-  alerted once per episode.
+  Only the order calls are read that way: Kotak does not IP-check reads or logins, so an IP
+  code on a read is taken for a session problem (one re-login, at most once a minute). While an
+  episode is open, no order call is sent (they raise ``BrokerIpBlocked`` locally) and no lazy
+  login either when the login itself was refused; reads go on. A login is no proof that the
+  block is gone (Kotak never IP-checks one); only an order call that passes Kotak's IP check
+  is. So the probe (``probe_ip_block()``, run by the service, at most once per ``IP_PROBE_S``
+  step, each failed probe one step on whatever failed) logs in into a new client outside the
+  session lock (Kotak needs a new session after an IP change; one from the right IP cures
+  1037), swaps it in only when that worked, and then lets exactly one order call through: a
+  real one if it comes within ``IP_TRIAL_WAIT_S``, else a cancel of ``PROBE_ORDER_NO``, which no
+  order can have (Kotak checks the IP before it looks the order up). The refusal lasts until
+  that call's answer is not the IP code. A fresh process does the same with its first order
+  call: the others wait for its answer instead of going out as a batch. A login refused for
+  the IP ``LOGIN_IP_REFUSALS_MAX`` times in an episode, or refused for the credentials during a
+  probe, stops the probing (it could lock the account) and says to check the consumer key.
 * **Logout** (``logout()``, or ``logout_if_due()`` which the service calls periodically) only
   clears the SDK's tokens: in SDK 3.0.9 ``logout()`` does not call the server, and Kotak ends
   sessions itself at the end of the day. After it, calls raise ``BrokerTemporary`` for the
@@ -88,8 +95,10 @@ from services.execution.brokers.base import (
     BrokerTrade,
     BrokerUnknown,
     IpBlock,
+    error_reason,
 )
 from services.execution.brokers.kotak_protocol import (
+    IP_CODES,
     MAYBE_DONE,
     Kind,
     OrderRefused,
@@ -108,10 +117,22 @@ from services.execution.brokers.ratelimit import RateLimiter
 BrokerEvent = BrokerOrderStatus | BrokerTrade
 SFEED_DEFAULT_URL = "wss://sfeed.kotaksecurities.com/apifeed"
 _TOTP_REFUSED_WORDS = ("totp", "otp")
-# While Kotak refuses orders from this IP: seconds before each probe (a fresh login), the last
-# one repeating. A probe whose lift did not hold moves one step on. The fix texts
+# While Kotak refuses orders from this IP: seconds before each probe (a fresh login, then one
+# order call), the last one repeating. Every failed probe moves one step on. The fix texts
 # (kotak_protocol.IP_BLOCK_WORDS) promise a login "within two minutes": keep the last step there.
 IP_PROBE_S = (30.0, 60.0, 120.0)
+# The probe's harmless order call: a cancel of an order number no order can have (Kotak's start
+# with the date). Kotak checks the IP before it looks the order up, so any answer but the IP code
+# (the fake's: 1021 "order not found") shows the IP check passed.
+PROBE_ORDER_NO = "0"
+# After the probe's login, how long a real order call may take the one trial before the probe
+# sends its own cancel.
+IP_TRIAL_WAIT_S = 0.5
+# Kotak does not IP-check logins: a login refused for the IP this often in one episode is more
+# likely a consumer-key problem, and probing stops.
+LOGIN_IP_REFUSALS_MAX = 3
+# A read answered with an IP code (Kotak does not IP-check reads): at most one re-login per this.
+READ_IP_RELOGIN_S = 60.0
 # Kinds of an order-call answer that show the IP check passed (Kotak answered the order itself).
 _PAST_IP_CHECK = frozenset({Kind.OK, Kind.REFUSED})
 
@@ -143,19 +164,28 @@ class PinnedOriginTransport(httpx.HTTPTransport):
 
 
 class _IpGate:
-    """One episode at a time of Kotak refusing orders from this IP; thread-safe (pool threads
-    record and check, the loop reads ``block``). See "Static IP" in the module docstring."""
+    """One episode at a time of Kotak refusing orders from this IP, and the one order call that
+    may test it; thread-safe (pool threads record and check, the loop reads ``block``). See
+    "Static IP" in the module docstring."""
 
-    def __init__(self, schedule: tuple[float, ...], clock: Clock, log: Any) -> None:
+    def __init__(self, schedule: tuple[float, ...], clock: Clock, log: Any, *, first_wait_s: float) -> None:
         self.schedule = schedule or IP_PROBE_S
         self.clock, self.log = clock, log
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.block: IpBlock | None = None
         self._episodes = 0
-        self._misses = 0  # lifts that did not hold in this episode (the probe's backoff step)
+        self._misses = 0  # failed probes in this episode (the probe's backoff step)
         self._probe_at = 0.0
         self._probing = False
         self._login_refused = False  # the refusal came from a login: no lazy login either
+        self.login_ip_refusals = 0  # logins refused for the IP in this episode
+        self.stopped = ""  # why the probe stopped for this episode ("" while it goes on)
+        self._verified = False  # an order call passed Kotak's IP check (since start / the last episode)
+        self._slot = False  # a probe login let one order call through; nobody has taken it yet
+        self._trial = False  # that one order call (or a fresh process's first) is out
+        self._probe_trial = False  # ... and it is a probe's (its failure moves the probe on)
+        self._first_wait_s = first_wait_s
 
     def _step(self) -> float:
         return self.schedule[min(self._misses, len(self.schedule) - 1)]
@@ -164,81 +194,150 @@ class _IpGate:
         block = self.block
         return block is None or block.code != code
 
-    def record(self, verdict: Verdict, raw: Any, ip: str, *, at_login: bool) -> BrokerIpBlocked:
+    def record(self, verdict: Verdict, raw: Any, ip: str, *, at_login: bool, trial: bool) -> BrokerIpBlocked:
+        """Kotak refused a call for the IP. ``trial``: the one order call let through after a
+        probe login (or a fresh process's first), so a failed probe: one step on."""
         code = verdict.code or 0
         reason, fix = ip_block_words(code, verdict.reason, ip)
-        with self._lock:
-            block = self.block
+        with self._cond:
+            block, fresh = self.block, self.block is None
+            probe_trial = trial and self._probe_trial
             if block is None or block.code != code:
                 self._episodes += 1
-                self._misses = 0
                 block = IpBlock(episode=self._episodes, code=code, reason=reason, fix=fix, ip=ip,
-                                since_ns=self.clock.now_ns())  # fmt: skip
-                self._probe_at = time.monotonic() + self._step()
+                                since_ns=self.clock.now_ns(), note=self.stopped)  # fmt: skip
                 self.log.error("kotak_ip_blocked", code=code, broker_reason=verdict.reason, ip=ip,
-                               episode=block.episode, probe_in_s=self._step())  # fmt: skip
-            elif not block.refusing:  # lifted by a fresh login, but orders are still refused
+                               episode=block.episode)  # fmt: skip
+            if fresh:
+                self._misses = 0
+                self.login_ip_refusals, self.stopped = 0, ""
+            elif probe_trial:
                 self._misses += 1
-                self._probe_at = time.monotonic() + self._step()
-                block = msgspec.structs.replace(block, refusing=True)
                 self.log.warning("kotak_ip_still_blocked", code=code, episode=block.episode,
                                  probe_in_s=self._step())  # fmt: skip
-            self._login_refused = self._login_refused or at_login
+            if fresh or probe_trial:
+                self._probe_at = time.monotonic() + self._step()
+            if at_login:
+                self._login_refused = True
+                self.login_ip_refusals += 1
+            if trial:
+                self._trial = self._probe_trial = False
+            self._slot = self._verified = False
             self.block = block
+            self._cond.notify_all()
         return BrokerIpBlocked(block.summary, code=code, fix=block.fix, raw=raw)
 
     def _refusal(self, block: IpBlock) -> BrokerIpBlocked:
         return BrokerIpBlocked(f"{block.summary} (not sent)", code=block.code, fix=block.fix)
 
-    def check_order(self) -> None:
-        """Before an order call: raise while refusing (nothing is sent)."""
-        block = self.block
-        if block is not None and block.refusing:
-            raise self._refusal(block)
+    def check_order(self) -> bool:
+        """Before an order call. While an episode is open: raise (nothing is sent), except for the
+        one call a probe login lets through. Before any order call has passed the IP check (a
+        fresh process): the first goes alone and the rest wait for its answer (at most
+        ``first_wait_s``). True when this call is that one trial: report its answer with
+        ``trial_answer`` (or ``record(trial=True)`` for an IP refusal)."""
+        deadline = time.monotonic() + self._first_wait_s
+        with self._cond:
+            while True:
+                block = self.block
+                if block is not None:
+                    if self._slot and not self._trial:
+                        self._slot, self._trial, self._probe_trial = False, True, True
+                        self._cond.notify_all()  # the probe waiting in slot_open
+                        return True
+                    raise self._refusal(block)
+                if self._verified:
+                    return False
+                if not self._trial:
+                    self._trial = True
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False  # the first call is taking long: do not hold the others forever
+                self._cond.wait(left)
+
+    def trial_answer(self, passed: bool, why: str) -> None:
+        """The trial's answer, other than an IP refusal: past Kotak's IP check (the episode is
+        over) or not (a timeout, a 5xx, no session...: during an episode a failed probe)."""
+        with self._cond:
+            probe_trial = self._probe_trial
+            self._trial = self._probe_trial = False
+            block = self.block
+            if passed:
+                self._verified = True
+                self.block = None
+                self._misses, self._login_refused = 0, False
+                self.login_ip_refusals, self.stopped = 0, ""
+            elif block is not None and probe_trial:
+                self._probe_failed_locked(why)
+            self._cond.notify_all()
+        if passed and block is not None:
+            self.log.warning("kotak_ip_block_cleared", code=block.code, episode=block.episode)
 
     def check_login(self) -> None:
         """Before a lazy login: raise while refusing because a login was refused for the IP."""
         block = self.block
-        if block is not None and block.refusing and self._login_refused:
+        if block is not None and self._login_refused:
             raise self._refusal(block)
 
     def probe_due(self) -> bool:
         block = self.block
         due = time.monotonic() >= self._probe_at
-        return block is not None and block.refusing and not self._probing and due
+        return block is not None and not self.stopped and not self._probing and due
 
     def claim_probe(self) -> bool:
         with self._lock:
             if not self.probe_due():
                 return False
             self._probing = True
-            self._probe_at = time.monotonic() + self._step()  # a failed probe waits a full step
+            self._probe_at = time.monotonic() + self._step()  # a probe never runs twice in a step
             return True
 
     def probe_done(self) -> None:
         self._probing = False
 
-    def on_login(self) -> None:
-        """A login succeeded: a new session from this machine's IP. Lift the refusal; the next
-        order call tells whether the block is gone."""
+    def _probe_failed_locked(self, why: str) -> None:
+        self._misses += 1
+        self._probe_at = time.monotonic() + self._step()
+        self.log.warning("kotak_ip_probe_failed", error=why, probe_in_s=self._step())
+
+    def probe_failed(self, why: str) -> None:
+        """The probe's login failed (any reason): one step on."""
+        with self._lock:
+            if self.block is not None:
+                self._probe_failed_locked(why)
+
+    def stop_probing(self, note: str) -> None:
+        """No more probes this episode (they would not help, or could lock the account)."""
         with self._lock:
             block = self.block
-            if block is None or not block.refusing:
+            if block is None or self.stopped:
                 return
-            self.block = msgspec.structs.replace(block, refusing=False)
-            self._login_refused = False
-        self.log.warning("kotak_ip_block_lifted", code=block.code, episode=block.episode)
+            self.stopped = note
+            self.block = msgspec.structs.replace(block, note=note)
+        self.log.error("kotak_ip_probe_stopped", code=block.code, episode=block.episode, note=note)
 
-    def on_order_answer(self) -> None:
-        """Kotak answered an order call past its IP check: the episode is over."""
-        if self.block is None:
-            return
-        with self._lock:
-            block, self.block = self.block, None
-            self._misses = 0
+    def probe_login_ok(self) -> bool:
+        """The probe's login worked: let one order call through (the refusal stays until that
+        call passes the IP check). False when no episode is open any more."""
+        with self._cond:
+            block = self.block
+            if block is None:
+                return False
             self._login_refused = False
-        if block is not None:
-            self.log.warning("kotak_ip_block_cleared", code=block.code, episode=block.episode)
+            self._slot = True
+            self._cond.notify_all()
+        self.log.info("kotak_ip_probe_login", code=block.code, episode=block.episode)
+        return True
+
+    def slot_open(self, wait_s: float = 0.0) -> bool:
+        """Whether the probe's one order call is still untaken (waiting up to ``wait_s`` for a
+        real order call to take it)."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while self._slot and self.block is not None and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return self._slot and self.block is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +373,8 @@ class KotakBroker:
 
     def __init__(self, kotak: KotakConfig, execution: ExecutionConfig, master: MasterData | None = None,
                  clock: Clock | None = None, log: Any = None, *,
-                 ip_probe_s: tuple[float, ...] = IP_PROBE_S) -> None:  # fmt: skip
+                 ip_probe_s: tuple[float, ...] = IP_PROBE_S, ip_trial_wait_s: float = IP_TRIAL_WAIT_S,
+                 ) -> None:  # fmt: skip
         if kotak.environment != "prod":
             # In "uat" the SDK ignores the validate reply's baseUrl, so nothing could be pinned.
             raise ConfigError(f"config error: `kotak.environment` must be prod, got {kotak.environment!r}")
@@ -288,11 +388,9 @@ class KotakBroker:
         # After a place of unknown outcome, how long the book may still lack the order.
         self.book_lag_s = execution.book_lag_s or max(30.0, 3 * execution.broker_timeout_s)
         self._logout_at = _hhmm(execution.logout_at)
-        self._client = sdk.NeoAPI(
-            consumer_key=kotak.consumer_key, environment=kotak.environment,
-            timeout=execution.broker_timeout_s,
-            transport=PinnedOriginTransport(kotak.base_url) if self.sandbox else None,
-        )  # fmt: skip
+        self._sdk = sdk
+        self._client = self._new_client()
+        self._retired: list[Any] = []  # clients a probe's login replaced (closed in close())
         self.orders_limiter = RateLimiter(execution.orders_per_sec, name="orders")
         self.requests_limiter = RateLimiter(execution.requests_per_sec, name="requests")
         self._session_lock = threading.Lock()
@@ -306,7 +404,20 @@ class KotakBroker:
         self._traded_qty: dict[str, int] = {}
         self._book_filled: dict[str, int] = {}
         self._seen_day = trading_day(self.clock)
-        self._ip = _IpGate(ip_probe_s, self.clock, self.log)
+        # An order call waits this long for a fresh process's first order call (its lazy login
+        # may wait out a TOTP window) before it goes anyway.
+        first_wait = 2 * execution.broker_timeout_s + 35.0
+        self._ip = _IpGate(ip_probe_s, self.clock, self.log, first_wait_s=first_wait)
+        self._ip_trial_wait_s = ip_trial_wait_s
+        self._ip_lookup_lock = threading.Lock()  # one whatsmyip per episode, however many were refused
+        self._read_ip_relogin_at = 0.0
+
+    def _new_client(self) -> Any:
+        k = self.cfg
+        return self._sdk.NeoAPI(
+            consumer_key=k.consumer_key, environment=k.environment, timeout=self.execution.broker_timeout_s,
+            transport=PinnedOriginTransport(k.base_url) if self.sandbox else None,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ static IP
 
@@ -318,33 +429,70 @@ class KotakBroker:
         return self._ip.probe_due()
 
     def probe_ip_block(self) -> bool:
-        """While Kotak refuses orders from this IP: log in again, at most once per probe step
-        (Kotak needs a new session after an IP change; one from the whitelisted IP cures 1037).
-        Blocking: run it in the pool. True when the login succeeded and lifted the refusal."""
+        """While Kotak refuses orders from this IP, at most once per probe step: log in into a new
+        client (outside the session lock; it replaces the current one only if the login worked),
+        then let exactly one order call through -- a real one if it comes within the trial wait,
+        else a cancel of ``PROBE_ORDER_NO``. Blocking: run it in the pool. True when that call
+        passed Kotak's IP check (the episode is over); every failure moves the probe one step on."""
         if not self._ip.claim_probe():
             return False
         try:
-            with self._session_lock:
-                if self._login_error is not None:
-                    raise self._login_error
-                self._check_not_logged_out()
-                self.log.info("kotak_ip_probe", code=self._ip.block.code if self._ip.block else None)
-                self._logged_in = False
-                self._login_locked()
-        except BrokerError as exc:
-            self.log.warning("kotak_ip_probe_failed", error=exc.reason)
-            return False
+            return self._probe()
         finally:
             self._ip.probe_done()
-        return True
 
-    def _ip_refused(self, verdict: Verdict, reply: Any, *, at_login: bool = False) -> BrokerIpBlocked:
+    def _probe(self) -> bool:
+        block = self._ip.block
+        self.log.info("kotak_ip_probe", code=block.code if block else None)
+        try:
+            if self._login_error is not None:
+                raise self._login_error
+            self._check_not_logged_out()
+            client = self._new_client()
+            self._login_into(client, sticky=False)
+        except BrokerIpBlocked as exc:  # recorded (at_login) by _refuse_login
+            self._ip.probe_failed(exc.reason)
+            self._stop_if_login_keeps_refusing()
+            return False
+        except KotakLoginError as exc:  # credentials refused: another try could lock the account
+            self._ip.probe_failed(exc.reason)
+            self._ip.stop_probing(f"the probe's login was refused ({exc.reason}): check kotak.consumer_key, "
+                                  "kotak.mpin and kotak.totp_secret, then restart execution")  # fmt: skip
+            return False
+        except BrokerError as exc:
+            self._ip.probe_failed(exc.reason)
+            return False
+        with self._session_lock:
+            self._adopt(client)
+        if not self._ip.probe_login_ok():
+            return self._ip.block is None
+        if self._ip.slot_open(self._ip_trial_wait_s):  # no real order call took it: our harmless one
+            with contextlib.suppress(BrokerError):
+                self._send(lambda: self._client.cancel_order(order_id=PROBE_ORDER_NO), order=True)
+        return self._ip.block is None
+
+    def _stop_if_login_keeps_refusing(self) -> None:
+        n = self._ip.login_ip_refusals
+        block = self._ip.block
+        if n < LOGIN_IP_REFUSALS_MAX or block is None or self._ip.stopped:
+            return
+        note = (f"Kotak refused the login itself {n} times with {block.code}, and Kotak does not IP-check "
+                "logins: check the consumer key (kotak.consumer_key) and the IP, then restart execution")
+        self._ip.stop_probing(note)
+        if not self._logged_in:  # no session to keep: every call says so until the restart
+            self._login_error = KotakLoginError(f"Kotak login refused for the IP: {note}")
+
+    def _ip_refused(self, verdict: Verdict, reply: Any, *, at_login: bool = False,
+                    trial: bool = False) -> BrokerIpBlocked:  # fmt: skip
         """Kotak refused a call for the static-IP rule: record it (asking Kotak once per episode
         which IP it sees, for the operator) and return the error to raise."""
-        ip = self._public_ip() if self._ip.starts_episode(verdict.code or 0) else ""
-        if not ip and self._ip.block is not None:
-            ip = self._ip.block.ip
-        return self._ip.record(verdict, _safe(reply), ip, at_login=at_login)
+        code = verdict.code or 0
+        with self._ip_lookup_lock:
+            block = self._ip.block
+            ip = self._public_ip() if self._ip.starts_episode(code) else ""
+            if not ip and block is not None:
+                ip = block.ip
+            return self._ip.record(verdict, _safe(reply), ip, at_login=at_login, trial=trial)
 
     def _public_ip(self) -> str:
         """This machine's public IP as Kotak sees it (``whatsmyip``), or "" (best effort)."""
@@ -398,7 +546,11 @@ class KotakBroker:
             self._check_not_logged_out()
             if not self._logged_in:
                 self._ip.check_login()  # a login refused for the IP waits for the probe
-                self._login_locked()
+                try:
+                    self._login_locked()
+                except BrokerIpBlocked:
+                    self._stop_if_login_keeps_refusing()
+                    raise
             return self._session_gen
 
     def _check_not_logged_out(self) -> None:
@@ -417,9 +569,33 @@ class KotakBroker:
             self._ip.check_login()
             self.log.warning("kotak_session_expired", reason=why)
             self._logged_in = False
-            self._login_locked()
+            try:
+                self._login_locked()
+            except BrokerIpBlocked:
+                self._stop_if_login_keeps_refusing()
+                raise
 
     def _login_locked(self) -> None:
+        self._login_into(self._client, sticky=True)
+        self._session_gen += 1
+        self._logged_in = True
+        self._login_error = None
+        self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox)
+
+    def _adopt(self, client: Any) -> None:
+        """A client whose login worked becomes the session (under the session lock)."""
+        self._retired.append(self._client)
+        while len(self._retired) > 1:  # two probe steps old: nothing can still be in flight on it
+            self._close_client(self._retired.pop(0))
+        self._client = client
+        self._session_gen += 1
+        self._logged_in = True
+        self._login_error = None
+        self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox, probe=True)
+
+    def _login_into(self, client: Any, *, sticky: bool) -> None:
+        """TOTP login and MPIN validate on ``client``. ``sticky``: a refusal of the credentials
+        is kept (``_login_error``) until ``login()``; the probe's is not (its old session stays)."""
         c = self.cfg
         missing = [f"kotak.{k}" for k in ("consumer_key", "mobile", "ucc", "mpin", "totp_secret")
                    if not getattr(c, k)]  # fmt: skip
@@ -432,35 +608,30 @@ class KotakBroker:
         except Exception:  # noqa: BLE001 - pyotp raises binascii/ValueError/TypeError for bad secrets
             self._login_error = KotakLoginError("kotak.totp_secret is not a valid base32 TOTP secret")
             raise self._login_error from None
-        view = self._totp_login(totp)
+        view = self._totp_login(client, totp)
         if view is not None and self._is_totp_refusal(view):
             # The code may have been at the edge of its window, or already used: next window.
             self._wait_next_totp_window(totp)
-            view = self._totp_login(totp)
+            view = self._totp_login(client, totp)
         if view is not None:
-            self._refuse_login("TOTP login", view)
+            self._refuse_login("TOTP login", view, sticky=sticky)
         try:
             with self.requests_limiter.hold(2):  # validate also fetches the SDK's dynamic config
-                reply = self._client.totp_validate(mpin=c.mpin)
+                reply = client.totp_validate(mpin=c.mpin)
         except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on transport errors
             raise BrokerTemporary(f"Kotak MPIN validate failed: {_reason(exc)}") from None
         data = reply.get("data") if isinstance(reply, dict) else None
         if not (isinstance(data, dict) and data.get("kType") == "Trade" and data.get("status") == "success"):
-            self._refuse_login("MPIN validate", reply)
-        self._session_gen += 1
-        self._logged_in = True
-        self._login_error = None
-        self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox)
-        self._ip.on_login()
+            self._refuse_login("MPIN validate", reply, sticky=sticky)
 
-    def _totp_login(self, totp: pyotp.TOTP) -> Any:
+    def _totp_login(self, client: Any, totp: pyotp.TOTP) -> Any:
         """Returns None on success, else the reply."""
         if totp.interval - time.time() % totp.interval < 2:
             self._wait_next_totp_window(totp)  # a code about to expire may arrive stale
         counter = int(time.time() // totp.interval)
         try:
             with self.requests_limiter.hold():
-                reply = self._client.totp_login(mobile_number=_mobile(self.cfg.mobile), ucc=self.cfg.ucc,
+                reply = client.totp_login(mobile_number=_mobile(self.cfg.mobile), ucc=self.cfg.ucc,
                                                 totp=totp.at(counter * totp.interval))  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on transport errors
             raise BrokerTemporary(f"Kotak TOTP login failed: {_reason(exc)}") from None
@@ -478,40 +649,57 @@ class KotakBroker:
         verdict = classify(reply)
         return any(w in verdict.reason.lower() for w in _TOTP_REFUSED_WORDS)
 
-    def _refuse_login(self, step: str, reply: Any) -> None:
+    def _refuse_login(self, step: str, reply: Any, *, sticky: bool = True) -> None:
         verdict = classify(reply)
-        if verdict.kind is Kind.IP_BLOCKED:  # not the credentials: never sticky, never retried here
+        if verdict.kind is Kind.IP_BLOCKED:  # never sticky at once, never retried here
             raise self._ip_refused(verdict, reply, at_login=True)
         if verdict.kind in MAYBE_DONE or verdict.kind is Kind.RATE_LIMITED:
             raise BrokerTemporary(f"Kotak {step} failed: {verdict.reason}", raw=_safe(reply))
-        self._login_error = KotakLoginError(f"Kotak {step} refused: {verdict.reason or 'no reason given'}",
-                                            raw=_safe(reply))  # fmt: skip
-        self.log.error("kotak_login_refused", step=step, reason=verdict.reason)
-        raise self._login_error
+        why = verdict.reason or "no reason given"
+        error = KotakLoginError(f"Kotak {step} refused: {why}", raw=_safe(reply))
+        if sticky:
+            self._login_error = error
+        self.log.error("kotak_login_refused", step=step, reason=verdict.reason, sticky=sticky)
+        raise error
 
     # ------------------------------------------------------------------ plumbing
 
     def _send(self, call: Callable[[], Any], *, order: bool) -> tuple[Verdict, Any, int]:
         """One SDK call under the rate limits, the session gate and (for order calls) the
         static-IP gate. A static-IP refusal raises ``BrokerIpBlocked``."""
-        if order:
-            self._ip.check_order()  # while Kotak refuses this IP, order calls are not sent
-        gen = self._session()  # before taking tokens: a login needs request tokens itself
-        with self.orders_limiter.hold() if order else contextlib.nullcontext(), self.requests_limiter.hold():
-            try:
-                reply = call()
-            except Exception as exc:  # noqa: BLE001 - the SDK should not raise; treat it as its error dict
-                reply = {"Error": exc}
-        verdict = classify(reply)
-        if verdict.kind is Kind.IP_BLOCKED:
-            raise self._ip_refused(verdict, reply)
-        if order and verdict.kind in _PAST_IP_CHECK:
-            self._ip.on_order_answer()
+        trial = self._ip.check_order() if order else False  # during a block nothing is sent
+        settled = not trial
+        try:
+            gen = self._session()  # before taking tokens: a login needs request tokens itself
+            orders = self.orders_limiter.hold() if order else contextlib.nullcontext()
+            with orders, self.requests_limiter.hold():
+                try:
+                    reply = call()
+                except Exception as exc:  # noqa: BLE001 - the SDK should not raise; treat it as its error dict
+                    reply = {"Error": exc}
+            verdict = classify(reply, ip_checked=order)  # Kotak IP-checks only the order calls
+            if verdict.kind is Kind.IP_BLOCKED:
+                settled = True
+                raise self._ip_refused(verdict, reply, trial=trial)
+            if trial:
+                settled = True
+                self._ip.trial_answer(verdict.kind in _PAST_IP_CHECK, f"{verdict.kind}: {verdict.reason}")
+        except BaseException as exc:
+            if not settled:  # the trial got no answer at all (no session, ...): a failed probe
+                self._ip.trial_answer(False, error_reason(exc))
+            raise
         return verdict, reply, gen
 
     def _request(self, what: str, call: Callable[[], Any], *, order: bool = False) -> tuple[Verdict, Any]:
         """A call that is safe to repeat: on an expired session, log in again and repeat once."""
         verdict, reply, gen = self._send(call, order=order)
+        if verdict.kind is Kind.SESSION and verdict.code in IP_CODES:  # a read: Kotak does not IP-check it
+            now = time.monotonic()
+            if now < self._read_ip_relogin_at:
+                raise BrokerTemporary(f"{what}: Kotak {verdict.code} ({verdict.reason}) on a call it does "
+                                      "not IP-check; logged in again less than a minute ago",
+                                      raw=_safe(reply))  # fmt: skip
+            self._read_ip_relogin_at = now + READ_IP_RELOGIN_S
         if verdict.kind is Kind.SESSION:
             self._relogin(gen, f"{what}: {verdict.reason}")
             verdict, reply, _ = self._send(call, order=order)
@@ -784,7 +972,12 @@ class KotakBroker:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        rest = getattr(getattr(self._client, "api_client", None), "rest_client", None)
+        for client in (*self._retired, self._client):
+            self._close_client(client)
+
+    @staticmethod
+    def _close_client(client: Any) -> None:
+        rest = getattr(getattr(client, "api_client", None), "rest_client", None)
         if rest is not None:
             rest.close()
 

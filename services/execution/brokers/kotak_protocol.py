@@ -134,6 +134,34 @@ def _ip_code(value: Any, depth: int = 0) -> int | None:
     return None
 
 
+def _has_code(value: Any, depth: int = 0) -> bool:
+    """Whether an error envelope carries any code (``stCode``/``errCode``/``code``) in the places
+    ``_ip_code`` looks: then that code decides, never the words around it."""
+    if depth > 3:
+        return False
+    if isinstance(value, BaseException):
+        body = getattr(value, "body", None)
+        if isinstance(body, (bytes, str)):
+            try:
+                body = json.loads(body)
+            except ValueError:
+                return False
+        return _has_code(body, depth + 1)
+    if isinstance(value, list):
+        return any(_has_code(v, depth + 1) for v in value[:5] if isinstance(v, dict))
+    if not isinstance(value, dict):
+        return False
+    if any(_int(value.get(key)) is not None for key in _CODE_KEYS):
+        return True
+    for key in ("data", "error", "Error", "fault"):
+        inner = value.get(key)
+        if key == "data" and not isinstance(inner, dict):
+            continue
+        if isinstance(inner, (dict, list, BaseException)) and _has_code(inner, depth + 1):
+            return True
+    return False
+
+
 def _messages(value: Any, depth: int = 0) -> list[str]:
     """The message texts of an error envelope (same places as ``_ip_code``)."""
     if depth > 3:
@@ -156,7 +184,8 @@ def ip_verdict(reply: Any) -> Verdict | None:
         return None  # the SDK's own "not logged in": nothing reached Kotak
     code = _ip_code(reply)
     texts = _messages(reply)
-    if code is None and not (isinstance(reply, dict) and str(reply.get("stat", "")).strip().lower() == "ok"):
+    ok = isinstance(reply, dict) and str(reply.get("stat", "")).strip().lower() == "ok"
+    if code is None and not ok and not _has_code(reply):  # words only when no code says otherwise
         low = " ".join(texts).lower()
         code = next((c for word, c in _IP_WORDS if word in low), None)
     if code is None:
@@ -210,9 +239,14 @@ def _coded(code: int | None, message: str) -> Verdict:
     return Verdict(Kind.REFUSED, message or f"refused with code {code}", code)
 
 
-def classify(reply: Any) -> Verdict:
-    """What one SDK reply means (docs/kotak-rest.md §4, §7, §12)."""
+def classify(reply: Any, *, ip_checked: bool = True) -> Verdict:
+    """What one SDK reply means (docs/kotak-rest.md §4, §7, §12). ``ip_checked``: the call is one
+    Kotak checks the IP on (place, modify, cancel; a login is read the same way). On any other
+    call (books, positions) Kotak does not check the IP, so 100008/1037 there are read as a
+    session problem (a re-login, bounded), never as the static-IP rule."""
     if (blocked := ip_verdict(reply)) is not None:  # before the session check: 100008 is no session error
+        if not ip_checked:
+            return Verdict(Kind.SESSION, blocked.reason, blocked.code)
         return blocked
     if not isinstance(reply, dict):
         return Verdict(Kind.UNRECOGNISED, f"reply of type {type(reply).__name__}")

@@ -1,0 +1,475 @@
+"""Multi-leg (basket) orders: every leg committed first, long legs before short ones, and a
+rollback when a leg fails.
+
+* ``submit_basket`` builds every leg as an order of its own (checks, slicing, the leg's own
+  bracket) and commits all of them, with the ``baskets`` row, in ONE unit of work before any
+  place intent is released. Long (BUY) legs go out at once; short (SELL) legs are held — their
+  rows ``PENDING_BROKER``, their ids in ``inflight`` so reconciliation leaves them alone —
+  until every long leg has been accepted by the broker. A basket with no long leg (a short
+  straddle) goes out whole.
+* A leg fails when the broker rejects it (before or after its ack), when it could not be
+  placed, or when it is cancelled before it filled (the kill switch, an expiry). Then no held
+  leg is ever placed. With ``execution.basket_rollback`` the working legs (and the legs'
+  own brackets) are cancelled, and once the broker confirms every one of them closed, what
+  the legs filled is closed with protected limits (``purpose=FLATTEN``, request id
+  ``<basket>:undo<n>``), capped by what the strategy still holds and by the closing orders
+  already working (a flatten's). Without it the basket only stops placing. Either way a
+  CRITICAL (something was filled) or WARNING alert names the failed leg and what was done.
+* A flatten that touches a basket takes it over: held legs are never placed, the basket
+  ends ``FAILED`` and the flatten alone closes the positions.
+* Durability: the basket's state is written in the same flush that releases what the state
+  allows, so after a kill -9 a basket still ``PLACING_LONGS`` has never sent a short leg;
+  ``start`` holds those again and the first reconciliation moves the long legs on, which
+  either releases the shorts or rolls back. The rollback's closes are written with the
+  ``FAILED`` state, so a restart never places them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from libs.common.messages import (
+    ACK,
+    BASKET_MAX_LEGS,
+    BASKET_MIN_LEGS,
+    BASKET_OPEN,
+    CANCELLED,
+    PENDING_BROKER,
+    REJECTED,
+    UNKNOWN,
+    BasketState,
+    ExecuteBasket,
+    Flatten,
+    basket_leg_id,
+)
+from libs.common.money import MoneyError, protected_limit
+from services.execution.base import SubmitResult
+from services.execution.intents import Intent, PlaceIntent
+from services.execution.model import (
+    B_FLATTENED,
+    BRACKET_OPEN,
+    FLATTEN_P,
+    RANK,
+    BasketRow,
+    OrderRow,
+    new_id,
+)
+from services.execution.reconcile import Reconciliation
+
+
+@dataclass(slots=True)
+class BasketResult:
+    """Execution's answer to an ``ExecuteBasket``: the basket and one result per leg."""
+
+    request_id: str
+    ok: bool
+    basket_id: str = ""
+    state: str = ""
+    reason: str = ""
+    code: str = ""
+    legs: list[SubmitResult] = field(default_factory=list)
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "basket_id": self.basket_id,
+            "state": self.state,
+            "reason": self.reason,
+            "legs": [{"request_id": x.request_id, "ok": x.ok, "code": x.code, **x.data()} for x in self.legs],
+        }
+
+
+def _accepted(o: OrderRow) -> bool:
+    """The broker has the leg (acked, or trading): a fill before its ack counts too."""
+    return o.status != REJECTED and RANK[o.status] >= RANK[ACK] and o.status != UNKNOWN
+
+
+def _failed(o: OrderRow) -> bool:
+    return o.status == REJECTED or (o.status == CANCELLED and o.filled_qty < o.quantity)
+
+
+def _describe(n: int, o: OrderRow) -> str:
+    return f"leg {n} {o.side} {o.quantity} {o.symbol}"
+
+
+class Baskets(Reconciliation):
+    """Multi-leg orders on top of every other part (see the module docstring)."""
+
+    _baskets: dict[str, BasketRow]
+    _kby_request: dict[str, str]  # basket request id → basket id
+    _kleg: dict[str, str]  # leg order id → basket id
+    _kheld: set[str]  # rows of short legs not released to the broker yet
+    _kpending: set[str]  # baskets to move on once the current transition is done
+    _kadvancing: bool
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._baskets, self._kby_request, self._kleg = {}, {}, {}
+        self._kheld, self._kpending, self._kadvancing = set(), set(), False
+        self.basket_rollback = self.cfg.basket_rollback
+
+    # ------------------------------------------------------------------ restart
+    def _load_baskets(self) -> None:
+        """At start (before the first books are read): open baskets and their held legs."""
+        for k in self.store.load_open_baskets():
+            self._register(k)
+            if k.state == BasketState.PLACING_LONGS:
+                # the PLACED state was never durable, so no short leg was ever sent
+                for leg in self._leg_rows(k):
+                    if leg.side == "SELL":
+                        for x in self._place_rows(leg):
+                            if x.status == PENDING_BROKER:
+                                self._kheld.add(x.order_id)
+                                self.inflight.add(x.order_id)
+            self._kpending.add(k.basket_id)
+        self._advance_pending()
+
+    # ------------------------------------------------------------------ submit
+    def submit_basket(self, cmd: ExecuteBasket) -> BasketResult:
+        """Accept an approved basket: every leg's row (``PENDING_BROKER``, or ``REJECTED``) and
+        the basket's row are committed in one transaction, then the long legs' place intents
+        are released. If execution refuses any leg (its own checks, an expired deadline) no
+        leg is placed. A repeat of a known basket is answered with its current state."""
+        known = self._kby_request.get(cmd.request_id)
+        if known is not None or basket_leg_id(cmd.request_id, 1) in self.by_request:
+            self.stats["duplicates"] += 1
+            return self._answer(cmd.request_id, known)
+        why = self._shape_problem(cmd)
+        if why:
+            return BasketResult(cmd.request_id, False, reason=why, code="refused")
+        mark = self._uow_mark()
+        now = self._now()
+        expired = bool(cmd.expires_ns) and now > cmd.expires_ns
+        created: list[OrderRow] = []
+        for leg_cmd in cmd.legs:
+            try:
+                created.extend(self._build(leg_cmd, expired=expired))
+            except Exception as exc:  # noqa: BLE001 - one odd leg refuses the basket, never half-builds it
+                self._uow_rollback(mark, created)
+                if self.log is not None:
+                    self.log.error("basket_build_failed", request_id=cmd.request_id, error=repr(exc))
+                return BasketResult(cmd.request_id, False, reason=f"basket could not be built: {exc}",
+                                    code="refused")  # fmt: skip
+        legs = [self.orders[self.by_request[c.request_id]] for c in cmd.legs]
+        k = BasketRow(
+            basket_id=new_id(), request_id=cmd.request_id, strategy_id=cmd.strategy_id,
+            legs=[x.order_id for x in legs], state=BasketState.PLACING_LONGS, trading_day=self.day,
+            created_ns=now, updated_ns=now, rollback=self.basket_rollback,
+        )  # fmt: skip
+        self._register(k)
+        self._kdirty[k.basket_id] = k
+        refused = [(n, x) for n, x in enumerate(legs, 1) if x.status == REJECTED]
+        if refused:
+            self._refuse_rest(k, legs, refused)
+        else:
+            longs = [x for x in legs if x.side == "BUY"]
+            for leg in legs:
+                if longs and leg.side == "SELL":
+                    self._hold(leg)
+            if not longs or len(longs) == len(legs):
+                k.state = BasketState.PLACED
+        if not self.flush():
+            self._uow_rollback(mark, created)
+            self._forget(k)
+            return BasketResult(cmd.request_id, False, reason="ledger unavailable", code="ledger")
+        self.stats["submitted"] += len(legs)
+        if cmd.expires_ns and self._now() > cmd.expires_ns and k.state != BasketState.FAILED:
+            # the commit outlasted risk's deadline: risk tells the strategy it expired unplaced
+            why = f"expired {(self._now() - cmd.expires_ns) / 1e6:.0f} ms before it could be sent; not placed"
+            for leg in legs:
+                for x in self._place_rows(leg):
+                    self._withdraw(x, why, REJECTED)
+            self.flush()
+        if self.log is not None:
+            self.log.info("basket_accepted", request_id=k.request_id, basket_id=k.basket_id, state=k.state,
+                          legs=len(legs), held=sum(1 for x in legs if x.side == "SELL" and self._is_held(x)))
+        return self._answer(k.request_id, k.basket_id)
+
+    def _shape_problem(self, cmd: ExecuteBasket) -> str:
+        if not BASKET_MIN_LEGS <= len(cmd.legs) <= BASKET_MAX_LEGS:
+            return f"a basket has {BASKET_MIN_LEGS} to {BASKET_MAX_LEGS} legs, not {len(cmd.legs)}"
+        for n, leg in enumerate(cmd.legs, 1):
+            if leg.request_id != basket_leg_id(cmd.request_id, n):
+                return f"leg {n} request_id {leg.request_id} is not {basket_leg_id(cmd.request_id, n)}"
+            if leg.order.strategy_id != cmd.strategy_id:
+                return f"leg {n} belongs to {leg.order.strategy_id}, not the basket's {cmd.strategy_id}"
+            if leg.request_id in self.by_request:
+                return f"leg {n} request_id {leg.request_id} is already an order"
+        return ""
+
+    def _answer(self, request_id: str, basket_id: str | None) -> BasketResult:
+        k = self._baskets.get(basket_id or "")
+        if k is not None:
+            leg_ids = list(k.legs)
+        else:  # a finished basket from before a restart: its legs are today's rows
+            leg_ids = [self.by_request[r] for r in (basket_leg_id(request_id, n) for n in range(1, 5))
+                       if r in self.by_request]  # fmt: skip
+        results = []
+        for oid in leg_ids:
+            o = self.orders.get(oid)
+            if o is None:
+                continue
+            ok = o.status != REJECTED
+            results.append(SubmitResult(o.request_id, ok, o.order_id, o.status, o.client_tag, o.reason,
+                                        "" if ok else "rejected"))  # fmt: skip
+        # refused only when no leg ever reached the broker: once one did, the basket was
+        # accepted and its rollback (if any) is reported by alerts and the legs' updates
+        reached = any(self.orders[x].broker_order_id or self.orders[x].filled_qty
+                      or (RANK[self.orders[x].status] >= RANK[ACK] and self.orders[x].status != REJECTED)
+                      for x in leg_ids if x in self.orders)  # fmt: skip
+        failed = not reached and (k.state == BasketState.FAILED if k is not None
+                                  else not all(r.ok for r in results))
+        reason = (k.reason if k else "") or next((r.reason for r in results if not r.ok), "")
+        return BasketResult(request_id, not failed, k.basket_id if k else "", k.state if k else "", reason,
+                            "rejected" if failed else "", results)  # fmt: skip
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _register(self, k: BasketRow) -> None:
+        self._baskets[k.basket_id] = k
+        self._kby_request[k.request_id] = k.basket_id
+        for oid in k.legs:
+            self._kleg[oid] = k.basket_id
+
+    def _forget(self, k: BasketRow) -> None:
+        self._baskets.pop(k.basket_id, None)
+        self._kby_request.pop(k.request_id, None)
+        self._kdirty.pop(k.basket_id, None)
+        for oid in k.legs:
+            self._kleg.pop(oid, None)
+            self._kheld.discard(oid)
+            for c in self.children.get(oid, []):
+                self._kheld.discard(c)
+
+    def _leg_rows(self, k: BasketRow) -> list[OrderRow]:
+        return [self.orders[x] for x in k.legs if x in self.orders]
+
+    def _place_rows(self, leg: OrderRow) -> list[OrderRow]:
+        """The rows of a leg that reach the broker: its slices, or itself."""
+        if leg.sliced:
+            return [self.orders[c] for c in self.children.get(leg.order_id, []) if c in self.orders]
+        return [leg]
+
+    def _is_held(self, leg: OrderRow) -> bool:
+        return any(x.order_id in self._kheld for x in self._place_rows(leg))
+
+    def _hold(self, leg: OrderRow) -> None:
+        """Take a short leg's place intents back before they are released: it goes out once
+        every long leg is accepted. It stays in ``inflight`` so no book closes it meanwhile."""
+        rows = self._place_rows(leg)
+        for x in rows:
+            # the deadline guards the answer to risk, which comes right after the commit: a
+            # held leg goes once the longs are acked, however long that takes
+            x.expires_ns = 0
+        ids = {x.order_id for x in rows}
+        kept: list[Intent] = []
+        for i in self._held_intents:
+            if isinstance(i, PlaceIntent) and i.order_id in ids:
+                self._kheld.add(i.order_id)
+                continue
+            kept.append(i)
+        self._held_intents = kept
+
+    def _release(self, k: BasketRow) -> None:
+        for leg in self._leg_rows(k):
+            for x in self._place_rows(leg):
+                if x.order_id in self._kheld:
+                    self._kheld.discard(x.order_id)
+                    self._queue_place(x)
+
+    def _dirty_basket(self, k: BasketRow, state: str, reason: str = "") -> None:
+        k.state = state
+        if reason:
+            k.reason = reason[:500]
+        k.updated_ns = self._now()
+        self._kdirty[k.basket_id] = k
+
+    # ------------------------------------------------------------------ hooks into the other parts
+    def _withdraw(self, o: OrderRow, reason: str, status: str = CANCELLED) -> bool:
+        if o.order_id in self._kheld:  # a held short leg: it never reached the broker
+            self._kheld.discard(o.order_id)
+            self.inflight.discard(o.order_id)
+            self._transition(o, status, status, {"reason": reason}, reason)
+            return True
+        return super()._withdraw(o, reason, status)
+
+    def _transition(self, o: OrderRow, status: str, kind: str, payload: Any = None, reason: str = "") -> bool:
+        moved = super()._transition(o, status, kind, payload, reason)
+        if moved and self._baskets:
+            bid = self._kleg.get(o.order_id)
+            if bid is None and o.bracket_id:  # a leg's own stop or target ended (rollback waits on it)
+                b = self.brackets.get(o.bracket_id)
+                bid = self._kleg.get(b.entry_id) if b is not None else None
+            if bid is not None:
+                self._kpending.add(bid)
+                self._advance_pending()
+        return moved
+
+    def flatten(self, req: Flatten, done: Any) -> None:
+        """A flatten takes over every open basket it touches: no held leg is placed and the
+        flatten alone closes the positions (the basket does not close them a second time)."""
+        if req.request_id not in self.flatten_jobs:
+            match_key = self._match_symbol(req.symbol) if req.symbol else None
+            for k in list(self._baskets.values()):
+                if k.state not in BASKET_OPEN:
+                    continue
+                legs = self._leg_rows(k)
+                if not any(self._matches(x.strategy_id, x.key, req, match_key) for x in legs):
+                    continue
+                self._dirty_basket(k, BasketState.FAILED, f"flatten {req.request_id} took over")
+                for leg in legs:
+                    for x in self._place_rows(leg):
+                        if x.order_id in self._kheld:
+                            self._withdraw(x, f"not placed: flatten {req.request_id} took over the basket")
+        super().flatten(req, done)
+
+    # ------------------------------------------------------------------ moving a basket on
+    def _advance_pending(self) -> None:
+        if self._kadvancing:
+            return
+        self._kadvancing = True
+        try:
+            while self._kpending:
+                k = self._baskets.get(self._kpending.pop())
+                if k is not None:
+                    self._advance(k)
+        finally:
+            self._kadvancing = False
+
+    def _advance(self, k: BasketRow) -> None:
+        legs = self._leg_rows(k)
+        if len(legs) != len(k.legs):  # cannot happen: the legs are today's rows
+            return
+        if k.state in (BasketState.PLACING_LONGS, BasketState.PLACED):
+            failed = [(n, x) for n, x in enumerate(legs, 1) if _failed(x)]
+            if failed:
+                self._fail(k, legs, failed)
+                return
+            if k.state == BasketState.PLACING_LONGS and all(_accepted(x) for x in legs if x.side == "BUY"):
+                self._dirty_basket(k, BasketState.PLACED)
+                self._release(k)  # held until the flush has written PLACED
+                if self.log is not None:
+                    self.log.info("basket_shorts_released", request_id=k.request_id, basket_id=k.basket_id)
+            if k.state == BasketState.PLACED and all(x.terminal for x in legs):
+                self._dirty_basket(k, BasketState.COMPLETE)
+                self._done(k)
+        if k.state == BasketState.ROLLING_BACK:
+            self._roll_back(k, legs)
+
+    def _refuse_rest(self, k: BasketRow, legs: list[OrderRow], refused: list[tuple[int, OrderRow]]) -> None:
+        """Execution refused a leg while building: no leg of the basket is placed."""
+        why = "; ".join(f"{_describe(n, x)}: {x.reason}" for n, x in refused)
+        for leg in legs:
+            if leg.status == REJECTED:
+                continue
+            for x in self._place_rows(leg):
+                self._withdraw(x, f"not placed: basket refused ({why})"[:500], REJECTED)
+        self._dirty_basket(k, BasketState.FAILED, why)
+        self._done(k)
+
+    def _fail(self, k: BasketRow, legs: list[OrderRow], failed: list[tuple[int, OrderRow]]) -> None:
+        what = "; ".join(
+            f"{_describe(n, x)} {'rejected' if x.status == REJECTED else 'cancelled'} "
+            f"({x.reason or x.status.lower()})"
+            for n, x in failed
+        )
+        for leg in legs:  # a failed basket never places another leg
+            for x in self._place_rows(leg):
+                if x.order_id in self._kheld:
+                    self._withdraw(x, f"not placed: {what}"[:500])
+        filled = [(n, x) for n, x in enumerate(legs, 1) if x.filled_qty]
+        working = [x for x in legs if not x.terminal]
+        if not k.rollback:
+            self._dirty_basket(k, BasketState.FAILED, what)
+            left = ", ".join(f"{_describe(n, x)} filled {x.filled_qty}" for n, x in filled)
+            left = left or "nothing filled"
+            self.alert("CRITICAL" if filled or working else "WARNING",
+                       f"basket {k.request_id}: {what}; basket_rollback is off: no further leg placed, "
+                       f"{len(working)} working leg(s) and the fills left as they are ({left})",
+                       "basket_failed")  # fmt: skip
+            self._done(k)
+            return
+        self._dirty_basket(k, BasketState.ROLLING_BACK, what)
+        for leg in working:
+            self._cancel_tree(leg, f"basket {k.request_id} rollback")
+        for leg in legs:
+            b = self._bracket_of(leg)
+            if b is not None and b.state in BRACKET_OPEN:
+                b.state = B_FLATTENED  # its stop and target go: the rollback closes the leg
+                b.reason = f"basket {k.request_id} rollback"
+                b.updated_ns = self._now()
+                self._bdirty[b.bracket_id] = b
+                self._sync_bracket(b)
+        self.alert(
+            "CRITICAL" if filled or working else "WARNING",
+            f"basket {k.request_id}: {what}; rolling back: cancelling {len(working)} working leg(s), "
+            + ("closing " + ", ".join(f"{_describe(n, x)} filled {x.filled_qty}" for n, x in filled)
+               if filled else "nothing filled to close"),
+            "basket_failed",
+        )  # fmt: skip
+        self._roll_back(k, legs)
+
+    def _roll_back(self, k: BasketRow, legs: list[OrderRow]) -> None:
+        """Once the broker confirms every leg (and every leg's stop and target) closed — a
+        fill may still be on its way — close what the legs filled, netted per instrument and
+        product, capped by what the strategy holds less the closing orders already working."""
+        bracket_legs = [
+            self.orders[y] for x in legs if x.bracket_id
+            for y in self.legs.get(x.bracket_id, []) if y in self.orders
+        ]  # fmt: skip
+        if any(not x.terminal for x in (*legs, *bracket_legs)):
+            return
+        net: dict[tuple[str, str], int] = {}
+        first: dict[tuple[str, str], OrderRow] = {}
+        for x in legs:
+            if x.filled_qty:
+                kp = (x.key, x.product)
+                net[kp] = net.get(kp, 0) + (x.filled_qty if x.side == "BUY" else -x.filled_qty)
+                first.setdefault(kp, x)
+        done: list[str] = []
+        for n, ((key, product), held) in enumerate(sorted(net.items()), 1):
+            leg = first[(key, product)]
+            side = "SELL" if held > 0 else "BUY"
+            pos = self.positions.get((leg.strategy_id, key))
+            now_held = 0
+            if pos is not None:
+                now_held = pos.by_product.get(product, pos.quantity) if pos.by_product else pos.quantity
+            own = max(0, now_held) if held > 0 else max(0, -now_held)
+            qty = min(abs(held), own) - self._closing_qty(leg.strategy_id, key, product, side)
+            rid = f"{k.request_id}:undo{n}"
+            if qty <= 0 or rid in self.by_request:
+                continue
+            inst = self.master.get(leg.segment, leg.token)
+            last = self.last.get(key)
+            ref = last.ltp if last is not None else leg.avg_price
+            try:
+                if inst is None or ref is None:
+                    raise MoneyError("no instrument or price")
+                price = protected_limit(side, ref, self.protection_pct, inst.tick_size)
+            except MoneyError as exc:
+                self.alert("CRITICAL", f"basket {k.request_id}: cannot price the close of {qty} {leg.symbol} "
+                           f"({exc}); close it by hand", "basket_close_failed")  # fmt: skip
+                continue
+            now = self._now()
+            row = OrderRow(
+                order_id=new_id(), request_id=rid, client_tag=self._tag(), strategy_id=leg.strategy_id,
+                segment=leg.segment, token=leg.token, symbol=leg.symbol, side=side, order_type="LIMIT",
+                product=product, quantity=qty, price=price, status=PENDING_BROKER, trading_day=self.day,
+                created_ns=now, updated_ns=now, purpose=FLATTEN_P, broker=self.broker_name,
+            )  # fmt: skip
+            self._add(row, "PENDING", {"basket": k.request_id, "rollback": True, "filled": held})
+            self._slice_and_place(row, inst)
+            k.closes.append(row.order_id)
+            done.append(f"{side} {qty} {leg.symbol} @ {price}")
+        self._dirty_basket(k, BasketState.FAILED)
+        if done:
+            self.alert("WARNING", f"basket {k.request_id} rolled back: closing " + ", ".join(done),
+                       "basket_rolled_back")
+        self._done(k)
+
+    def _done(self, k: BasketRow) -> None:
+        if self.log is not None:
+            self.log.info("basket_done", request_id=k.request_id, basket_id=k.basket_id, state=k.state,
+                          reason=k.reason, closes=len(k.closes))
+
+    def basket_list(self) -> list[dict[str, Any]]:
+        return [k.as_dict() for k in self._baskets.values()]
