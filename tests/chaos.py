@@ -483,6 +483,7 @@ class Report:
     refused_manual: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     protect_checks: int = 0
+    protect_skipped: int = 0  # --broker kotak: checks skipped while the broker refused every order
     broker: str = "paper"
     faults: dict[str, int] = field(default_factory=dict)  # --broker kotak: what was injected
     home: str = ""  # kept for a failed run (or with --keep): its logs and the ledger's pgdata
@@ -506,7 +507,8 @@ class Report:
         lines.append(f"{'total':12s} {sum(self.kills.values()):6d}")
         lines.append(f"orders {self.orders}, fills {self.fills}, manual approved {self.approved_manual}, "
                      f"manual refused {dict(self.refused_manual)}, "
-                     f"protection checks {self.protect_checks}")  # fmt: skip
+                     f"protection checks {self.protect_checks} "
+                     f"(skipped during IP blocks {self.protect_skipped})")  # fmt: skip
         if self.faults:
             lines.append("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())))
         lines.append("invariant                              violations")
@@ -564,9 +566,14 @@ def protection_gaps(orders: list[dict[str, Any]], book: Book) -> dict[str, str]:
     return gaps
 
 
-def check_protection(stack: ChaosStack, ledger: Ledger, journal: BookSource, report: Report) -> None:
+def check_protection(stack: ChaosStack, ledger: Ledger, journal: BookSource, report: Report,
+                     refusing: Any = None) -> None:  # fmt: skip
     """``protection_gaps`` is empty, or each gap closes within ``PROTECT_GRACE_S`` (an entry
-    may have filled a moment ago; a closed position's stop is being cancelled)."""
+    may have filled a moment ago; a closed position's stop is being cancelled). Skipped while
+    ``refusing()`` says the broker refuses every order (a static-IP episode)."""
+    if refusing is not None and refusing():
+        report.protect_skipped += 1
+        return
     report.protect_checks += 1
     deadline = time.monotonic() + PROTECT_GRACE_S
     suspects: dict[str, str] | None = None
@@ -731,7 +738,7 @@ def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: 
             took = time.monotonic() - t_kill
             report.recovery[target].append(took)
             _say(log, f"kill {i + 1:3d}/{kills}: {target:9s} {name:18s} back in {took:5.2f} s")
-            check_protection(stack, ledger, book, report)
+            check_protection(stack, ledger, book, report, injector.refusing if kotak is not None else None)
         _say(log, "kills done: stopping the manual trader" + (" and the faults" if threads else ""))
         trader.halt.set()
         trader.join(10)

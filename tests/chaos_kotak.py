@@ -33,7 +33,7 @@ from tests.fakes.kotak_rest import KotakRestFake
 if TYPE_CHECKING:
     from tests.chaos import Book
 
-BROKER_TIMEOUT_S = 1.0
+BROKER_TIMEOUT_S = 2.0
 LIVE = frozenset({"open", "trigger pending", "open pending", "validation pending", "put order req received",
                   "partially filled"})  # fmt: skip
 IP_CODES = (100008, 1037)
@@ -174,6 +174,7 @@ class Injector(threading.Thread):
         super().__init__(daemon=True)
         self.fake, self.rng, self.rate, self.faults = fake, rng, fault_rate, faults
         self.halt = threading.Event()
+        self._ep_lock = threading.Lock()
         self._ip_until = 0.0
         self._next_ip = time.monotonic() + 15.0  # episodes at least a probe interval apart
 
@@ -196,8 +197,9 @@ class Injector(threading.Thread):
             if self._ip_until or now < self._next_ip:
                 return
             code = self.rng.choice(IP_CODES)
+            with self._ep_lock:
+                self.faults.episodes.append(Episode(code, time.time()))
             self.fake.ip_block(code)
-            self.faults.episodes.append(Episode(code, time.time()))
             self._ip_until = now + self.rng.uniform(*self.rng.choice(IP_EPISODE_S))
             self._next_ip = self._ip_until + PROBE_S * 2
         elif kind == "place timeout":
@@ -217,6 +219,14 @@ class Injector(threading.Thread):
         else:
             self.fake.expire_session()
         self.faults.injected[kind] += 1
+
+    def refusing(self) -> bool:
+        """True while an IP episode runs, and until execution's probe can have noticed its end
+        (the probe waits 30, 60, then 120 s): the broker refuses every order meanwhile, so no
+        stop can be placed, which the CRITICAL alert tells the trader."""
+        with self._ep_lock:
+            last = self.faults.episodes[-1] if self.faults.episodes else None
+        return last is not None and (not last.end or time.time() - last.end < PROBE_S * 4 + 10)
 
     def lift(self) -> None:
         """End a running IP episode (the operator fixed the whitelist)."""

@@ -103,6 +103,7 @@ import io
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -127,6 +128,7 @@ if TYPE_CHECKING:
 IST = timezone(timedelta(hours=5, minutes=30))
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_VERSION = 1
+SAVE_EVERY_S = 0.1  # the state file is rewritten at most this often
 
 # --------------------------------------------------------------------------------------------
 # Credentials the fake accepts (test-only values; never real secrets)
@@ -640,6 +642,8 @@ class FakeKotakBroker:
         self._orders_per_s: float | None = None
         self._requests_per_s: float | None = None
         self.state = self._load()
+        self._dirty = False
+        self._saved_at = 0.0
         self._save()
 
     # ---- persistence ----------------------------------------------------------------------
@@ -650,10 +654,33 @@ class FakeKotakBroker:
         return BrokerState()
 
     def _save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps(self.state.to_json(), separators=(",", ":")))  # per change: compact
-        tmp.replace(self.state_file)
+        """Persist the book: at once when the last write is older than ``SAVE_EVERY_S``, else
+        by the saver thread within that long (a busy book is not rewritten per change). A
+        stop (SIGTERM, Ctrl-C) writes what is pending; only kill -9 can lose the last moment."""
+        with self._lock:
+            self._dirty = True
+            if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+                self.flush()
+            elif not getattr(self, "_saver", None):
+                self._saver = threading.Thread(target=self._save_loop, daemon=True)
+                self._saver.start()
+
+    def _save_loop(self) -> None:
+        while True:
+            time.sleep(SAVE_EVERY_S)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the state file now if anything changed."""
+        with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
+            self._saved_at = time.monotonic()
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            tmp.write_text(json.dumps(self.state.to_json(), separators=(",", ":")))
+            tmp.replace(self.state_file)
 
     # ---- routing --------------------------------------------------------------------------
 
@@ -1655,11 +1682,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     server = FakeKotakHTTPServer((args.host, args.port), factory, verbose=args.verbose)
     print(f"kotak-fake listening on {server.broker.advertise_url} pid={os.getpid()}", flush=True)
+
+    def _stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # KotakRestFake.stop/restart: the pending state is written
     try:
         server.serve_forever(poll_interval=0.1)
     except KeyboardInterrupt:
         pass
     finally:
+        server.broker.flush()
         server.server_close()
     return 0
 

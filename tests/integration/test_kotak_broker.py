@@ -366,7 +366,11 @@ def test_feed_session_leases_url_ucc_and_sid(tmp_path: Path) -> None:
         broker = KotakBroker(kotak_config(fake), ExecutionConfig())
         try:
             lease = broker.feed_session()
-            state = json.loads(fake.state_file.read_text())
+            def saved() -> dict[str, Any] | None:  # the fake writes its state within 0.1 s
+                d: dict[str, Any] = json.loads(fake.state_file.read_text())
+                return d if d["sessions"] and d["sessions"][-1].get("sid") == lease["auth"] else None
+
+            state = eventually(saved, timeout=5, message="the session in the fake's state file")
             assert lease["url"] == sfeed  # from the dynamic config service, pinned to the fake
             assert lease["user"] == FakeCredentials().ucc
             assert lease["auth"] == state["sessions"][-1]["sid"]
