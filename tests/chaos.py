@@ -268,6 +268,7 @@ class ChaosStack:
         self.prices: dict[str, float] = {}  # symbol → last price
         self.prices_by_key: dict[str, float] = {}  # segment|token → last price
         self.alerts: list[tuple[float, Alert]] = []  # (time.time(), alert)
+        self.ip_degraded_at = 0.0  # time.time() of execution's last heartbeat degraded for the IP
         self.starts: dict[str, list[float]] = defaultdict(list)  # service → time.time() of each start
         self._listener = threading.Thread(target=self._listen, daemon=True)
 
@@ -347,6 +348,8 @@ class ChaosStack:
                 if isinstance(msg, Heartbeat):
                     with self._beat_lock:
                         self.beats[msg.service] = msg
+                    if msg.service == "execution" and msg.state == "degraded" and "IP" in msg.reason:
+                        self.ip_degraded_at = time.time()
                 elif isinstance(msg, Tick):
                     key = (msg.segment, msg.token)
                     if key not in names:
@@ -738,7 +741,8 @@ def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: 
             took = time.monotonic() - t_kill
             report.recovery[target].append(took)
             _say(log, f"kill {i + 1:3d}/{kills}: {target:9s} {name:18s} back in {took:5.2f} s")
-            check_protection(stack, ledger, book, report, injector.refusing if kotak is not None else None)
+            refusing = (lambda: injector.refusing(stack.ip_degraded_at)) if kotak is not None else None
+            check_protection(stack, ledger, book, report, refusing)
         _say(log, "kills done: stopping the manual trader" + (" and the faults" if threads else ""))
         trader.halt.set()
         trader.join(10)

@@ -39,6 +39,8 @@ LIVE = frozenset({"open", "trigger pending", "open pending", "validation pending
 IP_CODES = (100008, 1037)
 IP_EPISODE_S = ((4.0, 8.0), (70.0, 100.0))  # how long an operator takes: quickly, or past two probes
 PROBE_S = 30.0
+PROTECT_AFTER_IP_S = 15.0  # once execution accepts orders again, waiting legs go at once
+LATE_S = 1.0  # an order call arriving this long after the first IP refusal was sent after it was known
 
 CONFIG = """
 [feed]
@@ -220,13 +222,16 @@ class Injector(threading.Thread):
             self.fake.expire_session()
         self.faults.injected[kind] += 1
 
-    def refusing(self) -> bool:
-        """True while an IP episode runs, and until execution's probe can have noticed its end
-        (the probe waits 30, 60, then 120 s): the broker refuses every order meanwhile, so no
-        stop can be placed, which the CRITICAL alert tells the trader."""
+    def refusing(self, ip_degraded_at: float) -> bool:
+        """True while an IP episode runs, and while execution still says it is blocked (its
+        probe notices the end only at its next step) plus ``PROTECT_AFTER_IP_S``: the broker
+        refuses every order meanwhile, so no stop can be placed, which the CRITICAL alert
+        tells the trader. ``ip_degraded_at``: the last heartbeat execution sent degraded for
+        the IP (time.time())."""
         with self._ep_lock:
             last = self.faults.episodes[-1] if self.faults.episodes else None
-        return last is not None and (not last.end or time.time() - last.end < PROBE_S * 4 + 10)
+        active = last is not None and not last.end
+        return active or time.time() - ip_degraded_at < PROTECT_AFTER_IP_S
 
     def lift(self) -> None:
         """End a running IP episode (the operator fixed the whitelist)."""
@@ -245,7 +250,6 @@ class Injector(threading.Thread):
 
 
 ORDER_APIS = frozenset({"place_order", "modify_order", "cancel_order"})
-IN_FLIGHT = 3  # order calls already on their way together when the first refusal comes back
 
 
 def check_episodes(fake: KotakRestFake, faults: Faults, alerts: list[tuple[float, Any]],
@@ -253,8 +257,9 @@ def check_episodes(fake: KotakRestFake, faults: Faults, alerts: list[tuple[float
                    starts: list[float]) -> list[tuple[str, str]]:  # fmt: skip
     """Violations of the static-IP promise, per episode: ``(invariant, detail)``.
 
-    Storm: between two IP-refused order calls (place, modify or cancel) there must be a login
-    (a probe) or a restart of execution, except for the few calls already in flight together.
+    Storm: after the first IP refusal of a run (calls already in flight then are refused too),
+    an order call (place, modify or cancel) refused for the IP must follow a login (a probe) or
+    a restart of execution.
     Each episode that refused an order call must have raised a CRITICAL ``broker_ip_blocked``
     alert (one per execution process) and refused a new order naming the IP. An episode's
     window ends at the next episode's start, so one episode's evidence never counts for another."""
@@ -269,13 +274,17 @@ def check_episodes(fake: KotakRestFake, faults: Faults, alerts: list[tuple[float
         if not refused:
             continue  # no order call while blocked: nothing to notice
         markers = sorted(t for t in [*logins, *starts] if window[0] <= t < window[1])
-        burst, worst, prev = 0, 0, window[0]
+        worst, first, prev = 0, refused[0], window[0]
+        late = 0  # refused calls sent after the block was known, since the last login or restart
         for t in refused:
-            burst = 1 if any(prev < m <= t for m in markers) else burst + 1
-            worst, prev = max(worst, burst), t
-        if worst > IN_FLIGHT:
-            out.append(("ip block retry storm", f"{ep.code}: {worst} IP-refused order calls "
-                        "without a login or restart between"))  # fmt: skip
+            if any(prev < m <= t for m in markers):
+                first, late = t, 0
+            elif t - first > LATE_S:
+                late += 1
+            worst, prev = max(worst, late), t
+        if worst:
+            out.append(("ip block retry storm", f"{ep.code}: {worst} IP-refused order calls sent after "
+                        "the block was known, without a login or restart between"))  # fmt: skip
         restarts = sum(1 for t in starts if window[0] <= t < window[1])
         crit = [a for t, a in alerts if window[0] <= t < window[1] and a.code == "broker_ip_blocked"
                 and a.level == "CRITICAL"]  # fmt: skip
