@@ -10,7 +10,9 @@ Expiry specs (``resolve_expiry``):
 
 ``"weekly"``
     the nearest expiry on or after ``today`` among the underlying's listed options, of
-    whichever kind (for an underlying with monthly options only, that is the monthly);
+    whichever kind (for an underlying with monthly options only, that is the monthly). A
+    ``today`` given as a ``datetime`` at or after 15:30 IST counts from the next day
+    (``live_from``): on an expiry day after the close that expiry no longer trades;
 ``"next-weekly"``
     the listed expiry after that one;
 ``"monthly"``
@@ -34,15 +36,17 @@ from collections import Counter
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 
-from libs.common.instruments import Instrument, MasterData, UnknownInstrument, paper_today
+from libs.common.instruments import Instrument, MasterData, UnknownInstrument
 
 __all__ = [
+    "EXPIRY_CLOSE",
     "EXPIRY_SPECS",
     "Chain",
     "ChainError",
     "chain",
     "expiries",
     "find_option",
+    "live_from",
     "resolve_expiry",
     "spot_instrument",
     "underlyings",
@@ -162,17 +166,40 @@ def underlyings(master: MasterData) -> list[str]:
     return sorted(_index(master).underlyings)
 
 
+EXPIRY_CLOSE = dt.time(15, 30)  # an index or stock option's last trade on its expiry day, IST
+_IST = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
+
+
+def live_from(today: dt.date) -> dt.date:
+    """The first expiry date still trading on ``today``. A ``date`` is itself; a ``datetime``
+    (naive = IST) at or after 15:30 IST is the next day: on an expiry day after the close,
+    that expiry is over and ``"weekly"`` is the next one."""
+    if isinstance(today, dt.datetime):
+        local = today.astimezone(_IST) if today.tzinfo is not None else today
+        return local.date() + dt.timedelta(days=1) if local.time() >= EXPIRY_CLOSE else local.date()
+    return today
+
+
+def _now() -> dt.datetime:
+    from libs.common.clock import IST, Clock  # clock pulls in config: imported when needed
+
+    return Clock().now(IST)
+
+
 def expiries(master: MasterData, underlying: str, today: dt.date | None = None) -> list[dt.date]:
-    """The listed option expiries of ``underlying`` (on or after ``today`` if given)."""
+    """The listed option expiries of ``underlying`` (still trading on ``today`` if given:
+    ``live_from``)."""
     _, contracts = _contracts(master, underlying)
     days = contracts.expiries
-    return days[bisect.bisect_left(days, today) :] if today is not None else list(days)
+    return days[bisect.bisect_left(days, live_from(today)) :] if today is not None else list(days)
 
 
 # ---------------------------------------------------------------------- expiry
 def resolve_expiry(master: MasterData, underlying: str, spec: str | dt.date, today: dt.date) -> dt.date:
-    """The expiry date ``spec`` names for ``underlying`` on ``today`` (see the module doc);
-    ``ChainError`` when the master lists none."""
+    """The expiry date ``spec`` names for ``underlying`` on ``today`` (see the module doc; a
+    ``datetime`` after 15:30 IST counts from the next day, ``live_from``); ``ChainError`` when
+    the master lists none."""
+    today = live_from(today)
     name, contracts = _contracts(master, underlying)
     if isinstance(spec, str) and spec.strip().lower() not in EXPIRY_SPECS:
         try:
@@ -229,9 +256,13 @@ class Chain:
         return len(self.strikes)
 
     def atm(self, spot: float | Decimal) -> Decimal:
-        """The listed strike nearest ``spot``; a tie goes to the lower strike."""
+        """The listed strike nearest ``spot``; a tie goes to the lower strike. A spot that is
+        not a positive finite number (no index tick yet: 0, NaN, inf) raises ``ChainError``
+        rather than picking an edge strike."""
         strikes = self.strikes
         price = _strike(spot)
+        if not (price.is_finite() and price > 0):
+            raise ChainError(f"{self.underlying}: spot {spot!r} is not a positive finite price")
         i = bisect.bisect_left(strikes, price)
         if i == 0:
             return strikes[0]
@@ -305,8 +336,9 @@ def chain(
     master: MasterData, underlying: str, expiry: str | dt.date = "weekly", today: dt.date | None = None
 ) -> Chain:
     """The option chain of ``underlying`` at the expiry ``expiry`` names on ``today``
-    (default: the trading day, IST, of a ``Clock()``; strategies and tests pass their own)."""
-    day = today or paper_today()
+    (default: the time, IST, of a ``Clock()``, so after 15:30 on an expiry day ``"weekly"`` is
+    the next expiry; strategies and tests pass their own day or time)."""
+    day = today if today is not None else _now()
     name, contracts = _contracts(master, underlying)
     when = resolve_expiry(master, name, expiry, day)
     built = contracts.chains.get(when)

@@ -139,6 +139,9 @@ class ExecutionConfig(_Section, frozen=True):
     # A basket leg that fails: cancel the basket's working legs and close its filled ones
     # (true), or only stop placing its legs and leave the rest as they are (false).
     basket_rollback: bool = True
+    # A basket's short legs go out only once every long leg is filled in full; a long leg
+    # not filled this many seconds after the basket was accepted fails the basket (rollback).
+    basket_fill_timeout_s: PositiveFloat = 30.0
 
 
 class PaperConfig(_Section, frozen=True):

@@ -136,12 +136,14 @@ class MasterData:
         Without ``paths`` (paper mode): the bundled cash sample and the index derivatives live
         on ``today`` (``libs.common.contracts.paper_derivatives``); ``today`` defaults to the
         trading day (IST) of a ``Clock()``, so ``NEOPULSE_CLOCK_OFFSET_S`` moves it too. With
-        ``paths`` (a real master) exactly those files, nothing generated."""
+        ``paths`` (a real master) exactly those files, nothing generated; an expiry outside a
+        year before to eight years after ``today`` is left unknown (``expiry_window``)."""
         freeze = load_freeze_qty(freeze_path) if freeze_path and freeze_path.exists() else {}
         master = cls()
         if paths:
+            day = today if today is not None else paper_today()
             for path in paths:
-                master.add(parse_master_csv(path.read_text(encoding="utf-8-sig"), freeze))
+                master.add(parse_master_csv(path.read_text(encoding="utf-8-sig"), freeze, today=day))
             return master
         master.add(parse_master_csv(SAMPLE_MASTER.read_text(encoding="utf-8-sig"), freeze))
         master.add_paper_derivatives(today if today is not None else paper_today())
@@ -186,15 +188,28 @@ def load_freeze_qty(path: Path) -> dict[str, int]:
 _EPOCH_1980_SEGMENTS = frozenset({"nse_fo", "cde_fo"})
 _IST_OFFSET_S = 19_800
 _MIN_EXPIRY, _MAX_EXPIRY = dt.date(2000, 1, 1), dt.date(2100, 12, 31)
+_ANY_EXPIRY = (_MIN_EXPIRY, _MAX_EXPIRY)
 
 
-def _expiry_of(raw: str, seg: str) -> dt.date | None:
-    """Kotak's ``lExpiryDate`` as the IST date of the last trading day; None when absent, or
-    when it lands outside 2000..2100 (a file whose convention changed: no date beats a wrong
-    one, and risk then cannot refuse the contract as expired, which a wrong date would do)."""
+def expiry_window(today: dt.date | None) -> tuple[dt.date, dt.date]:
+    """The expiries a master may plausibly carry: from a year before ``today`` to eight years
+    after it (2000..2100 when today is not known). The longest-dated index options run five
+    years; a Unix-seconds value read on the 1980 epoch lands ten years late (the offset is
+    315,513,000 s, a day short of ten calendar years), so eight keeps both apart."""
+    if today is None:
+        return _ANY_EXPIRY
+    return today - dt.timedelta(days=366), today.replace(year=today.year + 8, day=min(today.day, 28))
+
+
+def _expiry_of(raw: str, seg: str, window: tuple[dt.date, dt.date] = _ANY_EXPIRY) -> dt.date | None:
+    """Kotak's ``lExpiryDate`` as the IST date of the last trading day; None when absent, not a
+    finite number, or when it lands outside ``window`` (``expiry_window``: a file whose
+    convention changed, e.g. a bse_fo value read as nse_fo lands ten years late; no date beats
+    a wrong one, and risk then cannot refuse the contract as expired, which a wrong date would
+    do)."""
     try:
         secs = int(float(raw))
-    except ValueError:
+    except (ValueError, OverflowError):  # "", "abc"; "inf", "nan"
         return None
     if secs <= 0:
         return None
@@ -203,19 +218,21 @@ def _expiry_of(raw: str, seg: str) -> dt.date | None:
         day = dt.datetime.fromtimestamp(secs + offset + _IST_OFFSET_S, dt.UTC).date()
     except (OverflowError, OSError, ValueError):
         return None
-    return day if _MIN_EXPIRY <= day <= _MAX_EXPIRY else None
+    return day if window[0] <= day <= window[1] else None
 
 
 def parse_master_csv(  # noqa: PLR0915 - one hot loop, kept inline: a call per row costs 10%
-    text: str, freeze: dict[str, int] | None = None,
+    text: str, freeze: dict[str, int] | None = None, *, today: dt.date | None = None,
 ) -> list[Instrument]:
     """Parse one Kotak scrip-master CSV (any segment: cash, nse_fo, bse_fo).
 
     F&O rows (OPTIDX, OPTSTK, FUTIDX, FUTSTK) carry ``underlying`` from ``pSymbolName``, the
     strike (paise → rupees), ``CE``/``PE`` (``XX`` → ""), and the expiry date. Values that
     repeat across rows (tick sizes, lots, strikes, expiries) are converted once each and
-    cached: a 100k-row F&O master loads in well under a second."""
+    cached: a 100k-row F&O master loads in well under a second. With ``today`` an expiry
+    outside ``expiry_window(today)`` is left unknown."""
     freeze = freeze or {}
+    window = expiry_window(today)
     reader = csv.reader(io.StringIO(text))
     try:
         header = [_clean_header(h) for h in next(reader)]
@@ -270,7 +287,7 @@ def parse_master_csv(  # noqa: PLR0915 - one hot loop, kept inline: a call per r
             strike = strikes[raw]
             ekey = (row[i_exp], seg)
             if ekey not in expiries:
-                expiries[ekey] = _expiry_of(ekey[0], seg)
+                expiries[ekey] = _expiry_of(ekey[0], seg, window)
             expiry = expiries[ekey]
         raw = row[i_lot]
         lot = ints.get(raw)

@@ -18,6 +18,7 @@ from libs.common.instruments import MasterData, UnknownInstrument
 from libs.common.messages import (
     BASKET_MAX_LEGS,
     BASKET_MIN_LEGS,
+    MAX_QTY,
     BasketRequest,
     BasketVerdict,
     CancelEntries,
@@ -125,6 +126,8 @@ def trade(
     side = side.strip().upper()
     if side not in ("BUY", "SELL"):
         fail(f"side must be BUY or SELL, got {side!r}", EXIT_USAGE)
+    if qty > MAX_QTY:  # it could not even be sent
+        fail(f"--qty {qty} is more than {MAX_QTY:,} (the most one order carries)", EXIT_USAGE)
     product = product.strip().upper()
     if product not in ("MIS", "CNC", "NRML"):
         fail(f"--product must be MIS, CNC or NRML, got {product!r}", EXIT_USAGE)
@@ -189,6 +192,8 @@ def parse_leg(text: str, master: MasterData, today: dt.date, product: str = "MIS
         raise LegError(f"leg {text!r}: quantity {words[-1]!r} is not a whole number") from None
     if qty <= 0:
         raise LegError(f"leg {text!r}: quantity must be above 0")
+    if qty > MAX_QTY:  # it could not even be sent: a request carries at most MAX_QTY
+        raise LegError(f"leg {text!r}: quantity {qty} is more than {MAX_QTY:,} (the most one order carries)")
     if len(words) == 6 and words[3].upper() not in ("CE", "PE"):
         raise LegError(f"leg {text!r}: option type must be CE or PE, not {words[3]!r}")
     try:
@@ -229,9 +234,9 @@ def _trade_basket(texts: list[str], product: str, sl_pct: Decimal | None, as_jso
     if sl_pct is not None and not (sl_pct.is_finite() and 0 < sl_pct < 100):
         fail(f"--sl-pct must be above 0 and below 100, got {sl_pct}", EXIT_USAGE)
     master = MasterData.load_for_home(home_dir())
-    today = Clock().now(IST).date()
+    now = Clock().now(IST)  # a time, not a date: after 15:30 on an expiry day "weekly" is the next
     try:
-        legs = [parse_leg(t, master, today, product, sl_pct) for t in texts]
+        legs = [parse_leg(t, master, now, product, sl_pct) for t in texts]
     except LegError as exc:
         fail(str(exc), EXIT_USAGE)
     req = BasketRequest(request_id=f"cli-{uuid.uuid4().hex[:16]}", strategy_id=MANUAL_STRATEGY, legs=legs)

@@ -5,28 +5,31 @@ rollback when a leg fails.
   bracket) and commits all of them, with the ``baskets`` row, in ONE unit of work before any
   place intent is released. Long (BUY) legs go out at once; short (SELL) legs are held — their
   rows ``PENDING_BROKER``, their ids in ``inflight`` so reconciliation leaves them alone —
-  until every long leg has been accepted by the broker. A basket with no long leg (a short
+  until every long leg is filled in full; a long leg not filled within
+  ``execution.basket_fill_timeout_s`` fails the basket. A basket with no long leg (a short
   straddle) goes out whole.
 * A leg fails when the broker rejects it (before or after its ack), when it could not be
-  placed, or when it is cancelled before it filled (the kill switch, an expiry). Then no held
-  leg is ever placed. With ``execution.basket_rollback`` the working legs (and the legs'
-  own brackets) are cancelled, and once the broker confirms every one of them closed, what
-  the legs filled is closed with protected limits (``purpose=FLATTEN``, request id
-  ``<basket>:undo<n>``), capped by what the strategy still holds and by the closing orders
-  already working (a flatten's). Without it the basket only stops placing. Either way a
+  placed, or when it is cancelled before it filled (the kill switch, an expiry); a sliced leg
+  when any one of its slices does. Then no held leg is ever placed. With
+  ``execution.basket_rollback`` the working legs (and the legs' own brackets) are cancelled,
+  and once the broker confirms every one of them closed, what the legs filled (less what a
+  leg's own stop or target closed) is closed with protected limits (``purpose=FLATTEN``,
+  request id ``<basket>:undo<n>``), capped by what the strategy still holds and by the
+  closing orders already working (a flatten's). Without it the basket only stops placing. Either way a
   CRITICAL (something was filled) or WARNING alert names the failed leg and what was done.
 * A flatten that touches a basket takes it over: held legs are never placed, the basket
   ends ``FAILED`` and the flatten alone closes the positions.
 * Durability: the basket's state is written in the same flush that releases what the state
   allows, so after a kill -9 a basket still ``PLACING_LONGS`` has never sent a short leg;
-  ``start`` holds those again and the first reconciliation moves the long legs on, which
-  either releases the shorts or rolls back. The rollback's closes are written with the
+  ``start`` holds those again and the reconciliations move the long legs on, which either
+  release the shorts or roll back. The rollback's closes are written with the
   ``FAILED`` state, so a restart never places them twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from libs.common.messages import (
@@ -37,7 +40,6 @@ from libs.common.messages import (
     CANCELLED,
     PENDING_BROKER,
     REJECTED,
-    UNKNOWN,
     BasketState,
     ExecuteBasket,
     Flatten,
@@ -45,6 +47,7 @@ from libs.common.messages import (
 )
 from libs.common.money import MoneyError, protected_limit
 from services.execution.base import SubmitResult
+from services.execution.brokers.base import BrokerOrderStatus, BrokerTrade
 from services.execution.intents import Intent, PlaceIntent
 from services.execution.model import (
     B_FLATTENED,
@@ -79,13 +82,28 @@ class BasketResult:
         }
 
 
-def _accepted(o: OrderRow) -> bool:
-    """The broker has the leg (acked, or trading): a fill before its ack counts too."""
-    return o.status != REJECTED and RANK[o.status] >= RANK[ACK] and o.status != UNKNOWN
+def _filled(o: OrderRow) -> bool:
+    """The leg is filled in full (a sliced leg: all its slices together)."""
+    return o.filled_qty >= o.quantity
 
 
 def _failed(o: OrderRow) -> bool:
     return o.status == REJECTED or (o.status == CANCELLED and o.filled_qty < o.quantity)
+
+
+ROLLBACK_CHASE_S = 10.0  # a rollback close not filled by then is re-priced
+ROLLBACK_CHASES = 3  # re-prices at most; then a CRITICAL alert: close it by hand
+
+
+@dataclass(slots=True)
+class _Chase:
+    """A rollback close being chased: its basket, how many re-prices came before it, and
+    whether execution has asked for it to be cancelled (to re-price it)."""
+
+    basket_id: str
+    close_id: str  # the first close's request id (``<basket>:undo<n>``); re-prices add ``:r<m>``
+    attempt: int
+    cancelling: bool = False
 
 
 def _describe(n: int, o: OrderRow) -> str:
@@ -106,12 +124,26 @@ class Baskets(Reconciliation):
         super().__init__(*args, **kw)
         self._baskets, self._kby_request, self._kleg = {}, {}, {}
         self._kheld, self._kpending, self._kadvancing = set(), set(), False
+        self._kchase: dict[str, _Chase] = {}  # rollback close order id → its chase
+        self._kbooks_read = False  # the fill deadline counts only once the books were read
         self.basket_rollback = self.cfg.basket_rollback
+        self.basket_fill_timeout_s = self.cfg.basket_fill_timeout_s
 
     # ------------------------------------------------------------------ restart
     def _load_baskets(self) -> None:
         """At start (before the first books are read): open baskets and their held legs."""
         for k in self.store.load_open_baskets():
+            if k.trading_day != self.day:
+                # its legs are not today's rows and expired at the broker overnight: the
+                # basket can never move on, so it ends here (what it filled is a position)
+                left = k.state
+                self._dirty_basket(k, BasketState.FAILED,
+                                   f"still {left} at the end of trading day {k.trading_day}; "
+                                   "its orders expired at the broker")  # fmt: skip
+                self.alert("WARNING", f"basket {k.request_id} of {k.trading_day} was left {left}: ended "
+                           "FAILED (its orders expired overnight); check the positions it left",
+                           "basket_failed")  # fmt: skip
+                continue
             self._register(k)
             if k.state == BasketState.PLACING_LONGS:
                 # the PLACED state was never durable, so no short leg was ever sent
@@ -133,6 +165,12 @@ class Baskets(Reconciliation):
         known = self._kby_request.get(cmd.request_id)
         if known is not None or basket_leg_id(cmd.request_id, 1) in self.by_request:
             self.stats["duplicates"] += 1
+            changed = self._changed_repeat(cmd)
+            if changed:  # risk forgot the id (a restart) and approved other legs under it
+                if self.log is not None:
+                    self.log.warning("basket_id_reused", request_id=cmd.request_id, change=changed)
+                return BasketResult(cmd.request_id, False, reason=f"basket id reused with different legs: "
+                                    f"{changed}; nothing placed", code="refused")  # fmt: skip
             return self._answer(cmd.request_id, known)
         why = self._shape_problem(cmd)
         if why:
@@ -184,6 +222,24 @@ class Baskets(Reconciliation):
             self.log.info("basket_accepted", request_id=k.request_id, basket_id=k.basket_id, state=k.state,
                           legs=len(legs), held=sum(1 for x in legs if x.side == "SELL" and self._is_held(x)))
         return self._answer(k.request_id, k.basket_id)
+
+    def _changed_repeat(self, cmd: ExecuteBasket) -> str:
+        """How a repeat of a known basket's request id differs from the stored legs (side,
+        instrument, quantity, product, limit price), or "" for a true repeat."""
+        rows = [self.orders.get(self.by_request.get(basket_leg_id(cmd.request_id, n), ""))
+                for n in range(1, BASKET_MAX_LEGS + 1)]  # fmt: skip
+        stored = [x for x in rows if x is not None]
+        if len(stored) != len(cmd.legs):
+            return f"{len(cmd.legs)} legs, not the {len(stored)} of the basket already placed"
+        for n, (leg, o) in enumerate(zip(cmd.legs, stored, strict=True), 1):
+            want = (leg.order.side, leg.segment, leg.token, leg.quantity, leg.order.product)
+            if want != (o.side, o.segment, o.token, o.quantity, o.product) or (
+                leg.order.price is not None and o.order_type == "LIMIT" and leg.order.price != o.price
+            ):
+                price = f" @ {leg.order.price}" if leg.order.price is not None else ""
+                now = f"{leg.order.side} {leg.quantity} {leg.symbol}{price}"
+                return f"leg {n} is {now}, not {_describe(n, o)}"
+        return ""
 
     def _shape_problem(self, cmd: ExecuteBasket) -> str:
         if not BASKET_MIN_LEGS <= len(cmd.legs) <= BASKET_MAX_LEGS:
@@ -249,16 +305,21 @@ class Baskets(Reconciliation):
             return [self.orders[c] for c in self.children.get(leg.order_id, []) if c in self.orders]
         return [leg]
 
+    def _leg_failed(self, leg: OrderRow) -> bool:
+        """A leg fails as soon as any row of it does: one rejected slice (or one cancelled
+        short of its quantity) fails the whole leg, whatever its other slices do."""
+        return _failed(leg) or (leg.sliced and any(_failed(x) for x in self._place_rows(leg)))
+
     def _is_held(self, leg: OrderRow) -> bool:
         return any(x.order_id in self._kheld for x in self._place_rows(leg))
 
     def _hold(self, leg: OrderRow) -> None:
         """Take a short leg's place intents back before they are released: it goes out once
-        every long leg is accepted. It stays in ``inflight`` so no book closes it meanwhile."""
+        every long leg is filled. It stays in ``inflight`` so no book closes it meanwhile."""
         rows = self._place_rows(leg)
         for x in rows:
             # the deadline guards the answer to risk, which comes right after the commit: a
-            # held leg goes once the longs are acked, however long that takes
+            # held leg goes once the longs are filled (``basket_fill_timeout_s`` bounds that)
             x.expires_ns = 0
         ids = {x.order_id for x in rows}
         kept: list[Intent] = []
@@ -294,8 +355,12 @@ class Baskets(Reconciliation):
 
     def _transition(self, o: OrderRow, status: str, kind: str, payload: Any = None, reason: str = "") -> bool:
         moved = super()._transition(o, status, kind, payload, reason)
+        if moved and o.terminal and o.order_id in self._kchase:
+            self._rechase(o, self._kchase.pop(o.order_id))
         if moved and self._baskets:
             bid = self._kleg.get(o.order_id)
+            if bid is None and o.parent_id:  # a leg's slice: one rejected slice fails the leg
+                bid = self._kleg.get(o.parent_id)
             if bid is None and o.bracket_id:  # a leg's own stop or target ended (rollback waits on it)
                 b = self.brackets.get(o.bracket_id)
                 bid = self._kleg.get(b.entry_id) if b is not None else None
@@ -340,15 +405,24 @@ class Baskets(Reconciliation):
         if len(legs) != len(k.legs):  # cannot happen: the legs are today's rows
             return
         if k.state in (BasketState.PLACING_LONGS, BasketState.PLACED):
-            failed = [(n, x) for n, x in enumerate(legs, 1) if _failed(x)]
+            failed = [(n, x) for n, x in enumerate(legs, 1) if self._leg_failed(x)]
             if failed:
-                self._fail(k, legs, failed)
+                self._fail(k, legs, "; ".join(self._failure(n, x) for n, x in failed))
                 return
-            if k.state == BasketState.PLACING_LONGS and all(_accepted(x) for x in legs if x.side == "BUY"):
-                self._dirty_basket(k, BasketState.PLACED)
-                self._release(k)  # held until the flush has written PLACED
-                if self.log is not None:
-                    self.log.info("basket_shorts_released", request_id=k.request_id, basket_id=k.basket_id)
+            if k.state == BasketState.PLACING_LONGS:
+                unfilled = [(n, x) for n, x in enumerate(legs, 1) if x.side == "BUY" and not _filled(x)]
+                if not unfilled:
+                    self._dirty_basket(k, BasketState.PLACED)
+                    self._release(k)  # held until the flush has written PLACED
+                    if self.log is not None:
+                        self.log.info("basket_shorts_released", request_id=k.request_id,
+                                      basket_id=k.basket_id)  # fmt: skip
+                elif self._kbooks_read and self._now() - k.created_ns >= self.basket_fill_timeout_s * 1e9:
+                    self._fail(k, legs, "; ".join(
+                        f"{_describe(n, x)} filled {x.filled_qty} of {x.quantity} within "
+                        f"{self.basket_fill_timeout_s:g} s (execution.basket_fill_timeout_s)"
+                        for n, x in unfilled))  # fmt: skip
+                    return
             if k.state == BasketState.PLACED and all(x.terminal for x in legs):
                 self._dirty_basket(k, BasketState.COMPLETE)
                 self._done(k)
@@ -366,12 +440,33 @@ class Baskets(Reconciliation):
         self._dirty_basket(k, BasketState.FAILED, why)
         self._done(k)
 
-    def _fail(self, k: BasketRow, legs: list[OrderRow], failed: list[tuple[int, OrderRow]]) -> None:
-        what = "; ".join(
-            f"{_describe(n, x)} {'rejected' if x.status == REJECTED else 'cancelled'} "
-            f"({x.reason or x.status.lower()})"
-            for n, x in failed
-        )
+    def _failure(self, n: int, leg: OrderRow) -> str:
+        """What went wrong with a failed leg: its own status, or its first failed slice's."""
+        x = leg if _failed(leg) else next(y for y in self._place_rows(leg) if _failed(y))
+        slice_of = "" if x is leg else f" (slice {x.quantity} of {leg.quantity})"
+        return (f"{_describe(n, leg)}{slice_of} {'rejected' if x.status == REJECTED else 'cancelled'} "
+                f"({x.reason or x.status.lower()})")
+
+    def _after_books(self, order_book: list[BrokerOrderStatus], trade_book: list[BrokerTrade]) -> None:
+        super()._after_books(order_book, trade_book)
+        if not self._kbooks_read:  # after a restart: what the longs filled meanwhile is known now
+            self._kbooks_read = True
+            self._kpending.update(k.basket_id for k in self._baskets.values()
+                                  if k.state == BasketState.PLACING_LONGS)  # fmt: skip
+            self._advance_pending()
+
+    def reconcile_if_due(self) -> None:
+        """Periodic: also fails the baskets whose long legs were not filled in time."""
+        super().reconcile_if_due()
+        limit = self._now() - int(self.basket_fill_timeout_s * 1e9)
+        for k in self._baskets.values():
+            if k.state == BasketState.PLACING_LONGS and k.created_ns <= limit:
+                self._kpending.add(k.basket_id)
+        self._advance_pending()
+        if self._kchase:
+            self._chase_closes()
+
+    def _fail(self, k: BasketRow, legs: list[OrderRow], what: str) -> None:
         for leg in legs:  # a failed basket never places another leg
             for x in self._place_rows(leg):
                 if x.order_id in self._kheld:
@@ -421,50 +516,109 @@ class Baskets(Reconciliation):
         net: dict[tuple[str, str], int] = {}
         first: dict[tuple[str, str], OrderRow] = {}
         for x in legs:
-            if x.filled_qty:
+            undo = x.filled_qty - self._bracket_exits(x)  # what the leg's own stop or target closed is gone
+            if undo > 0:
                 kp = (x.key, x.product)
-                net[kp] = net.get(kp, 0) + (x.filled_qty if x.side == "BUY" else -x.filled_qty)
+                net[kp] = net.get(kp, 0) + (undo if x.side == "BUY" else -undo)
                 first.setdefault(kp, x)
         done: list[str] = []
         for n, ((key, product), held) in enumerate(sorted(net.items()), 1):
             leg = first[(key, product)]
             side = "SELL" if held > 0 else "BUY"
-            pos = self.positions.get((leg.strategy_id, key))
-            now_held = 0
-            if pos is not None:
-                now_held = pos.by_product.get(product, pos.quantity) if pos.by_product else pos.quantity
-            own = max(0, now_held) if held > 0 else max(0, -now_held)
-            qty = min(abs(held), own) - self._closing_qty(leg.strategy_id, key, product, side)
-            rid = f"{k.request_id}:undo{n}"
-            if qty <= 0 or rid in self.by_request:
-                continue
-            inst = self.master.get(leg.segment, leg.token)
-            last = self.last.get(key)
-            ref = last.ltp if last is not None else leg.avg_price
-            try:
-                if inst is None or ref is None:
-                    raise MoneyError("no instrument or price")
-                price = protected_limit(side, ref, self.protection_pct, inst.tick_size)
-            except MoneyError as exc:
-                self.alert("CRITICAL", f"basket {k.request_id}: cannot price the close of {qty} {leg.symbol} "
-                           f"({exc}); close it by hand", "basket_close_failed")  # fmt: skip
-                continue
-            now = self._now()
-            row = OrderRow(
-                order_id=new_id(), request_id=rid, client_tag=self._tag(), strategy_id=leg.strategy_id,
-                segment=leg.segment, token=leg.token, symbol=leg.symbol, side=side, order_type="LIMIT",
-                product=product, quantity=qty, price=price, status=PENDING_BROKER, trading_day=self.day,
-                created_ns=now, updated_ns=now, purpose=FLATTEN_P, broker=self.broker_name,
-            )  # fmt: skip
-            self._add(row, "PENDING", {"basket": k.request_id, "rollback": True, "filled": held})
-            self._slice_and_place(row, inst)
-            k.closes.append(row.order_id)
-            done.append(f"{side} {qty} {leg.symbol} @ {price}")
+            row = self._place_close(k, leg, side, abs(held), f"{k.request_id}:undo{n}", ref=None, attempt=0)
+            if row is not None:
+                done.append(f"{side} {row.quantity} {leg.symbol} @ {row.price}")
         self._dirty_basket(k, BasketState.FAILED)
         if done:
             self.alert("WARNING", f"basket {k.request_id} rolled back: closing " + ", ".join(done),
                        "basket_rolled_back")
         self._done(k)
+
+    def _place_close(self, k: BasketRow, like: OrderRow, side: str, want: int, rid: str, *,
+                     ref: Decimal | None, attempt: int, close_id: str = "") -> OrderRow | None:  # fmt: skip
+        """One rollback close of up to ``want`` of ``like``'s instrument and product: capped by
+        what the strategy still holds less the closing orders already working, priced as a
+        protected limit off the last price (``ref`` when there is none), and chased."""
+        key, product = like.key, like.product
+        pos = self.positions.get((like.strategy_id, key))
+        now_held = 0
+        if pos is not None:
+            now_held = pos.by_product.get(product, pos.quantity) if pos.by_product else pos.quantity
+        own = max(0, now_held) if side == "SELL" else max(0, -now_held)
+        qty = min(want, own) - self._closing_qty(like.strategy_id, key, product, side)
+        if qty <= 0 or rid in self.by_request:
+            return None
+        inst = self.master.get(like.segment, like.token)
+        last = self.last.get(key)
+        ref = Decimal(repr(last.ltp)) if last is not None else (ref or like.avg_price)
+        try:
+            if inst is None or ref is None:
+                raise MoneyError("no instrument or price")
+            price = protected_limit(side, ref, self.protection_pct, inst.tick_size)
+        except MoneyError as exc:
+            self.alert("CRITICAL", f"basket {k.request_id}: cannot price the close of {qty} {like.symbol} "
+                       f"({exc}); close it by hand", "basket_close_failed")  # fmt: skip
+            return None
+        now = self._now()
+        row = OrderRow(
+            order_id=new_id(), request_id=rid, client_tag=self._tag(), strategy_id=like.strategy_id,
+            segment=like.segment, token=like.token, symbol=like.symbol, side=side, order_type="LIMIT",
+            product=product, quantity=qty, price=price, status=PENDING_BROKER, trading_day=self.day,
+            created_ns=now, updated_ns=now, purpose=FLATTEN_P, broker=self.broker_name,
+        )  # fmt: skip
+        self._add(row, "PENDING", {"basket": k.request_id, "rollback": True, "attempt": attempt})
+        self._slice_and_place(row, inst)
+        k.closes.append(row.order_id)
+        self._kdirty[k.basket_id] = k
+        self._kchase[row.order_id] = _Chase(k.basket_id, close_id or rid, attempt)
+        return row
+
+    def _chase_closes(self) -> None:
+        """A rollback close still open ``ROLLBACK_CHASE_S`` after it was placed is cancelled
+        and (``_rechase``) placed again at the new protected price, ``ROLLBACK_CHASES`` times
+        at most; one still open after that raises a CRITICAL alert."""
+        now = self._now()
+        for oid, c in list(self._kchase.items()):
+            o = self.orders.get(oid)
+            if o is None or o.terminal or c.cancelling or now - o.created_ns < ROLLBACK_CHASE_S * 1e9:
+                continue
+            k = self._baskets.get(c.basket_id)
+            if c.attempt >= ROLLBACK_CHASES or k is None:
+                del self._kchase[oid]
+                self.alert("CRITICAL", f"basket {k.request_id if k else c.basket_id}: rollback close "
+                           f"{o.side} {o.quantity - o.filled_qty} {o.symbol} @ {o.price} still open after "
+                           f"{c.attempt} re-price(s); close it by hand", "basket_close_failed")  # fmt: skip
+                continue
+            c.cancelling = True
+            self._cancel_tree(o, f"basket {k.request_id}: rollback close not filled in "
+                                 f"{ROLLBACK_CHASE_S:g} s, re-pricing")  # fmt: skip
+
+    def _rechase(self, o: OrderRow, c: _Chase) -> None:
+        """A chased close ended: what it left open is placed again (we cancelled it), or a
+        CRITICAL alert says it ended unfilled for another reason."""
+        left = o.quantity - o.filled_qty
+        k = self._baskets.get(c.basket_id)
+        if left <= 0 or k is None:
+            return
+        if not c.cancelling:
+            self.alert("CRITICAL", f"basket {k.request_id}: rollback close {o.side} {left} {o.symbol} "
+                       f"ended {o.status.lower()} ({o.reason or 'no reason'}); close it by hand",
+                       "basket_close_failed")  # fmt: skip
+            return
+        rid = f"{c.close_id}:r{c.attempt + 1}"
+        row = self._place_close(k, o, o.side, left, rid, ref=o.price, attempt=c.attempt + 1,
+                               close_id=c.close_id)  # fmt: skip
+        if row is not None:
+            self.alert("WARNING", f"basket {k.request_id}: rollback close re-priced: {o.side} {row.quantity} "
+                       f"{o.symbol} @ {row.price} (was {o.price})", "basket_rolled_back")  # fmt: skip
+
+    def _bracket_exits(self, leg: OrderRow) -> int:
+        """What the leg's own stop and target filled (a sliced exit counted once, by its parent)."""
+        if not leg.bracket_id:
+            return 0
+        ids = set(self.legs.get(leg.bracket_id, []))
+        rows = [self.orders[y] for y in ids if y in self.orders]
+        return sum(y.filled_qty for y in rows if y.side != leg.side and y.parent_id not in ids)
 
     def _done(self, k: BasketRow) -> None:
         if self.log is not None:

@@ -16,8 +16,9 @@ below), which the verdict carries as ``code`` for code to match on:
  3. order fields [fields] — side BUY/SELL, product MIS/CNC/NRML, a known order type;
  4. instrument [instrument, contract_expired] — known to the master and tradable (not an index,
     tick size known), and not a contract whose expiry day is past ("NIFTY26NOVFUT expired on
-    2026-11-24"; entries and exits alike: the exchange no longer trades it). Today is the
-    clock's date in IST;
+    2026-11-24"; entries and exits alike: the exchange no longer trades it), nor one expiring
+    today once it is 15:30 IST ("... expired today (2026-12-08) at the 15:30 close"). Today is
+    the clock's date in IST;
  5. prices [price, tick, last_price] — price, trigger, stop loss and target positive, finite,
     at most ``MAX_PRICE`` and on tick (price ``None`` is market intent); market intent needs
     a last traded price;
@@ -75,6 +76,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from libs.common.chain import live_from
 from libs.common.clock import IST
 from libs.common.config import hhmm_minutes
 from libs.common.instruments import Instrument, instrument_key
@@ -326,10 +328,14 @@ class RiskSentinel(RiskBook):
 
     def evaluate_basket(self, req: BasketRequest) -> tuple[BasketVerdict, ExecuteBasket | None]:
         """Judge a basket as one: every leg is checked as an order would be (``_leg_checks``,
-        the order checks 3-8 and 10 above), and if any leg fails the whole basket is refused,
-        the reason naming each failing leg. Notional is judged on the basket netted (a BUY leg
-        adds its value, a SELL leg takes it off: a hedged spread counts its net premium) and
-        the throttle counts every leg. Leg ``n`` gets the request id
+        the order checks 3-10 above), and if any leg fails the whole basket is refused, the
+        reason naming each failing leg. Each leg is judged with the legs before it counted as
+        working orders, so two legs never both close (or "reduce") the same position. Every leg
+        is within ``max_notional`` on its own (a leg may fill while its hedge rests), and the
+        basket as a whole too: a long leg adds its value, a short leg takes its value off only
+        for the quantity a long leg of the same underlying, expiry and kind covers (a hedged
+        spread counts its net premium), and adds the rest in full. The throttle counts every
+        leg. Leg ``n`` gets the request id
         ``basket_leg_id(request_id, n)`` and the basket's strategy id."""
         norm = msgspec.structs.replace(req, ts_ns=0,
                                        legs=[msgspec.structs.replace(x, ts_ns=0) for x in req.legs])
@@ -352,29 +358,39 @@ class RiskSentinel(RiskBook):
         verdicts: list[RiskVerdict] = []
         failing: list[tuple[int, OrderRequest, Refusal]] = []
         new_keys: set[str] = set()
-        for n, leg in enumerate(legs, 1):
-            if leg.request_id in self._seen:
-                why = f"duplicate request_id {leg.request_id}: already used for an order"
-                result: Refusal | _Judged = Refusal(VerdictCode.DUPLICATE, why)
-            else:
-                result = self._leg_checks(leg, new_keys)
-            if isinstance(result, Refusal):
-                failing.append((n, leg, result))
-                verdicts.append(RiskVerdict(request_id=leg.request_id, approved=False, reason=result.reason,
-                                            code=result.code, state=self.current_state))
-                continue
-            judged.append(result)
-            if not result[3]:
-                new_keys.add(result[1].key)
-            verdicts.append(RiskVerdict(request_id=leg.request_id, approved=True, quantity=result[0],
-                                        state=self.current_state))
+        projected: list[str] = []
+        try:
+            for n, leg in enumerate(legs, 1):
+                if leg.request_id in self._seen:
+                    why = f"duplicate request_id {leg.request_id}: already used for an order"
+                    result: Refusal | _Judged = Refusal(VerdictCode.DUPLICATE, why)
+                else:
+                    result = self._leg_checks(leg, new_keys)
+                if isinstance(result, Refusal):
+                    failing.append((n, leg, result))
+                    verdicts.append(RiskVerdict(request_id=leg.request_id, approved=False,
+                                                reason=result.reason, code=result.code,
+                                                state=self.current_state))  # fmt: skip
+                    continue
+                judged.append(result)
+                # the next leg is judged against the position with this one working: two legs
+                # cannot each close the same long, nor each count as "reducing" it
+                self._working[leg.request_id] = _Working(result.inst.key, leg.side, result.quantity,
+                                                         leg.strategy_id)  # fmt: skip
+                projected.append(leg.request_id)
+                if not result.reducing:
+                    new_keys.add(result.inst.key)
+                verdicts.append(RiskVerdict(request_id=leg.request_id, approved=True,
+                                            quantity=result.quantity, state=self.current_state))  # fmt: skip
+        finally:
+            for rid in projected:  # _approve_basket records them for good
+                self._working.pop(rid, None)
         if failing:
             reason = "; ".join(f"{_leg_name(n, leg)}: {r.reason}" for n, leg, r in failing)
             return self._refuse_basket(req, Refusal(failing[0][2].code, reason), verdicts), None
-        net = sum(((e * q) if leg.side == "BUY" else -(e * q)
-                   for leg, (q, _i, e, _r) in zip(legs, judged, strict=True)), _ZERO)  # fmt: skip
-        if abs(net) > self._max_notional:
-            reason = (f"basket net notional {_fmt(abs(net))} exceeds max_notional {_fmt(self._max_notional)}")
+        net = _basket_notional(legs, judged)
+        if net > self._max_notional:
+            reason = (f"basket net notional {_fmt(net)} exceeds max_notional {_fmt(self._max_notional)}")
             return self._refuse_basket(req, Refusal(VerdictCode.NOTIONAL, reason), verdicts), None
         refusal = self._check_throttle(len(legs))
         if refusal:
@@ -383,8 +399,9 @@ class RiskSentinel(RiskBook):
 
     def _leg_checks(self, req: OrderRequest, basket_keys: set[str]) -> Refusal | _Judged:
         """One leg's checks, in ``evaluate``'s order (keep the two in step): fields,
-        instrument (and expiry), prices, last price, bracket, sizing, quantity, exposure,
-        the expiry-day cutoff, open positions (counting the basket's other new instruments).
+        instrument (and expiry), prices, last price, bracket, sizing, quantity, exposure
+        (against the position with the basket's earlier legs working), the expiry-day cutoff,
+        notional, open positions (counting the basket's other new instruments).
         Returns (quantity, instrument, entry, reducing) when it passes."""
         refusal = _check_fields(req)
         if refusal:
@@ -415,7 +432,16 @@ class RiskSentinel(RiskBook):
         if not_reducing and req.reduce_only:
             return Refusal(VerdictCode.REDUCE_ONLY, "reduce-only: " + not_reducing)
         if not_reducing:
-            refusal = self._check_expiry_cutoff(inst) or self._check_open_positions(inst, basket_keys)
+            refusal = self._check_expiry_cutoff(inst)
+            if refusal:
+                return refusal
+        # a leg may fill while its hedge rests (or never fills): no leg is larger than an
+        # order alone could be
+        refusal = self._check_notional(qty, entry)
+        if refusal:
+            return refusal
+        if not_reducing:
+            refusal = self._check_open_positions(inst, basket_keys)
             if refusal:
                 return refusal
         return _Judged(qty, inst, entry, not_reducing is None)
@@ -519,9 +545,11 @@ class RiskSentinel(RiskBook):
             return None, Refusal(VerdictCode.INSTRUMENT, f"{inst.symbol} is an index and cannot be traded")
         if not inst.tradable:
             return None, Refusal(VerdictCode.INSTRUMENT, f"{inst.symbol} is not tradable: tick size unknown")
-        if inst.expiry is not None and inst.expiry < self.clock.now(IST).date():
-            return None, Refusal(VerdictCode.CONTRACT_EXPIRED,
-                                 f"{inst.symbol} expired on {inst.expiry.isoformat()}")
+        if inst.expiry is not None and inst.expiry < live_from(self.clock.now(IST)):
+            day = inst.expiry.isoformat()
+            today = inst.expiry == self.clock.now(IST).date()
+            when = f"today ({day}) at the 15:30 close" if today else f"on {day}"
+            return None, Refusal(VerdictCode.CONTRACT_EXPIRED, f"{inst.symbol} expired {when}")
         return inst, None
 
     def _check_expiry_cutoff(self, inst: Instrument) -> Refusal | None:
@@ -638,6 +666,35 @@ class RiskSentinel(RiskBook):
 
 
 # --------------------------------------------------------------------------- stateless checks
+
+
+def _covers(long: Instrument, short: Instrument) -> bool:
+    """A long leg that hedges a short one: the same underlying and expiry, the same kind of
+    contract (a call for a call, a put for a put, a future for a future), another contract."""
+    return (bool(long.underlying) and long.underlying == short.underlying and long.expiry == short.expiry
+            and long.option_type == short.option_type and long.inst_type == short.inst_type
+            and long.key != short.key)  # fmt: skip
+
+
+def _basket_notional(legs: list[OrderRequest], judged: list[_Judged]) -> Decimal:
+    """The basket's notional for ``max_notional``: every long leg in full; a short leg takes
+    its value off only for the quantity a long leg of the basket covers (``_covers``, each
+    long's quantity used once); the rest of a short leg counts in full, as an order would."""
+    cover = {n: j.quantity for n, (leg, j) in enumerate(zip(legs, judged, strict=True)) if leg.side == "BUY"}
+    total = _ZERO
+    for leg, j in zip(legs, judged, strict=True):
+        if leg.side == "BUY":
+            total += j.entry * j.quantity
+            continue
+        left = j.quantity
+        for n, free in cover.items():
+            if left and free and _covers(judged[n].inst, j.inst):
+                used = min(left, free)
+                cover[n] -= used
+                left -= used
+                total -= j.entry * used
+        total += j.entry * left
+    return abs(total)
 
 
 def _leg_name(n: int, leg: OrderRequest) -> str:

@@ -19,6 +19,7 @@ from libs.common.clock import IST
 from libs.common.config import load_config
 from libs.common.messages import (
     CANCELLED,
+    COMPLETE,
     OPEN,
     PENDING_BROKER,
     REJECTED,
@@ -29,13 +30,13 @@ from libs.common.messages import (
     basket_leg_id,
 )
 from services.backtest.runner import run_backtest
-from services.execution.brokers.base import BrokerRejected, BrokerTemporary
-from services.execution.engine import PlaceIntent
+from services.execution.brokers.base import BrokerRejected, BrokerTemporary, BrokerTrade
+from services.execution.engine import BooksIntent, ExecutionEngine, PlaceIntent, PositionsIntent
 from services.execution.model import FLATTEN_P, OrderRow
 from services.execution.store import MemoryOrderStore
 from services.strategy.base import Strategy
 from tests.kit import execute_order
-from tests.unit.test_engine_faults import MASTER, Hand, cancels, places
+from tests.unit.test_engine_faults import MASTER, Hand, HandBroker, cancels, places
 
 INFY = MASTER.resolve("INFY-EQ")
 TCS = MASTER.resolve("TCS-EQ")
@@ -84,14 +85,19 @@ def test_every_leg_is_in_the_ledger_before_the_broker_sees_any_and_only_the_long
     assert stored_state(h) == BasketState.PLACING_LONGS
 
 
-def test_the_short_leg_goes_once_the_long_is_acked_and_the_basket_says_placed_first() -> None:
+def test_the_short_leg_goes_once_the_long_is_filled_in_full_and_the_basket_says_placed_first() -> None:
     h = Hand()
     h.engine.submit_basket(pair("b1"))
     [long_place] = places(h.take())
 
     h.ack(long_place)
+    after_ack = places(h.take())
+    h.trade(h.order(long_place.order_id), 4, "1510.00")
+    after_part = places(h.take())
+    h.trade(h.order(long_place.order_id), 6, "1510.00")
     sent = places(h.take())
 
+    assert after_ack == [] and after_part == []  # acked or partly filled, the long may still rest
     assert [symbol_of(h, p) for p in sent] == ["TCS-EQ"]
     assert stored_state(h) == BasketState.PLACED
 
@@ -266,26 +272,26 @@ def test_the_kill_switch_during_a_basket_places_no_new_leg_and_cancels_the_worki
     h = Hand()
     h.engine.submit_basket(pair("b1"))
     [long_place] = places(h.take())
-    h.ack(long_place)
-    [short1] = places(h.take())
-    h.ack(short1)
+    h.ack(long_place)  # working, unfilled: b1's short is held
+    b1_short = leg(h, "b1", 2)
     h.engine.submit_basket(pair("b2"))
     [long2] = places(h.take())
-    h.ack(long2)  # the ack releases b2's short into this flush: the kill switch comes first
+    h.ack(long2)
+    h.trade(h.order(long2.order_id), 10, "1510.00")  # releases b2's short into this flush
     b2_short = leg(h, "b2", 2)
 
     ids = h.engine.cancel_entries("kill switch")
     intents = h.take()
 
-    assert places(intents) == []
-    assert b2_short.status == CANCELLED  # released but not yet sent: withdrawn
-    assert {c.order_id for c in cancels(intents)} == {long_place.order_id, short1.order_id, long2.order_id}
-    assert set(ids) == {long_place.order_id, short1.order_id, long2.order_id, b2_short.order_id}
+    assert [h.order(p.order_id).purpose for p in places(intents)] == [FLATTEN_P]  # b2's long, rolled back
+    assert b1_short.status == CANCELLED and b2_short.status == CANCELLED  # never sent: withdrawn
+    assert {c.order_id for c in cancels(intents)} == {long_place.order_id}
+    assert set(ids) == {long_place.order_id, b1_short.order_id, b2_short.order_id}
     for c in cancels(intents):
         h.status(h.order(c.order_id), CANCELLED)
     states = {k.request_id: k.state for k in h.store.baskets.values()}
     assert states == {"b1": BasketState.FAILED, "b2": BasketState.FAILED}
-    assert places(h.take()) == []  # nothing filled, nothing to close
+    assert places(h.take()) == []  # b1 filled nothing: nothing more to close
 
 
 def test_flatten_during_a_basket_takes_it_over_and_closes_once() -> None:
@@ -322,7 +328,7 @@ def restarted(h: Hand) -> Hand:
     return Hand(store=h.store, clock=h.clock)
 
 
-def test_a_restart_before_the_long_was_acked_holds_the_short_until_the_books_show_the_long() -> None:
+def test_a_restart_before_the_long_was_acked_holds_the_short_until_the_books_show_the_long_filled() -> None:
     h = Hand()
     h.engine.submit_basket(pair("b1"))
     [long_place] = places(h.take())  # sent, then kill -9 before the answer was written
@@ -331,8 +337,13 @@ def test_a_restart_before_the_long_was_acked_holds_the_short_until_the_books_sho
     h2 = restarted(h)
     assert places(h2.pending) == []  # nothing is placed again blindly
     h2.books([h2.row(long_row)], [])
+    while_open = places(h2.take())
+    done = msgspec.structs.replace(h2.row(long_row), status=COMPLETE, filled_qty=10)
+    h2.books([done], [BrokerTrade(trade_id="T1", broker_order_id="", client_tag=long_row.client_tag,
+                                  side="BUY", quantity=10, price=Decimal("1510.00"))])  # fmt: skip
 
     sent = places(h2.take())
+    assert while_open == []  # in the book but not filled: the short still waits
     assert [symbol_of(h2, p) for p in sent] == ["TCS-EQ"]
     assert stored_state(h2) == BasketState.PLACED
 
@@ -358,12 +369,14 @@ def test_a_restart_after_the_shorts_were_released_places_nothing_twice() -> None
     h.engine.submit_basket(pair("b1"))
     [long_place] = places(h.take())
     h.ack(long_place)
+    h.trade(h.order(long_place.order_id), 10, "1510.00")
     [short_place] = places(h.take())  # sent, then kill -9
     long_row, short_row = h.order(long_place.order_id), h.order(short_place.order_id)
     short_row.broker_order_id = "B77"
 
     h2 = restarted(h)
-    h2.books([h2.row(long_row), h2.row(short_row)], [])
+    long_done = msgspec.structs.replace(h2.row(long_row), status=COMPLETE, filled_qty=10)
+    h2.books([long_done, h2.row(short_row)], [])
 
     assert places(h2.take()) == []
     assert leg(h2, "b1", 2).status == OPEN
@@ -427,14 +440,15 @@ def test_a_backtest_trades_a_two_leg_basket_and_its_report_shows_each_leg() -> N
     assert (legs[near.symbol]["direction"], legs[near.symbol]["quantity"]) == ("SHORT", 65)
 
 
-def test_a_held_short_goes_out_even_when_the_longs_ack_comes_after_the_deadline() -> None:
+def test_a_held_short_goes_out_even_when_the_longs_fill_comes_after_the_deadline() -> None:
     h = Hand()
     deadline = h.clock.now_ns() + 1_000_000_000  # the legs and the basket carry risk's deadline
     h.engine.submit_basket(msgspec.structs.replace(pair("b1", expires_ns=deadline), expires_ns=deadline))
     [long_place] = places(h.take())
 
-    h.clock.advance(5.0)  # the long's ack is slow; risk was answered long ago
+    h.clock.advance(5.0)  # the long's fill is slow; risk was answered long ago
     h.ack(long_place)
+    h.trade(h.order(long_place.order_id), 10, "1510.00")
     [short_place] = places(h.take())
 
     assert short_place.expires_ns == 0 and h.order(short_place.order_id).symbol == "TCS-EQ"
@@ -477,3 +491,208 @@ def test_each_leg_gets_its_own_bracket_and_a_rollback_cancels_it_before_closing_
         h2.status(h2.order(oid), CANCELLED)
     [close] = places(h2.take())
     assert (h2.order(close.order_id).side, h2.order(close.order_id).quantity) == ("SELL", 10)
+
+
+# ------------------------------------------------------------------ sliced legs, resting longs, own exits
+
+
+def _options() -> tuple[Any, Any]:
+    weekly = chain(MASTER, "NIFTY", "weekly")
+    return weekly.call(weekly.strikes[20]), weekly.call(weekly.strikes[22])
+
+
+def test_one_rejected_slice_of_a_long_leg_fails_the_basket_at_once_and_no_short_goes_out() -> None:
+    near, far = _options()
+    assert near.freeze_qty and near.freeze_qty < 3250  # two slices
+    h = Hand()
+    h.engine.submit_basket(basket((near, "BUY", 3250, "100.00"), (far, "SELL", 3250, "80.00"), rid="k1"))
+    s1, s2 = places(h.take())
+
+    h.answer(s1, BrokerRejected("RMS: margin exceeds"))
+    h.ack(s2)
+    intents = h.take()
+
+    assert places(intents) == []  # neither short slice is ever released
+    assert [c.order_id for c in cancels(intents)] == [s2.order_id]  # the surviving slice is cancelled
+    assert all(h.order(x).status == CANCELLED for x in h.engine.children[leg(h, "k1", 2).order_id])
+    assert stored_state(h) == BasketState.ROLLING_BACK
+    assert h.codes() == ["basket_failed"]
+    assert f"leg 1 BUY 3250 {near.symbol} (slice " in h.alerts[0].text
+    assert "rejected (RMS: margin exceeds)" in h.alerts[0].text
+
+
+def test_a_long_leg_resting_past_basket_fill_timeout_fails_the_basket_and_closes_what_it_filled() -> None:
+    h = Hand()
+    assert h.engine.basket_fill_timeout_s == 30.0
+    h.engine.submit_basket(pair("b1"))
+    [long_place] = places(h.take())
+    h.ack(long_place)
+    h.trade(h.order(long_place.order_id), 4, "1510.00")  # partly filled; the rest rests below the market
+
+    h.clock.advance(29.0)
+    h.engine.reconcile_if_due()
+    before = h.take()
+    h.clock.advance(1.0)
+    h.engine.reconcile_if_due()
+    [cancel] = cancels(h.take())
+    h.status(h.order(long_place.order_id), CANCELLED, filled=4)
+    [close] = places(h.take())
+
+    assert before == []
+    assert cancel.order_id == long_place.order_id
+    assert leg(h, "b1", 2).status == CANCELLED  # the short never went out
+    row = h.order(close.order_id)
+    assert (row.side, row.quantity, row.request_id) == ("SELL", 4, "b1:undo1")
+    assert stored_state(h) == BasketState.FAILED
+    assert "leg 1 BUY 10 INFY-EQ filled 4 of 10 within 30 s (execution.basket_fill_timeout_s)" in (
+        h.alerts[0].text)
+
+
+def test_a_rollback_never_closes_what_the_legs_own_stop_already_closed() -> None:
+    h = Hand()
+    h.engine.submit([execute_order(INFY, "BUY", 10, "1500.00", rid="pre1", order_type="LIMIT")])
+    [p] = places(h.take())
+    h.ack(p)
+    h.trade(h.order(p.order_id), 10, "1500.00")  # the strategy already holds 10 INFY of its own
+    cmd = ExecuteBasket(request_id="b9", strategy_id="s1", legs=[
+        execute_order(INFY, "BUY", 10, "1510.00", rid=basket_leg_id("b9", 1), order_type="LIMIT",
+                      stop_loss=Decimal("1490.00")),
+        execute_order(TCS, "SELL", 5, "3120.00", rid=basket_leg_id("b9", 2), order_type="LIMIT"),
+    ])  # fmt: skip
+    h.engine.submit_basket(cmd)
+    [lp] = places(h.take())
+    h.ack(lp)
+    h.trade(h.order(lp.order_id), 10, "1510.00")
+    intents = places(h.take())
+    by_purpose = {h.order(x.order_id).purpose: x for x in intents}
+    for x in intents:
+        h.ack(x)
+    stop = h.order(by_purpose["STOP"].order_id)
+    h.trade(stop, 10, "1490.00")  # the leg's own stop closed the leg
+    h.status(stop, COMPLETE, filled=10)
+
+    h.status(h.order(by_purpose["ENTRY"].order_id), REJECTED)  # then the short leg fails
+
+    assert places(h.take()) == []  # the 10 INFY held now are the strategy's earlier ones
+    assert h.position(key=INFY.key) == 10
+    assert stored_state(h) == BasketState.FAILED
+
+
+def _rolled_back(h: Hand) -> PlaceIntent:
+    """b1 with its long filled and its short rejected: the rollback's one close, placed."""
+    h.engine.submit_basket(pair("b1"))
+    [long_place] = places(h.take())
+    h.ack(long_place)
+    h.trade(h.order(long_place.order_id), 10, "1510.00")
+    [short_place] = places(h.take())
+    h.answer(short_place, BrokerRejected("no margin"))
+    [close] = places(h.take())
+    h.ack(close)
+    return close
+
+
+def test_a_rollback_close_the_market_gapped_past_is_re_priced_then_raises_critical() -> None:
+    h = Hand()
+    close = _rolled_back(h)  # SELL 10 INFY @ 1494.90; the market falls through it
+    h.tick(1400.0, "INFY-EQ")
+
+    h.clock.advance(9.0)
+    h.engine.reconcile_if_due()
+    early = h.take()
+    h.clock.advance(1.0)
+    h.engine.reconcile_if_due()
+    [cancel] = cancels(h.take())
+    h.status(h.order(close.order_id), CANCELLED)
+    [again] = places(h.take())
+
+    assert early == [] and cancel.order_id == close.order_id
+    row = h.order(again.order_id)
+    assert (row.side, row.quantity, row.request_id) == ("SELL", 10, "b1:undo1:r1")
+    assert row.price == Decimal("1386.00")  # 1 % through the new last price
+    assert "rollback close re-priced: SELL 10 INFY-EQ @ 1386" in h.alerts[-1].text
+    h.ack(again)
+    for n in (2, 3):  # the market keeps running away
+        h.clock.advance(10.0)
+        h.engine.reconcile_if_due()
+        [c] = cancels(h.take())
+        h.status(h.order(c.order_id), CANCELLED)
+        [p] = places(h.take())
+        assert h.order(p.order_id).request_id == f"b1:undo1:r{n}"
+        h.ack(p)
+    h.clock.advance(10.0)
+    h.engine.reconcile_if_due()
+    assert h.take() == []  # three re-prices at most
+    assert h.alerts[-1].level == "CRITICAL" and h.alerts[-1].code == "basket_close_failed"
+    assert "still open after 3 re-price(s); close it by hand" in h.alerts[-1].text
+
+
+def test_a_rollback_close_that_fills_is_not_chased() -> None:
+    h = Hand()
+    close = _rolled_back(h)
+    h.trade(h.order(close.order_id), 10, "1500.00")
+
+    h.clock.advance(30.0)
+    h.engine.reconcile_if_due()
+
+    assert h.take() == [] and h.position(key=INFY.key) == 0
+    assert h.codes() == ["basket_failed", "basket_rolled_back"]
+
+
+def test_a_basket_left_open_on_an_earlier_day_ends_at_start_with_a_warning() -> None:
+    h = Hand()
+    h.engine.submit_basket(pair("b1"))
+    [long_place] = places(h.take())
+    h.ack(long_place)  # resting at the close; its short held
+
+    h.clock.advance(86_400.0)
+    h2 = restarted(h)
+    h2.take()
+
+    assert stored_state(h2) == BasketState.FAILED
+    assert "expired" in next(iter(h2.store.baskets.values())).reason
+    warning = [a for a in h2.alerts if a.code == "basket_failed"]
+    assert len(warning) == 1 and warning[0].level == "WARNING"
+    assert "basket b1 of " in warning[0].text and "left PLACING_LONGS" in warning[0].text
+    assert h2.engine.basket_list() == []
+
+
+def test_a_repeat_of_the_basket_id_with_different_legs_is_refused_and_places_nothing() -> None:
+    h = Hand()
+    first = h.engine.submit_basket(pair("b1"))
+    places(h.take())
+    changed = basket((INFY, "BUY", 20, "1510.00"), (TCS, "SELL", 5, "3120.00"), rid="b1")
+
+    again = h.engine.submit_basket(changed)
+
+    assert not again.ok and again.code == "refused"
+    assert again.reason.startswith("basket id reused with different legs: leg 1 is BUY 20 INFY-EQ @ 1510.00")
+    assert h.take() == [] and len(h.store.orders) == 2
+    assert h.engine.submit_basket(pair("b1")).basket_id == first.basket_id  # the true repeat still answered
+
+
+def test_after_a_restart_the_fill_deadline_waits_for_the_books_before_failing_a_basket() -> None:
+    h = Hand()
+    h.engine.submit_basket(pair("b1"))
+    [long_place] = places(h.take())
+    h.ack(long_place)
+    long_row = h.order(long_place.order_id)
+    h.clock.advance(60.0)  # down past the deadline; the long filled meanwhile
+
+    h2 = Hand.__new__(Hand)  # Hand's own start, but the first books are the test's
+    h2.cfg, h2.clock, h2.store = h.cfg, h.clock, h.store
+    h2.engine = ExecutionEngine(h2.store, HandBroker(), MASTER, h2.clock, h2.cfg.execution)
+    h2.engine.start()
+    h2.boids, h2.tids, h2.alerts, h2.pending = itertools.count(1), itertools.count(1), [], []
+    before = stored_state(h2)
+    done = msgspec.structs.replace(h2.row(long_row), status=COMPLETE, filled_qty=10)
+    trade = BrokerTrade(trade_id="T1", broker_order_id=long_row.broker_order_id,
+                        client_tag=long_row.client_tag, side="BUY", quantity=10, price=Decimal("1510.00"))
+    for i in h2.take():
+        if isinstance(i, PositionsIntent):
+            h2.answer(i, [])
+        elif isinstance(i, BooksIntent):
+            h2.answer(i, ([done], [trade]))
+
+    assert before == BasketState.PLACING_LONGS  # nothing failed before the books were read
+    assert [symbol_of(h2, p) for p in places(h2.take())] == ["TCS-EQ"]
+    assert stored_state(h2) == BasketState.PLACED

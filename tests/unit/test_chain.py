@@ -182,6 +182,19 @@ def test_atm_is_the_listed_strike_nearest_spot(master: MasterData, spot: float |
     assert chain(master, "NIFTY", "weekly", WED).atm(spot) == Decimal(atm)
 
 
+@pytest.mark.parametrize("spot", [0, 0.0, -5, float("inf"), float("-inf"), float("nan"), Decimal("NaN"),
+                                  Decimal("sNaN"), Decimal("-24000")])  # fmt: skip
+def test_a_spot_that_is_not_a_positive_finite_price_is_refused_not_read_as_an_edge_strike(
+    master: MasterData, spot: float | Decimal
+) -> None:
+    ch = chain(master, "NIFTY", "weekly", WED)
+
+    with pytest.raises(ChainError, match="is not a positive finite price"):
+        ch.atm(spot)
+    with pytest.raises(ChainError):
+        ch.strike(1, spot)
+
+
 def test_strike_offsets_step_through_the_listed_strikes_from_atm(master: MasterData) -> None:
     ch = chain(master, "NIFTY", "weekly", WED)
 

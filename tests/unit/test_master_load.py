@@ -181,3 +181,28 @@ def test_a_cached_real_master_gets_no_paper_contracts(tmp_path: Path) -> None:
 
     assert len(master) == 7
     assert master.resolve("NIFTY26DECFUT").token == "53001"
+
+
+def test_a_non_finite_expiry_is_unknown_and_never_aborts_the_load() -> None:
+    row = "1,,nse_fo,OPTIDX,NIFTY,X{n},CE,NIFTY,,,,65,5,{secs},2400000,,"
+    values = ("inf", "-inf", "nan", "1e400")
+    text = "\n".join([HEADER, *(row.format(n=n, secs=v) for n, v in enumerate(values))])
+
+    rows = parse_master_csv(text + "\n")
+
+    assert [x.expiry for x in rows] == [None] * 4
+
+
+def test_with_today_known_an_expiry_ten_years_off_is_unknown() -> None:
+    row = "1,,{seg},OPTIDX,NIFTY,X,CE,NIFTY,,,,65,5,{secs},2400000,,"
+    # a bse_fo (Unix seconds) value read as nse_fo (1980 epoch) lands ten years late, in 2036
+    text = HEADER + "\n" + row.format(seg="nse_fo", secs=1_796_292_000) + "\n"
+
+    [unwindowed] = parse_master_csv(text)
+    [windowed] = parse_master_csv(text, today=dt.date(2026, 12, 2))
+
+    assert unwindowed.expiry is not None and unwindowed.expiry.year == 2036
+    assert windowed.expiry is None
+    [ok] = parse_master_csv(HEADER + "\n" + row.format(seg="bse_fo", secs=1_796_292_000) + "\n",
+                            today=dt.date(2026, 12, 2))  # fmt: skip
+    assert ok.expiry == dt.date(2026, 12, 3)

@@ -10,18 +10,23 @@ import time
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+import pytest
+
 from libs.common.chain import chain
 from libs.common.clock import IST, ManualClock
 from libs.common.config import RiskConfig
 from libs.common.instruments import Instrument, MasterData
 from libs.common.messages import BasketRequest, OrderRequest, Tick, VerdictCode, basket_leg_id
+from services.admin.cmd_risk import LegError, parse_leg
 from services.risk.sentinel import RiskSentinel
 from services.strategy.base import Strategy, StrategyContext
+from tests.kit import fill
 
 MASTER = MasterData.load()
 NOW_NS = time.time_ns()
 TODAY = dt.datetime.fromtimestamp(NOW_NS / 1e9, IST).date()
-WEEKLY = chain(MASTER, "NIFTY", "weekly", today=TODAY)
+WEEKLY = chain(MASTER, "NIFTY", "weekly", today=dt.datetime.fromtimestamp(NOW_NS / 1e9, IST))  # still trading
 ATM = WEEKLY.strikes[len(WEEKLY.strikes) // 2]
 CE = WEEKLY.call(ATM)
 PE = WEEKLY.put(ATM)
@@ -85,13 +90,97 @@ def test_an_expired_contract_refuses_the_basket() -> None:
 
 def test_a_hedged_spread_is_judged_on_its_net_notional() -> None:
     s, _ = make(max_notional=50_000.0, max_qty=1000)
-    buy, sell = leg("BUY", CE, 650, "100.00"), leg("SELL", CE_UP, 650, "70.00")  # 65,000 and 45,500
+    buy, sell = leg("BUY", CE, 650, "70.00"), leg("SELL", CE_UP, 650, "40.00")  # 45,500 and 26,000
 
-    alone, _ = make(max_notional=50_000.0, max_qty=1000)[0].evaluate(buy)
     verdict, execute = s.evaluate_basket(basket(buy, sell))
 
-    assert alone.code == VerdictCode.NOTIONAL  # the long leg alone is over the limit
-    assert verdict.approved and execute is not None  # net 19,500 is within it
+    assert verdict.approved and execute is not None  # gross 71,500; net 19,500 is within the limit
+
+
+def test_a_leg_over_max_notional_refuses_the_basket_even_when_its_hedge_nets_it() -> None:
+    s, _ = make(max_notional=50_000.0, max_qty=1000)
+    buy, sell = leg("BUY", CE, 650, "100.00"), leg("SELL", CE_UP, 650, "70.00")  # 65,000 and 45,500
+
+    verdict, execute = s.evaluate_basket(basket(buy, sell))
+
+    assert execute is None and verdict.code == VerdictCode.NOTIONAL  # the long may fill, the short rest
+    assert verdict.reason == (f"leg 1 BUY 650 {CE.symbol} @ 100.00: notional 65000.00 exceeds "
+                              "max_notional 50000.00")  # fmt: skip
+
+
+def _future(underlying: str, n: int = 0) -> Instrument:
+    futs = [i for i in MASTER.by_key.values() if i.underlying == underlying and i.inst_type == "FUTIDX"]
+    return sorted(futs, key=lambda i: i.expiry or TODAY)[n]
+
+
+def test_a_short_leg_in_another_underlying_counts_in_full_not_against_the_long() -> None:
+    s, _ = make(max_notional=2_000_000.0)
+    nifty, bank = _future("NIFTY"), _future("BANKNIFTY")
+    req = basket(leg("BUY", nifty, nifty.lot_size, "25000.00"), leg("SELL", bank, bank.lot_size, "54000.00"))
+
+    verdict, execute = s.evaluate_basket(req)
+
+    assert execute is None and verdict.code == VerdictCode.NOTIONAL
+    assert verdict.reason.startswith("basket net notional ")  # both legs in full, not their difference
+
+
+def test_a_calendar_pair_is_not_a_hedge_for_the_notional() -> None:
+    s, _ = make(max_notional=2_000_000.0)
+    near, far = _future("NIFTY", 0), _future("NIFTY", 1)
+
+    verdict, _ = s.evaluate_basket(basket(leg("BUY", near, 65, "25000.00"), leg("SELL", far, 65, "25100.00")))
+
+    assert verdict.code == VerdictCode.NOTIONAL
+
+
+def test_a_short_leg_larger_than_its_long_counts_the_uncovered_rest_in_full() -> None:
+    s, _ = make(max_notional=27_000.0, max_qty=1000)
+    # the long covers 65 of the 650 sold: 6,500 - 65 * 40 + 585 * 40 = 27,300 (netted alone: 19,500)
+    req = basket(leg("BUY", CE, 65, "100.00"), leg("SELL", CE_UP, 650, "40.00"))
+
+    verdict, _ = s.evaluate_basket(req)
+
+    assert verdict.code == VerdictCode.NOTIONAL
+    assert verdict.reason == "basket net notional 27300.00 exceeds max_notional 27000.00"
+
+
+# ------------------------------------------------------------------ legs against one position
+
+
+def test_two_sell_legs_cannot_both_reduce_the_same_long() -> None:
+    s, _ = make()
+    s.on_fill(fill(CE, "BUY", 65, "100.00", strategy="s1"))
+    s.loss_breached = True  # REDUCING: only orders that close s1's position pass
+
+    verdict, execute = s.evaluate_basket(basket(leg("SELL", CE, 65, "100.00"), leg("SELL", CE, 65, "100.00")))
+
+    assert execute is None and verdict.code == VerdictCode.REDUCING
+    assert [v.approved for v in verdict.legs] == [True, False]
+    assert f"leg 2 SELL 65 {CE.symbol} @ 100.00: REDUCING" in verdict.reason
+    assert s._working == {}  # the first leg's projection is not left behind
+
+
+def test_two_reduce_only_legs_cannot_both_close_the_same_long() -> None:
+    s, _ = make()
+    s.on_fill(fill(CE, "BUY", 65, "100.00", strategy="s1"))
+
+    verdict, _ = s.evaluate_basket(basket(leg("SELL", CE, 65, "100.00", reduce_only=True),
+                                          leg("SELL", CE, 65, "100.00", reduce_only=True)))  # fmt: skip
+
+    assert verdict.code == VerdictCode.REDUCE_ONLY
+    assert "is more than the 0 that would close s1's position" in verdict.reason
+
+
+def test_a_second_leg_in_a_position_the_first_closes_still_meets_the_open_positions_limit() -> None:
+    s, _ = make(max_open_positions=1)
+    s.on_fill(fill(CE, "BUY", 65, "100.00", strategy="s1"))
+
+    # leg 1 closes the long; leg 2 would open a short in CE (not reducing) and leg 3 a new instrument
+    verdict, _ = s.evaluate_basket(basket(leg("SELL", CE, 65, "100.00"), leg("SELL", CE, 65, "100.00"),
+                                          leg("BUY", PE, 65, "80.00")))  # fmt: skip
+
+    assert verdict.code == VerdictCode.POSITIONS
+    assert [v.approved for v in verdict.legs] == [True, True, False]
 
 
 def test_a_short_straddle_adds_up_its_premiums() -> None:
@@ -194,3 +283,34 @@ def test_a_strategy_basket_reaches_risk_whole_and_each_leg_hears_its_own_verdict
     assert [rid for rid, _ in rejected] == [f"{sent.request_id}:leg1", f"{sent.request_id}:leg2"]
     assert "leg 2 SELL 50" in rejected[0][1]  # the approved-alone leg hears why the basket failed
     assert strat.pending == {}
+
+
+# ------------------------------------------------------------------ the CLI's --leg
+
+
+def test_a_leg_quantity_too_large_to_send_is_a_usage_error_not_a_traceback() -> None:
+    with pytest.raises(LegError, match=r"quantity 1{30} is more than 10,000,000 \(the most one order"):
+        parse_leg("BUY INFY-EQ " + "1" * 30 + " @1500", MASTER, TODAY)
+    ok = parse_leg("BUY INFY-EQ 10000000 @1500", MASTER, TODAY)
+    assert ok.quantity == 10_000_000 and msgspec.msgpack.encode(ok)
+
+
+# ------------------------------------------------------------------ the expiry day's close
+
+
+def test_after_the_close_on_its_expiry_day_a_contract_is_expired_and_weekly_is_the_next() -> None:
+    assert CE.expiry is not None
+    s, clock = make()
+    before = dt.datetime.combine(CE.expiry, dt.time(15, 29), IST)
+    after = dt.datetime.combine(CE.expiry, dt.time(15, 30), IST)
+    clock._ns = int(before.timestamp() * 1e9)
+    open_, _ = s.evaluate(msgspec.structs.replace(leg("BUY", CE, 65, "100.00"), request_id="o1"))
+    clock._ns = int(after.timestamp() * 1e9)
+    closed, _ = s.evaluate(msgspec.structs.replace(leg("BUY", CE, 65, "100.00"), request_id="o2"))
+
+    assert open_.approved
+    assert closed.code == VerdictCode.CONTRACT_EXPIRED
+    assert closed.reason == f"{CE.symbol} expired today ({CE.expiry.isoformat()}) at the 15:30 close"
+    assert chain(MASTER, "NIFTY", "weekly", today=before).expiry == CE.expiry
+    assert chain(MASTER, "NIFTY", "weekly", today=after).expiry > CE.expiry
+    assert chain(MASTER, "NIFTY", "weekly", today=after.date()).expiry == CE.expiry  # a date has no time
