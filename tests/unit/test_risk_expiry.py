@@ -104,7 +104,7 @@ def test_before_the_cutoff_an_entry_passes() -> None:
 def test_after_the_cutoff_closing_a_position_still_passes() -> None:
     s = sentinel(at(dt.date(2026, 12, 8), 9, 30), expiry_day_cutoff="15:00")
     hold(s, WEEKLY_CE, 130)
-    s.clock.advance(6 * 3600)  # type: ignore[attr-defined]  # 15:30
+    s.clock.advance(5 * 3600 + 40 * 60)  # type: ignore[attr-defined]  # 15:10: past the cutoff, before the close
 
     assert s.check(order(WEEKLY_CE, side="SELL", qty=130, purpose="EXIT")).approved
     assert s.check(order(WEEKLY_CE, side="BUY")).code == VerdictCode.EXPIRY_CUTOFF
