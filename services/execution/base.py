@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ LOST_CLOSE_S = 300.0  # an acknowledged order absent from a working book this lo
 MISSING_RECHECK_NS = 1_000_000_000  # the next book after a miss is asked for this soon at the earliest
 CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works after this is sent again
 FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
+# A terminal order (with the rest of its bracket, slices and legs) unchanged this long, with a
+# books snapshot read since, is settled: it leaves memory and only its ids stay (``Settled``).
+SETTLED_AFTER_S = 300.0
+SETTLED_RECHECK_NS = 10_000_000_000  # a group not ready to go (open bracket, a write) is looked at again
 # the switch events, and the legacy name old ledger rows may carry
 KILL_EVENTS = (RiskEvent.KILL_SWITCH_ON, RiskEvent.KILL_SWITCH_OFF, "kill_switch")
 CARRIED = CARRIED_STRATEGY  # the strategy id of carried positions no strategy's fills explain
@@ -107,6 +112,18 @@ class FlattenJob:
     report: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What stays in memory of an evicted (settled) group of rows — an order with its slices,
+    or an entry with its slices and bracket legs — besides its ids in ``by_request``,
+    ``by_tag`` and ``by_broker_id``: enough to tell a known trade from a late one and to load
+    the rows back from the ledger when a late trade comes. One object shared by the group."""
+
+    segment: str  # fills are unique per (trading day, segment, trade id)
+    request_ids: tuple[str, ...]  # the group's rows in the ledger, root first
+    bracket: BracketRow | None = None  # a bracket closed unfilled: a late entry trade reopens it
+
+
 @dataclass(slots=True)
 class ReconcileState:
     """What reconciliation remembers between snapshots."""
@@ -143,6 +160,12 @@ class EngineBase:
         self.by_tag: dict[str, str] = {}
         self.by_broker_id: dict[str, str] = {}
         self.children: dict[str, list[str]] = {}  # sliced parent → slices
+        # rows not terminal (sliced parents too): what the scans of working orders go over, so
+        # their cost follows the open orders, not the day's
+        self.working: dict[str, OrderRow] = {}
+        self.settled: dict[str, Settled] = {}  # evicted order id → how to recognise and reload it
+        self._settle_due: list[tuple[int, str]] = []  # heap of (when to look at it, order id)
+        self._books_seen_ns = 0  # when the latest books snapshot that was read was asked for
         self.brackets: dict[str, BracketRow] = {}
         # (strategy, segment, token) → its brackets that may still be open, in creation order
         # (pruned as they close: a closed bracket never reopens); ``brackets`` is the truth
@@ -200,6 +223,11 @@ class EngineBase:
 
     def _index(self, o: OrderRow) -> None:
         self.orders[o.order_id] = o
+        self.settled.pop(o.order_id, None)
+        if o.terminal:
+            self._settle_later(o)
+        else:
+            self.working[o.order_id] = o
         self.by_request[o.request_id] = o.order_id
         self.by_tag[tag_key(o.client_tag)] = o.order_id
         if o.broker_order_id:
@@ -209,8 +237,13 @@ class EngineBase:
         if o.bracket_id and o.purpose in _LEGS:
             self.legs.setdefault(o.bracket_id, []).append(o.order_id)
 
+    def _settle_later(self, o: OrderRow) -> None:
+        """``o`` is terminal: look at it once it may have settled."""
+        heapq.heappush(self._settle_due, (o.updated_ns + int(SETTLED_AFTER_S * 1e9), o.order_id))
+
     def _unindex(self, o: OrderRow) -> None:
         self.orders.pop(o.order_id, None)
+        self.working.pop(o.order_id, None)
         if self.by_request.get(o.request_id) == o.order_id:
             del self.by_request[o.request_id]
         self.by_tag.pop(tag_key(o.client_tag), None)
@@ -240,7 +273,15 @@ class EngineBase:
         return list(live)
 
     def open_count(self) -> int:
-        return sum(1 for o in self.orders.values() if not o.terminal and not o.sliced)
+        return sum(1 for o in self.working.values() if not o.sliced)
+
+    def open_bracket_count(self) -> int:
+        """Open brackets, from the per-instrument groups (every open bracket is in one)."""
+        brackets = self.brackets
+        return sum(
+            1 for g in self._bgroups.values() for b in g
+            if b.state in BRACKET_OPEN and brackets.get(b.bracket_id) is b
+        )  # fmt: skip
 
 
     # ------------------------------------------------------------ provided by the later parts

@@ -291,7 +291,7 @@ class Brackets(Orders):
         manual orders, and an exit that would now open or flip its strategy's position.
         Bracket legs and flatten closes keep working: they only take exposure off."""
         ids = []
-        for o in list(self.orders.values()):
+        for o in list(self.working.values()):
             if o.terminal or o.sliced or not self._can_add_exposure(o):
                 continue
             if self._request_cancel(o, reason):

@@ -29,6 +29,7 @@ Durability rules
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 from libs.common.clock import trading_day
@@ -46,9 +47,12 @@ from services.execution.base import (  # the engine's names, re-exported (``__al
     _ZERO,
     CARRIED,
     KILL_EVENTS,
+    SETTLED_AFTER_S,
+    SETTLED_RECHECK_NS,
     EngineBase,
     FlattenJob,
     ReconcileState,
+    Settled,
     SubmitResult,
 )
 from services.execution.baskets import Baskets
@@ -62,16 +66,20 @@ from services.execution.intents import (  # re-exported (``__all__``)
     run_intent,
 )
 from services.execution.model import (
+    B_CANCELLED,
     BRACKET_OPEN,
+    STOP,
+    TARGET,
     OrderQuery,
+    OrderRow,
     RiskEventRow,
 )
 from services.execution.pricing import freeze_step  # re-exported (``__all__``)
 
 __all__ = [
-    "CARRIED", "KILL_EVENTS", "BooksIntent", "CancelIntent", "EngineBase", "ExecutionEngine", "FlattenJob",
-    "Intent", "ModifyIntent", "PlaceIntent", "PositionState", "PositionsIntent", "ReconcileState",
-    "SubmitResult", "freeze_step", "run_intent",
+    "CARRIED", "KILL_EVENTS", "SETTLED_AFTER_S", "BooksIntent", "CancelIntent", "EngineBase",
+    "ExecutionEngine", "FlattenJob", "Intent", "ModifyIntent", "PlaceIntent", "PositionState",
+    "PositionsIntent", "ReconcileState", "Settled", "SubmitResult", "freeze_step", "run_intent",
 ]  # fmt: skip
 
 
@@ -224,6 +232,11 @@ class ExecutionEngine(Baskets):
                 and self.brackets[o.bracket_id].state in BRACKET_OPEN
             ):
                 self._unindex(o)
+        if self.settled:  # yesterday's settled rows go the same way (their ids with them)
+            self.settled.clear()
+            self.by_request = {r: oid for r, oid in self.by_request.items() if oid in self.orders}
+            self.by_tag = {t: oid for t, oid in self.by_tag.items() if oid in self.orders}
+            self.by_broker_id = {b: oid for b, oid in self.by_broker_id.items() if oid in self.orders}
         self.fill_keys = {k for k in self.fill_keys if k[0] == today}
         self.recon.carry_alerted.clear()
         self._held_intents.append(PositionsIntent(self._now()))  # yesterday's NRML/CNC are carried now
@@ -234,9 +247,106 @@ class ExecutionEngine(Baskets):
             "broker": self.broker_name,
             "trading_day": self.day,
             "open_orders": self.open_count(),
-            "open_brackets": sum(1 for b in self.brackets.values() if b.state in BRACKET_OPEN),
+            "open_brackets": self.open_bracket_count(),
+            "orders_in_memory": len(self.orders),
+            "settled_orders": len(self.settled),
             "positions": sum(1 for p in self.positions.values() if p.quantity),
             "inflight": len(self.inflight),
             "last_prices": len(self.last),
             **self.stats,
         }
+
+    # ------------------------------------------------------------------ settled orders
+    def reconcile_if_due(self) -> None:
+        super().reconcile_if_due()
+        self.evict_settled()
+
+    def evict_settled(self) -> int:
+        """Settled orders leave memory, so a day's orders cost no time per order and little
+        memory. A group — an order with its slices, or an entry with its slices and bracket legs
+        — goes once every row of it has been terminal and unchanged for ``SETTLED_AFTER_S``, is
+        written to the ledger, owes no cancel, its bracket is closed, no open flatten waits on it,
+        and a books snapshot asked for after its last change has been read (so the broker's book
+        did not show it working). Basket legs stay (the basket answers from them). Kept per row:
+        its ids (``by_request``, ``by_tag``, ``by_broker_id``) and the group's ``Settled``. A
+        repeat of its request is answered from the ledger; a trade for it loads it back.
+        Returns the number of rows evicted."""
+        due = self._settle_due
+        now = self._now()
+        if not due or due[0][0] > now:
+            return 0
+        cutoff = now - int(SETTLED_AFTER_S * 1e9)
+        pending = {*self._new, *self._dirty, *(e.order_id for e in self._events)}
+        pending.update(f.order_id for f in self._fills)
+        pending.update(self.inflight, self.cancel_sent, self.owed_cancels, self._kheld, self._kchase)
+        for rid in self._active_jobs:
+            job = self.flatten_jobs.get(rid)
+            if job is not None:
+                pending.update(job.waiting, job.closing, job.pending_places, job.unconfirmed)
+        again: list[tuple[int, str]] = []
+        evicted = 0
+        while due and due[0][0] <= now:
+            _ts, oid = heapq.heappop(due)
+            o = self.orders.get(oid)
+            if o is None or not o.terminal:
+                continue  # gone already, or working again (it comes back here when it ends)
+            root = self.orders.get(o.parent_id, o) if o.parent_id else o
+            group = self._group(root)
+            keep = self._keep_reason(root, group, cutoff, pending)
+            if keep == "wait":
+                last = max(x.updated_ns for x in group)
+                again.append((max(last + int(SETTLED_AFTER_S * 1e9), now + SETTLED_RECHECK_NS), oid))
+            elif not keep:
+                evicted += self._evict(root, group)
+        for item in again:
+            heapq.heappush(due, item)
+        return evicted
+
+    def _group(self, root: OrderRow) -> list[OrderRow]:
+        orders = self.orders
+        ids = [root.order_id, *self.children.get(root.order_id, ())]
+        if root.bracket_id:
+            ids.extend(self.legs.get(root.bracket_id, ()))
+        return [orders[x] for x in ids if x in orders]
+
+    def _keep_reason(self, root: OrderRow, group: list[OrderRow], cutoff: int, pending: set[str]) -> str:
+        """"" to evict the group now; "wait" to look again later; "stay" to keep it (a row that
+        works again comes back when it ends; basket legs stay for the day)."""
+        if root.order_id in self._kleg:
+            return "stay"
+        last = 0
+        for x in group:
+            if not x.terminal:
+                return "stay"
+            if x.order_id in pending:
+                return "wait"
+            last = max(last, x.updated_ns)
+        if last > cutoff or self._books_seen_ns <= last:
+            return "wait"
+        b = self.brackets.get(root.bracket_id) if root.bracket_id else None
+        if b is not None and (b.state in BRACKET_OPEN or b.bracket_id in self._bdirty):
+            return "wait"
+        return ""
+
+    def _evict(self, root: OrderRow, group: list[OrderRow]) -> int:
+        b = self.brackets.get(root.bracket_id) if root.bracket_id else None
+        parked = b if b is not None and b.state == B_CANCELLED else None
+        tomb = Settled(root.segment, tuple(x.request_id for x in group), parked)
+        for x in group:
+            oid = x.order_id
+            self.orders.pop(oid, None)
+            self.working.pop(oid, None)
+            self.settled[oid] = tomb
+            self._awaiting_alerted.discard(oid)
+            self._temp_refused.discard(oid)
+            self._oversized.pop(oid, None)
+            self.recon.bad_rows.discard(oid)
+        self.children.pop(root.order_id, None)
+        if b is not None:
+            bid = b.bracket_id
+            self.brackets.pop(bid, None)
+            self.legs.pop(bid, None)
+            for kind in (STOP, TARGET):
+                self.leg_failed.discard((bid, kind))
+                self.leg_retry.pop((bid, kind), None)
+        return len(group)

@@ -53,6 +53,7 @@ from services.execution.model import (
     tag_key,
 )
 from services.execution.store import (
+    LedgerError,
     fill_problem,
 )
 
@@ -241,8 +242,16 @@ class BrokerEvents(Brackets):
         """An order-feed update or a trade, from the broker's push channel or a book poll."""
         o = self._find(ev.broker_order_id, ev.client_tag)
         if o is None:
-            self._orphan(ev.broker_order_id, ev.client_tag)
-            return
+            oid = self._settled_id(ev.broker_order_id, ev.client_tag)
+            if not oid:
+                self._orphan(ev.broker_order_id, ev.client_tag)
+                return
+            # a settled order: its status is known; only a trade not seen before matters
+            if not isinstance(ev, BrokerTrade) or self._fill_known(ev, oid):
+                return
+            o = self._load_settled(oid)
+            if o is None:
+                return
         if isinstance(ev, BrokerTrade):
             self._on_trade(ev, o)
         else:
@@ -260,6 +269,47 @@ class BrokerEvents(Brackets):
             self.by_broker_id[broker_order_id] = o.order_id
             self._mark(o)
             self._pay_cancel(o)  # a cancel asked for while its place was unanswered or UNKNOWN
+        return o
+
+    def _settled_id(self, broker_order_id: str, client_tag: str) -> str:
+        """The id of a settled (evicted) order the broker names, or ""."""
+        oid = self.by_broker_id.get(broker_order_id) if broker_order_id else None
+        if oid is None and client_tag:
+            oid = self.by_tag.get(tag_key(client_tag))
+        return oid if oid is not None and oid in self.settled else ""
+
+    def _fill_known(self, tr: BrokerTrade, order_id: str) -> bool:
+        """Whether this trade of a settled order was applied already."""
+        return (self._day_of(tr.ts_ns), self.settled[order_id].segment, tr.trade_id) in self.fill_keys
+
+    def _load_settled(self, order_id: str) -> OrderRow | None:
+        """A trade came for a settled order (a real broker may report one after a cancel): its
+        group's rows come back from the ledger so the trade is applied like any other. When
+        the ledger cannot be read now, the next books bring the trade again."""
+        s = self.settled[order_id]
+        try:
+            rows = self.store.find_by_request_ids(s.request_ids)
+        except LedgerError as exc:
+            if self.log is not None:
+                self.log.warning("settled_reload_failed", order_id=order_id, error=str(exc))
+            self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + 5_000_000_000)
+            return None
+        for rid in s.request_ids:  # root first: slices and legs find their parent
+            row = rows.get(rid)
+            if row is not None and row.order_id not in self.orders:
+                self._index(row)
+        for oid in [k for k in (self.by_request.get(r, "") for r in s.request_ids) if k]:
+            self.settled.pop(oid, None)  # a row the ledger lost is not settled: unknown from here on
+        b = s.bracket
+        if b is not None and b.bracket_id not in self.brackets:
+            self.brackets[b.bracket_id] = b  # closed unfilled: the trade reopens it (``_sync_one``)
+        o = self.orders.get(order_id)
+        if self.log is not None:
+            self.log.info("settled_reloaded", order_id=order_id, rows=len(rows), found=o is not None)
+        if o is None:
+            self.alert("CRITICAL", f"a trade came for order {order_id}, which left memory as settled, but "
+                       "the ledger has no row for it: the trade is not applied — check the broker's trade "
+                       "book", "settled_missing")  # fmt: skip
         return o
 
     def _orphan(self, broker_order_id: str, client_tag: str) -> None:

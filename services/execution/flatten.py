@@ -60,7 +60,7 @@ class Flattening(BrokerEvents):
                 b.reason = f"flatten {req.request_id}"
                 b.updated_ns = self._now()
                 self._bdirty[b.bracket_id] = b
-        for o in list(self.orders.values()):
+        for o in list(self.working.values()):
             if o.terminal or o.sliced or not self._matches(o.strategy_id, o.key, req, match_key):
                 continue
             if req.symbol and match_key is None:
@@ -190,7 +190,7 @@ class Flattening(BrokerEvents):
         still on their way); the two legs of one bracket protect the same shares (OCO), so
         count once."""
         total, per_bracket = 0, dict[tuple[str, str], int]()
-        for o in self.orders.values():
+        for o in self.working.values():
             if (
                 o.terminal or o.sliced or o.side != side or o.strategy_id != strategy_id
                 or o.product != product or o.key != key or not o.unsettled_qty

@@ -48,6 +48,7 @@ from services.execution.pricing import (
     price_order,
     refusal,
 )
+from services.execution.store import LedgerError
 from services.execution.unit_of_work import UnitOfWork
 
 
@@ -84,9 +85,16 @@ class Orders(UnitOfWork):
                 SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds
             ]
         self._expire_late(cmds)
+        settled = self._settled_rows(cmds)
         out: list[SubmitResult] = []
         for cmd in cmds:
             row = self.orders.get(self.by_request.get(cmd.request_id, ""))
+            if row is None and cmd.request_id in settled:
+                row = settled[cmd.request_id]
+                if row is None:
+                    out.append(SubmitResult(cmd.request_id, False, reason="ledger unavailable",
+                                            code="ledger"))  # fmt: skip
+                    continue
             if row is None:
                 why = self._refused.pop(cmd.request_id, "order lost")
                 out.append(SubmitResult(cmd.request_id, False, reason=why, code="refused"))
@@ -98,6 +106,20 @@ class Orders(UnitOfWork):
             )
         self.stats["submitted"] += len(cmds)
         return out
+
+    def _settled_rows(self, cmds: list[ExecuteOrder]) -> dict[str, OrderRow | None]:
+        """Repeats of requests whose rows have left memory (settled): their rows as the ledger
+        holds them now (None for each when the ledger cannot be read)."""
+        rids = [c.request_id for c in cmds if self.by_request.get(c.request_id, "") in self.settled]
+        if not rids:
+            return {}
+        try:
+            found = self.store.find_by_request_ids(rids)
+        except LedgerError as exc:
+            if self.log is not None:
+                self.log.warning("settled_lookup_failed", error=str(exc), requests=len(rids))
+            return dict.fromkeys(rids)
+        return {rid: found[rid] for rid in rids if rid in found}
 
     def _expire_late(self, cmds: list[ExecuteOrder]) -> None:
         """Orders whose deadline passed while their rows were being committed: their place
@@ -209,7 +231,7 @@ class Orders(UnitOfWork):
         closing = net if side == "SELL" else -net  # what this side can close
         working = sum(
             w.quantity - w.filled_qty
-            for w in self.orders.values()
+            for w in self.working.values()
             if w.strategy_id == strategy and w.segment == inst.segment and w.token == inst.token
             and w.side == side and w.purpose in (EXIT, FLATTEN_P) and not w.sliced
             and w.status not in TERMINAL_STATES
@@ -313,6 +335,11 @@ class Orders(UnitOfWork):
         if reason:
             o.reason = reason
         o.updated_ns = self._now()
+        if o.terminal:
+            self.working.pop(o.order_id, None)
+            self._settle_later(o)
+        else:
+            self.working[o.order_id] = o
         self._mark(o)
         self._event(o, kind, old, payload)
         self._publish_order(o)

@@ -82,14 +82,15 @@ class Reconciliation(Flattening):
         the ledger calls terminal that the broker shows working is adopted back, with a
         CRITICAL alert."""
         self.stats["reconciles"] += 1
+        self._books_seen_ns = max(self._books_seen_ns, started_ns)
         by_id = {s.broker_order_id: s for s in order_book if s.broker_order_id}
         by_tag = {tag_key(s.client_tag): s for s in order_book if s.client_tag}
         traded = self._apply_book_rows(order_book, trade_book, started_ns)
         cutoff = started_ns - self.book_lag_ns
         absent: list[OrderRow] = []
         lost: list[OrderRow] = []  # today's acknowledged orders the book does not show
-        for o in list(self.orders.values()):
-            if o.terminal or o.sliced:
+        for o in list(self.working.values()):
+            if o.terminal or o.sliced:  # (closed by an earlier row of this loop)
                 continue
             found = by_id.get(o.broker_order_id) if o.broker_order_id else None
             if found is None:
@@ -130,7 +131,9 @@ class Reconciliation(Flattening):
         for st in order_book:
             o = self._find(st.broker_order_id, st.client_tag)
             if o is None:
-                self._orphan(st.broker_order_id, st.client_tag)
+                # a settled order is known and closed: never adopted, never an orphan
+                if not self._settled_id(st.broker_order_id, st.client_tag):
+                    self._orphan(st.broker_order_id, st.client_tag)
             elif (
                 o.terminal
                 and not o.sliced
@@ -143,8 +146,15 @@ class Reconciliation(Flattening):
         for tr in trade_book:
             o = self._find(tr.broker_order_id, tr.client_tag)
             if o is None:
-                self._orphan(tr.broker_order_id, tr.client_tag)
-                continue
+                oid = self._settled_id(tr.broker_order_id, tr.client_tag)
+                if not oid:
+                    self._orphan(tr.broker_order_id, tr.client_tag)
+                    continue
+                if self._fill_known(tr, oid):
+                    continue
+                o = self._load_settled(oid)  # a late trade of a settled order
+                if o is None:
+                    continue
             traded.add(o.order_id)
             self._on_trade(tr, o)
         return traded
@@ -251,6 +261,7 @@ class Reconciliation(Flattening):
         its fills count, its bracket sees it and a cancel can reach it."""
         old = o.status
         o.status = PARTIAL if o.filled_qty else OPEN
+        self.working[o.order_id] = o
         o.broker_final = ""
         o.missing = 0
         o.updated_ns = self._now()

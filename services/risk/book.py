@@ -72,6 +72,10 @@ class _Working:
 class _Seen(msgspec.Struct):
     request: OrderRequest  # with ts_ns zeroed, for comparing retries
     verdict: RiskVerdict
+    shared: bool = False  # its strings and prices are the ones other remembered requests use
+
+
+_SHARED_MAX = 20_000  # distinct strings and prices the remembered requests share (then it restarts)
 
 
 def _fmt(value: Decimal | float) -> str:
@@ -118,6 +122,7 @@ class RiskBook:
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
         self._expired: OrderedDict[str, None] = OrderedDict()  # request ids reported "expires unplaced"
         self._fills_seen: OrderedDict[str, None] = OrderedDict()
+        self._shared: dict[Any, Any] = {}  # one object per equal string or price of ``_seen``
         self._restored_upto_ns = 0  # fills traded at or before this are in the restored day...
         self._guard_until = 0.0  # ...when they arrive before this (clock.monotonic)
         self._approvals: deque[float] = deque()
@@ -251,6 +256,36 @@ class RiskBook:
         self._working.pop(request_id, None)
         for oid in [o for o, r in self._order_ids.items() if r == request_id]:
             del self._order_ids[oid]
+        self._share_seen(request_id)
+
+    def _share_seen(self, request_id: str) -> None:
+        """A finished order's request stays remembered for the day (an identical retry gets the
+        same verdict, a different order under its id is refused), but every decoded message
+        brings its own copies of the same symbol, side, product and prices: its remembered copy
+        takes the objects equal values of other remembered requests use, so a day of finished
+        orders costs little more than their ids."""
+        seen = self._seen.get(request_id)
+        if seen is None or seen.shared:
+            return
+        if len(self._shared) > _SHARED_MAX:
+            self._shared = {}
+        one = self._one
+        r, v = seen.request, seen.verdict
+        seen.request = msgspec.structs.replace(
+            r, strategy_id=one(r.strategy_id), side=one(r.side), symbol=one(r.symbol), segment=one(r.segment),
+            token=one(r.token), order_type=one(r.order_type), product=one(r.product), purpose=one(r.purpose),
+            price=one(r.price), trigger_price=one(r.trigger_price), stop_loss=one(r.stop_loss),
+            target=one(r.target),
+        )  # fmt: skip
+        seen.verdict = msgspec.structs.replace(v, request_id=seen.request.request_id, state=one(v.state),
+                                               reason=one(v.reason))  # fmt: skip
+        seen.shared = True
+
+    def _one(self, value: Any) -> Any:
+        """The shared object equal to ``value`` (a string, a finite price; anything else as is)."""
+        if value is None or (isinstance(value, Decimal) and not value.is_finite()):
+            return value
+        return self._shared.setdefault(value, value)
 
     def _add_position(self, key: str, pos: PositionState) -> None:
         self._positions[(pos.strategy_id, key)] = pos

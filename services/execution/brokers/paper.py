@@ -18,12 +18,17 @@ hold today's orders only: open orders of earlier days have expired. Positions in
 CNC are carried: when the journal is compacted at the start of a day, the net of earlier
 days' trades in those products is written as ``carry`` records, and ``carried_positions()``
 reports them as a real broker's positions call would.
+
+Memory stays bounded over a day: an order that finished (filled or cancelled) more than
+``SETTLED_AFTER_S`` ago leaves the in-memory books with its trades; the journal keeps it, and
+execution, which settles its own rows sooner, never asks about it again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -45,6 +50,7 @@ from services.execution.brokers.base import (
 _OPEN, _PARTIAL, _COMPLETE, _CANCELLED = "OPEN", "PARTIAL", "COMPLETE", "CANCELLED"
 _DONE = frozenset({_COMPLETE, _CANCELLED, "REJECTED"})
 _CARRIED_PRODUCTS = frozenset({"NRML", "CNC"})  # MIS is squared off the same day
+SETTLED_AFTER_S = 600.0  # a finished order leaves memory this long after it finished (twice execution's)
 BrokerEvent = BrokerOrderStatus | BrokerTrade
 
 
@@ -99,7 +105,9 @@ class PaperBroker:
         self.partial_fills = partial_fills
         self.log = log
         self.orders: dict[str, PaperOrder] = {}
-        self.trades: list[BrokerTrade] = []
+        self.trades: dict[str, BrokerTrade] = {}  # trade id → trade, in the order they traded
+        self._order_trades: dict[str, list[str]] = {}  # broker order id → its trade ids
+        self._finished: deque[tuple[int, str]] = deque()  # (when it finished, broker order id)
         self.resting: dict[str, list[PaperOrder]] = {}
         self.last: dict[str, Tick] = {}
         self.events: list[BrokerEvent] = []
@@ -152,9 +160,12 @@ class PaperBroker:
             tmp.write_text("".join(k + "\n" for k in carry + kept), encoding="utf-8")
             tmp.replace(path)
         self._fh = path.open("a", encoding="utf-8")
+        now = self.clock.now_ns()
         for o in self.orders.values():
             if o.status not in _DONE:
                 self.resting.setdefault(o.key, []).append(o)
+            else:
+                self._finished.append((now, o.oid))
 
     def _carry_in(self, rec: dict[str, Any], places: dict[str, dict[str, Any]]) -> None:
         """Fold one record of an earlier day into the carried positions."""
@@ -187,7 +198,8 @@ class PaperBroker:
         orders expire and its NRML/CNC trades become today's carry, as after a restart."""
         if trading_day(self.clock) != self._day and self._journal_path is not None:
             self.close()
-            self.orders, self.trades, self.resting, self.carried = {}, [], {}, {}
+            self.orders, self.trades, self.resting, self.carried = {}, {}, {}, {}
+            self._order_trades, self._finished = {}, deque()
             self._day = trading_day(self.clock)
             self._load(self._journal_path)
         return [
@@ -231,7 +243,7 @@ class PaperBroker:
             o.filled += qty
             o.value += price * qty
             o.status = _COMPLETE if o.filled >= o.quantity else _PARTIAL
-            self.trades.append(
+            self._add_trade(
                 BrokerTrade(
                     trade_id=rec["id"],
                     broker_order_id=o.oid,
@@ -289,6 +301,7 @@ class PaperBroker:
         self._seq += 1
         oid = f"{self._day.replace('-', '')[2:]}{self._seq:09d}"
         now = self.clock.now_ns()
+        self._forget_settled(now)
         o = PaperOrder(
             oid=oid,
             tag=order.client_tag,
@@ -341,6 +354,7 @@ class PaperBroker:
         o.status = _CANCELLED
         o.reason = "cancelled by user"
         self._log({"op": "cancel", "oid": o.oid, "reason": o.reason})
+        self._finished.append((self.clock.now_ns(), o.oid))
         self._unrest(o)
         self._status(o)
 
@@ -382,10 +396,28 @@ class PaperBroker:
             self._match(o, last, arriving=True)
 
     def order_book(self) -> list[BrokerOrderStatus]:
+        self._forget_settled(self.clock.now_ns())
         return [self._as_status(o) for o in self.orders.values() if o.day == self._day]
 
     def trade_book(self) -> list[BrokerTrade]:
-        return list(self.trades)
+        return list(self.trades.values())
+
+    def _add_trade(self, trade: BrokerTrade) -> None:
+        self.trades[trade.trade_id] = trade
+        self._order_trades.setdefault(trade.broker_order_id, []).append(trade.trade_id)
+
+    def _forget_settled(self, now_ns: int) -> None:
+        """Orders finished ``SETTLED_AFTER_S`` ago leave memory with their trades (the journal
+        keeps them)."""
+        q = self._finished
+        cutoff = now_ns - int(SETTLED_AFTER_S * 1e9)
+        while q and q[0][0] <= cutoff:
+            oid = q.popleft()[1]
+            o = self.orders.get(oid)
+            if o is not None and o.status in _DONE:
+                del self.orders[oid]
+                for tid in self._order_trades.pop(oid, ()):
+                    self.trades.pop(tid, None)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -501,10 +533,11 @@ class PaperBroker:
             price=price,
             ts_ns=now,
         )
-        self.trades.append(trade)
+        self._add_trade(trade)
         self.events.append(trade)
         if o.status == _COMPLETE:
             self._unrest(o)
+            self._finished.append((now, o.oid))
         self._status(o)
 
     def _unrest(self, o: PaperOrder) -> None:
