@@ -69,21 +69,10 @@ STRATEGIES = ("chaos1",)
 
 
 def kotak_env(fake: KotakRestFake) -> dict[str, str]:
-    c = fake.credentials
-    return {
-        "NEOPULSE_EXECUTION__BROKER": "kotak",
-        "NEOPULSE_LIVE": "1",
-        "NEOPULSE_EXECUTION__BROKER_TIMEOUT_S": str(BROKER_TIMEOUT_S),
-        "NEOPULSE_EXECUTION__BOOK_LAG_S": "4",
-        "NEOPULSE_EXECUTION__RECONCILE_S": "1",
-        "NEOPULSE_KOTAK__CONSUMER_KEY": c.consumer_key,
-        "NEOPULSE_KOTAK__MOBILE": c.mobile_number,
-        "NEOPULSE_KOTAK__UCC": c.ucc,
-        "NEOPULSE_KOTAK__MPIN": c.mpin,
-        "NEOPULSE_KOTAK__TOTP_SECRET": c.totp_secret,
-        "NEOPULSE_KOTAK__BASE_URL": fake.base_url,
-        "NEOPULSE_KOTAK__SFEED_URL": "ws://127.0.0.1:9/feed",
-    }
+    """The Kotak-fault integration tests' environment, with this run's broker timeout."""
+    from tests.integration.test_execution_kotak_faults import kotak_env as faults_env
+
+    return {**faults_env(fake), "NEOPULSE_EXECUTION__BROKER_TIMEOUT_S": str(BROKER_TIMEOUT_S)}
 
 
 class FakeBook:
