@@ -146,6 +146,10 @@ class ExecutionConfig(_Section, frozen=True):
 
 class PaperConfig(_Section, frozen=True):
     slippage_bps: NonNegFloat = 2.0
+    # The paper account's funds. An order needing more margin than is free (what open
+    # positions and working orders block) is rejected as a real broker's RMS would: a sold
+    # option blocks 12% of its strike's value, a bought one its premium, a future 12%, MIS
+    # equity 20% and delivery 100% (services/execution/brokers/paper_margin.py).
     capital: PositiveFloat = 1_000_000.0
 
 

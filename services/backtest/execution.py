@@ -21,7 +21,8 @@ class PaperExecution:
     execution would have published (``OrderUpdate``, ``Fill``, ``Position``, ``Alert``)."""
 
     def __init__(self, cfg: Config, master: MasterData, clock: Clock, log: Any = None) -> None:
-        self.broker = PaperBroker(master, clock, slippage_bps=cfg.paper.slippage_bps, log=log)
+        self.broker = PaperBroker(master, clock, slippage_bps=cfg.paper.slippage_bps, log=log,
+                                  capital=cfg.paper.capital)
         self.engine = ExecutionEngine(MemoryOrderStore(), self.broker, master, clock, cfg.execution, log=log)
         self.engine.start()
         self.engine.pump()

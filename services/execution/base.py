@@ -165,7 +165,11 @@ class EngineBase:
         self.working: dict[str, OrderRow] = {}
         self.settled: dict[str, Settled] = {}  # evicted order id → how to recognise and reload it
         self._settle_due: list[tuple[int, str]] = []  # heap of (when to look at it, order id)
-        self._books_seen_ns = 0  # when the latest books snapshot that was read was asked for
+        # when the latest whole, non-empty books snapshot was asked for, and the broker ids it
+        # showed done: only such a book is evidence that lets a settled group leave memory
+        self._books_seen_ns = 0
+        self._book_done: set[str] = set()
+        self.ledger_behind: set[str] = set()  # orders with a change the ledger refused (quarantined)
         self.brackets: dict[str, BracketRow] = {}
         # (strategy, segment, token) → its brackets that may still be open, in creation order
         # (pruned as they close: a closed bracket never reopens); ``brackets`` is the truth

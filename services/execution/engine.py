@@ -266,10 +266,13 @@ class ExecutionEngine(Baskets):
         memory. A group — an order with its slices, or an entry with its slices and bracket legs
         — goes once every row of it has been terminal and unchanged for ``SETTLED_AFTER_S``, is
         written to the ledger, owes no cancel, its bracket is closed, no open flatten waits on it,
-        and a books snapshot asked for after its last change has been read (so the broker's book
-        did not show it working). Basket legs stay (the basket answers from them). Kept per row:
-        its ids (``by_request``, ``by_tag``, ``by_broker_id``) and the group's ``Settled``. A
-        repeat of its request is answered from the ledger; a trade for it loads it back.
+        and a whole, non-empty books snapshot asked for after its last change has been read (an
+        empty "No Data" book or one judged incomplete is no evidence); at a live broker that book
+        must show each of its broker orders done. A settled order a later book shows working
+        comes back and is adopted (``_apply_book_rows``). Basket legs stay (the basket answers
+        from them). Kept per row: its ids (``by_request``, ``by_tag``, ``by_broker_id``) and the
+        group's ``Settled``. A repeat of its request is answered from the ledger; a trade for it
+        loads it back.
         Returns the number of rows evicted."""
         due = self._settle_due
         now = self._now()
@@ -279,6 +282,7 @@ class ExecutionEngine(Baskets):
         pending = {*self._new, *self._dirty, *(e.order_id for e in self._events)}
         pending.update(f.order_id for f in self._fills)
         pending.update(self.inflight, self.cancel_sent, self.owed_cancels, self._kheld, self._kchase)
+        pending.update(self.ledger_behind)  # the ledger's row is not what memory holds: stays
         for rid in self._active_jobs:
             job = self.flatten_jobs.get(rid)
             if job is not None:
@@ -323,6 +327,10 @@ class ExecutionEngine(Baskets):
             last = max(last, x.updated_ns)
         if last > cutoff or self._books_seen_ns <= last:
             return "wait"
+        if self.book_lag_ns:  # a live broker's day book lists every order it took, done or not
+            done = self._book_done
+            if any(x.broker_order_id and x.broker_order_id not in done for x in group):
+                return "wait"  # the latest whole book did not show it done: no evidence yet
         b = self.brackets.get(root.bracket_id) if root.bracket_id else None
         if b is not None and (b.state in BRACKET_OPEN or b.bracket_id in self._bdirty):
             return "wait"

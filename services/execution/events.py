@@ -246,8 +246,13 @@ class BrokerEvents(Brackets):
             if not oid:
                 self._orphan(ev.broker_order_id, ev.client_tag)
                 return
-            # a settled order: its status is known; only a trade not seen before matters
-            if not isinstance(ev, BrokerTrade) or self._fill_known(ev, oid):
+            # a settled order: its status is known; only a trade not seen before matters, or a
+            # status that says it works after all (the books then bring it back and adopt it)
+            if not isinstance(ev, BrokerTrade):
+                if ev.status.upper() in (ACK, OPEN, PARTIAL):
+                    self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now())
+                return
+            if self._fill_known(ev, oid):
                 return
             o = self._load_settled(oid)
             if o is None:

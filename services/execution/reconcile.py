@@ -38,9 +38,12 @@ from services.execution.intents import (
 )
 from services.execution.model import (
     BRACKET_OPEN,
+    TERMINAL,
     OrderRow,
     tag_key,
 )
+
+_BOOK_DONE = TERMINAL
 
 
 class Reconciliation(Flattening):
@@ -82,7 +85,6 @@ class Reconciliation(Flattening):
         the ledger calls terminal that the broker shows working is adopted back, with a
         CRITICAL alert."""
         self.stats["reconciles"] += 1
-        self._books_seen_ns = max(self._books_seen_ns, started_ns)
         by_id = {s.broker_order_id: s for s in order_book if s.broker_order_id}
         by_tag = {tag_key(s.client_tag): s for s in order_book if s.client_tag}
         traded = self._apply_book_rows(order_book, trade_book, started_ns)
@@ -120,6 +122,10 @@ class Reconciliation(Flattening):
             self._after_books(order_book, trade_book)
             return
         self.recon.incomplete_since_ns = 0
+        if order_book:  # whole, and not "No Data": evidence that lets settled groups leave memory
+            self._books_seen_ns = max(self._books_seen_ns, started_ns)
+            self._book_done = {s.broker_order_id for s in order_book if s.broker_order_id
+                               and s.status.upper() in _BOOK_DONE}  # fmt: skip
         for o in absent:  # never acknowledged, or of an earlier day (expired overnight)
             self._count_absent(o, started_ns)
         self._after_books(order_book, trade_book)
@@ -131,10 +137,17 @@ class Reconciliation(Flattening):
         for st in order_book:
             o = self._find(st.broker_order_id, st.client_tag)
             if o is None:
-                # a settled order is known and closed: never adopted, never an orphan
-                if not self._settled_id(st.broker_order_id, st.client_tag):
+                oid = self._settled_id(st.broker_order_id, st.client_tag)
+                if not oid:
                     self._orphan(st.broker_order_id, st.client_tag)
-            elif (
+                    continue
+                if st.status.upper() not in (ACK, OPEN, PARTIAL):
+                    continue  # a settled order shown closed: as known
+                # settled, yet working at the broker: its group comes back, to be adopted below
+                o = self._load_settled(oid)
+                if o is None:
+                    continue
+            if (
                 o.terminal
                 and not o.sliced
                 and st.status.upper() in (ACK, OPEN, PARTIAL)

@@ -177,6 +177,7 @@ def make_broker(cfg: Config, master: MasterData, clock: Clock, home: Path, log: 
             slippage_bps=cfg.paper.slippage_bps,
             journal=home / "run" / "paper-book.jsonl",
             log=log,
+            capital=cfg.paper.capital,
         )
         return Brokers(paper, inline=paper)
     from services.execution.brokers.kotak import KotakBroker

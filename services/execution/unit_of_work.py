@@ -159,6 +159,11 @@ class UnitOfWork(EngineBase):
                 b = self.brackets.pop(bid, None)
                 if b is not None:
                     self._open_brackets(b.strategy_id, b.segment, b.token)
+        else:  # the ledger is behind memory for these orders: they never leave memory as settled
+            self.ledger_behind.update(unit.updated)
+            self.ledger_behind.update(e.order_id for e in unit.events)
+            self.ledger_behind.update(f.order_id for f in unit.fills)
+            self.ledger_behind.update(b.entry_id for b in unit.brackets.values())
         self.alert(
             "CRITICAL",
             f"the ledger refused a {kind} ({name[:64]}): {why[:300]}; set aside, the rest was written",

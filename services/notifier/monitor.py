@@ -17,6 +17,7 @@ from libs.common.clock import IST, Clock
 from libs.common.config import NotifierConfig
 from libs.common.messages import (
     Alert,
+    BasketVerdict,
     DayState,
     FeedStatus,
     Fill,
@@ -87,6 +88,12 @@ def money(value: float | Decimal) -> str:
     return f"{'-' if v < 0 else ''}₹{abs(v):,.2f}"
 
 
+def _verdict_strategy(topic: bytes) -> str:
+    """`` [strategy]`` from a ``verdict.<strategy>.`` topic, or ""."""
+    parts = topic.decode("ascii", "replace").split(".")
+    return f" [{parts[1]}]" if len(parts) > 2 and parts[0] == "verdict" else ""
+
+
 def _qty_price(qty: int, price: Decimal | float | None) -> str:
     return f"{qty} @ {price}" if price is not None else f"{qty} @ market"
 
@@ -125,10 +132,12 @@ class Monitor:
             case RiskVerdict(approved=False):
                 symbol = getattr(msg, "symbol", "")
                 what = f" {symbol}" if symbol else ""
-                parts = topic.decode("ascii", "replace").split(".")
-                strategy = f" [{parts[1]}]" if len(parts) > 2 and parts[0] == "verdict" else ""
-                text = f"⛔ REJECTED{what}{strategy} ({msg.request_id}): {msg.reason}"
+                text = f"⛔ REJECTED{what}{_verdict_strategy(topic)} ({msg.request_id}): {msg.reason}"
                 out.append(Notice("rejection", text, WARNING, symbol, ts_ns=msg.ts_ns))
+            case BasketVerdict(approved=False):
+                text = (f"⛔ BASKET REJECTED{_verdict_strategy(topic)} ({msg.request_id}, "
+                        f"{len(msg.legs)} legs): {msg.reason}")  # fmt: skip
+                out.append(Notice("rejection", text, WARNING, ts_ns=msg.ts_ns))
             case OrderUpdate(status="REJECTED"):
                 text = (f"❌ Broker rejected {msg.side} {_qty_price(msg.quantity, msg.price)} {msg.symbol} "
                         f"[{msg.strategy_id}]: {msg.reason or 'no reason given'}")

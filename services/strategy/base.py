@@ -97,6 +97,8 @@ BAR_FLUSH_GRACE_NS = 2_000_000_000  # a quiet bar closes this long after its end
 ERROR_REPEAT_S = 5.0  # a hook that keeps raising logs one counter line at most this often
 CHAIN_STRIKES = 10  # strikes either side of ATM that ``chain()`` subscribes by default
 NS = 1_000_000_000
+# an expiry day's last trade, as nanoseconds after IST midnight
+_EXPIRY_CLOSE_NS = (chains.EXPIRY_CLOSE.hour * 3600 + chains.EXPIRY_CLOSE.minute * 60) * NS
 
 #: What the helpers accept as an instrument: a tick, a bar, ``segment|token``, a symbol or an
 #: ``Instrument`` (what ``chain().call()``/``put()`` return).
@@ -435,7 +437,7 @@ class Strategy:
         master = self.ctx.master
         if master is None:
             raise ValueError(f"cannot build a {underlying} option chain without an instrument master")
-        today = self._trading_day()
+        today = self._live_day()
         cache_key = (underlying, expiry, today)
         found = self._chains.get(cache_key)
         if found is None:
@@ -639,6 +641,16 @@ class Strategy:
         }
 
     # ================================================================== internals
+    def _live_day(self) -> dt.date:
+        """The first day whose expiries still trade: the clock's IST date, or the next day from
+        15:30 IST (an expiry day's contracts stop trading at the close, so ``"weekly"`` is then
+        the next expiry)."""
+        today = self._trading_day()
+        assert self._day is not None
+        if self.ctx.clock.now_ns() - self._day[1] >= _EXPIRY_CLOSE_NS:
+            return today + dt.timedelta(days=1)
+        return today
+
     def _trading_day(self) -> dt.date:
         """The clock's date in IST, recomputed only when the clock leaves the cached day."""
         now = self.ctx.clock.now_ns()

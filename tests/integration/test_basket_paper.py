@@ -1,6 +1,8 @@
 """Baskets through the real processes on paper: ``neopulse trade --leg`` → risk → execution
 (paper broker, real PostgreSQL) with the sim feed. A valid basket fills both legs; one whose
-second leg is invalid is refused whole, naming that leg, and nothing of it reaches the ledger.
+second leg is invalid is refused whole, naming that leg, and nothing of it reaches the ledger;
+one whose short leg the paper broker's RMS rejects (more margin than ``paper.capital``) ends
+with the long leg closed and an alert.
 Then execution alone, killed with SIGKILL between two steps of a basket: the restart finishes
 it from the ``baskets`` table (places the held short once, or rolls back)."""
 
@@ -74,6 +76,34 @@ def test_a_basket_with_one_invalid_leg_is_refused_whole_naming_it(paper: Stack) 
     assert [v["approved"] for v in out["legs"]] == [True, False]
     rid = out["request_id"]
     assert not any(k.startswith(rid) for k in ledger(paper))  # nothing of it was written or sent
+
+
+def test_a_basket_whose_short_the_paper_rms_rejects_ends_with_the_long_closed_and_an_alert(
+    paper: Stack,
+) -> None:
+    # 10 lots sold at the money block 0.12 x 25,900 x 650 = 2.0 million of margin: more than
+    # paper.capital (1 million), so the paper broker rejects that leg once the long has filled
+    # (limit prices: the options have no last price until risk asks the feed for them)
+    code, out = paper.cli_json("trade", "--leg", "BUY NIFTY 25900 CE weekly 65 @900",
+                               "--leg", "SELL NIFTY 25900 PE weekly 650 @0.05")  # fmt: skip
+
+    assert code == 0 and out["approved"] is True, out
+    rid = out["request_id"]
+    rows = eventually(lambda: (r := ledger(paper)) and r.get(f"{rid}:leg2", {}).get("status") == "REJECTED"
+                      and r, timeout=20, message="the short leg to be rejected")  # fmt: skip
+    assert rows[f"{rid}:leg2"]["reason"].startswith(
+        "RMS: insufficient funds: the order needs margin of 2,020,200.00 and ")
+    long = rows[f"{rid}:leg1"]
+    assert (long["side"], long["filled_qty"]) == ("BUY", 65)
+
+    def closed() -> dict[str, Any] | None:
+        closes = [o for o in ledger(paper).values() if o["symbol"] == long["symbol"] and o["side"] == "SELL"]
+        return closes[0] if closes and closes[0]["filled_qty"] == 65 else None
+
+    close = eventually(closed, timeout=20, message="the rollback to close the long leg")
+    assert close["status"] == "COMPLETE"
+    log = paper.output("execution")
+    assert "basket_failed" in log and "basket_rolled_back" in log
 
 
 def test_a_malformed_leg_is_a_usage_error(paper: Stack) -> None:

@@ -335,8 +335,9 @@ def test_chains_over_a_100k_instrument_master_index_it_once() -> None:
 
 
 # ---------------------------------------------------------------------- the Strategy API
-def _at(day: dt.date, hour: int = 10) -> int:
-    return int(dt.datetime(day.year, day.month, day.day, hour, tzinfo=IST).timestamp()) * 1_000_000_000
+def _at(day: dt.date, hour: int = 10, minute: int = 0) -> int:
+    at = dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=IST)
+    return int(at.timestamp()) * 1_000_000_000
 
 
 class ShortStrangle(Strategy):
@@ -470,6 +471,18 @@ def test_the_weekly_chain_rolls_to_the_next_expiry_when_the_clock_passes_midnigh
 
     assert (on_expiry_day.expiry, next_day.expiry) == (D(2026, 12, 8), D(2026, 12, 15))
     assert [i.expiry for i in strat.new_subscriptions] == [D(2026, 12, 15)] * 2
+
+
+def test_the_weekly_chain_rolls_to_the_next_expiry_at_the_close_of_its_expiry_day(master: MasterData) -> None:
+    clock = ManualClock(_at(D(2026, 12, 8), hour=15, minute=29))
+    strat = ShortStrangle(StrategyContext("opt", clock=clock, master=master), {"strikes": 0})
+    strat.dispatch_start()
+    before_close = strat.chain("NIFTY", "weekly", strikes=0)
+
+    clock.set_ns(_at(D(2026, 12, 8), hour=15, minute=30))  # the expiring contracts stop trading
+    at_close = strat.chain("NIFTY", "weekly", strikes=0)
+
+    assert (before_close.expiry, at_close.expiry) == (D(2026, 12, 8), D(2026, 12, 15))
 
 
 def test_a_chain_without_an_index_row_is_centred_on_its_middle_strike() -> None:

@@ -18,8 +18,8 @@ from services.execution.brokers.base import BrokerOrderStatus, BrokerRejected, B
 from services.execution.brokers.paper import SETTLED_AFTER_S as PAPER_SETTLED_AFTER_S
 from services.execution.brokers.paper import PaperBroker
 from services.execution.engine import SETTLED_AFTER_S, freeze_step
-from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, OrderQuery, OrderRow
-from services.execution.store import LedgerError, MemoryOrderStore
+from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, Changes, OrderQuery, OrderRow
+from services.execution.store import LedgerDataError, LedgerError, MemoryOrderStore
 from tests.unit.test_engine import MASTER, Harness
 from tests.unit.test_engine import execute as paper_execute
 from tests.unit.test_engine_faults import DAY0_NS, Hand, bracketed_entry, cancels, execute, places
@@ -34,9 +34,14 @@ def book_row(o: OrderRow, status: str, filled: int = 0) -> BrokerOrderStatus:
 
 def settle(h: Hand, rows: list[BrokerOrderStatus] | None = None,
            trades: list[BrokerTrade] | None = None) -> int:  # fmt: skip
-    """Let the settle time pass, read one books snapshot, run the periodic eviction."""
+    """Let the settle time pass, read one books snapshot (by default the broker's whole day
+    book as the engine knows it: an empty one is no evidence), run the periodic eviction."""
     h.clock.advance(SETTLED_AFTER_S + 1)
-    h.books(rows or [], trades or [])
+    if rows is None:
+        rows = [BrokerOrderStatus(broker_order_id=o.broker_order_id, client_tag=o.client_tag, status=o.status,
+                                  quantity=o.quantity, filled_qty=o.filled_qty)
+                for o in h.engine.orders.values() if o.broker_order_id]  # fmt: skip
+    h.books(rows, trades or [])
     h.engine.flush()
     return h.engine.evict_settled()
 
@@ -229,15 +234,15 @@ def test_a_repeat_of_a_settled_request_while_the_ledger_cannot_be_read_is_refuse
 # ------------------------------------------------------------------ reconciliation
 
 
-def test_reconciliation_knows_a_settled_order_in_the_brokers_books_never_adopting_or_orphaning_it() -> None:
+def test_reconciliation_knows_a_settled_order_in_the_brokers_books_as_closed() -> None:
     h = Hand()
     entry, stop, target, trades = closed_bracket(h)
     settle(h)
     fills = h.engine.fill_count
 
-    # the broker's day book still shows all three, with their trades; a lagging replica even
-    # shows the cancelled stop as open
-    h.books([book_row(entry, COMPLETE, 10), book_row(stop, OPEN), book_row(target, COMPLETE, 10)], trades)
+    # the broker's day book still shows all three closed, with their trades
+    closed = [book_row(entry, COMPLETE, 10), book_row(stop, CANCELLED), book_row(target, COMPLETE, 10)]
+    h.books(closed, trades)
 
     e = h.engine
     assert "orphan_order" not in h.codes() and "order_adopted" not in h.codes()
@@ -245,6 +250,100 @@ def test_reconciliation_knows_a_settled_order_in_the_brokers_books_never_adoptin
     assert all(x.order_id in e.settled for x in (entry, stop, target))  # not loaded back
     assert e.fill_count == fills and h.position() == 0
     assert not places(h.take()) and not cancels(h.take())
+
+
+def test_a_settled_stop_a_later_book_shows_working_comes_back_adopted_and_is_cancelled() -> None:
+    # a lagging replica cannot be told from a stop that is live after all: a live SELL stop
+    # of a flat position would open a short when it triggers, so it is taken back and cancelled
+    h = Hand()
+    entry, stop, target, trades = closed_bracket(h)
+    assert settle(h) == 3
+
+    h.clock.advance(1)
+    h.books([book_row(entry, COMPLETE, 10), book_row(stop, OPEN), book_row(target, COMPLETE, 10)], trades)
+    h.clock.advance(6)  # the owed cancel's confirm wait passes
+    h.engine.reconcile_if_due()
+
+    assert "order_adopted" in h.codes() and h.engine.stats["adopted"] == 1
+    assert stop.order_id not in h.engine.settled and h.order(stop.order_id).status == OPEN
+    assert stop.order_id in [c.order_id for c in cancels(h.take())]
+    assert h.position() == 0 and not places(h.take())  # nothing counted twice, no new legs
+
+
+def test_a_settled_orders_status_saying_it_works_asks_for_the_books_at_once() -> None:
+    h = Hand()
+    _entry, stop, _target, _ = closed_bracket(h)
+    settle(h)
+    h.engine.reconcile_due_ns = 1 << 62
+
+    h.engine.on_broker_event(book_row(stop, OPEN))
+
+    assert h.engine.reconcile_due_ns <= h.clock.now_ns()  # the books bring it back (above)
+
+
+def _working_order(h: Hand) -> tuple[str, OrderRow]:
+    cmd = execute(qty=5, price="1200.00")
+    [res] = h.engine.submit([cmd])
+    h.ack(places(h.take())[0])
+    return cmd.request_id, h.order(res.order_id)
+
+
+def test_an_empty_or_incomplete_book_is_no_evidence_that_a_group_settled() -> None:
+    h = Hand()
+    entry, stop, target, trades = closed_bracket(h)
+
+    assert settle(h, [], []) == 0  # "No Data": proves nothing
+    _, working = _working_order(h)  # then a book without this working order of today: incomplete
+    closed = [book_row(entry, COMPLETE, 10), book_row(stop, CANCELLED), book_row(target, COMPLETE, 10)]
+    assert settle(h, closed, trades) == 0
+    h.books([book_row(working, OPEN)], [])
+
+    assert settle(h) == 3
+
+
+def test_at_a_live_broker_each_broker_order_must_show_done_in_the_book() -> None:
+    h = Hand()
+    h.engine.book_lag_ns = 30_000_000_000  # a live broker's book, which keeps the day's orders
+    entry, _stop, _target, trades = closed_bracket(h)
+    _, other, _ = filled_order(h)
+    h.clock.advance(60)
+
+    # a whole book that lists the other order only: not evidence for the bracket's three
+    assert settle(h, [book_row(other, COMPLETE, 10)], trades) == 1
+    assert entry.order_id in h.engine.orders
+
+    assert settle(h) == 3
+
+
+class RefusingStore(MemoryOrderStore):
+    """Refuses (LedgerDataError) an update that writes one chosen order as COMPLETE: a final
+    event the ledger cannot store (e.g. a NUL in a broker's raw reply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse: set[str] = set()
+
+    def write(self, changes: Changes) -> Any:
+        for oid, row in changes.updated.items():
+            if oid in self.refuse and row.status == COMPLETE:
+                raise LedgerDataError("invalid input: unsupported Unicode escape sequence")
+        return super().write(changes)
+
+
+def test_an_order_whose_final_update_the_ledger_refused_never_leaves_memory() -> None:
+    store = RefusingStore()
+    h = Hand(store=store)
+    cmd = execute()
+    [first] = h.engine.submit([cmd])
+    h.ack(places(h.take())[0])
+    store.refuse.add(first.order_id)
+    h.trade(h.order(first.order_id), 10, "1290.00")  # COMPLETE in memory; the ledger row is not
+    assert "ledger_quarantine" in h.codes()
+
+    assert settle(h) == 0
+
+    [again] = h.engine.submit([cmd])  # so a repeat is answered from memory, not the stale row
+    assert again.status == COMPLETE
 
 
 def test_an_order_unknown_to_the_ledger_is_still_an_orphan_after_evictions() -> None:

@@ -11,6 +11,7 @@ from libs.common.clock import IST, ManualClock
 from libs.common.config import NotifierConfig
 from libs.common.messages import (
     Alert,
+    BasketVerdict,
     DayState,
     FeedStatus,
     Fill,
@@ -65,6 +66,22 @@ def test_a_rejection_is_announced_with_its_reason_and_an_approval_is_not() -> No
     assert "quantity 5000 > max 1000" in rejected[0].text
     assert "[mom1]" in rejected[0].text
     assert approved == []
+
+
+def test_a_refused_basket_is_announced_with_every_failing_leg_and_an_accepted_one_is_not() -> None:
+    mon = _monitor()
+    reason = "leg 2 SELL 650 NIFTY25DEC25900PE: quantity 650 > max 500"
+    legs = [RiskVerdict(request_id="b1:leg1", approved=True),
+            RiskVerdict(request_id="b1:leg2", approved=False)]  # fmt: skip
+
+    refused = mon.on_message("risk", BasketVerdict(request_id="b1", approved=False, reason=reason, legs=legs),
+                             b"verdict.cli.")  # fmt: skip
+    ok = BasketVerdict(request_id="b2", approved=True, legs=legs)
+    accepted = mon.on_message("risk", ok, b"verdict.cli.")
+
+    text = f"⛔ BASKET REJECTED [cli] (b1, 2 legs): {reason}"
+    assert [(n.kind, n.text) for n in refused] == [("rejection", text)]
+    assert accepted == []
 
 
 def test_broker_rejection_and_alerts_are_announced() -> None:

@@ -10,6 +10,9 @@ Fill rules
 * A stop-limit (``SL``) waits for its trigger (BUY: last ≥ trigger, SELL: last ≤ trigger),
   then behaves like a LIMIT that just arrived.
 * With ``partial_fills`` a fill takes at most the quantity shown at the touch.
+* With ``capital`` (``paper.capital`` in the service) an order whose margin is more than the
+  account has free is rejected, as a real broker's RMS would (``paper_margin``): a basket's
+  short legs can be refused after its long legs filled.
 
 The book (orders, trades, cancels, modifications) is an append-only JSON-lines journal,
 written before each call returns, so a restarted execution reconciles against it exactly
@@ -46,6 +49,7 @@ from services.execution.brokers.base import (
     BrokerRejected,
     BrokerTrade,
 )
+from services.execution.brokers.paper_margin import Margin
 
 _OPEN, _PARTIAL, _COMPLETE, _CANCELLED = "OPEN", "PARTIAL", "COMPLETE", "CANCELLED"
 _DONE = frozenset({_COMPLETE, _CANCELLED, "REJECTED"})
@@ -76,6 +80,7 @@ class PaperOrder:
     value: Decimal = Decimal(0)
     status: str = _OPEN
     reason: str = ""
+    margin: float = 0.0  # reserved for its unfilled opening part
 
     @property
     def key(self) -> str:
@@ -98,6 +103,7 @@ class PaperBroker:
         journal: Path | None = None,
         partial_fills: bool = False,
         log: Any = None,
+        capital: float | None = None,
     ) -> None:
         self.master = master
         self.clock = clock or Clock()
@@ -119,6 +125,9 @@ class PaperBroker:
         # (segment, token, product) → [symbol, signed quantity, average price]
         self.carried: dict[tuple[str, str, str], list[Any]] = {}
         self._fh: Any = None
+        self.capital = capital
+        self.margin = Margin(capital) if capital is not None else None
+        self._carry_marked = False  # the carried positions are in ``margin``
         if journal is not None:
             self._load(journal)
 
@@ -159,6 +168,8 @@ class PaperBroker:
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(k + "\n" for k in carry + kept), encoding="utf-8")
             tmp.replace(path)
+        if not self._carry_marked:
+            self._mark_carried()
         self._fh = path.open("a", encoding="utf-8")
         now = self.clock.now_ns()
         for o in self.orders.values():
@@ -200,6 +211,8 @@ class PaperBroker:
             self.close()
             self.orders, self.trades, self.resting, self.carried = {}, {}, {}, {}
             self._order_trades, self._finished = {}, deque()
+            self.margin = Margin(self.capital) if self.capital is not None else None
+            self._carry_marked = False
             self._day = trading_day(self.clock)
             self._load(self._journal_path)
         return [
@@ -218,6 +231,8 @@ class PaperBroker:
     def _apply(self, rec: dict[str, Any]) -> None:
         op = rec["op"]
         self._bump_seq(rec)
+        if op != "carry" and not self._carry_marked:
+            self._mark_carried()
         if op == "place":
             o = PaperOrder(
                 oid=rec["id"],
@@ -237,9 +252,11 @@ class PaperBroker:
             o.fprice = float(o.price)
             o.ftrigger = float(o.trigger) if o.trigger is not None else 0.0
             self.orders[o.oid] = o
+            self._reserve(o, self._need(o, o.quantity))
         elif op == "trade":
             o = self.orders[rec["oid"]]
             qty, price = rec["qty"], Decimal(rec["price"])
+            self._margin_trade(o, qty, price)
             o.filled += qty
             o.value += price * qty
             o.status = _COMPLETE if o.filled >= o.quantity else _PARTIAL
@@ -258,6 +275,7 @@ class PaperBroker:
             o = self.orders[rec["oid"]]
             o.status = _CANCELLED
             o.reason = rec.get("reason", "")
+            self._reserve(o, 0.0)
         elif op == "trigger":
             self.orders[rec["oid"]].triggered = True
         elif op == "carry":
@@ -270,6 +288,48 @@ class PaperBroker:
             if rec.get("trig"):
                 o.trigger = Decimal(rec["trig"])
                 o.ftrigger = float(o.trigger)
+            self._reserve(o, 0.0)
+            self._reserve(o, self._need(o, o.quantity - o.filled))
+
+    # ------------------------------------------------------------------ margin
+    def _mark_carried(self) -> None:
+        """The carried positions go into the margin once, before today's first record."""
+        self._carry_marked = True
+        if self.margin is None:
+            return
+        for (seg, tok, prod), (_sym, qty, avg) in self.carried.items():
+            if qty:
+                side = "BUY" if qty > 0 else "SELL"
+                self.margin.trade(self.master.get(seg, tok), f"{seg}|{tok}", side, abs(qty), price=float(avg),
+                                  product=prod)  # fmt: skip
+
+    def _need(self, o: PaperOrder, qty: int, price: float | None = None) -> float:
+        """The margin ``qty`` more of ``o`` would block at ``price`` (its own by default; 0
+        without a margin check)."""
+        if self.margin is None or qty <= 0:
+            return 0.0
+        inst = self.master.get(o.segment, o.token)
+        return self.margin.required(inst, o.key, o.side, qty, price=o.fprice if price is None else price,
+                                    product=o.product)  # fmt: skip
+
+    def _reserve(self, o: PaperOrder, amount: float) -> None:
+        """Set what ``o`` keeps reserved (0 releases it all)."""
+        if self.margin is not None:
+            self.margin.release(o.margin)
+            o.margin = amount
+            self.margin.reserve(amount)
+
+    def _margin_trade(self, o: PaperOrder, qty: int, price: Decimal) -> None:
+        """Before ``o.filled`` counts a trade of ``qty``: its share of the reservation goes,
+        and the position it moves is re-margined."""
+        m = self.margin
+        if m is None:
+            return
+        rest = o.quantity - o.filled
+        if o.margin and rest > 0:
+            self._reserve(o, o.margin * max(0, rest - qty) / rest)
+        inst = self.master.get(o.segment, o.token)
+        m.trade(inst, o.key, o.side, qty, price=float(price), product=o.product)
 
     def _log(self, rec: dict[str, Any]) -> None:
         if self._fh is not None:
@@ -298,6 +358,15 @@ class PaperBroker:
                 raise BrokerRejected("SELL stop-limit: trigger price must not be below the limit price")
             if order.side == "BUY" and order.trigger_price > order.price:
                 raise BrokerRejected("BUY stop-limit: trigger price must not be above the limit price")
+        need = 0.0
+        if self.margin is not None:
+            if not self._carry_marked:
+                self._mark_carried()
+            need = self.margin.required(inst, inst.key, order.side, order.quantity, price=float(order.price),
+                                        product=order.product)  # fmt: skip
+            refusal = self.margin.refusal(need)
+            if refusal:
+                raise BrokerRejected(refusal)
         self._seq += 1
         oid = f"{self._day.replace('-', '')[2:]}{self._seq:09d}"
         now = self.clock.now_ns()
@@ -337,6 +406,7 @@ class PaperBroker:
             }
         )
         self.orders[oid] = o
+        self._reserve(o, need)
         self.places += 1
         self.resting.setdefault(o.key, []).append(o)
         self._status(o)
@@ -353,6 +423,7 @@ class PaperBroker:
             raise BrokerRejected(f"order {broker_order_id} is already {o.status}")
         o.status = _CANCELLED
         o.reason = "cancelled by user"
+        self._reserve(o, 0.0)
         self._log({"op": "cancel", "oid": o.oid, "reason": o.reason})
         self._finished.append((self.clock.now_ns(), o.oid))
         self._unrest(o)
@@ -374,6 +445,14 @@ class PaperBroker:
         qty = o.quantity if quantity is None else quantity
         if qty <= o.filled:
             raise BrokerRejected(f"quantity {qty} must exceed the filled quantity {o.filled}")
+        was = o.margin
+        self._reserve(o, 0.0)
+        need = self._need(o, qty - o.filled, float(price) if price is not None else o.fprice)
+        refusal = self.margin.refusal(need) if self.margin is not None else ""
+        if refusal:
+            self._reserve(o, was)
+            raise BrokerRejected(refusal)
+        self._reserve(o, need)
         o.quantity = qty
         if price is not None:
             o.price = price
@@ -521,6 +600,7 @@ class PaperBroker:
         tid = f"T{self._day.replace('-', '')[2:]}{self._tseq:09d}"
         now = self.clock.now_ns()
         self._log({"op": "trade", "id": tid, "oid": o.oid, "qty": qty, "price": str(price), "ts": now})
+        self._margin_trade(o, qty, price)
         o.filled += qty
         o.value += price * qty
         o.status = _COMPLETE if o.filled >= o.quantity else _PARTIAL
