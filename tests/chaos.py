@@ -569,8 +569,33 @@ def protection_gaps(orders: list[dict[str, Any]], book: Book) -> dict[str, str]:
     return gaps
 
 
+def explain_gap(orders: list[dict[str, Any]], book: Book, at: str) -> str:
+    """The brackets behind a gap at ``at`` (``strategy key side``), each as the ledger and the
+    broker see its entry and legs, so a violation can be traced without re-running."""
+    sid, key, side = at.split()[:3]
+    by_tag = {o.tag: o for o in book.orders.values()}
+    rows: dict[str, list[str]] = defaultdict(list)
+    exposed: dict[str, int] = defaultdict(int)  # bracket → entry fills - leg fills at the broker
+    entries = {str(o["bracket_id"]) for o in orders if o["bracket_id"] is not None
+               and o["purpose"] not in ("STOP", "TARGET") and o["strategy_id"] == sid
+               and f"{o['exchange_segment']}|{o['token']}" == key
+               and o["transaction_type"] == side}  # fmt: skip
+    for o in orders:
+        bid = str(o["bracket_id"]) if o["bracket_id"] is not None else ""
+        if bid not in entries:
+            continue
+        b = by_tag.get(o["client_tag"])
+        seen = "absent" if b is None else f"{'done' if b.done else 'live'} {b.filled}/{b.quantity}"
+        if b is not None:
+            exposed[bid] += -b.filled if o["purpose"] in ("STOP", "TARGET") else b.filled
+        rows[bid].append(f"{o['purpose'] or 'ENTRY'} {o['status']} {o['filled_qty']}/{o['quantity']} "
+                         f"(broker {seen})")  # fmt: skip
+    shown = [f"[{bid[:8]}: {', '.join(v)}]" for bid, v in rows.items() if exposed[bid] > 0]
+    return "; ".join(shown)
+
+
 def check_protection(stack: ChaosStack, ledger: Ledger, journal: BookSource, report: Report,
-                     refusing: Any = None) -> None:  # fmt: skip
+                     refusing: Any = None, after: str = "") -> None:  # fmt: skip
     """``protection_gaps`` is empty, or each gap closes within ``PROTECT_GRACE_S`` (an entry
     may have filled a moment ago; a closed position's stop is being cancelled). Skipped while
     ``refusing()`` says the broker refuses every order (a static-IP episode)."""
@@ -596,7 +621,8 @@ def check_protection(stack: ChaosStack, ledger: Ledger, journal: BookSource, rep
             return
         if time.monotonic() >= deadline:
             for at, what in suspects.items():
-                report.violate("bracket without live stop", f"{at}: {what}")
+                why = explain_gap(orders, book, at)
+                report.violate("bracket without live stop", f"{at}: {what}{after} {why}")
             return
         time.sleep(0.2)
 
@@ -742,7 +768,7 @@ def run(kills: int = 100, seconds: float = 420.0, seed: int | None = None, log: 
             report.recovery[target].append(took)
             _say(log, f"kill {i + 1:3d}/{kills}: {target:9s} {name:18s} back in {took:5.2f} s")
             refusing = (lambda: injector.refusing(stack.ip_degraded_at)) if kotak is not None else None
-            check_protection(stack, ledger, book, report, refusing)
+            check_protection(stack, ledger, book, report, refusing, f" (after kill {i + 1}, {target})")
         _say(log, "kills done: stopping the manual trader" + (" and the faults" if threads else ""))
         trader.halt.set()
         trader.join(10)

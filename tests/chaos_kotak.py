@@ -19,6 +19,7 @@ a CRITICAL ``broker_ip_blocked`` alert, and new orders refused with that reason.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -28,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.fakes.kotak_rest import KotakRestFake
+from tests.fakes.kotak_rest import KotakRestFake, default_instruments, scrip_master_csv
 
 if TYPE_CHECKING:
     from tests.chaos import Book
@@ -290,6 +291,22 @@ def check_episodes(fake: KotakRestFake, faults: Faults, alerts: list[tuple[float
 
 
 def start_fake(directory: Path) -> KotakRestFake:
-    fake = KotakRestFake(directory / "kotak.json").start()
+    """The fake, listing the stack's instruments as the stack's master has them: in production
+    the master is the broker's own (``neopulse sync-master``), so tick sizes agree. (With the
+    fake's own ticks, 0.10 for RELIANCE and HDFCBANK against the sample master's 0.05, the
+    broker rejected stops priced on a 0.05 tick and the run counted that as unprotected.)"""
+    from libs.common.instruments import MasterData
+
+    master = MasterData.load()
+    listed = []
+    for inst in default_instruments():
+        if inst.segment != "nse_cm":
+            continue
+        ours = master.get(inst.segment, inst.token)
+        tick = ours.tick_size * 100 if ours is not None else inst.tick_paise
+        listed.append(dataclasses.replace(inst, tick_paise=tick))
+    csv_path = directory / "nse_cm.csv"
+    csv_path.write_text(scrip_master_csv(listed), encoding="utf-8")
+    fake = KotakRestFake(directory / "kotak.json", extra_args=["--master-csv", f"nse_cm={csv_path}"]).start()
     fake.control_timeout_s = 30.0  # the fake rewrites its whole book per change: slow under load
     return fake

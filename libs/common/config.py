@@ -142,6 +142,11 @@ class ExecutionConfig(_Section, frozen=True):
     # A basket's short legs go out only once every long leg is filled in full; a long leg
     # not filled this many seconds after the basket was accepted fails the basket (rollback).
     basket_fill_timeout_s: PositiveFloat = 30.0
+    # A bracket's stop that the broker rejects (RMS, a price it refuses: not a timeout or an
+    # IP block, which are retried) leaves its position without a stop: close that position
+    # (a flatten of its strategy and instrument: the target is cancelled first) rather than
+    # hold it unprotected. false: keep it, with the CRITICAL alert only.
+    close_unprotected: bool = True
 
 
 class PaperConfig(_Section, frozen=True):

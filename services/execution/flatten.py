@@ -78,6 +78,32 @@ class Flattening(BrokerEvents):
             self._active_jobs.discard(req.request_id)
             raise
 
+    def flush(self) -> bool:
+        if self._unprotected:
+            self._close_unprotected()
+        return super().flush()
+
+    def _close_unprotected(self) -> None:
+        """Positions whose stop the broker rejected are closed: a flatten of the bracket's
+        strategy and instrument (cancel its target and orders there, confirm, then close),
+        which a restart resumes like any flatten (``_resume_flattens``)."""
+        owed, self._unprotected = self._unprotected, {}
+        for bid, why in owed.items():
+            b = self.brackets.get(bid)
+            if b is None or b.state not in BRACKET_OPEN:
+                continue
+            key = instrument_key(b.segment, b.token)
+            pos = self.positions.get((b.strategy_id, key))
+            held = pos.quantity if pos is not None else 0
+            if not ((b.side == "BUY" and held > 0) or (b.side == "SELL" and held < 0)):
+                continue  # nothing of it is held (yet): the entry's fill syncs the bracket again
+            if self.log is not None:
+                self.log.warning("unprotected_closed", symbol=b.symbol, strategy_id=b.strategy_id,
+                                 held=held, reason=why)  # fmt: skip
+            req = Flatten(request_id=f"{bid}:stop-rejected", symbol=key, strategy_id=b.strategy_id,
+                          source="execution")  # fmt: skip
+            self.flatten(req, lambda _report: None)
+
     def _resume_flattens(self) -> None:
         """A bracket a flatten took over (``FLATTENED``) whose flatten is not in this process (it
         lived only in the memory of one that stopped) while its strategy still holds the position:

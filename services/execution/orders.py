@@ -36,6 +36,7 @@ from services.execution.model import (
     FLATTEN_P,
     RANK,
     REQUEST_PURPOSES,
+    STOP,
     EventRow,
     OrderRow,
     new_client_tag,
@@ -359,12 +360,16 @@ class Orders(UnitOfWork):
                 self._temp_refused.discard(o.order_id)
             elif o.status == REJECTED and o.purpose in _LEGS:
                 self.leg_failed.add((b.bracket_id, o.purpose))
+                closing = o.purpose == STOP and self.cfg.close_unprotected
                 self.alert(
                     "CRITICAL",
-                    f"{o.purpose.lower()} leg of {o.symbol} rejected by the broker "
-                    f"({o.reason}); the position is not protected by it",
+                    f"{o.purpose.lower()} leg of {o.symbol} rejected by the broker ({o.reason}); "
+                    + ("the position is closed, as it has no stop" if closing
+                       else "the position is not protected by it"),
                     "leg_rejected",
-                )
+                )  # fmt: skip
+                if closing:
+                    self._unprotected[b.bracket_id] = o.reason  # closed at the next flush
             self._sync_bracket(b)
 
     def _refresh_parent(self, parent_id: str) -> None:

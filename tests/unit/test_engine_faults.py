@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 
 from libs.common.clock import ManualClock
@@ -949,3 +950,41 @@ def test_a_tick_with_an_impossible_price_is_ignored_and_flatten_still_answers(lt
     assert reports, "flatten never answered"
     assert [(c.order.side, c.order.quantity) for c in closes] == [("SELL", 10)]
     assert Decimal("1200") < closes[0].order.price < Decimal("1300")  # priced from the last good tick
+
+
+# ------------------------------------------------------------------ a stop the broker rejects
+
+
+def test_a_position_whose_stop_the_broker_rejects_is_closed_target_cancelled_first() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    [target] = h.legs(eid, TARGET)
+    h.tick(1285.0)  # (a close is priced from the last price, as a flatten's is)
+
+    h.status(stop, REJECTED)  # e.g. RMS after the ack: the position has no stop from here on
+
+    assert "leg_rejected" in h.codes()
+    assert "the position is closed, as it has no stop" in h.alerts[-1].text
+    [c] = cancels(h.take())  # the flatten cancels the target first...
+    assert c.order_id == target.order_id and not places(h.take())
+    h.answer(c, None)
+    h.status(target, CANCELLED)
+    [close] = places(h.take())  # ...then closes what is held
+    row = h.order(close.order_id)
+    assert (row.side, row.quantity, row.purpose) == ("SELL", 10, "FLATTEN")
+    h.ack(close)
+    h.trade(row, 10, "1285.00")
+    assert h.position() == 0 and not places(h.take())
+
+
+def test_with_close_unprotected_off_a_rejected_stop_only_alerts() -> None:
+    h = Hand()
+    h.engine.cfg = msgspec.structs.replace(h.engine.cfg, close_unprotected=False)
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+
+    h.status(stop, REJECTED)
+
+    assert "the position is not protected by it" in h.alerts[-1].text
+    assert not places(h.take()) and not cancels(h.take()) and h.position() == 10
