@@ -101,6 +101,7 @@ class MasterData:
     def __init__(self, instruments: Iterable[Instrument] = ()) -> None:
         self.by_key: dict[str, Instrument] = {}
         self.by_symbol: dict[str, Instrument] = {}
+        self._generated: set[str] = set()  # symbols of the paper derivatives added
         self.add(instruments)
 
     def add(self, instruments: Iterable[Instrument]) -> None:
@@ -150,21 +151,34 @@ class MasterData:
         return master
 
     def add_paper_derivatives(self, today: dt.date) -> None:
-        """Add the generated index derivatives live on ``today`` (paper mode)."""
+        """Add the generated index derivatives live on ``today`` (paper mode). Called for
+        several days (a backtest over a multi-day recording), a contract already listed keeps
+        its row: a contract's token is the same on every day."""
         from libs.common.calendar import load_contract_specs  # contracts imports this module
         from libs.common.contracts import index_prices_of, paper_derivatives
 
         specs = load_contract_specs()
-        self.add(paper_derivatives(today, specs=specs, index_prices=index_prices_of(self.by_symbol, specs),
-                                   taken_tokens=set(self.by_key)))
+        made = self._generated
+        taken = {k for k, i in self.by_key.items() if i.symbol not in made}  # not an earlier day's
+        fresh = paper_derivatives(today, specs=specs, index_prices=index_prices_of(self.by_symbol, specs),
+                                  taken_tokens=taken)  # fmt: skip
+        new = [i for i in fresh if i.symbol not in made]
+        made.update(i.symbol for i in new)
+        self.add(new)
 
     @classmethod
-    def load_for_home(cls, home: Path, *, today: dt.date | None = None) -> MasterData:
+    def load_for_home(cls, home: Path, *, today: dt.date | None = None,
+                      also: Iterable[dt.date] = ()) -> MasterData:  # fmt: skip
         """The cached master under ``$NEOPULSE_HOME/master/`` if any (a real master, loaded
-        as it is), else the bundled sample with the paper derivatives of ``today``."""
+        as it is), else the bundled sample with the paper derivatives of ``today`` and of each
+        day in ``also`` (the other days of a multi-day recording)."""
         cached = sorted((home / "master").glob("*.csv")) if (home / "master").is_dir() else []
         cached = [p for p in cached if p.name != "freeze_qty.csv"]
-        return cls.load(cached or None, today=today)
+        master = cls.load(cached or None, today=today)
+        if not cached:
+            for day in also:
+                master.add_paper_derivatives(day)
+        return master
 
 
 def paper_today() -> dt.date:

@@ -268,12 +268,22 @@ def recording_day(path: str | Path) -> dt.date | None:
     return dt.datetime.fromtimestamp(ts / 1e9, IST).date()
 
 
+def recording_days(path: str | Path) -> list[dt.date]:
+    """The trading days a recording covers: the day of each of its files' first tick (the
+    recorder starts a file per day), in order."""
+    from services.feed.sources.replay import replay_files
+
+    days = {d for f in replay_files(Path(path)) if (d := recording_day(f)) is not None}
+    return sorted(days)
+
+
 def master_for_recording(home: Path, path: str | Path) -> MasterData:
     """The master a backtest of ``path`` needs: the cached Kotak master as it is, else the
-    paper master of the recording's day, so the option contracts that day's feed published
-    (a weekly that has expired since) resolve to the tokens in the recording. A recording
-    over several days gets the first day's contracts."""
-    return MasterData.load_for_home(home, today=recording_day(path))
+    paper master with the contracts of every day the recording covers, so the option
+    contracts each day's feed published (weeklies that have expired since) resolve to the
+    tokens in the recording."""
+    days = recording_days(path)
+    return MasterData.load_for_home(home, today=days[0] if days else None, also=days[1:])
 
 
 def _report(strat: Strategy, pipe: Pipeline, n: int, seen: dict[str, str]) -> dict[str, Any]:

@@ -182,6 +182,20 @@ def test_a_short_straddle_replayed_from_a_recorded_option_session_reports_each_l
     assert f"net PnL       {s['net_pnl']:,.2f}" in text
 
 
+def test_a_recording_over_several_days_gets_every_days_contracts(tmp_path: Path) -> None:
+    day, expiry = session_day()
+    first, first_options = record_session(tmp_path / "home", day, expiry)
+    later = expiries("NIFTY", "weekly", expiry + dt.timedelta(days=60), 1)[0]  # not yet listed on day one
+    second, second_options = record_session(tmp_path / "home", default_calendar().previous_trading_day(
+        "NSE", later), later)  # fmt: skip
+    assert first.parent == second.parent and first != second
+
+    master = master_for_recording(tmp_path / "home", first.parent)
+
+    assert all(master.by_key.get(o.key) == o for o in [*first_options, *second_options])
+    assert master_for_recording(tmp_path / "home", first).by_key.get(second_options[0].key) is None
+
+
 def test_the_backtest_command_replays_an_earlier_days_options_on_that_days_master(
     session: tuple[Path, list[Instrument], dt.date],
 ) -> None:
