@@ -131,8 +131,12 @@ class Baskets(Reconciliation):
 
     # ------------------------------------------------------------------ restart
     def _load_baskets(self) -> None:
-        """At start (before the first books are read): open baskets and their held legs."""
-        for k in self.store.load_open_baskets():
+        """At start (before the first books are read): open baskets and their held legs, and
+        today's failed baskets whose rollback closes may still be working (chased again)."""
+        for k in self.store.load_open_baskets(self.day):
+            if k.state == BasketState.FAILED:
+                self._resume_chase(k)
+                continue
             if k.trading_day != self.day:
                 # its legs are not today's rows and expired at the broker overnight: the
                 # basket can never move on, so it ends here (what it filled is a position)
@@ -371,7 +375,10 @@ class Baskets(Reconciliation):
 
     def flatten(self, req: Flatten, done: Any) -> None:
         """A flatten takes over every open basket it touches: no held leg is placed and the
-        flatten alone closes the positions (the basket does not close them a second time)."""
+        flatten alone closes the positions it covers (the basket does not close them a second
+        time). Legs it does not cover (a flatten of one instrument) stop too: their working
+        orders are cancelled, since the hedge they were placed beside may be gone, and what they
+        filled is left as a position with a CRITICAL alert naming it."""
         if req.request_id not in self.flatten_jobs:
             match_key = self._match_symbol(req.symbol) if req.symbol else None
             for k in list(self._baskets.values()):
@@ -385,6 +392,17 @@ class Baskets(Reconciliation):
                     for x in self._place_rows(leg):
                         if x.order_id in self._kheld:
                             self._withdraw(x, f"not placed: flatten {req.request_id} took over the basket")
+                outside = [(n, x) for n, x in enumerate(legs, 1)
+                           if not self._matches(x.strategy_id, x.key, req, match_key)]  # fmt: skip
+                for _n, x in outside:
+                    if not x.terminal:
+                        self._cancel_tree(x, f"flatten {req.request_id} took over basket {k.request_id}")
+                if outside:
+                    left = ", ".join(f"{_describe(n, x)} filled {x.filled_qty}" for n, x in outside)
+                    self.alert("CRITICAL", f"basket {k.request_id}: flatten {req.request_id} closes only "
+                               "some of its legs; the others are stopped (working orders cancelled) and "
+                               f"what they filled stays open: {left} — flatten those too if the basket "
+                               "should go", "basket_failed")  # fmt: skip
         super().flatten(req, done)
 
     # ------------------------------------------------------------------ moving a basket on
@@ -572,6 +590,19 @@ class Baskets(Reconciliation):
         self._kdirty[k.basket_id] = k
         self._kchase[row.order_id] = _Chase(k.basket_id, close_id or rid, attempt)
         return row
+
+    def _resume_chase(self, k: BasketRow) -> None:
+        """A failed basket's rollback closes still working after a restart are chased again:
+        the attempt is in the close's request id (``<basket>:undo<n>`` then ``:r<m>``)."""
+        for oid in k.closes:
+            o = self.orders.get(oid)
+            if o is None or o.terminal:
+                continue
+            close_id, _, attempt = o.request_id.partition(":undo")
+            n, _, again = attempt.partition(":r")
+            self._baskets[k.basket_id] = k  # (no legs registered: the basket never moves on)
+            tries = int(again) if again.isdigit() else 0
+            self._kchase[oid] = _Chase(k.basket_id, f"{close_id}:undo{n}", tries)
 
     def _chase_closes(self) -> None:
         """A rollback close still open ``ROLLBACK_CHASE_S`` after it was placed is cancelled

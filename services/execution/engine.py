@@ -316,8 +316,8 @@ class ExecutionEngine(Baskets):
     def _keep_reason(self, root: OrderRow, group: list[OrderRow], cutoff: int, pending: set[str]) -> str:
         """"" to evict the group now; "wait" to look again later; "stay" to keep it (a row that
         works again comes back when it ends; basket legs stay for the day)."""
-        if root.order_id in self._kleg:
-            return "stay"
+        if root.order_id in self._kleg or root.request_id.rpartition(":leg")[2].isdigit():
+            return "stay"  # a basket's legs: a repeat of the basket is answered from them
         last = 0
         for x in group:
             if not x.terminal:

@@ -492,10 +492,12 @@ class PgOrderStore:
         )
         return [_bracket_row(r) for r in rows]
 
-    def load_open_baskets(self) -> list[BasketRow]:
+    def load_open_baskets(self, trading_day: str = "") -> list[BasketRow]:
         rows = self._read(
             _SELECT_BASKET
-            + " WHERE state IN ('PLACING_LONGS', 'PLACED', 'ROLLING_BACK') ORDER BY created_at"
+            + " WHERE state IN ('PLACING_LONGS', 'PLACED', 'ROLLING_BACK')"
+            " OR (state = 'FAILED' AND trading_day = %s AND cardinality(closes) > 0) ORDER BY created_at",
+            (trading_day or "1970-01-01",),
         )
         return [
             BasketRow(basket_id=str(r[0]), request_id=r[1], strategy_id=r[2], legs=[str(x) for x in r[3]],

@@ -113,8 +113,10 @@ class OrderStore(Protocol):
 
     def load_fills(self, trading_day: str) -> list[FillRow]: ...
 
-    def load_open_baskets(self) -> list[BasketRow]:
-        """Baskets still placing or rolling back (``BASKET_OPEN``), whatever their day."""
+    def load_open_baskets(self, trading_day: str = "") -> list[BasketRow]:
+        """Baskets still placing or rolling back (``BASKET_OPEN``), whatever their day, and
+        the ``FAILED`` baskets of ``trading_day`` that placed rollback closes (a close may
+        still be working: its chase resumes)."""
         ...
 
     def find_by_request_ids(self, request_ids: Iterable[str]) -> dict[str, OrderRow]: ...
@@ -244,12 +246,13 @@ class MemoryOrderStore:
     def load_fills(self, trading_day: str) -> list[FillRow]:
         return [copy.copy(f) for f in self.fills.values() if f.trading_day == trading_day]
 
-    def load_open_baskets(self) -> list[BasketRow]:
-        from libs.common.messages import BASKET_OPEN
+    def load_open_baskets(self, trading_day: str = "") -> list[BasketRow]:
+        from libs.common.messages import BASKET_OPEN, BasketState
 
         out = []
         for k in sorted(self.baskets.values(), key=lambda x: x.created_ns):
-            if k.state in BASKET_OPEN:
+            closing = k.state == BasketState.FAILED and k.closes and k.trading_day == trading_day
+            if k.state in BASKET_OPEN or closing:
                 row = copy.copy(k)
                 row.legs, row.closes = list(k.legs), list(k.closes)
                 out.append(row)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from libs.common.messages import COMPLETE, OPEN, PENDING_BROKER
 from services.execution.ledger import PgOrderStore
 from services.execution.model import (
+    BasketRow,
     Changes,
     EventRow,
     FillRow,
@@ -172,6 +174,21 @@ def test_updates_events_and_reload(store: OrderStore) -> None:
         store.query_orders(OrderQuery(status="complete", symbol="reliance-eq"))[0][0].order_id == o.order_id
     )
     assert store.query_orders(OrderQuery(strategy_id="other")) == []
+
+
+def test_open_baskets_and_todays_failed_baskets_with_closes_are_loaded_at_start(store: OrderStore) -> None:
+    def basket(rid: str, state: str, day: str = DAY, closes: int = 0) -> BasketRow:
+        return BasketRow(basket_id=str(uuid.uuid4()), request_id=rid, strategy_id="s1",
+                         legs=[str(uuid.uuid4())], state=state, trading_day=day, created_ns=NS, updated_ns=NS,
+                         closes=[str(uuid.uuid4()) for _ in range(closes)])  # fmt: skip
+
+    rows = [basket("open", "PLACED"), basket("rolling", "ROLLING_BACK"), basket("done", "COMPLETE"),
+            basket("failed-closing", "FAILED", closes=1), basket("failed-bare", "FAILED"),
+            basket("failed-earlier", "FAILED", day="2026-01-02", closes=1)]  # fmt: skip
+    store.write(Changes(baskets={k.basket_id: k for k in rows}))
+
+    assert sorted(k.request_id for k in store.load_open_baskets(DAY)) == ["failed-closing", "open", "rolling"]
+    assert sorted(k.request_id for k in store.load_open_baskets()) == ["open", "rolling"]
 
 
 def test_risk_events_are_stored_once_per_request_id(store: OrderStore) -> None:

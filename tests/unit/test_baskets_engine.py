@@ -696,3 +696,77 @@ def test_after_a_restart_the_fill_deadline_waits_for_the_books_before_failing_a_
     assert before == BasketState.PLACING_LONGS  # nothing failed before the books were read
     assert [symbol_of(h2, p) for p in places(h2.take())] == ["TCS-EQ"]
     assert stored_state(h2) == BasketState.PLACED
+
+
+# ------------------------------------------------------------------ after review (session 4)
+
+
+def _placed_pair(h: Hand) -> tuple[OrderRow, OrderRow]:
+    """The pair basket PLACED: its long INFY filled, its short TCS acknowledged and working."""
+    h.engine.submit_basket(pair("b1"))
+    [lp] = places(h.take())
+    h.ack(lp)
+    h.trade(h.order(lp.order_id), 10, "1510.00")
+    [sp] = places(h.take())
+    h.ack(sp)
+    return h.order(lp.order_id), h.order(sp.order_id)
+
+
+def test_a_flatten_of_the_hedge_alone_cancels_the_baskets_working_short_and_says_what_stays() -> None:
+    h = Hand()
+    _long, short = _placed_pair(h)
+    h.tick(1510.0, "INFY-EQ")
+
+    h.engine.flatten(Flatten(request_id="f1", symbol="INFY-EQ"), lambda _r: None)
+
+    assert short.order_id in [c.order_id for c in cancels(h.take())]  # it cannot fill unhedged
+    assert stored_state(h) == BasketState.FAILED
+    [alert] = [a for a in h.alerts if a.code == "basket_failed"]
+    assert alert.level == "CRITICAL" and "leg 2 SELL 5 TCS-EQ" in alert.text and "filled 0" in alert.text
+
+
+def test_a_restart_during_a_rollback_keeps_chasing_its_close() -> None:
+    h = Hand()
+    h.engine.submit_basket(pair("b1"))
+    [lp] = places(h.take())
+    h.ack(lp)
+    h.trade(h.order(lp.order_id), 10, "1510.00")
+    [sp] = places(h.take())
+    h.answer(sp, BrokerRejected("RMS: margin exceeds"))
+    [close] = places(h.take())
+    h.ack(close)
+    h.tick(1400.0, "INFY-EQ")  # the market gaps away from the resting close
+
+    h2 = restarted(h)
+    h2.take()
+    h2.books([h2.row(h2.order(close.order_id))], [])
+    h2.take()
+    h2.clock.advance(11.0)  # past the chase time
+    h2.engine.reconcile_if_due()
+    [c] = cancels(h2.take())  # re-priced: cancelled first...
+    assert c.order_id == close.order_id
+    h2.status(h2.order(close.order_id), CANCELLED)
+    [again] = places(h2.take())  # ...then placed again at the new price
+    row = h2.order(again.order_id)
+    assert row.request_id == "b1:undo1:r1" and row.side == "SELL" and row.quantity == 10
+
+
+def test_a_repeat_of_a_finished_basket_after_a_restart_and_a_day_of_settling_is_answered_placed() -> None:
+    h = Hand()
+    long, short = _placed_pair(h)
+    h.status(long, COMPLETE, filled=10)
+    h.trade(short, 5, "3120.00")
+    h.status(short, COMPLETE, filled=5)
+    assert stored_state(h) == BasketState.COMPLETE
+
+    h2 = restarted(h)
+    h2.take()
+    book = [h2.row(h2.order(x.order_id)) for x in (long, short)]
+    for _ in range(3):
+        h2.clock.advance(400.0)
+        h2.books(book, [])
+        h2.engine.flush()
+        h2.engine.evict_settled()
+
+    again = h2.engine.submit_basket(pair("b1"))
+    assert again.ok, again.reason
