@@ -201,6 +201,7 @@ class EngineBase:
         self.leg_retry: dict[tuple[str, str], tuple[int, int]] = {}  # (bracket, kind) → (failures, due)
         self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
         self._unprotected: dict[str, str] = {}  # bracket → why its stop was rejected: to close
+        self._unpriced: set[str] = set()  # of those, the ones already alerted as not priceable yet
         self._oversized: dict[str, tuple[int, int]] = {}  # leg → (size it should have, failed resizes)
         self._awaiting_alerted: set[str] = set()
         self.flatten_jobs: dict[str, FlattenJob] = {}

@@ -7,9 +7,11 @@ from typing import Any
 
 from libs.common.instruments import instrument_key
 from libs.common.messages import (
+    BASKET_MAX_LEGS,
     PENDING_BROKER,
     Flatten,
     FlattenPhase,
+    basket_leg_id,
 )
 from libs.common.money import protected_limit
 from services.execution.base import (
@@ -22,6 +24,7 @@ from services.execution.model import (
     B_FLATTENED,
     BRACKET_OPEN,
     FLATTEN_P,
+    BracketRow,
     OrderRow,
     new_id,
 )
@@ -97,12 +100,46 @@ class Flattening(BrokerEvents):
             held = pos.quantity if pos is not None else 0
             if not ((b.side == "BUY" and held > 0) or (b.side == "SELL" and held < 0)):
                 continue  # nothing of it is held (yet): the entry's fill syncs the bracket again
+            hedged = self._hedges_a_short(b)
+            if hedged:
+                self.alert("CRITICAL", f"{b.symbol} ({b.strategy_id}, {held:+d}) has no stop (rejected: "
+                           f"{why}) but is not closed: it hedges {hedged}, which closing it would leave "
+                           "naked; close the basket, or set a stop by hand", "unprotected_kept")  # fmt: skip
+                continue
+            last = self.last.get(key)
+            if last is None or not last.ltp > 0:
+                # a close cannot be priced yet: nothing is cancelled until it can (the target
+                # keeps working); tried again at every flush, so at the first tick
+                if bid not in self._unpriced:
+                    self._unpriced.add(bid)
+                    self.alert("CRITICAL", f"{b.symbol} ({b.strategy_id}, {held:+d}) has no stop (rejected: "
+                               f"{why}) and no price yet to close it at: it is closed at its first tick",
+                               "unprotected_unpriced")  # fmt: skip
+                self._unprotected[bid] = why
+                continue
+            self._unpriced.discard(bid)
             if self.log is not None:
                 self.log.warning("unprotected_closed", symbol=b.symbol, strategy_id=b.strategy_id,
                                  held=held, reason=why)  # fmt: skip
             req = Flatten(request_id=f"{bid}:stop-rejected", symbol=key, strategy_id=b.strategy_id,
                           source="execution")  # fmt: skip
             self.flatten(req, lambda _report: None)
+
+    def _hedges_a_short(self, b: BracketRow) -> str:
+        """The short legs a BUY bracket's entry hedges as a leg of the same basket ("" if
+        none): selling the hedge would leave them naked."""
+        entry = self.orders.get(b.entry_id)
+        if b.side != "BUY" or entry is None:
+            return ""
+        rid, _, n = entry.request_id.rpartition(":leg")
+        if not n.isdigit():
+            return ""
+        shorts = []
+        for i in range(1, BASKET_MAX_LEGS + 1):
+            o = self.orders.get(self.by_request.get(basket_leg_id(rid, i), ""))
+            if o is not None and o.side == "SELL" and (o.filled_qty or not o.terminal):
+                shorts.append(f"leg {i} SELL {o.quantity} {o.symbol}")
+        return f"basket {rid}'s " + ", ".join(shorts) if shorts else ""
 
     def _resume_flattens(self) -> None:
         """A bracket a flatten took over (``FLATTENED``) whose flatten is not in this process (it

@@ -770,3 +770,28 @@ def test_a_repeat_of_a_finished_basket_after_a_restart_and_a_day_of_settling_is_
 
     again = h2.engine.submit_basket(pair("b1"))
     assert again.ok, again.reason
+
+
+def test_a_rejected_stop_on_a_baskets_long_hedge_is_not_closed_while_it_hedges_a_short() -> None:
+    h = Hand()
+    cmd = ExecuteBasket(request_id="b1", strategy_id="s1", legs=[
+        execute_order(INFY, "BUY", 10, "1510.00", rid=basket_leg_id("b1", 1), order_type="LIMIT",
+                      stop_loss=Decimal("1490.00")),
+        execute_order(TCS, "SELL", 5, "3120.00", rid=basket_leg_id("b1", 2), order_type="LIMIT"),
+    ])  # fmt: skip
+    h.engine.submit_basket(cmd)
+    [lp] = places(h.take())
+    h.ack(lp)
+    h.tick(1510.0, "INFY-EQ")
+    h.trade(h.order(lp.order_id), 10, "1510.00")
+    sent = {h.order(p.order_id).purpose: p for p in places(h.take())}
+    for p in sent.values():
+        h.ack(p)
+    h.trade(h.order(sent["ENTRY"].order_id), 5, "3120.00")  # the short fills: hedged
+
+    h.status(h.order(sent["STOP"].order_id), REJECTED)
+
+    assert not places(h.take())  # the hedge is kept: selling it would leave the short naked
+    [alert] = [a for a in h.alerts if a.code == "unprotected_kept"]
+    assert alert.level == "CRITICAL" and "leg 2 SELL 5 TCS-EQ" in alert.text
+    assert h.position(key=INFY.key) == 10 and h.position(key=TCS.key) == -5

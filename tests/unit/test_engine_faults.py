@@ -988,3 +988,23 @@ def test_with_close_unprotected_off_a_rejected_stop_only_alerts() -> None:
 
     assert "the position is not protected by it" in h.alerts[-1].text
     assert not places(h.take()) and not cancels(h.take()) and h.position() == 10
+
+
+def test_a_rejected_stop_with_no_price_yet_keeps_its_target_and_is_closed_at_the_first_tick() -> None:
+    h = Hand()
+    eid = bracketed_entry(h)  # no tick seen for it yet (e.g. just after a restart)
+    [stop] = h.legs(eid, STOP)
+    [target] = h.legs(eid, TARGET)
+
+    h.status(stop, REJECTED)
+
+    assert "unprotected_unpriced" in h.codes() and not cancels(h.take())  # the target keeps working
+    h.engine.flush()
+    assert h.codes().count("unprotected_unpriced") == 1  # said once
+    h.tick(1284.0)
+    [c] = cancels(h.take())  # now the close can be priced: target first, then the close
+    assert c.order_id == target.order_id
+    h.answer(c, None)
+    h.status(target, CANCELLED)
+    [close] = places(h.take())
+    assert (h.order(close.order_id).side, h.order(close.order_id).quantity) == ("SELL", 10)

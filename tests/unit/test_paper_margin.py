@@ -125,3 +125,42 @@ def test_without_capital_nothing_is_checked(clock: ManualClock) -> None:
     b = PaperBroker(MASTER, clock)
     b.place(order(PE, "SELL", 1800, "100.00", "np01"))  # 5.2 crore of margin: no check asked for
     assert b.margin is None
+
+
+def test_an_order_that_needs_no_margin_passes_even_when_funds_are_short(clock: ManualClock) -> None:
+    b = PaperBroker(MASTER, clock, capital=400_000.0)
+    b.on_tick(quote(PE, 100.0))
+    b.place(order(PE, "SELL", 130, "99.00", "np01"))  # filled: 374,400 blocked
+    assert b.margin is not None
+    b.margin.capital = 100_000.0  # less than is blocked (e.g. paper.capital lowered overnight)
+
+    b.place(order(PE, "BUY", 130, "101.00", "np02"))  # the close needs nothing: it goes
+
+    assert b.margin.positions == 0.0
+
+
+def test_a_short_option_held_past_its_expiry_is_settled_and_frees_its_margin(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    journal = tmp_path / "paper-book.jsonl"
+    b = PaperBroker(MASTER, clock, capital=400_000.0, journal=journal)  # Fri 2025-11-21
+    b.on_tick(quote(PE, 100.0))
+    b.place(order(PE, "SELL", 130, "99.00", "np01", product="NRML"))  # carried overnight
+    b.close()
+    clock.advance(7 * 86_400.0)  # Fri 2025-11-28: it expired on Tuesday
+
+    again = PaperBroker(MASTER, clock, capital=400_000.0, journal=journal)
+
+    assert again.carried_positions() == [] and again.margin is not None and again.margin.positions == 0.0
+    again.place(order(PE, "SELL", 65, "99.00", "np02", product="NRML"))  # room again
+
+
+def test_a_touch_far_from_the_last_price_is_no_touch(clock: ManualClock) -> None:
+    b = PaperBroker(MASTER, clock, capital=1_000_000.0)
+    b.on_tick(Tick(segment=REL.segment, token=REL.token, ltp=1290.0, bid=1e9, ask=1290.05,
+                   bid_qty=100, ask_qty=100))  # fmt: skip
+
+    b.place(order(REL, "SELL", 10, "1280.00", "np01"))
+
+    [tr] = b.trades.values()
+    assert tr.price == Decimal("1289.70")  # off the last price less 2 bps, down to tick: never 1e9

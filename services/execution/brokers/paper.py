@@ -29,6 +29,7 @@ execution, which settles its own rows sooner, never asks about it again.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from collections import deque
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from libs.common.clock import Clock, trading_day
 from libs.common.instruments import MasterData, instrument_key
@@ -155,6 +158,7 @@ class PaperBroker:
                         continue
                     self._apply(rec)
                     kept.append(line)
+        self._settle_expired()
         if stale:  # compact: only today's book survives, with what earlier days carried into it
             carry = [
                 json.dumps(
@@ -199,6 +203,18 @@ class PaperBroker:
                 avg = price
             held += qty
             self.carried[key] = [sym, held, avg if held else Decimal(0)]
+
+    def _settle_expired(self) -> None:
+        """A carried derivative whose contract has expired is settled: it is no longer held
+        (nor margined), like a position the exchange closed at expiry."""
+        today = dt.date.fromisoformat(self._day)
+        for k in list(self.carried):
+            inst = self.master.get(k[0], k[1])
+            gone = inst is None and k[0].endswith("_fo")  # an earlier day's contract, no longer listed
+            if gone or (inst is not None and inst.expiry is not None and inst.expiry < today):
+                sym, qty, _avg = self.carried.pop(k)
+                if qty and self.log is not None:
+                    self.log.info("paper_carry_expired", symbol=sym, quantity=qty)
 
     def _carry_rec(self, rec: dict[str, Any]) -> None:
         self.carried[(rec["seg"], rec["tok"], rec["product"])] = [rec["sym"], rec["qty"], Decimal(rec["avg"])]
@@ -295,6 +311,7 @@ class PaperBroker:
     def _mark_carried(self) -> None:
         """The carried positions go into the margin once, before today's first record."""
         self._carry_marked = True
+        self._settle_expired()
         if self.margin is None:
             return
         for (seg, tok, prod), (_sym, qty, avg) in self.carried.items():
@@ -512,8 +529,13 @@ class PaperBroker:
     def on_tick(self, tick: Tick) -> None:
         """Remember the touch; fill resting orders this tick crosses. Cheap when nothing rests.
         A tick without a possible price (NaN, infinite, not positive, absurd) fills nothing."""
-        if not 0.0 < tick.ltp <= 10_000_000.0:  # NaN fails both comparisons
+        ltp = tick.ltp
+        if not 0.0 < ltp <= 10_000_000.0:  # NaN fails both comparisons
             return
+        if not (0.0 <= tick.bid <= 2 * ltp and 0.0 <= tick.ask <= 2 * ltp):
+            # an impossible touch (NaN, negative, far from the last price) is no touch: the
+            # last price stands in, so nothing fills at a price the market never showed
+            tick = msgspec.structs.replace(tick, bid=0.0, ask=0.0, bid_qty=0, ask_qty=0)
         key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         self.last[key] = tick
         book = self.resting.get(key)
@@ -522,7 +544,6 @@ class PaperBroker:
         # Hot path: only the orders this tick can trigger or cross go to ``_match`` (the same
         # tests as its early returns; a fill only touches its own order, so checking them all
         # first is the same as checking each in turn).
-        ltp = tick.ltp
         buy_touch = tick.ask if tick.ask > 0 else ltp
         sell_touch = tick.bid if tick.bid > 0 else ltp
         hits = None

@@ -103,7 +103,7 @@ class Margin:
     def refusal(self, need: float) -> str:
         """The RMS line for an order needing ``need`` when less is free, or "" if it fits."""
         free = self.free
-        if need <= free + _EPS:
+        if need <= 0 or need <= free + _EPS:  # what needs nothing always passes
             return ""
         return (
             f"RMS: insufficient funds: the order needs margin of {need:,.2f} and {max(free, 0.0):,.2f} "
