@@ -67,6 +67,8 @@ def stack_env(home: Path, base_port: int, **extra: Any) -> dict[str, str]:
         "NEOPULSE_HOME": str(home),
         "NEOPULSE_BUS__BASE_PORT": str(base_port),
         "PYTHONUNBUFFERED": "1",
+        # the suite runs at any hour: the late-entry cutoff is off unless a test sets it
+        "NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "",
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env

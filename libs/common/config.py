@@ -121,6 +121,9 @@ class RiskConfig(_Section, frozen=True):
     # "HH:MM" (IST): from then on, new entries in contracts expiring today are refused (exits
     # still pass). Empty: entries are allowed until the contract stops trading.
     expiry_day_cutoff: str = ""
+    # "HH:MM" (IST): from then on each trading day, orders that open or add to a position are
+    # refused; orders that close one still pass (the intraday square-off needs them). Empty: off.
+    no_new_entries_after: str = "15:00"
 
 
 class ExecutionConfig(_Section, frozen=True):
@@ -375,6 +378,8 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
         (len({s.id for s in cfg.strategy}) == len(cfg.strategy), "strategy.id", "ids must be unique"),
         (not cfg.risk.expiry_day_cutoff or hhmm_minutes(cfg.risk.expiry_day_cutoff) is not None,
          "risk.expiry_day_cutoff", "must be empty or a time of day HH:MM (IST), e.g. 15:00"),
+        (not cfg.risk.no_new_entries_after or hhmm_minutes(cfg.risk.no_new_entries_after) is not None,
+         "risk.no_new_entries_after", "must be empty or a time of day HH:MM (IST), e.g. 15:00"),
         *((re.match(STRATEGY_ID_PATTERN, s.id) is not None, "strategy.id",
            f"must be 1-32 letters, digits, `_` or `-`, starting with a letter or digit "
            f"(it names bus topics and files), got {s.id!r}") for s in cfg.strategy),

@@ -330,6 +330,7 @@ class VerdictCode(Vocabulary):
     THROTTLE = "throttle"  # max_orders_per_sec approvals already in the last second
     CONTRACT_EXPIRED = "contract_expired"  # the contract's expiry day is past: it no longer trades
     EXPIRY_CUTOFF = "expiry_cutoff"  # a new entry in a contract expiring today, after risk.expiry_day_cutoff
+    LATE_ENTRY = "late_entry"  # a new entry at or after risk.no_new_entries_after
     EXPIRED = "expired"  # execution did not answer in time: the order expires unplaced
     EXECUTION = "execution"  # execution refused the order or answered oddly: nothing placed
     UNAUTHORISED = "unauthorised"  # execution refused risk's credentials: nothing placed

@@ -36,7 +36,9 @@ below), which the verdict carries as ``code`` for code to match on:
     own position never leaves another's leg unprotected, so it passes even when it moves the
     account's net away from zero. With ``risk.expiry_day_cutoff`` set (``"15:00"``), an order
     that does not reduce, in a contract expiring today, is refused from that time on
-    [expiry_cutoff]; closing orders still pass, so a position can always be taken off;
+    [expiry_cutoff]; closing orders still pass, so a position can always be taken off. From
+    ``risk.no_new_entries_after`` (default ``"15:00"`` IST) any order that does not reduce is
+    refused [late_entry];
  9. notional [notional] — quantity * price (last price for market intent) ≤ ``max_notional``;
 10. open positions [positions] — a new instrument must not take the count past ``max_open_positions``;
 11. throttle [throttle] — at most ``max_orders_per_sec`` approvals in any sliding one-second window.
@@ -238,7 +240,7 @@ class RiskSentinel(RiskBook):
                 refusal = Refusal(VerdictCode.REDUCE_ONLY, "reduce-only: " + not_reducing)
             return self._reject(req, refusal), None
         if not reducing:
-            refusal = self._check_expiry_cutoff(inst)
+            refusal = self._check_late_entry(inst) or self._check_expiry_cutoff(inst)
             if refusal:
                 return self._reject(req, refusal), None
         refusal = self._check_notional(qty, entry)
@@ -432,7 +434,7 @@ class RiskSentinel(RiskBook):
         if not_reducing and req.reduce_only:
             return Refusal(VerdictCode.REDUCE_ONLY, "reduce-only: " + not_reducing)
         if not_reducing:
-            refusal = self._check_expiry_cutoff(inst)
+            refusal = self._check_late_entry(inst) or self._check_expiry_cutoff(inst)
             if refusal:
                 return refusal
         # a leg may fill while its hedge rests (or never fills): no leg is larger than an
@@ -551,6 +553,19 @@ class RiskSentinel(RiskBook):
             when = f"today ({day}) at the 15:30 close" if today else f"on {day}"
             return None, Refusal(VerdictCode.CONTRACT_EXPIRED, f"{inst.symbol} expired {when}")
         return inst, None
+
+    def _check_late_entry(self, inst: Instrument) -> Refusal | None:
+        """A new entry at or after ``risk.no_new_entries_after`` (IST) on any day."""
+        cutoff = self.cfg.no_new_entries_after
+        limit = hhmm_minutes(cutoff) if cutoff else None
+        if limit is None:
+            return None
+        now = self.clock.now(IST)
+        if now.hour * 60 + now.minute < limit:
+            return None
+        return Refusal(VerdictCode.LATE_ENTRY,
+                       f"new entries are refused from {cutoff} (risk.no_new_entries_after): {inst.symbol} "
+                       "would open or add; orders that close a position still pass")
 
     def _check_expiry_cutoff(self, inst: Instrument) -> Refusal | None:
         """A new entry in a contract expiring today, at or after ``risk.expiry_day_cutoff``."""

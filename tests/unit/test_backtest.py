@@ -63,7 +63,7 @@ def random_walk_csv(
 
 
 def _run(path: Path, strategy: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    cfg = load_config(env={})
+    cfg = load_config(env={"NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": ""})  # the day's crossovers to its end
     return run_backtest(iter_ticks(path, MASTER), strategy, params or {}, cfg=cfg, master=MASTER).report
 
 

@@ -31,6 +31,7 @@ def at(day: dt.date, hh: int = 10, mm: int = 0) -> ManualClock:
 
 
 def sentinel(clock: ManualClock, **risk: object) -> RiskSentinel:
+    risk.setdefault("no_new_entries_after", "")  # these tests are about expiry, late in the day
     return RiskSentinel(RiskConfig(**risk), MASTER, clock)  # type: ignore[arg-type]
 
 

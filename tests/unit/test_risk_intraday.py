@@ -1,0 +1,50 @@
+"""Intraday rules in risk: from ``risk.no_new_entries_after`` (default 15:00 IST) orders that
+open or add are refused with that reason, while orders that close a position still pass."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from libs.common.config import ConfigError, RiskConfig, load_config
+from libs.common.messages import VerdictCode
+from services.risk.sentinel import RiskSentinel
+from tests.unit.test_risk_expiry import MASTER, STOCK, WEEKLY_CE, at, hold, order
+
+DAY = dt.date(2026, 12, 2)
+
+
+def late(hh: int, mm: int, **risk: object) -> RiskSentinel:
+    return RiskSentinel(RiskConfig(**risk), MASTER, at(DAY, hh, mm))  # type: ignore[arg-type]
+
+
+def test_the_default_cutoff_is_15_00() -> None:
+    assert load_config(env={}).risk.no_new_entries_after == "15:00"
+
+
+def test_an_entry_before_the_cutoff_passes_and_from_it_is_refused_with_the_reason() -> None:
+    assert late(14, 59).check(order(STOCK, price="1300.00")).approved
+
+    v = late(15, 0).check(order(STOCK, price="1300.00"))
+
+    assert not v.approved and v.code == VerdictCode.LATE_ENTRY
+    assert v.reason == ("new entries are refused from 15:00 (risk.no_new_entries_after): RELIANCE-EQ would "
+                        "open or add; orders that close a position still pass")  # fmt: skip
+
+
+def test_after_the_cutoff_an_order_that_closes_a_position_passes_and_one_that_adds_does_not() -> None:
+    s = late(15, 10)
+    hold(s, WEEKLY_CE, 65)
+
+    assert s.check(order(WEEKLY_CE, side="SELL", qty=65)).approved
+    assert s.check(order(WEEKLY_CE, side="BUY", qty=65)).code == VerdictCode.LATE_ENTRY
+
+
+def test_an_empty_cutoff_allows_entries_all_day() -> None:
+    assert late(15, 25, no_new_entries_after="").check(order(STOCK, price="1300.00")).approved
+
+
+def test_a_cutoff_that_is_not_a_time_of_day_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"risk\.no_new_entries_after"):
+        load_config(env={"NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "3pm"})
