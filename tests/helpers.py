@@ -69,6 +69,7 @@ def stack_env(home: Path, base_port: int, **extra: Any) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # the suite runs at any hour: the late-entry cutoff is off unless a test sets it
         "NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "",
+        "NEOPULSE_EXECUTION__SQUARE_OFF_AT": "",  # and so is the intraday square-off
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env

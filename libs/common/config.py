@@ -150,6 +150,13 @@ class ExecutionConfig(_Section, frozen=True):
     # (a flatten of its strategy and instrument: the target is cancelled first) rather than
     # hold it unprotected. false: keep it, with the CRITICAL alert only.
     close_unprotected: bool = True
+    # "HH:MM" (IST): each day from then on, working orders in these products are cancelled and
+    # every strategy's positions in them closed (a flatten per strategy, instrument and
+    # product), before the broker's own auto square-off (about 15:20, with a charge). A
+    # position opened later (a late fill), or found at a start after the time, is closed too.
+    # Empty: off. NRML and CNC stay unless listed.
+    square_off_at: str = "15:15"
+    square_off_products: list[str] = msgspec.field(default_factory=lambda: ["MIS"])
 
 
 class PaperConfig(_Section, frozen=True):

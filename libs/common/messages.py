@@ -132,6 +132,7 @@ class RiskEvent(Vocabulary):
     KILL_SWITCH_ON = "kill_switch_on"
     KILL_SWITCH_OFF = "kill_switch_off"
     LOSS_BREACHED = "loss_breached"
+    SQUARE_OFF = "square_off"  # execution squared off a strategy's intraday position at square_off_at
 
 
 class FeedSource(Vocabulary):
@@ -169,6 +170,7 @@ def _one_of(closed: Iterable[str]) -> str:
 SideField = Annotated[str, Meta(pattern=_one_of(Side))]
 OrderTypeField = Annotated[str, Meta(pattern=_one_of(OrderType))]
 ProductField = Annotated[str, Meta(pattern=_one_of(Product))]
+OptionalProductField = Annotated[str, Meta(pattern=_one_of(["", *Product]))]
 PurposeField = Annotated[str, Meta(pattern=_one_of(p for p in Purpose if p in REQUEST_PURPOSES))]
 RiskEventField = Annotated[str, Meta(pattern=_one_of(RiskEvent))]
 
@@ -533,11 +535,13 @@ class KillSwitch(_Msg, frozen=True, tag=True):
 
 
 class Flatten(_Msg, frozen=True, tag=True):
-    """Cancel open orders and close every position, or the one named."""
+    """Cancel open orders and close every position, or the one named; with ``product``
+    (``MIS``) only what is in that product (the intraday square-off)."""
 
     request_id: RequestId
     symbol: Name = ""
     strategy_id: OptionalStrategyId = ""
+    product: OptionalProductField = ""
     source: Source = "cli"
     ts_ns: int = msgspec.field(default_factory=_now)
 

@@ -202,6 +202,15 @@ class EngineBase:
         self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
         self._unprotected: dict[str, str] = {}  # bracket → why its stop was rejected: to close
         self._unpriced: set[str] = set()  # of those, the ones already alerted as not priceable yet
+        # the intraday square-off (``square_off_if_due``): today's instant (0: not computed,
+        # -1: off), its day, the products, and per (strategy, instrument, product) its rounds
+        # and the running flatten's request id
+        self._square_off_ns = 0
+        self._square_day = ""
+        self._square_products = frozenset(cfg.square_off_products)
+        self._square_rounds: dict[tuple[str, str, str], int] = {}
+        self._square_jobs: dict[tuple[str, str, str], str] = {}
+        self._started_ns = clock.now_ns()  # square-off ids of this process differ from an earlier one's
         self._oversized: dict[str, tuple[int, int]] = {}  # leg → (size it should have, failed resizes)
         self._awaiting_alerted: set[str] = set()
         self.flatten_jobs: dict[str, FlattenJob] = {}

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
+from libs.common.clock import IST
+from libs.common.config import hhmm_minutes
 from libs.common.instruments import instrument_key
 from libs.common.messages import (
     BASKET_MAX_LEGS,
     PENDING_BROKER,
     Flatten,
     FlattenPhase,
+    RiskEvent,
     basket_leg_id,
 )
 from libs.common.money import protected_limit
@@ -26,6 +30,7 @@ from services.execution.model import (
     FLATTEN_P,
     BracketRow,
     OrderRow,
+    RiskEventRow,
     new_id,
 )
 
@@ -57,14 +62,14 @@ class Flattening(BrokerEvents):
             job.skipped.append({"symbol": req.symbol, "reason": f"unknown instrument: {req.symbol}"})
         for b in self.brackets.values():
             if b.state in BRACKET_OPEN and self._matches(
-                b.strategy_id, instrument_key(b.segment, b.token), req, match_key
+                b.strategy_id, instrument_key(b.segment, b.token), req, match_key, b.product
             ):
                 b.state = B_FLATTENED
                 b.reason = f"flatten {req.request_id}"
                 b.updated_ns = self._now()
                 self._bdirty[b.bracket_id] = b
         for o in list(self.working.values()):
-            if o.terminal or o.sliced or not self._matches(o.strategy_id, o.key, req, match_key):
+            if o.terminal or o.sliced or not self._matches(o.strategy_id, o.key, req, match_key, o.product):
                 continue
             if req.symbol and match_key is None:
                 continue
@@ -125,6 +130,61 @@ class Flattening(BrokerEvents):
                           source="execution")  # fmt: skip
             self.flatten(req, lambda _report: None)
 
+    def square_off_if_due(self) -> None:
+        """From ``execution.square_off_at`` (IST) on the trading day: working orders in the
+        square-off products that could add exposure are cancelled, and each strategy's
+        position in them is closed by its own flatten (strategy, instrument, product), started
+        again whenever such a position is held and no square-off of it is running (a late
+        fill, a restart after the time). Each one is announced and written to risk_events."""
+        at = self._square_off_ns
+        if at < 0:
+            return
+        if at == 0 or self._square_day != self.day:
+            at = self._square_off_ns = self._square_off_time()
+            self._square_day = self.day
+            if at < 0:
+                return
+        now = self._now()
+        if now < at:
+            return
+        products = self._square_products
+        for o in list(self.working.values()):
+            if (o.product in products and not o.terminal and not o.sliced and not o.cancel_requested
+                    and self._can_add_exposure(o)):  # fmt: skip
+                self._request_cancel(o, f"square-off at {self.cfg.square_off_at}")
+        for (sid, key), pos in list(self.positions.items()):
+            if pos.quantity == 0:
+                continue
+            by_product = pos.by_product or {"MIS": pos.quantity}
+            for product in products:
+                held = by_product.get(product, 0)
+                running = self._square_jobs.get((sid, key, product))
+                if not held or (running is not None and running in self._active_jobs):
+                    continue
+                n = self._square_rounds.get((sid, key, product), 0) + 1
+                self._square_rounds[(sid, key, product)] = n
+                rid = f"squareoff:{self.day}:{self._started_ns}:{sid}:{key}:{product}:{n}"
+                self._square_jobs[(sid, key, product)] = rid
+                text = (f"square-off at {self.cfg.square_off_at}: closing {product} {pos.symbol} {held:+d} "
+                        f"({sid})" + (f", round {n} (a fill after the square-off)" if n > 1 else ""))
+                self.alert("WARNING", text, "square_off")
+                data = {"strategy_id": sid, "instrument": key, "product": product, "quantity": held,
+                        "round": n}  # fmt: skip
+                self._risk.append(RiskEventRow(event=RiskEvent.SQUARE_OFF, reason=text, source="execution",
+                                               ts_ns=now, trading_day=self.day, request_id=rid,
+                                               data=data))  # fmt: skip
+                self.flatten(Flatten(request_id=rid, symbol=key, strategy_id=sid, product=product,
+                                     source="execution"), lambda _report: None)  # fmt: skip
+
+    def _square_off_time(self) -> int:
+        """Today's square-off instant (ns), or -1 when it is off."""
+        minutes = hhmm_minutes(self.cfg.square_off_at) if self.cfg.square_off_at else None
+        if minutes is None:
+            return -1
+        day = dt.date.fromisoformat(self.day)
+        start = dt.datetime(day.year, day.month, day.day, tzinfo=IST)
+        return int((start + dt.timedelta(minutes=minutes)).timestamp()) * 1_000_000_000
+
     def _hedges_a_short(self, b: BracketRow) -> str:
         """The short legs a BUY bracket's entry hedges as a leg of the same basket ("" if
         none): selling the hedge would leave them naked."""
@@ -175,8 +235,11 @@ class Flattening(BrokerEvents):
             return None
 
     @staticmethod
-    def _matches(strategy_id: str, key: str, req: Flatten, match_key: str | None) -> bool:
+    def _matches(strategy_id: str, key: str, req: Flatten, match_key: str | None,
+                 product: str = "") -> bool:  # fmt: skip
         if req.strategy_id and strategy_id != req.strategy_id:
+            return False
+        if req.product and product and product != req.product:
             return False
         return not (req.symbol and key != match_key)
 
@@ -194,6 +257,8 @@ class Flattening(BrokerEvents):
                 continue
             if req.symbol and match_key is None:
                 continue
+            if req.product and not (pos.by_product or {"MIS": pos.quantity}).get(req.product):
+                continue  # nothing held in that product
             inst = self.master.get(pos.segment, pos.token)
             last = self.last.get(key)
             if inst is None or inst.tick_size <= 0:
@@ -206,7 +271,7 @@ class Flattening(BrokerEvents):
                 continue
             by_product = pos.by_product or {"MIS": pos.quantity}
             for product, held in sorted(by_product.items()):
-                if not held:
+                if not held or (req.product and product != req.product):
                     continue
                 side = "SELL" if held > 0 else "BUY"
                 qty = abs(held) - self._closing_qty(sid, key, product, side)
@@ -338,6 +403,7 @@ class Flattening(BrokerEvents):
                 for (sid, key), p in self.positions.items()
                 if p.quantity != 0
                 and self._matches(sid, key, req, self._match_symbol(req.symbol) if req.symbol else None)
+                and (not req.product or (p.by_product or {"MIS": p.quantity}).get(req.product))
             ]
             job.report = {
                 "request_id": req.request_id,

@@ -67,6 +67,7 @@ class Reconciliation(Flattening):
         if self.reconcile_due_ns and self._now() >= self.reconcile_due_ns:
             self.request_reconcile("due")
         self._retry_owed()
+        self.square_off_if_due()
         if self._active_jobs:
             self._advance_jobs()
 
