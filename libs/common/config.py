@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from libs.common.messages import STRATEGY_ID_PATTERN, BrokerName, FeedSource, Vocabulary, choices
+from libs.common.messages import STRATEGY_ID_PATTERN, BrokerName, FeedSource, Product, Vocabulary, choices
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -387,6 +387,10 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
          "risk.expiry_day_cutoff", "must be empty or a time of day HH:MM (IST), e.g. 15:00"),
         (not cfg.risk.no_new_entries_after or hhmm_minutes(cfg.risk.no_new_entries_after) is not None,
          "risk.no_new_entries_after", "must be empty or a time of day HH:MM (IST), e.g. 15:00"),
+        (not cfg.execution.square_off_at or hhmm_minutes(cfg.execution.square_off_at) is not None,
+         "execution.square_off_at", "must be empty or a time of day HH:MM (IST), e.g. 15:15"),
+        (all(p in set(Product) for p in cfg.execution.square_off_products), "execution.square_off_products",
+         f"must list products among {', '.join(Product)}"),
         *((re.match(STRATEGY_ID_PATTERN, s.id) is not None, "strategy.id",
            f"must be 1-32 letters, digits, `_` or `-`, starting with a letter or digit "
            f"(it names bus topics and files), got {s.id!r}") for s in cfg.strategy),

@@ -103,3 +103,14 @@ def test_an_empty_square_off_at_turns_it_off() -> None:
     at(h, DAY0_NS + TO_1515 + S)
 
     assert not places(h.take())
+
+
+def test_a_bad_square_off_setting_is_a_config_error() -> None:
+    import pytest
+
+    from libs.common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"execution\.square_off_at"):
+        load_config(env={"NEOPULSE_EXECUTION__SQUARE_OFF_AT": "quarter past three"})
+    with pytest.raises(ConfigError, match=r"execution\.square_off_products"):
+        load_config(env={"NEOPULSE_EXECUTION__SQUARE_OFF_PRODUCTS": '["INTRADAY"]'})
