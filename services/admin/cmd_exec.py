@@ -13,8 +13,9 @@ from typing import Any
 
 import typer
 
+from libs.common.bus import RequestTimeout
 from libs.common.instruments import instrument_key
-from libs.common.messages import Flatten, GetOrders, GetPositions, GetStatus, SyncMaster
+from libs.common.messages import Flatten, GetOrders, GetPositions, GetStatus, KillSwitch, Reply, SyncMaster
 from services.admin.cli import app
 from services.admin.common import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, JSON_OPT, AdminClient, emit, fail
 
@@ -162,12 +163,20 @@ def flatten(
         "", help="Only this instrument (symbol or segment|token); default: all.", show_default=False
     ),
     strategy: str = typer.Option("", "--strategy", help="Only this strategy's orders and positions."),
+    halt: bool = typer.Option(False, "--halt", help="Trip the kill switch first (no strategy can enter "
+                              "again), then flatten. Without it, running strategies may re-enter."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Cancel open orders and close positions with protected limit orders, then report."""
+    """Cancel open orders and close positions with protected limit orders, then report.
+    With --halt the kill switch goes on first; otherwise, while risk is ACTIVE, a warning says
+    that running strategies may open positions again."""
     client = AdminClient()
     try:
+        state = _risk_state(client)
+        if not halt and state == "ACTIVE":
+            typer.echo("warning: risk is ACTIVE: running strategies may enter again after this flatten; "
+                       "use --halt to trip the kill switch first (or `neopulse kill-switch on`)", err=True)
         if not yes:
             if not sys.stdin.isatty():
                 fail(
@@ -187,9 +196,13 @@ def flatten(
                 or "none"
             )
             scope = f"{symbol or 'every instrument'}" + (f" of strategy {strategy}" if strategy else "")
-            typer.confirm(f"Flatten {scope}: cancel open orders and close positions [{what}]?", abort=True)
+            first = "trip the kill switch, then " if halt else ""
+            typer.confirm(f"Flatten {scope}: {first}cancel open orders and close positions [{what}]?",
+                          abort=True)
         else:
             client.ask("execution_rep", GetStatus())  # unreachable → exit 3 fast, before the long wait
+        if halt:
+            typer.echo(_halt_first(client), err=True)
         req = Flatten(
             request_id=f"cli-flatten-{uuid.uuid4().hex[:12]}",
             symbol=symbol,
@@ -230,6 +243,37 @@ def flatten(
         or any(c["status"] in ("REJECTED", "UNKNOWN") for c in report["closing"])
     )
     raise typer.Exit(EXIT_REFUSED if failed else EXIT_OK)
+
+
+def _risk_state(client: AdminClient) -> str:
+    """Risk's state (``ACTIVE``, ``REDUCING``, ``HALTED``), or "" when risk does not answer."""
+    bus = client.bus.client(client.cfg.bus.endpoint("risk_rep"), min(client.timeout_ms, 2000))
+    try:
+        reply = bus.request(KillSwitch(query=True, source="cli"))
+    except RequestTimeout:
+        return ""
+    finally:
+        bus.close()
+    data = reply.data if isinstance(reply, Reply) and reply.ok and isinstance(reply.data, dict) else {}
+    return str(data.get("state", ""))
+
+
+def _halt_first(client: AdminClient) -> str:
+    """Trip the kill switch before a flatten; the line to tell the operator."""
+    rid = f"cli-ks-{uuid.uuid4().hex[:12]}"
+    msg = KillSwitch(on=True, reason="flatten --halt", source="cli", request_id=rid)
+    bus = client.bus.client(client.cfg.bus.endpoint("risk_rep"), client.timeout_ms)
+    try:
+        reply = bus.request(msg)
+    except RequestTimeout:
+        return ("risk is unreachable: the kill switch could not be set, but no new order can pass risk "
+                "while it is down; flattening")
+    finally:
+        bus.close()
+    if isinstance(reply, Reply) and reply.ok:
+        return "kill switch ON (flatten --halt): new orders are refused; flattening"
+    why = getattr(reply, "error", "") or "no reason given"
+    return f"the kill switch was NOT set ({why}); flattening anyway"
 
 
 # --------------------------------------------------------------------------- sync-master

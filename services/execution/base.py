@@ -176,7 +176,9 @@ class EngineBase:
         self._bgroups: dict[tuple[str, str, str], list[BracketRow]] = {}
         self.legs: dict[str, list[str]] = {}  # bracket → STOP/TARGET orders
         self.positions: dict[tuple[str, str], PositionState] = {}
-        self.fill_keys: set[tuple[str, str, str]] = set()  # (trading day, segment, trade id)
+        # trade ids applied, per (trading day, segment): a broker's trade id is unique per
+        # exchange segment and day (nested, so a fill costs one string, not a tuple of three)
+        self.fill_keys: dict[tuple[str, str], set[str]] = {}
         self._day_span: tuple[float, float, str] = (0.0, 0.0, "")  # _day_of's last day (seconds)
         self.last: dict[str, Tick] = {}
         self.turnover = _ZERO

@@ -109,7 +109,7 @@ class ExecutionEngine(Baskets):
                 self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
         self._load_carries()
         for f in self.store.load_fills(self.day):
-            self.fill_keys.add((f.trading_day, f.segment, f.trade_id))
+            self.fill_keys.setdefault((f.trading_day, f.segment), set()).add(f.trade_id)
             self._apply_position(f)
         self._load_baskets()
         self._held_intents.append(PositionsIntent(self._now()))
@@ -237,7 +237,7 @@ class ExecutionEngine(Baskets):
             self.by_request = {r: oid for r, oid in self.by_request.items() if oid in self.orders}
             self.by_tag = {t: oid for t, oid in self.by_tag.items() if oid in self.orders}
             self.by_broker_id = {b: oid for b, oid in self.by_broker_id.items() if oid in self.orders}
-        self.fill_keys = {k for k in self.fill_keys if k[0] == today}
+        self.fill_keys = {k: v for k, v in self.fill_keys.items() if k[0] == today}
         self.recon.carry_alerted.clear()
         self._held_intents.append(PositionsIntent(self._now()))  # yesterday's NRML/CNC are carried now
         return True
@@ -316,7 +316,8 @@ class ExecutionEngine(Baskets):
     def _keep_reason(self, root: OrderRow, group: list[OrderRow], cutoff: int, pending: set[str]) -> str:
         """"" to evict the group now; "wait" to look again later; "stay" to keep it (a row that
         works again comes back when it ends; basket legs stay for the day)."""
-        if root.order_id in self._kleg or root.request_id.rpartition(":leg")[2].isdigit():
+        _basket, leg_sep, leg_n = root.request_id.rpartition(":leg")
+        if root.order_id in self._kleg or (leg_sep and leg_n.isdigit()):
             return "stay"  # a basket's legs: a repeat of the basket is answered from them
         last = 0
         for x in group:

@@ -285,7 +285,8 @@ class BrokerEvents(Brackets):
 
     def _fill_known(self, tr: BrokerTrade, order_id: str) -> bool:
         """Whether this trade of a settled order was applied already."""
-        return (self._day_of(tr.ts_ns), self.settled[order_id].segment, tr.trade_id) in self.fill_keys
+        seen = self.fill_keys.get((self._day_of(tr.ts_ns), self.settled[order_id].segment))
+        return seen is not None and tr.trade_id in seen
 
     def _load_settled(self, order_id: str) -> OrderRow | None:
         """A trade came for a settled order (a real broker may report one after a cancel): its
@@ -396,10 +397,12 @@ class BrokerEvents(Brackets):
 
     def _on_trade(self, tr: BrokerTrade, o: OrderRow) -> None:
         day = self._day_of(tr.ts_ns)
-        key = (day, o.segment, tr.trade_id)
-        if key in self.fill_keys:
+        seen = self.fill_keys.get((day, o.segment))
+        if seen is None:
+            seen = self.fill_keys[(day, o.segment)] = set()
+        elif tr.trade_id in seen:
             return
-        self.fill_keys.add(key)
+        seen.add(tr.trade_id)
         now = self._now()
         fill = FillRow(
             trade_id=tr.trade_id,

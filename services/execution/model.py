@@ -92,8 +92,11 @@ def new_client_tag() -> str:
 
 
 def tag_key(tag: str) -> str:
-    """Brokers may echo the tag in another case; match on this."""
-    return tag.strip().lower()
+    """Brokers may echo the tag in another case; match on this. A tag already in that form
+    is returned as it is (the same object: the indexes keep no second copy of it)."""
+    stripped = tag.strip()
+    low = stripped.lower()
+    return stripped if low == stripped else low
 
 
 @dataclass(slots=True)

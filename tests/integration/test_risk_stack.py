@@ -139,6 +139,22 @@ def test_kill_switch_on_halts_trades_and_off_lets_them_pass(paper: Stack) -> Non
     assert rc == 0 and verdict["approved"]
 
 
+def test_flatten_warns_while_risk_is_active_and_with_halt_trips_the_kill_switch_first(paper: Stack) -> None:
+    plain = paper.cli("flatten", "--strategy", "nobody", "--yes", "--json")
+    assert plain.returncode == 0, plain.stderr
+    assert "warning: risk is ACTIVE: running strategies may enter again after this flatten" in plain.stderr
+    assert _risk_state(paper)["state"] == "ACTIVE"
+
+    halted = paper.cli("flatten", "--strategy", "nobody", "--halt", "--yes", "--json")
+
+    assert halted.returncode == 0, halted.stderr
+    assert "kill switch ON (flatten --halt): new orders are refused; flattening" in halted.stderr
+    assert "warning" not in halted.stderr
+    assert _risk_state(paper)["state"] == "HALTED" and _risk_state(paper)["reason"] == "flatten --halt"
+    rc, state = paper.cli_json("kill-switch", "off")
+    assert rc == 0 and state["state"] == "ACTIVE"
+
+
 def _risk_state(s: Stack) -> dict[str, Any]:
     reply = s.ask("risk_rep", KillSwitch(query=True))
     assert isinstance(reply, Reply)

@@ -532,3 +532,10 @@ def test_a_day_of_paper_orders_keeps_memory_bounded_and_reconciles_cleanly() -> 
     assert e.open_count() == 0 and h.position() == 0
     assert "orphan_order" not in codes and "order_adopted" not in codes and "order_vanished" not in codes
     assert sum(1 for x in store.orders.values() if x.status == COMPLETE) == 120
+
+
+def test_an_order_whose_request_id_is_a_number_still_leaves_memory() -> None:
+    h = Hand()
+    filled_order(h, rid="20261202")  # only a basket leg's id ("<basket>:leg<n>") keeps its rows
+
+    assert settle(h) == 1
