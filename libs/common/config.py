@@ -124,6 +124,9 @@ class RiskConfig(_Section, frozen=True):
     # "HH:MM" (IST): from then on each trading day, orders that open or add to a position are
     # refused; orders that close one still pass (the intraday square-off needs them). Empty: off.
     no_new_entries_after: str = "15:00"
+    # Entries (orders that open or add) allowed per strategy and instrument each trading day;
+    # the next is refused with that reason. 0: no limit.
+    max_entries_per_day: NonNegInt = 0
 
 
 class ExecutionConfig(_Section, frozen=True):

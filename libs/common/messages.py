@@ -333,6 +333,7 @@ class VerdictCode(Vocabulary):
     CONTRACT_EXPIRED = "contract_expired"  # the contract's expiry day is past: it no longer trades
     EXPIRY_CUTOFF = "expiry_cutoff"  # a new entry in a contract expiring today, after risk.expiry_day_cutoff
     LATE_ENTRY = "late_entry"  # a new entry at or after risk.no_new_entries_after
+    MAX_ENTRIES = "max_entries"  # risk.max_entries_per_day entries already today (strategy, instrument)
     EXPIRED = "expired"  # execution did not answer in time: the order expires unplaced
     EXECUTION = "execution"  # execution refused the order or answered oddly: nothing placed
     UNAUTHORISED = "unauthorised"  # execution refused risk's credentials: nothing placed
@@ -478,6 +479,15 @@ class Position(_Msg, frozen=True, tag=True):
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
+class EntryCount(_Msg, frozen=True):
+    """How many entry orders a strategy sent in one instrument today (the ledger's count)."""
+
+    strategy_id: str
+    segment: str
+    token: str
+    count: int
+
+
 class DayState(_Msg, frozen=True, tag=True):
     """Everything risk needs to rebuild its day after a restart."""
 
@@ -490,6 +500,7 @@ class DayState(_Msg, frozen=True, tag=True):
     kill_reason: str = ""
     risk_state: str = ACTIVE
     loss_breached: bool = False
+    entries: list[EntryCount] = msgspec.field(default_factory=list)
     ts_ns: int = msgspec.field(default_factory=_now)
 
 

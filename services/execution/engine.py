@@ -38,6 +38,7 @@ from libs.common.messages import (
     HALTED,
     REDUCING,
     DayState,
+    EntryCount,
     Position,
     RecordRiskEvent,
     RiskEvent,
@@ -212,6 +213,8 @@ class ExecutionEngine(Baskets):
             kill_reason=kill_reason,
             risk_state=state,
             loss_breached=loss,
+            entries=[EntryCount(strategy_id=s, segment=seg, token=tok, count=n)
+                     for (s, seg, tok), n in sorted(self.store.entry_counts(self.day).items())],
             ts_ns=self._now(),
         )
 

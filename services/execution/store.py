@@ -127,6 +127,11 @@ class OrderStore(Protocol):
 
     def risk_events(self, trading_day: str) -> list[RiskEventRow]: ...
 
+    def entry_counts(self, trading_day: str) -> dict[tuple[str, str, str], int]:
+        """Entry orders (``ENTRY`` and ``MANUAL``, not a slice) per (strategy, segment, token)
+        of ``trading_day``: what risk's ``max_entries_per_day`` counts after a restart."""
+        ...
+
     def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
         """The newest ``risk_events`` row of any day whose event is one of ``events``."""
         ...
@@ -287,6 +292,14 @@ class MemoryOrderStore:
 
     def risk_events(self, trading_day: str) -> list[RiskEventRow]:
         return [copy.copy(r) for r in self.risk if r.trading_day == trading_day]
+
+    def entry_counts(self, trading_day: str) -> dict[tuple[str, str, str], int]:
+        out: dict[tuple[str, str, str], int] = {}
+        for o in self.orders.values():
+            if o.trading_day == trading_day and o.purpose in ("ENTRY", "MANUAL") and not o.parent_id:
+                k = (o.strategy_id, o.segment, o.token)
+                out[k] = out.get(k, 0) + 1
+        return out
 
     def carried_nets(self, before_day: str) -> list[CarriedNet]:
         acc: dict[tuple[str, str, str, str], list[Any]] = {}

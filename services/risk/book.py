@@ -126,6 +126,10 @@ class RiskBook:
         self._restored_upto_ns = 0  # fills traded at or before this are in the restored day...
         self._guard_until = 0.0  # ...when they arrive before this (clock.monotonic)
         self._approvals: deque[float] = deque()
+        # entries approved today per (strategy, instrument key), and which request counted where
+        # (withdrawn if execution refuses it); ``max_entries_per_day``
+        self._entries: dict[tuple[str, str], int] = {}
+        self._entry_of: dict[str, tuple[str, str]] = {}
         self.approved = 0
         self.rejected = 0
 
@@ -360,7 +364,13 @@ class RiskBook:
 
     def restore(self, day: DayState) -> Sequence[Event]:
         """Rebuild the day from execution's ledger. A tripped kill switch or a latched loss
-        breach stays tripped (also when it was tripped here while the day was loading)."""
+        breach stays tripped (also when it was tripped here while the day was loading). The
+        day's entry counts are the ledger's, or what was approved here if more."""
+        if day.trading_day != self.trading_day:
+            self._entries, self._entry_of = {}, {}
+        for e in day.entries:
+            k = (e.strategy_id, instrument_key(e.segment, e.token))
+            self._entries[k] = max(self._entries.get(k, 0), e.count)
         self.trading_day = day.trading_day
         self._load_book(day)
         if day.kill_switch or day.risk_state == HALTED:

@@ -247,12 +247,14 @@ class RiskSentinel(RiskBook):
         if refusal:
             return self._reject(req, refusal), None
         if not reducing:
-            refusal = self._check_open_positions(inst)
+            refusal = self._check_open_positions(inst) or self._check_entries(req.strategy_id, inst)
             if refusal:
                 return self._reject(req, refusal), None
         refusal = self._check_throttle()
         if refusal:
             return self._reject(req, refusal), None
+        if not reducing:
+            self._count_entry(req.request_id, req.strategy_id, inst.key)
         return self._approve(req, norm, qty, inst)
 
     def _approve(self, req: OrderRequest, norm: OrderRequest, qty: int,
@@ -298,6 +300,7 @@ class RiskSentinel(RiskBook):
         """Execution refused the order (it answered, and nothing was placed): the approval is
         withdrawn and forgotten, so a retry with the same request_id is judged again."""
         self._working.pop(request_id, None)
+        self._uncount_entry(request_id)
         if self._seen.pop(request_id, None) is not None:
             self.approved -= 1
         self.rejected += 1
@@ -311,6 +314,7 @@ class RiskSentinel(RiskBook):
         gets the same answer, never a second attempt. Call only with ``expires_ns`` set and
         the budget spent; without a deadline, execution may still place the order."""
         self._working.pop(request_id, None)
+        self._uncount_entry(request_id)
         reason = f"execution did not answer within {waited_ms} ms; the order expires unplaced"
         verdict = RiskVerdict(request_id=request_id, approved=False, reason=reason,
                               code=VerdictCode.EXPIRED, state=self.current_state,
@@ -443,7 +447,8 @@ class RiskSentinel(RiskBook):
         if refusal:
             return refusal
         if not_reducing:
-            refusal = self._check_open_positions(inst, basket_keys)
+            refusal = (self._check_open_positions(inst, basket_keys)
+                       or self._check_entries(req.strategy_id, inst))  # fmt: skip
             if refusal:
                 return refusal
         return _Judged(qty, inst, entry, not_reducing is None)
@@ -455,8 +460,10 @@ class RiskSentinel(RiskBook):
         expires = now + self._exec_deadline_ns if self._exec_deadline_ns else 0
         executes: list[ExecuteOrder] = []
         verdicts: list[RiskVerdict] = []
-        for leg, (qty, inst, _entry, _reducing) in zip(legs, judged, strict=True):
+        for leg, (qty, inst, _entry, reducing) in zip(legs, judged, strict=True):
             self._working[leg.request_id] = _Working(inst.key, leg.side, qty, leg.strategy_id)
+            if not reducing:
+                self._count_entry(leg.request_id, leg.strategy_id, inst.key)
             leg_verdict = RiskVerdict(request_id=leg.request_id, approved=True, quantity=qty,
                                       state=self.current_state, ts_ns=now)
             self._remember(leg.request_id, _Seen(msgspec.structs.replace(leg, ts_ns=0), leg_verdict))
@@ -553,6 +560,26 @@ class RiskSentinel(RiskBook):
             when = f"today ({day}) at the 15:30 close" if today else f"on {day}"
             return None, Refusal(VerdictCode.CONTRACT_EXPIRED, f"{inst.symbol} expired {when}")
         return inst, None
+
+    def _check_entries(self, strategy_id: str, inst: Instrument) -> Refusal | None:
+        """``risk.max_entries_per_day`` entries of this strategy in this instrument already."""
+        limit = self.cfg.max_entries_per_day
+        done = self._entries.get((strategy_id, inst.key), 0) if limit else 0
+        if not limit or done < limit:
+            return None
+        return Refusal(VerdictCode.MAX_ENTRIES,
+                       f"max_entries_per_day {limit} reached: {strategy_id} has entered {inst.symbol} "
+                       f"{done} time(s) today; orders that close a position still pass")
+
+    def _count_entry(self, request_id: str, strategy_id: str, key: str) -> None:
+        k = (strategy_id, key)
+        self._entries[k] = self._entries.get(k, 0) + 1
+        self._entry_of[request_id] = k
+
+    def _uncount_entry(self, request_id: str) -> None:
+        k = self._entry_of.pop(request_id, None)
+        if k is not None and self._entries.get(k, 0) > 0:
+            self._entries[k] -= 1
 
     def _check_late_entry(self, inst: Instrument) -> Refusal | None:
         """A new entry at or after ``risk.no_new_entries_after`` (IST) on any day."""

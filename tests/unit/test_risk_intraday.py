@@ -48,3 +48,40 @@ def test_an_empty_cutoff_allows_entries_all_day() -> None:
 def test_a_cutoff_that_is_not_a_time_of_day_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"risk\.no_new_entries_after"):
         load_config(env={"NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "3pm"})
+
+
+def test_max_entries_per_day_refuses_the_next_entry_with_the_reason_and_exits_still_pass() -> None:
+    s = late(10, 0, max_entries_per_day=2)
+    for _ in range(2):
+        assert s.check(order(STOCK, price="1300.00")).approved
+
+    v = s.check(order(STOCK, price="1300.00"))
+
+    assert v.code == VerdictCode.MAX_ENTRIES
+    assert v.reason == ("max_entries_per_day 2 reached: s1 has entered RELIANCE-EQ 2 time(s) today; "
+                        "orders that close a position still pass")  # fmt: skip
+    assert s.check(order(WEEKLY_CE, price="120.00")).approved  # per instrument
+    hold(s, STOCK, 65)
+    assert s.check(order(STOCK, side="SELL", qty=65, price="1300.00")).approved  # an exit
+
+
+def test_an_entry_execution_refused_does_not_count() -> None:
+    s = late(10, 0, max_entries_per_day=1)
+    first = order(STOCK, price="1300.00")
+    assert s.check(first).approved
+
+    s.execution_failed(first.request_id, "ledger unavailable")
+
+    assert s.check(order(STOCK, price="1300.00")).approved
+
+
+def test_after_a_restart_the_ledgers_count_of_the_days_entries_is_kept() -> None:
+    from libs.common.messages import DayState, EntryCount
+
+    s = late(10, 0, max_entries_per_day=3)
+    s.restore(DayState(trading_day="2026-12-02", entries=[
+        EntryCount(strategy_id="s1", segment=STOCK.segment, token=STOCK.token, count=3)]))  # fmt: skip
+
+    assert s.check(order(STOCK, price="1300.00")).code == VerdictCode.MAX_ENTRIES
+    s.restore(DayState(trading_day="2026-12-03"))  # the next day starts afresh
+    assert s.check(order(STOCK, price="1300.00")).approved
