@@ -222,6 +222,11 @@ class StrategyInstance(_Section, frozen=True):
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     instruments: list[str] = msgspec.field(default_factory=list)
     on_error: str = "continue"  # continue | stop
+    # Rupees of this strategy's net MTM today (realised + unrealised - costs): at -max_loss or
+    # +target_profit its positions are squared off and it is stopped for the day (its orders
+    # that open or add are refused; exits pass). 0: no such limit.
+    max_loss: NonNegFloat = 0.0
+    target_profit: NonNegFloat = 0.0
 
 
 def _default_strategies() -> list[StrategyInstance]:

@@ -133,6 +133,7 @@ class RiskEvent(Vocabulary):
     KILL_SWITCH_OFF = "kill_switch_off"
     LOSS_BREACHED = "loss_breached"
     SQUARE_OFF = "square_off"  # execution squared off a strategy's intraday position at square_off_at
+    STRATEGY_STOPPED = "strategy_stopped"  # a strategy's MTM crossed its max_loss or target_profit
 
 
 class FeedSource(Vocabulary):
@@ -334,6 +335,7 @@ class VerdictCode(Vocabulary):
     EXPIRY_CUTOFF = "expiry_cutoff"  # a new entry in a contract expiring today, after risk.expiry_day_cutoff
     LATE_ENTRY = "late_entry"  # a new entry at or after risk.no_new_entries_after
     MAX_ENTRIES = "max_entries"  # risk.max_entries_per_day entries already today (strategy, instrument)
+    STRATEGY_STOPPED = "strategy_stopped"  # the strategy crossed its max_loss or target_profit today
     EXPIRED = "expired"  # execution did not answer in time: the order expires unplaced
     EXECUTION = "execution"  # execution refused the order or answered oddly: nothing placed
     UNAUTHORISED = "unauthorised"  # execution refused risk's credentials: nothing placed
@@ -501,6 +503,7 @@ class DayState(_Msg, frozen=True, tag=True):
     risk_state: str = ACTIVE
     loss_breached: bool = False
     entries: list[EntryCount] = msgspec.field(default_factory=list)
+    stopped: dict[str, str] = msgspec.field(default_factory=dict)  # strategy id → why, today
     ts_ns: int = msgspec.field(default_factory=_now)
 
 

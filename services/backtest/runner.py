@@ -38,7 +38,7 @@ import msgspec
 from libs.common.clock import IST, ManualClock
 from libs.common.config import Config
 from libs.common.instruments import MasterData
-from libs.common.messages import BasketRequest, Fill, OrderRequest, OrderUpdate, Tick
+from libs.common.messages import BasketRequest, Fill, Flatten, OrderRequest, OrderUpdate, Tick
 from services.backtest.report import Book, _iso
 from services.strategy import registry
 from services.strategy.base import Strategy, StrategyContext
@@ -72,6 +72,7 @@ class Pipeline:
         self.clock = clock
         self.strategy = strategy
         self.risk = RiskSentinel(cfg.risk, master, clock)
+        self.risk.set_strategy_limits({s.id: (s.max_loss, s.target_profit) for s in cfg.strategy})
         self.execution = PaperExecution(cfg, master, clock)
         self.book = Book(cost_rate=Decimal(repr(cfg.risk.cost_rate)))
         self.requested = 0
@@ -82,6 +83,14 @@ class Pipeline:
     def submit(self, orders: Iterable[OrderRequest]) -> None:
         self._work.extend(orders)
         self._drain()
+
+    def risk_events(self, events: Iterable[Any]) -> None:
+        """What risk asks of execution when a limit is crossed: a strategy stopped by its
+        ``max_loss``/``target_profit`` is squared off (the rest is for humans and the ledger)."""
+        for ev in events:
+            if isinstance(ev, Flatten):
+                self.execution.engine.flatten(ev, lambda _report: None)
+                self.deliver(self.execution.pump())
 
     def deliver(self, events: Iterable[Any]) -> None:
         self._work.extend(events)
@@ -100,7 +109,7 @@ class Pipeline:
             if type(item) is OrderRequest:
                 self._order(item)
             elif type(item) is Fill:
-                self.risk.on_fill(item)
+                self.risk_events(self.risk.on_fill(item))
                 self.book.on_fill(item, self.clock.now_ns())
                 work.extend(strat.dispatch_fill(item))
             elif type(item) is OrderUpdate:
@@ -224,7 +233,9 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
                 seen_keys[key] = inst.symbol if inst is not None else (tick.symbol or key)
                 book.mark(key, seen_keys[key], tick.ltp)
             book_tick(key, now, tick.ltp)
-            risk_tick(tick)
+            crossed = risk_tick(tick)
+            if crossed:  # a strategy's MTM limit (or the loss limit) crossed
+                pipe.risk_events(crossed)
             engine_tick(tick)  # execution's marks (market intent, flatten)
             broker_tick(tick)  # paper fills of resting orders and bracket legs
             if broker.events:

@@ -190,9 +190,12 @@ class ExecutionEngine(Baskets):
                 ev == "kill_switch" and data.get("on", data.get("kill_switch", True))
             ):
                 kill, kill_reason = True, last_switch.reason
+        stopped: dict[str, str] = {}
         for r in self.store.risk_events(self.day):
             ev = r.event.lower()
             data = r.data or {}
+            if ev == RiskEvent.STRATEGY_STOPPED and isinstance(data.get("strategy_id"), str):
+                stopped[data["strategy_id"]] = r.reason
             if ev in ("loss_breached", "daily_loss_breached", "max_daily_loss"):
                 loss = True
             rs = data.get("risk_state") or data.get("state")
@@ -215,6 +218,7 @@ class ExecutionEngine(Baskets):
             loss_breached=loss,
             entries=[EntryCount(strategy_id=s, segment=seg, token=tok, count=n)
                      for (s, seg, tok), n in sorted(self.store.entry_counts(self.day).items())],
+            stopped=stopped,
             ts_ns=self._now(),
         )
 

@@ -26,6 +26,7 @@ from libs.common.messages import (
     CancelEntries,
     DayState,
     Fill,
+    Flatten,
     OrderRequest,
     OrderType,
     OrderUpdate,
@@ -49,7 +50,7 @@ _REMEMBERED_FILLS = 200_000
 RESTORE_GUARD_S = 10.0  # after a restore, fills traded before the snapshot are taken as in it
 EXEC_ATTEMPTS = 2  # attempts at ExecuteOrder (execution is idempotent on request_id)
 EXEC_MARGIN = 0.2  # of one attempt: the deadline falls this much before risk gives up
-Event = Alert | RecordRiskEvent | CancelEntries
+Event = Alert | RecordRiskEvent | CancelEntries | Flatten
 _NO_EVENTS: tuple[Event, ...] = ()
 class _Working:
     """An order risk approved that has not reached a terminal state yet."""
@@ -130,6 +131,10 @@ class RiskBook:
         # (withdrawn if execution refuses it); ``max_entries_per_day``
         self._entries: dict[tuple[str, str], int] = {}
         self._entry_of: dict[str, tuple[str, str]] = {}
+        # per-strategy MTM limits (``[[strategy]] max_loss`` / ``target_profit``): strategy id →
+        # (max loss, target profit), and the strategies stopped today with why
+        self._limits: dict[str, tuple[float, float]] = {}
+        self.stopped: dict[str, str] = {}
         self.approved = 0
         self.rejected = 0
 
@@ -188,7 +193,9 @@ class RiskBook:
                     unrealised += net.get(k, 0) * mark - cost
             net_pnl = (self._realised_f + unrealised) - self._turnover_f * self._cost_rate
             if not net_pnl >= -self.cfg.max_daily_loss:  # written so that NaN breaches, as there
-                return self._check_loss()
+                return (*self._check_loss(), *self._check_strategies(key))
+        if self._limits and key in self._open_keys:
+            return self._check_strategies(key)
         return _NO_EVENTS
 
     def on_fill(self, fill: Fill) -> Sequence[Event]:
@@ -227,7 +234,10 @@ class RiskBook:
                 working.fill_qty += fill.quantity
                 if working.remaining == 0:
                     self._forget_working(request_id)
-        return self._check_loss() if not self.loss_breached else _NO_EVENTS
+        events = self._check_loss() if not self.loss_breached else _NO_EVENTS
+        if self._limits:
+            events = (*events, *self._check_strategies(strategy_id=fill.strategy_id))
+        return events
 
     def on_order_update(self, upd: OrderUpdate) -> Sequence[Event]:
         """Keep the working-order book: terminal orders stop counting as exposure. An order
@@ -309,6 +319,59 @@ class RiskBook:
             self._open_keys.discard(key)
             self._cost_f.pop(key, None)
 
+    def set_strategy_limits(self, limits: dict[str, tuple[float, float]]) -> None:
+        """``{strategy id: (max_loss, target_profit)}`` in rupees of net MTM (0: none)."""
+        self._limits = {sid: lim for sid, lim in limits.items() if lim[0] > 0 or lim[1] > 0}
+
+    def strategy_net(self, strategy_id: str) -> float:
+        """One strategy's net PnL today: realised + marked to the last price - costs."""
+        net = 0.0
+        rate = self._cost_rate
+        for (sid, key), p in self._positions.items():
+            if sid != strategy_id:
+                continue
+            net += float(p.realised) - rate * float(p.buy_value + p.sell_value)
+            if p.quantity:
+                mark = self._marks.get(key)
+                if mark is not None:
+                    net += p.quantity * (mark - float(p.avg_price))
+        return net
+
+    def _check_strategies(self, key: str = "", strategy_id: str = "") -> Sequence[Event]:
+        """Stop a limited strategy whose net MTM crossed its limit (those holding ``key``, or
+        ``strategy_id``): announce, record, and have execution square off its positions."""
+        limits = self._limits
+        if not limits:
+            return _NO_EVENTS
+        held = self._by_key.get(key, ())
+        sids = {strategy_id} if strategy_id else {p.strategy_id for p in held if p.quantity}
+        out: list[Event] = []
+        for sid in sids:
+            lim = limits.get(sid)
+            if lim is None or sid in self.stopped:
+                continue
+            net = self.strategy_net(sid)
+            max_loss, target = lim
+            if max_loss and not net > -max_loss:  # (NaN stops it)
+                why = f"net MTM {_fmt(net)} reached its max_loss -{_fmt(max_loss)}"
+            elif target and net >= target:
+                why = f"net MTM {_fmt(net)} reached its target_profit {_fmt(target)}"
+            else:
+                continue
+            self.stopped[sid] = why
+            now = self.clock.now_ns()
+            day = self.trading_day or str(now)
+            out += [
+                Alert(level="CRITICAL", source="risk", code="strategy_stopped", ts_ns=now,
+                      text=f"strategy {sid} stopped for the day: {why}; its positions are squared off and "
+                           "its new entries refused (exits pass); other strategies trade on"),
+                RecordRiskEvent(event=RiskEvent.STRATEGY_STOPPED, reason=why, ts_ns=now,
+                                data={"strategy_id": sid, "net_pnl": round(net, 2), "trading_day": day},
+                                request_id=f"risk-stop-{day}-{sid}"),
+                Flatten(request_id=f"risk-stop-{day}-{sid}-flatten", strategy_id=sid, source="risk"),
+            ]  # fmt: skip
+        return out
+
     def _check_loss(self) -> Sequence[Event]:
         net = self.net_pnl()
         limit = self.cfg.max_daily_loss
@@ -367,7 +430,8 @@ class RiskBook:
         breach stays tripped (also when it was tripped here while the day was loading). The
         day's entry counts are the ledger's, or what was approved here if more."""
         if day.trading_day != self.trading_day:
-            self._entries, self._entry_of = {}, {}
+            self._entries, self._entry_of, self.stopped = {}, {}, {}
+        self.stopped.update(day.stopped)
         for e in day.entries:
             k = (e.strategy_id, instrument_key(e.segment, e.token))
             self._entries[k] = max(self._entries.get(k, 0), e.count)
@@ -422,7 +486,9 @@ class RiskBook:
             key = instrument_key(p.segment, p.token)
             avg = p.avg_price if p.avg_price.is_finite() else _ZERO
             pos = PositionState(p.strategy_id, p.segment, p.token, p.symbol,
-                                quantity=p.quantity, avg_price=avg, realised=p.realised_pnl)
+                                quantity=p.quantity, avg_price=avg, realised=p.realised_pnl,
+                                buy_qty=p.buy_qty, sell_qty=p.sell_qty, buy_value=p.buy_value,
+                                sell_value=p.sell_value)  # fmt: skip
             self._add_position(key, pos)
             if p.quantity:
                 self._net_qty[key] = self._net_qty.get(key, 0) + p.quantity

@@ -240,7 +240,8 @@ class RiskSentinel(RiskBook):
                 refusal = Refusal(VerdictCode.REDUCE_ONLY, "reduce-only: " + not_reducing)
             return self._reject(req, refusal), None
         if not reducing:
-            refusal = self._check_late_entry(inst) or self._check_expiry_cutoff(inst)
+            refusal = (self._check_stopped(req.strategy_id) or self._check_late_entry(inst)
+                       or self._check_expiry_cutoff(inst))  # fmt: skip
             if refusal:
                 return self._reject(req, refusal), None
         refusal = self._check_notional(qty, entry)
@@ -438,7 +439,8 @@ class RiskSentinel(RiskBook):
         if not_reducing and req.reduce_only:
             return Refusal(VerdictCode.REDUCE_ONLY, "reduce-only: " + not_reducing)
         if not_reducing:
-            refusal = self._check_late_entry(inst) or self._check_expiry_cutoff(inst)
+            refusal = (self._check_stopped(req.strategy_id) or self._check_late_entry(inst)
+                       or self._check_expiry_cutoff(inst))  # fmt: skip
             if refusal:
                 return refusal
         # a leg may fill while its hedge rests (or never fills): no leg is larger than an
@@ -560,6 +562,15 @@ class RiskSentinel(RiskBook):
             when = f"today ({day}) at the 15:30 close" if today else f"on {day}"
             return None, Refusal(VerdictCode.CONTRACT_EXPIRED, f"{inst.symbol} expired {when}")
         return inst, None
+
+    def _check_stopped(self, strategy_id: str) -> Refusal | None:
+        """A strategy stopped for the day by its ``max_loss`` or ``target_profit``."""
+        why = self.stopped.get(strategy_id)
+        if why is None:
+            return None
+        return Refusal(VerdictCode.STRATEGY_STOPPED,
+                       f"strategy {strategy_id} is stopped for the day ({why}); orders that close a "
+                       "position still pass")
 
     def _check_entries(self, strategy_id: str, inst: Instrument) -> Refusal | None:
         """``risk.max_entries_per_day`` entries of this strategy in this instrument already."""

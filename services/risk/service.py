@@ -53,6 +53,7 @@ from libs.common.messages import (
     ExecuteBasket,
     ExecuteOrder,
     Fill,
+    Flatten,
     GetDayState,
     GetRiskState,
     GetStatus,
@@ -99,12 +100,13 @@ class RiskService(Service):
         # Two attempts at ExecuteOrder must fit inside a strategy's own request timeout.
         self._exec_timeout_ms = max(200, cfg.bus.request_timeout_ms * 2 // 5)
         self.sentinel = RiskSentinel(cfg.risk, self.master, self.clock, exec_timeout_ms=self._exec_timeout_ms)
+        self.sentinel.set_strategy_limits({s.id: (s.max_loss, s.target_profit) for s in cfg.strategy})
         self.day_loaded = False
         self.day_attempts = 0
         self._day_pending = False
         # Approved orders waiting for execution's acknowledgement: request_id → waiting replies.
         self._inflight: dict[str, list[Responder]] = {}
-        self._events: deque[RecordRiskEvent | CancelEntries] = deque()
+        self._events: deque[RecordRiskEvent | CancelEntries | Flatten] = deque()
         self._delivering = False
         self._early_fills: list[Fill] = []
         self._marked: set[str] = set()

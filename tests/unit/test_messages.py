@@ -36,6 +36,8 @@ def _sample(t: msgspec.inspect.Type, depth: int = 0) -> Any:
             return _sample(next(x for x in types if not isinstance(x, ti.NoneType)), depth)
         case ti.ListType(item_type=item):
             return [_sample(item, depth + 1)]
+        case ti.DictType(key_type=key, value_type=value) if not isinstance(value, ti.AnyType):
+            return {_sample(key, depth + 1): _sample(value, depth + 1)}
         case ti.DictType():
             return {"k": [1, "v"], "n": {"x": 1.5}}
         case ti.AnyType():

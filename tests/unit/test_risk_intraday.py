@@ -85,3 +85,73 @@ def test_after_a_restart_the_ledgers_count_of_the_days_entries_is_kept() -> None
     assert s.check(order(STOCK, price="1300.00")).code == VerdictCode.MAX_ENTRIES
     s.restore(DayState(trading_day="2026-12-03"))  # the next day starts afresh
     assert s.check(order(STOCK, price="1300.00")).approved
+
+
+# ---------------------------------------------------------------------- strategy MTM limits
+
+
+def _fill(s: RiskSentinel, sid: str, side: str, qty: int, price: str) -> list[object]:
+    from decimal import Decimal
+
+    from libs.common.messages import Fill
+
+    n = next(_fills)
+    return list(s.on_fill(Fill(fill_id=f"mf{n}", order_id=f"mo{n}", strategy_id=sid, symbol=STOCK.symbol,
+                               segment=STOCK.segment, token=STOCK.token, side=side, quantity=qty,
+                               price=Decimal(price))))  # fmt: skip
+
+
+_fills = iter(range(1, 1_000_000))
+
+
+def _tick(s: RiskSentinel, ltp: float) -> list[object]:
+    from libs.common.messages import Tick
+
+    return list(s.on_tick(Tick(segment=STOCK.segment, token=STOCK.token, ltp=ltp)))
+
+
+def test_a_strategy_past_its_max_loss_is_squared_off_and_stopped_while_another_trades_on() -> None:
+    from libs.common.messages import Alert, Flatten, RecordRiskEvent
+
+    s = late(10, 0, max_daily_loss=1_000_000.0)
+    s.set_strategy_limits({"s1": (2_000.0, 0.0), "s2": (0.0, 0.0)})
+    _fill(s, "s1", "BUY", 100, "1300.00")
+    _fill(s, "s2", "BUY", 100, "1300.00")
+    assert _tick(s, 1290.0) == []  # s1 down 1,000 + 45.50 of costs: inside its limit
+
+    events = _tick(s, 1279.0)  # s1 down 2,100 + costs
+
+    alert, record, flatten = events
+    assert isinstance(alert, Alert) and alert.code == "strategy_stopped"
+    assert "strategy s1 stopped" in alert.text
+    assert isinstance(record, RecordRiskEvent) and record.event == "strategy_stopped"
+    assert record.data["strategy_id"] == "s1"
+    assert isinstance(flatten, Flatten) and flatten.strategy_id == "s1" and not flatten.symbol
+    refused = s.check(order(STOCK, price="1280.00"))  # s1's new entry
+    assert refused.code == VerdictCode.STRATEGY_STOPPED
+    assert "net MTM -2145.50 reached its max_loss -2000.00" in refused.reason
+    other = order(STOCK, price="1280.00")
+    assert s.check(msgspec_replace(other, strategy_id="s2")).approved  # s2 trades on
+    assert s.check(order(STOCK, side="SELL", qty=100, price="1280.00")).approved  # s1's exit passes
+    assert _tick(s, 1270.0) == []  # stopped once
+
+
+def test_a_strategy_reaching_its_target_profit_is_stopped_too_and_a_restart_keeps_it_stopped() -> None:
+    from libs.common.messages import DayState
+
+    s = late(10, 0)
+    s.set_strategy_limits({"s1": (0.0, 500.0)})
+    _fill(s, "s1", "BUY", 100, "1300.00")
+
+    assert _tick(s, 1306.0)  # up 600 less 45.50 of costs
+    again = late(10, 5)
+    again.set_strategy_limits({"s1": (0.0, 500.0)})
+    again.restore(DayState(trading_day="2026-12-02", stopped=dict(s.stopped)))
+
+    assert again.check(order(STOCK, price="1306.00")).code == VerdictCode.STRATEGY_STOPPED
+
+
+def msgspec_replace(o: object, **kw: object) -> object:
+    import msgspec
+
+    return msgspec.structs.replace(o, **kw)  # type: ignore[type-var]

@@ -114,3 +114,14 @@ def test_a_bad_square_off_setting_is_a_config_error() -> None:
         load_config(env={"NEOPULSE_EXECUTION__SQUARE_OFF_AT": "quarter past three"})
     with pytest.raises(ConfigError, match=r"execution\.square_off_products"):
         load_config(env={"NEOPULSE_EXECUTION__SQUARE_OFF_PRODUCTS": '["INTRADAY"]'})
+
+
+def test_a_strategy_stopped_today_is_in_the_day_state_risk_rebuilds_from() -> None:
+    from libs.common.messages import RecordRiskEvent
+
+    h = Hand()
+    h.engine.record_risk_event(RecordRiskEvent(event="strategy_stopped", reason="net MTM -2100.00 reached its "
+                                               "max_loss -2000.00", data={"strategy_id": "s1"},
+                                               request_id="risk-stop-2025-11-21-s1"))  # fmt: skip
+
+    assert h.engine.day_state().stopped == {"s1": "net MTM -2100.00 reached its max_loss -2000.00"}
