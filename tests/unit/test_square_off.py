@@ -121,7 +121,8 @@ def test_a_strategy_stopped_today_is_in_the_day_state_risk_rebuilds_from() -> No
 
     h = Hand()
     why = "net MTM -2100.00 reached its max_loss -2000.00"
-    h.engine.record_risk_event(RecordRiskEvent(event="strategy_stopped", reason=why, data={"strategy_id": "s1"},
+    h.engine.record_risk_event(RecordRiskEvent(event="strategy_stopped", reason=why,
+                                               data={"strategy_id": "s1"},
                                                request_id="risk-stop-2025-11-21-s1"))  # fmt: skip
 
     assert h.engine.day_state().stopped == {"s1": "net MTM -2100.00 reached its max_loss -2000.00"}
