@@ -211,7 +211,7 @@ class EngineBase:
         self._square_day = ""
         self._square_products = frozenset(cfg.square_off_products)
         self._square_rounds: dict[tuple[str, str, str], int] = {}
-        self._square_jobs: dict[tuple[str, str, str], str] = {}
+        self._square_jobs: dict[tuple[str, str, str], tuple[str, int, int]] = {}  # (id, held, started)
         self._started_ns = clock.now_ns()  # square-off ids of this process differ from an earlier one's
         self._oversized: dict[str, tuple[int, int]] = {}  # leg → (size it should have, failed resizes)
         self._awaiting_alerted: set[str] = set()

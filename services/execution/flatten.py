@@ -34,6 +34,8 @@ from services.execution.model import (
     new_id,
 )
 
+SQUARE_OFF_RETRY_NS = 30_000_000_000  # a square-off whose position has not moved is tried again after this
+
 
 class Flattening(BrokerEvents):
     """Flatten: cancel, wait for the broker's confirmations, close what is then held."""
@@ -158,15 +160,24 @@ class Flattening(BrokerEvents):
             by_product = pos.by_product or {"MIS": pos.quantity}
             for product in products:
                 held = by_product.get(product, 0)
-                running = self._square_jobs.get((sid, key, product))
-                if not held or (running is not None and running in self._active_jobs):
-                    continue
-                n = self._square_rounds.get((sid, key, product), 0) + 1
-                self._square_rounds[(sid, key, product)] = n
+                k = (sid, key, product)
+                last = self._square_jobs.get(k)
+                if not held or (last is not None and (last[0] in self._active_jobs or (
+                        held == last[1] and now - last[2] < SQUARE_OFF_RETRY_NS))):  # fmt: skip
+                    continue  # running, or its close still works / could not be placed: not again yet
+                if self._close_working(sid, key, product):
+                    continue  # a close of it is working (an earlier round's, resting): let it fill
+                n = self._square_rounds.get(k, 0) + 1
+                self._square_rounds[k] = n
                 rid = f"squareoff:{self.day}:{self._started_ns}:{sid}:{key}:{product}:{n}"
-                self._square_jobs[(sid, key, product)] = rid
+                self._square_jobs[k] = (rid, held, now)
+                why = ""
+                if n > 1:
+                    again = last is not None and held == last[1]
+                    why = f", round {n} " + ("(its last close did not take it off)" if again
+                                             else "(a fill after the square-off)")  # fmt: skip
                 text = (f"square-off at {self.cfg.square_off_at}: closing {product} {pos.symbol} {held:+d} "
-                        f"({sid})" + (f", round {n} (a fill after the square-off)" if n > 1 else ""))
+                        f"({sid}){why}")
                 self.alert("WARNING", text, "square_off")
                 data = {"strategy_id": sid, "instrument": key, "product": product, "quantity": held,
                         "round": n}  # fmt: skip
@@ -175,6 +186,12 @@ class Flattening(BrokerEvents):
                                                data=data))  # fmt: skip
                 self.flatten(Flatten(request_id=rid, symbol=key, strategy_id=sid, product=product,
                                      source="execution"), lambda _report: None)  # fmt: skip
+
+    def _close_working(self, strategy_id: str, key: str, product: str) -> bool:
+        """A flatten close of this strategy, instrument and product is still working."""
+        return any(o.purpose == FLATTEN_P and o.strategy_id == strategy_id and o.key == key
+                   and o.product == product and not o.terminal and o.unsettled_qty
+                   for o in self.working.values())  # fmt: skip
 
     def _square_off_time(self) -> int:
         """Today's square-off instant (ns), or -1 when it is off."""

@@ -563,7 +563,7 @@ class PgOrderStore:
     def entry_counts(self, trading_day: str) -> dict[tuple[str, str, str], int]:
         rows = self._read(
             "SELECT strategy_id, exchange_segment, token, count(*) FROM order_ledger WHERE trading_day = %s "
-            "AND purpose IN ('ENTRY', 'MANUAL') AND parent_id IS NULL GROUP BY 1, 2, 3",
+            "AND purpose = 'ENTRY' AND parent_id IS NULL AND status <> 'REJECTED' GROUP BY 1, 2, 3",
             (trading_day,),
         )
         return {(r[0], r[1], r[2]): int(r[3]) for r in rows}

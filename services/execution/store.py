@@ -128,8 +128,9 @@ class OrderStore(Protocol):
     def risk_events(self, trading_day: str) -> list[RiskEventRow]: ...
 
     def entry_counts(self, trading_day: str) -> dict[tuple[str, str, str], int]:
-        """Entry orders (``ENTRY`` and ``MANUAL``, not a slice) per (strategy, segment, token)
-        of ``trading_day``: what risk's ``max_entries_per_day`` counts after a restart."""
+        """A strategy's entry orders (``ENTRY``, not a slice, not rejected) per (strategy,
+        segment, token) of ``trading_day``: what risk's ``max_entries_per_day`` counts after a
+        restart."""
         ...
 
     def latest_risk_event(self, events: Iterable[str]) -> RiskEventRow | None:
@@ -296,7 +297,8 @@ class MemoryOrderStore:
     def entry_counts(self, trading_day: str) -> dict[tuple[str, str, str], int]:
         out: dict[tuple[str, str, str], int] = {}
         for o in self.orders.values():
-            if o.trading_day == trading_day and o.purpose in ("ENTRY", "MANUAL") and not o.parent_id:
+            if (o.trading_day == trading_day and o.purpose == "ENTRY" and not o.parent_id
+                    and o.status != "REJECTED"):  # fmt: skip
                 k = (o.strategy_id, o.segment, o.token)
                 out[k] = out.get(k, 0) + 1
         return out

@@ -429,7 +429,7 @@ class RiskBook:
         """Rebuild the day from execution's ledger. A tripped kill switch or a latched loss
         breach stays tripped (also when it was tripped here while the day was loading). The
         day's entry counts are the ledger's, or what was approved here if more."""
-        if day.trading_day != self.trading_day:
+        if self.trading_day and day.trading_day != self.trading_day:  # a new day (not the first load)
             self._entries, self._entry_of, self.stopped = {}, {}, {}
         self.stopped.update(day.stopped)
         for e in day.entries:
@@ -450,7 +450,8 @@ class RiskBook:
     def backstop(self, today: str) -> dict[str, Any]:
         """What the service keeps in its local file (``risk-day.json``)."""
         return {"trading_day": self.trading_day or today, "kill_switch": self.kill_switch,
-                "kill_reason": self.kill_reason, "loss_breached": self.loss_breached}
+                "kill_reason": self.kill_reason, "loss_breached": self.loss_breached,
+                "stopped": dict(self.stopped)}
 
     def restore_backstop(self, data: Mapping[str, Any], today: str) -> bool:
         """Take the local copy back at start, before the day is loaded from execution. The
@@ -459,6 +460,9 @@ class RiskBook:
         if data.get("loss_breached") is True and data.get("trading_day") == today:
             self.loss_breached = True
             self.breach_reason = "daily loss limit breached earlier today"
+        stopped = data.get("stopped")
+        if isinstance(stopped, dict) and data.get("trading_day") == today:
+            self.stopped.update({str(k): str(v)[:MAX_TEXT] for k, v in stopped.items()})
         if data.get("kill_switch") is not True or self.kill_switch:
             return False
         reason = str(data.get("kill_reason") or "kill switch tripped before restart")[:MAX_TEXT]

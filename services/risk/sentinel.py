@@ -254,7 +254,7 @@ class RiskSentinel(RiskBook):
         refusal = self._check_throttle()
         if refusal:
             return self._reject(req, refusal), None
-        if not reducing:
+        if not reducing and req.purpose == "ENTRY":
             self._count_entry(req.request_id, req.strategy_id, inst.key)
         return self._approve(req, norm, qty, inst)
 
@@ -464,7 +464,7 @@ class RiskSentinel(RiskBook):
         verdicts: list[RiskVerdict] = []
         for leg, (qty, inst, _entry, reducing) in zip(legs, judged, strict=True):
             self._working[leg.request_id] = _Working(inst.key, leg.side, qty, leg.strategy_id)
-            if not reducing:
+            if not reducing and leg.purpose == "ENTRY":
                 self._count_entry(leg.request_id, leg.strategy_id, inst.key)
             leg_verdict = RiskVerdict(request_id=leg.request_id, approved=True, quantity=qty,
                                       state=self.current_state, ts_ns=now)
@@ -573,7 +573,8 @@ class RiskSentinel(RiskBook):
                        "position still pass")
 
     def _check_entries(self, strategy_id: str, inst: Instrument) -> Refusal | None:
-        """``risk.max_entries_per_day`` entries of this strategy in this instrument already."""
+        """``risk.max_entries_per_day`` entries of this strategy in this instrument already
+        (its ``ENTRY`` orders that opened or added; a manual order is not counted)."""
         limit = self.cfg.max_entries_per_day
         done = self._entries.get((strategy_id, inst.key), 0) if limit else 0
         if not limit or done < limit:

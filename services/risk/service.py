@@ -406,6 +406,8 @@ class RiskService(Service):
             self._delivering = False
             retry = isinstance(reply, Exception) or (
                 isinstance(reply, Reply) and not reply.ok and reply.code not in PERMANENT_REFUSALS)
+            if retry and isinstance(ev, Flatten) and len(self._events) > 1 and self._events[0] is ev:
+                self._events.rotate(-1)  # a refused flatten (e.g. broker IP block) waits behind the rest
             if retry:  # execution down, or its ledger briefly unavailable: the next attempt is in 1 s
                 why = str(reply) if isinstance(reply, Exception) else getattr(reply, "error", "")
                 self.log.warning("risk_event_not_delivered", kind=type(ev).__name__, error=why,

@@ -194,14 +194,15 @@ def test_open_baskets_and_todays_failed_baskets_with_closes_are_loaded_at_start(
 def test_entry_counts_are_the_days_entry_orders_per_strategy_and_instrument(store: OrderStore) -> None:
     parent = order("e1", purpose="ENTRY", sliced=True)
     rows = [parent, order("e1:1", purpose="ENTRY", parent_id=parent.order_id),  # a slice: not another entry
-            order("e2", purpose="MANUAL"), order("x1", purpose="EXIT", side="SELL"),
+            order("e2", purpose="MANUAL"), order("x1", purpose="EXIT", side="SELL"),  # neither counts
+            order("r1", purpose="ENTRY", status="REJECTED"),  # refused: not an entry
             order("e3", purpose="ENTRY", token="1594", symbol="INFY-EQ"),
             order("e4", purpose="ENTRY", strategy_id="s2"),
             order("y1", purpose="ENTRY", trading_day="2025-11-20")]  # fmt: skip
     for o in rows:
         store.write(pending(o))
 
-    assert store.entry_counts(DAY) == {("s1", "nse_cm", "2885"): 2, ("s1", "nse_cm", "1594"): 1,
+    assert store.entry_counts(DAY) == {("s1", "nse_cm", "2885"): 1, ("s1", "nse_cm", "1594"): 1,
                                        ("s2", "nse_cm", "2885"): 1}  # fmt: skip
 
 

@@ -155,3 +155,26 @@ def msgspec_replace(o: object, **kw: object) -> object:
     import msgspec
 
     return msgspec.structs.replace(o, **kw)  # type: ignore[type-var]
+
+
+def test_a_manual_order_is_not_an_entry_of_the_limit() -> None:
+    s = late(10, 0, max_entries_per_day=1)
+    assert s.check(order(STOCK, price="1300.00", purpose="MANUAL")).approved
+
+    assert s.check(order(STOCK, price="1300.00")).approved  # the strategy's one entry
+
+
+def test_a_stop_survives_a_risk_restart_through_the_local_backstop() -> None:
+    s = late(10, 0)
+    s.set_strategy_limits({"s1": (0.0, 500.0)})
+    _fill(s, "s1", "BUY", 100, "1300.00")
+    _tick(s, 1306.0)
+    saved = s.backstop("2026-12-02")
+
+    again = late(10, 1)
+    again.restore_backstop(saved, "2026-12-02")
+    from libs.common.messages import DayState
+
+    again.restore(DayState(trading_day="2026-12-02"))  # the ledger had not recorded it yet
+
+    assert again.check(order(STOCK, price="1306.00")).code == VerdictCode.STRATEGY_STOPPED

@@ -126,3 +126,41 @@ def test_a_strategy_stopped_today_is_in_the_day_state_risk_rebuilds_from() -> No
                                                request_id="risk-stop-2025-11-21-s1"))  # fmt: skip
 
     assert h.engine.day_state().stopped == {"s1": "net MTM -2100.00 reached its max_loss -2000.00"}
+
+
+def loop(h: Hand, seconds: float) -> None:
+    """The service's loop for ``seconds``: periodic work, flush, finished flattens reported."""
+    for _ in range(int(seconds / 0.25)):
+        h.clock.advance(0.25)
+        h.engine.reconcile_if_due()
+        h.engine.flush()
+        h.engine.finish_jobs()
+
+
+def test_a_square_off_that_cannot_be_priced_is_not_started_again_every_loop() -> None:
+    h = Hand()
+    held(h, "MIS", 10)  # no tick seen: the close cannot be priced
+    h.clock.set_ns(DAY0_NS + TO_1515)
+
+    loop(h, 5.0)
+
+    h.take()
+    assert h.codes().count("square_off") == 1
+    loop(h, 30.0)  # tried again after a while
+    h.take()
+    assert h.codes().count("square_off") == 2
+
+
+def test_a_resting_square_off_close_is_left_to_fill_not_cancelled_by_the_next_round() -> None:
+    h = Hand()
+    held(h, "MIS", 10)
+    h.tick(1290.0)
+    h.clock.set_ns(DAY0_NS + TO_1515)
+    loop(h, 0.5)
+    [close] = places(h.take())
+    h.ack(close)  # acknowledged, resting (not filled yet)
+
+    loop(h, 40.0)
+
+    assert not cancels(h.take()) and not places(h.take())
+    assert h.codes().count("square_off") == 1
