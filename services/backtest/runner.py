@@ -72,7 +72,12 @@ class Pipeline:
         self.clock = clock
         self.strategy = strategy
         self.risk = RiskSentinel(cfg.risk, master, clock)
-        self.risk.set_strategy_limits({s.id: (s.max_loss, s.target_profit) for s in cfg.strategy})
+        limits = {s.id: (s.max_loss, s.target_profit) for s in cfg.strategy}
+        if strategy.id not in limits:  # run under its own id (--id): the configured strategy of that name
+            same = next((s for s in cfg.strategy if s.name == strategy.name), None)
+            if same is not None:
+                limits[strategy.id] = (same.max_loss, same.target_profit)
+        self.risk.set_strategy_limits(limits)
         self.execution = PaperExecution(cfg, master, clock)
         self.book = Book(cost_rate=Decimal(repr(cfg.risk.cost_rate)))
         self.requested = 0

@@ -195,3 +195,20 @@ def test_strategies_lists_the_builtins(cli_runner: CliRunner) -> None:
     result = cli_runner.invoke(cli.app, ["strategies"])
     assert result.exit_code == 0
     assert "momentum" in result.stdout and "macd" in result.stdout
+
+
+def test_a_strategys_max_loss_applies_in_a_backtest_run_under_its_own_id(tmp_path: Path) -> None:
+    path = random_walk_csv(tmp_path / "walk.csv")
+    free = _run(path, "momentum")
+    toml = tmp_path / "neopulse.toml"
+    toml.write_text('[[strategy]]\nname = "momentum"\nid = "mom1"\nmax_loss = 1.0\n')
+    cfg = load_config(toml, env={"NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": ""})
+    assert cfg.strategy[0].max_loss == 1.0
+
+    capped = run_backtest(iter_ticks(path, MASTER), "momentum", {}, cfg=cfg, master=MASTER).report
+
+    assert free["summary"]["trades"] > 3
+    stopped = [why for why in capped["rejections"] if "strategy bt is stopped for the day" in why]
+    assert stopped and "reached its max_loss -1.00" in stopped[0]  # stopped once it lost a rupee
+    assert capped["summary"]["trades"] < free["summary"]["trades"]
+    assert capped["summary"]["open_trades"] == 0  # squared off when it stopped
