@@ -224,6 +224,7 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
     n = 0
     now = 0
     next_timer = 0
+    next_day = 0  # IST midnight after the current tick's day: risk starts a new day there
     tick: Tick | None = first
     while tick is not None:
         key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
@@ -232,6 +233,13 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
             if ts > now:
                 now = ts
                 set_ns(ts)
+                if now >= next_day:
+                    day = dt.datetime.fromtimestamp(now / 1e9, IST).date()
+                    midnight = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), IST)
+                    next_day = int(midnight.timestamp()) * 10**9
+                    if pipe.risk.trading_day and pipe.risk.trading_day != day.isoformat():
+                        pipe.risk.new_day()  # a fresh loss budget, entry counts and stopped strategies
+                    pipe.risk.trading_day = day.isoformat()
             n += 1
             if key not in seen_keys:
                 inst = master.by_key.get(key)

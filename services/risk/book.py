@@ -421,9 +421,11 @@ class RiskBook:
 
     def new_day(self) -> None:
         """A new trading day began while running: a fresh loss budget (the kill switch stays;
-        the positions and PnL come from the next ``restore``)."""
+        the positions and PnL come from the next ``restore``), no entries counted, no
+        strategy stopped."""
         self.loss_breached = False
         self.breach_reason = ""
+        self._entries, self._entry_of, self.stopped = {}, {}, {}
 
     def restore(self, day: DayState) -> Sequence[Event]:
         """Rebuild the day from execution's ledger. A tripped kill switch or a latched loss

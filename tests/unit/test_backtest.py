@@ -212,3 +212,18 @@ def test_a_strategys_max_loss_applies_in_a_backtest_run_under_its_own_id(tmp_pat
     assert stopped and "reached its max_loss -1.00" in stopped[0]  # stopped once it lost a rupee
     assert capped["summary"]["trades"] < free["summary"]["trades"]
     assert capped["summary"]["open_trades"] == 0  # squared off when it stopped
+
+
+def test_each_day_of_a_multi_day_backtest_starts_with_no_strategy_stopped(tmp_path: Path) -> None:
+    day2 = 86_400 * 1_000_000_000
+    rows = [(T0 + i * 250_000_000, "RELIANCE-EQ", 1290.0 * (1 + 0.0005 * ((i // 40) % 2 * 2 - 1) * (i % 40)))
+            for i in range(2400)]  # fmt: skip
+    path = write_csv(tmp_path / "two-days.csv", rows + [(t + day2, s, p) for t, s, p in rows])
+    toml = tmp_path / "neopulse.toml"
+    toml.write_text('[[strategy]]\nname = "momentum"\nid = "mom1"\nmax_loss = 1.0\n')
+    cfg = load_config(toml, env={"NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": ""})
+
+    report = run_backtest(iter_ticks(path, MASTER), "momentum", {}, cfg=cfg, master=MASTER).report
+
+    days = {t["entry_time"][:10] for t in report["trade_list"]}
+    assert len(days) == 2, days  # stopped on the first day, trading again on the second
