@@ -555,6 +555,7 @@ class Reactor:
         self._wake_push.connect(self._wake_addr)
         self.add_reader(self._wake_pull, self._on_wake)
         self.running = False
+        self._stop_asked = False  # a stop asked for before ``run`` (a signal during start-up) is kept
         self.error_handler: Callable[[str, BaseException], None] | None = None
 
     def add_reader(self, sock: Any, fn: Callable[[], Any]) -> None:
@@ -603,9 +604,21 @@ class Reactor:
 
     def stop(self) -> None:
         self.running = False
+        self._stop_asked = True
 
     def run(self) -> None:
+        """Run until ``stop``; a stop asked for before this call (a SIGINT while the service
+        was still starting) makes it return at once, never lost."""
+        if self._stop_asked:
+            self._stop_asked = False
+            return
         self.running = True
+        try:
+            self._loop()
+        finally:
+            self._stop_asked = False
+
+    def _loop(self) -> None:
         timers = self._timers
         while self.running:
             now = time.monotonic()

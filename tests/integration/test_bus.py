@@ -272,3 +272,20 @@ def test_async_client_times_out_inside_the_reactor_then_recovers(bus: Bus) -> No
     assert isinstance(results[1], Reply) and results[1].ok
     client.close()
     reactor.close()
+
+
+def test_a_stop_asked_for_before_the_reactor_runs_is_kept(bus: Bus) -> None:
+    # a SIGINT that lands while a service is still in on_start calls stop() before run():
+    # the loop must not start and run for ever (the notifier hung on exactly this)
+    reactor = Reactor(bus.ctx)
+    reactor.stop()
+
+    t0 = time.monotonic()
+    reactor.run()
+
+    assert time.monotonic() - t0 < 0.5
+    ticks: list[int] = []
+    reactor.call_every(0.01, lambda: (ticks.append(1), len(ticks) >= 3 and reactor.stop()))
+    reactor.run()  # the next run is a normal one
+    assert len(ticks) == 3
+    reactor.close()
