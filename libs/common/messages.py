@@ -385,6 +385,12 @@ def basket_leg_id(request_id: str, n: int) -> str:
     return f"{request_id}:leg{n}"
 
 
+def basket_of_leg(request_id: str) -> str:
+    """The basket request id a leg's request id (``basket_leg_id``) names, or ""."""
+    basket, sep, n = request_id.rpartition(":leg")
+    return basket if sep and n.isdigit() else ""
+
+
 class BasketRequest(_Msg, frozen=True, tag=True):
     """A strategy's (or the CLI's) multi-leg order: 2 to 4 legs judged and placed as one.
     Each leg is an ``OrderRequest`` of its own (its ``stop_loss``/``target`` become that

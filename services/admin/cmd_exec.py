@@ -13,7 +13,6 @@ from typing import Any
 
 import typer
 
-from libs.common.bus import RequestTimeout
 from libs.common.instruments import instrument_key
 from libs.common.messages import Flatten, GetOrders, GetPositions, GetStatus, KillSwitch, Reply, SyncMaster
 from services.admin.cli import app
@@ -247,13 +246,7 @@ def flatten(
 
 def _risk_state(client: AdminClient) -> str:
     """Risk's state (``ACTIVE``, ``REDUCING``, ``HALTED``), or "" when risk does not answer."""
-    bus = client.bus.client(client.cfg.bus.endpoint("risk_rep"), min(client.timeout_ms, 2000))
-    try:
-        reply = bus.request(KillSwitch(query=True, source="cli"))
-    except RequestTimeout:
-        return ""
-    finally:
-        bus.close()
+    reply = client.ask_or_none("risk_rep", KillSwitch(query=True, source="cli"), min(client.timeout_ms, 2000))
     data = reply.data if isinstance(reply, Reply) and reply.ok and isinstance(reply.data, dict) else {}
     return str(data.get("state", ""))
 
@@ -262,14 +255,10 @@ def _halt_first(client: AdminClient) -> str:
     """Trip the kill switch before a flatten; the line to tell the operator."""
     rid = f"cli-ks-{uuid.uuid4().hex[:12]}"
     msg = KillSwitch(on=True, reason="flatten --halt", source="cli", request_id=rid)
-    bus = client.bus.client(client.cfg.bus.endpoint("risk_rep"), client.timeout_ms)
-    try:
-        reply = bus.request(msg)
-    except RequestTimeout:
+    reply = client.ask_or_none("risk_rep", msg)
+    if reply is None:
         return ("risk is unreachable: the kill switch could not be set, but no new order can pass risk "
                 "while it is down; flattening")
-    finally:
-        bus.close()
     if isinstance(reply, Reply) and reply.ok:
         return "kill switch ON (flatten --halt): new orders are refused; flattening"
     why = getattr(reply, "error", "") or "no reason given"

@@ -10,7 +10,6 @@ from typing import Any
 
 import typer
 
-from libs.common.bus import RequestTimeout
 from libs.common.chain import find_option
 from libs.common.clock import IST, Clock
 from libs.common.config import home_dir
@@ -272,16 +271,6 @@ def _trade_basket(texts: list[str], product: str, sl_pct: Decimal | None, as_jso
 # --------------------------------------------------------------------------- kill switch
 
 
-def _ask_or_none(admin: AdminClient, endpoint_name: str, msg: Message) -> Message | None:
-    client = admin.open_client(endpoint_name, msg)
-    try:
-        return client.request(msg)
-    except RequestTimeout:
-        return None
-    finally:
-        client.close()
-
-
 def _describe(data: dict[str, Any]) -> str:
     state = data.get("state", "?")
     if data.get("kill_switch"):
@@ -310,7 +299,7 @@ def kill_on(
     request_id = f"cli-ks-{uuid.uuid4().hex[:12]}"
     admin = AdminClient()
     try:
-        reply = _ask_or_none(admin, "risk_rep", KillSwitch(on=True, reason=reason, source="cli",
+        reply = admin.ask_or_none("risk_rep", KillSwitch(on=True, reason=reason, source="cli",
                                                             request_id=request_id))
         if reply is None:
             _kill_via_execution(admin, reason, request_id)
@@ -324,8 +313,8 @@ def _kill_via_execution(admin: AdminClient, reason: str, request_id: str) -> Non
     risk_ep = admin.cfg.bus.endpoint("risk_rep")
     record = RecordRiskEvent(event=RiskEvent.KILL_SWITCH_ON, reason=reason, source="cli",
                              request_id=request_id, data={"kill_switch": True, "risk_state": "HALTED"})
-    recorded = _ask_or_none(admin, "execution_rep", record)
-    cancelled = _ask_or_none(admin, "execution_rep", CancelEntries(request_id=f"{request_id}-cancel",
+    recorded = admin.ask_or_none("execution_rep", record)
+    cancelled = admin.ask_or_none("execution_rep", CancelEntries(request_id=f"{request_id}-cancel",
                                                                    reason=f"kill switch: {reason}"))
     if isinstance(recorded, Reply) and recorded.ok:
         note = "open entry orders cancelled" if isinstance(cancelled, Reply) and cancelled.ok else \

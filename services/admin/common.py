@@ -84,6 +84,16 @@ class AdminClient:
         finally:
             client.close()
 
+    def ask_or_none(self, endpoint_name: str, msg: Message, timeout_ms: int | None = None) -> Message | None:
+        """Like ``ask``, but ``None`` when the service does not answer (the caller decides)."""
+        client = self.open_client(endpoint_name, msg, timeout_ms)
+        try:
+            return client.request(msg)
+        except RequestTimeout:
+            return None
+        finally:
+            client.close()
+
     def ask_ok(self, endpoint_name: str, msg: Message, timeout_ms: int | None = None) -> Any:
         """Send a request whose answer is a ``Reply``; exit 1 with its error when not ok."""
         reply = self.ask(endpoint_name, msg, timeout_ms)

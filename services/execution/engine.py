@@ -42,6 +42,7 @@ from libs.common.messages import (
     Position,
     RecordRiskEvent,
     RiskEvent,
+    basket_of_leg,
 )
 from libs.common.positions import PositionState
 from services.execution.base import (  # the engine's names, re-exported (``__all__``)
@@ -323,8 +324,7 @@ class ExecutionEngine(Baskets):
     def _keep_reason(self, root: OrderRow, group: list[OrderRow], cutoff: int, pending: set[str]) -> str:
         """"" to evict the group now; "wait" to look again later; "stay" to keep it (a row that
         works again comes back when it ends; basket legs stay for the day)."""
-        _basket, leg_sep, leg_n = root.request_id.rpartition(":leg")
-        if root.order_id in self._kleg or (leg_sep and leg_n.isdigit()):
+        if root.order_id in self._kleg or basket_of_leg(root.request_id):
             return "stay"  # a basket's legs: a repeat of the basket is answered from them
         last = 0
         for x in group:

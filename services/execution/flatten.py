@@ -16,6 +16,7 @@ from libs.common.messages import (
     FlattenPhase,
     RiskEvent,
     basket_leg_id,
+    basket_of_leg,
 )
 from libs.common.money import protected_limit
 from services.execution.base import (
@@ -208,8 +209,8 @@ class Flattening(BrokerEvents):
         entry = self.orders.get(b.entry_id)
         if b.side != "BUY" or entry is None:
             return ""
-        rid, _, n = entry.request_id.rpartition(":leg")
-        if not n.isdigit():
+        rid = basket_of_leg(entry.request_id)
+        if not rid:
             return ""
         shorts = []
         for i in range(1, BASKET_MAX_LEGS + 1):

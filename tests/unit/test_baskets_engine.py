@@ -56,6 +56,15 @@ def pair(rid: str = "", **kw: Any) -> ExecuteBasket:
     return basket((INFY, "BUY", 10, "1510.00"), (TCS, "SELL", 5, "3120.00"), rid=rid, **kw)
 
 
+def hedged_pair(rid: str) -> ExecuteBasket:
+    """``pair`` whose long leg (the hedge) carries its own stop at 1490."""
+    return ExecuteBasket(request_id=rid, strategy_id="s1", legs=[
+        execute_order(INFY, "BUY", 10, "1510.00", rid=basket_leg_id(rid, 1), order_type="LIMIT",
+                      stop_loss=Decimal("1490.00")),
+        execute_order(TCS, "SELL", 5, "3120.00", rid=basket_leg_id(rid, 2), order_type="LIMIT"),
+    ])  # fmt: skip
+
+
 def symbol_of(h: Hand, p: PlaceIntent) -> str:
     return h.order(p.order_id).symbol
 
@@ -554,12 +563,7 @@ def test_a_rollback_never_closes_what_the_legs_own_stop_already_closed() -> None
     [p] = places(h.take())
     h.ack(p)
     h.trade(h.order(p.order_id), 10, "1500.00")  # the strategy already holds 10 INFY of its own
-    cmd = ExecuteBasket(request_id="b9", strategy_id="s1", legs=[
-        execute_order(INFY, "BUY", 10, "1510.00", rid=basket_leg_id("b9", 1), order_type="LIMIT",
-                      stop_loss=Decimal("1490.00")),
-        execute_order(TCS, "SELL", 5, "3120.00", rid=basket_leg_id("b9", 2), order_type="LIMIT"),
-    ])  # fmt: skip
-    h.engine.submit_basket(cmd)
+    h.engine.submit_basket(hedged_pair("b9"))
     [lp] = places(h.take())
     h.ack(lp)
     h.trade(h.order(lp.order_id), 10, "1510.00")
@@ -774,12 +778,7 @@ def test_a_repeat_of_a_finished_basket_after_a_restart_and_a_day_of_settling_is_
 
 def test_a_rejected_stop_on_a_baskets_long_hedge_is_not_closed_while_it_hedges_a_short() -> None:
     h = Hand()
-    cmd = ExecuteBasket(request_id="b1", strategy_id="s1", legs=[
-        execute_order(INFY, "BUY", 10, "1510.00", rid=basket_leg_id("b1", 1), order_type="LIMIT",
-                      stop_loss=Decimal("1490.00")),
-        execute_order(TCS, "SELL", 5, "3120.00", rid=basket_leg_id("b1", 2), order_type="LIMIT"),
-    ])  # fmt: skip
-    h.engine.submit_basket(cmd)
+    h.engine.submit_basket(hedged_pair("b1"))
     [lp] = places(h.take())
     h.ack(lp)
     h.tick(1510.0, "INFY-EQ")
