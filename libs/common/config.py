@@ -160,6 +160,9 @@ class ExecutionConfig(_Section, frozen=True):
     # Empty: off. NRML and CNC stay unless listed.
     square_off_at: str = "15:15"
     square_off_products: list[str] = msgspec.field(default_factory=lambda: ["MIS"])
+    # A trailing stop (an order's ``trail_points``/``trail_pct``) modifies its stop leg at the
+    # broker at most this often (seconds); meanwhile only the latest stop is kept, and sent next.
+    trail_modify_every_s: PositiveFloat = 1.0
 
 
 class PaperConfig(_Section, frozen=True):

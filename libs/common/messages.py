@@ -300,6 +300,10 @@ class OrderRequest(_Msg, frozen=True, tag=True):
     trigger_price: Decimal | None = None
     stop_loss: Decimal | None = None
     target: Decimal | None = None
+    # a trailing stop: the stop leg follows the best price since entry at this distance, in
+    # rupees or in percent of that price (one of the two, with ``stop_loss`` to start from)
+    trail_points: Decimal | None = None
+    trail_pct: Decimal | None = None
     product: ProductField = "MIS"
     sizing: Sizing | None = None
     reduce_only: bool = False
@@ -321,7 +325,7 @@ class VerdictCode(Vocabulary):
     PRICE = "price"  # a price, trigger, stop loss or target not positive, finite and capped
     TICK = "tick"  # a price not on the instrument's tick size
     LAST_PRICE = "last_price"  # market intent, but no last traded price yet
-    BRACKET = "bracket"  # stop loss or target on the wrong side of the entry
+    BRACKET = "bracket"  # stop loss or target on the wrong side of the entry, or a bad trail
     SIZING = "sizing"  # the order could not be sized to the risk budget
     QUANTITY = "quantity"  # quantity not above 0, or above max_qty
     LOT = "lot"  # quantity not a whole number of lots
@@ -694,6 +698,9 @@ _MAX_DATA_DEPTH = 4
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+MAX_TRAIL_PCT = Decimal(50)  # a trail wider than half the price protects nothing
+
+
 def _check_money(label: str, value: Decimal | None, cap: Decimal) -> None:
     if value is None:
         return
@@ -703,8 +710,9 @@ def _check_money(label: str, value: Decimal | None, cap: Decimal) -> None:
 
 
 def _check_order_request(msg: Any, at: str = "") -> None:
-    for name in ("price", "trigger_price", "stop_loss", "target"):
+    for name in ("price", "trigger_price", "stop_loss", "target", "trail_points"):
         _check_money(at + name, getattr(msg, name), MAX_PRICE)
+    _check_money(at + "trail_pct", msg.trail_pct, MAX_TRAIL_PCT)
     if msg.sizing is not None:
         _check_money(at + "sizing.capital", msg.sizing.capital, MAX_CAPITAL)
         _check_money(at + "sizing.risk_pct", msg.sizing.risk_pct, Decimal(100))

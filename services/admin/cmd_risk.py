@@ -70,6 +70,20 @@ def _money(value: float) -> str:
 
 # --------------------------------------------------------------------------- trade
 
+
+def _trail(text: str | None, sl: str | None) -> tuple[Decimal | None, Decimal | None]:
+    """``--trail 5`` → (5 rupees, None); ``--trail 1.5%`` → (None, 1.5 percent)."""
+    if text is None:
+        return None, None
+    if sl is None:
+        fail("--trail needs --sl: the stop it starts from", EXIT_USAGE)
+    raw = text.strip()
+    pct = raw.endswith("%")
+    distance = _decimal("--trail", raw[:-1] if pct else raw)
+    if distance is None or not distance.is_finite() or distance <= 0 or (pct and distance > 50):
+        fail(f"--trail {text!r} must be a distance above 0 (rupees, or a percent up to 50%)", EXIT_USAGE)
+    return (None, distance) if pct else (distance, None)
+
 LEG_OPT = typer.Option(None, "--leg", help=(
     'A basket leg (repeat 2 to 4 times): "SIDE UNDERLYING STRIKE CE|PE EXPIRY QTY [@PRICE]" '
     '(EXPIRY weekly, next-weekly, monthly or YYYY-MM-DD), or "SIDE SYMBOL QTY [@PRICE]". '
@@ -92,6 +106,9 @@ def trade(
                            show_default=False),
     target: str = typer.Option(None, "--target", help="Target: above entry for BUY, below for SELL.",
                                show_default=False),
+    trail: str = typer.Option(None, "--trail", show_default=False, help=(
+        "Trailing stop (needs --sl): the stop follows the best price since entry at this distance "
+        "in rupees, or in percent with a % sign (--trail 5, --trail 1.5%); it only ever tightens.")),
     product: str = typer.Option("MIS", "--product", help="MIS (intraday), CNC (delivery) or NRML."),
     leg: list[str] | None = LEG_OPT,
     sl_pct: str = typer.Option(None, "--sl-pct", help="Basket legs: a stop loss this many percent "
@@ -130,11 +147,12 @@ def trade(
     product = product.strip().upper()
     if product not in ("MIS", "CNC", "NRML"):
         fail(f"--product must be MIS, CNC or NRML, got {product!r}", EXIT_USAGE)
+    trail_points, trail_pct = _trail(trail, sl)
     req = OrderRequest(
         request_id=f"cli-{uuid.uuid4().hex[:16]}", strategy_id=MANUAL_STRATEGY, side=side,
         symbol=symbol.strip(), quantity=qty, price=_decimal("--price", price),
         stop_loss=_decimal("--sl", sl), target=_decimal("--target", target), product=product,
-        purpose="MANUAL",
+        trail_points=trail_points, trail_pct=trail_pct, purpose="MANUAL",
     )
     admin = AdminClient()
     try:
@@ -146,10 +164,11 @@ def trade(
         error = reply.error if isinstance(reply, Reply) else type(reply).__name__
         fail(f"refused: {error}", EXIT_REFUSED)
     what = f"{side} {qty} {req.symbol} @ {price if price is not None else 'market'} ({product})"
-    extras = "".join(f" {k} {v}" for k, v in (("SL", sl), ("target", target)) if v is not None)
+    extras = "".join(f" {k} {v}" for k, v in (("SL", sl), ("target", target), ("trail", trail))
+                     if v is not None)
     if as_json:
         emit({**to_builtins(reply), "symbol": req.symbol, "side": side, "price": price,
-              "stop_loss": sl, "target": target, "product": product}, True)
+              "stop_loss": sl, "target": target, "trail": trail, "product": product}, True)
     elif reply.approved:
         typer.echo(f"APPROVED  {what}{extras} — order {reply.order_id} (quantity {reply.quantity}, "
                    f"risk {reply.state})")

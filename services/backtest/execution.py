@@ -39,10 +39,10 @@ class PaperExecution:
     def on_tick(self, tick: Tick) -> list[Any] | tuple[Any, ...]:
         """Mark the tick at the engine and the broker; fills of resting orders come back.
         (The backtest loop inlines this for speed.)"""
-        self.engine.on_tick(tick)
+        trailed = self.engine.on_tick(tick)
         broker = self.broker
         broker.on_tick(tick)
-        if not broker.events:
+        if not trailed and not broker.events:
             return _NONE
         return self.pump()
 

@@ -249,9 +249,9 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
             crossed = risk_tick(tick)
             if crossed:  # a strategy's MTM limit (or the loss limit) crossed
                 pipe.risk_events(crossed)
-            engine_tick(tick)  # execution's marks (market intent, flatten)
+            trailed = engine_tick(tick)  # execution's marks (market intent, flatten), trailing stops
             broker_tick(tick)  # paper fills of resting orders and bracket legs
-            if broker.events:
+            if trailed or broker.events:
                 deliver(execution.pump())
             orders = dispatch(tick, key)
             if orders or strat.new_baskets:

@@ -214,6 +214,14 @@ class EngineBase:
         self._square_jobs: dict[tuple[str, str, str], tuple[str, int, int]] = {}  # (id, held, started)
         self._started_ns = clock.now_ns()  # square-off ids of this process differ from an earlier one's
         self._oversized: dict[str, tuple[int, int]] = {}  # leg → (size it should have, failed resizes)
+        self._modifying: set[str] = set()  # legs with a modify not answered yet (one at a time)
+        # trailing stops: instrument key → its active trailing brackets (ids); the brackets whose
+        # stop legs lag the trailed stop; per stop leg the earliest next modify and its failures
+        self._trailing: dict[str, list[str]] = {}
+        self._trail_owed: set[str] = set()
+        self._trail_next_ns: dict[str, int] = {}
+        self._trail_failures: dict[str, int] = {}
+        self.trail_every_ns = int(float(cfg.trail_modify_every_s) * 1e9)
         self._awaiting_alerted: set[str] = set()
         self.flatten_jobs: dict[str, FlattenJob] = {}
         self._books_pending = False
@@ -308,7 +316,8 @@ class EngineBase:
         raise NotImplementedError  # brackets.Brackets
 
     def _new_bracket(
-        self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None
+        self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None,
+        trail: tuple[Decimal | None, Decimal | None] = (None, None),
     ) -> None:
         raise NotImplementedError  # brackets.Brackets
 

@@ -9,6 +9,7 @@ from libs.common.instruments import instrument_key
 from libs.common.messages import (
     PENDING_BROKER,
 )
+from libs.common.money import protected_limit, to_decimal
 from services.execution.base import (
     _LEGS,
     RETRY_BASE_S,
@@ -35,6 +36,7 @@ from services.execution.orders import Orders
 from services.execution.pricing import (
     freeze_step,
 )
+from services.execution.trail import improves, tighter, trailed_stop
 
 
 class Brackets(Orders):
@@ -42,7 +44,8 @@ class Brackets(Orders):
     cancels (also the kill switch's)."""
 
     def _new_bracket(
-        self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None
+        self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None,
+        trail: tuple[Decimal | None, Decimal | None] = (None, None),
     ) -> None:
         b = BracketRow(
             bracket_id=new_id(),
@@ -60,6 +63,8 @@ class Brackets(Orders):
             created_ns=entry.created_ns,
             updated_ns=entry.created_ns,
             stop_limit=stop_limit,
+            trail_points=trail[0],
+            trail_pct=trail[1],
         )
         entry.bracket_id = b.bracket_id
         self.brackets[b.bracket_id] = b
@@ -133,6 +138,8 @@ class Brackets(Orders):
             for leg in legs:
                 if not leg.terminal:
                     self._request_cancel(leg)
+        if state == B_ACTIVE and b.state != B_ACTIVE and b.trails:
+            self._trail_watch(b)
         if state != b.state and self.log is not None and state in (B_ACTIVE, B_CLOSED, B_CANCELLED):
             self.log.info(
                 "bracket_armed" if state == B_ACTIVE else "bracket_closed",
@@ -161,8 +168,9 @@ class Brackets(Orders):
             for leg in sorted(live, key=lambda x: x.created_ns, reverse=True):
                 if excess <= 0:
                     break
-                if not leg.broker_order_id or leg.order_id in self.inflight:
-                    continue  # resized once the broker has acknowledged it
+                busy = leg.order_id in self.inflight or leg.order_id in self._modifying
+                if not leg.broker_order_id or busy:
+                    continue  # resized once the broker has acknowledged it (or the last modify)
                 if leg.open_qty <= excess:
                     excess -= leg.open_qty
                     self._request_cancel(leg)
@@ -214,7 +222,92 @@ class Brackets(Orders):
         self._mark(o)
         self._event(o, "MODIFY_REQUESTED", o.status, {"quantity": qty, "was": old})
         self._publish_order(o)
-        self._held_intents.append(ModifyIntent(o.order_id, o.broker_order_id, qty, old))
+        self._modifying.add(o.order_id)
+        # the prices go too, as the broker last confirmed them: a broker that rebuilds the whole
+        # order from a lagging book must not undo a trail
+        self._held_intents.append(
+            ModifyIntent(o.order_id, o.broker_order_id, qty, old, o.price, o.trigger_price))
+
+    # ----------------------------------------------------------------- trailing stops
+    def _trail_watch(self, b: BracketRow) -> None:
+        """Follow the ticks of an active trailing bracket's instrument; its stop legs are
+        brought to the trailed stop (at a restart: to what the ledger says it had reached)."""
+        ids = self._trailing.setdefault(instrument_key(b.segment, b.token), [])
+        if b.bracket_id not in ids:
+            ids.append(b.bracket_id)
+        self._trail_owed.add(b.bracket_id)
+
+    def _trail_on_tick(self, key: str, ltp: float) -> bool:
+        """A tick of an instrument with trailing brackets: each one's best price, and its stop
+        once that moved a tick or more in the position's favour (never back). True if a stop
+        moved."""
+        ids = self._trailing[key]
+        price: Decimal | None = None
+        moved = False
+        for bid in list(ids):
+            b = self.brackets.get(bid)
+            if b is None or b.state != B_ACTIVE:
+                ids.remove(bid)
+                continue
+            if price is None:
+                price = to_decimal(ltp)
+            if not improves(b.side, price, b.trail_best):
+                continue
+            b.trail_best = price  # in memory; written with the stop it moves
+            inst = self.master.get(b.segment, b.token)
+            if inst is None or inst.tick_size <= 0:
+                continue
+            stop = trailed_stop(b.side, price, b.trail_points, b.trail_pct, inst.tick_size)
+            if stop is None or not tighter(b.side, stop, b.stop_loss):
+                continue
+            exit_side = "SELL" if b.side == "BUY" else "BUY"
+            b.stop_loss = stop
+            b.stop_limit = protected_limit(exit_side, stop, self.protection_pct, inst.tick_size)
+            b.updated_ns = self._now()
+            self._bdirty[bid] = b
+            self._trail_owed.add(bid)
+            self._trail_pay(b)
+            moved = True
+        if not ids:
+            del self._trailing[key]
+        return moved
+
+    def _trail_pay(self, b: BracketRow) -> None:
+        """Send the trailed stop to each working stop leg that does not have it yet, one modify
+        at a time per leg and at most once per ``execution.trail_modify_every_s``. The leg's
+        prices change only when the broker confirms, so a modify lost to a crash or a timeout
+        is sent again (the same absolute prices: harmless if it had landed)."""
+        now = self._now()
+        lagging = False
+        stop, limit = b.stop_loss, b.stop_limit
+        for lid in self.legs.get(b.bracket_id, ()):
+            leg = self.orders.get(lid)
+            if leg is None or leg.purpose != STOP or leg.terminal or leg.cancel_requested or leg.broker_final:
+                continue
+            if leg.trigger_price == stop and leg.price == limit:
+                continue
+            lagging = True
+            if not leg.broker_order_id or lid in self.inflight or lid in self._modifying:
+                continue  # once the broker has acknowledged it (or answered the last modify)
+            if now < self._trail_next_ns.get(lid, 0):
+                continue
+            self._modifying.add(lid)
+            self._trail_next_ns[lid] = now + self.trail_every_ns
+            self._event(leg, "MODIFY_REQUESTED", leg.status, {
+                "trigger_price": str(stop), "price": str(limit), "was": str(leg.trigger_price),
+                "reason": "trailing stop"})  # fmt: skip
+            self._held_intents.append(ModifyIntent(lid, leg.broker_order_id, leg.quantity, leg.quantity,
+                                                   limit, stop, trail=True))  # fmt: skip
+        if not lagging:
+            self._trail_owed.discard(b.bracket_id)
+
+    def _trail_due(self) -> None:
+        for bid in list(self._trail_owed):
+            b = self.brackets.get(bid)
+            if b is None or b.state not in BRACKET_OPEN:
+                self._trail_owed.discard(bid)
+            else:
+                self._trail_pay(b)
 
     def _has_working_leg(self, b: BracketRow) -> bool:
         orders = self.orders
@@ -258,7 +351,10 @@ class Brackets(Orders):
         self._held_intents.append(CancelIntent(o.order_id, o.broker_order_id))
 
     def _retry_owed(self) -> None:
-        """Periodic: owed cancels whose backoff elapsed, and legs whose re-place is due."""
+        """Periodic: owed cancels whose backoff elapsed, legs whose re-place is due, and trailed
+        stops still to send."""
+        if self._trail_owed:
+            self._trail_due()
         for oid in list(self.owed_cancels):
             o = self.orders.get(oid)
             if o is None or o.terminal or o.broker_final or not o.cancel_requested:

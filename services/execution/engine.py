@@ -68,6 +68,7 @@ from services.execution.intents import (  # re-exported (``__all__``)
     run_intent,
 )
 from services.execution.model import (
+    B_ACTIVE,
     B_CANCELLED,
     BRACKET_OPEN,
     STOP,
@@ -109,6 +110,8 @@ class ExecutionEngine(Baskets):
             self.brackets[b.bracket_id] = b
             if b.state in BRACKET_OPEN:
                 self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
+            if b.state == B_ACTIVE and b.trails:
+                self._trail_watch(b)  # resumes from the stop the ledger says it reached
         self._load_carries()
         for f in self.store.load_fills(self.day):
             self.fill_keys.setdefault((f.trading_day, f.segment), set()).add(f.trade_id)

@@ -182,11 +182,18 @@ class BrokerEvents(Brackets):
         self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, now + self._backoff_ns(n))
 
     def _on_modify(self, intent: ModifyIntent, result: Any) -> None:
+        self._modifying.discard(intent.order_id)
         o = self.orders.get(intent.order_id)
         if o is None:
             return
+        if intent.trail:
+            self._on_trail_modify(o, intent, result)
+            return
         if not isinstance(result, BaseException):
             self._oversized.pop(o.order_id, None)
+            b = self._bracket_of(o)
+            if b is not None:
+                self._sync_bracket(b)  # a resize that waited for this one
             return
         why = error_reason(result)
         if not o.terminal and o.quantity == intent.quantity:
@@ -221,6 +228,43 @@ class BrokerEvents(Brackets):
                 f"reduce {kind} {o.client_tag} to {intent.quantity} at Kotak now; NeoPulse keeps retrying",
                 "leg_oversized",
             )
+
+    def _on_trail_modify(self, o: OrderRow, intent: ModifyIntent, result: Any) -> None:
+        """A trailing stop's modify answered: the leg has the new stop, or keeps the one it had
+        (still a stop) and the trailed one is sent again after a backoff."""
+        now = self._now()
+        if not isinstance(result, BaseException):
+            was = o.trigger_price
+            o.price, o.trigger_price = intent.price, intent.trigger_price
+            o.updated_ns = now
+            self._mark(o)
+            self._event(o, "MODIFIED", o.status, {
+                "trigger_price": str(intent.trigger_price), "price": str(intent.price), "was": str(was),
+                "reason": "trailing stop"})  # fmt: skip
+            self._publish_order(o)
+            self._trail_failures.pop(o.order_id, None)
+            if self.log is not None:
+                self.log.info("stop_trailed", symbol=o.symbol, strategy_id=o.strategy_id,
+                              client_tag=o.client_tag, trigger_price=str(intent.trigger_price),
+                              was=str(was))  # fmt: skip
+        else:
+            why = error_reason(result)
+            payload = {"error": why, "trigger_price": str(intent.trigger_price), "reason": "trailing stop"}
+            self._event(o, "MODIFY_FAILED", o.status, payload)
+            if not o.terminal and not o.broker_final:
+                n = self._trail_failures.get(o.order_id, 0) + 1
+                self._trail_failures[o.order_id] = n
+                self._trail_next_ns[o.order_id] = now + self._backoff_ns(n)
+                if n == 1:
+                    self.alert(
+                        "WARNING",
+                        f"could not trail the stop {o.client_tag} of {o.symbol} to {intent.trigger_price} "
+                        f"({why}): it stays at {o.trigger_price}; NeoPulse tries again",
+                        "trail_failed",
+                    )
+        b = self._bracket_of(o)
+        if b is not None:
+            self._sync_bracket(b)  # a resize that waited for this modify
 
     def broker_accepts_again(self) -> None:
         """The broker takes order calls again (a static-IP block ended): place the legs and send
@@ -520,12 +564,17 @@ class BrokerEvents(Brackets):
         self.fill_count += 1
         return pos
 
-    def on_tick(self, tick: Tick) -> None:
+    def on_tick(self, tick: Tick) -> bool:
         """Remember the last price (market intent, flatten, marks). Hot path: one dict store.
         A tick whose price is not a possible price (NaN, infinite, not positive, above the
-        price cap) is ignored: the last good one stays the reference for pricing."""
+        price cap) is ignored: the last good one stays the reference for pricing. True when
+        it moved a trailing stop (there is a modify to send: pump)."""
         if 0.0 < tick.ltp <= MAX_TICK_PRICE:  # NaN fails both comparisons
-            self.last[f"{tick.segment}|{tick.token}"] = tick  # instrument_key, inlined: hot path
+            key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
+            self.last[key] = tick
+            if key in self._trailing:
+                return self._trail_on_tick(key, tick.ltp)
+        return False
 
     def drain_broker_events(self) -> None:
         for ev in self.broker.drain_events():

@@ -6,6 +6,7 @@ The engine never calls the broker itself: it emits these, whoever runs it execut
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from libs.common.clock import Clock
@@ -31,10 +32,17 @@ class CancelIntent:
 
 @dataclass(slots=True)
 class ModifyIntent:
+    """Change a working order at the broker: its quantity (a leg resized to what it protects)
+    or, with ``trail``, a stop leg's limit and trigger (a trailing stop). Every field is sent
+    as the absolute value it should have, so sending one again is harmless."""
+
     order_id: str
     broker_order_id: str
     quantity: int
     old_quantity: int
+    price: Decimal | None = None
+    trigger_price: Decimal | None = None
+    trail: bool = False
 
 
 @dataclass(slots=True)
@@ -67,7 +75,8 @@ def run_intent(broker: Broker, intent: Intent, clock: Clock | None = None) -> An
     if isinstance(intent, CancelIntent):
         return broker.cancel(intent.broker_order_id)
     if isinstance(intent, ModifyIntent):
-        return broker.modify(intent.broker_order_id, quantity=intent.quantity)
+        return broker.modify(intent.broker_order_id, quantity=intent.quantity, price=intent.price,
+                             trigger_price=intent.trigger_price)
     if isinstance(intent, PositionsIntent):
         return broker.carried_positions()
     return (broker.order_book(), broker.trade_book())

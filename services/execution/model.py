@@ -281,6 +281,15 @@ class BracketRow:
     entry_filled: int = 0
     exit_filled: int = 0
     reason: str = ""
+    # a trailing stop: the distance (rupees or percent of the best price, one of them), and the
+    # best price seen since the entry filled; ``stop_loss`` is the stop as trailed so far
+    trail_points: Decimal | None = None
+    trail_pct: Decimal | None = None
+    trail_best: Decimal | None = None
+
+    @property
+    def trails(self) -> bool:
+        return self.trail_points is not None or self.trail_pct is not None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -292,6 +301,9 @@ class BracketRow:
             "stop_loss": _s(self.stop_loss),
             "stop_limit": _s(self.stop_limit),
             "target": _s(self.target),
+            "trail_points": _s(self.trail_points),
+            "trail_pct": _s(self.trail_pct),
+            "trail_best": _s(self.trail_best),
             "state": self.state,
             "entry_filled": self.entry_filled,
             "exit_filled": self.exit_filled,

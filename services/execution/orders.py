@@ -218,7 +218,7 @@ class Orders(UnitOfWork):
             return rows
         assert inst is not None
         if o.stop_loss is not None or o.target is not None:
-            self._new_bracket(row, o.stop_loss, o.target, stop_limit)
+            self._new_bracket(row, o.stop_loss, o.target, stop_limit, (o.trail_points, o.trail_pct))
         rows.extend(self._slice_and_place(row, inst))
         return rows
 

@@ -109,6 +109,12 @@ def bracket_reason(
 ) -> str | None:
     """Why the stop loss and target do not fit the entry, or None."""
     sl, tgt = cmd.order.stop_loss, cmd.order.target
+    points, pct = cmd.order.trail_points, cmd.order.trail_pct
+    if points is not None or pct is not None:
+        if points is not None and pct is not None:
+            return "give trail_points or trail_pct, not both"
+        if sl is None:
+            return "a trailing stop needs a stop_loss to start from"
     if sl is None and tgt is None:
         return None
     tick = inst.tick_size

@@ -501,14 +501,18 @@ class ExecutionService(Service):
         paper = self.inline_broker
         broker_tick = paper.on_tick if paper is not None else None
 
+        trailed = False
+
         def on_msg(_topic: bytes, msg: Message) -> None:
+            nonlocal trailed
             if type(msg) is Tick:
-                engine_tick(msg)
+                if engine_tick(msg):
+                    trailed = True
                 if broker_tick is not None:
                     broker_tick(msg)
 
         self._sub.drain(on_msg)
-        if paper is not None and paper.events:
+        if trailed or (paper is not None and paper.events):
             self._pump(settle=False)
 
     # ----------------------------------------------------------------- requests

@@ -790,6 +790,11 @@ def _check_prices(req: OrderRequest, inst: Instrument) -> Refusal | None:
 
 def _check_bracket(req: OrderRequest, entry: Decimal) -> Refusal | None:
     sl, target = req.stop_loss, req.target
+    if req.trail_points is not None or req.trail_pct is not None:
+        if req.trail_points is not None and req.trail_pct is not None:
+            return Refusal(VerdictCode.BRACKET, "give trail_points or trail_pct, not both")
+        if sl is None:
+            return Refusal(VerdictCode.BRACKET, "a trailing stop needs a stop_loss to start from")
     if req.side == "BUY":
         if sl is not None and not sl < entry:
             return Refusal(VerdictCode.BRACKET, f"BUY stop loss {sl} must be below entry {entry}")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,37 @@ def test_kotak_kill_9_after_the_pending_commit_before_the_broker_call(
     assert fake.received_orders() == []
     assert not [o for o in stack.orders() if o["status"] in ("PENDING_BROKER", "UNKNOWN", "ACK")]
     assert {k: v for k, v in stack.positions().items() if v} == {}
+
+
+def test_kotak_a_trailing_stop_is_modified_at_the_broker_as_the_price_rises(
+    stack: ExecStack, fake: KotakRestFake
+) -> None:
+    # Arrange: a BUY 5 at 1290 with a 10-point trail, filled at Kotak; its stop rests at 1280.
+    stack.start()
+    placed = stack.ok(stack.order(qty=5, price="1290.00", stop_loss=Decimal("1280.00"),
+                                  target=Decimal("1400.00"), trail_points=Decimal("10")))  # fmt: skip
+    row = eventually(lambda: (o := stack.find(placed["order_id"]))["broker_order_id"] and o, timeout=10)
+    fake.fill(row["broker_order_id"])
+
+    def stop_at_kotak() -> dict[str, Any] | None:
+        legs = [o for o in stack.orders() if o["parent_id"] == placed["order_id"] and o["purpose"] == "STOP"]
+        if not legs or not legs[0]["broker_order_id"]:
+            return None
+        return fake.order(legs[0]["broker_order_id"])
+
+    first = eventually(stop_at_kotak, timeout=10, message="the stop leg at Kotak")
+    assert (first["prcTp"], Decimal(first["trgPrc"])) == ("SL", Decimal("1280"))
+
+    # Act: the price rises to 1300, then falls back to 1295.
+    stack.feed.set("RELIANCE-EQ", 1300.0)
+    moved = eventually(lambda: (o := stop_at_kotak()) and Decimal(o["trgPrc"]) == Decimal("1290") and o,
+                       timeout=10, message="the stop modified to 1290 at Kotak")  # fmt: skip
+    stack.feed.set("RELIANCE-EQ", 1295.0)
+    time.sleep(1.5)  # longer than execution.trail_modify_every_s: a loosening would have gone out
+
+    # Assert: the same order at Kotak (modified, not replaced), its limit moved with it, and
+    # the stop did not come back down.
+    again = stop_at_kotak()
+    assert again is not None and again["nOrdNo"] == first["nOrdNo"] == moved["nOrdNo"]
+    assert Decimal(again["trgPrc"]) == Decimal("1290") and Decimal(again["prc"]) < Decimal("1290")
+    assert Decimal(again["prc"]) > Decimal(first["prc"])

@@ -78,7 +78,8 @@ def store(request: pytest.FixtureRequest) -> Iterator[OrderStore]:
 
 def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
     s = PgOrderStore(empty_pg_url)
-    assert s.migrate() == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets"]
+    assert s.migrate() == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets",
+                                 "0005_trailing_stop"]
     assert s.migrate() == []
     with psycopg.connect(empty_pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -93,7 +94,8 @@ def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
         "baskets",
         "schema_migrations",
     } <= tables
-    assert versions == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets"]
+    assert versions == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets",
+                                 "0005_trailing_stop"]
     s.close()
 
 
@@ -271,6 +273,42 @@ def test_engine_on_postgres_lifecycle_slicing_and_bracket_restart(pg_url: str, t
     assert bracket == ("CLOSED", 10, 10)
     assert dup_tags == (0,)
     assert h2.engine.orders[entry.order_id].status == COMPLETE
+    store2.close()
+
+
+def test_a_trailing_stop_on_postgres_resumes_from_the_stop_it_reached(pg_url: str, tmp_path: Path) -> None:
+    # Arrange: a BUY with a 10-point trail; the price runs to 1310, the stop follows to 1300.
+    journal = tmp_path / "paper.jsonl"
+    store = PgOrderStore(pg_url)
+    h = Harness(store=store, journal=journal)
+    h.tick("RELIANCE-EQ", 1290.0, bid=1289.9, ask=1290.0)
+    [entry] = h.submit(execute(price="1290.00", stop_loss=Decimal("1280.00"), target=Decimal("1400.00"),
+                               trail_points=Decimal("10")))  # fmt: skip
+    h.tick("RELIANCE-EQ", 1289.0, bid=1288.9, ask=1289.0)
+    h.clock.advance(1.1)
+    h.tick("RELIANCE-EQ", 1310.0, bid=1309.9, ask=1310.0)
+    h.engine.flush()
+    h.broker.close()
+    store.close()
+
+    # Act: a restart on the same ledger; the price dips, then rises a little.
+    store2 = PgOrderStore(pg_url)
+    h2 = Harness(store=store2, journal=journal, clock=h.clock)
+    h2.clock.advance(1.1)
+    h2.tick("RELIANCE-EQ", 1305.0, bid=1304.9, ask=1305.0)
+    h2.clock.advance(1.1)
+    h2.tick("RELIANCE-EQ", 1312.0, bid=1311.9, ask=1312.0)
+
+    # Assert: the stop was never loosened to its first level and moved on from 1300.
+    [stop] = [x for x in legs(h2, "STOP") if not x.terminal]
+    assert stop.trigger_price == Decimal("1302.00")
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT stop_loss, trail_points, trail_pct, trail_best FROM brackets "
+                           "WHERE entry_id = %s", (entry.order_id,)).fetchone()  # fmt: skip
+        trail_events = conn.execute("SELECT payload->>'trigger_price' FROM order_events WHERE order_id = %s "
+                                    "AND kind = 'MODIFIED' ORDER BY id", (stop.order_id,)).fetchall()
+    assert row == (Decimal("1302.00"), Decimal("10"), None, Decimal("1312.0"))
+    assert [Decimal(r[0]) for r in trail_events] == [Decimal("1300"), Decimal("1302")]
     store2.close()
 
 

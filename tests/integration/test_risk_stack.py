@@ -100,6 +100,16 @@ def test_a_valid_order_passes_and_reaches_the_ledger(paper: Stack) -> None:
     assert human.stdout.startswith("APPROVED  BUY 1 RELIANCE-EQ @ 1000.0 (MIS) — order ")
 
 
+def test_a_manual_trade_with_a_trailing_stop_reaches_the_ledger_with_its_trail(paper: Stack) -> None:
+    rc, verdict = trade(paper, "BUY", "RELIANCE-EQ", "--qty", "1", "--price", FAR_BELOW, "--sl", "990",
+                        "--trail", "1.5%")  # fmt: skip
+    assert rc == 0 and verdict["approved"] and verdict["trail"] == "1.5%", verdict
+    row = eventually(lambda: ledger_order(paper, verdict["order_id"]), timeout=5, message="ledger row")
+    assert row["bracket_id"]
+    no_sl = paper.cli("trade", "BUY", "RELIANCE-EQ", "--qty", "1", "--price", FAR_BELOW, "--trail", "5")
+    assert no_sl.returncode == 2 and "--trail needs --sl" in no_sl.stderr
+
+
 def test_a_burst_of_15_orders_inside_one_second_has_at_most_10_approved(paper: Stack) -> None:
     codec = Codec()
     sock: zmq.Socket[bytes] = paper.bus.ctx.socket(zmq.DEALER)
