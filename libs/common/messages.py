@@ -404,6 +404,8 @@ class BasketRequest(_Msg, frozen=True, tag=True):
     request_id: BasketId
     strategy_id: StrategyId
     legs: Annotated[list[OrderRequest], Meta(max_length=BASKET_MAX_LEGS)]  # risk refuses fewer than 2
+    # when one leg's stop loss fills, every other leg's stop moves to that leg's entry price
+    move_sl_to_cost: bool = False
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
@@ -430,6 +432,7 @@ class ExecuteBasket(_Msg, frozen=True, tag=True):
     strategy_id: StrategyId
     legs: Annotated[list[ExecuteOrder], Meta(max_length=BASKET_MAX_LEGS)]  # leg ids checked by execution
     expires_ns: Annotated[int, Meta(ge=0)] = 0
+    move_sl_to_cost: bool = False
     ts_ns: int = msgspec.field(default_factory=_now)
 
 

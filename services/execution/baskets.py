@@ -193,6 +193,11 @@ class Baskets(Reconciliation):
                 return BasketResult(cmd.request_id, False, reason=f"basket could not be built: {exc}",
                                     code="refused")  # fmt: skip
         legs = [self.orders[self.by_request[c.request_id]] for c in cmd.legs]
+        if cmd.move_sl_to_cost:
+            for x in legs:
+                b = self.brackets.get(x.bracket_id) if x.bracket_id else None
+                if b is not None:
+                    b.to_cost = True
         k = BasketRow(
             basket_id=new_id(), request_id=cmd.request_id, strategy_id=cmd.strategy_id,
             legs=[x.order_id for x in legs], state=BasketState.PLACING_LONGS, trading_day=self.day,

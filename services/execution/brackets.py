@@ -7,9 +7,12 @@ from decimal import Decimal
 
 from libs.common.instruments import instrument_key
 from libs.common.messages import (
+    BASKET_MAX_LEGS,
     PENDING_BROKER,
+    basket_leg_id,
+    basket_of_leg,
 )
-from libs.common.money import protected_limit, to_decimal
+from libs.common.money import protected_limit, snap, to_decimal
 from services.execution.base import (
     _LEGS,
     RETRY_BASE_S,
@@ -125,6 +128,8 @@ class Brackets(Orders):
                 )
             if entry.filled_qty - exited <= 0 and exited > 0 and not entry.terminal:
                 self._cancel_tree(entry)  # a leg ended the trade: drop the rest of the entry
+            if b.to_cost and exited > 0 and any(x.purpose == STOP and x.exited_qty for x in legs):
+                self._siblings_to_cost(b, entry)
             for kind in _LEGS:
                 price = b.stop_loss if kind == STOP else b.target
                 if price is not None:
@@ -300,6 +305,44 @@ class Brackets(Orders):
                                                    limit, stop, trail=True))  # fmt: skip
         if not lagging:
             self._trail_owed.discard(b.bracket_id)
+
+    def _siblings_to_cost(self, b: BracketRow, entry: OrderRow) -> None:
+        """``move_sl_to_cost``: a basket leg was stopped out, so the stop of every other leg
+        still held moves to that leg's entry price (only ever tighter: a second call, or a
+        restart, changes nothing). A leg whose price is already beyond its cost is closed."""
+        basket = basket_of_leg(entry.request_id)
+        if not basket:
+            return
+        for n in range(1, BASKET_MAX_LEGS + 1):
+            oid = self.by_request.get(basket_leg_id(basket, n))
+            sib = self.orders.get(oid) if oid else None
+            if sib is None or sib is entry or not sib.bracket_id or sib.avg_price is None:
+                continue
+            sb = self.brackets.get(sib.bracket_id)
+            inst = self.master.get(sib.segment, sib.token)
+            if sb is None or sb.state != B_ACTIVE or sb.stop_loss is None or inst is None:
+                continue
+            # at cost or a part of a tick inside it: never a stop that loses on the move back
+            cost = snap(sib.avg_price, inst.tick_size, "up" if sb.side == "BUY" else "down")
+            if not tighter(sb.side, cost, sb.stop_loss):
+                continue
+            exit_side = "SELL" if sb.side == "BUY" else "BUY"
+            was = sb.stop_loss
+            sb.stop_loss = cost
+            sb.stop_limit = protected_limit(exit_side, cost, self.protection_pct, inst.tick_size)
+            sb.updated_ns = self._now()
+            self._bdirty[sb.bracket_id] = sb
+            self.alert("INFO", f"{b.symbol} was stopped out: the stop of {sb.symbol} ({sb.strategy_id}) "
+                       f"moves from {was} to its entry price {cost}", "stop_to_cost")  # fmt: skip
+            last = self.last.get(instrument_key(sb.segment, sb.token))
+            beyond = last is not None and last.ltp > 0 and (
+                last.ltp <= cost if sb.side == "BUY" else last.ltp >= cost)  # fmt: skip
+            if beyond and last is not None:  # a stop there triggers at once (or is refused): close now
+                why = f"its stop moved to cost {cost}; the price {last.ltp} is past it"
+                self._unprotected[sb.bracket_id] = why
+            else:
+                self._trail_owed.add(sb.bracket_id)
+                self._trail_pay(sb)
 
     def _trail_due(self) -> None:
         for bid in list(self._trail_owed):

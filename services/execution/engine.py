@@ -112,6 +112,8 @@ class ExecutionEngine(Baskets):
                 self._bgroups.setdefault((b.strategy_id, b.segment, b.token), []).append(b)
             if b.state == B_ACTIVE and b.trails:
                 self._trail_watch(b)  # resumes from the stop the ledger says it reached
+            elif b.state == B_ACTIVE:
+                self._trail_owed.add(b.bracket_id)  # a stop moved to cost that its leg may lack
         self._load_carries()
         for f in self.store.load_fills(self.day):
             self.fill_keys.setdefault((f.trading_day, f.segment), set()).add(f.trade_id)

@@ -286,6 +286,9 @@ class BracketRow:
     trail_points: Decimal | None = None
     trail_pct: Decimal | None = None
     trail_best: Decimal | None = None
+    # a basket leg's: when another leg of the basket is stopped out, this stop moves to the
+    # entry price (``move_sl_to_cost``)
+    to_cost: bool = False
 
     @property
     def trails(self) -> bool:
@@ -304,6 +307,7 @@ class BracketRow:
             "trail_points": _s(self.trail_points),
             "trail_pct": _s(self.trail_pct),
             "trail_best": _s(self.trail_best),
+            "to_cost": self.to_cost,
             "state": self.state,
             "entry_filled": self.entry_filled,
             "exit_filled": self.exit_filled,

@@ -480,7 +480,7 @@ class RiskSentinel(RiskBook):
                                 state=self.current_state, ts_ns=now)
         self._remember_basket(req.request_id, norm, verdict)
         execute = ExecuteBasket(request_id=req.request_id, strategy_id=req.strategy_id, legs=executes,
-                                expires_ns=expires, ts_ns=now)
+                                expires_ns=expires, move_sl_to_cost=req.move_sl_to_cost, ts_ns=now)
         return verdict, execute
 
     def _refuse_basket(self, req: BasketRequest, refusal: Refusal,

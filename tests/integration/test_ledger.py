@@ -79,7 +79,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[OrderStore]:
 def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
     s = PgOrderStore(empty_pg_url)
     assert s.migrate() == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets",
-                                 "0005_trailing_stop"]
+                                 "0005_stop_moves"]
     assert s.migrate() == []
     with psycopg.connect(empty_pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -95,7 +95,7 @@ def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
         "schema_migrations",
     } <= tables
     assert versions == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets",
-                                 "0005_trailing_stop"]
+                                 "0005_stop_moves"]
     s.close()
 
 

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import itertools
 from decimal import Decimal
+from typing import Any
 
-from libs.common.messages import COMPLETE, OPEN
+from libs.common.messages import CANCELLED, COMPLETE, OPEN, ExecuteBasket, basket_leg_id
 from services.execution.brokers.base import BrokerRejected, BrokerTemporary
 from services.execution.engine import ModifyIntent
-from services.execution.model import STOP, TARGET
+from services.execution.model import STOP, TARGET, OrderRow
 from services.execution.store import MemoryOrderStore
 from services.execution.trail import trailed_stop
 from tests.unit.test_engine import Harness
 from tests.unit.test_engine import execute as paper_execute
-from tests.unit.test_engine_faults import Hand, execute, places
+from tests.kit import execute_order
+from tests.unit.test_engine_faults import MASTER, Hand, cancels, execute, places
+
+INFY = MASTER.resolve("INFY-EQ")
+TCS = MASTER.resolve("TCS-EQ")
 
 D = Decimal
 
@@ -194,3 +199,106 @@ def test_on_paper_the_trailed_stop_exits_at_the_trailed_level_not_the_first_one(
     assert stop.status == COMPLETE and h.position() == 0
     assert stop.avg_price is not None and stop.avg_price >= stop.price  # a stop-limit: not below its limit
     assert D("1290") < stop.avg_price <= D("1300")  # out near 1300, not at the first stop 1280
+
+
+# ------------------------------------------------------------------ move_sl_to_cost
+
+
+def short_pair(h: Hand, rid: str = "sp1", **kw: Any) -> tuple[OrderRow, OrderRow]:
+    """A basket of two shorts (INFY at 1510, TCS at 3120), each with a stop 25% above, filled,
+    legs acknowledged: the straddle's shape, with equities standing in for the CE and PE."""
+    cmd = ExecuteBasket(request_id=rid, strategy_id="s1", legs=[
+        execute_order(INFY, "SELL", 10, "1510.00", rid=basket_leg_id(rid, 1), order_type="LIMIT",
+                      stop_loss=D("1887.50"), **kw),
+        execute_order(TCS, "SELL", 5, "3120.00", rid=basket_leg_id(rid, 2), order_type="LIMIT",
+                      stop_loss=D("3900.00"), **kw),
+    ], move_sl_to_cost=True)  # fmt: skip
+    assert h.engine.submit_basket(cmd).ok
+    for p in places(h.take()):
+        h.ack(p)
+    a, b = (h.order(h.engine.by_request[basket_leg_id(rid, n)]) for n in (1, 2))
+    h.trade(a, 10, "1510.00")
+    h.trade(b, 5, "3120.00")
+    for p in places(h.take()):
+        h.ack(p)
+    return a, b
+
+
+def test_when_one_leg_is_stopped_out_the_other_legs_stop_moves_to_its_entry_price() -> None:
+    h = Hand()
+    infy, tcs = short_pair(h)
+    [infy_stop], [tcs_stop] = h.legs(infy.order_id, STOP), h.legs(tcs.order_id, STOP)
+    h.tick(1700.0, "INFY-EQ")
+    h.tick(3100.0, "TCS-EQ")
+
+    h.trade(infy_stop, 10, "1887.50")  # INFY's stop fills: that leg is out
+
+    [m] = modifies(h.take())
+    assert (m.order_id, m.trigger_price) == (tcs_stop.order_id, D("3120.00"))  # TCS: stop at cost
+    assert m.price is not None and m.price > m.trigger_price  # a BUY stop-limit: limit above
+    h.answer(m, None)
+    assert tcs_stop.trigger_price == D("3120.00")
+    assert "stop_to_cost" in h.codes()
+    h.clock.advance(2.0)
+    h.engine.reconcile_if_due()  # nothing more happens: the stop is where it should be
+    assert modifies(h.take()) == []
+
+
+def test_a_leg_already_past_its_cost_when_the_other_is_stopped_out_is_closed_at_once() -> None:
+    h = Hand()
+    infy, tcs = short_pair(h)
+    [infy_stop] = h.legs(infy.order_id, STOP)
+    h.tick(3150.0, "TCS-EQ")  # TCS is above its 3120 entry: a stop at cost would trigger now
+
+    h.trade(infy_stop, 10, "1887.50")
+
+    # Assert: TCS is flattened: its stop is cancelled first, then a BUY closes the short.
+    sent = h.take()
+    assert modifies(sent) == []
+    [c] = cancels(sent)
+    tcs_stop = h.order(c.order_id)
+    assert (tcs_stop.symbol, tcs_stop.purpose) == ("TCS-EQ", STOP)
+    h.answer(c, None)
+    h.status(tcs_stop, CANCELLED)
+    [close] = places(h.take())
+    assert (close.order.symbol, close.order.side, close.order.quantity) == ("TCS-EQ", "BUY", 5)
+
+
+def test_without_move_sl_to_cost_a_stopped_leg_leaves_the_other_stop_alone() -> None:
+    h = Hand()
+    rid = "sp2"
+    cmd = ExecuteBasket(request_id=rid, strategy_id="s1", legs=[
+        execute_order(INFY, "SELL", 10, "1510.00", rid=basket_leg_id(rid, 1), order_type="LIMIT",
+                      stop_loss=D("1887.50")),
+        execute_order(TCS, "SELL", 5, "3120.00", rid=basket_leg_id(rid, 2), order_type="LIMIT",
+                      stop_loss=D("3900.00")),
+    ])  # fmt: skip
+    h.engine.submit_basket(cmd)
+    for p in places(h.take()):
+        h.ack(p)
+    a, b = (h.order(h.engine.by_request[basket_leg_id(rid, n)]) for n in (1, 2))
+    h.trade(a, 10, "1510.00")
+    h.trade(b, 5, "3120.00")
+    for p in places(h.take()):
+        h.ack(p)
+    [a_stop] = h.legs(a.order_id, STOP)
+    h.trade(a_stop, 10, "1887.50")
+    assert modifies(h.take()) == []
+    assert h.legs(b.order_id, STOP)[0].trigger_price == D("3900.00")
+
+
+def test_a_stop_moved_to_cost_whose_modify_was_lost_in_a_crash_is_sent_after_the_restart() -> None:
+    store = MemoryOrderStore()
+    h = Hand(store=store)
+    infy, tcs = short_pair(h)
+    [infy_stop], [tcs_stop] = h.legs(infy.order_id, STOP), h.legs(tcs.order_id, STOP)
+    h.tick(3100.0, "TCS-EQ")
+    h.trade(infy_stop, 10, "1887.50")
+    [lost] = modifies(h.take())  # the process dies before the broker answers
+
+    again = Hand(store=store, clock=h.clock)
+    again.books([again.row(again.order(tcs_stop.order_id))], [])
+    again.engine.reconcile_if_due()
+
+    [resent] = modifies(again.take())
+    assert (resent.order_id, resent.trigger_price) == (lost.order_id, D("3120.00"))

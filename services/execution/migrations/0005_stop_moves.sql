@@ -1,13 +1,15 @@
--- Trailing stops. A bracket may carry a trail (``trail_points`` rupees or ``trail_pct`` percent
--- of the best price since its entry filled, one of the two) and the best price seen so far;
--- its ``stop_loss`` is the stop as trailed. np_ledger_write's brackets upsert now writes the
--- trailed stop and the best price too (the function text is 0003's with that clause changed;
--- migrations already applied are never edited).
+-- Stops that move. A bracket may carry a trail (``trail_points`` rupees or ``trail_pct`` percent
+-- of the best price since its entry filled, one of the two) and the best price seen so far,
+-- and ``to_cost``: when another leg of its basket is stopped out, its stop moves to its entry
+-- price. Its ``stop_loss`` is the stop as moved so far. np_ledger_write's brackets upsert now
+-- writes the moved stop and the best price too (the function text is 0003's with that clause
+-- changed; migrations already applied are never edited).
 
 ALTER TABLE brackets ADD COLUMN trail_points NUMERIC CHECK (trail_points > 0);
 ALTER TABLE brackets ADD COLUMN trail_pct NUMERIC CHECK (trail_pct > 0 AND trail_pct <= 50);
 ALTER TABLE brackets ADD COLUMN trail_best NUMERIC;
 ALTER TABLE brackets ADD CONSTRAINT brackets_one_trail CHECK (trail_points IS NULL OR trail_pct IS NULL);
+ALTER TABLE brackets ADD COLUMN to_cost BOOLEAN NOT NULL DEFAULT FALSE;
 
 CREATE OR REPLACE FUNCTION np_ledger_write(p_orders jsonb, p_children jsonb, p_updates jsonb, p_events jsonb,
                                 p_fills jsonb, p_brackets jsonb, p_risk jsonb)
@@ -93,16 +95,16 @@ BEGIN
         INSERT INTO brackets (bracket_id, entry_id, strategy_id, token, exchange_segment, trading_symbol,
                               transaction_type, product, stop_loss, stop_limit, target, state,
                               entry_filled, exit_filled, reason, trail_points, trail_pct, trail_best,
-                              trading_day, created_at, updated_at)
+                              to_cost, trading_day, created_at, updated_at)
         SELECT bracket_id, entry_id, strategy_id, token, exchange_segment, trading_symbol,
                transaction_type, product, stop_loss, stop_limit, target, state, entry_filled,
-               exit_filled, reason, trail_points, trail_pct, trail_best, trading_day, created_at,
-               updated_at
+               exit_filled, reason, trail_points, trail_pct, trail_best, to_cost, trading_day,
+               created_at, updated_at
           FROM jsonb_to_recordset(p_brackets) AS b(bracket_id uuid, entry_id uuid, strategy_id text,
                    token text, exchange_segment text, trading_symbol text, transaction_type text,
                    product text, stop_loss numeric, stop_limit numeric, target numeric, state text,
                    entry_filled int, exit_filled int, reason text, trail_points numeric,
-                   trail_pct numeric, trail_best numeric, trading_day date,
+                   trail_pct numeric, trail_best numeric, to_cost bool, trading_day date,
                    created_at timestamptz, updated_at timestamptz)
          WHERE NOT (entry_id = ANY (skipped))
         ON CONFLICT (bracket_id) DO UPDATE
