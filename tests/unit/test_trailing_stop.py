@@ -17,9 +17,9 @@ from services.execution.engine import ModifyIntent
 from services.execution.model import STOP, TARGET, OrderRow
 from services.execution.store import MemoryOrderStore
 from services.execution.trail import trailed_stop
+from tests.kit import execute_order
 from tests.unit.test_engine import Harness
 from tests.unit.test_engine import execute as paper_execute
-from tests.kit import execute_order
 from tests.unit.test_engine_faults import MASTER, Hand, cancels, execute, places
 
 INFY = MASTER.resolve("INFY-EQ")
@@ -246,7 +246,7 @@ def test_when_one_leg_is_stopped_out_the_other_legs_stop_moves_to_its_entry_pric
 
 def test_a_leg_already_past_its_cost_when_the_other_is_stopped_out_is_closed_at_once() -> None:
     h = Hand()
-    infy, tcs = short_pair(h)
+    infy, _tcs = short_pair(h)
     [infy_stop] = h.legs(infy.order_id, STOP)
     h.tick(3150.0, "TCS-EQ")  # TCS is above its 3120 entry: a stop at cost would trigger now
 
