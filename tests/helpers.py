@@ -70,6 +70,7 @@ def stack_env(home: Path, base_port: int, **extra: Any) -> dict[str, str]:
         # the suite runs at any hour: the late-entry cutoff is off unless a test sets it
         "NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "",
         "NEOPULSE_EXECUTION__SQUARE_OFF_AT": "",  # and so is the intraday square-off
+        "NEOPULSE_EXECUTION__LOGOUT_AT": "",  # and the daily Kotak logout (else the IP probe fails)
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env

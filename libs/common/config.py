@@ -137,6 +137,7 @@ class ExecutionConfig(_Section, frozen=True):
     orders_per_sec: PositiveFloat = 10.0
     requests_per_sec: PositiveFloat = 25.0
     broker_timeout_s: PositiveFloat = 10.0
+    # The daily Kotak logout (IST): empty for none (then the session lasts until Kotak ends it).
     logout_at: str = "15:45"
     # How long a live broker's order book may lag behind an accepted order. An order of
     # unknown outcome still missing from the book after this long is taken as never sent.
@@ -400,6 +401,8 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
          "risk.no_new_entries_after", "must be empty or a time of day HH:MM (IST), e.g. 15:00"),
         (not cfg.execution.square_off_at or hhmm_minutes(cfg.execution.square_off_at) is not None,
          "execution.square_off_at", "must be empty or a time of day HH:MM (IST), e.g. 15:15"),
+        (not cfg.execution.logout_at or hhmm_minutes(cfg.execution.logout_at) is not None,
+         "execution.logout_at", "must be empty (no daily logout) or a time of day HH:MM (IST), e.g. 15:45"),
         (all(p in set(Product) for p in cfg.execution.square_off_products), "execution.square_off_products",
          f"must list products among {', '.join(Product)}"),
         *((re.match(STRATEGY_ID_PATTERN, s.id) is not None, "strategy.id",

@@ -156,6 +156,18 @@ def test_logout_at_end_of_day_then_explicit_login(fake: KotakRestFake, master: M
         broker.close()
 
 
+def test_an_empty_logout_at_never_logs_out(fake: KotakRestFake, master: MasterData) -> None:
+    clock = ManualClock(int(datetime(2026, 1, 6, 15, 44, tzinfo=IST).timestamp() * 1e9))
+    broker = KotakBroker(kotak_config(fake), ExecutionConfig(logout_at=""), master, clock)
+    try:
+        broker.login()
+        clock.advance(6 * 3600)  # 21:44
+        assert broker.logout_if_due() is False
+        assert broker.order_book() == []
+    finally:
+        broker.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Orders and their status
 # --------------------------------------------------------------------------------------------

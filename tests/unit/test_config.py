@@ -111,6 +111,8 @@ params = { fast = 12 }
         ("[feed]\nmarket_hours = \"9 to 5\"\n", "config error: `feed.market_hours` must look like"),
         ("[[strategy]]\nname='momentum'\nid='a'\n[[strategy]]\nname='macd'\nid='a'\n",
          "config error: `strategy.id` ids must be unique"),
+        ("[execution]\nlogout_at = \"3:45 pm\"\n",
+         "config error: `execution.logout_at` must be empty (no daily logout) or a time of day HH:MM"),
         ("[risk\nmax_qty = 5\n", "invalid TOML"),
     ],
 )

@@ -357,7 +357,9 @@ def _mobile(number: str) -> str:
     return digits
 
 
-def _hhmm(text: str) -> tuple[int, int]:
+def _hhmm(text: str) -> tuple[int, int] | None:
+    if not text.strip():
+        return None  # no daily logout
     try:
         hh, mm = (int(x) for x in text.strip().split(":"))
     except ValueError:
@@ -531,9 +533,10 @@ class KotakBroker:
     def logout_if_due(self) -> bool:
         """Log out once per day at ``execution.logout_at`` (IST). Returns True when it did."""
         now = self.clock.now(IST)
-        hh, mm = self._logout_at
+        if self._logout_at is None:
+            return False
         today = now.strftime("%Y-%m-%d")
-        if (now.hour, now.minute) < (hh, mm) or self._logged_out_day == today:
+        if (now.hour, now.minute) < self._logout_at or self._logged_out_day == today:
             return False
         self.logout()
         return True
