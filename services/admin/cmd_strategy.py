@@ -3,9 +3,12 @@ paper pipeline, in-process; print or save the report and the equity curve."""
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,6 +17,11 @@ from libs.common.config import ConfigError
 from libs.common.log import setup_logging
 from services.admin.cli import app
 from services.admin.common import EXIT_USAGE, JSON_OPT, fail, get_config
+
+if TYPE_CHECKING:
+    from libs.common.config import Config
+    from libs.common.instruments import MasterData
+    from libs.common.messages import Tick
 
 
 def _params(pairs: list[str]) -> dict[str, str]:
@@ -26,9 +34,31 @@ def _params(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-TicksOpt = Annotated[Path, typer.Option("--ticks", help="Recorded tick file, CSV, or a directory of them.")]
+TicksOpt = Annotated[
+    Path | None, typer.Option("--ticks", help="Recorded tick file, CSV, or a directory of them (or --sim).")
+]
 StrategyOpt = Annotated[
-    str, typer.Option("--strategy", help="Strategy name (momentum, macd) or pkg.module:Class.")
+    str, typer.Option("--strategy", help="Strategy name (momentum, macd, straddle, ...) or pkg.module:Class.")
+]
+SimOpt = Annotated[
+    str, typer.Option("--sim", metavar="YYYY-MM-DD",
+                      help="Simulate this trading day instead of a recording: the index and its "
+                           "options (that day's weekly contracts), 09:15-15:30 IST.")
+]  # fmt: skip
+SimPathOpt = Annotated[
+    str, typer.Option("--sim-path", metavar="HH:MM=PCT,...",
+                      help="Script the index instead of a random walk: percent from the open at "
+                           "each time, straight lines between, e.g. 09:15=0,10:30=+0.8,15:30=+0.8.")
+]  # fmt: skip
+SimUnderlyingOpt = Annotated[
+    str, typer.Option("--sim-underlying",
+                      help="Index to simulate (default: the strategy's `underlying` param, else NIFTY).")
+]  # fmt: skip
+SimEveryOpt = Annotated[
+    float, typer.Option("--sim-every", help="Seconds between simulated ticks of each instrument.")
+]
+SimStrikesOpt = Annotated[
+    int, typer.Option("--sim-strikes", help="Simulated strikes either side of the open's ATM.")
 ]
 ParamOpt = Annotated[
     list[str] | None, typer.Option("--param", help="Strategy parameter, key=value (repeatable).")
@@ -40,43 +70,61 @@ IdOpt = Annotated[str, typer.Option("--id", help="Strategy instance id used in t
 
 @app.command("backtest")
 def backtest(  # noqa: PLR0917 - one parameter per CLI option
-    ticks: TicksOpt,
     strategy: StrategyOpt,
+    ticks: TicksOpt = None,
     param: ParamOpt = None,
     instruments: InstrumentsOpt = "",
     out: OutOpt = None,
     strategy_id: IdOpt = "bt",
+    sim: SimOpt = "",
+    sim_path: SimPathOpt = "",
+    sim_underlying: SimUnderlyingOpt = "",
+    sim_every: SimEveryOpt = 1.0,
+    sim_strikes: SimStrikesOpt = 8,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Replay recorded ticks through a strategy, risk and paper execution (same code as live).
+    """Replay recorded ticks (--ticks) or a simulated day with options (--sim) through a
+    strategy, risk and paper execution (the same code as live).
 
-    The report has trades, win rate, gross PnL, cost (turnover x 0.00035), net PnL, max
-    drawdown and exposure time. With the same input it is byte-identical from run to run.
+    The report has every trade (each basket leg on its own line: entry, exit and why, PnL),
+    win rate, gross PnL, cost (turnover x 0.00035), net PnL, max drawdown, exposure time and
+    what execution did on the way (a stop moved to cost, a trailed stop). With the same input
+    it is byte-identical from run to run.
+
+    \b
+    neopulse backtest --strategy straddle --sim 2026-12-03 --sim-path 09:15=0,10:30=+0.8,15:30=+0.8
     """
     from services.backtest.report import render_text, to_json, write_equity_png
-    from services.backtest.runner import BacktestError, master_for_recording, run_backtest
-    from services.feed.sources.replay import iter_ticks
+    from services.backtest.runner import BacktestError, run_backtest
+    from services.backtest.simday import SimDayError
     from services.strategy.base import ParamsError
 
     cfg = get_config()
     home = config_mod.home_dir()
     log = setup_logging("backtest", home, cfg.log.level, config_mod.secret_values(cfg), console=False)
-    if not ticks.exists():
+    if (ticks is None) == (not sim):
+        fail("backtest: give either --ticks (a recording) or --sim YYYY-MM-DD (a simulated day)", EXIT_USAGE)
+    if ticks is not None and not ticks.exists():
         fail(f"no such file or directory: {ticks}", EXIT_USAGE)
     names = [s.strip() for s in instruments.split(",") if s.strip()]
+    params = _params(param or [])
     try:
-        master = master_for_recording(home, ticks)  # the recording's day: its contracts' tokens
+        if ticks is not None:
+            source, master = _recording(home, ticks)
+        else:
+            underlying = sim_underlying or params.get("underlying", "NIFTY")
+            source, master = _sim_day(cfg, home, sim, sim_path, underlying, sim_every, sim_strikes)
         result = run_backtest(
-            iter_ticks(ticks, master),
+            source,
             strategy,
-            _params(param or []),
+            params,
             cfg=cfg,
             master=master,
             strategy_id=strategy_id,
             instruments=names or None,
             log=log,
         )
-    except (BacktestError, ParamsError, ConfigError, FileNotFoundError) as exc:
+    except (BacktestError, ParamsError, ConfigError, FileNotFoundError, SimDayError) as exc:
         fail(f"backtest: {exc}", EXIT_USAGE)
     report = result.report
     text = to_json(report)
@@ -93,6 +141,31 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
         typer.echo(f"  {speed}")
         if out is not None:
             typer.echo(f"  wrote {out / 'report.json'} and {out / 'equity.png'}")
+
+
+def _recording(home: Path, ticks: Path) -> tuple[Iterator[Tick], MasterData]:
+    from services.backtest.runner import master_for_recording
+    from services.feed.sources.replay import iter_ticks
+
+    master = master_for_recording(home, ticks)  # the recording's day: its contracts' tokens
+    return iter_ticks(ticks, master), master
+
+
+def _sim_day(  # noqa: PLR0917 - the --sim options
+    cfg: Config, home: Path, day: str, path: str, underlying: str, every_s: float, strikes: int
+) -> tuple[Iterator[Tick], MasterData]:
+    from libs.common.instruments import MasterData
+    from services.backtest.simday import SimDay, SimDayError, parse_path, sim_day_ticks
+
+    try:
+        when = dt.date.fromisoformat(day.strip())
+    except ValueError:
+        raise SimDayError(f"--sim: {day!r} is not a date YYYY-MM-DD") from None
+    spec = SimDay(day=when, underlying=underlying, every_s=every_s, strikes=strikes, path=parse_path(path))
+    master = MasterData.load_for_home(home, today=when)  # that day's contracts (paper master)
+    ticks = sim_day_ticks(spec, master, cfg.feed)
+    first = next(ticks)  # the checks (a trading day, a chain for that day) run here, not mid-backtest
+    return itertools.chain([first], ticks), master
 
 
 @app.command("strategies")

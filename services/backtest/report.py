@@ -49,6 +49,7 @@ class Trade:
     fills: int = 0
     open: bool = False
     mark: Decimal = ZERO  # price an open trade is marked at
+    exit_reason: str = ""  # the purpose of the order whose fill closed it: STOP, TARGET, EXIT, FLATTEN
 
     @property
     def pnl(self) -> Decimal:
@@ -77,6 +78,7 @@ class Trade:
             "pnl": _num(self.pnl),
             "cost": _num(cost),
             "net_pnl": _num(self.pnl - cost),
+            "exit_reason": self.exit_reason or None,
             "fills": self.fills,
             "open": self.open,
         }
@@ -136,8 +138,9 @@ class Book:
         else:
             pos.last_price = price
 
-    def on_fill(self, fill: Fill, ts_ns: int) -> None:  # noqa: PLR0915 - one fill, one pass
-        """Book a fill (exact money) into its instrument's current trade."""
+    def on_fill(self, fill: Fill, ts_ns: int, purpose: str = "") -> None:  # noqa: PLR0915 - one fill, one pass
+        """Book a fill (exact money) into its instrument's current trade; ``purpose``, that of
+        the fill's order, names why a trade it closes was closed."""
         key = instrument_key(fill.segment, fill.token)
         pos = self._positions.get(key)
         if pos is None:
@@ -193,6 +196,7 @@ class Book:
             remaining -= part
             if pos.quantity == 0:
                 trade.exit_ns = ts_ns
+                trade.exit_reason = purpose
                 del self._open[key]
                 self._open_count -= 1
                 if self._open_count == 0:
@@ -306,6 +310,13 @@ def render_text(report: dict[str, Any]) -> str:
         lines.extend(f"    {_trade_line(t, one_day)}" for t in trades[:TEXT_TRADES])
         if len(trades) > TEXT_TRADES:
             lines.append(f"    … and {len(trades) - TEXT_TRADES} more (see --json)")
+    events = report.get("events") or []
+    if events:
+        lines.append("  execution (stops moved, square-offs, refusals)")
+        lines.extend(f"    {e['time'][11:19]} {e['level']:<8} {e['text']}" for e in events[:TEXT_TRADES])
+        more = len(events) - TEXT_TRADES + report.get("events_dropped", 0)
+        if more > 0:
+            lines.append(f"    … and {more} more (see --json)")
     return "\n".join(lines)
 
 
@@ -318,7 +329,8 @@ def _trade_line(t: dict[str, Any], one_day: bool) -> str:
     def price(p: float | None) -> str:
         return "-" if p is None else f"{p:,.2f}"
 
-    end = "open, marked" if t["open"] else f"{price(t['exit_price'])} {when(t['exit_time'])}"
+    why = f" ({t['exit_reason'].lower()})" if t.get("exit_reason") else ""
+    end = "open, marked" if t["open"] else f"{price(t['exit_price'])} {when(t['exit_time'])}{why}"
     return (
         f"{t['direction']:<5} {t['quantity']} {t['symbol']}  {price(t['entry_price'])} "
         f"{when(t['entry_time'])} → {end}  PnL {t['pnl']:,.2f}  cost {t['cost']:,.2f}  "

@@ -38,12 +38,13 @@ import msgspec
 from libs.common.clock import IST, ManualClock
 from libs.common.config import Config
 from libs.common.instruments import MasterData
-from libs.common.messages import BasketRequest, Fill, Flatten, OrderRequest, OrderUpdate, Tick
+from libs.common.messages import Alert, BasketRequest, Fill, Flatten, OrderRequest, OrderUpdate, Tick
 from services.backtest.report import Book, _iso
 from services.strategy import registry
 from services.strategy.base import Strategy, StrategyContext
 
 TIMER_NS = 1_000_000_000  # strategy housekeeping (quiet bars) once per exchange second
+MAX_EVENTS = 1000  # execution's alerts kept for the report (a stop moved, a square-off, ...)
 
 
 class BacktestError(ValueError):
@@ -83,6 +84,9 @@ class Pipeline:
         self.requested = 0
         self.approved = 0
         self.rejections: Counter[str] = Counter()
+        self.events: list[dict[str, str]] = []  # execution's alerts, in order (at most MAX_EVENTS)
+        self.dropped_events = 0
+        self._purpose: dict[str, str] = {}  # order id -> ENTRY | EXIT | STOP | TARGET | FLATTEN
         self._work: deque[Any] = deque()
 
     def submit(self, orders: Iterable[OrderRequest]) -> None:
@@ -115,12 +119,22 @@ class Pipeline:
                 self._order(item)
             elif type(item) is Fill:
                 self.risk_events(self.risk.on_fill(item))
-                self.book.on_fill(item, self.clock.now_ns())
+                self.book.on_fill(item, self.clock.now_ns(), self._purpose.get(item.order_id, ""))
                 work.extend(strat.dispatch_fill(item))
             elif type(item) is OrderUpdate:
+                self._purpose.setdefault(item.order_id, item.purpose)
                 self.risk.on_order_update(item)
                 work.extend(strat.dispatch_order(item))
-            # Position, Alert and the rest are for humans and other services.
+            elif type(item) is Alert:
+                self._alert(item)
+            # Position and the rest are for humans and other services.
+
+    def _alert(self, alert: Alert) -> None:
+        if len(self.events) >= MAX_EVENTS:
+            self.dropped_events += 1
+            return
+        self.events.append({"time": _iso(self.clock.now_ns()), "level": alert.level, "code": alert.code,
+                            "text": alert.text})  # fmt: skip
 
     def _basket(self, req: BasketRequest) -> None:
         """A basket: judged whole by risk, then placed by the engine (long legs first)."""
@@ -338,5 +352,8 @@ def _report(strat: Strategy, pipe: Pipeline, n: int, seen: dict[str, str]) -> di
             "turnover": round(risk_state.turnover, 2),
         },
         "trade_list": [t.as_dict(cost_rate) for t in book.trades],
+        # what execution announced on the way: stops moved or trailed, square-offs, refusals
+        "events": pipe.events,
+        "events_dropped": pipe.dropped_events,
         "equity_curve": [[_iso(ts), eq] for ts, eq in book.equity_curve()],
     }

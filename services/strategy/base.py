@@ -276,17 +276,22 @@ class Strategy:
         target: float | Decimal | None = None,
         sizing: Sizing | None = None,
         product: str = "MIS",
+        trail_points: float | Decimal | None = None,
+        trail_pct: float | Decimal | None = None,
     ) -> OrderRequest | None:
         """Open a long position from flat.
 
         ``price`` None means market intent (execution makes it a protected LIMIT).
         ``stop_loss``/``target`` make it a bracket: execution places the exits after the
-        entry fills and cancels one when the other fills. Give ``sizing`` (and no
-        ``quantity``) to let risk size the order from capital and risk %.
+        entry fills and cancels one when the other fills. ``trail_points`` (rupees) or
+        ``trail_pct`` (percent of the price) make the stop trail: execution moves it up as the
+        price rises, keeping that distance from the best price since entry, never down. Give
+        ``sizing`` (and no ``quantity``) to let risk size the order from capital and risk %.
         Returns the queued request, or ``None`` when a position or an order in this
         instrument is already open or in flight (no double entry).
         """
-        return self._entry("BUY", instrument, quantity, price, stop_loss, target, sizing, product)
+        return self._entry("BUY", instrument, quantity, price, stop_loss, target, sizing, product,
+                           trail=(trail_points, trail_pct))
 
     def sell(
         self,
@@ -298,9 +303,13 @@ class Strategy:
         target: float | Decimal | None = None,
         sizing: Sizing | None = None,
         product: str = "MIS",
+        trail_points: float | Decimal | None = None,
+        trail_pct: float | Decimal | None = None,
     ) -> OrderRequest | None:
-        """Open a short position from flat; arguments as for ``buy`` (stop above, target below)."""
-        return self._entry("SELL", instrument, quantity, price, stop_loss, target, sizing, product)
+        """Open a short position from flat; arguments as for ``buy`` (stop above, target below;
+        a trailing stop follows the lowest price since entry)."""
+        return self._entry("SELL", instrument, quantity, price, stop_loss, target, sizing, product,
+                           trail=(trail_points, trail_pct))
 
     def exit(
         self, instrument: InstrumentRef, *, price: float | Decimal | None = None, product: str = "MIS"
@@ -338,9 +347,12 @@ class Strategy:
         stop_loss: float | Decimal | None = None,
         target: float | Decimal | None = None,
         product: str = "MIS",
+        trail_points: float | Decimal | None = None,
+        trail_pct: float | Decimal | None = None,
     ) -> OrderRequest:
         """One leg for ``basket``: ``self.leg("SELL", nifty.call(atm), 65, price=120)``. Not
-        queued on its own; ``stop_loss``/``target`` become that leg's own bracket."""
+        queued on its own; ``stop_loss``/``target`` (and a trail, as for ``buy``) become that
+        leg's own bracket."""
         key = self.key_of(instrument)
         segment, token = split_key(key)
         tick_size = _tick_size_of(self.ctx.master, key)
@@ -351,19 +363,26 @@ class Strategy:
             price=_request_price(price, tick_size, "nearest"),
             stop_loss=_request_price(stop_loss, tick_size, "down" if buy else "up"),
             target=_request_price(target, tick_size, "up" if buy else "down"),
+            trail_points=_distance(trail_points), trail_pct=_distance(trail_pct),
             product=product, ts_ns=self.ctx.clock.now_ns(),
         )  # fmt: skip
 
-    def basket(self, legs: list[OrderRequest]) -> BasketRequest:
+    def basket(self, legs: list[OrderRequest], *, move_sl_to_cost: bool = False,
+               request_id: str = "") -> BasketRequest:  # fmt: skip
         """Send 2 to 4 legs (``self.leg(...)``) as one basket: risk judges them together (one
         failing leg refuses all), execution places the long legs first and the short legs once
         every long is accepted, and rolls back the filled legs if one fails. Each leg is
         tracked like an order (``pending``, ``on_order``, ``on_reject``) under the id
-        ``<basket id>:leg<n>``. Returns the queued request."""
-        rid = self.ctx.new_request_id()
+        ``<basket id>:leg<n>``. With ``move_sl_to_cost``, when one leg's stop loss fills,
+        execution moves every other leg's stop to that leg's entry price. ``request_id`` (a
+        fresh one by default) makes a basket at most once: execution places a repeated id
+        never again, across restarts too (``f"{self.id}-entry-{day}"``: once a day). Returns the
+        queued request."""
+        rid = request_id or self.ctx.new_request_id()
         legs = [msgspec.structs.replace(x, request_id=basket_leg_id(rid, n), strategy_id=self.id)
                 for n, x in enumerate(legs, 1)]  # fmt: skip
-        req = BasketRequest(request_id=rid, strategy_id=self.id, legs=legs, ts_ns=self.ctx.clock.now_ns())
+        req = BasketRequest(request_id=rid, strategy_id=self.id, legs=legs, move_sl_to_cost=move_sl_to_cost,
+                            ts_ns=self.ctx.clock.now_ns())  # fmt: skip
         for x in legs:
             self._basket_legs[x.request_id] = req
         self._outbox.extend(legs)  # tracked and discarded with the hook's other orders
@@ -740,6 +759,8 @@ class Strategy:
         target: float | Decimal | None,
         sizing: Sizing | None,
         product: str,
+        *,
+        trail: tuple[float | Decimal | None, float | Decimal | None] = (None, None),
     ) -> OrderRequest | None:
         key = self.key_of(instrument)
         if self.position(key) != 0 or self.has_orders(key):
@@ -753,7 +774,8 @@ class Strategy:
         if quantity < 0 or (quantity == 0 and sizing is None):
             raise ValueError(f"{side.lower()} needs a positive quantity or sizing, got {quantity}")
         return self._build(
-            side, key, quantity, price, stop_loss, target, sizing, product, reduce_only=False, purpose="ENTRY"
+            side, key, quantity, price, stop_loss, target, sizing, product, reduce_only=False,
+            purpose="ENTRY", trail=trail,
         )
 
     def _build(  # noqa: PLR0917 - every field of the request
@@ -769,6 +791,7 @@ class Strategy:
         *,
         reduce_only: bool,
         purpose: str,
+        trail: tuple[float | Decimal | None, float | Decimal | None] = (None, None),
     ) -> OrderRequest:
         segment, token = split_key(key)
         tick_size = _tick_size_of(self.ctx.master, key)
@@ -788,6 +811,8 @@ class Strategy:
             sizing=sizing,
             reduce_only=reduce_only,
             purpose=purpose,
+            trail_points=_distance(trail[0]),
+            trail_pct=_distance(trail[1]),
             ts_ns=self.ctx.clock.now_ns(),
         )
         # Queue only a complete request: nothing half-built can leave the strategy.
@@ -872,6 +897,13 @@ def _request_price(value: float | Decimal | None, tick_size: Decimal, mode: str)
         return value
     if tick_size > 0:
         return snap(value, tick_size, mode)
+    return to_decimal(round(value, 2))
+
+
+def _distance(value: float | Decimal | None) -> Decimal | None:
+    """A trail distance (rupees or percent) as a Decimal, to the paisa."""
+    if value is None or isinstance(value, Decimal):
+        return value
     return to_decimal(round(value, 2))
 
 
