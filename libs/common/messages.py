@@ -304,6 +304,10 @@ class OrderRequest(_Msg, frozen=True, tag=True):
     # rupees or in percent of that price (one of the two, with ``stop_loss`` to start from)
     trail_points: Decimal | None = None
     trail_pct: Decimal | None = None
+    # the stop as a percent of the entry's average fill price (below it for a BUY, above it
+    # for a SELL) instead of ``stop_loss``: risk judges it from the last price and sends that
+    # estimate as ``stop_loss``; execution sets the real stop when the entry fills
+    stop_loss_pct: Decimal | None = None
     product: ProductField = "MIS"
     sizing: Sizing | None = None
     reduce_only: bool = False
@@ -702,6 +706,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 MAX_TRAIL_PCT = Decimal(50)  # a trail wider than half the price protects nothing
+MAX_STOP_PCT = Decimal(500)  # a short option's stop at 6x its premium is about the widest anyone sets
 
 
 def _check_money(label: str, value: Decimal | None, cap: Decimal) -> None:
@@ -716,6 +721,7 @@ def _check_order_request(msg: Any, at: str = "") -> None:
     for name in ("price", "trigger_price", "stop_loss", "target", "trail_points"):
         _check_money(at + name, getattr(msg, name), MAX_PRICE)
     _check_money(at + "trail_pct", msg.trail_pct, MAX_TRAIL_PCT)
+    _check_money(at + "stop_loss_pct", msg.stop_loss_pct, MAX_STOP_PCT)
     if msg.sizing is not None:
         _check_money(at + "sizing.capital", msg.sizing.capital, MAX_CAPITAL)
         _check_money(at + "sizing.risk_pct", msg.sizing.risk_pct, Decimal(100))

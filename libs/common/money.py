@@ -53,6 +53,15 @@ def snap(price: Decimal | float, tick: Decimal, mode: str = "nearest") -> Decima
     return (units * tick).quantize(tick)
 
 
+def pct_stop(side: str, entry: Decimal, pct: Decimal, tick: Decimal) -> Decimal:
+    """The stop loss ``pct`` percent from ``entry``: below a BUY's entry (rounded down to the
+    tick), above a SELL's (rounded up). A BUY's may come out at 0 or below: the caller refuses it."""
+    move = entry * pct / Decimal(100)
+    if side == "BUY":
+        return snap(entry - move, tick, "down")
+    return snap(entry + move, tick, "up")
+
+
 def protected_limit(side: str, last_price: Decimal | float, protection_pct: float, tick: Decimal) -> Decimal:
     """Market intent → a marketable LIMIT inside a protection band around the last price.
 

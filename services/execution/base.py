@@ -317,7 +317,7 @@ class EngineBase:
 
     def _new_bracket(
         self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None,
-        trail: tuple[Decimal | None, Decimal | None] = (None, None),
+        trail: tuple[Decimal | None, Decimal | None] = (None, None), *, stop_pct: Decimal | None = None,
     ) -> None:
         raise NotImplementedError  # brackets.Brackets
 

@@ -12,7 +12,7 @@ from libs.common.messages import (
     basket_leg_id,
     basket_of_leg,
 )
-from libs.common.money import protected_limit, snap, to_decimal
+from libs.common.money import pct_stop, protected_limit, snap, to_decimal
 from services.execution.base import (
     _LEGS,
     RETRY_BASE_S,
@@ -48,7 +48,7 @@ class Brackets(Orders):
 
     def _new_bracket(
         self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None,
-        trail: tuple[Decimal | None, Decimal | None] = (None, None),
+        trail: tuple[Decimal | None, Decimal | None] = (None, None), *, stop_pct: Decimal | None = None,
     ) -> None:
         b = BracketRow(
             bracket_id=new_id(),
@@ -68,6 +68,7 @@ class Brackets(Orders):
             stop_limit=stop_limit,
             trail_points=trail[0],
             trail_pct=trail[1],
+            stop_pct=stop_pct if stop_loss is not None else None,
         )
         entry.bracket_id = b.bracket_id
         self.brackets[b.bracket_id] = b
@@ -128,6 +129,8 @@ class Brackets(Orders):
                 )
             if entry.filled_qty - exited <= 0 and exited > 0 and not entry.terminal:
                 self._cancel_tree(entry)  # a leg ended the trade: drop the rest of the entry
+            if b.stop_pct is not None and entry.filled_qty > 0 and not any(x.purpose == STOP for x in legs):
+                changed = self._anchor_stop(b, entry) or changed
             if b.to_cost and exited > 0 and any(x.purpose == STOP and x.exited_qty for x in legs):
                 self._siblings_to_cost(b, entry)
             for kind in _LEGS:
@@ -157,6 +160,27 @@ class Brackets(Orders):
             b.updated_ns = self._now()
             self._bdirty[b.bracket_id] = b
         return protect
+
+    def _anchor_stop(self, b: BracketRow, entry: OrderRow) -> bool:
+        """``stop_loss_pct``: the entry has its first fill and no stop leg is out yet, so the
+        stop becomes that percent from the average fill price (risk's estimate from the last
+        price stands in until now). True when the bracket changed."""
+        pct, b.stop_pct = b.stop_pct, None
+        inst = self.master.get(b.segment, b.token)
+        avg = entry.avg_price
+        if pct is None or inst is None or avg is None or not avg > 0:
+            return pct is not None  # nothing to anchor to: the estimate stays
+        tick = inst.tick_size if inst.tick_size > 0 else Decimal("0.05")
+        stop = pct_stop(b.side, avg, pct, tick)
+        if stop <= 0 or stop == b.stop_loss:
+            return True
+        exit_side = "SELL" if b.side == "BUY" else "BUY"
+        was, b.stop_loss = b.stop_loss, stop
+        b.stop_limit = protected_limit(exit_side, stop, self.protection_pct, tick)
+        if self.log is not None:
+            self.log.info("stop_anchored", symbol=b.symbol, strategy_id=b.strategy_id, stop_pct=str(pct),
+                          avg_price=str(avg), estimate=str(was), stop_loss=str(stop))  # fmt: skip
+        return True
 
     def _size_legs(self, b: BracketRow, kind: str, legs: list[OrderRow], want: int) -> None:
         live = [x for x in legs if not x.terminal and not x.cancel_requested and x.open_qty]

@@ -55,7 +55,7 @@ _SELECT_FILL = (
 _SELECT_BRACKET = (
     "SELECT bracket_id, entry_id, strategy_id, exchange_segment, token, trading_symbol, transaction_type, "
     "product, stop_loss, target, state, trading_day, created_at, updated_at, stop_limit, entry_filled, "
-    "exit_filled, reason, trail_points, trail_pct, trail_best, to_cost FROM brackets"
+    "exit_filled, reason, trail_points, trail_pct, trail_best, to_cost, stop_pct FROM brackets"
 )
 
 
@@ -179,7 +179,7 @@ def _write_args(ch: Changes) -> list[str | None]:
         "product": b.product, "stop_loss": b.stop_loss, "stop_limit": b.stop_limit, "target": b.target,
         "state": b.state, "entry_filled": b.entry_filled, "exit_filled": b.exit_filled, "reason": b.reason,
         "trail_points": b.trail_points, "trail_pct": b.trail_pct, "trail_best": b.trail_best,
-        "to_cost": b.to_cost,
+        "to_cost": b.to_cost, "stop_pct": b.stop_pct,
         "trading_day": b.trading_day, "created_at": _ts(b.created_ns), "updated_at": _ts(b.updated_ns),
     } for b in ch.brackets.values()]  # fmt: skip
     risk = [{
@@ -278,6 +278,7 @@ def _bracket_row(r: Sequence[Any]) -> BracketRow:
         trail_pct=r[19],
         trail_best=r[20],
         to_cost=r[21],
+        stop_pct=r[22],
     )
 
 

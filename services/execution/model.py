@@ -289,6 +289,10 @@ class BracketRow:
     # a basket leg's: when another leg of the basket is stopped out, this stop moves to the
     # entry price (``move_sl_to_cost``)
     to_cost: bool = False
+    # a stop given as a percent of the entry's fill price (``stop_loss_pct``): until the entry
+    # fills, ``stop_loss`` is risk's estimate from the last price; at the first fill it becomes
+    # this percent from the average fill price and this goes back to None
+    stop_pct: Decimal | None = None
 
     @property
     def trails(self) -> bool:
@@ -308,6 +312,7 @@ class BracketRow:
             "trail_pct": _s(self.trail_pct),
             "trail_best": _s(self.trail_best),
             "to_cost": self.to_cost,
+            "stop_pct": _s(self.stop_pct),
             "state": self.state,
             "entry_filled": self.entry_filled,
             "exit_filled": self.exit_filled,

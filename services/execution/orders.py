@@ -218,7 +218,8 @@ class Orders(UnitOfWork):
             return rows
         assert inst is not None
         if o.stop_loss is not None or o.target is not None:
-            self._new_bracket(row, o.stop_loss, o.target, stop_limit, (o.trail_points, o.trail_pct))
+            self._new_bracket(row, o.stop_loss, o.target, stop_limit, (o.trail_points, o.trail_pct),
+                              stop_pct=o.stop_loss_pct)  # fmt: skip
         rows.extend(self._slice_and_place(row, inst))
         return rows
 

@@ -115,6 +115,12 @@ def bracket_reason(
             return "give trail_points or trail_pct, not both"
         if sl is None:
             return "a trailing stop needs a stop_loss to start from"
+    stop_pct = cmd.order.stop_loss_pct
+    if stop_pct is not None:
+        if sl is None:
+            return "stop_loss_pct needs risk's stop_loss estimate (orders reach execution through risk)"
+        if side == "BUY" and not stop_pct < 100:
+            return f"BUY stop_loss_pct {stop_pct} must be below 100"
     if sl is None and tgt is None:
         return None
     tick = inst.tick_size

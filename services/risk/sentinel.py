@@ -95,6 +95,7 @@ from libs.common.messages import (
     VerdictCode,
     basket_leg_id,
 )
+from libs.common.money import pct_stop
 from services.risk.book import (
     _HUNDRED,
     _REMEMBERED_REQUESTS,
@@ -117,6 +118,7 @@ class _Judged(NamedTuple):
     inst: Instrument
     entry: Decimal
     reducing: bool
+    order: OrderRequest  # the leg as judged (a ``stop_loss_pct`` made a ``stop_loss`` estimate)
 
 
 class Refusal(NamedTuple):
@@ -219,6 +221,10 @@ class RiskSentinel(RiskBook):
         if entry is None:
             reason = f"no last price for {inst.symbol} yet: give a limit price"
             return self._reject(req, Refusal(VerdictCode.LAST_PRICE, reason)), None
+        anchored = _stop_from_pct(req, entry, inst)
+        if isinstance(anchored, Refusal):
+            return self._reject(req, anchored), None
+        req = anchored
         refusal = _check_bracket(req, entry)
         if refusal:
             return self._reject(req, refusal), None
@@ -422,6 +428,10 @@ class RiskSentinel(RiskBook):
         entry = req.price if req.price is not None else self._last_price(inst)
         if entry is None:
             return Refusal(VerdictCode.LAST_PRICE, f"no last price for {inst.symbol} yet: give a limit price")
+        anchored = _stop_from_pct(req, entry, inst)
+        if isinstance(anchored, Refusal):
+            return anchored
+        req = anchored
         refusal = _check_bracket(req, entry)
         if refusal:
             return refusal
@@ -453,7 +463,7 @@ class RiskSentinel(RiskBook):
                        or self._check_entries(req.strategy_id, inst))  # fmt: skip
             if refusal:
                 return refusal
-        return _Judged(qty, inst, entry, not_reducing is None)
+        return _Judged(qty, inst, entry, not_reducing is None, req)
 
     def _approve_basket(self, req: BasketRequest, norm: BasketRequest, legs: list[OrderRequest],
                         judged: list[_Judged]) -> tuple[BasketVerdict, ExecuteBasket]:
@@ -462,15 +472,15 @@ class RiskSentinel(RiskBook):
         expires = now + self._exec_deadline_ns if self._exec_deadline_ns else 0
         executes: list[ExecuteOrder] = []
         verdicts: list[RiskVerdict] = []
-        for leg, (qty, inst, _entry, reducing) in zip(legs, judged, strict=True):
+        for leg, (qty, inst, _entry, reducing, judged_leg) in zip(legs, judged, strict=True):
             self._working[leg.request_id] = _Working(inst.key, leg.side, qty, leg.strategy_id)
             if not reducing and leg.purpose == "ENTRY":
                 self._count_entry(leg.request_id, leg.strategy_id, inst.key)
             leg_verdict = RiskVerdict(request_id=leg.request_id, approved=True, quantity=qty,
                                       state=self.current_state, ts_ns=now)
             self._remember(leg.request_id, _Seen(msgspec.structs.replace(leg, ts_ns=0), leg_verdict))
-            order = msgspec.structs.replace(leg, quantity=qty, symbol=inst.symbol, segment=inst.segment,
-                                            token=inst.token)
+            order = msgspec.structs.replace(judged_leg, quantity=qty, symbol=inst.symbol,
+                                            segment=inst.segment, token=inst.token)  # fmt: skip
             executes.append(ExecuteOrder(request_id=leg.request_id, order=order, quantity=qty,
                                          segment=inst.segment, token=inst.token, symbol=inst.symbol,
                                          expires_ns=expires, ts_ns=now))
@@ -786,6 +796,25 @@ def _check_prices(req: OrderRequest, inst: Instrument) -> Refusal | None:
         if off_tick:
             return Refusal(VerdictCode.TICK, f"{label} {value} is not on tick size {tick} for {inst.symbol}")
     return None
+
+
+def _stop_from_pct(req: OrderRequest, entry: Decimal, inst: Instrument) -> OrderRequest | Refusal:
+    """A ``stop_loss_pct`` as a ``stop_loss`` estimated from ``entry`` (the limit or last
+    price), on the tick and outward (lower for a BUY, higher for a SELL). Execution moves it
+    to the same percent of the entry's average fill price when the entry fills."""
+    pct = req.stop_loss_pct
+    if pct is None:
+        return req
+    if req.stop_loss is not None:
+        return Refusal(VerdictCode.BRACKET, "give stop_loss or stop_loss_pct, not both")
+    buy = req.side == "BUY"
+    if buy and not pct < _HUNDRED:
+        return Refusal(VerdictCode.BRACKET, f"BUY stop_loss_pct {pct} must be below 100")
+    tick = inst.tick_size if inst.tick_size > 0 else Decimal("0.05")
+    stop = pct_stop(req.side, entry, pct, tick)
+    if stop <= 0:
+        return Refusal(VerdictCode.BRACKET, f"BUY stop_loss_pct {pct} of {entry} leaves no stop above 0")
+    return msgspec.structs.replace(req, stop_loss=stop)
 
 
 def _check_bracket(req: OrderRequest, entry: Decimal) -> Refusal | None:

@@ -349,10 +349,13 @@ class Strategy:
         product: str = "MIS",
         trail_points: float | Decimal | None = None,
         trail_pct: float | Decimal | None = None,
+        stop_loss_pct: float | Decimal | None = None,
     ) -> OrderRequest:
         """One leg for ``basket``: ``self.leg("SELL", nifty.call(atm), 65, price=120)``. Not
         queued on its own; ``stop_loss``/``target`` (and a trail, as for ``buy``) become that
-        leg's own bracket."""
+        leg's own bracket. ``stop_loss_pct`` instead of ``stop_loss``: the stop is that percent
+        from the leg's average fill price (above it for a SELL), set by execution when the leg
+        fills, so a premium that moved between this tick and the fill does not shift it."""
         key = self.key_of(instrument)
         segment, token = split_key(key)
         tick_size = _tick_size_of(self.ctx.master, key)
@@ -364,7 +367,7 @@ class Strategy:
             stop_loss=_request_price(stop_loss, tick_size, "down" if buy else "up"),
             target=_request_price(target, tick_size, "up" if buy else "down"),
             trail_points=_distance(trail_points), trail_pct=_distance(trail_pct),
-            product=product, ts_ns=self.ctx.clock.now_ns(),
+            stop_loss_pct=_distance(stop_loss_pct), product=product, ts_ns=self.ctx.clock.now_ns(),
         )  # fmt: skip
 
     def basket(self, legs: list[OrderRequest], *, move_sl_to_cost: bool = False,

@@ -3,10 +3,10 @@
 At ``entry_at`` (IST, default 09:20) it sells the at-the-money call and put of the nearest
 weekly expiry of ``underlying`` (default NIFTY) as one basket, ``lots`` lots each, at market
 intent. Each leg carries its own stop loss ``leg_sl_pct`` % (default 25 %) above the premium
-it was sold at (the leg's last price when the basket goes), which execution rests at the
-broker as a stop-limit BUY; with ``trail_pct`` the stop trails the premium down. When one leg
-is stopped out, ``move_sl_to_cost`` (default on) has execution move the other leg's stop to
-its entry price. At ``exit_at`` (default 15:15) whatever is still held is closed.
+it was sold at (its average fill price: execution sets the stop when the leg fills), which
+execution rests at the broker as a stop-limit BUY; with ``trail_pct`` the stop trails the
+premium down. When one leg is stopped out, ``move_sl_to_cost`` (default on) has execution
+move the other leg's stop to its entry price. At ``exit_at`` (default 15:15) whatever is still held is closed.
 
 It enters at most once a day: the basket's request id names the day, so a restart, even
 after both legs were stopped out, never sells the straddle again (execution never places a
@@ -120,11 +120,10 @@ class Straddle(Strategy):
             return
         trail = p.trail_pct or None
         qty = p.lots * call.lot_size
-        legs = [
-            self.leg("SELL", inst, qty, stop_loss=last.ltp * (1 + p.leg_sl_pct / 100), trail_pct=trail,
-                     product=p.product)
-            for inst, last in ((call, ce), (put, pe))
-        ]  # fmt: skip
+        # each stop leg_sl_pct above the premium the leg is actually sold at (execution sets it
+        # from the fill; risk judges it from the last price)
+        legs = [self.leg("SELL", inst, qty, stop_loss_pct=p.leg_sl_pct, trail_pct=trail, product=p.product)
+                for inst in (call, put)]  # fmt: skip
         self.basket(legs, move_sl_to_cost=p.move_sl_to_cost, request_id=self._basket_id(day))
         self._entered = day
         self._legs = [call.key, put.key]

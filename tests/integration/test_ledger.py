@@ -79,7 +79,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[OrderStore]:
 def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
     s = PgOrderStore(empty_pg_url)
     assert s.migrate() == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets",
-                                 "0005_stop_moves"]
+                                 "0005_stop_moves", "0006_stop_pct"]
     assert s.migrate() == []
     with psycopg.connect(empty_pg_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -95,7 +95,7 @@ def test_migrations_are_applied_once_and_tracked(empty_pg_url: str) -> None:
         "schema_migrations",
     } <= tables
     assert versions == ["0001_ledger", "0002_ledger_write", "0003_fills_segment", "0004_baskets",
-                                 "0005_stop_moves"]
+                                 "0005_stop_moves", "0006_stop_pct"]
     s.close()
 
 
@@ -309,6 +309,39 @@ def test_a_trailing_stop_on_postgres_resumes_from_the_stop_it_reached(pg_url: st
                                     "AND kind = 'MODIFIED' ORDER BY id", (stop.order_id,)).fetchall()
     assert row == (Decimal("1302.00"), Decimal("10"), None, Decimal("1312.0"))
     assert [Decimal(r[0]) for r in trail_events] == [Decimal("1300"), Decimal("1302")]
+    store2.close()
+
+
+def test_a_stop_pct_waits_in_the_ledger_for_the_fill_across_a_restart(pg_url: str, tmp_path: Path) -> None:
+    # Arrange: a SELL resting at 1300 with its stop 10 % above the fill (risk's estimate 1430).
+    journal = tmp_path / "paper.jsonl"
+    store = PgOrderStore(pg_url)
+    h = Harness(store=store, journal=journal)
+    h.tick("RELIANCE-EQ", 1290.0, bid=1289.9, ask=1290.1)
+    [entry] = h.submit(execute(side="SELL", price="1300.00", stop_loss=Decimal("1430.00"),
+                               stop_loss_pct=Decimal("10")))  # fmt: skip
+    h.engine.flush()
+    with psycopg.connect(pg_url) as conn:
+        waiting = conn.execute("SELECT stop_loss, stop_pct FROM brackets WHERE entry_id = %s",
+                               (entry.order_id,)).fetchone()  # fmt: skip
+    assert waiting == (Decimal("1430.00"), Decimal("10"))
+    h.broker.close()
+    store.close()
+
+    # Act: restarted before the fill; then the price rises through the entry, which fills.
+    store2 = PgOrderStore(pg_url)
+    h2 = Harness(store=store2, journal=journal, clock=h.clock)
+    h2.tick("RELIANCE-EQ", 1301.0, bid=1300.9, ask=1301.1)
+    h2.engine.flush()
+
+    # Assert: the stop is 10 % above the fill, and the ledger says it is anchored.
+    [stop] = [x for x in legs(h2, "STOP") if not x.terminal]
+    avg = h2.engine.orders[entry.order_id].avg_price
+    assert avg is not None and stop.trigger_price == (avg * Decimal("1.1")).quantize(Decimal("0.10"))
+    with psycopg.connect(pg_url) as conn:
+        anchored = conn.execute("SELECT stop_loss, stop_pct FROM brackets WHERE entry_id = %s",
+                                (entry.order_id,)).fetchone()  # fmt: skip
+    assert anchored == (stop.trigger_price, None)
     store2.close()
 
 
