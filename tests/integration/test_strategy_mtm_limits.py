@@ -63,8 +63,8 @@ def paper(tmp_path: Path, pg_server: Any) -> Iterator[tuple[Stack, FakeFeed, str
         home = tmp_path / "home"
         home.mkdir(parents=True)
         (home / "neopulse.toml").write_text(CONFIG)
-        s = Stack(home, free_base_port(), NEOPULSE_DATABASE__URL=url, NEOPULSE_CONFIG=str(home / "neopulse.toml"),
-                  NEOPULSE_RISK__MAX_DAILY_LOSS=1_000_000.0)  # fmt: skip
+        s = Stack(home, free_base_port(), NEOPULSE_DATABASE__URL=url,
+                  NEOPULSE_CONFIG=str(home / "neopulse.toml"), NEOPULSE_RISK__MAX_DAILY_LOSS=1_000_000.0)
         feed = FakeFeed(s.bus, s.cfg.bus.endpoint("feed_pub"), QUOTES)
         try:
             start(s)
@@ -117,8 +117,8 @@ def held(s: Stack, strategy: str, symbol: str, qty: int, message: str) -> None:
 
 def stop_rows(url: str) -> list[tuple[str, str, dict[str, Any]]]:
     with psycopg.connect(url) as conn:
-        rows = conn.execute("SELECT request_id, reason, data FROM risk_events WHERE event = 'strategy_stopped' "
-                            "ORDER BY ts").fetchall()  # fmt: skip
+        rows = conn.execute("SELECT request_id, reason, data FROM risk_events "
+                            "WHERE event = 'strategy_stopped' ORDER BY ts").fetchall()  # fmt: skip
     return [(r[0], r[1], r[2]) for r in rows]
 
 
@@ -134,7 +134,7 @@ def assert_trades(s: Stack, strategy: str, symbol: str, before: int, qty: int = 
     held(s, strategy, symbol, before + qty, "the other strategy's new order filled")
 
 
-def test_past_its_max_loss_a_strategy_is_squared_off_and_stopped_while_another_trades_on_across_a_risk_restart(
+def test_past_max_loss_a_strategy_is_squared_off_and_stopped_while_another_trades_on_across_a_risk_restart(
     paper: tuple[Stack, FakeFeed, str],
 ) -> None:
     s, feed, url = paper
