@@ -192,3 +192,39 @@ def test_a_stopped_strategy_stays_stopped_after_a_restart_of_the_whole_stack_the
     assert_trades(s, "winner", "INFY-EQ", before=10)
     assert positions(s).get(("taker", "TCS-EQ")) == 0
     assert len(stop_rows(url)) == 1
+
+
+def test_a_stop_risk_could_not_deliver_before_it_was_killed_is_recorded_and_squared_off_after_its_restart(
+    paper: tuple[Stack, FakeFeed, str],
+) -> None:
+    s, feed, url = paper
+    assert trade(s, "loser", "RELIANCE-EQ").approved
+    held(s, "loser", "RELIANCE-EQ", 10, "the entry filled")
+    s.stop("execution")
+
+    feed.set("RELIANCE-EQ", 1280.0)  # crossed while execution is down: the record and flatten wait
+    eventually(lambda: s.status()["events_pending"] == 2, timeout=5, message="the stop queued")
+    s.kill("risk")  # ... and die with them (only the local backstop knows)
+    start(s)
+
+    held(s, "loser", "RELIANCE-EQ", 0, "squared off after the restart")
+    assert_refused_for_max_loss(s, "loser", "RELIANCE-EQ")
+    eventually(lambda: len(stop_rows(url)) == 1, timeout=5, message="the stop recorded")
+    assert len([o for o in orders(s, "loser") if o["purpose"] == "FLATTEN"]) == 1
+
+
+def test_a_strategy_that_crossed_its_max_loss_while_risk_was_down_is_stopped_when_it_starts(
+    paper: tuple[Stack, FakeFeed, str],
+) -> None:
+    s, feed, url = paper
+    assert trade(s, "loser", "RELIANCE-EQ").approved
+    assert trade(s, "winner", "INFY-EQ").approved
+    held(s, "loser", "RELIANCE-EQ", 10, "the entry filled")
+    s.stop("risk")
+
+    feed.set("RELIANCE-EQ", 1280.0)
+    start(s, "risk")
+
+    held(s, "loser", "RELIANCE-EQ", 0, "squared off")
+    assert_refused_for_max_loss(s, "loser", "RELIANCE-EQ")
+    assert_trades(s, "winner", "INFY-EQ", before=10)
