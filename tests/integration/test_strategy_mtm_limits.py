@@ -216,7 +216,7 @@ def test_a_stop_risk_could_not_deliver_before_it_was_killed_is_recorded_and_squa
 def test_a_strategy_that_crossed_its_max_loss_while_risk_was_down_is_stopped_when_it_starts(
     paper: tuple[Stack, FakeFeed, str],
 ) -> None:
-    s, feed, url = paper
+    s, feed, _ = paper
     assert trade(s, "loser", "RELIANCE-EQ").approved
     assert trade(s, "winner", "INFY-EQ").approved
     held(s, "loser", "RELIANCE-EQ", 10, "the entry filled")

@@ -4,8 +4,8 @@ closed by a flatten of execution's own; and a stop belongs to the trading day it
 
 from __future__ import annotations
 
-from libs.common.messages import RecordRiskEvent
-from tests.unit.test_engine_faults import DAY0_NS, Hand, places
+from libs.common.messages import CANCELLED, Flatten, RecordRiskEvent
+from tests.unit.test_engine_faults import DAY0_NS, Hand, cancels, execute, places
 from tests.unit.test_square_off import held, loop
 
 DAY0 = "2025-11-21"
@@ -81,3 +81,29 @@ def test_a_stop_delivered_after_midnight_belongs_to_the_day_before() -> None:
     assert [r.request_id for r in h.store.risk_events("2025-11-20")] == ["risk-stop-2025-11-20-s1"]
     loop(h, 10.0)
     assert closes(h) == []
+
+
+def test_a_fill_racing_risks_square_off_is_closed_by_it_once_and_not_by_a_second_flatten() -> None:
+    h = Hand()
+    h.tick(1290.0)
+    held(h, qty=10)
+    [r] = h.engine.submit([execute(qty=8, price="1289.00")])  # an entry still working at the stop
+    h.ack(places(h.take())[0])
+    entry = h.order(r.order_id)
+    stop(h)
+    h.engine.flatten(Flatten(request_id=f"risk-stop-{DAY0}-s1-flatten", strategy_id="s1", source="risk"),
+                     lambda _report: None)  # fmt: skip
+    [c] = cancels(h.take())
+    h.answer(c, None)
+
+    h.trade(entry, 5, "1289.00")  # part of it fills as its cancel goes out
+    loop(h, 6.0)  # past the grace, the cancel still unconfirmed: risk's flatten is at work
+    assert closes(h) == []
+    h.status(entry, CANCELLED, filled=5)
+    loop(h, 0.5)
+
+    [close] = places(h.take())  # the whole position, in one close: risk's
+    row = h.order(close.order_id)
+    assert (row.side, row.quantity) == ("SELL", 15)
+    assert row.request_id == f"flatten:risk-stop-{DAY0}-s1-flatten:s1:{row.key}"
+    assert "stopped_position_closed" not in h.codes()
