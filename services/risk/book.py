@@ -476,7 +476,7 @@ class RiskBook:
             events.append(Alert(level="WARNING", source="risk", code="strategy_stop_resent", text=text,
                                 ts_ns=self.clock.now_ns()))  # fmt: skip
             events += self._stop_events(sid, why, {"resent": True})
-        return [*events, *self._check_all_strategies()]
+        return (*events, *self._check_all_strategies())
 
     def backstop(self, today: str) -> dict[str, Any]:
         """What the service keeps in its local file (``risk-day.json``)."""
@@ -510,7 +510,7 @@ class RiskBook:
         self._load_book(day)
         drifted = before != (dict(self._net_qty), self._turnover, self._realised)
         events = self._check_loss() if not self.loss_breached else _NO_EVENTS
-        return [*events, *self._check_all_strategies()], drifted
+        return (*events, *self._check_all_strategies()), drifted
 
     def _load_book(self, day: DayState) -> None:
         self._positions.clear()
