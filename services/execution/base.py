@@ -213,6 +213,12 @@ class EngineBase:
         self._square_rounds: dict[tuple[str, str, str], int] = {}
         self._square_jobs: dict[tuple[str, str, str], tuple[str, int, int]] = {}  # (id, held, started)
         self._started_ns = clock.now_ns()  # square-off ids of this process differ from an earlier one's
+        # strategies risk stopped today (``strategy_stopped`` risk events: max_loss, target_profit)
+        # → when the stop was recorded; ``keep_stopped_flat`` closes what they still hold, per
+        # (strategy, instrument) its rounds and the running flatten (id, held, started)
+        self.stopped: dict[str, int] = {}
+        self._stop_rounds: dict[tuple[str, str], int] = {}
+        self._stop_jobs: dict[tuple[str, str], tuple[str, int, int]] = {}
         self._oversized: dict[str, tuple[int, int]] = {}  # leg → (size it should have, failed resizes)
         self._modifying: set[str] = set()  # legs with a modify not answered yet (one at a time)
         # trailing stops: instrument key → its active trailing brackets (ids); the brackets whose

@@ -30,6 +30,7 @@ Durability rules
 from __future__ import annotations
 
 import heapq
+import re
 from typing import Any
 
 from libs.common.clock import trading_day
@@ -79,6 +80,8 @@ from services.execution.model import (
 )
 from services.execution.pricing import freeze_step  # re-exported (``__all__``)
 
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
 __all__ = [
     "CARRIED", "KILL_EVENTS", "SETTLED_AFTER_S", "BooksIntent", "CancelIntent", "EngineBase",
     "ExecutionEngine", "FlattenJob", "Intent", "ModifyIntent", "PlaceIntent", "PositionState",
@@ -119,6 +122,8 @@ class ExecutionEngine(Baskets):
             self.fill_keys.setdefault((f.trading_day, f.segment), set()).add(f.trade_id)
             self._apply_position(f)
         self._load_baskets()
+        for r in self.store.risk_events(self.day):
+            self._note_stopped(r, min(r.ts_ns, self._now()))
         self._held_intents.append(PositionsIntent(self._now()))
         self.request_reconcile("startup")
 
@@ -170,17 +175,22 @@ class ExecutionEngine(Baskets):
         return out
 
     def record_risk_event(self, ev: RecordRiskEvent) -> None:
-        self._risk.append(
-            RiskEventRow(
-                event=ev.event,
-                reason=ev.reason,
-                source=ev.source,
-                ts_ns=ev.ts_ns or self._now(),
-                trading_day=self.day,
-                data=dict(ev.data),
-                request_id=ev.request_id,
-            )
-        )
+        """Store a risk event under the trading day it happened on (``data["trading_day"]``,
+        risk's day; else today): a stop or a loss breach risk delivers after midnight belongs
+        to the day before and must not carry into the new one."""
+        told = ev.data.get("trading_day")
+        day = told if isinstance(told, str) and _ISO_DAY.fullmatch(told) else self.day
+        row = RiskEventRow(event=ev.event, reason=ev.reason, source=ev.source, ts_ns=ev.ts_ns or self._now(),
+                           trading_day=day, data=dict(ev.data), request_id=ev.request_id)  # fmt: skip
+        self._risk.append(row)
+        self._note_stopped(row, self._now())
+
+    def _note_stopped(self, row: RiskEventRow, since_ns: int) -> None:
+        """A strategy stopped today: from ``since_ns`` what it still holds is closed here too."""
+        sid = (row.data or {}).get("strategy_id")
+        today = row.trading_day == self.day
+        if row.event.lower() == RiskEvent.STRATEGY_STOPPED and isinstance(sid, str) and today:
+            self.stopped.setdefault(sid, since_ns)
 
     def day_state(self) -> DayState:
         """What risk rebuilds its day from. The kill switch is the latest switch event of ANY
@@ -235,6 +245,9 @@ class ExecutionEngine(Baskets):
             return False
         self.day = today
         self.positions.clear()
+        self.stopped.clear()  # a stop is for its day
+        self._stop_rounds.clear()
+        self._stop_jobs.clear()
         self._load_carries()
         self.turnover = _ZERO
         self.fill_count = 0

@@ -36,6 +36,7 @@ from services.execution.model import (
 )
 
 SQUARE_OFF_RETRY_NS = 30_000_000_000  # a square-off whose position has not moved is tried again after this
+STOPPED_GRACE_NS = 5_000_000_000  # after a strategy_stopped record, risk's own flatten comes first
 
 
 class Flattening(BrokerEvents):
@@ -187,6 +188,48 @@ class Flattening(BrokerEvents):
                                                data=data))  # fmt: skip
                 self.flatten(Flatten(request_id=rid, symbol=key, strategy_id=sid, product=product,
                                      source="execution"), lambda _report: None)  # fmt: skip
+
+    def keep_stopped_flat(self) -> None:
+        """A strategy risk stopped for the day (``max_loss``/``target_profit``) holds nothing:
+        risk's own flatten closes what it held at the stop; what it holds later — a fill that
+        came after that flatten, a flatten risk could not deliver, one cut short by a restart —
+        is closed here by a flatten of its own (strategy, instrument), once no flatten of it is
+        running and no close of it works, at most every 30 s while the position is unchanged.
+        Risk's flatten is given ``STOPPED_GRACE_NS`` after the record to arrive first."""
+        if not self.stopped:
+            return
+        now = self._now()
+        for (sid, key), pos in list(self.positions.items()):
+            since = self.stopped.get(sid)
+            if since is None or pos.quantity == 0 or now - since < STOPPED_GRACE_NS:
+                continue
+            k = (sid, key)
+            last = self._stop_jobs.get(k)
+            if last is not None and (last[0] in self._active_jobs or (
+                    pos.quantity == last[1] and now - last[2] < SQUARE_OFF_RETRY_NS)):  # fmt: skip
+                continue
+            products = pos.by_product or {"MIS": pos.quantity}
+            if self._flattening(sid, key) or any(self._close_working(sid, key, p) for p in products):
+                continue
+            n = self._stop_rounds.get(k, 0) + 1
+            self._stop_rounds[k] = n
+            rid = f"stopped:{self.day}:{self._started_ns}:{sid}:{key}:{n}"
+            self._stop_jobs[k] = (rid, pos.quantity, now)
+            self.alert("WARNING", f"strategy {sid} is stopped for the day but holds {pos.symbol} "
+                       f"{pos.quantity:+d}: closing it", "stopped_position_closed")  # fmt: skip
+            self.flatten(Flatten(request_id=rid, symbol=key, strategy_id=sid, source="execution"),
+                         lambda _report: None)  # fmt: skip
+
+    def _flattening(self, strategy_id: str, key: str) -> bool:
+        """A flatten that covers this strategy and instrument is still at work."""
+        for rid in self._active_jobs:
+            job = self.flatten_jobs.get(rid)
+            if job is None or (job.phase == FlattenPhase.DONE and not job.unconfirmed):
+                continue
+            req = job.request
+            if self._matches(strategy_id, key, req, self._match_symbol(req.symbol) if req.symbol else None):
+                return True
+        return False
 
     def _close_working(self, strategy_id: str, key: str, product: str) -> bool:
         """A flatten close of this strategy, instrument and product is still working."""

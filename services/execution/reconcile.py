@@ -68,6 +68,7 @@ class Reconciliation(Flattening):
             self.request_reconcile("due")
         self._retry_owed()
         self.square_off_if_due()
+        self.keep_stopped_flat()
         if self._active_jobs:
             self._advance_jobs()
 

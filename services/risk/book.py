@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from libs.common.clock import Clock
+from libs.common.clock import Clock, trading_day
 from libs.common.config import RiskConfig
 from libs.common.instruments import MasterData, instrument_key
 from libs.common.messages import (
@@ -360,17 +360,33 @@ class RiskBook:
                 continue
             self.stopped[sid] = why
             now = self.clock.now_ns()
-            day = self.trading_day or str(now)
             out += [
                 Alert(level="CRITICAL", source="risk", code="strategy_stopped", ts_ns=now,
                       text=f"strategy {sid} stopped for the day: {why}; its positions are squared off and "
                            "its new entries refused (exits pass); other strategies trade on"),
-                RecordRiskEvent(event=RiskEvent.STRATEGY_STOPPED, reason=why, ts_ns=now,
-                                data={"strategy_id": sid, "net_pnl": round(net, 2), "trading_day": day},
-                                request_id=f"risk-stop-{day}-{sid}"),
-                Flatten(request_id=f"risk-stop-{day}-{sid}-flatten", strategy_id=sid, source="risk"),
+                *self._stop_events(sid, why, {"net_pnl": round(net, 2)}),
             ]  # fmt: skip
         return out
+
+    def _check_all_strategies(self) -> Sequence[Event]:
+        """Every limited strategy not stopped yet (after a restore or a resync: one may have
+        crossed while risk was down, or by a fill the bus lost)."""
+        out: list[Event] = []
+        for sid in self._limits:
+            out += self._check_strategies(strategy_id=sid)
+        return out
+
+    def _stop_events(self, sid: str, why: str, data: Mapping[str, Any] | None = None) -> list[Event]:
+        """The stop's record and its square-off. Their request ids are fixed per day and
+        strategy, so sending them again (after a restart) never records or closes twice."""
+        now = self.clock.now_ns()
+        day = self.trading_day or trading_day(self.clock)
+        return [
+            RecordRiskEvent(event=RiskEvent.STRATEGY_STOPPED, reason=why, ts_ns=now,
+                            data={"strategy_id": sid, **(data or {}), "trading_day": day},
+                            request_id=f"risk-stop-{day}-{sid}"),
+            Flatten(request_id=f"risk-stop-{day}-{sid}-flatten", strategy_id=sid, source="risk"),
+        ]  # fmt: skip
 
     def _check_loss(self) -> Sequence[Event]:
         net = self.net_pnl()
@@ -430,9 +446,15 @@ class RiskBook:
     def restore(self, day: DayState) -> Sequence[Event]:
         """Rebuild the day from execution's ledger. A tripped kill switch or a latched loss
         breach stays tripped (also when it was tripped here while the day was loading). The
-        day's entry counts are the ledger's, or what was approved here if more."""
+        day's entry counts are the ledger's, or what was approved here if more. A strategy
+        stopped here (the backstop) that the ledger has no record of gets its record and its
+        square-off sent again, under the same request ids; a limited strategy that crossed its
+        limit while risk was down is stopped now."""
         if self.trading_day and day.trading_day != self.trading_day:  # a new day (not the first load)
             self._entries, self._entry_of, self.stopped = {}, {}, {}
+        # stopped here (the local backstop) but not in execution's records: risk stopped before
+        # its record and square-off were delivered
+        unrecorded = {sid: why for sid, why in self.stopped.items() if sid not in day.stopped}
         self.stopped.update(day.stopped)
         for e in day.entries:
             k = (e.strategy_id, instrument_key(e.segment, e.token))
@@ -447,7 +469,14 @@ class RiskBook:
             if not self.loss_breached:
                 self.breach_reason = "daily loss limit breached earlier today"
             self.loss_breached = True
-        return self._check_loss() if not self.loss_breached else _NO_EVENTS
+        events = [*(self._check_loss() if not self.loss_breached else _NO_EVENTS)]
+        for sid, why in unrecorded.items():
+            text = (f"strategy {sid} was stopped before risk restarted ({why}) but execution has no "
+                    "record of it: the record and the square-off are sent again")
+            events.append(Alert(level="WARNING", source="risk", code="strategy_stop_resent", text=text,
+                                ts_ns=self.clock.now_ns()))  # fmt: skip
+            events += self._stop_events(sid, why, {"resent": True})
+        return (*events, *self._check_all_strategies())
 
     def backstop(self, today: str) -> dict[str, Any]:
         """What the service keeps in its local file (``risk-day.json``)."""
@@ -480,7 +509,8 @@ class RiskBook:
         before = (dict(self._net_qty), self._turnover, self._realised)
         self._load_book(day)
         drifted = before != (dict(self._net_qty), self._turnover, self._realised)
-        return (self._check_loss() if not self.loss_breached else _NO_EVENTS), drifted
+        events = self._check_loss() if not self.loss_breached else _NO_EVENTS
+        return (*events, *self._check_all_strategies()), drifted
 
     def _load_book(self, day: DayState) -> None:
         self._positions.clear()
