@@ -23,7 +23,8 @@ Commands in (``getUpdates``, JSON body or query string, as the Bot API takes the
   an offset forgets every update below it, as Telegram confirms them;
 * ``fail_polls(count, status=409, body=None)`` — the next ``count`` polls fail with that
   status (``body``: raw bytes instead of the Bot API's JSON, e.g. b"<html>"); ``polls`` —
-  every poll's ``(offset, timeout, mono)``.
+  every poll's ``(offset, timeout, status, mono)``. Polls are neither in ``attempts`` nor
+  taken by ``fail_next``, which stay about sending.
 
 Use it in-process (``with TelegramFake() as tg: ... tg.api_url``) or run it alone:
 ``python -m tests.fakes.telegram_server --port 8081 --token 123:ABC``.
@@ -68,6 +69,7 @@ class Poll:
 
     offset: int | None
     timeout: float
+    status: int = 200
     mono: float = field(default_factory=time.monotonic)
 
 
@@ -190,6 +192,9 @@ class TelegramFake:
             self._record(method, 401)
             self._reply(req, 401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
             return
+        if method == "getUpdates":  # its own failures (fail_polls) and records (polls)
+            self._get_updates(req, body)
+            return
         with self._lock:
             failure = self._failures.pop(0) if self._failures else None
         if failure is not None:
@@ -202,9 +207,6 @@ class TelegramFake:
             else:
                 self._reply(req, status, {"ok": False, "error_code": status,
                                           "description": "Internal Server Error"})
-            return
-        if method == "getUpdates":
-            self._get_updates(req, body)
             return
         if method == "getMe":
             self._record(method, 200)
@@ -251,15 +253,15 @@ class TelegramFake:
             timeout = min(float(fields.get("timeout") or 0), 50.0)
             limit = max(1, min(int(fields.get("limit") or 100), 100))
         except (TypeError, ValueError):
-            self._record("getUpdates", 400)
+            with self._lock:
+                self.polls.append(Poll(None, 0, 400))
             self._reply(req, 400, {"ok": False, "error_code": 400, "description": "Bad Request: bad offset"})
             return
         with self._lock:
-            self.polls.append(Poll(offset, timeout))
             failure = self._poll_failures.pop(0) if self._poll_failures else None
+            self.polls.append(Poll(offset, timeout, failure[0] if failure else 200))
         if failure is not None:
             status, raw = failure
-            self._record("getUpdates", status)
             if raw is not None:
                 req.send_response(status)
                 req.send_header("Content-Type", "text/html")
@@ -285,7 +287,6 @@ class TelegramFake:
                 if ready or left <= 0 or self._stopping:
                     break
                 self._arrived.wait(min(left, 0.5))
-            self.attempts.append(Attempt("getUpdates", 200, time.monotonic()))
         self._reply(req, 200, {"ok": True, "result": ready})
 
     def _record(self, method: str, status: int) -> None:
