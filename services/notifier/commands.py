@@ -179,11 +179,12 @@ def status_text(risk: Mapping[str, Any] | None, services: Iterable[Health], risk
         if not h.up:
             since = "never heard" if h.age_s is None else f"silent {h.age_s:.0f}s"
             lines.append(f"{h.service}: DOWN ({since})")
+        elif h.age_s is None:
+            lines.append(f"{h.service}: no heartbeat yet")
         elif h.state != "ok":
             lines.append(f"{h.service}: {h.state.upper()} ({clean(h.reason, 80)})")
         else:
-            age = "" if h.age_s is None else f" ({h.age_s:.1f}s ago)"
-            lines.append(f"{h.service}: ok{age}")
+            lines.append(f"{h.service}: ok ({h.age_s:.1f}s ago)")
     return "\n".join(lines)
 
 

@@ -255,13 +255,14 @@ class Monitor:
         return [n for n, live in self.services.items() if live.down]
 
     def health(self) -> list[tuple[str, bool, float | None, str, str]]:
-        """``(service, up, seconds since heard (None: never), state, reason)`` per watched service."""
+        """``(service, up, seconds since heard (None: never), state, reason)`` per watched service;
+        ``up`` is this monitor's judgement (down once silent for ``silence_s``, or never heard
+        within the start-up grace)."""
         now = self.clock.monotonic()
         out = []
         for name, live in self.services.items():
             age = None if live.last_seen is None else now - live.last_seen
-            up = not live.down and age is not None and age <= self.silence_s
-            out.append((name, up, age, live.state, live.reason))
+            out.append((name, not live.down, age, live.state, live.reason))
         return out
 
     # ----------------------------------------------------------------- daily summary

@@ -20,7 +20,8 @@ Commands in (``getUpdates``, JSON body or query string, as the Bot API takes the
   dict (malformed updates);
 * ``getUpdates(offset, timeout, limit)`` returns the queued updates with ``update_id >=
   offset`` (at most ``limit``), waiting up to ``timeout`` seconds for one when there is none;
-  an offset forgets every update below it, as Telegram confirms them;
+  an offset forgets every update below it, as Telegram confirms them (unless
+  ``keep_confirmed``);
 * ``fail_polls(count, status=409, body=None)`` — the next ``count`` polls fail with that
   status (``body``: raw bytes instead of the Bot API's JSON, e.g. b"<html>"); ``polls`` —
   every poll's ``(offset, timeout, status, mono)``. Polls are neither in ``attempts`` nor
@@ -91,6 +92,7 @@ class TelegramFake:
         self._arrived = threading.Condition(self._lock)
         self._next_update = 7000
         self._stopping = False
+        self.keep_confirmed = False  # True: never forget an update (only offsets filter them)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -279,7 +281,7 @@ class TelegramFake:
             return
         deadline = time.monotonic() + timeout
         with self._arrived:
-            if offset is not None:  # confirmed: Telegram forgets them
+            if offset is not None and not self.keep_confirmed:  # confirmed: Telegram forgets them
                 self.updates = [u for u in self.updates if not _below(u, offset)]
             while True:
                 ready = [u for u in self.updates if offset is None or not _below(u, offset)][:limit]
@@ -300,12 +302,14 @@ class TelegramFake:
         req.send_header("Content-Type", "application/json")
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
-        req.wfile.write(data)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+            req.wfile.write(data)
 
 
 def _below(update: dict[str, Any], offset: int) -> bool:
+    """Confirmed by ``offset`` (an update with no usable id goes with the first offset)."""
     uid = update.get("update_id")
-    return isinstance(uid, int) and uid < offset
+    return not isinstance(uid, int) or uid < offset
 
 
 def _parse_body(content_type: str, body: bytes) -> tuple[dict[str, Any], bytes]:

@@ -160,7 +160,8 @@ def test_status_names_the_kill_switch_risk_and_each_service() -> None:
     risk = {"state": "HALTED", "kill_switch": True, "reason": "telegram /halt", "net_pnl": -12.3}
     health = [Health("feed", True, 0.4), Health("risk", True, 0.2),
               Health("execution", True, 0.9, "degraded", "ledger unavailable: gone"),
-              Health("strategy-mom1", False, 12.0), Health("strategy-x", False, None)]
+              Health("strategy-mom1", False, 12.0), Health("strategy-x", False, None),
+              Health("strategy-new", True, None)]
 
     text = status_text(risk, health)
 
@@ -172,6 +173,7 @@ def test_status_names_the_kill_switch_risk_and_each_service() -> None:
         "execution: DEGRADED (ledger unavailable: gone)",
         "strategy-mom1: DOWN (silent 12s)",
         "strategy-x: DOWN (never heard)",
+        "strategy-new: no heartbeat yet",
     ]
 
 

@@ -85,8 +85,10 @@ class UpdatePoller:
     must be thread-safe, e.g. ``reactor.call_soon_threadsafe``)."""
 
     def __init__(self, cfg: TelegramConfig, log: Any, offsets: OffsetStore,
-                 deliver: Callable[[list[dict[str, Any]]], None]) -> None:
+                 deliver: Callable[[list[dict[str, Any]]], None], *,
+                 backoff_s: tuple[float, float] = (1.0, 30.0)) -> None:
         self.log = log
+        self.backoff_min_s, self.backoff_max_s = backoff_s
         self.offsets = offsets
         self.deliver = deliver
         self.poll_timeout_s = cfg.poll_timeout_s
@@ -134,7 +136,7 @@ class UpdatePoller:
                 if self._stop.is_set():
                     return
                 self._note_error(f"{type(exc).__name__}: {self._clean(str(exc))}"[:200])
-                if self._stop.wait(5.0):
+                if self._stop.wait(self.backoff_max_s / 6):
                     return
                 continue
             self._hand_over(batch)
@@ -142,8 +144,6 @@ class UpdatePoller:
     def _hand_over(self, batch: list[Any]) -> None:
         ids = [uid for uid in (update_id_of(u) for u in batch) if uid is not None]
         if not ids:
-            if batch:
-                self._note_error(f"{len(batch)} update(s) without an update_id skipped")
             return
         if self._stop.is_set():
             return  # not handed over: not confirmed either, so not lost
@@ -187,6 +187,8 @@ class UpdatePoller:
             result = body.get("result")
             if not isinstance(result, list):
                 raise Retryable("200 reply without a result list")
+            if result and all(update_id_of(u) is None for u in result):
+                raise Retryable(f"{len(result)} update(s) without an update_id")
             return result
         if resp.status_code == 429:
             params_ = body.get("parameters")
@@ -202,7 +204,8 @@ class UpdatePoller:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, Retryable) and exc.retry_after is not None:
             return max(0.0, min(exc.retry_after, 300.0))
-        return float(tenacity.wait_exponential(multiplier=1, min=1, max=30)(state))
+        return float(tenacity.wait_exponential(multiplier=self.backoff_min_s, min=self.backoff_min_s,
+                                               max=self.backoff_max_s)(state))
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
