@@ -20,12 +20,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from libs.common import config as config_mod
-from libs.common.clock import Clock
+from libs.common.clock import IST, Clock
 from libs.common.config import Config, ConfigError
 from libs.common.messages import (
     DayState,
@@ -50,6 +51,7 @@ from services.notifier.channels.webhook import WebhookChannel
 from services.notifier.monitor import CRITICAL, WARNING, Monitor, Notice, parse_time_of_day
 
 FLATTEN_TIMEOUT_MS = 30_000  # execution answers once cancels are confirmed and closes answered
+FOREIGN_LOG_EVERY_S = 10.0  # one telegram_foreign_chat line per chat this often (a stranger may flood)
 
 
 def strategy_pub_endpoint(strategy_id: str) -> str:
@@ -94,6 +96,7 @@ class NotifierService(Service):
         self.flatten_code = cmd.FlattenCode(cfg.telegram.confirm_s)
         self.commands_obeyed = 0
         self.commands_ignored = 0
+        self._foreign_logged: dict[str, float] = {}
         if cfg.telegram.token and cfg.telegram.commands:
             offsets = OffsetStore(self.home / "state" / "telegram-offset.json", bot_id(cfg.telegram.token))
             self.poller = UpdatePoller(cfg.telegram, self.log, offsets, self._updates_from_thread)
@@ -208,22 +211,20 @@ class NotifierService(Service):
             self.log.info("telegram_update_ignored", update_id=update.update_id, kind=update.kind)
             return
         if not cmd.same_chat(update, self.cfg.telegram.chat_id):
-            # Another chat: nothing is done and nothing is said to it.
-            self.commands_ignored += 1
-            self.log.warning("telegram_foreign_chat", update_id=update.update_id,
-                             chat_id=cmd.clean(update.chat_id, 24), text=cmd.clean(update.text, 40))
+            self._foreign(update)  # nothing is done and nothing is said to that chat
             return
         command = cmd.parse_command(update.text)
-        if command is None:
-            self._reply(cmd.HELP)
-            return
         if update.date < self.started_ns // 1_000_000_000:
             self.commands_ignored += 1
-            sent = time.strftime("%H:%M:%S", time.localtime(update.date))
-            self.log.warning("telegram_command_stale", update_id=update.update_id, command=command.word,
-                             sent=update.date)
-            self._reply(f"Ignored {command.word}: sent at {sent}, before the notifier started. "
-                        f"Send it again if you still mean it.")
+            if command is not None:  # old chatter is let go quietly; an old command is answered
+                sent = datetime.fromtimestamp(update.date, IST).strftime("%H:%M:%S IST")
+                self.log.warning("telegram_command_stale", update_id=update.update_id,
+                                 command=command.word, sent=update.date)
+                self._reply(f"Ignored {command.word}: sent at {sent}, before the notifier started. "
+                            f"Send it again if you still mean it.")
+            return
+        if command is None:
+            self._reply(cmd.HELP)
             return
         self.commands_obeyed += 1
         self.log.info("telegram_command", update_id=update.update_id, command=command.name,
@@ -248,6 +249,19 @@ class NotifierService(Service):
                 self._reply(cmd.HELP)
             case _:
                 self._reply(f"Unknown command {command.word}. {cmd.HELP}")
+
+    def _foreign(self, update: cmd.Update) -> None:
+        """One log line per foreign chat per ``FOREIGN_LOG_EVERY_S`` (with how many were ignored)."""
+        self.commands_ignored += 1
+        now = self.clock.monotonic()
+        chat = cmd.clean(update.chat_id, 24)
+        if now - self._foreign_logged.get(chat, -FOREIGN_LOG_EVERY_S) < FOREIGN_LOG_EVERY_S:
+            return
+        if len(self._foreign_logged) > 1000:
+            self._foreign_logged.clear()
+        self._foreign_logged[chat] = now
+        self.log.warning("telegram_foreign_chat", update_id=update.update_id, chat_id=chat,
+                         text=cmd.clean(update.text, 40), ignored_total=self.commands_ignored)
 
     def _reply(self, text: str, level: str = "INFO") -> None:
         """A reply goes to the Telegram chat only (the console and the log have the command)."""

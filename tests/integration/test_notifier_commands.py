@@ -223,15 +223,15 @@ def test_status_pnl_and_positions_answer_the_configured_chat(steered: Steered) -
 
 
 def test_halt_from_another_chat_does_nothing_and_gets_no_answer(steered: Steered) -> None:
-    before = len(steered.log_events("telegram_foreign_chat"))
-
     uid = steered.tg.inject("/halt", OTHER_CHAT)
-    steered.tg.inject(f"/flatten {'1' * 4}", OTHER_CHAT)
+    for _ in range(20):  # a stranger's flood
+        steered.tg.inject(f"/flatten {'1' * 4}", OTHER_CHAT)
+    steered.say("/status", "NeoPulse status")  # everything before it has been handled
 
-    eventually(lambda: len(steered.log_events("telegram_foreign_chat")) >= before + 2, 10,
-               message="the foreign chat logged")
-    line = next(ln for ln in steered.log_events("telegram_foreign_chat") if ln["update_id"] == uid)
-    assert line["chat_id"] == OTHER_CHAT and line["level"] == "warning"
+    lines = steered.log_events("telegram_foreign_chat")
+    assert len(lines) == 1, lines  # one line per chat per 10 s, not one per message
+    assert lines[0]["update_id"] == uid and lines[0]["chat_id"] == OTHER_CHAT
+    assert lines[0]["level"] == "warning" and lines[0]["text"] == "/halt"
     assert steered.kill_switch() is False
     assert steered.tg.replies_to(OTHER_CHAT) == []
 
