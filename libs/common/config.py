@@ -197,6 +197,13 @@ class TelegramConfig(_Section, frozen=True):
     chat_id: str = ""
     api_url: str = "https://api.telegram.org"
     max_per_sec: PositiveFloat = 1.0
+    commands: bool = True
+    """Accept ``/status``, ``/positions``, ``/pnl``, ``/halt``, ``/resume`` and ``/flatten``
+    from ``chat_id`` (and from no other chat). Needs the numeric chat id."""
+    poll_timeout_s: Annotated[int, Meta(ge=1, le=50)] = 25
+    """How long one ``getUpdates`` long poll waits for a command (seconds)."""
+    confirm_s: Annotated[float, Meta(ge=1, le=600)] = 60.0
+    """How long the code ``/flatten`` replies with stays valid (seconds; single use)."""
 
 
 class NotifierConfig(_Section, frozen=True):
@@ -414,8 +421,22 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
             var = (origins or {}).get(key)
             raise ConfigError(f"config error: {var + ': ' if var else ''}`{key}` {problem}")
     _parse_hours(cfg.feed.market_hours)
+    _check_telegram(cfg.telegram, origins or {})
     if not cfg.bus.curve:
         _check_loopback(cfg.bus, origins or {})
+
+
+def _check_telegram(tg: TelegramConfig, origins: dict[str, str]) -> None:
+    """Commands are taken from one chat, named by its numeric id (what a message carries)."""
+    if not (tg.commands and tg.token and tg.chat_id):
+        return
+    if re.fullmatch(r"-?[0-9]{1,20}", tg.chat_id.strip()) is None:
+        var = origins.get("telegram.chat_id")
+        # The value itself is a secret: never in the message.
+        raise ConfigError(f"config error: {var + ': ' if var else ''}`telegram.chat_id` must be the "
+                          f"numeric chat id (like 123456789 or -1001234567890) while telegram.commands "
+                          f"is on: commands are accepted from that chat only; set "
+                          f"telegram.commands = false to send to a @channel name")
 
 
 _LOOPBACK = ("127.", "localhost", "[::1]", "::1")

@@ -17,9 +17,12 @@ publication — no order, kill switch or flatten gets through.
 
 Being on the allow-list lets a client talk; it does not let it trade. ``SenderCheck`` is
 execution's gate for the commands that place or cancel orders: ``ExecuteOrder`` only from
-risk, ``Flatten``/``CancelEntries``/``RecordRiskEvent`` from risk or the operator's CLI
-(``admin``). With CURVE the sender is known by its public key (the ZAP User-Id of the
-connection); without CURVE it presents the per-stack secret of ``libs.common.stack_secret``.
+risk, ``CancelEntries``/``RecordRiskEvent`` from risk or the operator's CLI (``admin``),
+``Flatten`` from those two or the notifier (a trader's ``/flatten`` from Telegram). With CURVE
+the sender is known by its public key (the ZAP User-Id of the connection); without CURVE it
+presents the per-stack secret of ``libs.common.stack_secret`` — the notifier its own secret,
+which is good for ``Flatten`` only. ``OrderSourceCheck`` is risk's: with CURVE an order or a
+basket from the notifier's key is refused (without CURVE risk cannot tell who sent it).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from libs.common.messages import (
     RecordRiskEvent,
     Reply,
 )
-from libs.common.stack_secret import StackSecret
+from libs.common.stack_secret import FILE_NAME, NOTIFIER_FILE, StackSecret
 
 if TYPE_CHECKING:
     from libs.common.bus import Responder
@@ -301,10 +304,22 @@ def install_curve(bus: Any, cfg: Config, service_name: str) -> CurveSecurity:
 
 # The commands that place or cancel orders, and who may send each to execution. Only risk
 # places orders; the operator's CLI (identity ``admin``) also flattens, cancels entries and
-# records the kill switch, which it does when risk is unreachable.
+# records the kill switch, which it does when risk is unreachable. The notifier flattens (a
+# confirmed ``/flatten`` from Telegram) and does nothing else here: its kill switch goes to risk.
 GUARDED_COMMANDS: tuple[type, ...] = (ExecuteOrder, ExecuteBasket, Flatten, CancelEntries, RecordRiskEvent)
 ORDER_SENDERS = ("risk",)
 CONTROL_SENDERS = ("risk", "admin")
+FLATTEN_SENDERS = ("risk", "admin", "notifier")
+_SENDER_WORDS = {"admin": "the neopulse CLI", "notifier": "the notifier"}
+
+
+def senders_of(msg: Message) -> tuple[str, ...]:
+    """Who may send this guarded command to execution."""
+    if isinstance(msg, ExecuteOrder | ExecuteBasket):
+        return ORDER_SENDERS
+    if isinstance(msg, Flatten):
+        return FLATTEN_SENDERS
+    return CONTROL_SENDERS
 UNAUTHORISED = "unauthorised"
 _WARN_EVERY_S = 10.0
 
@@ -328,9 +343,10 @@ class SenderCheck:
         self._last_warned: dict[tuple[str, str], float] = {}
         self._keys: dict[str, bytes] = {}
         self.secret: StackSecret | None = None
+        self.notifier_secret: StackSecret | None = None
         if self.curve:
             directory = keys_dir(cfg)
-            for name in CONTROL_SENDERS:
+            for name in FLATTEN_SENDERS:
                 key = _public_key(directory, name)
                 if key is not None:
                     self._keys[name] = key
@@ -340,10 +356,12 @@ class SenderCheck:
                                   f"run `neopulse keys generate`")
         else:
             self.secret = StackSecret(home, create=True)
+            self.notifier_secret = StackSecret(home, create=True, name=NOTIFIER_FILE)
 
     def refusal(self, msg: Message, responder: Responder) -> Reply | None:
-        senders = ORDER_SENDERS if isinstance(msg, ExecuteOrder | ExecuteBasket) else CONTROL_SENDERS
-        reason = self._curve_reason(senders, responder) if self.curve else self._secret_reason(responder)
+        senders = senders_of(msg)
+        reason = (self._curve_reason(senders, responder) if self.curve
+                  else self._secret_reason(senders, responder))
         if reason is None:
             return None
         kind = type(msg).__name__
@@ -353,7 +371,7 @@ class SenderCheck:
             self._last_warned[(kind, reason)] = now
             self.log.warning("sender_refused", kind=kind, reason=reason, refused_total=self.refused,
                              request_id=getattr(msg, "request_id", ""))
-        who = " or ".join("the neopulse CLI" if s == "admin" else s for s in senders)
+        who = " or ".join(_SENDER_WORDS.get(s, s) for s in senders)
         return Reply(ok=False, code=UNAUTHORISED,
                      error=f"unauthorised: execution takes {kind} only from {who}; {reason}")
 
@@ -367,19 +385,52 @@ class SenderCheck:
         return (f"the sender's CURVE key is {known}'s" if known else
                 f"the sender's CURVE key {responder.user_id or '(none)'} is not {' or '.join(senders)}'s")
 
-    def _secret_reason(self, responder: Responder) -> str | None:
-        assert self.secret is not None
+    def _secret_reason(self, senders: tuple[str, ...], responder: Responder) -> str | None:
+        assert self.secret is not None and self.notifier_secret is not None
         if not responder.credential:
             return f"the request carried no stack credential (from {self.secret.path})"
+        notifier = False
         for recheck in (False, True):  # a mismatch looks once more, in case the file was replaced
             expected = self.secret.current(recheck=recheck)
             if expected is not None and hmac.compare_digest(responder.credential, expected):
                 return None
+            theirs = self.notifier_secret.current(recheck=recheck)
+            notifier = theirs is not None and hmac.compare_digest(responder.credential, theirs)
+            if notifier:
+                break
+        if notifier:
+            return None if "notifier" in senders else "the request carried the notifier's credential"
         return f"the request's stack credential does not match {self.secret.path}"
 
 
-def present_credential(client: Any, cfg: Config, home: Path, *, create: bool = True) -> None:
-    """Make ``client`` (a bus Client or AsyncClient to execution) present the stack secret with
-    each request. With CURVE nothing is needed: the client's key says who it is."""
+def present_credential(client: Any, cfg: Config, home: Path, *, create: bool = True,
+                       name: str = FILE_NAME) -> None:
+    """Make ``client`` (a bus Client or AsyncClient to execution) present the stack secret (or,
+    with ``name=NOTIFIER_FILE``, the notifier's) with each request. With CURVE nothing is
+    needed: the client's key says who it is."""
     if not cfg.bus.curve:
-        client.credential = StackSecret(home, create=create)
+        client.credential = StackSecret(home, create=create, name=name)
+
+
+class OrderSourceCheck:
+    """Risk's gate for ``OrderRequest`` and ``BasketRequest``: with CURVE the notifier's key
+    (``keys/notifier.key``) may trip, reset and ask about the kill switch but never send an
+    order. Without CURVE every local client looks alike (strategies send orders unsigned), so
+    nothing is refused here; execution still takes orders only from risk."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._refused: dict[bytes, str] = {}
+        if cfg.bus.curve:
+            key = _public_key(keys_dir(cfg), "notifier")
+            if key is not None:
+                self._refused[key] = "notifier"
+
+    def reason(self, responder: Responder) -> str | None:
+        """None when the sender may send orders, else why not (for the verdict)."""
+        if not self._refused or not responder.user_id:
+            return None
+        sender = responder.user_id.encode("ascii", "replace")
+        for key, name in self._refused.items():
+            if hmac.compare_digest(sender, key):
+                return f"unauthorised: risk takes no orders from the {name}'s CURVE key"
+        return None

@@ -13,6 +13,11 @@ message, so it cannot reach a log line or the ledger. Anything that cannot read 
 (another user on the host, a container that shares only the network) cannot place, cancel
 or flatten through execution. It does not protect against code running as the stack's own
 user, which can read the file.
+
+``$NEOPULSE_HOME/run/notifier.secret`` (``NOTIFIER_FILE``) is made and kept the same way, by
+whichever of the notifier and execution starts first. The notifier presents it instead of the
+stack secret: execution takes a ``Flatten`` with it (a trader's ``/flatten`` from Telegram) and
+nothing else, so the notifier holds no credential that could place an order.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 FILE_NAME = "stack.secret"
+NOTIFIER_FILE = "notifier.secret"  # the notifier's own: execution takes only Flatten with it
 _LENGTH = 64  # hex characters: 256 bits
 _RECHECK_S = 1.0  # how often a StackSecret looks whether the file was replaced
 
@@ -33,13 +39,13 @@ class StackSecretError(Exception):
     """The secret file exists but cannot be trusted or read; the message says what to do."""
 
 
-def secret_path(home: Path) -> Path:
-    return home / "run" / FILE_NAME
+def secret_path(home: Path, name: str = FILE_NAME) -> Path:
+    return home / "run" / name
 
 
-def read_secret(home: Path) -> bytes | None:
+def read_secret(home: Path, name: str = FILE_NAME) -> bytes | None:
     """The secret, or None when the file does not exist yet."""
-    path = secret_path(home)
+    path = secret_path(home, name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -63,14 +69,14 @@ def read_secret(home: Path) -> bytes | None:
     return value
 
 
-def load_or_create_secret(home: Path) -> bytes:
+def load_or_create_secret(home: Path, name: str = FILE_NAME) -> bytes:
     """The secret, created first if no process has made it yet (risk and execution call this)."""
-    existing = read_secret(home)
+    existing = read_secret(home, name)
     if existing is not None:
         return existing
-    path = secret_path(home)
+    path = secret_path(home, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
@@ -85,7 +91,7 @@ def load_or_create_secret(home: Path) -> bytes:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    value = read_secret(home)
+    value = read_secret(home, name)
     if value is None:
         raise StackSecretError(f"the stack secret {path} vanished while it was created")
     return value
@@ -96,11 +102,12 @@ class StackSecret:
     a second), so a process that outlives a new secret picks it up. ``create`` is for risk and
     execution; the CLI only reads."""
 
-    def __init__(self, home: Path, *, create: bool) -> None:
+    def __init__(self, home: Path, *, create: bool, name: str = FILE_NAME) -> None:
         self.home = home
-        self.path = secret_path(home)
+        self.name = name
+        self.path = secret_path(home, name)
         self._create = create
-        self._value = load_or_create_secret(home) if create else read_secret(home)
+        self._value = load_or_create_secret(home, name) if create else read_secret(home, name)
         self._stamp = self._file_stamp()
         self._checked = time.monotonic()
 
@@ -119,7 +126,8 @@ class StackSecret:
             stamp = self._file_stamp()
             if stamp != self._stamp or self._value is None:
                 try:
-                    value = load_or_create_secret(self.home) if self._create else read_secret(self.home)
+                    value = (load_or_create_secret(self.home, self.name) if self._create
+                             else read_secret(self.home, self.name))
                 except StackSecretError:
                     value = None  # keep the last good value; the next check tries again
                 if value is not None:

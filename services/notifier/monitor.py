@@ -62,6 +62,8 @@ class _Liveness:
     started_ns: int = 0
     down: bool = False
     down_since: float = 0.0
+    state: str = "ok"  # the heartbeat's: ok | degraded
+    reason: str = ""
 
 
 @dataclass
@@ -227,6 +229,7 @@ class Monitor:
         live.last_seen = now
         if hb is not None:
             live.pid, live.started_ns = hb.pid, hb.started_ns
+            live.state, live.reason = hb.state or "ok", hb.reason
         return out
 
     def check(self) -> list[Notice]:
@@ -250,6 +253,17 @@ class Monitor:
 
     def down_services(self) -> list[str]:
         return [n for n, live in self.services.items() if live.down]
+
+    def health(self) -> list[tuple[str, bool, float | None, str, str]]:
+        """``(service, up, seconds since heard (None: never), state, reason)`` per watched service;
+        ``up`` is this monitor's judgement (down once silent for ``silence_s``, or never heard
+        within the start-up grace)."""
+        now = self.clock.monotonic()
+        out = []
+        for name, live in self.services.items():
+            age = None if live.last_seen is None else now - live.last_seen
+            out.append((name, not live.down, age, live.state, live.reason))
+        return out
 
     # ----------------------------------------------------------------- daily summary
     def _today(self) -> str:

@@ -70,7 +70,7 @@ from libs.common.messages import (
     VerdictCode,
     to_builtins,
 )
-from libs.common.security import UNAUTHORISED, present_credential
+from libs.common.security import UNAUTHORISED, OrderSourceCheck, present_credential
 from libs.common.service import Service
 from services.risk.book import Event
 from services.risk.sentinel import RiskSentinel
@@ -113,6 +113,7 @@ class RiskService(Service):
         self._last_state: tuple[str, bool] | None = None
         self._state_file = self.home / "run" / "risk-day.json"
         self.server: Server | None = None
+        self.order_sources = OrderSourceCheck(cfg)
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -160,6 +161,12 @@ class RiskService(Service):
 
     # ----------------------------------------------------------------- requests
     def _on_request(self, msg: Message, responder: Responder) -> Message | None:
+        if isinstance(msg, OrderRequest | BasketRequest) and (why := self.order_sources.reason(responder)):
+            self.log.warning("sender_refused", kind=type(msg).__name__, reason=why,
+                             request_id=msg.request_id)
+            verdict = RiskVerdict if isinstance(msg, OrderRequest) else BasketVerdict
+            return verdict(request_id=msg.request_id, approved=False, reason=why,
+                           code=VerdictCode.UNAUTHORISED, state=self.sentinel.current_state)
         match msg:
             case OrderRequest():
                 return self._on_order(msg, responder)

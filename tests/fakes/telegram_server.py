@@ -13,6 +13,20 @@ Controls for tests (thread-safe):
 * ``messages`` — every delivered message/photo, in order; ``attempts`` — every call,
   including failed ones, with its monotonic arrival time.
 
+Commands in (``getUpdates``, JSON body or query string, as the Bot API takes them):
+
+* ``inject(text, chat_id, date=None)`` — a user sends ``text`` from ``chat_id`` (``date`` in
+  Unix seconds, default now); returns its ``update_id``. ``inject_raw(update)`` queues any
+  dict (malformed updates);
+* ``getUpdates(offset, timeout, limit)`` returns the queued updates with ``update_id >=
+  offset`` (at most ``limit``), waiting up to ``timeout`` seconds for one when there is none;
+  an offset forgets every update below it, as Telegram confirms them (unless
+  ``keep_confirmed``);
+* ``fail_polls(count, status=409, body=None)`` — the next ``count`` polls fail with that
+  status (``body``: raw bytes instead of the Bot API's JSON, e.g. b"<html>"); ``polls`` —
+  every poll's ``(offset, timeout, status, mono)``. Polls are neither in ``attempts`` nor
+  taken by ``fail_next``, which stay about sending.
+
 Use it in-process (``with TelegramFake() as tg: ... tg.api_url``) or run it alone:
 ``python -m tests.fakes.telegram_server --port 8081 --token 123:ABC``.
 """
@@ -50,6 +64,16 @@ class Attempt:
     mono: float
 
 
+@dataclass
+class Poll:
+    """One ``getUpdates`` call as the fake received it."""
+
+    offset: int | None
+    timeout: float
+    status: int = 200
+    mono: float = field(default_factory=time.monotonic)
+
+
 class TelegramFake:
     """The fake Bot API server. ``token`` is the only bot token it accepts."""
 
@@ -62,6 +86,13 @@ class TelegramFake:
         self._failures: list[tuple[int, int]] = []  # (status, retry_after)
         self._release = threading.Event()
         self._next_id = 1
+        self.updates: list[dict[str, Any]] = []  # queued, not yet confirmed by an offset
+        self.polls: list[Poll] = []
+        self._poll_failures: list[tuple[int, bytes | None]] = []
+        self._arrived = threading.Condition(self._lock)
+        self._next_update = 7000
+        self._stopping = False
+        self.keep_confirmed = False  # True: never forget an update (only offsets filter them)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -95,6 +126,37 @@ class TelegramFake:
         with self._lock:
             return [m.text for m in self.messages]
 
+    def inject(self, text: str, chat_id: str | int, date: int | None = None) -> int:
+        """A message ``text`` from chat ``chat_id``, as a user would send it; its update_id."""
+        with self._lock:
+            uid = self._next_update
+        chat = int(chat_id) if str(chat_id).lstrip("-").isdigit() else chat_id
+        return self.inject_raw({"update_id": uid, "message": {
+            "message_id": uid - 6000, "date": int(time.time()) if date is None else date,
+            "chat": {"id": chat, "type": "private"}, "from": {"id": 99, "is_bot": False, "first_name": "T"},
+            "text": text}})
+
+    def inject_raw(self, update: dict[str, Any]) -> int:
+        """Queue any update (its ``update_id`` as given; the next ones count on from it)."""
+        with self._arrived:
+            uid = update.get("update_id")
+            if isinstance(uid, int):
+                self._next_update = max(self._next_update, uid + 1)
+            else:
+                uid = self._next_update
+                self._next_update += 1
+            self.updates.append(update)
+            self._arrived.notify_all()
+        return uid
+
+    def fail_polls(self, count: int = 1, status: int = 409, body: bytes | None = None) -> None:
+        with self._lock:
+            self._poll_failures.extend([(status, body)] * count)
+
+    def replies_to(self, chat_id: str) -> list[str]:
+        with self._lock:
+            return [m.text for m in self.messages if m.chat_id == str(chat_id)]
+
     def start(self) -> TelegramFake:
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -104,6 +166,9 @@ class TelegramFake:
     def stop(self) -> None:
         self.dead = False
         self._release.set()
+        with self._arrived:
+            self._stopping = True
+            self._arrived.notify_all()
         self.server.shutdown()
         self.server.server_close()
 
@@ -128,6 +193,9 @@ class TelegramFake:
         if parts[0][3:] != self.token:
             self._record(method, 401)
             self._reply(req, 401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
+            return
+        if method == "getUpdates":  # its own failures (fail_polls) and records (polls)
+            self._get_updates(req, body)
             return
         with self._lock:
             failure = self._failures.pop(0) if self._failures else None
@@ -178,6 +246,51 @@ class TelegramFake:
             result["caption"] = text
         self._reply(req, 200, {"ok": True, "result": result})
 
+    def _get_updates(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
+        fields, _ = _parse_body(req.headers.get("Content-Type", ""), body)
+        query = req.path.partition("?")[2]
+        fields = {**{k: v[0] for k, v in parse_qs(query).items()}, **fields}
+        try:
+            offset = int(fields["offset"]) if fields.get("offset") is not None else None
+            timeout = min(float(fields.get("timeout") or 0), 50.0)
+            limit = max(1, min(int(fields.get("limit") or 100), 100))
+        except (TypeError, ValueError):
+            with self._lock:
+                self.polls.append(Poll(None, 0, 400))
+            self._reply(req, 400, {"ok": False, "error_code": 400, "description": "Bad Request: bad offset"})
+            return
+        with self._lock:
+            failure = self._poll_failures.pop(0) if self._poll_failures else None
+            self.polls.append(Poll(offset, timeout, failure[0] if failure else 200))
+        if failure is not None:
+            status, raw = failure
+            if raw is not None:
+                req.send_response(status)
+                req.send_header("Content-Type", "text/html")
+                req.send_header("Content-Length", str(len(raw)))
+                req.end_headers()
+                req.wfile.write(raw)
+                return
+            desc = {409: "Conflict: terminated by other getUpdates request; make sure that only one "
+                         "bot instance is running", 429: "Too Many Requests: retry after 1"}
+            payload: dict[str, Any] = {"ok": False, "error_code": status,
+                                       "description": desc.get(status, "Internal Server Error")}
+            if status == 429:
+                payload["parameters"] = {"retry_after": 1}
+            self._reply(req, status, payload)
+            return
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            if offset is not None and not self.keep_confirmed:  # confirmed: Telegram forgets them
+                self.updates = [u for u in self.updates if not _below(u, offset)]
+            while True:
+                ready = [u for u in self.updates if offset is None or not _below(u, offset)][:limit]
+                left = deadline - time.monotonic()
+                if ready or left <= 0 or self._stopping:
+                    break
+                self._arrived.wait(min(left, 0.5))
+        self._reply(req, 200, {"ok": True, "result": ready})
+
     def _record(self, method: str, status: int) -> None:
         with self._lock:
             self.attempts.append(Attempt(method, status, time.monotonic()))
@@ -189,7 +302,14 @@ class TelegramFake:
         req.send_header("Content-Type", "application/json")
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
-        req.wfile.write(data)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+            req.wfile.write(data)
+
+
+def _below(update: dict[str, Any], offset: int) -> bool:
+    """Confirmed by ``offset`` (an update with no usable id goes with the first offset)."""
+    uid = update.get("update_id")
+    return not isinstance(uid, int) or uid < offset
 
 
 def _parse_body(content_type: str, body: bytes) -> tuple[dict[str, Any], bytes]:

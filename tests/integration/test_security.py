@@ -150,6 +150,50 @@ def test_curve_refuses_clients_off_the_allow_list_and_lets_allowed_ones_through(
     assert failed and failed[0]["service"] == "risk" and failed[0]["endpoint"].startswith("tcp://127.0.0.1:")
 
 
+def test_with_curve_the_notifiers_key_flattens_and_trips_the_kill_switch_but_places_no_order(
+    curve_stack: dict[str, Any]
+) -> None:
+    from libs.common.messages import BasketRequest, CancelEntries, Flatten, KillSwitch, RiskVerdict
+    from tests.kit import execute_order, order_request
+
+    cfg = load_config(env=curve_stack["env"])
+    bus = Bus(cfg)
+    install_curve(bus, cfg, "notifier")  # what the notifier process presents
+
+    def ask(endpoint: str, msg: Any) -> Any:
+        client = bus.client(cfg.bus.endpoint(endpoint), 10_000)
+        try:
+            return client.request(msg)
+        finally:
+            client.close()
+
+    try:
+        leg = order_request("SBIN-EQ", "BUY", 1, "800", strategy="tg", rid="leg")
+        order = ask("risk_rep", order_request("SBIN-EQ", "BUY", 1, "800", strategy="tg", rid="tg-order-1"))
+        basket = ask("risk_rep", BasketRequest(request_id="tg-basket-1", strategy_id="tg", legs=[leg, leg]))
+        execute = ask("execution_rep", execute_order("SBIN-EQ", "BUY", 1, "800.00", strategy="tg",
+                                                     rid="tg-exec-1"))
+        cancel = ask("execution_rep", CancelEntries(request_id="tg-cancel-1"))
+        flatten = ask("execution_rep", Flatten(request_id="tg-flatten-1", strategy_id="nobody",
+                                               source="telegram"))
+        halt = ask("risk_rep", KillSwitch(on=True, reason="telegram /halt", source="telegram",
+                                          request_id="tg-ks-1"))
+        resume = ask("risk_rep", KillSwitch(on=False, source="telegram", request_id="tg-ks-2"))
+    finally:
+        bus.close()
+
+    for verdict in (order, basket):
+        assert not verdict.approved and verdict.code == "unauthorised", verdict
+        assert "no orders from the notifier's CURVE key" in verdict.reason
+    assert isinstance(order, RiskVerdict)
+    for reply, kind in ((execute, "ExecuteOrder"), (cancel, "CancelEntries")):
+        assert isinstance(reply, Reply) and (reply.ok, reply.code) == (False, "unauthorised"), reply
+        assert f"execution takes {kind} only from" in reply.error and "notifier's" in reply.error
+    assert isinstance(flatten, Reply) and flatten.ok, flatten
+    assert isinstance(halt, Reply) and halt.ok and halt.data.get("kill_switch") is True
+    assert isinstance(resume, Reply) and resume.ok and not resume.data.get("kill_switch")
+
+
 def test_curve_without_keys_is_a_config_error(tmp_path: Path) -> None:
     env = stack_env(tmp_path / "home", free_base_port(), NEOPULSE_ENV_FILE=str(tmp_path / "none.env"),
                     NEOPULSE_BUS__CURVE="true")

@@ -39,7 +39,7 @@ max_qty = 500
 max_open_positions = 3
 max_daily_loss = 2000
 [telegram]
-chat_id = "from-toml"
+chat_id = "-100111"  # from the TOML
 """)
     env_file = _write(tmp_path / "secrets.env",
                       "NEOPULSE_RISK__MAX_OPEN_POSITIONS=4\nNEOPULSE_RISK__MAX_DAILY_LOSS=3000\n"
@@ -54,7 +54,7 @@ chat_id = "from-toml"
     assert cfg.risk.max_daily_loss == 4000.0       # environment over .env
     assert cfg.risk.max_orders_per_sec == 10       # default untouched
     assert cfg.telegram.token == "tok-from-dotenv"
-    assert cfg.telegram.chat_id == "from-toml"
+    assert cfg.telegram.chat_id == "-100111"
 
 
 def test_neopulse_toml_in_working_directory_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
