@@ -30,10 +30,12 @@ from typing import Annotated
 from msgspec import Meta
 
 from libs.common.clock import IST
-from libs.common.messages import Tick
+from libs.common.messages import OrderRequest, Tick
 from services.strategy.base import ParamsError, Strategy, StrategyParams
 
 NS = 1_000_000_000
+ENTRY_TRIES = 3  # baskets sent in the entry window when risk refuses one
+ENTRY_RETRY_S = 5  # seconds between them
 
 
 def _minute_of_day(text: str, name: str) -> int:
@@ -79,6 +81,8 @@ class Straddle(Strategy):
         self.entry_until_s = min(self.entry_s + p.entry_window_min * 60, self.exit_s)
         self._entered = ""  # the trading day the basket went out (at most once a day)
         self._legs: list[str] = []  # the legs' instrument keys
+        self._tries = 0  # baskets sent today (a refused one is sent again, up to ENTRY_TRIES)
+        self._retry_at_s = 0  # second of the day before which a refused basket is not sent again
         self.chain(p.underlying, p.expiry, strikes=2)  # subscribes the index and the strikes near ATM
 
     def on_tick(self, tick: Tick) -> None:
@@ -90,8 +94,26 @@ class Straddle(Strategy):
             for key in self._held():
                 self.exit(key, product=self.params.product)
             return
-        if self._entered != day and self.entry_s <= second < self.entry_until_s:
+        due = self.entry_s <= second < self.entry_until_s and second >= self._retry_at_s
+        if due and self._entered != day:
             self._enter(day)
+
+    def on_reject(self, request: OrderRequest, reason: str) -> None:
+        """Risk refused the day's basket (each leg hears it; the first one counts). A refusal
+        can pass (risk has no price for a leg yet, the throttle, a restart of execution): the
+        same basket, under the same id, goes again ENTRY_RETRY_S later, up to ENTRY_TRIES
+        baskets in the entry window. Execution never places an id twice, so a basket it did
+        see is never doubled by this."""
+        day = self._entered
+        if not day or not request.request_id.startswith(self._basket_id(day) + ":"):
+            return
+        retry = self._tries < ENTRY_TRIES
+        self.log.warning("straddle_refused", strategy_id=self.id, reason=reason, tries=self._tries,
+                         retry_in_s=ENTRY_RETRY_S if retry else None)  # fmt: skip
+        if retry:
+            when = dt.datetime.fromtimestamp(self.ctx.clock.now_ns() / NS, IST)
+            self._retry_at_s = when.hour * 3600 + when.minute * 60 + when.second + ENTRY_RETRY_S
+            self._entered = ""
 
     def _basket_id(self, day: str) -> str:
         """The day's basket id: the same after a restart, different for every instance."""
@@ -126,6 +148,7 @@ class Straddle(Strategy):
                 for inst in (call, put)]  # fmt: skip
         self.basket(legs, move_sl_to_cost=p.move_sl_to_cost, request_id=self._basket_id(day))
         self._entered = day
+        self._tries += 1
         self._legs = [call.key, put.key]
         self.log.info("straddle_sent", strategy_id=self.id, underlying=p.underlying, strike=str(atm),
                       expiry=chain.expiry.isoformat(), call=call.symbol, put=put.symbol,

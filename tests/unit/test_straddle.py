@@ -27,8 +27,8 @@ DAY = dt.date(2026, 12, 3)  # a Thursday; the weekly NIFTY expiry is Tuesday 202
 RALLY = "09:15=0,09:20=0,10:30=+0.8,15:30=+0.8"
 
 
-def _backtest(path: str = RALLY, **params: Any) -> dict[str, Any]:
-    cfg = load_config(env={})
+def _backtest(path: str = RALLY, env: dict[str, str] | None = None, **params: Any) -> dict[str, Any]:
+    cfg = load_config(env=env or {})
     master = MasterData.load(today=DAY)
     spec = SimDay(day=DAY, every_s=5.0, strikes=6, path=parse_path(path))
     return run_backtest(sim_day_ticks(spec, master, cfg.feed), "straddle", params, cfg=cfg, master=master,
@@ -106,6 +106,13 @@ def test_the_straddle_sells_once_a_day_even_when_both_legs_are_stopped() -> None
     assert sorted(t["exit_reason"] for t in report["trade_list"]) == ["STOP", "STOP"]
     put = _leg(report, "PE")
     assert put["exit_price"] >= put["entry_price"]  # bought back at (about) cost, not at its first stop
+
+
+def test_a_refused_basket_is_sent_again_5_s_later_at_most_three_times() -> None:
+    report = _backtest(env={"NEOPULSE_RISK__MAX_NOTIONAL": "5000"})  # each leg is worth about 10,000
+    assert report["trade_list"] == []
+    assert report["orders"] == {"requested": 6, "approved": 0, "rejected": 3}  # 3 baskets of 2 legs
+    assert all("exceeds max_notional" in reason for reason in report["rejections"])
 
 
 @pytest.mark.parametrize(
