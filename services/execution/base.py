@@ -321,6 +321,12 @@ class EngineBase:
     def _sync_bracket(self, b: BracketRow) -> None:
         raise NotImplementedError  # brackets.Brackets
 
+    def _trim_exits(self, o: OrderRow) -> None:
+        raise NotImplementedError  # brackets.Brackets
+
+    def _overclosed(self, o: OrderRow) -> None:
+        raise NotImplementedError  # brackets.Brackets
+
     def _new_bracket(
         self, entry: OrderRow, stop_loss: Decimal | None, target: Decimal | None, stop_limit: Decimal | None,
         trail: tuple[Decimal | None, Decimal | None] = (None, None), *, stop_pct: Decimal | None = None,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from libs.common.instruments import instrument_key
 from libs.common.messages import (
@@ -40,6 +41,8 @@ from services.execution.pricing import (
     freeze_step,
 )
 from services.execution.trail import improves, tighter, trailed_stop
+
+TRAIL_JUMP = 0.10  # a tick this far (a fraction) from the one before it does not trail
 
 
 class Brackets(Orders):
@@ -249,13 +252,65 @@ class Brackets(Orders):
         o.quantity = qty
         o.updated_ns = self._now()
         self._mark(o)
-        self._event(o, "MODIFY_REQUESTED", o.status, {"quantity": qty, "was": old})
+        # the prices go too, as the broker last confirmed them: a broker that rebuilds the whole
+        # order from a lagging book must not undo a trail. A stop leg still owed a tighter stop
+        # (a trail or a move to cost whose modify timed out, and may have landed) gets that one:
+        # a resize never puts a looser stop back at the broker.
+        price, trigger = o.price, o.trigger_price
+        b = self._bracket_of(o) if o.purpose == STOP else None
+        if (b is not None and b.stop_loss is not None and b.stop_limit is not None
+                and trigger is not None and tighter(b.side, b.stop_loss, trigger)):
+            price, trigger = b.stop_limit, b.stop_loss
+        payload: dict[str, Any] = {"quantity": qty, "was": old}
+        if trigger != o.trigger_price:
+            payload["trigger_price"] = str(trigger)
+        self._event(o, "MODIFY_REQUESTED", o.status, payload)
         self._publish_order(o)
         self._modifying.add(o.order_id)
-        # the prices go too, as the broker last confirmed them: a broker that rebuilds the whole
-        # order from a lagging book must not undo a trail
-        self._held_intents.append(
-            ModifyIntent(o.order_id, o.broker_order_id, qty, old, o.price, o.trigger_price))
+        self._held_intents.append(ModifyIntent(o.order_id, o.broker_order_id, qty, old, price, trigger))
+
+    def _trim_exits(self, o: OrderRow) -> None:
+        """After a fill of ``o``'s strategy and instrument: its working EXIT orders that now
+        close more than is held (a stop filled while the strategy's exit was working) are cut
+        back, newest first -- resized, or cancelled when not yet acknowledged -- so that the
+        race of a close and a stop does not open the reverse position."""
+        pos = self.positions.get((o.strategy_id, o.key))
+        net = pos.quantity if pos is not None else 0
+        for side, closing in (("SELL", max(net, 0)), ("BUY", max(-net, 0))):
+            exits = [w for w in self.working.values()
+                     if w.strategy_id == o.strategy_id and w.segment == o.segment and w.token == o.token
+                     and w.side == side and w.purpose == EXIT and not w.sliced and not w.terminal
+                     and not w.cancel_requested]  # fmt: skip
+            excess = sum(w.quantity - w.filled_qty for w in exits) - closing
+            if excess <= 0:
+                continue
+            cut = 0
+            for w in sorted(exits, key=lambda x: (x.created_ns, x.order_id), reverse=True):
+                if excess <= 0:
+                    break
+                rest = w.quantity - w.filled_qty
+                busy = w.order_id in self.inflight or w.order_id in self._modifying
+                if rest <= excess or not w.broker_order_id or busy:
+                    self._request_cancel(w, "the position it closes is already smaller")
+                    take = rest
+                else:
+                    self._modify_qty(w, w.quantity - excess)
+                    take = excess
+                excess -= take
+                cut += take
+            self.alert("WARNING", f"{o.strategy_id}'s exit of {o.symbol} was cut by {cut}: it holds "
+                       f"{net:+d} after a fill, and an exit never opens the reverse position", "exit_trimmed")
+
+    def _overclosed(self, o: OrderRow) -> None:
+        """An EXIT filled past flat after all (its fill beat the trim): say so, loudly."""
+        pos = self.positions.get((o.strategy_id, o.key))
+        net = pos.quantity if pos is not None else 0
+        if o.purpose != EXIT or not ((o.side == "BUY" and net > 0) or (o.side == "SELL" and net < 0)):
+            return
+        self.alert("CRITICAL", f"{o.strategy_id}'s exit {o.client_tag} of {o.symbol} closed more than was "
+                   f"held: the strategy now holds {net:+d} {o.symbol} with no stop; close it "
+                   f"(neopulse flatten {o.symbol} --strategy {o.strategy_id}) or it is squared off at "
+                   "the square-off time", "exit_overclosed")  # fmt: skip
 
     # ----------------------------------------------------------------- trailing stops
     def _trail_watch(self, b: BracketRow) -> None:
@@ -266,10 +321,14 @@ class Brackets(Orders):
             ids.append(b.bracket_id)
         self._trail_owed.add(b.bracket_id)
 
-    def _trail_on_tick(self, key: str, ltp: float) -> bool:
+    def _trail_on_tick(self, key: str, ltp: float, prev: float = 0.0) -> bool:
         """A tick of an instrument with trailing brackets: each one's best price, and its stop
         once that moved a tick or more in the position's favour (never back). True if a stop
-        moved."""
+        moved. A print more than TRAIL_JUMP from the tick before it (a fat finger, a stale or
+        mis-scaled price) moves nothing: since a stop only ever tightens, one bad print would
+        otherwise set it for good. A real jump trails from the tick after it."""
+        if prev > 0 and abs(ltp - prev) > TRAIL_JUMP * prev:
+            return False
         ids = self._trailing[key]
         price: Decimal | None = None
         moved = False
@@ -309,6 +368,15 @@ class Brackets(Orders):
         now = self._now()
         lagging = False
         stop, limit = b.stop_loss, b.stop_limit
+        last = self.last.get(instrument_key(b.segment, b.token))
+        past = stop is not None and last is not None and last.ltp > 0 and (
+            last.ltp <= stop if b.side == "BUY" else last.ltp >= stop)  # fmt: skip
+        owed = past and b.bracket_id not in self._unprotected and self._leg_lags(b, stop, limit)
+        if owed and last is not None:
+            # the price came back through the stop it should have (the modify was late, or
+            # execution was down): a stop there triggers at once or is refused; close now
+            self._unprotected[b.bracket_id] = f"its stop is {stop}; the price {last.ltp} is past it"
+            return
         for lid in self.legs.get(b.bracket_id, ()):
             leg = self.orders.get(lid)
             if leg is None or leg.purpose != STOP or leg.terminal or leg.cancel_requested or leg.broker_final:
@@ -367,6 +435,17 @@ class Brackets(Orders):
             else:
                 self._trail_owed.add(sb.bracket_id)
                 self._trail_pay(sb)
+
+    def _leg_lags(self, b: BracketRow, stop: Decimal | None, limit: Decimal | None) -> list[str]:
+        """The bracket's working stop legs whose broker prices are not yet ``stop``/``limit``."""
+        out = []
+        for lid in self.legs.get(b.bracket_id, ()):
+            leg = self.orders.get(lid)
+            if leg is None or leg.purpose != STOP or leg.terminal or leg.cancel_requested or leg.broker_final:
+                continue
+            if leg.trigger_price != stop or leg.price != limit:
+                out.append(lid)
+        return out
 
     def _trail_due(self) -> None:
         for bid in list(self._trail_owed):

@@ -191,6 +191,17 @@ class BrokerEvents(Brackets):
             return
         if not isinstance(result, BaseException):
             self._oversized.pop(o.order_id, None)
+            if (intent.trigger_price is not None and not o.terminal
+                    and (o.trigger_price, o.price) != (intent.trigger_price, intent.price)):
+                # the resize carried the stop the leg was still owed: the broker has it now
+                was = o.trigger_price
+                o.price, o.trigger_price = intent.price, intent.trigger_price
+                o.updated_ns = self._now()
+                self._mark(o)
+                self._event(o, "MODIFIED", o.status, {
+                    "trigger_price": str(intent.trigger_price), "price": str(intent.price), "was": str(was),
+                    "reason": "resize with the stop owed"})  # fmt: skip
+                self._publish_order(o)
             b = self._bracket_of(o)
             if b is not None:
                 self._sync_bracket(b)  # a resize that waited for this one
@@ -534,6 +545,9 @@ class BrokerEvents(Brackets):
             b = next(iter(self._open_brackets(o.strategy_id, o.segment, o.token)), None)
         if b is not None:
             self._sync_bracket(b)
+        if day == self.day:
+            self._overclosed(o)
+            self._trim_exits(o)
 
     def _day_of(self, ts_ns: int) -> str:
         if not ts_ns:
@@ -571,9 +585,11 @@ class BrokerEvents(Brackets):
         it moved a trailing stop (there is a modify to send: pump)."""
         if 0.0 < tick.ltp <= MAX_TICK_PRICE:  # NaN fails both comparisons
             key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
-            self.last[key] = tick
             if key in self._trailing:
-                return self._trail_on_tick(key, tick.ltp)
+                prev = self.last.get(key)
+                self.last[key] = tick
+                return self._trail_on_tick(key, tick.ltp, prev.ltp if prev is not None else 0.0)
+            self.last[key] = tick
         return False
 
     def drain_broker_events(self) -> None:

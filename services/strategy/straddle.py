@@ -76,6 +76,9 @@ class Straddle(Strategy):
         if not self.entry_s < self.exit_s:
             raise ParamsError(f"strategy straddle: params: entry_at {p.entry_at} must come before "
                               f"exit_at {p.exit_at}")  # fmt: skip
+        if 0 < p.trail_pct < 0.01:
+            raise ParamsError(f"strategy straddle: params: trail_pct {p.trail_pct} is below 0.01 "
+                              "(0 turns the trail off)")  # fmt: skip
         if p.product not in ("MIS", "NRML"):
             raise ParamsError(f"strategy straddle: params: product {p.product!r} must be MIS or NRML")
         self.entry_until_s = min(self.entry_s + p.entry_window_min * 60, self.exit_s)

@@ -131,6 +131,11 @@ def test_a_bad_path_is_one_clear_error(path: str, words: str) -> None:
         parse_path(path)
 
 
+def test_a_trail_too_small_to_price_stops_the_strategy_at_start() -> None:
+    report = _backtest(trail_pct="0.004")  # rounds to a zero distance, which risk would refuse all day
+    assert report["halted"] and report["errors"] == 1 and report["orders"]["requested"] == 0
+
+
 def test_a_saturday_is_not_simulated() -> None:
     cfg = load_config(env={})
     spec = SimDay(day=dt.date(2026, 12, 5))

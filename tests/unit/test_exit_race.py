@@ -1,0 +1,123 @@
+"""Closes that race stops, and stops that must never be put back looser (the review of issue 14).
+
+The hand-driven engine answers in the order each test chooses:
+- a strategy's EXIT working while the stop leg fills (the straddle's exit at 15:15 in a spike)
+  is cut back, so it never opens the reverse position; if its fill wins the race anyway, a
+  CRITICAL alert names the position and how to close it;
+- a resize of a stop leg whose trailed stop timed out (and may have landed) carries the
+  trailed stop, not the looser one last confirmed;
+- one bad print does not move a trailing stop, and a trailed stop the price has already come
+  back through is not sent: the position is closed.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from services.execution.brokers.base import BrokerTemporary
+from services.execution.intents import CancelIntent
+from services.execution.model import STOP
+from tests.unit.test_engine_faults import Hand, cancels, execute, places
+from tests.unit.test_trailing_stop import modifies, trailing_entry
+
+D = Decimal
+
+
+def _short_with_stop(h: Hand, qty: int = 10) -> str:
+    [res] = h.engine.submit([execute(side="SELL", qty=qty, price="100.00", stop_loss=D("125.00"))])
+    h.ack(places(h.take())[0])
+    h.trade(h.order(res.order_id), qty, "100.00")
+    h.ack(places(h.take())[0])
+    assert h.position() == -qty
+    return res.order_id
+
+
+def _exit(h: Hand, qty: int = 10) -> str:
+    h.tick(124.0)
+    [ex] = h.engine.submit([execute(side="BUY", qty=qty, price="126.00", purpose="EXIT", reduce_only=True)])
+    h.ack(places(h.take())[0])
+    return ex.order_id
+
+
+def test_a_stop_fill_while_the_exit_works_cancels_the_exit() -> None:
+    h = Hand()
+    eid = _short_with_stop(h)
+    xid = _exit(h)
+    [stop] = h.legs(eid, STOP)
+    h.trade(stop, 10, "125.00")  # the stop wins the race at the broker
+    sent = h.take()
+    assert [c.order_id for c in cancels(sent)] == [xid]  # the exit would buy 10 more than held
+    h.answer(next(c for c in sent if isinstance(c, CancelIntent)), None)
+    assert h.position() == 0
+    assert "exit_trimmed" in h.codes() and "exit_overclosed" not in h.codes()
+
+
+def test_a_partial_stop_fill_resizes_the_exit_to_what_is_left() -> None:
+    h = Hand()
+    eid = _short_with_stop(h)
+    xid = _exit(h)
+    [stop] = h.legs(eid, STOP)
+    h.trade(stop, 4, "125.00")
+    resize = [m for m in modifies(h.take()) if m.order_id == xid]
+    assert [m.quantity for m in resize] == [6]
+
+
+def test_an_exit_fill_that_beats_the_cancel_is_a_critical_alert_naming_the_fix() -> None:
+    h = Hand()
+    eid = _short_with_stop(h)
+    xid = _exit(h)
+    h.trade(h.legs(eid, STOP)[0], 10, "125.00")
+    h.take()
+    h.trade(h.order(xid), 10, "125.50")  # filled before the cancel arrived
+    assert h.position() == 10
+    [alert] = [a for a in h.alerts if a.code == "exit_overclosed"]
+    assert alert.level == "CRITICAL" and "holds +10" in alert.text
+    assert "neopulse flatten RELIANCE-EQ --strategy s1" in alert.text
+
+
+def test_a_resize_after_a_timed_out_trail_carries_the_trailed_stop() -> None:
+    h = Hand()
+    eid = trailing_entry(h)  # long 10 at 1290, stop 1280, trail 10 points
+    h.tick(1300.0)
+    [m] = modifies(h.take())
+    assert m.trigger_price == D("1290.00")
+    h.answer(m, BrokerTemporary("timed out"))  # it may have landed: the broker's stop may be 1290
+    [ex] = h.engine.submit([execute(side="SELL", qty=4, price="1300.00", purpose="EXIT")])
+    h.ack(places(h.take())[0])
+    h.trade(h.order(ex.order_id), 4, "1300.00")
+    [resize] = [x for x in modifies(h.take()) if not x.trail and x.trigger_price is not None]  # the stop's
+    assert (resize.quantity, resize.trigger_price) == (6, D("1290.00"))  # never the looser 1280
+    h.answer(resize, None)
+    [leg] = h.legs(eid, STOP)
+    assert leg.trigger_price == D("1290.00") and leg.quantity == 6  # confirmed: the trail is paid
+
+
+def test_one_bad_print_does_not_move_a_trailing_stop() -> None:
+    h = Hand()
+    eid = trailing_entry(h, side="SELL", trail_pct=D("10"))  # short 10 at 1290, stop 1300
+    h.tick(1289.0)
+    h.take()
+    h.clock.advance(2.0)
+    h.tick(12.90)  # a fat finger or a mis-scaled print
+    assert modifies(h.take()) == []
+    h.clock.advance(2.0)
+    h.tick(1289.0)
+    assert modifies(h.take()) == []
+    assert h.engine.brackets[h.order(eid).bracket_id].stop_loss == D("1300.00")
+
+
+def test_a_trailed_stop_the_price_came_back_through_closes_the_position() -> None:
+    h = Hand()
+    eid = trailing_entry(h)  # long 10 at 1290, stop 1280, trail 10 points
+    h.tick(1300.0)
+    [m] = modifies(h.take())
+    h.answer(m, BrokerTemporary("timed out"))  # the trail to 1290 is owed, retried after a backoff
+    for ltp in (1295.0, 1291.0, 1288.0):  # back down through 1290 before the retry
+        h.tick(ltp)
+    h.clock.advance(5.0)
+    h.engine.reconcile_if_due()  # the service's periodic call: the owed trail is due again
+    h.engine.flush()
+    sent = h.take()
+    assert not [x for x in modifies(sent) if x.trail]  # no stop sent below the market
+    [leg] = h.legs(eid, STOP)
+    assert [c.order_id for c in cancels(sent)] == [leg.order_id] or leg.cancel_requested  # closing it
