@@ -124,6 +124,14 @@ class Collector:
         eventually(lambda: len(self.poll().ticks) >= n, timeout, message=f"{n} ticks")
         return self.ticks
 
+    def wait_live(self, feed: FeedProc, timeout: float = 15.0) -> None:
+        """The feed's first LIVE: from its status, then this subscription's own copy if it has
+        one. A FeedStatus is published on a change only, and the first one can go out before a
+        subscriber that connected ahead of the bind has its connection up (PUB/SUB's slow
+        joiner); everything after the feed answered a request is seen."""
+        eventually(lambda: feed.status()["state"] == "LIVE", timeout, message="the feed LIVE")
+        self.poll()
+
     def wait_state(self, state: str, timeout: float = 15.0, after: int = 0) -> FeedStatus:
         def found() -> FeedStatus | None:
             self.poll()

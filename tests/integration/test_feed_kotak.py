@@ -66,7 +66,7 @@ def test_ticks_reach_the_bus_with_exact_prices_quantities_and_exchange_time(
     col = Collector(feed.subscriber(b"tick.", b"feedstatus."))
     try:
         feed.start()
-        col.wait_state("LIVE")
+        col.wait_live(feed)
         eventually(lambda: {("nse_cm", "2885"), ("nse_cm", "11536")} <= fake.subscribed_keys(), 5,
                    message="scrips subscribed at the server")
 
@@ -99,7 +99,7 @@ def test_a_silent_connection_is_replaced_and_resubscribed_stale_then_live(
     col = Collector(feed.subscriber(b"tick.", b"feedstatus."))
     try:
         feed.start()
-        col.wait_state("LIVE")
+        col.wait_live(feed)
         first = set(fake.subscriptions())
         mark = len(col.statuses)
 
@@ -127,7 +127,7 @@ def test_a_dropped_connection_is_healed_with_backoff(tmp_path: Path, base_port: 
     col = Collector(feed.subscriber(b"tick.", b"feedstatus."))
     try:
         feed.start()
-        col.wait_state("LIVE")
+        col.wait_live(feed)
         before = connections(fake)
         mark = len(col.statuses)
 
@@ -211,7 +211,7 @@ def test_outside_market_hours_silence_does_not_reconnect(tmp_path: Path, base_po
     col = Collector(feed.subscriber(b"feedstatus."))
     try:
         feed.start()
-        col.wait_state("LIVE")
+        col.wait_live(feed)
         conns = connections(fake)
 
         fake.go_silent()
