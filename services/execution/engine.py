@@ -11,7 +11,9 @@ Durability rules
 * Every order row is committed as ``PENDING_BROKER`` before its place intent is released:
   intents and publications are held until ``flush()`` has written the changes that caused
   them, in one transaction per batch.
-* ``submit`` is idempotent on ``request_id`` (in memory, and in the ledger's unique key).
+* ``submit`` is idempotent on ``request_id``: in memory for the rows it holds, the ledger's
+  unique key for settled rows (memory keeps only a hash of their request ids, a maybe the
+  ledger answers) and as the backstop of every insert.
 * A place whose outcome is unknown leaves the row ``UNKNOWN``; reconciliation finds it by
   ``client_tag``; nothing is ever re-sent blindly.
 * Positions are the sum of fills; fills are unique per broker trade id, exchange segment
@@ -366,9 +368,10 @@ class ExecutionEngine(Baskets):
 
     def _evict(self, root: OrderRow, group: list[OrderRow]) -> int:
         b = self.brackets.get(root.bracket_id) if root.bracket_id else None
+        family = all(x.parent_id == root.order_id for x in group[1:])  # slices, legs: the usual
         self.settled.add(root.segment, [
             (x.order_id, x.request_id, tag_key(x.client_tag), x.broker_order_id) for x in group
-        ])  # fmt: skip
+        ], family=family)  # fmt: skip
         by_request, by_tag, by_broker_id = self.by_request, self.by_tag, self.by_broker_id
         for x in group:
             oid = x.order_id

@@ -351,7 +351,7 @@ class BrokerEvents(Brackets):
         s = self.settled
         ids = s.order_ids(group)
         try:
-            rows = self.store.find_by_order_ids(ids)
+            rows = self.store.find_by_order_ids(ids, with_children=s.is_family(group))
             root = rows.get(ids[0])
             bid = root.bracket_id if root is not None else ""
             parked = self.store.find_brackets([bid]).get(bid) if bid and bid not in self.brackets else None
@@ -360,9 +360,9 @@ class BrokerEvents(Brackets):
                 self.log.warning("settled_reload_failed", broker_order_id=broker_order_id, error=str(exc))
             self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + 5_000_000_000)
             return None
-        for oid in ids:  # root first: slices and legs find their parent
-            row = rows.get(oid)
-            if row is not None and row.order_id not in self.orders:
+        # root first (slices and legs find their parent), then the rest as they were made
+        for row in sorted(rows.values(), key=lambda r: (r.order_id != ids[0], r.created_ns)):
+            if row.order_id not in self.orders:
                 self._index(row)
         s.forget(group)  # a row the ledger lost is not settled: unknown from here on
         if parked is not None and parked.state == B_CANCELLED:

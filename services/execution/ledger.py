@@ -480,11 +480,17 @@ class PgOrderStore:
         rows = self._read(_SELECT_ORDER + " WHERE request_id = ANY(%s)", (ids,))
         return {r[1]: _order_row(r) for r in rows}
 
-    def find_by_order_ids(self, order_ids: Iterable[str]) -> dict[str, OrderRow]:
+    def find_by_order_ids(
+        self, order_ids: Iterable[str], *, with_children: bool = False
+    ) -> dict[str, OrderRow]:
         ids = list(order_ids)
         if not ids:
             return {}
-        rows = self._read(_SELECT_ORDER + " WHERE internal_id = ANY(%s::uuid[])", (ids,))
+        if with_children:
+            where = " WHERE internal_id = ANY(%s::uuid[]) OR parent_id = ANY(%s::uuid[])"
+            rows = self._read(_SELECT_ORDER + where, (ids, ids))
+        else:
+            rows = self._read(_SELECT_ORDER + " WHERE internal_id = ANY(%s::uuid[])", (ids,))
         return {str(r[0]): _order_row(r) for r in rows}
 
     def find_brackets(self, bracket_ids: Iterable[str]) -> dict[str, BracketRow]:

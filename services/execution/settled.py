@@ -22,7 +22,8 @@ _DIGITS17 = 10**17
 _B32 = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz234567")}
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _LETTER_CODE = {c: (8 + i) << 57 for i, c in enumerate(_LETTERS)}  # above every 18-digit number
-_MERGE_MIN = 512  # new ids wait in a small dict; merged into the arrays past max(this, n / 8)
+_MERGE_MIN = 1024  # new ids wait in a small dict or set; merged into the arrays past max(this, n / 32)
+_MERGE_SHIFT = 5
 
 
 def _plain_digits(s: str, most: int) -> bool:
@@ -102,7 +103,7 @@ class CodeMap:
             return
         recent = self._recent
         recent[code] = value
-        if len(recent) > max(_MERGE_MIN, len(self._keys) >> 3):
+        if len(recent) > max(_MERGE_MIN, len(self._keys) >> _MERGE_SHIFT):
             self._merge()
 
     def _merge(self) -> None:
@@ -132,8 +133,9 @@ class CodeMap:
 
 
 class CodeSet:
-    """An exact set of id strings, compact like ``CodeMap`` (8 bytes an encodable id once
-    merged): the day's trade ids of one exchange segment."""
+    """A set of id strings, compact like ``CodeMap`` (8 bytes an encodable id once merged):
+    exact with an exact ``encode`` (the day's trade ids of one exchange segment); with
+    ``request_hash`` a hit is only a maybe."""
 
     __slots__ = ("_encode", "_keys", "_odd", "_recent")
 
@@ -173,7 +175,7 @@ class CodeSet:
             return
         recent = self._recent
         recent.add(code)
-        if len(recent) > max(_MERGE_MIN, len(keys) >> 3):
+        if len(recent) > max(_MERGE_MIN, len(keys) >> _MERGE_SHIFT):
             merged = array("q", sorted(recent))  # small next to the day's ids: merged by slices
             out = array("q")
             at = 0
@@ -188,15 +190,18 @@ class CodeSet:
 
 
 _ODD_GROUP = 1 << 31  # header flag: the group's order ids are not UUIDs (kept as strings)
+_FAMILY = 1 << 32  # header flag: only the root's id is kept; the other rows are its children
 
 
 class SettledIds:
     """The settled groups of the day. A group (an order with its slices, or an entry with its
     slices and bracket legs, root first) is a run in one ``array('Q')``: a header (the number
-    of rows, the segment's index) and each order id as a 128-bit UUID in two words. A group is
+    of rows, the segment's index) and each order id as a 128-bit UUID in two words — only the
+    root's when every other row of the group is a child of it (``parent_id``), as slices and
+    bracket legs are: the ledger gives the children back. A group is
     named by its offset there; its rows' broker order ids and client tags map to it exactly,
-    its request ids through a hash (a maybe: ask the ledger). A group loaded back into memory
-    is marked gone (its ids then name nothing)."""
+    its request ids are in a set of hashes (a maybe: ask the ledger). A group loaded back into
+    memory is marked gone (its broker ids and tags then name nothing)."""
 
     __slots__ = ("_gone", "_odd", "_pool", "_segments", "by_broker_id", "by_request", "by_tag", "rows")
 
@@ -207,7 +212,7 @@ class SettledIds:
         self._gone: set[int] = set()
         self.by_broker_id = CodeMap(broker_id_code)
         self.by_tag = CodeMap(tag_code)
-        self.by_request = CodeMap(request_hash)
+        self.by_request = CodeSet(encode=request_hash)  # a maybe: no group, the ledger answers
         self.rows = 0  # rows of the groups not gone
 
     def __len__(self) -> int:
@@ -216,9 +221,9 @@ class SettledIds:
     def __bool__(self) -> bool:
         return bool(self._pool)
 
-    def add(self, segment: str, rows: Iterable[tuple[str, str, str, str]]) -> int:
+    def add(self, segment: str, rows: Iterable[tuple[str, str, str, str]], *, family: bool = False) -> int:
         """A group leaves memory: ``rows`` are (order id, request id, tag key, broker order id),
-        root first. Returns the group's handle."""
+        root first; ``family``: every other row's parent is the root. Returns the group's handle."""
         rows = list(rows)
         try:
             seg = self._segments.index(segment)
@@ -228,13 +233,14 @@ class SettledIds:
         g = len(self._pool)
         ids: list[int] = []
         odd = False
-        for oid, *_ in rows:
+        family = family and len(rows) > 1
+        for oid, *_ in rows[:1] if family else rows:
             try:
                 ids.append(uuid.UUID(oid).int)
             except ValueError:
                 odd = True
                 break
-        header = len(rows) | (seg << 16) | (_ODD_GROUP if odd else 0)
+        header = len(rows) | (seg << 16) | (_ODD_GROUP if odd else 0) | (_FAMILY if family and not odd else 0)
         self._pool.append(header)
         if odd:
             self._odd[g] = tuple(r[0] for r in rows)
@@ -242,7 +248,7 @@ class SettledIds:
             for n in ids:
                 self._pool.extend((n >> 64, n & 0xFFFF_FFFF_FFFF_FFFF))
         for _oid, request_id, tag, broker_id in rows:
-            self.by_request.put(request_id, g)
+            self.by_request.add(request_id)
             if tag:
                 self.by_tag.put(tag, g)
             if broker_id:
@@ -258,9 +264,9 @@ class SettledIds:
         return -1 if g is None or g in self._gone else g
 
     def maybe_request(self, request_id: str) -> bool:
-        """Whether ``request_id`` may be a settled row's: the ledger decides."""
-        g = self.by_request.get(request_id)
-        return g is not None and g not in self._gone
+        """Whether ``request_id`` may be a settled row's (or of one loaded back since): the
+        ledger decides."""
+        return request_id in self.by_request
 
     def has_tag(self, tag: str) -> bool:
         """Exact: a settled row (of a group not loaded back) carries this tag key."""
@@ -270,12 +276,16 @@ class SettledIds:
     def segment(self, g: int) -> str:
         return self._segments[(self._pool[g] >> 16) & 0x7FFF]
 
+    def is_family(self, g: int) -> bool:
+        """Whether only the root's id is kept (``order_ids``): its children are the rest."""
+        return bool(self._pool[g] & _FAMILY)
+
     def order_ids(self, g: int) -> list[str]:
-        """The group's order ids, root first."""
+        """The group's order ids, root first (only the root's for a family, ``is_family``)."""
         header = self._pool[g]
         if header & _ODD_GROUP:
             return list(self._odd[g])
-        n = header & 0xFFFF
+        n = 1 if header & _FAMILY else header & 0xFFFF
         pool = self._pool
         return [str(uuid.UUID(int=(pool[g + 1 + 2 * i] << 64) | pool[g + 2 + 2 * i])) for i in range(n)]
 
@@ -292,5 +302,5 @@ class SettledIds:
         self._gone.clear()
         self.by_broker_id.clear()
         self.by_tag.clear()
-        self.by_request.clear()
+        self.by_request = CodeSet(encode=request_hash)
         self.rows = 0

@@ -22,6 +22,7 @@ from libs.common.messages import COMPLETE, OPEN, PENDING_BROKER
 from services.execution.ledger import PgOrderStore
 from services.execution.model import (
     BasketRow,
+    BracketRow,
     Changes,
     EventRow,
     FillRow,
@@ -123,6 +124,33 @@ def test_a_repeated_sliced_order_skips_its_children_and_events(store: OrderStore
     conflicts = store.write(ch)
     assert list(conflicts) == ["big"] and conflicts["big"].order_id == parent.order_id
     assert [o.request_id for o, _ in store.query_orders(OrderQuery())] == ["big"]
+
+
+def test_a_settled_group_is_read_back_by_its_order_ids_with_its_bracket(store: OrderStore) -> None:
+    entry = order("e-1", bracket_id=new_id(), status="CANCELLED")
+    leg = order("e-1:stop", parent_id=entry.order_id, bracket_id=entry.bracket_id, side="SELL",
+                purpose="STOP", broker_order_id="251121000000042")  # fmt: skip
+    b = BracketRow(bracket_id=entry.bracket_id, entry_id=entry.order_id, strategy_id="s1", segment="nse_cm",
+                   token="2885", symbol="RELIANCE-EQ", side="BUY", product="MIS", stop_loss=Decimal("1280"),
+                   target=Decimal("1300"), state="CANCELLED", trading_day=DAY, created_ns=NS,
+                   updated_ns=NS)  # fmt: skip
+    ch = pending(entry)
+    ch.new_orders.append(leg)
+    ch.brackets[b.bracket_id] = b
+    store.write(ch)
+    other = order("e-2")
+    store.write(pending(other))
+
+    rows = store.find_by_order_ids([entry.order_id, leg.order_id, new_id()])
+    found = store.find_brackets([b.bracket_id, new_id()])
+
+    assert sorted(rows) == sorted([entry.order_id, leg.order_id])
+    assert rows[leg.order_id].parent_id == entry.order_id and rows[leg.order_id].purpose == "STOP"
+    assert list(found) == [b.bracket_id] and found[b.bracket_id].state == "CANCELLED"
+    assert found[b.bracket_id].entry_id == entry.order_id
+    assert store.find_by_order_ids([]) == {} and store.find_brackets([]) == {}
+    family = store.find_by_order_ids([entry.order_id], with_children=True)  # a root and its children
+    assert sorted(family) == sorted([entry.order_id, leg.order_id])
 
 
 def test_client_tag_is_unique(store: OrderStore) -> None:

@@ -78,7 +78,8 @@ def test_settled_ids_name_a_group_by_broker_id_or_tag_and_give_its_order_ids_bac
 
     s.forget(g)  # loaded back into memory
 
-    assert s.group_of(rows[1][3], "") == -1 and not s.maybe_request("r0") and not s.has_tag(rows[0][2])
+    assert s.group_of(rows[1][3], "") == -1 and not s.has_tag(rows[0][2])
+    assert s.maybe_request("r0")  # a hash only: the ledger answers it (the row is in memory again)
     assert len(s) == 0
 
 
@@ -94,3 +95,14 @@ def test_a_group_settled_again_is_named_by_its_new_handle_and_odd_order_ids_surv
     assert s.group_of("B-77", "") == odd and s.order_ids(odd) == ["order-7"] and s.segment(odd) == "BSE_CM"
     s.clear()
     assert not s and s.group_of("1001", "") == -1
+
+
+def test_a_family_keeps_only_its_roots_order_id_and_every_rows_broker_id_and_tag() -> None:
+    s = SettledIds()
+    rows = [(new_id(), f"r{n}", new_client_tag(), str(700 + n)) for n in range(3)]  # an entry and two legs
+    g = s.add("NSE_CM", rows, family=True)
+    single = s.add("NSE_CM", [(new_id(), "solo", new_client_tag(), "800")], family=True)
+
+    assert s.is_family(g) and s.order_ids(g) == [rows[0][0]] and len(s) == 4
+    assert all(s.group_of(r[3], "") == g for r in rows)
+    assert not s.is_family(single) and len(s.order_ids(single)) == 1
