@@ -508,3 +508,38 @@ def test_embedded_server_survives_kill_9_of_its_owner_and_of_postgres(pg_parent:
         return Path(f"/proc/{pid3}/status").read_text().count("zombie") > 0
 
     eventually(stopped, timeout=10, message="the last owner's clean exit to stop the embedded server")
+
+
+def test_settled_orders_on_postgres_answer_repeats_and_come_back_for_a_late_trade(pg_url: str) -> None:
+    from libs.common.messages import CANCELLED
+    from services.execution.model import STOP, TARGET
+    from tests.unit.test_engine_eviction import book_row, is_settled, settle
+    from tests.unit.test_engine_faults import Hand, places
+    from tests.unit.test_engine_faults import execute as hand_execute
+
+    store = PgOrderStore(pg_url)
+    h = Hand(store=store)  # type: ignore[arg-type]
+    cmd = hand_execute(stop_loss=Decimal("1280.00"), target=Decimal("1300.00"))
+    [res] = h.engine.submit([cmd])
+    h.ack(places(h.take())[0])
+    entry = h.order(res.order_id)
+    h.status(entry, CANCELLED, filled=0)  # closed unfilled: its bracket is CANCELLED
+    settle(h, [book_row(entry, CANCELLED)])
+    assert is_settled(h.engine, entry) and entry.bracket_id not in h.engine.brackets
+
+    [again] = h.engine.submit([cmd])  # risk retries the old request id
+    assert again.ok and again.order_id == entry.order_id and not places(h.take())
+
+    tr = h.trade(entry, 10, "1290.00")  # a fill after the cancel
+    h.engine.on_broker_event(tr)  # and the same trade once more
+    h.engine.flush()
+
+    assert h.position() == 10 and not is_settled(h.engine, entry)
+    assert sorted(h.order(p.order_id).purpose for p in places(h.take())) == [STOP, TARGET]
+    with psycopg.connect(pg_url) as conn:
+        n = conn.execute("SELECT count(*), sum(quantity) FROM fills WHERE order_id = %s",
+                         (entry.order_id,)).fetchone()  # fmt: skip
+        rows = conn.execute("SELECT count(*) FROM order_ledger WHERE request_id = %s",
+                            (cmd.request_id,)).fetchone()  # fmt: skip
+    assert n == (1, 10) and rows == (1,)
+    store.close()
