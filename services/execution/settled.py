@@ -26,21 +26,17 @@ _MERGE_MIN = 1024  # new ids wait in a small dict or set; merged into the arrays
 _MERGE_SHIFT = 5
 
 
-def _plain_digits(s: str, most: int) -> bool:
-    return 0 < len(s) <= most and s.isascii() and s.isdigit() and (s[0] != "0" or s == "0")
-
-
 def broker_id_code(s: str) -> int | None:
     """An exact code (0 <= code < 2**63) for a broker order or trade id made of digits (at
     most 18, no leading zero) or of one ASCII letter and such digits (at most 17); None for any
     other id. Two different strings never get the same code."""
-    if _plain_digits(s, 18):
+    n = len(s)
+    if 0 < n <= 18 and s.isdigit() and s.isascii() and (n == 1 or s[0] != "0"):
         return int(s)
-    if len(s) >= 2:
+    if 2 <= n <= 18:
         head = _LETTER_CODE.get(s[0])
-        rest = s[1:]
-        if head is not None and _plain_digits(rest, 17):
-            return head | int(rest)
+        if head is not None and s[1:].isdigit() and s.isascii() and (n == 2 or s[1] != "0"):
+            return head | int(s[1:])
     return None
 
 
