@@ -35,8 +35,10 @@ from services.execution.model import (
     tag_key,
 )
 from services.execution.pricing import MAX_PRICE  # noqa: F401 - re-exported
+from services.execution.settled import CodeSet, SettledIds
 from services.execution.store import (
     CARRIED_STRATEGY,
+    LedgerError,
     OrderStore,
 )
 
@@ -51,7 +53,7 @@ MISSING_RECHECK_NS = 1_000_000_000  # the next book after a miss is asked for th
 CANCEL_CONFIRM_NS = 5_000_000_000  # an accepted cancel whose order still works after this is sent again
 FLATTEN_CANCEL_WAIT_S = 10.0  # flatten closes positions once its cancels are confirmed, or after this
 # A terminal order (with the rest of its bracket, slices and legs) unchanged this long, with a
-# books snapshot read since, is settled: it leaves memory and only its ids stay (``Settled``).
+# books snapshot read since, is settled: it leaves memory and only its ids stay (``SettledIds``).
 SETTLED_AFTER_S = 300.0
 SETTLED_RECHECK_NS = 10_000_000_000  # a group not ready to go (open bracket, a write) is looked at again
 # the switch events, and the legacy name old ledger rows may carry
@@ -112,18 +114,6 @@ class FlattenJob:
     report: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """What stays in memory of an evicted (settled) group of rows — an order with its slices,
-    or an entry with its slices and bracket legs — besides its ids in ``by_request``,
-    ``by_tag`` and ``by_broker_id``: enough to tell a known trade from a late one and to load
-    the rows back from the ledger when a late trade comes. One object shared by the group."""
-
-    segment: str  # fills are unique per (trading day, segment, trade id)
-    request_ids: tuple[str, ...]  # the group's rows in the ledger, root first
-    bracket: BracketRow | None = None  # a bracket closed unfilled: a late entry trade reopens it
-
-
 @dataclass(slots=True)
 class ReconcileState:
     """What reconciliation remembers between snapshots."""
@@ -163,7 +153,10 @@ class EngineBase:
         # rows not terminal (sliced parents too): what the scans of working orders go over, so
         # their cost follows the open orders, not the day's
         self.working: dict[str, OrderRow] = {}
-        self.settled: dict[str, Settled] = {}  # evicted order id → how to recognise and reload it
+        # the ids of evicted (settled) groups, compact and exact (``settled.py``): enough to know
+        # the broker's rows of them all day and to load a group back from the ledger; a row's ids
+        # leave ``by_request``, ``by_tag`` and ``by_broker_id`` when it goes there
+        self.settled = SettledIds()
         self._settle_due: list[tuple[int, str]] = []  # heap of (when to look at it, order id)
         # when the latest whole, non-empty books snapshot was asked for, and the broker ids it
         # showed done: only such a book is evidence that lets a settled group leave memory
@@ -177,8 +170,8 @@ class EngineBase:
         self.legs: dict[str, list[str]] = {}  # bracket → STOP/TARGET orders
         self.positions: dict[tuple[str, str], PositionState] = {}
         # trade ids applied, per (trading day, segment): a broker's trade id is unique per
-        # exchange segment and day (nested, so a fill costs one string, not a tuple of three)
-        self.fill_keys: dict[tuple[str, str], set[str]] = {}
+        # exchange segment and day (nested, and each a compact exact set: a few bytes a fill)
+        self.fill_keys: dict[tuple[str, str], CodeSet] = {}
         self._day_span: tuple[float, float, str] = (0.0, 0.0, "")  # _day_of's last day (seconds)
         self.last: dict[str, Tick] = {}
         self.turnover = _ZERO
@@ -254,7 +247,6 @@ class EngineBase:
 
     def _index(self, o: OrderRow) -> None:
         self.orders[o.order_id] = o
-        self.settled.pop(o.order_id, None)
         if o.terminal:
             self._settle_later(o)
         else:
@@ -267,6 +259,19 @@ class EngineBase:
             self.children.setdefault(o.parent_id, []).append(o.order_id)
         if o.bracket_id and o.purpose in _LEGS:
             self.legs.setdefault(o.bracket_id, []).append(o.order_id)
+
+    def request_known(self, request_id: str) -> bool:
+        """Whether a row with this request id exists: in memory, or settled (then the ledger,
+        which holds every request id once, says; when it cannot be read, taken as known, so
+        nothing is built twice — the insert's conflict on ``request_id`` is the backstop)."""
+        if request_id in self.by_request:
+            return True
+        if not self.settled.maybe_request(request_id):
+            return False
+        try:
+            return bool(self.store.find_by_request_ids([request_id]))
+        except LedgerError:
+            return True
 
     def _settle_later(self, o: OrderRow) -> None:
         """``o`` is terminal: look at it once it may have settled."""

@@ -569,7 +569,7 @@ class Baskets(Reconciliation):
             now_held = pos.by_product.get(product, pos.quantity) if pos.by_product else pos.quantity
         own = max(0, now_held) if side == "SELL" else max(0, -now_held)
         qty = min(want, own) - self._closing_qty(like.strategy_id, key, product, side)
-        if qty <= 0 or rid in self.by_request:
+        if qty <= 0 or self.request_known(rid):
             return None
         inst = self.master.get(like.segment, like.token)
         last = self.last.get(key)

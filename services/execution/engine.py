@@ -11,7 +11,9 @@ Durability rules
 * Every order row is committed as ``PENDING_BROKER`` before its place intent is released:
   intents and publications are held until ``flush()`` has written the changes that caused
   them, in one transaction per batch.
-* ``submit`` is idempotent on ``request_id`` (in memory, and in the ledger's unique key).
+* ``submit`` is idempotent on ``request_id``: in memory for the rows it holds, the ledger's
+  unique key for settled rows (memory keeps only a hash of their request ids, a maybe the
+  ledger answers) and as the backstop of every insert.
 * A place whose outcome is unknown leaves the row ``UNKNOWN``; reconciliation finds it by
   ``client_tag``; nothing is ever re-sent blindly.
 * Positions are the sum of fills; fills are unique per broker trade id, exchange segment
@@ -55,7 +57,6 @@ from services.execution.base import (  # the engine's names, re-exported (``__al
     EngineBase,
     FlattenJob,
     ReconcileState,
-    Settled,
     SubmitResult,
 )
 from services.execution.baskets import Baskets
@@ -70,22 +71,23 @@ from services.execution.intents import (  # re-exported (``__all__``)
 )
 from services.execution.model import (
     B_ACTIVE,
-    B_CANCELLED,
     BRACKET_OPEN,
     STOP,
     TARGET,
     OrderQuery,
     OrderRow,
     RiskEventRow,
+    tag_key,
 )
 from services.execution.pricing import freeze_step  # re-exported (``__all__``)
+from services.execution.settled import CodeSet
 
 _ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 __all__ = [
     "CARRIED", "KILL_EVENTS", "SETTLED_AFTER_S", "BooksIntent", "CancelIntent", "EngineBase",
     "ExecutionEngine", "FlattenJob", "Intent", "ModifyIntent", "PlaceIntent", "PositionState",
-    "PositionsIntent", "ReconcileState", "Settled", "SubmitResult", "freeze_step", "run_intent",
+    "PositionsIntent", "ReconcileState", "SubmitResult", "freeze_step", "run_intent",
 ]  # fmt: skip
 
 
@@ -119,7 +121,10 @@ class ExecutionEngine(Baskets):
                 self._trail_owed.add(b.bracket_id)  # a stop moved to cost that its leg may lack
         self._load_carries()
         for f in self.store.load_fills(self.day):
-            self.fill_keys.setdefault((f.trading_day, f.segment), set()).add(f.trade_id)
+            seen = self.fill_keys.get((f.trading_day, f.segment))
+            if seen is None:
+                seen = self.fill_keys[(f.trading_day, f.segment)] = CodeSet()
+            seen.add(f.trade_id)
             self._apply_position(f)
         self._load_baskets()
         for r in self.store.risk_events(self.day):
@@ -258,11 +263,10 @@ class ExecutionEngine(Baskets):
                 and self.brackets[o.bracket_id].state in BRACKET_OPEN
             ):
                 self._unindex(o)
-        if self.settled:  # yesterday's settled rows go the same way (their ids with them)
-            self.settled.clear()
-            self.by_request = {r: oid for r, oid in self.by_request.items() if oid in self.orders}
-            self.by_tag = {t: oid for t, oid in self.by_tag.items() if oid in self.orders}
-            self.by_broker_id = {b: oid for b, oid in self.by_broker_id.items() if oid in self.orders}
+        self.settled.clear()  # yesterday's settled rows go the same way (their ids with them)
+        self.by_request = {r: oid for r, oid in self.by_request.items() if oid in self.orders}
+        self.by_tag = {t: oid for t, oid in self.by_tag.items() if oid in self.orders}
+        self.by_broker_id = {b: oid for b, oid in self.by_broker_id.items() if oid in self.orders}
         self.fill_keys = {k: v for k, v in self.fill_keys.items() if k[0] == today}
         self.recon.carry_alerted.clear()
         self._held_intents.append(PositionsIntent(self._now()))  # yesterday's NRML/CNC are carried now
@@ -296,9 +300,9 @@ class ExecutionEngine(Baskets):
         empty "No Data" book or one judged incomplete is no evidence); at a live broker that book
         must show each of its broker orders done. A settled order a later book shows working
         comes back and is adopted (``_apply_book_rows``). Basket legs stay (the basket answers
-        from them). Kept per row: its ids (``by_request``, ``by_tag``, ``by_broker_id``) and the
-        group's ``Settled``. A repeat of its request is answered from the ledger; a trade for it
-        loads it back.
+        from them). Kept per row, in ``settled`` (compact): its order id, its broker order id and
+        client tag (exact), a hash of its request id, and the group's segment. A repeat of its
+        request is answered from the ledger; a trade for it loads the group back from the ledger.
         Returns the number of rows evicted."""
         due = self._settle_due
         now = self._now()
@@ -364,19 +368,28 @@ class ExecutionEngine(Baskets):
 
     def _evict(self, root: OrderRow, group: list[OrderRow]) -> int:
         b = self.brackets.get(root.bracket_id) if root.bracket_id else None
-        parked = b if b is not None and b.state == B_CANCELLED else None
-        tomb = Settled(root.segment, tuple(x.request_id for x in group), parked)
+        family = all(x.parent_id == root.order_id for x in group[1:])  # slices, legs: the usual
+        self.settled.add(root.segment, [
+            (x.order_id, x.request_id, tag_key(x.client_tag), x.broker_order_id) for x in group
+        ], family=family)  # fmt: skip
+        by_request, by_tag, by_broker_id = self.by_request, self.by_tag, self.by_broker_id
         for x in group:
             oid = x.order_id
             self.orders.pop(oid, None)
             self.working.pop(oid, None)
-            self.settled[oid] = tomb
+            if by_request.get(x.request_id) == oid:
+                del by_request[x.request_id]
+            tag = tag_key(x.client_tag)
+            if by_tag.get(tag) == oid:
+                del by_tag[tag]
+            if x.broker_order_id and by_broker_id.get(x.broker_order_id) == oid:
+                del by_broker_id[x.broker_order_id]
             self._awaiting_alerted.discard(oid)
             self._temp_refused.discard(oid)
             self._oversized.pop(oid, None)
             self.recon.bad_rows.discard(oid)
         self.children.pop(root.order_id, None)
-        if b is not None:
+        if b is not None:  # a bracket closed unfilled comes back from the ledger with a late trade
             bid = b.bracket_id
             self.brackets.pop(bid, None)
             self.legs.pop(bid, None)

@@ -45,6 +45,7 @@ from services.execution.intents import (
     PositionsIntent,
 )
 from services.execution.model import (
+    B_CANCELLED,
     BRACKET_OPEN,
     RANK,
     STOP,
@@ -52,6 +53,7 @@ from services.execution.model import (
     OrderRow,
     tag_key,
 )
+from services.execution.settled import CodeSet
 from services.execution.store import (
     LedgerError,
     fill_problem,
@@ -297,8 +299,8 @@ class BrokerEvents(Brackets):
         """An order-feed update or a trade, from the broker's push channel or a book poll."""
         o = self._find(ev.broker_order_id, ev.client_tag)
         if o is None:
-            oid = self._settled_id(ev.broker_order_id, ev.client_tag)
-            if not oid:
+            group = self._settled_id(ev.broker_order_id, ev.client_tag)
+            if group < 0:
                 self._orphan(ev.broker_order_id, ev.client_tag)
                 return
             # a settled order: its status is known; only a trade not seen before matters, or a
@@ -307,9 +309,9 @@ class BrokerEvents(Brackets):
                 if ev.status.upper() in (ACK, OPEN, PARTIAL):
                     self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now())
                 return
-            if self._fill_known(ev, oid):
+            if self._fill_known(ev, group):
                 return
-            o = self._load_settled(oid)
+            o = self._load_settled(group, ev.broker_order_id, ev.client_tag)
             if o is None:
                 return
         if isinstance(ev, BrokerTrade):
@@ -331,46 +333,48 @@ class BrokerEvents(Brackets):
             self._pay_cancel(o)  # a cancel asked for while its place was unanswered or UNKNOWN
         return o
 
-    def _settled_id(self, broker_order_id: str, client_tag: str) -> str:
-        """The id of a settled (evicted) order the broker names, or ""."""
-        oid = self.by_broker_id.get(broker_order_id) if broker_order_id else None
-        if oid is None and client_tag:
-            oid = self.by_tag.get(tag_key(client_tag))
-        return oid if oid is not None and oid in self.settled else ""
+    def _settled_id(self, broker_order_id: str, client_tag: str) -> int:
+        """The settled (evicted) group holding the order the broker names, or -1."""
+        return self.settled.group_of(broker_order_id, tag_key(client_tag) if client_tag else "")
 
-    def _fill_known(self, tr: BrokerTrade, order_id: str) -> bool:
+    def _fill_known(self, tr: BrokerTrade, group: int) -> bool:
         """Whether this trade of a settled order was applied already."""
-        seen = self.fill_keys.get((self._day_of(tr.ts_ns), self.settled[order_id].segment))
+        seen = self.fill_keys.get((self._day_of(tr.ts_ns), self.settled.segment(group)))
         return seen is not None and tr.trade_id in seen
 
-    def _load_settled(self, order_id: str) -> OrderRow | None:
-        """A trade came for a settled order (a real broker may report one after a cancel): its
-        group's rows come back from the ledger so the trade is applied like any other. When
-        the ledger cannot be read now, the next books bring the trade again."""
-        s = self.settled[order_id]
+    def _load_settled(self, group: int, broker_order_id: str, client_tag: str) -> OrderRow | None:
+        """A trade came for a settled order (a real broker may report one after a cancel), or a
+        book shows it working: its group's rows come back from the ledger (by order id), with
+        its bracket when that was closed unfilled (a late entry trade reopens it), so the trade
+        is applied like any other. When the ledger cannot be read now, the next books bring
+        the trade again. Returns the order the broker named."""
+        s = self.settled
+        ids = s.order_ids(group)
         try:
-            rows = self.store.find_by_request_ids(s.request_ids)
+            rows = self.store.find_by_order_ids(ids, with_children=s.is_family(group))
+            root = rows.get(ids[0])
+            bid = root.bracket_id if root is not None else ""
+            parked = self.store.find_brackets([bid]).get(bid) if bid and bid not in self.brackets else None
         except LedgerError as exc:
             if self.log is not None:
-                self.log.warning("settled_reload_failed", order_id=order_id, error=str(exc))
+                self.log.warning("settled_reload_failed", broker_order_id=broker_order_id, error=str(exc))
             self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, self._now() + 5_000_000_000)
             return None
-        for rid in s.request_ids:  # root first: slices and legs find their parent
-            row = rows.get(rid)
-            if row is not None and row.order_id not in self.orders:
+        # root first (slices and legs find their parent), then the rest as they were made
+        for row in sorted(rows.values(), key=lambda r: (r.order_id != ids[0], r.created_ns)):
+            if row.order_id not in self.orders:
                 self._index(row)
-        for oid in [k for k in (self.by_request.get(r, "") for r in s.request_ids) if k]:
-            self.settled.pop(oid, None)  # a row the ledger lost is not settled: unknown from here on
-        b = s.bracket
-        if b is not None and b.bracket_id not in self.brackets:
-            self.brackets[b.bracket_id] = b  # closed unfilled: the trade reopens it (``_sync_one``)
-        o = self.orders.get(order_id)
+        s.forget(group)  # a row the ledger lost is not settled: unknown from here on
+        if parked is not None and parked.state == B_CANCELLED:
+            self.brackets[parked.bracket_id] = parked  # closed unfilled: the trade reopens it (``_sync_one``)
+        o = self._find(broker_order_id, client_tag)
         if self.log is not None:
-            self.log.info("settled_reloaded", order_id=order_id, rows=len(rows), found=o is not None)
+            self.log.info("settled_reloaded", order_id=o.order_id if o is not None else "", rows=len(rows),
+                          broker_order_id=broker_order_id)  # fmt: skip
         if o is None:
-            self.alert("CRITICAL", f"a trade came for order {order_id}, which left memory as settled, but "
-                       "the ledger has no row for it: the trade is not applied — check the broker's trade "
-                       "book", "settled_missing")  # fmt: skip
+            self.alert("CRITICAL", f"a trade came for broker order {broker_order_id or client_tag}, which "
+                       "left memory as settled, but the ledger has no row for it: the trade is not applied — "
+                       "check the broker's trade book", "settled_missing")  # fmt: skip
         return o
 
     def _orphan(self, broker_order_id: str, client_tag: str) -> None:
@@ -454,7 +458,7 @@ class BrokerEvents(Brackets):
         day = self._day_of(tr.ts_ns)
         seen = self.fill_keys.get((day, o.segment))
         if seen is None:
-            seen = self.fill_keys[(day, o.segment)] = set()
+            seen = self.fill_keys[(day, o.segment)] = CodeSet()
         elif tr.trade_id in seen:
             return
         seen.add(tr.trade_id)

@@ -364,7 +364,7 @@ class Flattening(BrokerEvents):
                     purpose=FLATTEN_P,
                     broker=self.broker_name,
                 )
-                if row.request_id in self.by_request:
+                if self.request_known(row.request_id):  # (settled: the ledger says)
                     continue
                 self._add(row, "PENDING", {"flatten": req.request_id, "position": held, "product": product})
                 kids = self._slice_and_place(row, inst)

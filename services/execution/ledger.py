@@ -480,6 +480,26 @@ class PgOrderStore:
         rows = self._read(_SELECT_ORDER + " WHERE request_id = ANY(%s)", (ids,))
         return {r[1]: _order_row(r) for r in rows}
 
+    def find_by_order_ids(
+        self, order_ids: Iterable[str], *, with_children: bool = False
+    ) -> dict[str, OrderRow]:
+        ids = list(order_ids)
+        if not ids:
+            return {}
+        if with_children:
+            where = " WHERE internal_id = ANY(%s::uuid[]) OR parent_id = ANY(%s::uuid[])"
+            rows = self._read(_SELECT_ORDER + where, (ids, ids))
+        else:
+            rows = self._read(_SELECT_ORDER + " WHERE internal_id = ANY(%s::uuid[])", (ids,))
+        return {str(r[0]): _order_row(r) for r in rows}
+
+    def find_brackets(self, bracket_ids: Iterable[str]) -> dict[str, BracketRow]:
+        ids = list(bracket_ids)
+        if not ids:
+            return {}
+        rows = self._read(_SELECT_BRACKET + " WHERE bracket_id = ANY(%s::uuid[])", (ids,))
+        return {b.bracket_id: b for b in (_bracket_row(r) for r in rows)}
+
     def load_orders(self, trading_day: str) -> list[OrderRow]:
         rows = self._read(
             _SELECT_ORDER  # noqa: S608 - constant SQL

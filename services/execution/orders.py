@@ -65,11 +65,12 @@ class Orders(UnitOfWork):
         An order whose ``expires_ns`` passed before its row was committed is never sent: risk
         has told the strategy by then that it was not placed (it gave up waiting)."""
         cmds = list(cmds)
+        settled = self._settled_rows(cmds)  # repeats of settled requests: the ledger's rows
         mark = self._uow_mark()
         created: list[OrderRow] = []
         now = self._now()
         for cmd in cmds:
-            if cmd.request_id in self.by_request:
+            if cmd.request_id in self.by_request or cmd.request_id in settled:
                 self.stats["duplicates"] += 1
                 continue
             one = self._uow_mark()
@@ -86,7 +87,6 @@ class Orders(UnitOfWork):
                 SubmitResult(c.request_id, False, reason="ledger unavailable", code="ledger") for c in cmds
             ]
         self._expire_late(cmds)
-        settled = self._settled_rows(cmds)
         out: list[SubmitResult] = []
         for cmd in cmds:
             row = self.orders.get(self.by_request.get(cmd.request_id, ""))
@@ -110,8 +110,11 @@ class Orders(UnitOfWork):
 
     def _settled_rows(self, cmds: list[ExecuteOrder]) -> dict[str, OrderRow | None]:
         """Repeats of requests whose rows have left memory (settled): their rows as the ledger
-        holds them now (None for each when the ledger cannot be read)."""
-        rids = [c.request_id for c in cmds if self.by_request.get(c.request_id, "") in self.settled]
+        holds them now (None for each when the ledger cannot be read). Memory keeps only a hash
+        of a settled request id, so a match is a maybe: the ledger, where each request id is
+        UNIQUE, decides, and a request it does not hold is a new one."""
+        maybe = self.settled.maybe_request
+        rids = [c.request_id for c in cmds if c.request_id not in self.by_request and maybe(c.request_id)]
         if not rids:
             return {}
         try:
@@ -249,7 +252,7 @@ class Orders(UnitOfWork):
     def _tag(self) -> str:
         while True:
             tag = new_client_tag()
-            if tag not in self.by_tag:
+            if tag not in self.by_tag and not self.settled.has_tag(tag):
                 return tag
 
     def _add(self, row: OrderRow, kind: str, payload: Any) -> None:

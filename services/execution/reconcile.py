@@ -139,14 +139,14 @@ class Reconciliation(Flattening):
         for st in order_book:
             o = self._find(st.broker_order_id, st.client_tag)
             if o is None:
-                oid = self._settled_id(st.broker_order_id, st.client_tag)
-                if not oid:
+                group = self._settled_id(st.broker_order_id, st.client_tag)
+                if group < 0:
                     self._orphan(st.broker_order_id, st.client_tag)
                     continue
                 if st.status.upper() not in (ACK, OPEN, PARTIAL):
                     continue  # a settled order shown closed: as known
                 # settled, yet working at the broker: its group comes back, to be adopted below
-                o = self._load_settled(oid)
+                o = self._load_settled(group, st.broker_order_id, st.client_tag)
                 if o is None:
                     continue
             if (
@@ -161,13 +161,13 @@ class Reconciliation(Flattening):
         for tr in trade_book:
             o = self._find(tr.broker_order_id, tr.client_tag)
             if o is None:
-                oid = self._settled_id(tr.broker_order_id, tr.client_tag)
-                if not oid:
+                group = self._settled_id(tr.broker_order_id, tr.client_tag)
+                if group < 0:
                     self._orphan(tr.broker_order_id, tr.client_tag)
                     continue
-                if self._fill_known(tr, oid):
+                if self._fill_known(tr, group):
                     continue
-                o = self._load_settled(oid)  # a late trade of a settled order
+                o = self._load_settled(group, tr.broker_order_id, tr.client_tag)  # a late trade
                 if o is None:
                     continue
             traded.add(o.order_id)

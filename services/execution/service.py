@@ -526,7 +526,8 @@ class ExecutionService(Service):
         batch, self._batch = self._batch, []
         why = self.broker_unavailable()
         if why:  # the broker refuses this IP: new orders are refused, nothing is written or sent
-            known = self.engine.by_request  # a repeat of an accepted order still gets its answer
+            known = {m.request_id for m, _ in batch if self.engine.request_known(m.request_id)}
+            # a repeat of an accepted order (settled ones too: the ledger says) still gets its answer
             for msg, responder in [(m, r) for m, r in batch if m.request_id not in known]:
                 self.log.info("order_refused", request_id=msg.request_id, order_id="", code="broker_ip",
                               reason=why)  # fmt: skip

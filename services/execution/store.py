@@ -121,6 +121,17 @@ class OrderStore(Protocol):
 
     def find_by_request_ids(self, request_ids: Iterable[str]) -> dict[str, OrderRow]: ...
 
+    def find_by_order_ids(
+        self, order_ids: Iterable[str], *, with_children: bool = False
+    ) -> dict[str, OrderRow]:
+        """The rows of these order ids (a settled group loaded back), by order id; with
+        ``with_children`` also every row whose ``parent_id`` is one of them."""
+        ...
+
+    def find_brackets(self, bracket_ids: Iterable[str]) -> dict[str, BracketRow]:
+        """The brackets of these ids, whatever their state, by bracket id."""
+        ...
+
     def query_orders(self, q: OrderQuery) -> list[tuple[OrderRow, list[FillRow]]]: ...
 
     def events_for(self, order_id: str) -> list[EventRow]: ...
@@ -271,6 +282,16 @@ class MemoryOrderStore:
             if oid is not None:
                 out[rid] = copy.copy(self.orders[oid])
         return out
+
+    def find_by_order_ids(
+        self, order_ids: Iterable[str], *, with_children: bool = False
+    ) -> dict[str, OrderRow]:
+        ids = set(order_ids)
+        return {oid: copy.copy(o) for oid, o in self.orders.items()
+                if oid in ids or (with_children and o.parent_id in ids)}  # fmt: skip
+
+    def find_brackets(self, bracket_ids: Iterable[str]) -> dict[str, BracketRow]:
+        return {bid: copy.copy(self.brackets[bid]) for bid in bracket_ids if bid in self.brackets}
 
     def query_orders(self, q: OrderQuery) -> list[tuple[OrderRow, list[FillRow]]]:
         rows = [

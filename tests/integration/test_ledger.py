@@ -22,6 +22,7 @@ from libs.common.messages import COMPLETE, OPEN, PENDING_BROKER
 from services.execution.ledger import PgOrderStore
 from services.execution.model import (
     BasketRow,
+    BracketRow,
     Changes,
     EventRow,
     FillRow,
@@ -123,6 +124,33 @@ def test_a_repeated_sliced_order_skips_its_children_and_events(store: OrderStore
     conflicts = store.write(ch)
     assert list(conflicts) == ["big"] and conflicts["big"].order_id == parent.order_id
     assert [o.request_id for o, _ in store.query_orders(OrderQuery())] == ["big"]
+
+
+def test_a_settled_group_is_read_back_by_its_order_ids_with_its_bracket(store: OrderStore) -> None:
+    entry = order("e-1", bracket_id=new_id(), status="CANCELLED")
+    leg = order("e-1:stop", parent_id=entry.order_id, bracket_id=entry.bracket_id, side="SELL",
+                purpose="STOP", broker_order_id="251121000000042")  # fmt: skip
+    b = BracketRow(bracket_id=entry.bracket_id, entry_id=entry.order_id, strategy_id="s1", segment="nse_cm",
+                   token="2885", symbol="RELIANCE-EQ", side="BUY", product="MIS", stop_loss=Decimal("1280"),
+                   target=Decimal("1300"), state="CANCELLED", trading_day=DAY, created_ns=NS,
+                   updated_ns=NS)  # fmt: skip
+    ch = pending(entry)
+    ch.new_orders.append(leg)
+    ch.brackets[b.bracket_id] = b
+    store.write(ch)
+    other = order("e-2")
+    store.write(pending(other))
+
+    rows = store.find_by_order_ids([entry.order_id, leg.order_id, new_id()])
+    found = store.find_brackets([b.bracket_id, new_id()])
+
+    assert sorted(rows) == sorted([entry.order_id, leg.order_id])
+    assert rows[leg.order_id].parent_id == entry.order_id and rows[leg.order_id].purpose == "STOP"
+    assert list(found) == [b.bracket_id] and found[b.bracket_id].state == "CANCELLED"
+    assert found[b.bracket_id].entry_id == entry.order_id
+    assert store.find_by_order_ids([]) == {} and store.find_brackets([]) == {}
+    family = store.find_by_order_ids([entry.order_id], with_children=True)  # a root and its children
+    assert sorted(family) == sorted([entry.order_id, leg.order_id])
 
 
 def test_client_tag_is_unique(store: OrderStore) -> None:
@@ -480,3 +508,38 @@ def test_embedded_server_survives_kill_9_of_its_owner_and_of_postgres(pg_parent:
         return Path(f"/proc/{pid3}/status").read_text().count("zombie") > 0
 
     eventually(stopped, timeout=10, message="the last owner's clean exit to stop the embedded server")
+
+
+def test_settled_orders_on_postgres_answer_repeats_and_come_back_for_a_late_trade(pg_url: str) -> None:
+    from libs.common.messages import CANCELLED
+    from services.execution.model import STOP, TARGET
+    from tests.unit.test_engine_eviction import book_row, is_settled, settle
+    from tests.unit.test_engine_faults import Hand, places
+    from tests.unit.test_engine_faults import execute as hand_execute
+
+    store = PgOrderStore(pg_url)
+    h = Hand(store=store)  # type: ignore[arg-type]
+    cmd = hand_execute(stop_loss=Decimal("1280.00"), target=Decimal("1300.00"))
+    [res] = h.engine.submit([cmd])
+    h.ack(places(h.take())[0])
+    entry = h.order(res.order_id)
+    h.status(entry, CANCELLED, filled=0)  # closed unfilled: its bracket is CANCELLED
+    settle(h, [book_row(entry, CANCELLED)])
+    assert is_settled(h.engine, entry) and entry.bracket_id not in h.engine.brackets
+
+    [again] = h.engine.submit([cmd])  # risk retries the old request id
+    assert again.ok and again.order_id == entry.order_id and not places(h.take())
+
+    tr = h.trade(entry, 10, "1290.00")  # a fill after the cancel
+    h.engine.on_broker_event(tr)  # and the same trade once more
+    h.engine.flush()
+
+    assert h.position() == 10 and not is_settled(h.engine, entry)
+    assert sorted(h.order(p.order_id).purpose for p in places(h.take())) == [STOP, TARGET]
+    with psycopg.connect(pg_url) as conn:
+        n = conn.execute("SELECT count(*), sum(quantity) FROM fills WHERE order_id = %s",
+                         (entry.order_id,)).fetchone()  # fmt: skip
+        rows = conn.execute("SELECT count(*) FROM order_ledger WHERE request_id = %s",
+                            (cmd.request_id,)).fetchone()  # fmt: skip
+    assert n == (1, 10) and rows == (1,)
+    store.close()

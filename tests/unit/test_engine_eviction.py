@@ -18,7 +18,7 @@ from services.execution.brokers.base import BrokerOrderStatus, BrokerRejected, B
 from services.execution.brokers.paper import SETTLED_AFTER_S as PAPER_SETTLED_AFTER_S
 from services.execution.brokers.paper import PaperBroker
 from services.execution.engine import SETTLED_AFTER_S, freeze_step
-from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, Changes, OrderQuery, OrderRow
+from services.execution.model import B_ACTIVE, B_CLOSED, STOP, TARGET, Changes, OrderQuery, OrderRow, tag_key
 from services.execution.store import LedgerDataError, LedgerError, MemoryOrderStore
 from tests.unit.test_engine import MASTER, Harness
 from tests.unit.test_engine import execute as paper_execute
@@ -44,6 +44,12 @@ def settle(h: Hand, rows: list[BrokerOrderStatus] | None = None,
     h.books(rows, trades or [])
     h.engine.flush()
     return h.engine.evict_settled()
+
+
+def is_settled(e: Any, o: OrderRow) -> bool:
+    """``o`` left memory as settled: gone from the rows, still known by its broker id and tag."""
+    return (o.order_id not in e.orders and e.settled.group_of(o.broker_order_id, "") >= 0
+            and e.settled.group_of("", tag_key(o.client_tag)) >= 0)  # fmt: skip
 
 
 def filled_order(h: Hand, qty: int = 10, price: str = "1290.00",
@@ -89,9 +95,10 @@ def test_a_closed_bracket_leaves_memory_with_its_legs_and_keeps_only_its_ids() -
 
     e = h.engine
     for o in (entry, stop, target):
-        assert o.order_id not in e.orders and o.order_id in e.settled
-        assert e.by_request[o.request_id] == o.order_id
-        assert e.by_broker_id[o.broker_order_id] == o.order_id
+        assert o.order_id not in e.orders and is_settled(e, o)
+        # only compact ids stay: none of the row's strings is held in the dicts of live rows
+        assert o.request_id not in e.by_request and e.settled.maybe_request(o.request_id)
+        assert o.broker_order_id not in e.by_broker_id and tag_key(o.client_tag) not in e.by_tag
     assert entry.bracket_id not in e.brackets and entry.bracket_id not in e.legs
     assert h.position() == 0 and e.day_state().realised_pnl == realised == Decimal("100.00")
     assert e.status()["open_orders"] == 0 and e.status()["settled_orders"] == 3
@@ -109,12 +116,12 @@ def test_a_terminal_order_stays_until_the_settle_time_has_passed_and_a_books_sna
     _, late, _ = filled_order(h)
     h.clock.advance(SETTLED_AFTER_S + 1)
     assert h.engine.evict_settled() == 1  # the first; the second ended after the last books
-    assert o.order_id in h.engine.settled and late.order_id in h.engine.orders
+    assert is_settled(h.engine, o) and late.order_id in h.engine.orders
 
     h.books([book_row(o, COMPLETE, 10), book_row(late, COMPLETE, 10)], [])
     h.clock.advance(SETTLED_RECHECK_NS / 1e9)  # a group that had to wait is looked at again this soon
     assert h.engine.evict_settled() == 1
-    assert late.order_id in h.engine.settled
+    assert is_settled(h.engine, late)
 
 
 def test_an_open_bracket_keeps_its_entry_and_working_legs_in_memory() -> None:
@@ -182,8 +189,9 @@ def test_a_repeat_of_a_settled_request_is_answered_from_the_ledger_with_its_orde
     [first] = h.engine.submit([cmd])
     h.ack(places(h.take())[0])
     h.trade(h.order(first.order_id), 10, "1290.00")
+    row = h.order(first.order_id)
     settle(h)
-    assert first.order_id in h.engine.settled
+    assert is_settled(h.engine, row)
 
     [again] = h.engine.submit([cmd])
 
@@ -218,6 +226,16 @@ class ReadFailingStore(MemoryOrderStore):
             raise LedgerError("ledger connection lost")
         return super().find_by_request_ids(request_ids)
 
+    def find_by_order_ids(self, order_ids: Any, *, with_children: bool = False) -> Any:
+        if self.reads_fail:
+            raise LedgerError("ledger connection lost")
+        return super().find_by_order_ids(order_ids, with_children=with_children)
+
+    def find_brackets(self, bracket_ids: Any) -> Any:
+        if self.reads_fail:
+            raise LedgerError("ledger connection lost")
+        return super().find_brackets(bracket_ids)
+
 
 def test_a_repeat_of_a_settled_request_while_the_ledger_cannot_be_read_is_refused_unplaced() -> None:
     store = ReadFailingStore()
@@ -247,7 +265,7 @@ def test_reconciliation_knows_a_settled_order_in_the_brokers_books_as_closed() -
     e = h.engine
     assert "orphan_order" not in h.codes() and "order_adopted" not in h.codes()
     assert e.stats["adopted"] == 0 and e.stats["orphans"] == 0
-    assert all(x.order_id in e.settled for x in (entry, stop, target))  # not loaded back
+    assert all(is_settled(e, x) for x in (entry, stop, target))  # not loaded back
     assert e.fill_count == fills and h.position() == 0
     assert not places(h.take()) and not cancels(h.take())
 
@@ -265,7 +283,7 @@ def test_a_settled_stop_a_later_book_shows_working_comes_back_adopted_and_is_can
     h.engine.reconcile_if_due()
 
     assert "order_adopted" in h.codes() and h.engine.stats["adopted"] == 1
-    assert stop.order_id not in h.engine.settled and h.order(stop.order_id).status == OPEN
+    assert not is_settled(h.engine, stop) and h.order(stop.order_id).status == OPEN
     assert stop.order_id in [c.order_id for c in cancels(h.take())]
     assert h.position() == 0 and not places(h.take())  # nothing counted twice, no new legs
 
@@ -366,13 +384,13 @@ def test_a_late_trade_for_a_settled_cancelled_entry_loads_it_back_and_reopens_it
     entry = h.order(res.order_id)
     h.status(entry, CANCELLED, filled=0)  # closed unfilled: its bracket is CANCELLED
     settle(h, [book_row(entry, CANCELLED)])
-    assert entry.order_id in h.engine.settled and entry.bracket_id not in h.engine.brackets
+    assert is_settled(h.engine, entry) and entry.bracket_id not in h.engine.brackets
 
     h.trade(entry, 10, "1290.00")  # a real broker can report a fill after the cancel
 
     back = h.order(entry.order_id)
     assert back.filled_qty == 10 and back.avg_price == Decimal("1290.00")
-    assert h.position() == 10 and entry.order_id not in h.engine.settled
+    assert h.position() == 10 and not is_settled(h.engine, entry)
     assert h.engine.brackets[entry.bracket_id].state == B_ACTIVE
     assert sorted(h.order(p.order_id).purpose for p in places(h.take())) == [STOP, TARGET]
     assert sum(f.quantity for f in h.store.load_fills(h.engine.day)) == 10
@@ -409,7 +427,7 @@ def test_a_late_trade_while_the_ledger_cannot_be_read_is_applied_from_the_next_b
 
     tr = h.trade(o, 10, "1290.00")
 
-    assert h.position() == 0 and o.order_id in h.engine.settled
+    assert h.position() == 0 and is_settled(h.engine, o)
     assert h.engine.reconcile_due_ns  # the books are asked for again soon
     store.reads_fail = False
     h.books([book_row(o, CANCELLED, 10)], [tr])
@@ -539,3 +557,107 @@ def test_an_order_whose_request_id_is_a_number_still_leaves_memory() -> None:
     filled_order(h, rid="20261202")  # only a basket leg's id ("<basket>:leg<n>") keeps its rows
 
     assert settle(h) == 1
+
+
+# ------------------------------------------------------------------ each guarantee on the compact ids
+
+
+def test_the_broker_repeating_a_settled_orders_trade_applies_nothing_and_loads_nothing_back() -> None:
+    h = Hand()
+    entry, stop, target, trades = closed_bracket(h)
+    settle(h)
+    fills, realised = h.engine.fill_count, h.engine.day_state().realised_pnl
+
+    for tr in trades:  # the order feed sends both trades again, after the rows left memory
+        h.engine.on_broker_event(tr)
+    h.engine.flush()
+
+    assert h.engine.fill_count == fills and h.position() == 0
+    assert h.engine.day_state().realised_pnl == realised
+    assert all(is_settled(h.engine, x) for x in (entry, stop, target))  # known without the ledger
+    assert len(h.store.fills) == 2 and "orphan_order" not in h.codes()
+
+
+def test_a_late_closed_status_of_a_settled_order_is_known_and_changes_nothing() -> None:
+    h = Hand()
+    _entry, stop, _target, _ = closed_bracket(h)
+    settle(h)
+    h.engine.reconcile_due_ns = 1 << 62
+
+    h.status(stop, CANCELLED)
+
+    assert is_settled(h.engine, stop) and h.engine.reconcile_due_ns == 1 << 62
+    assert "orphan_order" not in h.codes() and h.engine.stats["orphans"] == 0
+
+
+def test_a_late_trade_naming_a_settled_order_only_by_its_tag_loads_the_group_back() -> None:
+    h = Hand()
+    [res] = h.engine.submit([execute()])
+    h.ack(places(h.take())[0])
+    o = h.order(res.order_id)
+    h.status(o, CANCELLED)
+    settle(h, [book_row(o, CANCELLED)])
+
+    h.engine.on_broker_event(BrokerTrade(trade_id="77", broker_order_id="", client_tag=o.client_tag.upper(),
+                                         side="BUY", quantity=3, price=Decimal("1290.00"),
+                                         ts_ns=h.clock.now_ns()))  # fmt: skip
+    h.engine.flush()
+
+    assert h.position() == 3 and h.order(o.order_id).filled_qty == 3 and not is_settled(h.engine, o)
+
+
+def test_a_new_request_whose_id_hash_matches_a_settled_one_is_asked_of_the_ledger_and_placed() -> None:
+    # memory keeps a hash of a settled request id: a match is a maybe, the ledger says no
+    h = Hand()
+    _, o, _ = filled_order(h)
+    settle(h)
+    e = h.engine
+    e.settled.by_request.add("fresh-1")  # as a hash collision would
+
+    [res] = e.submit([execute(rid="fresh-1")])
+
+    assert res.ok and res.order_id != o.order_id and e.stats["duplicates"] == 0
+    assert [p.order_id for p in places(h.take())] == [res.order_id]
+
+
+def test_a_retry_of_a_settled_request_after_a_restart_and_a_second_eviction_is_answered_not_placed() -> None:
+    h = Hand()
+    rid, o, _ = filled_order(h)
+    settle(h)
+    again = Hand(store=h.store, clock=h.clock)  # kill -9 and a restart: today's rows are loaded back
+    assert o.order_id in again.engine.orders
+    [first] = again.engine.submit([execute(rid=rid)])
+    settle(again)
+
+    [second] = again.engine.submit([execute(rid=rid)])
+
+    for r in (first, second):
+        assert r.ok and r.order_id == o.order_id and r.status == COMPLETE
+    assert not places(again.take()) and sum(1 for x in h.store.orders.values() if x.request_id == rid) == 1
+
+
+def test_a_new_client_tag_never_repeats_a_settled_orders_tag(monkeypatch: Any) -> None:
+    import services.execution.orders as orders_mod
+
+    h = Hand()
+    _, o, _ = filled_order(h)
+    settle(h)
+    fresh = iter([o.client_tag, "npaaaaaaaaaa"])
+    monkeypatch.setattr(orders_mod, "new_client_tag", lambda: next(fresh))
+
+    [res] = h.engine.submit([execute()])
+
+    assert res.ok and res.client_tag == "npaaaaaaaaaa"
+
+
+def test_a_trade_for_a_settled_order_the_ledger_lost_is_alerted_and_its_ids_are_orphans_after() -> None:
+    h = Hand()
+    _, o, _ = filled_order(h)
+    settle(h)
+    del h.store.orders[o.order_id]  # (a ledger restored from an older backup)
+
+    h.trade(o, 1, "1290.00", tid="T-after")
+
+    assert "settled_missing" in h.codes() and h.position() == 10  # the trade is not applied
+    h.status(o, COMPLETE)
+    assert "orphan_order" in h.codes()
