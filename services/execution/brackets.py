@@ -9,6 +9,7 @@ from typing import Any
 from libs.common.instruments import instrument_key
 from libs.common.messages import (
     BASKET_MAX_LEGS,
+    CANCELLED,
     PENDING_BROKER,
     REJECTED,
     basket_leg_id,
@@ -562,6 +563,11 @@ class Brackets(Orders):
         self._mark(o)
         self._event(o, "CANCEL_REQUESTED", o.status, {"reason": reason} if reason else None)
         if self._withdraw(o, reason or "cancelled before it was sent"):  # not sent yet: never will be
+            return True
+        if self._held_exits.pop(o.order_id, None) is not None:  # a held exit: never sent either
+            self._urgent_exits.discard(o.order_id)
+            why = reason or "cancelled before it was sent"
+            self._transition(o, CANCELLED, CANCELLED, {"reason": why}, why)
             return True
         self.owed_cancels.add(o.order_id)
         self._pay_cancel(o)

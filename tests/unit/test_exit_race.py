@@ -15,6 +15,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from services.execution.brokers.base import BrokerTemporary
+from libs.common.messages import Flatten
 from services.execution.intents import CancelIntent
 from services.execution.model import STOP
 from tests.unit.test_engine_faults import Hand, cancels, execute, places
@@ -180,4 +181,15 @@ def test_a_held_exit_goes_after_its_hold_even_if_a_leg_never_confirms() -> None:
     h.engine.flush()
     [place] = places(h.take())
     assert place.order_id == xid and "exit_unheld" in h.codes()
+    assert h.legs(eid, STOP)[0].cancel_requested
+
+
+def test_a_flatten_cancels_a_held_exit_outright_and_closes_the_position_once() -> None:
+    h = Hand()
+    eid = _short_with_stop(h)
+    xid = _market_exit(h)
+    h.take()
+    h.engine.flatten(Flatten(request_id="f1"), lambda _report: None)
+    assert h.order(xid).status == "CANCELLED"  # never sent, so nothing to wait for
+    assert xid not in h.engine._held_exits
     assert h.legs(eid, STOP)[0].cancel_requested
