@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from services.execution.brokers.base import BrokerTemporary
 from libs.common.messages import Flatten
+from services.execution.brokers.base import BrokerTemporary
 from services.execution.intents import CancelIntent
 from services.execution.model import STOP
 from tests.unit.test_engine_faults import Hand, cancels, execute, places
