@@ -196,11 +196,6 @@ class EngineBase:
         self.leg_retry: dict[tuple[str, str], tuple[int, int]] = {}  # (bracket, kind) → (failures, due)
         self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
         self._unprotected: dict[str, str] = {}  # bracket → why its stop was rejected: to close
-        # a market-intent EXIT of a position whose stop/target legs would race it: held (its row
-        # committed, nothing sent) until those legs are down by its quantity, at most until the
-        # deadline; ``_urgent_exits`` (held or sent) is what the legs no longer protect
-        self._held_exits: dict[str, int] = {}  # exit order id → deadline (ns)
-        self._urgent_exits: set[str] = set()
         self._unpriced: set[str] = set()  # of those, the ones already alerted as not priceable yet
         # the intraday square-off (``square_off_if_due``): today's instant (0: not computed,
         # -1: off), its day, the products, and per (strategy, instrument, product) its rounds
@@ -332,9 +327,6 @@ class EngineBase:
         raise NotImplementedError  # brackets.Brackets
 
     def _trim_exits(self, o: OrderRow) -> None:
-        raise NotImplementedError  # brackets.Brackets
-
-    def _hold_exit(self, x: OrderRow) -> bool:
         raise NotImplementedError  # brackets.Brackets
 
     def _overclosed(self, o: OrderRow) -> None:

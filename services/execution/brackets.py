@@ -9,9 +9,7 @@ from typing import Any
 from libs.common.instruments import instrument_key
 from libs.common.messages import (
     BASKET_MAX_LEGS,
-    CANCELLED,
     PENDING_BROKER,
-    REJECTED,
     basket_leg_id,
     basket_of_leg,
 )
@@ -45,7 +43,6 @@ from services.execution.pricing import (
 from services.execution.trail import improves, tighter, trailed_stop
 
 TRAIL_JUMP = 0.10  # a tick this far (a fraction) from the one before it does not trail
-EXIT_HOLD_S = 10.0  # a market exit waits at most this long for the legs it would race
 
 
 class Brackets(Orders):
@@ -90,12 +87,6 @@ class Brackets(Orders):
         pos = self.positions.get((b.strategy_id, instrument_key(b.segment, b.token)))
         held = pos.quantity if pos is not None else 0
         avail = {"BUY": max(held, 0), "SELL": max(-held, 0)}
-        for xid in self._urgent_exits:  # what a market exit closes, the legs no longer protect
-            ex = self.orders.get(xid)
-            if (ex is not None and not ex.terminal and ex.strategy_id == b.strategy_id
-                    and ex.token == b.token and ex.segment == b.segment):
-                entry_side = "BUY" if ex.side == "SELL" else "SELL"
-                avail[entry_side] = max(0, avail[entry_side] - (ex.quantity - ex.filled_qty))
         group = self._open_brackets(b.strategy_id, b.segment, b.token)
         if self.brackets.get(b.bracket_id) is b and not any(x is b for x in group):
             group.append(b)  # a closed one still cancels what is left of its legs
@@ -278,87 +269,6 @@ class Brackets(Orders):
         self._modifying.add(o.order_id)
         self._held_intents.append(ModifyIntent(o.order_id, o.broker_order_id, qty, old, price, trigger))
 
-    def _closing_legs(self, x: OrderRow) -> list[OrderRow]:
-        """The working stop/target legs of ``x``'s strategy and instrument on ``x``'s side."""
-        out = []
-        for b in self._bgroups.get((x.strategy_id, x.segment, x.token), ()):
-            for lid in self.legs.get(b.bracket_id, ()):
-                leg = self.orders.get(lid)
-                if leg is not None and not leg.terminal and not leg.broker_final and leg.side == x.side:
-                    out.append(leg)
-        return out
-
-    def _closing_room(self, x: OrderRow) -> tuple[int, int, bool]:
-        """(what ``x``'s side can close of the position, what its legs there still have open,
-        whether one of those legs is still being placed or modified)."""
-        pos = self.positions.get((x.strategy_id, x.key))
-        net = pos.quantity if pos is not None else 0
-        held = max(net, 0) if x.side == "SELL" else max(-net, 0)
-        legs = self._closing_legs(x)
-        busy = any(leg.order_id in self.inflight or leg.order_id in self._modifying for leg in legs)
-        return held, sum(leg.open_qty for leg in legs), busy
-
-    def _hold_exit(self, x: OrderRow) -> bool:
-        """A market-intent EXIT (the strategy's own close, the straddle's 15:15): sent at once
-        when the position's legs leave room for it; else the legs shrink by its quantity first
-        (they protect what is held less what it closes) and it is held until the broker has
-        confirmed them, so a stop and the exit cannot both fill and open the reverse position.
-        True when held."""
-        self._urgent_exits.add(x.order_id)
-        held, legs, busy = self._closing_room(x)
-        if not legs or (not busy and legs + x.quantity <= held):
-            return False
-        self._held_exits[x.order_id] = self._now() + int(EXIT_HOLD_S * 1e9)
-        for b in list(self._open_brackets(x.strategy_id, x.segment, x.token))[:1]:
-            self._sync_bracket(b)  # one sync sizes every bracket of the group
-        if self.log is not None:
-            self.log.info("exit_held", order_id=x.order_id, symbol=x.symbol, strategy_id=x.strategy_id,
-                          quantity=x.quantity, held=held, legs_open=legs)  # fmt: skip
-        return True
-
-    def _release_exits(self) -> None:
-        """Held exits whose legs are down (or whose hold ran out) go to the broker, at a
-        protected limit from the price now, cut to what is still held; one the stop made
-        needless is closed unsent."""
-        now = self._now()
-        for xid in [x for x in self._urgent_exits if x not in self._held_exits]:
-            x = self.orders.get(xid)
-            if x is None or x.terminal:
-                self._urgent_exits.discard(xid)
-        for xid, deadline in list(self._held_exits.items()):
-            x = self.orders.get(xid)
-            if x is None or x.terminal or x.status != PENDING_BROKER:
-                self._held_exits.pop(xid, None)
-                continue
-            held, legs, busy = self._closing_room(x)
-            late = now >= deadline
-            if not late and (busy or (legs > 0 and legs + x.quantity > held)):
-                continue
-            del self._held_exits[xid]
-            inst = self.master.get(x.segment, x.token)
-            lot = max(1, inst.lot_size) if inst is not None else 1
-            qty = min(x.quantity, held - (0 if late else legs))
-            qty -= qty % lot
-            if qty <= 0 or inst is None:
-                self._urgent_exits.discard(xid)
-                self._transition(x, REJECTED, "REJECTED", {"held": held},
-                                 f"nothing left to exit: {x.strategy_id} holds no more on this side "
-                                 "(its stop or target closed it first); not sent")  # fmt: skip
-                continue
-            if late:
-                self.alert("WARNING", f"{x.strategy_id}'s exit of {x.symbol} goes out while {legs} of its "
-                           "stop/target legs are still unconfirmed at the broker: if both fill, the "
-                           "reverse position is closed again", "exit_unheld")  # fmt: skip
-            if qty != x.quantity:
-                x.quantity = qty
-            last = self.last.get(x.key)
-            if last is not None and last.ltp > 0 and x.price is not None:
-                x.price = protected_limit(x.side, last.ltp, self.protection_pct, inst.tick_size)
-            x.updated_ns = now
-            x.expires_ns = 0  # its row was committed in time (risk was answered then)
-            self._mark(x)
-            self._slice_and_place(x, inst)
-
     def _trim_exits(self, o: OrderRow) -> None:
         """After a fill of ``o``'s strategy and instrument: its working EXIT orders that now
         close more than is held (a stop filled while the strategy's exit was working) are cut
@@ -370,7 +280,7 @@ class Brackets(Orders):
             exits = [w for w in self.working.values()
                      if w.strategy_id == o.strategy_id and w.segment == o.segment and w.token == o.token
                      and w.side == side and w.purpose == EXIT and not w.sliced and not w.terminal
-                     and not w.cancel_requested and w.order_id not in self._held_exits]  # fmt: skip
+                     and not w.cancel_requested]  # fmt: skip
             excess = sum(w.quantity - w.filled_qty for w in exits) - closing
             if excess <= 0:
                 continue
@@ -563,11 +473,6 @@ class Brackets(Orders):
         self._mark(o)
         self._event(o, "CANCEL_REQUESTED", o.status, {"reason": reason} if reason else None)
         if self._withdraw(o, reason or "cancelled before it was sent"):  # not sent yet: never will be
-            return True
-        if self._held_exits.pop(o.order_id, None) is not None:  # a held exit: never sent either
-            self._urgent_exits.discard(o.order_id)
-            why = reason or "cancelled before it was sent"
-            self._transition(o, CANCELLED, CANCELLED, {"reason": why}, why)
             return True
         self.owed_cancels.add(o.order_id)
         self._pay_cancel(o)

@@ -140,8 +140,7 @@ class ExecutionEngine(Baskets):
         n = 0
         for _ in range(max_rounds):
             self.drain_broker_events()
-            # new rows must be durable before their intents run; a held exit's legs may be down
-            if (self._held_intents or self._held_exits) and not self.flush():
+            if self._held_intents and not self.flush():  # their rows must be durable first
                 break
             intents = self.take_intents()
             if not intents:

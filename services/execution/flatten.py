@@ -93,8 +93,6 @@ class Flattening(BrokerEvents):
     def flush(self) -> bool:
         if self._unprotected:
             self._close_unprotected()
-        if self._urgent_exits:
-            self._release_exits()
         return super().flush()
 
     def _close_unprotected(self) -> None:

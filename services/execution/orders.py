@@ -136,13 +136,8 @@ class Orders(UnitOfWork):
             if row is None or row.status != PENDING_BROKER:
                 continue
             late_ms = (now - cmd.expires_ns) / 1e6
-            why = f"expired {late_ms:.0f} ms before it could be sent; not placed"
             for x in [self.orders[c] for c in self.children.get(row.order_id, [])] or [row]:
-                if self._held_exits.pop(x.order_id, None) is not None:  # held: never sent either
-                    self._urgent_exits.discard(x.order_id)
-                    self._transition(x, REJECTED, REJECTED, {"reason": why}, why)
-                else:
-                    self._withdraw(x, why, REJECTED)
+                self._withdraw(x, f"expired {late_ms:.0f} ms before it could be sent; not placed", REJECTED)
 
     def _withdraw(self, o: OrderRow, reason: str, status: str = CANCELLED) -> bool:
         """Take back a place intent that has not reached the broker; the row ends ``status``."""
@@ -228,8 +223,6 @@ class Orders(UnitOfWork):
         if o.stop_loss is not None or o.target is not None:
             self._new_bracket(row, o.stop_loss, o.target, stop_limit, (o.trail_points, o.trail_pct),
                               stop_pct=o.stop_loss_pct)  # fmt: skip
-        if purpose == EXIT and o.price is None and self._hold_exit(row):
-            return rows  # sent once the stop/target legs it would race are down (``_release_exits``)
         rows.extend(self._slice_and_place(row, inst))
         return rows
 

@@ -105,8 +105,8 @@ class Reconciliation(Flattening):
                 if o.broker_final and not o.terminal:
                     self._alert_awaiting(o, started_ns)
                 continue
-            if o.order_id in self.inflight or o.order_id in self._held_exits or o.created_ns > cutoff:
-                continue  # (a held exit is not sent yet: nothing to find)
+            if o.order_id in self.inflight or o.created_ns > cutoff:
+                continue
             acked = o.status not in (PENDING_BROKER, UNKNOWN)
             if (acked and o.trading_day == self.day) or (
                 o.filled_qty and o.trading_day == self.day and o.order_id not in traded

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from libs.common.messages import Flatten
 from services.execution.brokers.base import BrokerTemporary
 from services.execution.intents import CancelIntent
 from services.execution.model import STOP
@@ -122,74 +121,3 @@ def test_a_trailed_stop_the_price_came_back_through_closes_the_position() -> Non
     assert not [x for x in modifies(sent) if x.trail]  # no stop sent below the market
     [leg] = h.legs(eid, STOP)
     assert [c.order_id for c in cancels(sent)] == [leg.order_id] or leg.cancel_requested  # closing it
-
-
-# -------------------------------------------------- a market exit waits for the legs it races
-
-
-def _market_exit(h: Hand, qty: int = 10) -> str:
-    h.tick(120.0)
-    [ex] = h.engine.submit([execute(side="BUY", qty=qty, price=None, purpose="EXIT", reduce_only=True)])
-    assert ex.ok, ex.reason
-    return ex.order_id
-
-
-def test_a_market_exit_is_held_until_the_stop_it_races_is_cancelled() -> None:
-    h = Hand()
-    eid = _short_with_stop(h)
-    xid = _market_exit(h)
-    sent = h.take()
-    [stop] = h.legs(eid, STOP)
-    assert places(sent) == [] and [c.order_id for c in cancels(sent)] == [stop.order_id]
-    h.tick(121.0)
-    cancel = next(c for c in sent if isinstance(c, CancelIntent))
-    h.answer(cancel, None)  # the broker confirms the stop is gone ...
-    h.status(stop, "cancelled")
-    [place] = places(h.take())  # ... and only then the exit goes, priced from the price now
-    assert place.order_id == xid and place.order.quantity == 10 and place.order.price == D("122.20")
-
-
-def test_a_stop_that_fills_while_the_exit_is_held_leaves_nothing_to_send() -> None:
-    h = Hand()
-    eid = _short_with_stop(h)
-    xid = _market_exit(h)
-    h.take()
-    h.trade(h.legs(eid, STOP)[0], 10, "125.00")  # the stop filled before its cancel arrived
-    assert places(h.take()) == []
-    assert h.position() == 0 and h.order(xid).status == "REJECTED"
-    assert "nothing left to exit" in h.order(xid).reason and "exit_overclosed" not in h.codes()
-
-
-def test_a_partial_market_exit_waits_for_the_legs_to_shrink_by_its_size() -> None:
-    h = Hand()
-    eid = _short_with_stop(h)
-    xid = _market_exit(h, qty=4)
-    [resize] = [m for m in modifies(h.take()) if m.order_id == h.legs(eid, STOP)[0].order_id]
-    assert resize.quantity == 6 and places(h.take()) == []
-    h.answer(resize, None)
-    [place] = places(h.take())
-    assert place.order_id == xid and place.order.quantity == 4
-
-
-def test_a_held_exit_goes_after_its_hold_even_if_a_leg_never_confirms() -> None:
-    h = Hand()
-    eid = _short_with_stop(h)
-    xid = _market_exit(h)
-    h.take()  # the stop's cancel goes unanswered (the broker is slow)
-    h.clock.advance(11.0)
-    h.engine.reconcile_if_due()
-    h.engine.flush()
-    [place] = places(h.take())
-    assert place.order_id == xid and "exit_unheld" in h.codes()
-    assert h.legs(eid, STOP)[0].cancel_requested
-
-
-def test_a_flatten_cancels_a_held_exit_outright_and_closes_the_position_once() -> None:
-    h = Hand()
-    eid = _short_with_stop(h)
-    xid = _market_exit(h)
-    h.take()
-    h.engine.flatten(Flatten(request_id="f1"), lambda _report: None)
-    assert h.order(xid).status == "CANCELLED"  # never sent, so nothing to wait for
-    assert xid not in h.engine._held_exits
-    assert h.legs(eid, STOP)[0].cancel_requested
