@@ -53,13 +53,18 @@ def snap(price: Decimal | float, tick: Decimal, mode: str = "nearest") -> Decima
     return (units * tick).quantize(tick)
 
 
-def pct_stop(side: str, entry: Decimal, pct: Decimal, tick: Decimal) -> Decimal:
-    """The stop loss ``pct`` percent from ``entry``: below a BUY's entry (rounded down to the
-    tick), above a SELL's (rounded up). A BUY's may come out at 0 or below: the caller refuses it."""
-    move = entry * pct / Decimal(100)
+def stop_at(side: str, price: Decimal, distance: Decimal, tick: Decimal) -> Decimal:
+    """The stop of a position opened by ``side``, ``distance`` from ``price``: below it for a
+    BUY (rounded down to the tick), above it for a SELL (rounded up), so never nearer than the
+    distance. A BUY's may come out at 0 or below: the caller refuses it."""
     if side == "BUY":
-        return snap(entry - move, tick, "down")
-    return snap(entry + move, tick, "up")
+        return snap(price - distance, tick, "down")
+    return snap(price + distance, tick, "up")
+
+
+def pct_stop(side: str, entry: Decimal, pct: Decimal, tick: Decimal) -> Decimal:
+    """The stop loss ``pct`` percent from ``entry`` (``stop_at``)."""
+    return stop_at(side, entry, entry * pct / Decimal(100), tick)
 
 
 def protected_limit(side: str, last_price: Decimal | float, protection_pct: float, tick: Decimal) -> Decimal:

@@ -4,7 +4,6 @@ paper pipeline, in-process; print or save the report and the equity curve."""
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,9 +162,7 @@ def _sim_day(  # noqa: PLR0917 - the --sim options
         raise SimDayError(f"--sim: {day!r} is not a date YYYY-MM-DD") from None
     spec = SimDay(day=when, underlying=underlying, every_s=every_s, strikes=strikes, path=parse_path(path))
     master = MasterData.load_for_home(home, today=when)  # that day's contracts (paper master)
-    ticks = sim_day_ticks(spec, master, cfg.feed)
-    first = next(ticks)  # the checks (a trading day, a chain for that day) run here, not mid-backtest
-    return itertools.chain([first], ticks), master
+    return sim_day_ticks(spec, master, cfg.feed), master
 
 
 @app.command("strategies")

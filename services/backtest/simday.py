@@ -107,7 +107,8 @@ def check_day(spec: SimDay, calendar: TradingCalendar | None = None) -> None:
 
 def sim_day_ticks(spec: SimDay, master: MasterData, feed: FeedConfig) -> Iterator[Tick]:
     """The day's ticks in exchange-time order (``master`` must hold that day's contracts:
-    ``MasterData.load(today=spec.day)``)."""
+    ``MasterData.load(today=spec.day)``). Bad input raises ``SimDayError`` here, before the
+    first tick is asked for."""
     if not 0.05 <= spec.every_s <= 60:
         raise SimDayError(f"--sim-every must be 0.05 to 60 seconds, got {spec.every_s:g}")
     if not 1 <= spec.strikes <= MAX_STRIKES:
@@ -127,16 +128,22 @@ def sim_day_ticks(spec: SimDay, master: MasterData, feed: FeedConfig) -> Iterato
     # one round's standard deviation as a fraction of the price (Walk sizes its step from it)
     volatility = iv * math.sqrt(spec.every_s / (YEAR_SESSIONS * SESSION_SECONDS))
     walk = Walk(index, feed.sim_seed, volatility)
-    open_units = walk.units
     if spec.path:
         walk.step_sd = 0.0  # the path sets the price; the walk still draws quantities and spreads
-    contracts = options.instruments(options.near(open_units * walk.tick, spec.strikes))
+    contracts = options.instruments(options.near(walk.units * walk.tick, spec.strikes))
     legs = [OptionWalk(inst, walk, feed.sim_seed, feed.sim_interest_rate, iv=iv, smile=feed.sim_smile,
                        spread_pct=feed.sim_spread_pct) for inst in contracts]  # fmt: skip
     start_s, end_s = _session(feed)
+    return _rounds(spec, walk, legs, start_s, end_s)
+
+
+def _rounds(spec: SimDay, walk: Walk, legs: list[OptionWalk], start_s: int, end_s: int) -> Iterator[Tick]:
+    """Every ``spec.every_s`` from ``start_s`` to ``end_s`` (seconds of the day, IST): the
+    index's tick, then each option's, priced from it."""
     midnight = dt.datetime.combine(spec.day, dt.time(), IST)
     base_ns = int(midnight.timestamp()) * NS
     every_ns = round(spec.every_s * NS)
+    open_units = walk.units
     ts = base_ns + start_s * NS
     end_ns = base_ns + end_s * NS
     while ts <= end_ns:

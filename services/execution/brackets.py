@@ -10,6 +10,7 @@ from libs.common.instruments import instrument_key
 from libs.common.messages import (
     BASKET_MAX_LEGS,
     PENDING_BROKER,
+    Tick,
     basket_leg_id,
     basket_of_leg,
 )
@@ -366,24 +367,19 @@ class Brackets(Orders):
         prices change only when the broker confirms, so a modify lost to a crash or a timeout
         is sent again (the same absolute prices: harmless if it had landed)."""
         now = self._now()
-        lagging = False
         stop, limit = b.stop_loss, b.stop_limit
-        last = self.last.get(instrument_key(b.segment, b.token))
-        past = stop is not None and last is not None and last.ltp > 0 and (
-            last.ltp <= stop if b.side == "BUY" else last.ltp >= stop)  # fmt: skip
-        owed = past and b.bracket_id not in self._unprotected and self._leg_lags(b, stop, limit)
-        if owed and last is not None:
+        lagging = self._leg_lags(b, stop, limit)
+        if not lagging:
+            self._trail_owed.discard(b.bracket_id)
+            return
+        last = self._past_stop(b, stop)
+        if last is not None and b.bracket_id not in self._unprotected:
             # the price came back through the stop it should have (the modify was late, or
             # execution was down): a stop there triggers at once or is refused; close now
             self._unprotected[b.bracket_id] = f"its stop is {stop}; the price {last.ltp} is past it"
             return
-        for lid in self.legs.get(b.bracket_id, ()):
-            leg = self.orders.get(lid)
-            if leg is None or leg.purpose != STOP or leg.terminal or leg.cancel_requested or leg.broker_final:
-                continue
-            if leg.trigger_price == stop and leg.price == limit:
-                continue
-            lagging = True
+        for leg in lagging:
+            lid = leg.order_id
             if not leg.broker_order_id or lid in self.inflight or lid in self._modifying:
                 continue  # once the broker has acknowledged it (or answered the last modify)
             if now < self._trail_next_ns.get(lid, 0):
@@ -395,8 +391,14 @@ class Brackets(Orders):
                 "reason": "trailing stop"})  # fmt: skip
             self._held_intents.append(ModifyIntent(lid, leg.broker_order_id, leg.quantity, leg.quantity,
                                                    limit, stop, trail=True))  # fmt: skip
-        if not lagging:
-            self._trail_owed.discard(b.bracket_id)
+
+    def _past_stop(self, b: BracketRow, stop: Decimal | None) -> Tick | None:
+        """The last tick of ``b``'s instrument when its price is at or through ``stop`` (a stop
+        there would trigger at once), else None."""
+        last = self.last.get(instrument_key(b.segment, b.token))
+        if stop is None or last is None or not last.ltp > 0:
+            return None
+        return last if (last.ltp <= stop if b.side == "BUY" else last.ltp >= stop) else None
 
     def _siblings_to_cost(self, b: BracketRow, entry: OrderRow) -> None:
         """``move_sl_to_cost``: a basket leg was stopped out, so the stop of every other leg
@@ -426,17 +428,15 @@ class Brackets(Orders):
             self._bdirty[sb.bracket_id] = sb
             self.alert("INFO", f"{b.symbol} was stopped out: the stop of {sb.symbol} ({sb.strategy_id}) "
                        f"moves from {was} to its entry price {cost}", "stop_to_cost")  # fmt: skip
-            last = self.last.get(instrument_key(sb.segment, sb.token))
-            beyond = last is not None and last.ltp > 0 and (
-                last.ltp <= cost if sb.side == "BUY" else last.ltp >= cost)  # fmt: skip
-            if beyond and last is not None:  # a stop there triggers at once (or is refused): close now
+            last = self._past_stop(sb, cost)
+            if last is not None:  # a stop there triggers at once (or is refused): close now
                 why = f"its stop moved to cost {cost}; the price {last.ltp} is past it"
                 self._unprotected[sb.bracket_id] = why
             else:
                 self._trail_owed.add(sb.bracket_id)
                 self._trail_pay(sb)
 
-    def _leg_lags(self, b: BracketRow, stop: Decimal | None, limit: Decimal | None) -> list[str]:
+    def _leg_lags(self, b: BracketRow, stop: Decimal | None, limit: Decimal | None) -> list[OrderRow]:
         """The bracket's working stop legs whose broker prices are not yet ``stop``/``limit``."""
         out = []
         for lid in self.legs.get(b.bracket_id, ()):
@@ -444,7 +444,7 @@ class Brackets(Orders):
             if leg is None or leg.purpose != STOP or leg.terminal or leg.cancel_requested or leg.broker_final:
                 continue
             if leg.trigger_price != stop or leg.price != limit:
-                out.append(lid)
+                out.append(leg)
         return out
 
     def _trail_due(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from libs.common.money import snap
+from libs.common.money import stop_at
 
 _HUNDRED = Decimal(100)
 
@@ -27,10 +27,8 @@ def trailed_stop(side: str, best: Decimal, points: Decimal | None, pct: Decimal 
     """The stop ``points`` (or ``pct``) away from ``best``, on the tick; None when that is
     no price (a trail wider than a long position's best price)."""
     distance = points if points is not None else best * (pct or Decimal(0)) / _HUNDRED
-    if side == "BUY":
-        stop = snap(best - distance, tick, "down")
-        return stop if stop > 0 else None
-    return snap(best + distance, tick, "up")
+    stop = stop_at(side, best, distance, tick)
+    return stop if stop > 0 else None
 
 
 def tighter(side: str, new: Decimal, old: Decimal | None) -> bool:

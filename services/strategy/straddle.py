@@ -38,12 +38,18 @@ ENTRY_TRIES = 3  # baskets sent in the entry window when risk refuses one
 ENTRY_RETRY_S = 5  # seconds between them
 
 
-def _minute_of_day(text: str, name: str) -> int:
+def _seconds_of_day(text: str, name: str) -> int:
     try:
         at = dt.time.fromisoformat(text)
     except ValueError:
         raise ParamsError(f"strategy straddle: params: {name} {text!r} is not a time of day HH:MM") from None
     return at.hour * 3600 + at.minute * 60 + at.second
+
+
+def _day_and_second(ts_ns: int) -> tuple[str, int]:
+    """(the IST trading day, ISO; the second of that day) of an epoch-ns time."""
+    when = dt.datetime.fromtimestamp(ts_ns / NS, IST)
+    return when.date().isoformat(), when.hour * 3600 + when.minute * 60 + when.second
 
 
 class StraddleParams(StrategyParams, frozen=True):
@@ -71,8 +77,8 @@ class Straddle(Strategy):
 
     def on_start(self) -> None:
         p = self.params
-        self.entry_s = _minute_of_day(p.entry_at, "entry_at")
-        self.exit_s = _minute_of_day(p.exit_at, "exit_at")
+        self.entry_s = _seconds_of_day(p.entry_at, "entry_at")
+        self.exit_s = _seconds_of_day(p.exit_at, "exit_at")
         if not self.entry_s < self.exit_s:
             raise ParamsError(f"strategy straddle: params: entry_at {p.entry_at} must come before "
                               f"exit_at {p.exit_at}")  # fmt: skip
@@ -89,10 +95,7 @@ class Straddle(Strategy):
         self.chain(p.underlying, p.expiry, strikes=2)  # subscribes the index and the strikes near ATM
 
     def on_tick(self, tick: Tick) -> None:
-        now = tick.exch_ts_ns or self.ctx.clock.now_ns()
-        when = dt.datetime.fromtimestamp(now / NS, IST)
-        second = when.hour * 3600 + when.minute * 60 + when.second
-        day = when.date().isoformat()
+        day, second = _day_and_second(tick.exch_ts_ns or self.ctx.clock.now_ns())
         if second >= self.exit_s:
             for key in self._held():
                 self.exit(key, product=self.params.product)
@@ -114,8 +117,7 @@ class Straddle(Strategy):
         self.log.warning("straddle_refused", strategy_id=self.id, reason=reason, tries=self._tries,
                          retry_in_s=ENTRY_RETRY_S if retry else None)  # fmt: skip
         if retry:
-            when = dt.datetime.fromtimestamp(self.ctx.clock.now_ns() / NS, IST)
-            self._retry_at_s = when.hour * 3600 + when.minute * 60 + when.second + ENTRY_RETRY_S
+            self._retry_at_s = _day_and_second(self.ctx.clock.now_ns())[1] + ENTRY_RETRY_S
             self._entered = ""
 
     def _basket_id(self, day: str) -> str:
