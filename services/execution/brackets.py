@@ -271,25 +271,27 @@ class Brackets(Orders):
         self._held_intents.append(ModifyIntent(o.order_id, o.broker_order_id, qty, old, price, trigger))
 
     def _trim_exits(self, o: OrderRow) -> None:
-        """After a fill of ``o``'s strategy and instrument: its working EXIT orders that now
-        close more than is held (a stop filled while the strategy's exit was working) are cut
-        back, newest first -- resized, or cancelled when not yet acknowledged -- so that the
-        race of a close and a stop does not open the reverse position."""
+        """After a fill of ``o``'s strategy and instrument, or a leg the broker announced as
+        filled before its trade came: its working EXIT orders that now close more than is held
+        (``_closable``: a stop filled while the strategy's exit was working) are cut back,
+        newest first -- resized, or cancelled when not yet acknowledged -- so that the race of
+        a close and a stop does not open the reverse position."""
         pos = self.positions.get((o.strategy_id, o.key))
         net = pos.quantity if pos is not None else 0
-        for side, closing in (("SELL", max(net, 0)), ("BUY", max(-net, 0))):
+        for side in ("SELL", "BUY"):
+            closing, exiting = self._closable(o.strategy_id, o.segment, o.token, side)
+            excess = exiting - closing
+            if excess <= 0:
+                continue
             exits = [w for w in self.working.values()
                      if w.strategy_id == o.strategy_id and w.segment == o.segment and w.token == o.token
                      and w.side == side and w.purpose == EXIT and not w.sliced and not w.terminal
-                     and not w.cancel_requested]  # fmt: skip
-            excess = sum(w.quantity - w.filled_qty for w in exits) - closing
-            if excess <= 0:
-                continue
+                     and not w.cancel_requested and w.open_qty]  # fmt: skip
             cut = 0
             for w in sorted(exits, key=lambda x: (x.created_ns, x.order_id), reverse=True):
                 if excess <= 0:
                     break
-                rest = w.quantity - w.filled_qty
+                rest = w.open_qty
                 busy = w.order_id in self.inflight or w.order_id in self._modifying
                 if rest <= excess or not w.broker_order_id or busy:
                     self._request_cancel(w, "the position it closes is already smaller")
@@ -299,8 +301,10 @@ class Brackets(Orders):
                     take = excess
                 excess -= take
                 cut += take
-            self.alert("WARNING", f"{o.strategy_id}'s exit of {o.symbol} was cut by {cut}: it holds "
-                       f"{net:+d} after a fill, and an exit never opens the reverse position", "exit_trimmed")
+            if cut:
+                self.alert("WARNING", f"{o.strategy_id}'s exit of {o.symbol} was cut by {cut}: it holds "
+                           f"{net:+d} after a fill, and an exit never opens the reverse position",
+                           "exit_trimmed")  # fmt: skip
 
     def _overclosed(self, o: OrderRow) -> None:
         """An EXIT filled past flat after all (its fill beat the trim): say so, loudly."""

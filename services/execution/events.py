@@ -453,6 +453,7 @@ class BrokerEvents(Brackets):
         b = self._bracket_of(o)
         if b is not None:  # a leg announced as done: its OCO partner goes now
             self._sync_bracket(b)
+        self._trim_exits(o)  # and an exit working beside it would now close too much
 
     def _on_trade(self, tr: BrokerTrade, o: OrderRow) -> None:
         day = self._day_of(tr.ts_ns)

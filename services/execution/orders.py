@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-from libs.common.instruments import Instrument
+from libs.common.instruments import Instrument, instrument_key
 from libs.common.messages import (
     CANCELLED,
     COMPLETE,
@@ -228,26 +228,41 @@ class Orders(UnitOfWork):
 
     def _exit_size(self, strategy: str, inst: Instrument, side: str, qty: int) -> tuple[str, int]:
         """An exit only reduces: (why not, "") or ("", the quantity to send). The position is
-        execution's own, as of the last fill it processed, less the exits already working;
-        a strategy whose view lags (its stop filled a moment ago) must not open the reverse
-        position. An exit larger than what is left is cut to it."""
-        held = self.positions.get((strategy, inst.key))
-        net = held.quantity if held is not None else 0
-        closing = net if side == "SELL" else -net  # what this side can close
-        working = sum(
-            w.quantity - w.filled_qty
-            for w in self.working.values()
-            if w.strategy_id == strategy and w.segment == inst.segment and w.token == inst.token
-            and w.side == side and w.purpose in (EXIT, FLATTEN_P) and not w.sliced
-            and w.status not in TERMINAL_STATES
-        )  # fmt: skip
+        execution's own (``_closable``), less the exits already working; a strategy whose view
+        lags (its stop filled a moment ago) must not open the reverse position. An exit larger
+        than what is left is cut to it."""
+        closing, working = self._closable(strategy, inst.segment, inst.token, side)
         left = closing - working
         left -= left % max(1, inst.lot_size)
         if left <= 0:
+            held = self.positions.get((strategy, inst.key))
+            net = held.quantity if held is not None else 0
             more = f" and exits of {working} already working" if working else ""
-            return (f"nothing to exit: {strategy} holds {net:+d} {inst.symbol}{more}; an exit only "
+            gone = " (less fills the broker has announced)" if closing < abs(net) else ""
+            return (f"nothing to exit: {strategy} holds {net:+d} {inst.symbol}{gone}{more}; an exit only "
                     "reduces a position, so this one was not placed"), qty  # fmt: skip
         return "", min(qty, left)
+
+    def _closable(self, strategy: str, segment: str, token: str, side: str) -> tuple[int, int]:
+        """(what an order on ``side`` can still close, what exits on that side already close).
+
+        The first is the position from trades less the fills the broker has announced on that
+        side whose trades are still on their way: a stop the order book calls complete before
+        the trade book shows its trade has closed the position as far as a new exit goes. The
+        second counts the working exits and flatten closes, each with what it may still fill."""
+        pos = self.positions.get((strategy, instrument_key(segment, token)))
+        net = pos.quantity if pos is not None else 0
+        closing = net if side == "SELL" else -net
+        announced = exiting = 0
+        for w in self.working.values():
+            if (w.strategy_id != strategy or w.segment != segment or w.token != token or w.side != side
+                    or w.sliced or w.status in TERMINAL_STATES):  # fmt: skip
+                continue
+            if w.purpose in (EXIT, FLATTEN_P):
+                exiting += w.unsettled_qty
+            elif w.broker_final:
+                announced += w.unsettled_qty
+        return max(0, closing - announced), exiting
 
     def _tag(self) -> str:
         while True:

@@ -2,8 +2,9 @@
 
 The hand-driven engine answers in the order each test chooses:
 - a strategy's EXIT working while the stop leg fills (the straddle's exit at 15:15 in a spike)
-  is cut back, so it never opens the reverse position; if its fill wins the race anyway, a
-  CRITICAL alert names the position and how to close it;
+  is cut back, so it never opens the reverse position -- also when the broker's order book
+  announces the stop's fill before its trade, and an exit asked for then is refused; if its
+  fill wins the race anyway, a CRITICAL alert names the position and how to close it;
 - a resize of a stop leg whose trailed stop timed out (and may have landed) carries the
   trailed stop, not the looser one last confirmed;
 - one bad print does not move a trailing stop, and a trailed stop the price has already come
@@ -73,6 +74,32 @@ def test_an_exit_fill_that_beats_the_cancel_is_a_critical_alert_naming_the_fix()
     [alert] = [a for a in h.alerts if a.code == "exit_overclosed"]
     assert alert.level == "CRITICAL" and "holds +10" in alert.text
     assert "neopulse flatten RELIANCE-EQ --strategy s1" in alert.text
+
+
+def test_a_stop_the_book_calls_complete_before_its_trade_cancels_the_working_exit() -> None:
+    # Kotak's order book says COMPLETE a poll or two before the trade book has the trade.
+    h = Hand()
+    eid = _short_with_stop(h)
+    xid = _exit(h)
+    [stop] = h.legs(eid, STOP)
+    h.status(stop, "COMPLETE", 10)  # no trade yet: the position still reads -10
+    assert h.position() == -10
+    assert [c.order_id for c in cancels(h.take())] == [xid]
+    assert "exit_trimmed" in h.codes()
+
+
+def test_an_exit_asked_for_after_the_stop_was_announced_filled_is_refused() -> None:
+    h = Hand()
+    eid = _short_with_stop(h)
+    [stop] = h.legs(eid, STOP)
+    h.status(stop, "COMPLETE", 10)  # the trade is on its way
+    h.take()
+    h.tick(124.0)
+    [ex] = h.engine.submit([execute(side="BUY", qty=10, price="126.00", purpose="EXIT", reduce_only=True)])
+    assert ex.status == "REJECTED" and "nothing to exit" in ex.reason
+    assert not places(h.take())
+    h.trade(stop, 10, "125.00")  # the trade arrives: flat, and nothing else was sent
+    assert h.position() == 0
 
 
 def test_a_resize_after_a_timed_out_trail_carries_the_trailed_stop() -> None:
