@@ -197,6 +197,8 @@ class EngineBase:
         self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
         self._unprotected: dict[str, str] = {}  # bracket → why its stop was rejected: to close
         self._unpriced: set[str] = set()  # of those, the ones already alerted as not priceable yet
+        # (strategy, instrument) → flatten request id: a reverse position an over-close left
+        self._overclosed_owed: dict[tuple[str, str], str] = {}
         # the intraday square-off (``square_off_if_due``): today's instant (0: not computed,
         # -1: off), its day, the products, and per (strategy, instrument, product) its rounds
         # and the running flatten's request id

@@ -93,7 +93,23 @@ class Flattening(BrokerEvents):
     def flush(self) -> bool:
         if self._unprotected:
             self._close_unprotected()
+        if self._overclosed_owed:
+            self._close_overclosed()
         return super().flush()
+
+    def _close_overclosed(self) -> None:
+        """The reverse positions over-closes left (``_overclosed``): each closed by a flatten of
+        its strategy and instrument, one per over-closing order, unless it is flat again or a
+        flatten of it already runs."""
+        owed, self._overclosed_owed = self._overclosed_owed, {}
+        for (sid, key), rid in owed.items():
+            pos = self.positions.get((sid, key))
+            if pos is None or pos.quantity == 0 or rid in self.flatten_jobs or self._flattening(sid, key):
+                continue
+            if self.log is not None:
+                self.log.warning("overclosed_closed", strategy_id=sid, instrument=key, held=pos.quantity)
+            self.flatten(Flatten(request_id=rid, symbol=key, strategy_id=sid, source="execution"),
+                         lambda _report: None)  # fmt: skip
 
     def _close_unprotected(self) -> None:
         """Positions whose stop the broker rejected are closed: a flatten of the bracket's

@@ -4,7 +4,8 @@ The hand-driven engine answers in the order each test chooses:
 - a strategy's EXIT working while the stop leg fills (the straddle's exit at 15:15 in a spike)
   is cut back, so it never opens the reverse position -- also when the broker's order book
   announces the stop's fill before its trade, and an exit asked for then is refused; if its
-  fill wins the race anyway, a CRITICAL alert names the position and how to close it;
+  fill wins the race anyway (or the stop's does), the reverse position is closed at once, with
+  a CRITICAL alert;
 - a resize of a stop leg whose trailed stop timed out (and may have landed) carries the
   trailed stop, not the looser one last confirmed;
 - one bad print does not move a trailing stop, and a trailed stop the price has already come
@@ -63,7 +64,16 @@ def test_a_partial_stop_fill_resizes_the_exit_to_what_is_left() -> None:
     assert [m.quantity for m in resize] == [6]
 
 
-def test_an_exit_fill_that_beats_the_cancel_is_a_critical_alert_naming_the_fix() -> None:
+def _closes(h: Hand, side: str, qty: int) -> None:
+    """The flatten that closes a reverse position: one protected close of ``qty``, which fills."""
+    [close] = places(h.take())
+    assert (close.order.side, close.order.quantity) == (side, qty)
+    h.ack(close)
+    h.trade(h.order(close.order_id), qty, "125.00")
+    assert h.position() == 0
+
+
+def test_an_exit_fill_that_beats_the_cancel_closes_the_reverse_position() -> None:
     h = Hand()
     eid = _short_with_stop(h)
     xid = _exit(h)
@@ -72,8 +82,22 @@ def test_an_exit_fill_that_beats_the_cancel_is_a_critical_alert_naming_the_fix()
     h.trade(h.order(xid), 10, "125.50")  # filled before the cancel arrived
     assert h.position() == 10
     [alert] = [a for a in h.alerts if a.code == "exit_overclosed"]
-    assert alert.level == "CRITICAL" and "holds +10" in alert.text
-    assert "neopulse flatten RELIANCE-EQ --strategy s1" in alert.text
+    assert alert.level == "CRITICAL" and "held +10" in alert.text and "closing it now" in alert.text
+    _closes(h, "SELL", 10)
+
+
+def test_a_stop_whose_trade_comes_after_the_exit_filled_closes_the_reverse_position() -> None:
+    # The exit fills; the stop's cancel goes out, but the stop had triggered already.
+    h = Hand()
+    eid = _short_with_stop(h)
+    xid = _exit(h)
+    [stop] = h.legs(eid, STOP)
+    h.trade(h.order(xid), 10, "124.00")
+    assert [c.order_id for c in cancels(h.take())] == [stop.order_id]
+    h.trade(stop, 10, "125.00")
+    assert h.position() == 10
+    assert "exit_overclosed" in h.codes()
+    _closes(h, "SELL", 10)
 
 
 def test_a_stop_the_book_calls_complete_before_its_trade_cancels_the_working_exit() -> None:
