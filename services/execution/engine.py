@@ -80,7 +80,6 @@ from services.execution.model import (
     tag_key,
 )
 from services.execution.pricing import freeze_step  # re-exported (``__all__``)
-from services.execution.settled import CodeSet
 
 _ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -121,11 +120,13 @@ class ExecutionEngine(Baskets):
                 self._trail_owed.add(b.bracket_id)  # a stop moved to cost that its leg may lack
         self._load_carries()
         for f in self.store.load_fills(self.day):
-            seen = self.fill_keys.get((f.trading_day, f.segment))
-            if seen is None:
-                seen = self.fill_keys[(f.trading_day, f.segment)] = CodeSet()
-            seen.add(f.trade_id)
+            self._fill_seen(f.trading_day, f.segment).add(f.trade_id)
             self._apply_position(f)
+        # an order of an earlier day still working (or in an open bracket): its trades are known
+        # too, so one the broker's trade book shows again is not applied to the row a second time
+        for day in sorted({o.trading_day for o in self.orders.values()} - {self.day, ""}):
+            for f in self.store.load_fills(day):
+                self._fill_seen(f.trading_day, f.segment).add(f.trade_id)
         self._load_baskets()
         for r in self.store.risk_events(self.day):
             self._note_stopped(r, min(r.ts_ns, self._now()))
@@ -267,7 +268,10 @@ class ExecutionEngine(Baskets):
         self.by_request = {r: oid for r, oid in self.by_request.items() if oid in self.orders}
         self.by_tag = {t: oid for t, oid in self.by_tag.items() if oid in self.orders}
         self.by_broker_id = {b: oid for b, oid in self.by_broker_id.items() if oid in self.orders}
-        self.fill_keys = {k: v for k, v in self.fill_keys.items() if k[0] == today}
+        # the trade ids of the days whose orders are still in memory stay: a trade of one of them
+        # that the broker's book shows again after midnight must not fill its row twice
+        days = {o.trading_day for o in self.orders.values()} | {today}
+        self.fill_keys = {k: v for k, v in self.fill_keys.items() if k[0] in days}
         self.recon.carry_alerted.clear()
         self._held_intents.append(PositionsIntent(self._now()))  # yesterday's NRML/CNC are carried now
         return True

@@ -321,6 +321,14 @@ class BrokerEvents(Brackets):
         if self._active_jobs:
             self._advance_jobs()
 
+    def _fill_seen(self, day: str, segment: str) -> CodeSet:
+        """The trade ids already taken for ``day`` and ``segment`` (exchange trade numbers are
+        unique per segment and day)."""
+        seen = self.fill_keys.get((day, segment))
+        if seen is None:
+            seen = self.fill_keys[(day, segment)] = CodeSet()
+        return seen
+
     def _find(self, broker_order_id: str, client_tag: str) -> OrderRow | None:
         oid = self.by_broker_id.get(broker_order_id) if broker_order_id else None
         if oid is None and client_tag:
@@ -457,10 +465,8 @@ class BrokerEvents(Brackets):
 
     def _on_trade(self, tr: BrokerTrade, o: OrderRow) -> None:
         day = self._day_of(tr.ts_ns)
-        seen = self.fill_keys.get((day, o.segment))
-        if seen is None:
-            seen = self.fill_keys[(day, o.segment)] = CodeSet()
-        elif tr.trade_id in seen:
+        seen = self._fill_seen(day, o.segment)
+        if tr.trade_id in seen:
             return
         seen.add(tr.trade_id)
         now = self._now()

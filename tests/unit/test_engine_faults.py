@@ -820,6 +820,37 @@ def test_a_strategys_nrml_bracket_is_protected_again_on_the_next_day() -> None:
     ]
 
 
+def test_yesterdays_trade_shown_again_after_midnight_does_not_fill_its_order_twice() -> None:
+    # A chaos run that crossed midnight IST: the trade book still listed the day's trades, and
+    # an entry still in memory (its bracket open) took its own trade a second time.
+    h = Hand()
+    bracket = {"stop_loss": Decimal("1280.00"), "target": Decimal("1300.00")}
+    [res] = h.engine.submit([execute(product="NRML", **bracket)])
+    h.ack(places(h.take())[0])
+    tr = h.trade(h.order(res.order_id), 10, "1290.00")
+    h.take()
+    h.clock.advance(86_400)
+    assert h.engine.check_day()
+    h.engine.on_broker_event(tr)  # the same trade, with yesterday's time
+    h.engine.flush()
+    entry = h.order(res.order_id)
+    assert entry.filled_qty == 10 and entry.avg_price == Decimal("1290.00")
+
+
+def test_yesterdays_trade_shown_again_after_a_restart_past_midnight_is_known() -> None:
+    h = Hand()
+    bracket = {"stop_loss": Decimal("1280.00"), "target": Decimal("1300.00")}
+    [res] = h.engine.submit([execute(product="NRML", **bracket)])
+    h.ack(places(h.take())[0])
+    tr = h.trade(h.order(res.order_id), 10, "1290.00")
+    h.take()
+    h.clock.advance(86_400)
+    h2 = Hand(store=h.store, clock=h.clock)  # execution restarts the next day
+    h2.engine.on_broker_event(tr)
+    h2.engine.flush()
+    assert h2.order(res.order_id).filled_qty == 10
+
+
 def test_a_carry_the_ledger_cannot_explain_is_held_as_carried_and_a_smaller_one_is_offset() -> None:
     h = Hand()
     [res] = h.engine.submit([execute(product="NRML")])
