@@ -17,6 +17,7 @@ from libs.common.messages import (
     Flatten,
     FlattenPhase,
     Message,
+    Purpose,
     RiskEvent,
     Tick,
 )
@@ -44,6 +45,7 @@ from services.execution.store import (
 
 _ZERO = Decimal(0)
 _LEGS = LEG_PURPOSES
+_CLOSES = frozenset({*LEG_PURPOSES, Purpose.EXIT, Purpose.FLATTEN})  # orders that only close
 RETRY_BASE_S = 0.5  # first retry of a failed cancel or leg place; doubles up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
 RETRY_ALERT_AFTER = 5  # failures of one owed cancel / leg place before a CRITICAL alert
@@ -197,8 +199,12 @@ class EngineBase:
         self._temp_refused: set[str] = set()  # leg rows that failed for a passing reason
         self._unprotected: dict[str, str] = {}  # bracket → why its stop was rejected: to close
         self._unpriced: set[str] = set()  # of those, the ones already alerted as not priceable yet
-        # (strategy, instrument) → flatten request id: a reverse position an over-close left
-        self._overclosed_owed: dict[tuple[str, str], str] = {}
+        # (strategy, instrument) → the part of its position that closes made (an exit and a stop
+        # that both filled): nobody's intent and unprotected; ``keep_stray_flat`` closes it
+        self._stray: dict[tuple[str, str], int] = {}
+        self._stray_alerted: set[tuple[str, str]] = set()
+        self._stray_rounds: dict[tuple[str, str], int] = {}
+        self._stray_jobs: dict[tuple[str, str], tuple[str, int, int]] = {}
         # the intraday square-off (``square_off_if_due``): today's instant (0: not computed,
         # -1: off), its day, the products, and per (strategy, instrument, product) its rounds
         # and the running flatten's request id

@@ -307,34 +307,28 @@ class Brackets(Orders):
                            "exit_trimmed")  # fmt: skip
 
     def _overclosed(self, o: OrderRow) -> None:
-        """A close (the strategy's EXIT, or a bracket leg) filled past flat: the other close of
-        a race filled too (an exit and its stop both live at the broker; the trim came late).
-        The reverse position it left is nobody's intent and has no stop: unless a bracket of
-        the strategy protects exposure in that direction (a reversal it meant), it is closed
-        at once by a flatten of the strategy and instrument (at the next flush), with a
-        CRITICAL alert."""
-        if o.purpose not in (EXIT, *_LEGS):
+        """After a fill of a close (the strategy's EXIT, a bracket leg): if closes have now made
+        part of the position (``_stray``: an exit and its stop both filled, the trim came late),
+        say so once, loudly. That part is nobody's intent and has no stop: when it is all of
+        the position, ``keep_stray_flat`` closes it at once."""
+        k = (o.strategy_id, o.key)
+        stray = self._stray.get(k, 0)
+        if not stray or k in self._stray_alerted:
             return
-        pos = self.positions.get((o.strategy_id, o.key))
+        self._stray_alerted.add(k)
+        pos = self.positions.get(k)
         net = pos.quantity if pos is not None else 0
-        if not ((o.side == "BUY" and net > 0) or (o.side == "SELL" and net < 0)):
-            return
-        reverse = "BUY" if net > 0 else "SELL"
-        meant = any(b.side == reverse and b.state in BRACKET_OPEN and b.entry_filled > b.exit_filled
-                    for b in self._open_brackets(o.strategy_id, o.segment, o.token))  # fmt: skip
-        what = "exit" if o.purpose == EXIT else f"{o.purpose.lower()} leg"
-        if meant:
-            self.alert("CRITICAL", f"{o.strategy_id}'s {what} {o.client_tag} of {o.symbol} closed more than "
-                       f"was held: the strategy now holds {net:+d} {o.symbol}, more than its brackets "
-                       f"protect; close the rest (neopulse flatten {o.symbol} --strategy {o.strategy_id}) "
-                       "or it is squared off at the square-off time", "exit_overclosed")  # fmt: skip
-            return
-        key = (o.strategy_id, o.key)
-        if key not in self._overclosed_owed:
+        what = "exit" if o.purpose == EXIT else f"{o.purpose.lower()}"
+        if stray == net:
             self.alert("CRITICAL", f"{o.strategy_id}'s {what} {o.client_tag} of {o.symbol} closed more than "
                        f"was held (a close and a stop both filled): it held {net:+d} {o.symbol} with "
                        "no stop; closing it now", "exit_overclosed")  # fmt: skip
-        self._overclosed_owed[key] = f"overclosed:{o.order_id}"
+        else:
+            self.alert("CRITICAL", f"{o.strategy_id}'s {what} {o.client_tag} of {o.symbol} closed more than "
+                       f"was held: the strategy now holds {net:+d} {o.symbol}, {stray:+d} of it made by "
+                       f"closes and unprotected; close that (neopulse flatten {o.symbol} --strategy "
+                       f"{o.strategy_id} closes all of it) or it is squared off at the square-off time",
+                       "exit_overclosed")  # fmt: skip
 
     # ----------------------------------------------------------------- trailing stops
     def _trail_watch(self, b: BracketRow) -> None:

@@ -254,6 +254,10 @@ class ExecutionEngine(Baskets):
         self.stopped.clear()  # a stop is for its day
         self._stop_rounds.clear()
         self._stop_jobs.clear()
+        self._stray.clear()
+        self._stray_alerted.clear()
+        self._stray_rounds.clear()
+        self._stray_jobs.clear()
         self._load_carries()
         self.turnover = _ZERO
         self.fill_count = 0

@@ -19,6 +19,7 @@ from libs.common.messages import (
 )
 from libs.common.positions import PositionState
 from services.execution.base import (
+    _CLOSES,
     _LEGS,
     CANCEL_CONFIRM_NS,
     MAX_TICK_PRICE,
@@ -584,10 +585,32 @@ class BrokerEvents(Brackets):
         if pos is None:
             pos = self.positions[k] = PositionState(f.strategy_id, f.segment, f.token, f.symbol)
         o = self.orders.get(f.order_id)
+        before = pos.quantity
         pos.apply(f.side, f.quantity, f.price, o.product if o is not None else "MIS")
+        self._note_stray(k, before, pos.quantity, o is not None and o.purpose in _CLOSES)
         self.turnover += f.price * f.quantity
         self.fill_count += 1
         return pos
+
+    def _note_stray(self, k: tuple[str, str], before: int, after: int, closing: bool) -> None:
+        """Keep ``_stray[k]``: the part of the position that closes (EXIT, stop, target, flatten
+        close) made by filling past flat. A close that takes the position from flat, or through
+        it, makes all of the new position stray; one that adds to a stray position adds to it;
+        anything that shrinks the position shrinks the stray part first; an entry that turns it
+        leaves none. Fills are replayed through here at a start, so a restart sees it too."""
+        stray = self._stray.get(k, 0)
+        if after == 0 or before == 0 or (after > 0) != (before > 0):
+            stray = after if closing else 0
+        elif abs(after) > abs(before):
+            stray += (after - before) if closing else 0
+        elif stray:
+            left = max(0, abs(stray) - (abs(before) - abs(after)))
+            stray = left if stray > 0 else -left
+        if stray:
+            self._stray[k] = stray
+        else:
+            self._stray.pop(k, None)
+            self._stray_alerted.discard(k)
 
     def on_tick(self, tick: Tick) -> bool:
         """Remember the last price (market intent, flatten, marks). Hot path: one dict store.

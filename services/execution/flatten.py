@@ -36,6 +36,7 @@ from services.execution.model import (
 )
 
 SQUARE_OFF_RETRY_NS = 30_000_000_000  # a square-off whose position has not moved is tried again after this
+STRAY_RETRY_NS = 5_000_000_000  # a stray position a round left unchanged is closed again after this
 STOPPED_GRACE_NS = 5_000_000_000  # after a strategy_stopped record, risk's own flatten comes first
 
 
@@ -93,21 +94,43 @@ class Flattening(BrokerEvents):
     def flush(self) -> bool:
         if self._unprotected:
             self._close_unprotected()
-        if self._overclosed_owed:
-            self._close_overclosed()
+        if self._stray:
+            self.keep_stray_flat()
         return super().flush()
 
-    def _close_overclosed(self) -> None:
-        """The reverse positions over-closes left (``_overclosed``): each closed by a flatten of
-        its strategy and instrument, one per over-closing order, unless it is flat again or a
-        flatten of it already runs."""
-        owed, self._overclosed_owed = self._overclosed_owed, {}
-        for (sid, key), rid in owed.items():
-            pos = self.positions.get((sid, key))
-            if pos is None or pos.quantity == 0 or rid in self.flatten_jobs or self._flattening(sid, key):
+    def keep_stray_flat(self) -> None:
+        """A position that closes alone made (``_stray`` is all of it: an exit and a stop that
+        both filled) is closed by a flatten of its strategy and instrument, once no flatten of
+        it runs and no close of it works; again ``STRAY_RETRY_NS`` after a round that left it
+        unchanged (a close the broker refused or never got). Checked at every flush, and the
+        fills replayed at a start rebuild ``_stray``, so a restart closes it too. A stray part
+        beside a position the strategy meant is only alerted (``_overclosed``)."""
+        now = self._now()
+        for k, stray in list(self._stray.items()):
+            sid, key = k
+            pos = self.positions.get(k)
+            if pos is None or pos.quantity != stray:
                 continue
+            last = self._stray_jobs.get(k)
+            if last is not None and (last[0] in self._active_jobs or (
+                    stray == last[1] and now - last[2] < STRAY_RETRY_NS)):  # fmt: skip
+                continue
+            last = self.last.get(key)
+            if last is None or not last.ltp > 0:
+                continue  # a close cannot be priced yet (a restart): at the first tick
+            products = pos.by_product or {"MIS": pos.quantity}
+            if self._flattening(sid, key) or any(self._close_working(sid, key, p) for p in products):
+                continue
+            n = self._stray_rounds.get(k, 0)
+            while True:  # a round id no close in the ledger has (a restart within the same instant)
+                n += 1
+                rid = f"overclosed:{self.day}:{self._started_ns}:{sid}:{key}:{n}"
+                if f"flatten:{rid}:{sid}:{key}" not in self.by_request:
+                    break
+            self._stray_rounds[k] = n
+            self._stray_jobs[k] = (rid, stray, now)
             if self.log is not None:
-                self.log.warning("overclosed_closed", strategy_id=sid, instrument=key, held=pos.quantity)
+                self.log.warning("overclosed_closed", strategy_id=sid, instrument=key, held=stray, round=n)
             self.flatten(Flatten(request_id=rid, symbol=key, strategy_id=sid, source="execution"),
                          lambda _report: None)  # fmt: skip
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from services.execution.brokers.base import BrokerTemporary
+from services.execution.brokers.base import BrokerRejected, BrokerTemporary, BrokerTrade
 from services.execution.intents import CancelIntent
 from services.execution.model import STOP
 from tests.unit.test_engine_faults import Hand, cancels, execute, places
@@ -69,7 +69,8 @@ def _closes(h: Hand, side: str, qty: int) -> None:
     [close] = places(h.take())
     assert (close.order.side, close.order.quantity) == (side, qty)
     h.ack(close)
-    h.trade(h.order(close.order_id), qty, "125.00")
+    # an id of its own: a restarted Hand counts its trade ids from T1 again
+    h.trade(h.order(close.order_id), qty, "125.00", tid=f"X-{close.order_id}")
     assert h.position() == 0
 
 
@@ -98,6 +99,64 @@ def test_a_stop_whose_trade_comes_after_the_exit_filled_closes_the_reverse_posit
     assert h.position() == 10
     assert "exit_overclosed" in h.codes()
     _closes(h, "SELL", 10)
+
+
+def _overclose(h: Hand) -> None:
+    """Short 10 with its stop; the exit and the stop both fill: long 10, made by closes."""
+    eid = _short_with_stop(h)
+    xid = _exit(h)
+    h.trade(h.legs(eid, STOP)[0], 10, "125.00")
+    h.take()
+    h.engine.on_broker_event(BrokerTrade(trade_id="TX", broker_order_id=h.order(xid).broker_order_id,
+                                         client_tag=h.order(xid).client_tag, side="BUY", quantity=10,
+                                         price=D("125.50"), ts_ns=h.clock.now_ns()))  # fmt: skip
+    assert h.position() == 10
+
+
+def test_a_restart_before_the_reverse_position_is_closed_closes_it() -> None:
+    h = Hand()
+    _overclose(h)
+    h.engine.flush()  # the fill is durable; the flatten it started lived only in memory
+    h.take()  # execution is killed before anything is sent
+    h2 = Hand(store=h.store, clock=h.clock)
+    h2.tick(125.0)  # the first tick after the restart: the close can be priced
+    for _ in range(2):  # its close, written but never sent, is not at the broker
+        h2.clock.advance(1.0)
+        h2.books([], [])
+    h2.engine.flush()
+    _closes(h2, "SELL", 10)
+
+
+def test_a_close_of_the_reverse_position_that_never_reached_the_broker_is_sent_again() -> None:
+    h = Hand()
+    _overclose(h)
+    h.engine.flush()
+    [close] = places(h.take())
+    h.answer(close, BrokerRejected("RMS: margin"))  # refused: nothing was placed
+    h.engine.finish_jobs()  # the flatten is answered: its close was refused
+    h.clock.advance(1.0)
+    h.engine.reconcile_if_due()
+    h.engine.flush()
+    assert not places(h.take())  # not at once: a round that left it unchanged waits a moment
+    h.clock.advance(5.0)
+    h.engine.flush()
+    _closes(h, "SELL", 10)
+
+
+def test_a_reverse_part_beside_a_position_the_strategy_meant_is_only_alerted() -> None:
+    h = Hand()
+    eid = _short_with_stop(h)  # short 10, its stop resting
+    [stop] = h.legs(eid, STOP)
+    [rev] = h.engine.submit([execute(side="BUY", qty=20, price="100.00")])  # the strategy turns long
+    h.ack(places(h.take())[0])
+    h.trade(h.order(rev.order_id), 20, "100.00")
+    h.take()
+    assert h.position() == 10
+    h.trade(stop, 10, "125.00")  # the stop, cancelled too late, buys 10 more
+    assert h.position() == 20
+    [alert] = [a for a in h.alerts if a.code == "exit_overclosed"]
+    assert "+10 of it made by closes" in alert.text
+    assert not [p for p in places(h.take()) if p.order.side == "SELL"]
 
 
 def test_a_stop_the_book_calls_complete_before_its_trade_cancels_the_working_exit() -> None:
