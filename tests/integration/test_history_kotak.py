@@ -1,0 +1,129 @@
+"""``neopulse history fetch`` through execution on the Kotak REST fake (the real SDK), with a 429
+that is waited out, a resume that fetches nothing again, then ``neopulse backtest --history``
+running MACD over the stored candles."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libs.common.messages import FetchHistory, Reply
+from tests.fakes.kotak_rest import KotakRestFake
+from tests.integration.test_execution_service import ExecStack
+
+ROOT = Path(__file__).resolve().parents[2]
+NEOPULSE = str(Path(sys.executable).parent / "neopulse")
+RATE_LIMITED = {"code": 429, "error": "Rate limit exceeded", "message": "too many request received"}
+
+
+@pytest.fixture
+def stack(tmp_path: Path, pg_url: str, fake: KotakRestFake) -> Iterator[ExecStack]:
+    c = fake.credentials
+    s = ExecStack(
+        tmp_path / "home",
+        pg_url,
+        quotes={"RELIANCE-EQ": 1290.0},
+        NEOPULSE_EXECUTION__BROKER="kotak",
+        NEOPULSE_LIVE="1",
+        NEOPULSE_KOTAK__CONSUMER_KEY=c.consumer_key,
+        NEOPULSE_KOTAK__MOBILE=c.mobile_number,
+        NEOPULSE_KOTAK__UCC=c.ucc,
+        NEOPULSE_KOTAK__MPIN=c.mpin,
+        NEOPULSE_KOTAK__TOTP_SECRET=c.totp_secret,
+        NEOPULSE_KOTAK__BASE_URL=fake.base_url,
+        NEOPULSE_KOTAK__SFEED_URL="ws://127.0.0.1:9/feed",
+    )
+    yield s
+    s.close()
+
+
+def cli(stack: ExecStack, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NEOPULSE, *args], cwd=ROOT, env=stack.env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+
+
+def last_week() -> tuple[str, str]:
+    """Monday to Friday of the week before this one: wholly past, so its chunks are complete."""
+    today = dt.date.today()
+    monday = today - dt.timedelta(days=today.weekday() + 7)
+    return monday.isoformat(), (monday + dt.timedelta(days=4)).isoformat()
+
+
+def test_history_fetch_absorbs_a_429_resumes_and_feeds_a_macd_backtest(
+    stack: ExecStack, fake: KotakRestFake
+) -> None:
+    # Arrange: Kotak answers the first historical_data call 429 with Retry-After: 1.
+    stack.start()
+    first, last = last_week()
+    fake.fail_next("historical_data", status=429, body=RATE_LIMITED, headers={"Retry-After": "1"})
+
+    # Act: fetch two symbols.
+    run = cli(stack, "history", "fetch", "RELIANCE-EQ", "TCS-EQ", "--from", first, "--to", last,
+              "--interval", "1m", "--json")  # fmt: skip
+
+    # Assert: the 429 was waited out and each chunk asked once more only for it.
+    assert run.returncode == 0, run.stderr + stack.output()[-2000:]
+    summary = json.loads(run.stdout)
+    chunks = summary["fetched_chunks"]
+    assert chunks >= 2 and summary["stored_chunks"] == 0
+    assert summary["candles"] == 2 * 5 * 375  # two symbols, five weekdays, 09:15-15:29
+    assert "rate limited" in run.stderr and "waiting 1 s" in run.stderr
+    assert len(fake.requests(api="historical_data")) == chunks + 1
+    files = sorted((stack.home / "history").rglob("*.parquet"))
+    assert {f.parts[-3] for f in files} == {"nse_cm_2885", "nse_cm_11536"} and len(files) == chunks
+
+    # Act/Assert: the same fetch again is a resume with nothing left to fetch (no Kotak call).
+    again = cli(stack, "history", "fetch", "RELIANCE-EQ", "TCS-EQ", "--from", first, "--to", last, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["fetched_chunks"] == 0
+    assert len(fake.requests(api="historical_data")) == chunks + 1
+
+    # Act: MACD over the stored candles, through risk and paper execution.
+    bt = cli(stack, "backtest", "--history", "RELIANCE-EQ,TCS-EQ", "--from", first, "--to", last,
+             "--strategy", "macd", "--json")  # fmt: skip
+
+    # Assert: a report with trades, costs at 0.035 % of turnover.
+    assert bt.returncode == 0, bt.stderr
+    report = json.loads(bt.stdout)
+    s = report["summary"]
+    assert report["strategy"] == "macd" and report["ticks"] == 4 * 2 * 5 * 375
+    assert report["instruments"] == ["RELIANCE-EQ", "TCS-EQ"]
+    assert s["closed_trades"] > 0 and s["turnover"] > 0
+    assert s["cost"] == pytest.approx(s["turnover"] * 0.00035, abs=0.02)
+    text = cli(stack, "backtest", "--history", "RELIANCE-EQ", "--from", first, "--to", last, "--strategy", "macd")
+    assert text.returncode == 0 and "net PnL" in text.stdout and "cost" in text.stdout
+
+
+def test_history_refusals_are_one_line(stack: ExecStack, fake: KotakRestFake) -> None:
+    stack.start()
+    first, last = last_week()
+
+    # a request without the stack's credential (not the operator's CLI) is refused by execution
+    client = stack.bus.client(stack.cfg.bus.endpoint("execution_rep"), 3000)
+    try:
+        reply = client.request(FetchHistory(request_id="h-1", instrument="nse_cm|2885", interval="1min",
+                                            from_date=first, to_date=last))  # fmt: skip
+    finally:
+        client.close()
+    assert isinstance(reply, Reply) and not reply.ok and reply.code == "unauthorised"
+
+    unknown = cli(stack, "history", "fetch", "NOSUCH-EQ", "--from", first, "--to", last)
+    assert unknown.returncode == 2 and unknown.stderr.strip().count("\n") == 0
+    assert "unknown symbol 'NOSUCH-EQ'" in unknown.stderr
+
+    backwards = cli(stack, "history", "fetch", "RELIANCE-EQ", "--from", last, "--to", first)
+    assert backwards.returncode == 2 and "is before --from" in backwards.stderr
+
+    bad_day = cli(stack, "history", "fetch", "RELIANCE-EQ", "--from", "2026-02-30", "--to", last)
+    assert bad_day.returncode == 2 and "is not a date" in bad_day.stderr
+
+    nothing = cli(stack, "backtest", "--history", "INFY-EQ", "--from", first, "--to", last, "--strategy", "macd")
+    assert nothing.returncode == 2 and "no stored 1m candles of INFY-EQ" in nothing.stderr
+    assert "Traceback" not in unknown.stderr + backwards.stderr + bad_day.stderr + nothing.stderr
+    assert fake.requests(api="historical_data") == []
