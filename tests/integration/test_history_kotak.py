@@ -96,7 +96,8 @@ def test_history_fetch_absorbs_a_429_resumes_and_feeds_a_macd_backtest(
     assert report["instruments"] == ["RELIANCE-EQ", "TCS-EQ"]
     assert s["closed_trades"] > 0 and s["turnover"] > 0
     assert s["cost"] == pytest.approx(s["turnover"] * 0.00035, abs=0.02)
-    text = cli(stack, "backtest", "--history", "RELIANCE-EQ", "--from", first, "--to", last, "--strategy", "macd")
+    text = cli(stack, "backtest", "--history", "RELIANCE-EQ", "--from", first, "--to", last,
+               "--strategy", "macd")  # fmt: skip
     assert text.returncode == 0 and "net PnL" in text.stdout and "cost" in text.stdout
 
 
@@ -123,7 +124,8 @@ def test_history_refusals_are_one_line(stack: ExecStack, fake: KotakRestFake) ->
     bad_day = cli(stack, "history", "fetch", "RELIANCE-EQ", "--from", "2026-02-30", "--to", last)
     assert bad_day.returncode == 2 and "is not a date" in bad_day.stderr
 
-    nothing = cli(stack, "backtest", "--history", "INFY-EQ", "--from", first, "--to", last, "--strategy", "macd")
+    nothing = cli(stack, "backtest", "--history", "INFY-EQ", "--from", first, "--to", last,
+                  "--strategy", "macd")  # fmt: skip
     assert nothing.returncode == 2 and "no stored 1m candles of INFY-EQ" in nothing.stderr
     assert "Traceback" not in unknown.stderr + backwards.stderr + bad_day.stderr + nothing.stderr
     assert fake.requests(api="historical_data") == []
