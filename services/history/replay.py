@@ -6,7 +6,8 @@ orders and stops against its range: the open at the candle's start, then the low
 (high first on a falling candle: the usual "open, nearer extreme, farther extreme, close"
 path), then the close just before the interval ends. A daily candle's four trades are spread
 over six hours from its start so they stay on its day. ``volume`` is the day's running total,
-as the live feed sends it. Ticks of several instruments are merged in time order.
+as the live feed sends it, and ``last_qty`` the candle's volume since its previous trade.
+Ticks of several instruments are merged in time order.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def candle_ticks(key: str, symbol: str, candles: Iterable[tuple[Any, ...]],
             day, cum = today, 0
         first, second = (lo, h) if c >= o else (h, lo)
         steps = ((0, o, 0), (span // 4, first, v // 3), (span // 2, second, 2 * v // 3), (span - 10**6, c, v))
+        before = 0
         for offset, price, vol in steps:
             t = ts + offset
+            qty, before = vol - before, vol
             yield Tick(segment=seg, token=tok, symbol=symbol, ltp=float(price), volume=cum + vol,
-                       open=float(o), high=float(h), low=float(lo), close=prev_close, oi=int(oi or 0),
-                       exch_ts_ns=t, ts_ns=t)  # fmt: skip
+                       last_qty=qty, open=float(o), high=float(h), low=float(lo), close=prev_close,
+                       oi=int(oi or 0), exch_ts_ns=t, ts_ns=t)  # fmt: skip
         cum += v
         prev_close = float(c)
 
