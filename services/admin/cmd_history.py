@@ -201,7 +201,7 @@ def fetch(  # noqa: PLR0917 - one parameter per CLI option
                 assert client is not None
 
                 def note(text: str, symbol: str = inst.symbol) -> None:
-                    err.print(f"  {symbol}: {text}")
+                    err.print(f"  {symbol}: {text}", soft_wrap=True, markup=False, highlight=False)
 
                 try:
                     rows = _fetch_chunk(client, inst.key, wire, chunk.first, chunk.last, max_wait_s=max_wait,

@@ -55,7 +55,7 @@ Control API (JSON in, JSON out), for tests only::
     POST /_control/expire_session      {}   every session token becomes invalid
     POST /_control/fail_next           {"api": "order_book", "status": 503, "body": {...},
                                         "count": 1, "after_handling": false,
-                                        "headers": {"Retry-After": "1"}}
+                                        "headers": {"Retry-After": "1"}, "delay_s": 0}
     POST /_control/fail_next_cancel    {"order_no": "..." (null = any order), "mode": "timeout",
                                         "seconds": 3.0, "count": 1, "after_handling": false}
                                         mode "timeout": the reply comes after `seconds` (past the
@@ -575,6 +575,7 @@ class FailRule:
     count: int
     after_handling: bool
     headers: tuple[tuple[str, str], ...] = ()
+    delay_s: float = 0.0  # the failure is answered this late
 
 
 @dataclass
@@ -846,8 +847,8 @@ class FakeKotakBroker:
     @staticmethod
     def _fail_reply(rule: FailRule) -> Reply:
         if isinstance(rule.body, str):
-            return Reply(rule.status, rule.body.encode(), "text/html", headers=rule.headers)
-        return Reply(rule.status, json.dumps(rule.body).encode(), headers=rule.headers)
+            return Reply(rule.status, rule.body.encode(), "text/html", rule.delay_s, rule.headers)
+        return Reply(rule.status, json.dumps(rule.body).encode(), delay_s=rule.delay_s, headers=rule.headers)
 
     # ---- sessions and tokens --------------------------------------------------------------
 
@@ -1516,6 +1517,7 @@ class FakeKotakBroker:
                     count=int(body.get("count", 1)),
                     after_handling=bool(body.get("after_handling", False)),
                     headers=tuple((str(k), str(v)) for k, v in (body.get("headers") or {}).items()),
+                    delay_s=float(body.get("delay_s", 0.0)),
                 ))  # fmt: skip
             elif name == "rate_limit":
                 ops, rps = body.get("orders_per_s"), body.get("requests_per_s")
@@ -2001,12 +2003,14 @@ class KotakRestFake:
         self._call("POST", "expire_session", {})
 
     def fail_next(self, api: str, status: int = 503, body: Any = None, count: int = 1,
-                  after_handling: bool = False, headers: dict[str, str] | None = None) -> None:  # fmt: skip
+                  after_handling: bool = False, headers: dict[str, str] | None = None,
+                  delay_s: float = 0.0) -> None:  # fmt: skip
         """Answer the next ``count`` calls of ``api`` with ``status``/``body`` (a str body is sent
-        as HTML) and ``headers`` (e.g. ``{"Retry-After": "1"}``). With ``after_handling`` the
-        call takes effect first (an order is placed)."""
+        as HTML) and ``headers`` (e.g. ``{"Retry-After": "1"}``), ``delay_s`` late. With
+        ``after_handling`` the call takes effect first (an order is placed)."""
         payload: dict[str, Any] = {"api": api, "status": status, "count": count,
-                                   "after_handling": after_handling, "headers": headers or {}}  # fmt: skip
+                                   "after_handling": after_handling, "headers": headers or {},
+                                   "delay_s": delay_s}  # fmt: skip
         if body is not None:
             payload["body"] = body
         self._call("POST", "fail_next", payload)

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from libs.common.messages import FetchHistory, Reply
 from tests.fakes.kotak_rest import KotakRestFake
+from tests.helpers import eventually
 from tests.integration.test_execution_service import ExecStack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,3 +131,56 @@ def test_history_refusals_are_one_line(stack: ExecStack, fake: KotakRestFake) ->
     assert nothing.returncode == 2 and "no stored 1m candles of INFY-EQ" in nothing.stderr
     assert "Traceback" not in unknown.stderr + backwards.stderr + bad_day.stderr + nothing.stderr
     assert fake.requests(api="historical_data") == []
+
+    # Kotak keeps answering 429: the fetch gives up after --max-wait, in one line, and says so
+    fake.fail_next("historical_data", status=429, body=RATE_LIMITED, headers={"Retry-After": "1"}, count=3)
+    gave_up = cli(
+        stack, "history", "fetch", "RELIANCE-EQ", "--from", first, "--to", first, "--max-wait", "1.5"
+    )
+    assert gave_up.returncode == 1, gave_up.stderr
+    [line] = [x for x in gave_up.stderr.splitlines() if x.startswith("history:")]
+    assert "still refused after 2 s" in line and "run the same command later" in line
+    assert len(fake.requests(api="historical_data")) == 3
+
+
+def test_a_slow_history_call_does_not_hold_up_orders_and_a_5xx_is_tried_again(
+    stack: ExecStack, fake: KotakRestFake
+) -> None:
+    # Arrange: the first historical_data call is answered 503 after 3 s.
+    stack.start()
+    day = last_week()[0]
+    fake.fail_next("historical_data", status=503, body={"stat": "Not_Ok", "errMsg": "Service Unavailable"},
+                   delay_s=3.0)  # fmt: skip
+    proc = subprocess.Popen([NEOPULSE, "history", "fetch", "INFY-EQ", "--from", day, "--to", day, "--json"],
+                            cwd=ROOT, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        eventually(lambda: fake.requests(api="historical_data"), timeout=15, message="the history call")
+
+        # Act: an order while the download is in flight.
+        t0 = time.monotonic()
+        placed = stack.ok(stack.order(qty=1, price="1200.00"))
+        eventually(lambda: stack.find(placed["order_id"])["broker_order_id"], timeout=5)
+        took = time.monotonic() - t0
+        out, err = proc.communicate(timeout=40)
+    finally:
+        proc.kill()
+
+    # Assert: the order reached Kotak before the slow history reply; the 503 was tried again.
+    assert took < 2.5
+    assert proc.returncode == 0, err
+    assert "trying again in 2 s" in err and json.loads(out)["candles"] == 375
+    assert len(fake.requests(api="historical_data")) == 2
+
+
+def test_the_paper_broker_has_no_history(tmp_path: Path, pg_url: str) -> None:
+    stack = ExecStack(tmp_path / "home", pg_url)
+    try:
+        stack.start()
+        first, last = last_week()
+        run = cli(stack, "history", "fetch", "RELIANCE-EQ", "--from", first, "--to", last)
+    finally:
+        stack.close()
+    assert run.returncode == 1
+    [line] = [x for x in run.stderr.splitlines() if x.startswith("history:")]
+    assert "history needs execution.broker=kotak: the paper broker has no candle history" in line
