@@ -98,7 +98,8 @@ def read_reply(reply: Any, first_day: dt.date, last_day: dt.date) -> list[list[A
         raise HistoryUnavailable(f"unreadable reply ({type(reply).__name__})")
     status = _status(reply)
     text = _text(reply)
-    limits = reply.get("rateLimit") if isinstance(reply.get("rateLimit"), dict) else {}
+    raw_limits = reply.get("rateLimit")
+    limits: dict[str, Any] = raw_limits if isinstance(raw_limits, dict) else {}
     if status == 429 or "too many request" in text.lower() or "rate limit" in text.lower():
         wait = retry_after_s(limits.get("Retry-After")) if "Retry-After" in limits else RETRY_AFTER_DEFAULT_S
         raise HistoryRateLimited(f"Kotak: rate limited ({text})", wait)
@@ -167,7 +168,7 @@ class CallBudget:
 
     def __init__(self, per_min: int, clock: Any = time.monotonic) -> None:
         self.per_min = max(1, per_min)
-        self._clock = clock
+        self._clock: Any = clock
         self._calls: deque[float] = deque()
         self._blocked_until = 0.0
         self._lock = threading.Lock()
@@ -175,7 +176,7 @@ class CallBudget:
     def take(self) -> float:
         """0 and the call is counted; else the seconds to wait before asking again."""
         with self._lock:
-            now = self._clock()
+            now = float(self._clock())
             while self._calls and now - self._calls[0] >= 60.0:
                 self._calls.popleft()
             if now < self._blocked_until:
@@ -188,7 +189,7 @@ class CallBudget:
     def back_off(self, seconds: float) -> None:
         """Kotak answered 429: no call for ``seconds``."""
         with self._lock:
-            self._blocked_until = max(self._blocked_until, self._clock() + seconds)
+            self._blocked_until = max(self._blocked_until, float(self._clock()) + seconds)
 
 
 def request_range(first_day: dt.date, last_day: dt.date, interval: str) -> tuple[str, str]:
