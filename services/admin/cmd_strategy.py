@@ -118,7 +118,7 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     home = config_mod.home_dir()
     log = setup_logging("backtest", home, cfg.log.level, config_mod.secret_values(cfg), console=False)
     if sum((ticks is not None, bool(sim), bool(history))) != 1:
-        fail("backtest: give one of --ticks (a recording), --sim YYYY-MM-DD (a simulated day) or --history "
+        fail("backtest: give either --ticks (a recording), --sim YYYY-MM-DD (a simulated day) or --history "
              "SYMBOL --from --to (stored candles)", EXIT_USAGE)  # fmt: skip
     if ticks is not None and not ticks.exists():
         fail(f"no such file or directory: {ticks}", EXIT_USAGE)
