@@ -184,3 +184,44 @@ def test_the_paper_broker_has_no_history(tmp_path: Path, pg_url: str) -> None:
     assert run.returncode == 1
     [line] = [x for x in run.stderr.splitlines() if x.startswith("history:")]
     assert "history needs execution.broker=kotak: the paper broker has no candle history" in line
+
+
+def test_the_broker_spends_its_budget_backs_off_on_a_429_without_a_relogin_and_fetches_after_logout(
+    fake: KotakRestFake,
+) -> None:
+    from libs.common.config import ExecutionConfig
+    from services.execution.brokers import kotak_history as kh
+    from services.execution.brokers.kotak import KotakBroker
+    from tests.integration.test_kotak_broker import kotak_config
+
+    day = dt.date.fromisoformat(last_week()[0])
+    broker = KotakBroker(kotak_config(fake, history_calls_per_min=2), ExecutionConfig(broker_timeout_s=5.0))
+    now = [1000.0]
+    broker.history_budget = kh.CallBudget(2, clock=lambda: now[0])  # a hand-driven clock
+    try:
+        # Kotak's 429 (Retry-After 5): refused with that wait, the budget holds it, no new login
+        fake.fail_next("historical_data", status=429, body=RATE_LIMITED, headers={"Retry-After": "5"})
+        with pytest.raises(kh.HistoryRateLimited) as first:
+            broker.historical_candles("nse_cm", "2885", "1min", day, day)
+        assert first.value.retry_after_s == 5.0
+        with pytest.raises(kh.HistoryRateLimited) as held:
+            broker.historical_candles("nse_cm", "2885", "1min", day, day)
+        assert held.value.retry_after_s == 5.0
+        assert len(fake.requests(api="historical_data")) == 1 and len(fake.requests(api="totp_login")) == 1
+
+        # after the 429's wait: the second call of the minute works; the third is over budget
+        now[0] += 5.0
+        assert len(broker.historical_candles("nse_cm", "2885", "1min", day, day)) == 375
+        with pytest.raises(kh.HistoryRateLimited, match="history_calls_per_min"):
+            broker.historical_candles("nse_cm", "2885", "1min", day, day)
+        assert len(fake.requests(api="historical_data")) == 2
+
+        # after the day's logout the session's host still serves history
+        broker.logout()
+        now[0] += 60.0
+        assert len(broker.historical_candles("nse_cm", "11536", "D", day, day)) == 1
+        with pytest.raises(kh.HistoryRefused, match="invalid or missing input"):
+            broker.historical_candles("nse_cm", "99999", "1min", day, day)  # not a Kotak instrument
+        assert len(fake.requests(api="totp_login")) == 1
+    finally:
+        broker.close()

@@ -980,9 +980,14 @@ class KotakBroker:
         wait = budget.take()
         if wait > 0:
             raise kh.HistoryRateLimited(
-                f"history budget of {budget.per_min} calls/min (kotak.history_calls_per_min) spent", wait)
+                f"history budget of {budget.per_min} calls/min (kotak.history_calls_per_min) spent", wait
+            )
         from_date, to_date = kh.request_range(first_day, last_day, interval)
-        self._session()  # the endpoint may answer only on the session's own host
+        # The endpoint needs only the consumer key, but may answer only on the session's host
+        # (``baseUrl``): log in if need be, except after the day's logout, when the host the
+        # last session gave is still set (history is fetched after the close).
+        if not (self._logged_out_day and getattr(self._client.configuration, "base_url", None)):
+            self._session()
         try:
             with self.requests_limiter.hold():
                 reply = self._client.historical_data(neosymbol=f"{segment}|{token}", interval=interval,
