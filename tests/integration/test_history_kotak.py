@@ -97,6 +97,7 @@ def test_history_fetch_absorbs_a_429_resumes_and_feeds_a_macd_backtest(
     assert report["strategy"] == "macd" and report["ticks"] == 4 * 2 * 5 * 375
     assert report["instruments"] == ["RELIANCE-EQ", "TCS-EQ"]
     assert s["closed_trades"] > 0 and s["turnover"] > 0
+    assert len({t["entry_time"][:10] for t in report["trade_list"]}) == 5  # it trades every day
     assert s["cost"] == pytest.approx(s["turnover"] * 0.00035, abs=0.02)
     text = cli(stack, "backtest", "--history", "RELIANCE-EQ", "--from", first, "--to", last,
                "--strategy", "macd")  # fmt: skip

@@ -250,3 +250,31 @@ def test_instruments_are_merged_in_time_order() -> None:
     b = candle_ticks("nse_cm|2", "B", [(t0 - 60 * 10**9, 2.0, 2.0, 2.0, 2.0, 1, 0)], 60)
     times = [t.exch_ts_ns for t in merged([a, b])]
     assert times == sorted(times) and len(times) == 8
+
+
+def test_a_backtest_over_several_days_of_candles_trades_every_day(tmp_path: Path) -> None:
+    import math
+
+    from libs.common.config import load_config
+    from libs.common.instruments import MasterData
+    from services.backtest.runner import run_backtest
+
+    # Arrange: three days of 1-minute candles swinging every 45 minutes (MACD crosses often).
+    rows = []
+    for day in (D1, D2, D2 + dt.timedelta(days=1)):
+        t0 = ns(f"{day.isoformat()}T09:15:00+05:30")
+        for k in range(375):
+            o, c = (1000 + 10 * math.sin(2 * math.pi * (k + j) / 45) for j in (0, 1))
+            rows.append((t0 + k * 60 * 10**9, o, max(o, c) + 0.5, min(o, c) - 0.5, c, 100, 0))
+    cfg = load_config(env={"NEOPULSE_HOME": str(tmp_path), "NEOPULSE_ENV_FILE": str(tmp_path / "no.env")})
+
+    # Act
+    result = run_backtest(candle_ticks("nse_cm|2885", "RELIANCE-EQ", rows, 60), "macd", {}, cfg=cfg,
+                          master=MasterData.load(), instruments=["nse_cm|2885"])  # fmt: skip
+
+    # Assert: execution turned the day with risk (its positions are the new day's), so every
+    # day trades and no exit is refused for a position execution forgot.
+    report = result.report
+    days = {t["entry_time"][:10] for t in report["trade_list"]}
+    assert days == {"2026-11-23", "2026-11-24", "2026-11-25"}
+    assert not any("nothing to exit" in reason for reason in report["rejections"])
