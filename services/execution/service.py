@@ -758,7 +758,7 @@ class ExecutionService(Service):
                 "candle history (Kotak's historical_data() is the only source)"))  # fmt: skip
         if msg.instrument not in self.engine.master.by_key:
             return Reply(ok=False, code="unknown_instrument",
-                         error=f"unknown instrument {msg.instrument} (not in execution's master)")
+                         error=f"unknown instrument {msg.instrument} (not in the master)")  # fmt: skip
         try:
             first, last = dt.date.fromisoformat(msg.from_date), dt.date.fromisoformat(msg.to_date)
         except ValueError as exc:
@@ -770,8 +770,8 @@ class ExecutionService(Service):
             self._history_pool = ThreadPoolExecutor(1, thread_name_prefix="history")
         seg, tok = msg.instrument.split("|", 1)
         self._history_busy = True
-        fut: Future[Any] = self._history_pool.submit(
-            live.historical_candles, seg, tok, msg.interval, first, last)
+        fut: Future[Any] = self._history_pool.submit(live.historical_candles, seg, tok, msg.interval,
+                                                     first, last)  # fmt: skip
 
         def back(f: Future[Any]) -> None:
             self._history_busy = False
