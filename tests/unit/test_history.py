@@ -73,6 +73,8 @@ def test_a_429_in_every_shape_is_rate_limited_with_its_wait(reply: dict[str, Any
         (ok(["2026-11-24T09:15:00+0530", float("nan"), 1, 1, 1, 1]), kh.HistoryUnavailable),
         (ok(["2026-11-24T09:15:00+0530", 100, 99, 101, 100, 1]), kh.HistoryUnavailable),  # high < low
         (ok(["2026-11-24T09:15:00+0530", -1, 1, 1, 1, 1]), kh.HistoryUnavailable),
+        (ok(["2026-11-24T09:15:00+0530", 1, 1, 1, 1, 1e300]), kh.HistoryUnavailable),  # volume
+        (ok(["2026-11-24T09:15:00+0530", 1, 1, 1, 1, 1, -5]), kh.HistoryUnavailable),  # oi
         (ok(["not a time", 1, 1, 1, 1, 1]), kh.HistoryUnavailable),
         (ok(["2026-11-24T09:15:00+0530", 1, 1, 1]), kh.HistoryUnavailable),
         (ok(*[["2026-11-24T09:15:00+0530", 1, 1, 1, 1, 1]] * (kh.MAX_CANDLES + 1)), kh.HistoryUnavailable),

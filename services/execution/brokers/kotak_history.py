@@ -33,6 +33,7 @@ MAX_DAYS = {"1min": 30, "3min": 30, "5min": 30, "10min": 60, "15min": 60, "30min
             "D": 180, "W": 180}  # fmt: skip
 RETRY_AFTER_DEFAULT_S = 60.0  # a 429 without Retry-After: Kotak's limit can last hours (kotak-neo-python #35)
 RETRY_AFTER_MAX_S = 3600.0
+MAX_QTY = 10**15  # a volume or open interest beyond this is not a count (and would not fit int64)
 MAX_CANDLES = 12_000  # per reply: 30 days of 1-minute candles is ~8,300; more is not a candle list
 
 
@@ -156,7 +157,9 @@ def _candle(row: Any) -> list[Any] | None:
     oi = _number(row[6]) if len(row) == 7 and row[6] is not None else 0.0
     if o is None or h is None or lo is None or c is None or vol is None or oi is None:
         return None
-    if min(o, h, lo, c) <= 0 or h < max(o, c, lo) or lo > min(o, c) or vol < 0 or oi < 0:
+    if min(o, h, lo, c) <= 0 or h < max(o, c, lo) or lo > min(o, c):
+        return None
+    if not (0 <= vol <= MAX_QTY and 0 <= oi <= MAX_QTY):
         return None
     ts_ns = int(when.timestamp()) * 10**9 + when.microsecond * 1000
     return [ts_ns, o, h, lo, c, int(vol), int(oi)]
