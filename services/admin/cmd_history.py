@@ -36,6 +36,7 @@ from services.history.store import INTERVALS, IST, WIRE_INTERVAL, HistoryInputEr
 
 if TYPE_CHECKING:
     from libs.common.instruments import Instrument
+    from services.history.store import Chunk
 
 history_app = typer.Typer(help="Historical candles from Kotak (historical_data), stored as Parquet.",
                           no_args_is_help=True)  # fmt: skip
@@ -157,15 +158,7 @@ def fetch(  # noqa: PLR0917 - one parameter per CLI option
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from services.history.store import (
-        Chunk,
-        check_range,
-        chunk_path,
-        chunks,
-        parse_day,
-        stored_covers,
-        write_chunk,
-    )
+    from services.history.store import check_range, parse_day
 
     cfg = get_config()
     home = home_dir()
@@ -179,15 +172,7 @@ def fetch(  # noqa: PLR0917 - one parameter per CLI option
         insts = resolve(symbols, home)
     except HistoryInputError as exc:
         fail(f"history: {exc}", EXIT_USAGE)
-    plan: list[tuple[Instrument, Chunk, Path]] = []
-    stored = 0
-    for inst in insts:
-        for chunk in chunks(first, last, interval):
-            path = chunk_path(home, inst.key, interval, chunk.start)
-            if stored_covers(path, chunk):
-                stored += 1
-            else:
-                plan.append((inst, chunk, path))
+    plan, stored = _plan(home, insts, first, last, interval)
     wire = WIRE_INTERVAL[interval]
     fetched = candles_n = 0
     err = Console(stderr=True)
@@ -209,7 +194,7 @@ def fetch(  # noqa: PLR0917 - one parameter per CLI option
                 except _GiveUp as exc:
                     fail(f"history: {inst.symbol} {chunk.first}..{chunk.last}: {exc} "
                          f"({fetched} chunk(s) fetched, {stored} already stored)", EXIT_REFUSED)  # fmt: skip
-                write_chunk(path, chunk, rows, today, inst.symbol)
+                _store(path, chunk, rows, today, inst.symbol)
                 fetched += 1
                 candles_n += len(rows)
                 bar.advance(task)
@@ -223,6 +208,32 @@ def fetch(  # noqa: PLR0917 - one parameter per CLI option
     emit(summary, as_json, f"history: {', '.join(i.symbol for i in insts)} {interval} {first}..{last}: "
                            f"{fetched} chunk(s) fetched ({candles_n} candles), {stored} already stored, "
                            f"in {where}")  # fmt: skip
+
+
+def _plan(home: Path, insts: list[Instrument], first: dt.date, last: dt.date,
+          interval: str) -> tuple[list[tuple[Instrument, Chunk, Path]], int]:  # fmt: skip
+    """The chunks still to fetch, and how many are stored already (complete, covering the days)."""
+    from services.history.store import chunk_path, chunks, stored_covers
+
+    plan: list[tuple[Instrument, Chunk, Path]] = []
+    stored = 0
+    for inst in insts:
+        for chunk in chunks(first, last, interval):
+            path = chunk_path(home, inst.key, interval, chunk.start)
+            if stored_covers(path, chunk):
+                stored += 1
+            else:
+                plan.append((inst, chunk, path))
+    return plan, stored
+
+
+def _store(path: Path, chunk: Chunk, rows: list[list[Any]], today: dt.date, symbol: str) -> None:
+    from services.history.store import write_chunk
+
+    try:
+        write_chunk(path, chunk, rows, today, symbol)
+    except (OSError, ValueError, TypeError) as exc:  # disk full, no permission, a bad row
+        fail(f"history: {symbol} {chunk.first}..{chunk.last} not stored in {path}: {exc}", EXIT_REFUSED)
 
 
 def history_ticks(home: Path, names: list[str], interval: str, from_: str, to: str) -> tuple[Any, list[str]]:
