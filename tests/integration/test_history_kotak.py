@@ -90,6 +90,14 @@ def test_history_fetch_absorbs_a_429_resumes_and_feeds_a_macd_backtest(
     assert json.loads(again.stdout)["fetched_chunks"] == 0
     assert len(fake.requests(api="historical_data")) == chunks + 1
 
+    # a fetch stopped half way (here: one chunk's file gone) fetches only what is missing
+    files[0].unlink()
+    resumed = cli(stack, "history", "fetch", "RELIANCE-EQ", "TCS-EQ", "--from", first, "--to", last, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (json.loads(resumed.stdout)["fetched_chunks"], json.loads(resumed.stdout)["stored_chunks"]) == (
+        1, chunks - 1)  # fmt: skip
+    assert len(fake.requests(api="historical_data")) == chunks + 2 and files[0].is_file()
+
     # Act: MACD over the stored candles, through risk and paper execution.
     bt = cli(stack, "backtest", "--history", "RELIANCE-EQ,TCS-EQ", "--from", first, "--to", last,
              "--strategy", "macd", "--json")  # fmt: skip
