@@ -190,6 +190,9 @@ class KotakConfig(_Section, frozen=True):
     sfeed_url: str = ""  # test/sandbox override for the market-data websocket
     feed_user: str = ""  # use these SFeed credentials directly instead of asking execution
     feed_auth: str = ""
+    history_calls_per_min: PositiveInt = 30
+    """At most this many ``historical_data()`` calls a minute (``neopulse history fetch``);
+    Kotak answers 429 for hours from about 35-50 a minute (kotak-neo-python #35)."""
 
 
 class TelegramConfig(_Section, frozen=True):

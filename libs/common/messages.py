@@ -628,6 +628,24 @@ class SyncMaster(_Msg, frozen=True, tag=True):
     ts_ns: int = msgspec.field(default_factory=_now)
 
 
+HistoryInterval = Annotated[str, Meta(pattern=r"^(?:1min|5min|15min|60min|D)\Z")]
+HistoryDate = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}\Z")]
+
+
+class FetchHistory(_Msg, frozen=True, tag=True):
+    """The CLI asks execution for one chunk of Kotak candles (``historical_data()``): the IST
+    days ``from_date..to_date`` (within Kotak's range limit) of ``instrument``
+    (``segment|token``). The reply's ``data`` is ``{"candles": [[ts_ns, o, h, l, c, v, oi],
+    ...]}``; ``code="rate_limited"`` carries ``{"retry_after_s": s}``."""
+
+    request_id: RequestId
+    instrument: Name
+    interval: HistoryInterval
+    from_date: HistoryDate
+    to_date: HistoryDate
+    ts_ns: int = msgspec.field(default_factory=_now)
+
+
 class GetFeedSession(_Msg, frozen=True, tag=True):
     requester: str = "feed"
     ts_ns: int = msgspec.field(default_factory=_now)
@@ -682,6 +700,7 @@ Message = (
     | Subscribe
     | GetLastTicks
     | SyncMaster
+    | FetchHistory
     | GetFeedSession
     | RecordRiskEvent
     | Reply
@@ -692,6 +711,7 @@ ALL_TYPES: tuple[type[_Msg], ...] = (
     Position, DayState, RiskState, Alert, KillSwitch, Flatten, CancelEntries, GetStatus,
     GetOrders, GetPositions, GetDayState, GetRiskState, Subscribe, GetLastTicks, SyncMaster,
     GetFeedSession, RecordRiskEvent, Reply, BasketRequest, BasketVerdict, ExecuteBasket,
+    FetchHistory,
 )
 
 

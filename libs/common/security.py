@@ -43,6 +43,7 @@ from libs.common.messages import (
     CancelEntries,
     ExecuteBasket,
     ExecuteOrder,
+    FetchHistory,
     Flatten,
     Message,
     RecordRiskEvent,
@@ -306,8 +307,11 @@ def install_curve(bus: Any, cfg: Config, service_name: str) -> CurveSecurity:
 # places orders; the operator's CLI (identity ``admin``) also flattens, cancels entries and
 # records the kill switch, which it does when risk is unreachable. The notifier flattens (a
 # confirmed ``/flatten`` from Telegram) and does nothing else here: its kill switch goes to risk.
-GUARDED_COMMANDS: tuple[type, ...] = (ExecuteOrder, ExecuteBasket, Flatten, CancelEntries, RecordRiskEvent)
+# ``FetchHistory`` spends the Kotak account's history budget: only the operator's CLI asks for it.
+GUARDED_COMMANDS: tuple[type, ...] = (ExecuteOrder, ExecuteBasket, Flatten, CancelEntries, RecordRiskEvent,
+                                      FetchHistory)  # fmt: skip
 ORDER_SENDERS = ("risk",)
+HISTORY_SENDERS = ("admin",)
 CONTROL_SENDERS = ("risk", "admin")
 FLATTEN_SENDERS = ("risk", "admin", "notifier")
 _SENDER_WORDS = {"admin": "the neopulse CLI", "notifier": "the notifier"}
@@ -319,6 +323,8 @@ def senders_of(msg: Message) -> tuple[str, ...]:
         return ORDER_SENDERS
     if isinstance(msg, Flatten):
         return FLATTEN_SENDERS
+    if isinstance(msg, FetchHistory):
+        return HISTORY_SENDERS
     return CONTROL_SENDERS
 UNAUTHORISED = "unauthorised"
 _WARN_EVERY_S = 10.0

@@ -21,7 +21,7 @@ def _register() -> None:
     import importlib
 
     for mod in ("cmd_ops", "cmd_risk", "cmd_exec", "cmd_strategy", "cmd_feed", "cmd_bench", "cmd_stack",
-                "cmd_chain"):
+                "cmd_chain", "cmd_history"):  # fmt: skip
         try:
             importlib.import_module(f"services.admin.{mod}")
         except ModuleNotFoundError as exc:

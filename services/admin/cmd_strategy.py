@@ -65,6 +65,14 @@ ParamOpt = Annotated[
 InstrumentsOpt = Annotated[str, typer.Option("--instruments", help="Only these symbols (comma-separated).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for report.json and equity.png.")]
 IdOpt = Annotated[str, typer.Option("--id", help="Strategy instance id used in the run.")]
+HistoryOpt = Annotated[
+    list[str] | None, typer.Option("--history", metavar="SYMBOL",
+                                   help="Replay stored candles of this symbol (repeatable, or comma-"
+                                        "separated; see `neopulse history fetch`).")
+]  # fmt: skip
+FromOpt = Annotated[str, typer.Option("--from", metavar="YYYY-MM-DD", help="--history: first day (IST).")]
+ToOpt = Annotated[str, typer.Option("--to", metavar="YYYY-MM-DD", help="--history: last day (IST).")]
+IntervalOpt = Annotated[str, typer.Option("--interval", help="--history: 1m, 5m, 15m, 1h or 1d.")]
 
 
 @app.command("backtest")
@@ -80,10 +88,17 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     sim_underlying: SimUnderlyingOpt = "",
     sim_every: SimEveryOpt = 1.0,
     sim_strikes: SimStrikesOpt = 8,
+    history: HistoryOpt = None,
+    from_: FromOpt = "",
+    to: ToOpt = "",
+    interval: IntervalOpt = "1m",
     as_json: bool = JSON_OPT,
 ) -> None:
     """Replay recorded ticks (--ticks) or a simulated day with options (--sim) through a
-    strategy, risk and paper execution (the same code as live).
+    strategy, risk and paper execution (the same code as live), or stored Kotak candles
+    (--history SYMBOL --from --to [--interval]: each candle is replayed as four trades, open,
+    low/high, close; a strategy with a ``bar_seconds`` parameter gets the candle length unless
+    --param sets it).
 
     The report has every trade (each basket leg on its own line: entry, exit and why, PnL),
     win rate, gross PnL, cost (turnover x 0.00035), net PnL, max drawdown, exposure time and
@@ -96,19 +111,24 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     from services.backtest.report import render_text, to_json, write_equity_png
     from services.backtest.runner import BacktestError, run_backtest
     from services.backtest.simday import SimDayError
+    from services.history.store import HistoryInputError
     from services.strategy.base import ParamsError
 
     cfg = get_config()
     home = config_mod.home_dir()
     log = setup_logging("backtest", home, cfg.log.level, config_mod.secret_values(cfg), console=False)
-    if (ticks is None) == (not sim):
-        fail("backtest: give either --ticks (a recording) or --sim YYYY-MM-DD (a simulated day)", EXIT_USAGE)
+    if sum((ticks is not None, bool(sim), bool(history))) != 1:
+        fail("backtest: give either --ticks (a recording), --sim YYYY-MM-DD (a simulated day) or --history "
+             "SYMBOL --from --to (stored candles)", EXIT_USAGE)  # fmt: skip
     if ticks is not None and not ticks.exists():
         fail(f"no such file or directory: {ticks}", EXIT_USAGE)
     names = [s.strip() for s in instruments.split(",") if s.strip()]
     params = _params(param or [])
     try:
-        if ticks is not None:
+        if history:
+            source, master, keys = _history(home, history, interval, from_, to, strategy, params)
+            names = names or keys
+        elif ticks is not None:
             source, master = _recording(home, ticks)
         else:
             underlying = sim_underlying or params.get("underlying", "NIFTY")
@@ -123,7 +143,8 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
             instruments=names or None,
             log=log,
         )
-    except (BacktestError, ParamsError, ConfigError, FileNotFoundError, SimDayError) as exc:
+    except (BacktestError, ParamsError, ConfigError, FileNotFoundError, SimDayError,
+            HistoryInputError) as exc:  # fmt: skip
         fail(f"backtest: {exc}", EXIT_USAGE)
     report = result.report
     text = to_json(report)
@@ -148,6 +169,27 @@ def _recording(home: Path, ticks: Path) -> tuple[Iterator[Tick], MasterData]:
 
     master = master_for_recording(home, ticks)  # the recording's day: its contracts' tokens
     return iter_ticks(ticks, master), master
+
+
+def _history(  # noqa: PLR0917 - the --history options
+    home: Path, names: list[str], interval: str, from_: str, to: str, strategy: str, params: dict[str, str]
+) -> tuple[Iterator[Tick], MasterData, list[str]]:
+    import msgspec
+
+    from libs.common.instruments import MasterData
+    from services.admin.cmd_history import history_ticks
+    from services.history.store import INTERVAL_S
+    from services.strategy import registry
+
+    source, keys = history_ticks(home, names, interval, from_, to)
+    try:
+        cls = registry.load(strategy)
+    except registry.UnknownStrategy:
+        cls = None  # run_backtest says so
+    fields = {f.name for f in msgspec.structs.fields(cls.Params)} if cls is not None else set()
+    if "bar_seconds" in fields and "bar_seconds" not in params and interval in INTERVAL_S:
+        params["bar_seconds"] = str(INTERVAL_S[interval])  # one bar per candle
+    return source, MasterData.load_for_home(home), keys
 
 
 def _sim_day(  # noqa: PLR0917 - the --sim options

@@ -253,6 +253,7 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
                     next_day = int(midnight.timestamp()) * 10**9
                     if pipe.risk.trading_day and pipe.risk.trading_day != day.isoformat():
                         pipe.risk.new_day()  # a fresh loss budget, entry counts and stopped strategies
+                        execution.engine.check_day()  # as live execution's timer does: the day's books
                     pipe.risk.trading_day = day.isoformat()
             n += 1
             if key not in seen_keys:

@@ -4,7 +4,8 @@
   committed; a burst is committed in one transaction), ``ExecuteBasket`` (every leg's row
   and the ``baskets`` row in one transaction, answered after it), ``Flatten``, ``CancelEntries``,
   ``GetPositions``, ``GetOrders``, ``GetDayState``, ``GetFeedSession``, ``SyncMaster``,
-  ``RecordRiskEvent``, ``GetStatus``.
+  ``FetchHistory`` (one chunk of Kotak candles, on a worker of its own), ``RecordRiskEvent``,
+  ``GetStatus``.
 * PUB ``execution_pub``: ``order.<sid>.`` OrderUpdate, ``fill.<sid>.`` Fill,
   ``position.<sid>.`` Position, ``alert.execution.`` Alert, ``hb.execution.``.
 * SUB feed ``tick.``: paper fills, marks, prices for market intent and flatten.
@@ -21,6 +22,7 @@ process with SIGKILL right after the PENDING commit and before the broker call;
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import signal
 import threading
@@ -39,6 +41,7 @@ from libs.common.messages import (
     CancelEntries,
     ExecuteBasket,
     ExecuteOrder,
+    FetchHistory,
     Flatten,
     GetDayState,
     GetFeedSession,
@@ -215,6 +218,8 @@ class ExecutionService(Service):
         self._ip_note = ""  # the probe's "stopped trying" note last alerted
         self._ip_probing = False
         self._ip_poll_logged_at = 0.0
+        self._history_pool: ThreadPoolExecutor | None = None  # history downloads: never the order pool
+        self._history_busy = False
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -277,6 +282,8 @@ class ExecutionService(Service):
             self.recovery.stop()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._history_pool is not None:
+            self._history_pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.flush()
         if self.broker is not None:
@@ -667,6 +674,8 @@ class ExecutionService(Service):
             return self._feed_session(responder)
         if isinstance(msg, SyncMaster):
             return self._sync_master(msg, responder)
+        if isinstance(msg, FetchHistory):
+            return self._fetch_history(msg, responder)
         if isinstance(msg, GetStatus):
             state, reason = self.health()
             return Reply(ok=True, data={"service": self.name, "pid": os.getpid(), "state": state,
@@ -735,4 +744,55 @@ class ExecutionService(Service):
             responder.send(Reply(ok=True, data={"files": [str(p) for p in result], "instruments": n}))
 
         self._in_pool(lambda: fetch_kotak_master(live, self.home), done)
+        return None
+
+    def _fetch_history(self, msg: FetchHistory, responder: Responder) -> Message | None:
+        """One chunk of candles, downloaded on a single worker of its own (an order call never
+        waits behind a download; a second download waits for the first: ``code="busy"``)."""
+        from services.execution.brokers import kotak_history as kh
+
+        live = self.live_broker
+        if live is None or not hasattr(live, "historical_candles"):
+            return Reply(ok=False, code="needs_kotak", error=(
+                f"history needs execution.broker=kotak: the {self.engine.broker_name} broker has no "
+                "candle history (Kotak's historical_data() is the only source)"))  # fmt: skip
+        if msg.instrument not in self.engine.master.by_key:
+            return Reply(ok=False, code="unknown_instrument",
+                         error=f"unknown instrument {msg.instrument} (not in the master)")  # fmt: skip
+        try:
+            first, last = dt.date.fromisoformat(msg.from_date), dt.date.fromisoformat(msg.to_date)
+        except ValueError as exc:
+            return Reply(ok=False, code="bad_request", error=f"bad date: {exc}")
+        if self._history_busy:
+            return Reply(ok=False, code="rate_limited", data={"retry_after_s": 1.0},
+                         error="another history download is running")  # fmt: skip
+        if self._history_pool is None:
+            self._history_pool = ThreadPoolExecutor(1, thread_name_prefix="history")
+        seg, tok = msg.instrument.split("|", 1)
+        self._history_busy = True
+        fut: Future[Any] = self._history_pool.submit(live.historical_candles, seg, tok, msg.interval,
+                                                     first, last)  # fmt: skip
+
+        def back(f: Future[Any]) -> None:
+            self._history_busy = False
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is None:
+                candles = f.result()
+                self.log.info("history_chunk", request_id=msg.request_id, instrument=msg.instrument,
+                              interval=msg.interval, from_date=msg.from_date, to_date=msg.to_date,
+                              candles=len(candles))  # fmt: skip
+                responder.send(Reply(ok=True, data={"candles": candles}))
+            elif isinstance(exc, kh.HistoryRateLimited):
+                responder.send(Reply(ok=False, code="rate_limited", error=exc.reason,
+                                     data={"retry_after_s": round(exc.retry_after_s, 3)}))  # fmt: skip
+            elif isinstance(exc, kh.HistoryRefused):
+                responder.send(Reply(ok=False, code="refused", error=exc.reason))
+            else:
+                self.log.warning("history_failed", request_id=msg.request_id, instrument=msg.instrument,
+                                 error=error_reason(exc))  # fmt: skip
+                responder.send(Reply(ok=False, code="unavailable", error=f"history: {error_reason(exc)}"))
+
+        fut.add_done_callback(lambda f: self.reactor.call_soon_threadsafe(lambda: back(f)))
         return None

@@ -29,6 +29,8 @@ Endpoints (paths exactly as the SDK 3.0.9 builds them for ``environment="prod"``
     GET  /portfolio/v2/positions                     positions
     POST /quick/user/limits                          limits
     GET  /script-details/1.0/masterscrip/file-paths  scrip_master
+    GET  /market-data/1.0/historical/details         historical_data  ?neosymbol=nse_cm|2885&interval=
+                                                     1min&fromdate=YYYY-MM-DD&todate=YYYY-MM-DD
     GET  /wso2-scripmaster/v1/prod/<date>/...csv     the scrip-master CSV files themselves
     POST /apim/login/2.0/logout                      (the SDK's logout() never calls it)
 
@@ -52,7 +54,8 @@ Control API (JSON in, JSON out), for tests only::
     POST /_control/orders/<no>/cancel  {}   exchange-side cancel (e.g. IOC remainder)
     POST /_control/expire_session      {}   every session token becomes invalid
     POST /_control/fail_next           {"api": "order_book", "status": 503, "body": {...},
-                                        "count": 1, "after_handling": false}
+                                        "count": 1, "after_handling": false,
+                                        "headers": {"Retry-After": "1"}, "delay_s": 0}
     POST /_control/fail_next_cancel    {"order_no": "..." (null = any order), "mode": "timeout",
                                         "seconds": 3.0, "count": 1, "after_handling": false}
                                         mode "timeout": the reply comes after `seconds` (past the
@@ -379,6 +382,45 @@ def _now() -> datetime:
     return datetime.now(IST)
 
 
+HISTORY_MAX_DAYS = {"1min": 30, "3min": 30, "5min": 30, "10min": 60, "15min": 60, "30min": 90, "60min": 90,
+                    "D": 180, "W": 180}  # fmt: skip
+_HISTORY_STEP_MIN = {"1min": 1, "3min": 3, "5min": 5, "10min": 10, "15min": 15, "30min": 30, "60min": 60}
+
+
+def _history_fault(message: str) -> dict[str, Any]:
+    return {"status": "ERROR", "fault": {"code": 400, "message": message}}
+
+
+def _history_price(token: str, minute: int) -> float:
+    """A deterministic price path: waves of 45 minutes and of a day around a per-token base."""
+    import math
+
+    base = 100.0 + int(hashlib.sha256(token.encode()).hexdigest()[:6], 16) % 2000
+    wobble = int(hashlib.sha256(f"{token}:{minute}".encode()).hexdigest()[:4], 16) / 65535 - 0.5
+    p = base * (1 + 0.01 * math.sin(2 * math.pi * minute / 45) + 0.004 * math.sin(2 * math.pi * minute / 375))
+    return round(round((p + 0.0005 * base * wobble) * 20) / 20, 2)  # a 0.05 tick
+
+
+def history_candles(token: str, interval: str, first: date, last: date) -> list[list[Any]]:
+    """The candles the fake serves: ``[ts "+0530", open, high, low, close, volume, 0]``."""
+    rows: list[list[Any]] = []
+    day = first
+    while day <= last:
+        if day.weekday() < 5:
+            step = _HISTORY_STEP_MIN.get(interval, 375)
+            start = datetime(day.year, day.month, day.day, 9, 15, tzinfo=IST)
+            origin = (day - date(2020, 1, 1)).days * 375
+            for k in range(0, 375, step):
+                o, c = _history_price(token, origin + k), _history_price(token, origin + k + step)
+                lo = min(_history_price(token, origin + k + j) for j in range(step + 1))
+                hi = max(_history_price(token, origin + k + j) for j in range(step + 1))
+                vol = 1000 + (origin + k) % 97 * 10
+                ts = (start + timedelta(minutes=k)).strftime("%Y-%m-%dT%H:%M:%S%z")
+                rows.append([ts, o, hi, lo, c, vol, 0])
+        day += timedelta(days=1)
+    return rows
+
+
 def _dt_long(d: datetime) -> str:
     return d.strftime("%d-%b-%Y %H:%M:%S")  # 22-Jan-2025 14:28:01
 
@@ -518,6 +560,7 @@ class Reply:
     body: bytes
     content_type: str = "application/json"
     delay_s: float = 0.0  # the handler sleeps this long before answering
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers (e.g. Retry-After)
 
 
 def json_reply(status: int, payload: Any, delay_s: float = 0.0) -> Reply:
@@ -531,6 +574,8 @@ class FailRule:
     body: Any
     count: int
     after_handling: bool
+    headers: tuple[tuple[str, str], ...] = ()
+    delay_s: float = 0.0  # the failure is answered this late
 
 
 @dataclass
@@ -742,6 +787,7 @@ class FakeKotakBroker:
             ("GET", "/portfolio/v2/positions"): ("positions", self._positions),
             ("POST", "/quick/user/limits"): ("limits", self._limits),
             ("GET", "/script-details/1.0/masterscrip/file-paths"): ("scrip_master", self._file_paths),
+            ("GET", "/market-data/1.0/historical/details"): ("historical_data", self._historical),
             ("POST", "/apim/login/2.0/logout"): ("logout", self._logout),
             ("POST", "/api/1.0/logout"): ("logout", self._logout),
         }
@@ -801,8 +847,8 @@ class FakeKotakBroker:
     @staticmethod
     def _fail_reply(rule: FailRule) -> Reply:
         if isinstance(rule.body, str):
-            return Reply(rule.status, rule.body.encode(), "text/html")
-        return json_reply(rule.status, rule.body)
+            return Reply(rule.status, rule.body.encode(), "text/html", rule.delay_s, rule.headers)
+        return Reply(rule.status, json.dumps(rule.body).encode(), delay_s=rule.delay_s, headers=rule.headers)
 
     # ---- sessions and tokens --------------------------------------------------------------
 
@@ -1277,6 +1323,30 @@ class FakeKotakBroker:
         base = f"{self.advertise_url}/wso2-scripmaster/v1/prod"
         return json_reply(200, {"data": {"baseFolder": base, "filesPaths": paths}})
 
+    def _historical(self, req: HttpRequest) -> Reply:
+        """``historical_data()``: deterministic candles of the weekdays asked for (``todate``
+        included), 09:15-15:29 IST for minute intervals, one a day for ``D``. Only the
+        ``Authorization`` header (the consumer key) is checked, as Kotak does."""
+        if req.header("Authorization") != self.creds.consumer_key:
+            return json_reply(401, not_ok(ST_INVALID_CREDENTIALS, "Invalid Credentials"))
+        interval = req.query.get("interval", "")
+        if interval not in HISTORY_MAX_DAYS:
+            return json_reply(400, _history_fault("Invalid interval value"))
+        bad = json_reply(400, _history_fault("invalid or missing input"))
+        seg, _, token = req.query.get("neosymbol", "").partition("|")
+        if not any(i.segment == seg and i.token == token for i in self._instruments.values()):
+            return bad
+        try:
+            first = date.fromisoformat(req.query.get("fromdate", ""))
+            last = date.fromisoformat(req.query.get("todate", ""))
+        except ValueError:
+            return bad
+        if last < first or (last - first).days + 1 > HISTORY_MAX_DAYS[interval]:
+            return bad
+        body = {"status": "success", "interval": interval,
+                "data": {"candles": history_candles(token, interval, first, last)}}  # fmt: skip
+        return json_reply(200, body)
+
     def _scrip_file(self, req: HttpRequest) -> Reply:
         for segment, text in self._master_csv.items():
             if req.path == _scrip_file_path(segment, self._master_day):
@@ -1446,6 +1516,8 @@ class FakeKotakBroker:
                     body=body.get("body", {"stat": "Not_Ok", "errMsg": "Service Unavailable"}),
                     count=int(body.get("count", 1)),
                     after_handling=bool(body.get("after_handling", False)),
+                    headers=tuple((str(k), str(v)) for k, v in (body.get("headers") or {}).items()),
+                    delay_s=float(body.get("delay_s", 0.0)),
                 ))  # fmt: skip
             elif name == "rate_limit":
                 ops, rps = body.get("orders_per_s"), body.get("requests_per_s")
@@ -1628,6 +1700,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers:
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(reply.body)
         except (BrokenPipeError, ConnectionResetError):
@@ -1929,11 +2003,14 @@ class KotakRestFake:
         self._call("POST", "expire_session", {})
 
     def fail_next(self, api: str, status: int = 503, body: Any = None, count: int = 1,
-                  after_handling: bool = False) -> None:  # fmt: skip
+                  after_handling: bool = False, headers: dict[str, str] | None = None,
+                  delay_s: float = 0.0) -> None:  # fmt: skip
         """Answer the next ``count`` calls of ``api`` with ``status``/``body`` (a str body is sent
-        as HTML). With ``after_handling`` the call takes effect first (an order is placed)."""
+        as HTML) and ``headers`` (e.g. ``{"Retry-After": "1"}``), ``delay_s`` late. With
+        ``after_handling`` the call takes effect first (an order is placed)."""
         payload: dict[str, Any] = {"api": api, "status": status, "count": count,
-                                   "after_handling": after_handling}  # fmt: skip
+                                   "after_handling": after_handling, "headers": headers or {},
+                                   "delay_s": delay_s}  # fmt: skip
         if body is not None:
             payload["body"] = body
         self._call("POST", "fail_next", payload)

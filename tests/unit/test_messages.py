@@ -13,7 +13,8 @@ import pytest
 from libs.common import messages as m
 
 # A value for each constrained text field: the first that matches its pattern.
-_STR_SAMPLES = ("x-42", "BUY", "LIMIT", "MIS", "ENTRY", "nse_cm", "kill_switch_on", "halted")
+_STR_SAMPLES = ("x-42", "BUY", "LIMIT", "MIS", "ENTRY", "nse_cm", "kill_switch_on", "halted", "5min",
+                "2026-12-01")  # fmt: skip
 
 
 def _sample(t: msgspec.inspect.Type, depth: int = 0) -> Any:

@@ -83,6 +83,7 @@ from libs.common.config import ConfigError, ExecutionConfig, KotakConfig
 from libs.common.instruments import Instrument, MasterData
 from libs.common.log import get_logger
 from libs.common.sdk import import_sdk
+from services.execution.brokers import kotak_history
 from services.execution.brokers.base import (
     BrokerAck,
     BrokerError,
@@ -395,6 +396,7 @@ class KotakBroker:
         self._retired: list[Any] = []  # clients a probe's login replaced (closed in close())
         self.orders_limiter = RateLimiter(execution.orders_per_sec, name="orders")
         self.requests_limiter = RateLimiter(execution.requests_per_sec, name="requests")
+        self.history_budget = kotak_history.CallBudget(kotak.history_calls_per_min)
         self._session_lock = threading.Lock()
         self._poll_lock = threading.Lock()
         self._session_gen = 0
@@ -965,6 +967,40 @@ class KotakBroker:
             verdict = classify(reply)
             raise BrokerTemporary(f"scrip_master: {verdict.kind}: {verdict.reason}", raw=_safe(reply))
         return list(paths)
+
+    def historical_candles(self, segment: str, token: str, interval: str, first_day: Any,
+                           last_day: Any) -> list[list[Any]]:  # fmt: skip
+        """One ``historical_data()`` call: ``interval`` candles (Kotak's spelling: ``1min``,
+        ``D``...) of the IST days ``first_day..last_day`` (``datetime.date``, within Kotak's
+        range limit), as ``[ts_ns, open, high, low, close, volume, oi]`` rows. Counted against
+        ``kotak.history_calls_per_min``; raises ``kotak_history.HistoryError`` (a 429 blocks the
+        budget for its Retry-After and never logs in again)."""
+        kh = kotak_history
+        budget = self.history_budget
+        wait = budget.take()
+        if wait > 0:
+            raise kh.HistoryRateLimited(
+                f"history budget of {budget.per_min} calls/min (kotak.history_calls_per_min) spent", wait
+            )
+        from_date, to_date = kh.request_range(first_day, last_day, interval)
+        # The endpoint needs only the consumer key, but may answer only on the session's host
+        # (``baseUrl``): log in if need be, except after the day's logout, when the host the
+        # last session gave is still set (history is fetched after the close).
+        if not (self._logged_out_day and getattr(self._client.configuration, "base_url", None)):
+            self._session()
+        try:
+            with self.requests_limiter.hold():
+                reply = self._client.historical_data(neosymbol=f"{segment}|{token}", interval=interval,
+                                                     from_date=from_date, to_date=to_date)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on timeouts and network errors
+            raise kh.HistoryUnavailable(f"historical_data: {_reason(exc)}") from None
+        try:
+            return kh.read_reply(reply, first_day, last_day)
+        except kh.HistoryRateLimited as exc:
+            budget.back_off(exc.retry_after_s)
+            self.log.warning("history_rate_limited", instrument=f"{segment}|{token}",
+                             retry_after_s=exc.retry_after_s)  # fmt: skip
+            raise
 
     def http_client(self) -> httpx.Client:
         """An httpx client on the same transport rules as the SDK (pinned in sandbox mode)."""

@@ -1,0 +1,1 @@
+"""Historical candles: the chunk plan, Parquet storage and replay as ticks."""
