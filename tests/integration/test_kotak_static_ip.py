@@ -511,7 +511,6 @@ def test_execution_alerts_once_refuses_new_orders_and_resumes_after_the_ip_block
     sub.close()
 
 
-
 def test_a_1037_on_a_later_order_call_alerts_once_is_not_resent_and_refuses_new_orders(
     stack: ExecStack, fake: KotakRestFake
 ) -> None:
