@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from libs.common.bus import Responder, Server, topic
 from libs.common.clock import Clock
 from libs.common.config import Config
@@ -659,8 +661,9 @@ class ExecutionService(Service):
         if isinstance(msg, ExecuteBasket):
             self._submit_basket(msg, responder)
             return None
-        if isinstance(msg, GetDayState):
-            return engine.day_state()
+        if isinstance(msg, GetDayState):  # with why the broker takes no orders now (risk halts on it)
+            halt = self.broker_unavailable() or self.not_logged_in()
+            return msgspec.structs.replace(engine.day_state(), broker_halt=halt)
         if isinstance(msg, GetPositions):
             engine.flush()
             return Reply(ok=True, data=[to_builtins(p) for p in engine.position_list(msg.strategy_id)])

@@ -21,14 +21,13 @@ import pytest
 
 from libs.common.clock import IST, ManualClock
 from libs.common.config import ExecutionConfig
-from libs.common.messages import Alert, Reply
+from libs.common.messages import Alert, GetRiskState, RiskState
 from services.execution.brokers.base import BrokerTemporary
 from services.execution.brokers.kotak import LOGIN_TOTP_TRIES, KotakBroker, KotakLoginError
 from tests.fakes.kotak_rest import KotakRestFake, login_error
-from tests.helpers import eventually
-from tests.integration.risk_support import has_execution_service
-from tests.integration.test_execution_kotak_faults import kotak_env
-from tests.integration.test_execution_service import ExecStack
+from tests.helpers import eventually, free_base_port
+from tests.integration.risk_support import Stack, has_execution_service
+from tests.integration.test_execution_kotak_faults import REQUEST_TIMEOUT_MS, ask_risk, kotak_env
 from tests.integration.test_kotak_broker import kotak_config
 
 pytestmark = pytest.mark.skipif(not has_execution_service(), reason="services/execution is not built yet")
@@ -183,28 +182,27 @@ def test_a_login_that_times_out_or_meets_a_5xx_is_retried_after_the_backoff(
 
 
 # ============================================================================================
-# Execution
+# Execution and risk
 # ============================================================================================
 
 
 @pytest.fixture
-def stack(tmp_path: Path, pg_url: str, fake: KotakRestFake) -> Iterator[ExecStack]:
-    s = ExecStack(tmp_path / "home", pg_url, quotes={"RELIANCE-EQ": 1290.0}, **kotak_env(fake))
+def stack(tmp_path: Path, pg_url: str, fake: KotakRestFake) -> Iterator[Stack]:
+    s = Stack(tmp_path / "home", free_base_port(), NEOPULSE_DATABASE__URL=pg_url,
+              NEOPULSE_BUS__REQUEST_TIMEOUT_MS=REQUEST_TIMEOUT_MS, **kotak_env(fake))  # fmt: skip
     try:
         yield s
     finally:
         s.close()
 
 
-def test_execution_announces_a_failed_login_refuses_orders_until_it_works_and_shows_the_ip(
-    stack: ExecStack, fake: KotakRestFake
+def test_a_failed_login_is_announced_halts_risk_with_not_logged_in_until_a_login_works(
+    stack: Stack, fake: KotakRestFake
 ) -> None:
     # Arrange: Kotak answers the first login with a 5xx.
     fake.fail_next("totp_login", status=503)
-
-    # Act: execution starts (its first calls log in), an order comes at once.
-    stack.start()
-    sub = stack.bus.subscriber([stack.cfg.bus.endpoint("execution_pub")], [b"alert.", b"session."])
+    s = stack
+    sub = s.bus.subscriber([s.cfg.bus.endpoint("execution_pub")], [b"alert.", b"session."])
     seen: list[Alert] = []
 
     def alerts() -> list[Alert]:
@@ -213,27 +211,40 @@ def test_execution_announces_a_failed_login_refuses_orders_until_it_works_and_sh
                 seen.append(m[1])
         return seen
 
-    refused = stack.ask(stack.order(qty=1, price="1000.00", strategy="s9"))
-    critical = eventually(lambda: [a for a in alerts() if a.code == "broker_login_failed"], timeout=5,
+    # Act: execution starts (its first calls log in, and fail), then risk; a strategy orders.
+    s.start("execution")
+    s.start("risk")
+    critical = eventually(lambda: [a for a in alerts() if a.code == "broker_login_failed"], timeout=10,
                           message="the CRITICAL broker_login_failed alert")  # fmt: skip
 
-    # Assert 1: refused for the login, announced once, and the login not hammered.
-    assert isinstance(refused, Reply) and not refused.ok and refused.code == "not_logged_in", refused
-    assert "not logged in to Kotak" in refused.error
+    def risk_state() -> RiskState:
+        reply = s.ask("risk_rep", GetRiskState())
+        assert isinstance(reply, RiskState), reply
+        return reply
+
+    halted = eventually(lambda: (st := risk_state()).state == "HALTED" and st, timeout=10,
+                        message="risk HALTED for the login")  # fmt: skip
+    refused = ask_risk(s, f"login-{time.monotonic_ns()}", "1000.0")
+
+    # Assert 1: announced once, risk HALTED with the reason, the order refused with it, and the
+    # login not hammered meanwhile.
     assert critical[0].level == "CRITICAL" and "keeps trying" in critical[0].text
+    assert "not logged in to Kotak" in halted.reason, halted
+    assert not refused.approved and "HALTED: not logged in to Kotak" in refused.reason, refused
     assert logins(fake) == 1
 
-    # Act 2 / Assert 2: the retry after the backoff logs in; intake resumes; the IP is shown.
+    # Act 2 / Assert 2: the retry after the backoff logs in: announced, risk ACTIVE, orders pass,
+    # and status shows the IP Kotak sees.
     eventually(lambda: any(a.code == "broker_login_ok" for a in alerts()), timeout=15,
                message="the INFO broker_login_ok alert")  # fmt: skip
-    back = stack.ask(stack.order(qty=1, price="1000.00", strategy="s9"))
-    assert isinstance(back, Reply) and back.ok, back
-    assert logins(fake) == 2
-    assert [a.code for a in seen].count("broker_login_failed") == 1
-    assert any(a.code == "broker_login" for a in seen)  # the feed's cue to re-lease
-    shown = stack.cli("status", "-s", "execution", "--json", "--listen", "3")
-    row = json.loads(shown.stdout)["services"][0]
-    assert row["info"]["broker_session"]["ip"] == "127.0.0.1" and row["info"]["broker_session"]["logged_in"]
-    table = stack.cli("status", "-s", "execution", "--listen", "3")
+    eventually(lambda: risk_state().state == "ACTIVE", timeout=10, message="risk ACTIVE after the login")
+    back = ask_risk(s, f"login-{time.monotonic_ns()}", "1000.0")
+    assert back.approved and back.order_id, back
+    assert logins(fake) == 2 and [a.code for a in seen].count("broker_login_failed") == 1
+    assert any(a.code == "broker_login" for a in seen)  # the feed's cue to re-lease its session
+    rc, shown = s.cli_json("status", "-s", "execution", "--listen", "3")
+    session = shown["services"][0]["info"]["broker_session"]
+    assert rc == 0 and session["ip"] == "127.0.0.1" and session["logged_in"], shown
+    table = s.cli("status", "-s", "execution", "--listen", "3")
     assert "broker_ip=127.0.0.1" in table.stdout, table.stdout
     sub.close()
