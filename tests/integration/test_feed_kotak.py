@@ -315,17 +315,17 @@ def test_a_new_login_at_execution_makes_the_feed_reconnect_on_a_fresh_lease(
                 col.wait_state("LIVE", timeout=15)
                 before = len(col.states())
                 # a login older than the lease in use (the one it came from) changes nothing
-                older = int(lease["issued_ns"]) - 1
-                pub.publish(b"session.execution.", Alert(level="INFO", source="execution",
-                                                         code="broker_login", text="session 7", ts_ns=older))
+                older = Alert(level="INFO", source="execution", code="broker_login", text="session 7",
+                              ts_ns=int(lease["issued_ns"]) - 1)  # fmt: skip
+                pub.publish(b"session.execution.", older)
                 time.sleep(1.0)
                 assert connections(fake) == 1
 
                 # Act: execution logs in again (the next morning): a new session, announced.
                 rep.lease = {**lease, "auth": "edit-sid-8", "issued_ns": str(time.time_ns() + 10**9)}
+                newer = Alert(level="INFO", source="execution", code="broker_login", text="session 8")
                 for _ in range(3):  # PUB/SUB: the subscription may still be joining
-                    pub.publish(b"session.execution.", Alert(level="INFO", source="execution",
-                                                             code="broker_login", text="session 8"))
+                    pub.publish(b"session.execution.", newer)
                     time.sleep(0.3)
                 col.wait_state("LIVE", timeout=15, after=before)
         finally:

@@ -41,7 +41,7 @@ class FeedSink(Protocol):
     def client(self, endpoint: str, timeout_ms: int | None = None) -> AsyncClient: ...
 
     def subscribe(self, endpoints: list[str], topics: list[bytes],
-                  handler: Callable[[bytes, Any], None]) -> Subscriber: ...
+                  handler: Callable[[bytes, Any], None]) -> Subscriber: ...  # fmt: skip
 
 
 class Source:
