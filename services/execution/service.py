@@ -185,7 +185,8 @@ def make_broker(cfg: Config, master: MasterData, clock: Clock, home: Path, log: 
         return Brokers(paper, inline=paper)
     from services.execution.brokers.kotak import KotakBroker
 
-    kotak = KotakBroker(cfg.kotak, cfg.execution, master, clock, log)
+    kotak = KotakBroker(cfg.kotak, cfg.execution, master, clock, log,
+                        session_file=home / "run" / "kotak-session.json")  # fmt: skip
     return Brokers(kotak, live=kotak)
 
 

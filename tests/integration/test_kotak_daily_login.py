@@ -47,9 +47,11 @@ def logins(fake: KotakRestFake) -> int:
     return len(fake.requests(api="totp_login"))
 
 
-def make_broker(fake: KotakRestFake, clock: ManualClock, **kotak: Any) -> KotakBroker:
+def make_broker(fake: KotakRestFake, clock: ManualClock, session_file: Path | None = None,
+                **kotak: Any) -> KotakBroker:  # fmt: skip
     return KotakBroker(kotak_config(fake, **kotak), ExecutionConfig(broker_timeout_s=5.0), clock=clock,
-                       login_retry_s=(RETRY_S,), totp_window_wait=False)  # fmt: skip
+                       login_retry_s=(RETRY_S,), totp_window_wait=False,
+                       session_file=session_file)  # fmt: skip
 
 
 @pytest.fixture
@@ -179,6 +181,47 @@ def test_a_login_that_times_out_or_meets_a_5xx_is_retried_after_the_backoff(
     time.sleep(RETRY_S + 0.05)
     assert broker.order_book() == [] and logins(fake) == 2  # the next call after it logs in
     assert broker.login_if_due() is False  # and the schedule needs no second login
+
+
+def test_a_restart_during_the_day_takes_back_the_saved_session_and_logs_in_only_when_kotak_refuses_it(
+    fake: KotakRestFake, clock: ManualClock, tmp_path: Path
+) -> None:
+    # Arrange: a process logs in at 10:00 and keeps its session for the day.
+    saved = tmp_path / "run" / "kotak-session.json"
+    clock.set_ns(ist_ns(THURSDAY, 10, 0))
+    first = make_broker(fake, clock, session_file=saved)
+    first.order_book()
+    first.close()
+    text = saved.read_text()
+    assert saved.stat().st_mode & 0o777 == 0o600
+    assert not any(secret in text for secret in (fake.credentials.mpin, fake.credentials.totp_secret,
+                                                 fake.credentials.consumer_key))  # fmt: skip
+
+    # Act 1: a restart the same day.
+    second = make_broker(fake, clock, session_file=saved)
+    second.order_book()
+    due = second.login_if_due()
+    second.close()
+
+    # Assert 1: no login: the saved session was taken back (checked with one read).
+    assert logins(fake) == 1 and due is False and second.session_info()["logged_in"]
+
+    # Act 2: Kotak ended that session; another restart.
+    fake.expire_session()
+    third = make_broker(fake, clock, session_file=saved)
+    third.order_book()
+    third.close()
+
+    # Assert 2: the refused session is dropped and one login replaces it; the next morning's
+    # process does not take yesterday's; a logout removes the file.
+    assert logins(fake) == 2
+    clock.set_ns(ist_ns(THURSDAY + dt.timedelta(days=1), 8, 50))
+    fourth = make_broker(fake, clock, session_file=saved)
+    fourth.order_book()
+    assert logins(fake) == 3
+    fourth.logout()
+    fourth.close()
+    assert not saved.exists()
 
 
 # ============================================================================================

@@ -70,6 +70,10 @@ Decisions a reviewer should know about
   and execution refuses new orders with it ("not logged in"). Every successful login asks Kotak
   which IP it sees (``whatsmyip``, logged and shown by ``session_info()`` in ``neopulse status``)
   and calls the ``on_login`` hooks (execution re-leases the market feed's session from them).
+  The session (the SDK's tokens of that login, not the credentials) is kept in
+  ``$NEOPULSE_HOME/run/kotak-session.json`` (mode 0600, written atomically, never logged) for the
+  trading day: a restart during the day takes it back, checks it with one order-book read, and
+  logs in only when Kotak refuses it. A logout, a refused login or another account removes it.
 * **Logout** (``logout()``, or ``logout_if_due()`` which the service calls periodically) only
   clears the SDK's tokens: in SDK 3.0.9 ``logout()`` does not call the server, and Kotak ends
   sessions itself at the end of the day. After it, calls raise ``BrokerTemporary`` for the
@@ -79,11 +83,15 @@ Decisions a reviewer should know about
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -146,6 +154,10 @@ IP_TRIAL_WAIT_S = 0.5
 LOGIN_IP_REFUSALS_MAX = 3
 # A read answered with an IP code (Kotak does not IP-check reads): at most one re-login per this.
 READ_IP_RELOGIN_S = 60.0
+# The SDK configuration fields that make a logged-in session (``totp_login`` / ``totp_validate``
+# set them): kept for the day in the saved session file, never the credentials.
+_SESSION_FIELDS = ("edit_token", "edit_sid", "edit_rid", "data_center", "base_url", "ucc", "feed_url",
+                   "rt_url", "sid", "view_token")  # fmt: skip
 # Kinds of an order-call answer that show the IP check passed (Kotak answered the order itself).
 _PAST_IP_CHECK = frozenset({Kind.OK, Kind.REFUSED})
 # A failed login for a passing reason (or a refused TOTP): seconds before the next try, the last
@@ -399,6 +411,7 @@ class KotakBroker:
                  clock: Clock | None = None, log: Any = None, *,
                  ip_probe_s: tuple[float, ...] = IP_PROBE_S, ip_trial_wait_s: float = IP_TRIAL_WAIT_S,
                  login_retry_s: tuple[float, ...] = LOGIN_RETRY_S, totp_window_wait: bool = True,
+                 session_file: Path | None = None,
                  ) -> None:  # fmt: skip
         if kotak.environment != "prod":
             # In "uat" the SDK ignores the validate reply's baseUrl, so nothing could be pinned.
@@ -452,6 +465,8 @@ class KotakBroker:
         self._login_retry_at = 0.0  # monotonic: no login before this (after a failure)
         self._totp_refusals: dict[str, int] = {}  # trading day -> logins whose TOTP Kotak refused
         self._login_stopped = ""  # why the scheduled login gave up today ("" while it goes on)
+        self._session_file = session_file
+        self._restore_tried = False  # a fresh process looks for a saved session once
 
     def _new_client(self) -> Any:
         k = self.cfg
@@ -567,6 +582,7 @@ class KotakBroker:
                 self._client.logout()  # local only in SDK 3.0.9: clears edit_token/edit_sid
             self._logged_in = False
             self._logged_out_day = trading_day(self.clock)
+            self._drop_saved_session()
         self.log.info("kotak_logout", day=self._logged_out_day)
 
     def logout_if_due(self) -> bool:
@@ -627,6 +643,8 @@ class KotakBroker:
                 raise
 
     def _login_locked(self) -> None:
+        if self._restore_locked():
+            return
         try:
             self._login_into(self._client, sticky=True)
         except BrokerError as exc:
@@ -635,7 +653,76 @@ class KotakBroker:
         self._session_gen += 1
         self._logged_in = True
         self._login_error = None
+        self._save_session()
         self._logged_in_now(probe=False)
+
+    # ------------------------------------------------------------------ the saved session
+
+    def _session_key(self) -> str:
+        """Which account a saved session belongs to (a digest: no credential on disk)."""
+        return hashlib.sha256(f"{self.cfg.consumer_key}|{self.cfg.ucc}".encode()).hexdigest()[:16]
+
+    def _save_session(self) -> None:
+        path = self._session_file
+        if path is None:
+            return
+        conf = self._client.configuration
+        data = {"day": trading_day(self.clock), "key": self._session_key(),
+                "tokens": {k: getattr(conf, k, None) for k in _SESSION_FIELDS}}  # fmt: skip
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        except OSError as exc:  # the next restart logs in instead: no harm
+            self.log.warning("kotak_session_not_saved", error=f"{type(exc).__name__}: {exc.strerror}")
+
+    def _drop_saved_session(self) -> None:
+        if self._session_file is not None:
+            with contextlib.suppress(OSError):
+                self._session_file.unlink(missing_ok=True)
+
+    def _restore_locked(self) -> bool:
+        """A fresh process's first login: take back today's saved session of this account if
+        Kotak still accepts it (one order-book read), instead of logging in. Under the lock."""
+        if self._restore_tried or self._session_file is None:
+            return False
+        self._restore_tried = True
+        try:
+            saved = json.loads(self._session_file.read_text())
+        except (OSError, ValueError):
+            return False
+        tokens = saved.get("tokens") if isinstance(saved, dict) else None
+        if (not isinstance(tokens, dict) or saved.get("day") != trading_day(self.clock)
+                or saved.get("key") != self._session_key() or not tokens.get("edit_token")):  # fmt: skip
+            self._drop_saved_session()
+            return False
+        conf = self._client.configuration
+        for k in _SESSION_FIELDS:
+            value = tokens.get(k)
+            setattr(conf, k, value if isinstance(value, str) else None)
+        try:
+            conf.resolve_dynamic_urls(self._client.api_client.rest_client)
+            with self.requests_limiter.hold():
+                reply = self._client.order_report()
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on transport errors
+            reply = {"Error": exc}
+        verdict = classify(reply)
+        if verdict.kind not in (Kind.OK, Kind.EMPTY):
+            self.log.info("kotak_saved_session_refused", kind=str(verdict.kind), reason=verdict.reason)
+            for k in _SESSION_FIELDS:
+                setattr(conf, k, None)
+            self._drop_saved_session()
+            return False
+        self._session_gen += 1
+        self._logged_in = True
+        self._login_error = None
+        self.log.info("kotak_session_reused", day=saved.get("day"))
+        self._logged_in_now(probe=False)
+        return True
 
     def _login_failed(self, exc: BrokerError) -> None:
         """Count a failed login and set the backoff before the next one (under the session lock)."""
@@ -746,6 +833,7 @@ class KotakBroker:
         self._session_gen += 1
         self._logged_in = True
         self._login_error = None
+        self._save_session()
         self._logged_in_now(probe=True)
 
     def _login_into(self, client: Any, *, sticky: bool) -> None:
@@ -816,6 +904,7 @@ class KotakBroker:
         error.step = step
         if sticky:
             self._login_error = error
+            self._drop_saved_session()
         self.log.error("kotak_login_refused", step=step, reason=verdict.reason, sticky=sticky)
         raise error
 
