@@ -22,13 +22,14 @@ import pytest
 from libs.common.clock import IST, ManualClock
 from libs.common.config import ExecutionConfig
 from libs.common.messages import Alert, GetRiskState, RiskState
-from services.execution.brokers.base import BrokerTemporary
+from services.execution.brokers.base import BrokerIpBlocked, BrokerTemporary
 from services.execution.brokers.kotak import LOGIN_TOTP_TRIES, KotakBroker, KotakLoginError
+from services.execution.brokers.kotak_protocol import ST_SESSION_IP_MISMATCH
 from tests.fakes.kotak_rest import KotakRestFake, login_error
 from tests.helpers import eventually, free_base_port
 from tests.integration.risk_support import Stack, has_execution_service
 from tests.integration.test_execution_kotak_faults import REQUEST_TIMEOUT_MS, ask_risk, kotak_env
-from tests.integration.test_kotak_broker import kotak_config
+from tests.integration.test_kotak_broker import kotak_config, reliance
 
 pytestmark = pytest.mark.skipif(not has_execution_service(), reason="services/execution is not built yet")
 
@@ -221,6 +222,20 @@ def test_a_restart_during_the_day_takes_back_the_saved_session_and_logs_in_only_
     assert logins(fake) == 3
     fourth.logout()
     fourth.close()
+    assert not saved.exists()
+
+
+def test_a_session_kotak_refuses_for_another_ip_is_not_kept_for_a_restart(
+    fake: KotakRestFake, clock: ManualClock, tmp_path: Path
+) -> None:
+    saved = tmp_path / "run" / "kotak-session.json"
+    b = make_broker(fake, clock, session_file=saved)
+    b.order_book()
+    assert saved.exists()
+    fake.ip_block(ST_SESSION_IP_MISMATCH)
+    with pytest.raises(BrokerIpBlocked):
+        b.place(reliance("np0301"))
+    b.close()
     assert not saved.exists()
 
 

@@ -121,6 +121,7 @@ from services.execution.brokers.base import (
 from services.execution.brokers.kotak_protocol import (
     IP_CODES,
     MAYBE_DONE,
+    ST_SESSION_IP_MISMATCH,
     Kind,
     OrderRefused,
     Verdict,
@@ -543,6 +544,8 @@ class KotakBroker:
         """Kotak refused a call for the static-IP rule: record it (asking Kotak once per episode
         which IP it sees, for the operator) and return the error to raise."""
         code = verdict.code or 0
+        if code == ST_SESSION_IP_MISMATCH:  # a session tied to another IP: a restart must not take it back
+            self._drop_saved_session()
         with self._ip_lookup_lock:
             block = self._ip.block
             ip = self._public_ip() if self._ip.starts_episode(code) else ""
