@@ -193,6 +193,9 @@ class KotakConfig(_Section, frozen=True):
     history_calls_per_min: PositiveInt = 30
     """At most this many ``historical_data()`` calls a minute (``neopulse history fetch``);
     Kotak answers 429 for hours from about 35-50 a minute (kotak-neo-python #35)."""
+    # The daily login (IST): on trading days execution logs in at this time (TOTP + MPIN), and
+    # again with backoff until it succeeds. Empty: no scheduled login (only on first use).
+    login_at: str = "08:45"
 
 
 class TelegramConfig(_Section, frozen=True):
@@ -413,6 +416,8 @@ def _validate(cfg: Config, origins: dict[str, str] | None = None) -> None:
          "execution.square_off_at", "must be empty or a time of day HH:MM (IST), e.g. 15:15"),
         (not cfg.execution.logout_at or hhmm_minutes(cfg.execution.logout_at) is not None,
          "execution.logout_at", "must be empty (no daily logout) or a time of day HH:MM (IST), e.g. 15:45"),
+        (not cfg.kotak.login_at or hhmm_minutes(cfg.kotak.login_at) is not None,
+         "kotak.login_at", "must be empty (no scheduled login) or a time of day HH:MM (IST), e.g. 08:45"),
         (all(p in set(Product) for p in cfg.execution.square_off_products), "execution.square_off_products",
          f"must list products among {', '.join(Product)}"),
         *((re.match(STRATEGY_ID_PATTERN, s.id) is not None, "strategy.id",

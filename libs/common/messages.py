@@ -521,6 +521,9 @@ class DayState(_Msg, frozen=True, tag=True):
     loss_breached: bool = False
     entries: list[EntryCount] = msgspec.field(default_factory=list)
     stopped: dict[str, str] = msgspec.field(default_factory=dict)  # strategy id → why, today
+    # Why the broker takes no orders from execution right now (Kotak refuses this IP, or no
+    # login worked): risk is HALTED with it until it is "" again. Live, never recorded.
+    broker_halt: str = ""
     ts_ns: int = msgspec.field(default_factory=_now)
 
 

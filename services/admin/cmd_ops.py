@@ -102,6 +102,11 @@ def _detail(name: str, info: dict[str, Any]) -> str:
     for key in ("gaps", "malformed", "timeouts"):
         if info.get(key):
             parts.append(f"{key}={info[key]}")
+    session = info.get("broker_session")
+    if name == "execution" and isinstance(session, dict):  # the broker login and the IP Kotak sees
+        parts.append("session=" + ("logged-in" if session.get("logged_in") else "NOT-logged-in"))
+        if session.get("ip"):
+            parts.append(f"broker_ip={session['ip']}")
     down = info.get("down")
     if name == "notifier" and down:
         parts.append("sees down: " + ",".join(down))

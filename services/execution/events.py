@@ -331,9 +331,15 @@ class BrokerEvents(Brackets):
         return seen
 
     def _find(self, broker_order_id: str, client_tag: str) -> OrderRow | None:
+        """The order the broker names: by its order number first; by the tag only for an order
+        whose number is not known yet (Kotak rewrites the tag on modify and cancel, so a tag
+        match on an order with another number is not this order)."""
         oid = self.by_broker_id.get(broker_order_id) if broker_order_id else None
         if oid is None and client_tag:
             oid = self.by_tag.get(tag_key(client_tag))
+            tagged = self.orders.get(oid) if oid else None
+            if tagged is not None and broker_order_id and tagged.broker_order_id not in ("", broker_order_id):
+                oid = None
         o = self.orders.get(oid) if oid else None
         if o is not None and broker_order_id and not o.broker_order_id:
             o.broker_order_id = broker_order_id

@@ -97,7 +97,7 @@ class Reconciliation(Flattening):
             if o.terminal or o.sliced:  # (closed by an earlier row of this loop)
                 continue
             found = by_id.get(o.broker_order_id) if o.broker_order_id else None
-            if found is None:
+            if found is None and not o.broker_order_id:  # once acknowledged: its number (Kotak rewrites tags)
                 found = by_tag.get(tag_key(o.client_tag))
             if found is not None:
                 o.missing = 0

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from libs.common.bus import Responder, Server, topic
 from libs.common.clock import Clock
 from libs.common.config import Config
@@ -67,6 +69,7 @@ from services.execution.store import LedgerError
 FLUSH_DELAY_S = 0.002  # acks and fills wait this long for the next PENDING commit to share it
 STATUS_POLL_S = 1.0  # real brokers: order-book poll while running (the paper broker pushes)
 DUE_CHECK_S = 0.25
+LOGIN_CHECK_S = 5.0  # real brokers: how often the daily login looks whether it is due
 LEDGER_CHECK_S = 0.25  # how often the loop looks for a lost ledger (and a dead embedded postmaster)
 # A ledger call with no answer for this long fails (server frozen). A write's is below risk's
 # per-attempt ExecuteOrder timeout (2/5 of bus.request_timeout_ms), so even the order that meets
@@ -185,7 +188,8 @@ def make_broker(cfg: Config, master: MasterData, clock: Clock, home: Path, log: 
         return Brokers(paper, inline=paper)
     from services.execution.brokers.kotak import KotakBroker
 
-    kotak = KotakBroker(cfg.kotak, cfg.execution, master, clock, log)
+    kotak = KotakBroker(cfg.kotak, cfg.execution, master, clock, log,
+                        session_file=home / "run" / "kotak-session.json")  # fmt: skip
     return Brokers(kotak, live=kotak)
 
 
@@ -220,6 +224,9 @@ class ExecutionService(Service):
         self._ip_poll_logged_at = 0.0
         self._history_pool: ThreadPoolExecutor | None = None  # history downloads: never the order pool
         self._history_busy = False
+        self._logging_in = False  # the daily login's pool call is out
+        self._login_alerted = ""  # the login failure last alerted ("" while none is open)
+        self._login_session = 0  # the broker session generation last seen
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -269,6 +276,9 @@ class ExecutionService(Service):
             if live is not None:
                 self.add_task("logout", 30.0, lambda: self._in_pool(live.logout_if_due, lambda r: None))
                 self.add_task("broker_ip", DUE_CHECK_S, self._watch_broker_ip)
+                live.on_login.append(self._on_broker_login)
+                self.add_task("login", LOGIN_CHECK_S, self._login_if_due)
+                self.add_task("broker_session", DUE_CHECK_S, self._watch_session)
         self.log.info(
             "execution_ready",
             broker=self.engine.broker_name,
@@ -306,6 +316,8 @@ class ExecutionService(Service):
             info["db_embedded"] = self.db.embedded
         if self.recovery is not None:
             info["ledger_restarts"] = self.recovery.restarts
+        if self.live_broker is not None:
+            info["broker_session"] = self.live_broker.session_info()
         return info
 
     def ledger_unavailable(self) -> str:
@@ -321,12 +333,73 @@ class ExecutionService(Service):
         block = self.live_broker.ip_block() if self.live_broker is not None else None
         return block.summary if block is not None and block.refusing else ""
 
+    def not_logged_in(self) -> str:
+        """Why the broker has no session to trade with right now (a failed login), or ""."""
+        return self.live_broker.session_refusal() if self.live_broker is not None else ""
+
     def health(self) -> tuple[str, str]:
         why = self.ledger_unavailable()
         if why:
             return "degraded", f"ledger unavailable: {why}"
-        why = self.broker_unavailable()
+        why = self.broker_unavailable() or self.not_logged_in()
         return ("degraded", why) if why else ("ok", "")
+
+    def _login_if_due(self) -> None:
+        """The daily login (``kotak.login_at``), in the pool; the broker keeps its own backoff."""
+        live = self.live_broker
+        if live is None or self._logging_in:
+            return
+        self._logging_in = True
+
+        def done(result: Any) -> None:
+            self._logging_in = False
+            if isinstance(result, BaseException):  # counted and backed off by the broker
+                self.log.warning("daily_login_failed", error=error_reason(result))
+            self._watch_session()
+
+        self._in_pool(live.login_if_due, done)
+
+    def _on_broker_login(self) -> None:
+        """A login worked (pool thread, under the broker's session lock): tell the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self.reactor.call_soon_threadsafe(self._watch_session)
+
+    def _watch_session(self) -> None:
+        """Announce a failed login once per streak (CRITICAL: orders are refused until a login
+        works), its end (INFO, with the IP Kotak sees), and tell the feed to take a fresh lease
+        of the new session (``session.execution.``)."""
+        live = self.live_broker
+        assert live is not None and self.pub is not None
+        info = live.session_info()
+        gen = int(info.get("session") or 0)
+        if gen != self._login_session and info.get("logged_in"):
+            first = self._login_session == 0
+            self._login_session = gen
+            self.pub.publish(topic("session", "execution"), Alert(  # stamped with the login's time
+                level="INFO", source="execution", code="broker_login",
+                ts_ns=int(info.get("login_ok_ns") or 0),
+                text=f"logged in to Kotak (session {gen}); Kotak sees this machine as IP "
+                     f"{info.get('ip') or 'unknown'}"))  # fmt: skip
+            if self._login_alerted:
+                self._login_alerted = ""
+                self.log.warning("broker_login_recovered", ip=info.get("ip"))
+                self.pub.publish(topic("alert", "execution"), Alert(
+                    level="INFO", source="execution", code="broker_login_ok",
+                    text=f"logged in to Kotak again (Kotak sees IP {info.get('ip') or 'unknown'}): new "
+                         "orders are accepted"))  # fmt: skip
+            elif not first:
+                self.log.info("broker_session_renewed", session=gen, ip=info.get("ip"))
+            return
+        why = live.session_refusal()
+        key = str(info.get("login_stopped") or "") or ("failed" if why else "")
+        if why and key != self._login_alerted:
+            self._login_alerted = key
+            self.log.error("broker_login_failed", reason=why)
+            self.pub.publish(topic("alert", "execution"), Alert(
+                level="CRITICAL", source="execution", code="broker_login_failed",
+                text=f"{why}. New orders are refused until a login works"
+                     + ("" if info.get("login_stopped") else "; NeoPulse keeps trying with backoff")
+                     + ". Orders and stops already at Kotak keep working"))  # fmt: skip
 
     def _watch_broker_ip(self) -> None:
         """One CRITICAL alert per episode of the broker refusing this IP (and when its code
@@ -531,14 +604,16 @@ class ExecutionService(Service):
 
     def _submit_batch(self) -> None:
         batch, self._batch = self._batch, []
-        why = self.broker_unavailable()
-        if why:  # the broker refuses this IP: new orders are refused, nothing is written or sent
+        why, code = self.broker_unavailable(), "broker_ip"
+        if not why:
+            why, code = self.not_logged_in(), "not_logged_in"
+        if why:  # the broker refuses this IP / no login: new orders are refused, nothing written or sent
             known = {m.request_id for m, _ in batch if self.engine.request_known(m.request_id)}
             # a repeat of an accepted order (settled ones too: the ledger says) still gets its answer
             for msg, responder in [(m, r) for m, r in batch if m.request_id not in known]:
-                self.log.info("order_refused", request_id=msg.request_id, order_id="", code="broker_ip",
+                self.log.info("order_refused", request_id=msg.request_id, order_id="", code=code,
                               reason=why)  # fmt: skip
-                responder.send(Reply(ok=False, code="broker_ip", error=f"not placed: {why}"))
+                responder.send(Reply(ok=False, code=code, error=f"not placed: {why}"))
             batch = [(m, r) for m, r in batch if m.request_id in known]
             if not batch:
                 return
@@ -559,10 +634,12 @@ class ExecutionService(Service):
         first), answered once its rows are durable, then its long legs go out."""
         if self._batch:
             self._submit_batch()
-        why = self.broker_unavailable()
+        why, code = self.broker_unavailable(), "broker_ip"
+        if not why:
+            why, code = self.not_logged_in(), "not_logged_in"
         if why and msg.request_id not in self.engine._kby_request:
-            self.log.info("basket_refused", request_id=msg.request_id, code="broker_ip", reason=why)
-            responder.send(Reply(ok=False, code="broker_ip", error=f"not placed: {why}"))
+            self.log.info("basket_refused", request_id=msg.request_id, code=code, reason=why)
+            responder.send(Reply(ok=False, code=code, error=f"not placed: {why}"))
             return
         res = self.engine.submit_basket(msg)
         if self.crash_at == "after_pending" and res.ok:
@@ -592,8 +669,9 @@ class ExecutionService(Service):
         if isinstance(msg, ExecuteBasket):
             self._submit_basket(msg, responder)
             return None
-        if isinstance(msg, GetDayState):
-            return engine.day_state()
+        if isinstance(msg, GetDayState):  # with why the broker takes no orders now (risk halts on it)
+            halt = self.broker_unavailable() or self.not_logged_in()
+            return msgspec.structs.replace(engine.day_state(), broker_halt=halt)
         if isinstance(msg, GetPositions):
             engine.flush()
             return Reply(ok=True, data=[to_builtins(p) for p in engine.position_list(msg.strategy_id)])

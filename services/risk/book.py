@@ -108,6 +108,9 @@ class RiskBook:
         self.kill_reason = ""
         self.loss_breached = False
         self.breach_reason = ""
+        # Execution's broker takes no orders (static IP, no login): HALTED while set, from
+        # execution's day state; live only, never recorded as risk state (``recorded_state``).
+        self.broker_halt = ""
         self._positions: dict[tuple[str, str], PositionState] = {}
         self._by_key: dict[str, list[PositionState]] = {}  # instrument key → every strategy's position
         self._cost_f: dict[str, float] = {}  # open instrument key → sum of qty x avg (for marking)
@@ -140,9 +143,26 @@ class RiskBook:
 
     @property
     def current_state(self) -> str:
+        if self.kill_switch or self.broker_halt:
+            return HALTED
+        return REDUCING if self.loss_breached else ACTIVE
+
+    @property
+    def recorded_state(self) -> str:
+        """The state risk's own switches make (kill switch, loss breach): what risk events record.
+        A broker halt is left out: it ends with the broker's problem, and a restart restoring it
+        as HALTED would read it as a kill switch."""
         if self.kill_switch:
             return HALTED
         return REDUCING if self.loss_breached else ACTIVE
+
+    def set_broker_halt(self, reason: str) -> bool:
+        """Execution's broker takes no orders (``reason``) or does again (""). True when it changed."""
+        reason = reason.strip()
+        if reason == self.broker_halt:
+            return False
+        self.broker_halt = reason
+        return True
 
     def pnl(self) -> tuple[float, float, float, float]:
         """(realised, unrealised, cost, turnover) — gross is realised + unrealised."""
@@ -163,6 +183,8 @@ class RiskBook:
         realised, unrealised, cost, turnover = self.pnl()
         gross = realised + unrealised
         reason = self.kill_reason if self.kill_switch else (self.breach_reason if self.loss_breached else "")
+        if self.broker_halt and not self.kill_switch:
+            reason = f"broker: {self.broker_halt}"
         return RiskState(
             state=self.current_state, gross_pnl=gross, realised_pnl=realised,
             unrealised_pnl=unrealised, cost=cost, net_pnl=gross - cost, turnover=turnover,
@@ -396,7 +418,7 @@ class RiskBook:
         self.loss_breached = True
         self.breach_reason = f"daily loss limit breached: net PnL {_fmt(net)} is below -{_fmt(limit)}"
         text = f"{self.breach_reason}; risk is REDUCING — only orders that reduce a position pass"
-        data = {"net_pnl": round(net, 2), "max_daily_loss": limit, "risk_state": self.current_state,
+        data = {"net_pnl": round(net, 2), "max_daily_loss": limit, "risk_state": self.recorded_state,
                 "kill_switch": self.kill_switch, "trading_day": self.trading_day}
         return (
             Alert(level="CRITICAL", source="risk", text=text, code="loss_breached",
@@ -415,7 +437,7 @@ class RiskBook:
             return _NO_EVENTS
         self.kill_switch = on
         self.kill_reason = reason if on else ""
-        state = self.current_state
+        state = self.recorded_state
         data = {"kill_switch": on, "risk_state": state, "net_pnl": round(self.net_pnl(), 2),
                 "trading_day": self.trading_day}
         if on:

@@ -208,6 +208,8 @@ class RiskSentinel(RiskBook):
         if self.kill_switch:
             reason = f"HALTED: kill switch is on ({self.kill_reason or 'no reason given'})"
             return self._reject(req, Refusal(VerdictCode.HALTED, reason)), None
+        if self.broker_halt:
+            return self._reject(req, Refusal(VerdictCode.HALTED, f"HALTED: {self.broker_halt}")), None
         refusal = _check_fields(req)
         if refusal:
             return self._reject(req, refusal), None
@@ -364,6 +366,8 @@ class RiskSentinel(RiskBook):
         if self.kill_switch:
             reason = f"HALTED: kill switch is on ({self.kill_reason or 'no reason given'})"
             return self._refuse_basket(req, Refusal(VerdictCode.HALTED, reason)), None
+        if self.broker_halt:
+            return self._refuse_basket(req, Refusal(VerdictCode.HALTED, f"HALTED: {self.broker_halt}")), None
         legs = [msgspec.structs.replace(x, request_id=basket_leg_id(req.request_id, n),
                                         strategy_id=req.strategy_id)
                 for n, x in enumerate(req.legs, 1)]  # fmt: skip

@@ -78,6 +78,10 @@ from services.risk.sentinel import RiskSentinel
 STATE_TOPIC = topic("risk", "state")
 ALERT_TOPIC = topic("alert", "risk")
 STARTING_REASON = "risk is starting: day state not loaded"
+# Execution's alerts (and its login announcement) after which risk asks for the day state at once:
+# the broker's halt (static IP, no login) began or ended.
+BROKER_HALT_CUES = frozenset({"broker_ip_blocked", "broker_ip_cleared", "broker_login_failed",
+                              "broker_login_ok", "broker_login"})  # fmt: skip
 _TOPIC_SAFE = re.compile(r"[^A-Za-z0-9_-]")
 DAY_RETRY_S = 1.0
 DELIVER_RETRY_S = 1.0
@@ -104,6 +108,7 @@ class RiskService(Service):
         self.day_loaded = False
         self.day_attempts = 0
         self._day_pending = False
+        self._halt_recheck = False  # a broker-halt cue came while a day state was on its way
         # Approved orders waiting for execution's acknowledgement: request_id → waiting replies.
         self._inflight: dict[str, list[Responder]] = {}
         self._events: deque[RecordRiskEvent | CancelEntries | Flatten] = deque()
@@ -127,7 +132,9 @@ class RiskService(Service):
         present_credential(self.execution, self.cfg, self.home)
         self.feed = self.client(bus.endpoint("feed_rep"))
         self.subscribe([bus.endpoint("feed_pub")], [b"tick."], self._on_feed)
-        self.subscribe([bus.endpoint("execution_pub")], [b"fill.", b"order."], self._on_execution)
+        self.subscribe([bus.endpoint("execution_pub")],
+                       [b"fill.", b"order.", b"alert.execution.", b"session."],
+                       self._on_execution)  # fmt: skip
         self._restore_local()
         self._load_day()
         self.add_task("risk_state", 1.0, self._publish_state)
@@ -388,6 +395,10 @@ class RiskService(Service):
             events = self.sentinel.on_order_update(msg)
             if events:
                 self._dispatch(events)
+        elif isinstance(msg, Alert) and msg.code in BROKER_HALT_CUES and self.day_loaded:
+            # the broker's state moved: execution's day state says how (asked again after one in flight)
+            self._halt_recheck = self._day_pending
+            self._load_day(periodic=True)
 
     # ----------------------------------------------------------------- events to execution
     def _dispatch(self, events: Sequence[Event]) -> None:
@@ -455,6 +466,10 @@ class RiskService(Service):
             if not periodic:  # a failed resync just waits for the next one
                 self.reactor.call_later(DAY_RETRY_S, self._load_day)
             return
+        self._on_broker_halt(reply.broker_halt)
+        if self._halt_recheck:
+            self._halt_recheck = False
+            self.reactor.call_later(0.0, lambda: self._load_day(periodic=True))
         if periodic and reply.trading_day == self.sentinel.trading_day:
             events, drifted = self.sentinel.resync(reply)
             if drifted:
@@ -482,12 +497,24 @@ class RiskService(Service):
             events = (*events, *self._record_kill_switch())
         self._dispatch(events)
 
+    def _on_broker_halt(self, reason: str) -> None:
+        """HALTED while execution's broker takes no orders (static IP, no login); ACTIVE again
+        (or what risk's own switches say) once it does."""
+        if not self.sentinel.set_broker_halt(reason):
+            return
+        st = self.sentinel.current_state
+        if reason:
+            self.log.error("risk_broker_halt", reason=reason, state=st)
+        else:
+            self.log.warning("risk_broker_halt_cleared", state=st)
+        self._publish_state_if_changed(force=True)
+
     def _record_kill_switch(self) -> tuple[Event, ...]:
         now = self.clock.now_ns()
         s = self.sentinel
         return (
             RecordRiskEvent(event=RiskEvent.KILL_SWITCH_ON, reason=s.kill_reason, source="risk",
-                            data={"kill_switch": True, "risk_state": s.current_state,
+                            data={"kill_switch": True, "risk_state": s.recorded_state,
                                   "trading_day": s.trading_day},
                             request_id=f"risk-ks-on-{now}", ts_ns=now),
             CancelEntries(request_id=f"risk-cancel-{now}", reason=f"kill switch: {s.kill_reason}", ts_ns=now),

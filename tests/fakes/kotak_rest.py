@@ -682,6 +682,9 @@ class FakeKotakBroker:
         self._cancel_faults: list[CancelFault] = []
         self._empty_books: dict[str, EmptyBookRule] = {}
         self._ip_block: IpBlockRule | None = None
+        # Kotak rewrites an order's GuiOrdId on modify and cancel (v2 SDK issue #33): None = off,
+        # else the prefix of the tag it makes up (``rewrite_tags``).
+        self._rewrite_tags: str | None = None
         # fill_id -> trade-book requests still to miss it (None: until release_trades)
         self._held_trades: dict[str, int | None] = {}
         self._orders_per_s: float | None = None
@@ -1128,6 +1131,7 @@ class FakeKotakBroker:
             order.validity = str(body.get("vd") or order.validity)
             order.disclosed_qty = int(body.get("dq") or 0)
             order.modifications += 1
+            self._rewrite_tag(order)
             self._transition(order, "modified")
             if order.filled_qty >= order.quantity:
                 self._transition(order, "complete")
@@ -1151,11 +1155,19 @@ class FakeKotakBroker:
                                               "please provide valid order number"))  # fmt: skip
             fault = self._take_cancel_fault(order.n_ord_no)
             if fault is None or fault.after_handling:
+                self._rewrite_tag(order)
                 self._cancel(order)
                 self._save()
         if fault is not None:
             return self._cancel_fault_reply(fault)
         return json_reply(200, {"stat": "Ok", "nOrdNo": order.n_ord_no, "stCode": 200})
+
+    def _rewrite_tag(self, order: FakeOrder) -> None:
+        """With ``rewrite_tags`` armed, a modify or cancel gives the order a new GuiOrdId of the
+        broker's making; the order report, its history and the trade book show only the new one."""
+        if self._rewrite_tags is not None:
+            made = f"{time.time_ns() // 1000}{secrets.randbelow(10**4):04d}"
+            order.gui_ord_id = (self._rewrite_tags + made)[:20]
 
     def _take_cancel_fault(self, n_ord_no: str) -> CancelFault | None:
         for fault in self._cancel_faults:
@@ -1504,6 +1516,11 @@ class FakeKotakBroker:
                 self._arm_ip_block(body)
             elif name == "clear_faults":
                 self._clear_faults()
+            elif name == "rewrite_tags":
+                prefix = body.get("prefix")
+                if prefix is not None and (not isinstance(prefix, str) or len(prefix) > 8):
+                    raise _BadBody("prefix must be a string of at most 8 characters, or null (off)")
+                self._rewrite_tags = prefix
             elif name == "reject_next_place":
                 self._reject_next.append((str(body["reason"]), float(body.get("delay_s", 0.0))))
             elif name == "expire_session":
@@ -1998,6 +2015,13 @@ class KotakRestFake:
         ``received_orders()`` with outcome ``ip_blocked``."""
         self._call("POST", "ip_block", {"code": code, "apis": None if apis is None else list(apis),
                                         "count": count})  # fmt: skip
+
+    def rewrite_tags(self, prefix: str | None = "") -> None:
+        """Rewrite an order's tag (``GuiOrdId``) on every modify and cancel, as Kotak does: the
+        new tag is ``prefix`` followed by digits of the broker's making (``"np"`` makes it look
+        like one of NeoPulse's own, so a match by tag would find nothing and call it an orphan).
+        None: off (the default; ``reset`` leaves it alone, ``clear_faults`` too)."""
+        self._call("POST", "rewrite_tags", {"prefix": prefix})
 
     def expire_session(self) -> None:
         self._call("POST", "expire_session", {})

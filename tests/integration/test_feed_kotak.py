@@ -19,7 +19,7 @@ import pytest
 
 from libs.common.bus import Bus
 from libs.common.config import load_config
-from libs.common.messages import GetFeedSession, Reply, Subscribe
+from libs.common.messages import Alert, GetFeedSession, Reply, Subscribe
 from tests.fakes.sfeed_server import DepthRow, FakeSFeedServer
 from tests.helpers import eventually, stack_env
 from tests.integration.feed_support import Collector, FeedProc, env_json
@@ -295,6 +295,50 @@ def test_credentials_are_leased_from_execution_when_not_configured(tmp_path: Pat
     assert lease.requests >= 1 and status["source_stats"]["leased"] is True
     assert fake.auth_frames[-1]["user"] == "UCC7"
     assert "edit-sid-7" not in feed.log_lines() and "edit-sid-7" not in feed.output()
+
+
+def test_a_new_login_at_execution_makes_the_feed_reconnect_on_a_fresh_lease(
+    tmp_path: Path, base_port: int
+) -> None:
+    # Arrange: the feed live on a lease of execution's session 7 (execution stood in for by a
+    # REP answering GetFeedSession and a PUB announcing logins).
+    with FakeSFeedServer(clock=lambda: NOW_S) as fake:
+        feed = kotak_feed(tmp_path / "home", base_port, "", lease=True, hours=NEVER_OPEN)  # no watchdog
+        cfg = load_config(env=stack_env(tmp_path, base_port))
+        bus = Bus(cfg)
+        pub = bus.publisher(cfg.bus.endpoint("execution_pub"))
+        lease = {"url": fake.url, "user": "UCC7", "auth": "edit-sid-7", "issued_ns": str(time.time_ns())}
+        try:
+            with LeaseServer(cfg.bus.endpoint("execution_rep"), lease) as rep:
+                feed.start()
+
+                def live() -> bool:  # asked, not heard: FeedStatus LIVE may come before a SUB joins
+                    return bool(feed.status()["source_stats"]["connected"])
+
+                eventually(live, timeout=15, message="the feed live")
+                # a login older than the lease in use (the one it came from) changes nothing
+                older = Alert(level="INFO", source="execution", code="broker_login", text="session 7",
+                              ts_ns=int(lease["issued_ns"]) - 1)  # fmt: skip
+                pub.publish(b"session.execution.", older)
+                time.sleep(1.0)
+                assert connections(fake) == 1
+
+                # Act: execution logs in again (the next morning): a new session, announced.
+                rep.lease = {**lease, "auth": "edit-sid-8", "issued_ns": str(time.time_ns() + 10**9)}
+                newer = Alert(level="INFO", source="execution", code="broker_login", text="session 8")
+                for _ in range(3):  # PUB/SUB: the subscription may still be joining
+                    pub.publish(b"session.execution.", newer)
+                    time.sleep(0.3)
+                eventually(lambda: connections(fake) >= 2 and live(), timeout=15,
+                           message="the feed live again on a second connection")  # fmt: skip
+        finally:
+            feed.stop()
+            pub.close()
+            bus.close()
+
+    # Assert: the feed reconnected at once on the new session's lease.
+    assert [f["auth"] for f in fake.auth_frames][-1] == "edit-sid-8", fake.auth_frames
+    assert rep.requests >= 2 and connections(fake) >= 2
 
 
 def test_feed_process_streams_a_configured_instrument_from_a_separate_sfeed_server(

@@ -374,10 +374,11 @@ def test_a_fresh_process_sends_one_order_call_first_not_a_batch(
     for t in threads:
         t.join(30)
 
-    # Assert: one place reached Kotak (refused), one whatsmyip; the other seven were not sent.
+    # Assert: one place reached Kotak (refused), one whatsmyip for the episode (besides the
+    # login's own); the other seven were not sent.
     assert len(errors) == 8 and all(isinstance(e, BrokerIpBlocked) for e in errors)
     assert [r["outcome"] for r in fake.received_orders()] == ["ip_blocked"]
-    assert count(fake, "client_ip") == 1 and count(fake, "totp_login") == 1
+    assert count(fake, "client_ip") == 2 and count(fake, "totp_login") == 1
     assert sum("not sent" in e.reason for e in errors if isinstance(e, BrokerIpBlocked)) == 7
 
 
@@ -509,3 +510,32 @@ def test_execution_alerts_once_refuses_new_orders_and_resumes_after_the_ip_block
                message="the resting entry cancelled after the block")  # fmt: skip
     sub.close()
 
+
+def test_a_1037_on_a_later_order_call_alerts_once_is_not_resent_and_refuses_new_orders(
+    stack: ExecStack, fake: KotakRestFake
+) -> None:
+    # Arrange: a protected position; then Kotak refuses cancels for the session's IP (1037: the
+    # session was created from another IP), while places and reads still pass.
+    stack.start()
+    sub = stack.bus.subscriber([stack.cfg.bus.endpoint("execution_pub")], [b"alert."])
+    seen: list[Alert] = []
+    _, stop_no, target_no = protected_bracket(stack, fake)
+    fake.ip_block(ST_SESSION_IP_MISMATCH, apis=["cancel_order"])
+    t_block = time.time()
+
+    # Act: the target fills, so the stop must be cancelled: that later call meets the 1037.
+    fake.fill(target_no)
+    critical = eventually(lambda: [a for a in alerts(sub, seen) if a.code == "broker_ip_blocked"], timeout=10,
+                          message="the CRITICAL broker_ip_blocked alert")  # fmt: skip
+    refused = stack.ask(new_order(stack))
+    time.sleep(4.0)  # a storm would show here: polls, reconciliation and the owed cancel go on
+
+    # Assert: one alert naming the fix, the cancel sent once, the new order refused with the reason.
+    assert len(critical) == 1 and critical[0].level == "CRITICAL", critical
+    assert all(w in critical[0].text for w in FIX_WORDS[ST_SESSION_IP_MISMATCH]), critical[0].text
+    assert len(ip_refused(fake, "cancel_order")) == 1 and count(fake, "cancel_order", t_block) == 1
+    assert isinstance(refused, Reply) and not refused.ok and refused.code == "broker_ip", refused
+    assert str(ST_SESSION_IP_MISMATCH) in refused.error
+    assert [a.code for a in alerts(sub, seen)].count("broker_ip_blocked") == 1
+    assert fake.order(stop_no)["ordSt"] == "trigger pending"  # the stop stays at Kotak, owed a cancel
+    sub.close()

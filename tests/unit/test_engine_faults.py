@@ -1039,3 +1039,27 @@ def test_a_rejected_stop_with_no_price_yet_keeps_its_target_and_is_closed_at_the
     h.status(target, CANCELLED)
     [close] = places(h.take())
     assert (h.order(close.order_id).side, h.order(close.order_id).quantity) == ("SELL", 10)
+
+
+# ------------------------------------------------------------------ tags Kotak rewrites
+
+
+def test_a_trade_for_another_order_number_carrying_an_acknowledged_orders_tag_is_an_orphan() -> None:
+    # Arrange: a protected position; the stop is acknowledged as B2 (Kotak's order number).
+    h = Hand()
+    entry = bracketed_entry(h)
+    [stop] = h.legs(entry, STOP)
+    assert stop.broker_order_id
+
+    # Act: the books show another order number with the stop's tag (Kotak hands tags out again
+    # after rewriting them on modify and cancel), filled.
+    other = BrokerOrderStatus(broker_order_id="B99", client_tag=stop.client_tag, status="COMPLETE",
+                              quantity=stop.quantity, filled_qty=stop.quantity)  # fmt: skip
+    trade = BrokerTrade(trade_id="T99", broker_order_id="B99", client_tag=stop.client_tag, side=stop.side,
+                        quantity=stop.quantity, price=Decimal("1280.00"), ts_ns=h.clock.now_ns())  # fmt: skip
+    h.books([h.row(stop), other], [trade])
+
+    # Assert: the stop keeps its own number and is untouched; the stranger is an orphan.
+    assert stop.broker_order_id != "B99" and stop.filled_qty == 0 and not stop.terminal
+    assert h.position() == 10
+    assert "orphan_order" in h.codes()

@@ -269,3 +269,30 @@ def test_config_refuses_a_strategy_id_the_wire_would_refuse(tmp_path: Path, sid:
 
     assert "`strategy.id` must be 1-32 letters, digits" in str(err.value)
 
+
+
+# ------------------------------------------------------------------ the broker takes no orders
+
+
+def test_a_broker_halt_refuses_every_order_with_its_reason_until_it_ends_and_is_never_recorded() -> None:
+    # Arrange: execution's broker refuses this IP (from execution's day state).
+    s, _ = make()
+    why = "broker refuses orders from this machine's IP: 100008"
+    assert s.set_broker_halt(why) and not s.set_broker_halt(why)
+
+    # Act: an entry and an exit come; the kill switch is switched on and off meanwhile.
+    entry, exit_ = s.check(order()), s.check(order(side="SELL"))
+    events = [*s.set_kill_switch(True, "test"), *s.set_kill_switch(False)]
+
+    # Assert: both refused HALTED with the broker's reason; the state says so; the records carry
+    # only risk's own state (a restart must not read the broker halt as a kill switch).
+    for v in (entry, exit_):
+        assert not v.approved and v.code == VerdictCode.HALTED and v.reason == f"HALTED: {why}", v
+    st = s.state()
+    assert st.state == HALTED and not st.kill_switch and why in st.reason
+    recorded = [e.data["risk_state"] for e in events if hasattr(e, "data") and "risk_state" in e.data]
+    assert recorded == [HALTED, "ACTIVE"], recorded
+
+    # Act / Assert: the broker takes orders again (a login worked): orders pass.
+    assert s.set_broker_halt("")
+    assert s.current_state == "ACTIVE" and s.check(order()).approved

@@ -15,6 +15,7 @@ event loop. Errors decide control flow:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -218,4 +219,19 @@ class LiveBroker(Broker, Protocol):
     def probe_ip_block(self) -> bool:
         """Log in again and let one order call test the IP (blocking; at most once per probe
         interval). True when that call passed the broker's IP check: the episode is over."""
+        ...
+
+    on_login: list[Callable[[], None]]
+    """Called after every successful login (on a pool thread: must not block)."""
+
+    def login_if_due(self) -> bool:
+        """The scheduled daily login, with backoff after a failure (blocking). True when it logged in."""
+        ...
+
+    def session_refusal(self) -> str:
+        """Why new orders are refused for the login ("not logged in: ..."), or ""."""
+        ...
+
+    def session_info(self) -> dict[str, Any]:
+        """The login session for the heartbeat (logged in, the IP the broker sees; no secret)."""
         ...

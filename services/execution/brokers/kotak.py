@@ -58,6 +58,22 @@ Decisions a reviewer should know about
   call: the others wait for its answer instead of going out as a batch. A login refused for
   the IP ``LOGIN_IP_REFUSALS_MAX`` times in an episode, or refused for the credentials during a
   probe, stops the probing (it could lock the account) and says to check the consumer key.
+* **Daily login** (``login_if_due()``, which the service calls every few seconds): on trading days
+  (libs/common/calendar.py, NSE) at ``kotak.login_at`` (IST) the broker logs in afresh, unless it
+  already logged in that day (a lazy login, or a restart that logged in on its first call): never
+  twice in a row without need. A login that fails for a passing reason (timeout, 5xx, rate limit)
+  is tried again after ``LOGIN_RETRY_S`` (the last step repeating), also by lazy logins, which wait
+  out the same backoff instead of trying every poll. A refused TOTP is tried again the same way at
+  most ``LOGIN_TOTP_TRIES`` times a day (a skewed clock or a reused code heals, a wrong secret does
+  not); a refused MPIN or missing credentials never (``KotakLoginError`` until ``login()`` or a
+  restart). While a login has failed and none has succeeded since, ``session_refusal()`` says why
+  and execution refuses new orders with it ("not logged in"). Every successful login asks Kotak
+  which IP it sees (``whatsmyip``, logged and shown by ``session_info()`` in ``neopulse status``)
+  and calls the ``on_login`` hooks (execution re-leases the market feed's session from them).
+  The session (the SDK's tokens of that login, not the credentials) is kept in
+  ``$NEOPULSE_HOME/run/kotak-session.json`` (mode 0600, written atomically, never logged) for the
+  trading day: a restart during the day takes it back, checks it with one order-book read, and
+  logs in only when Kotak refuses it. A logout, a refused login or another account removes it.
 * **Logout** (``logout()``, or ``logout_if_due()`` which the service calls periodically) only
   clears the SDK's tokens: in SDK 3.0.9 ``logout()`` does not call the server, and Kotak ends
   sessions itself at the end of the day. After it, calls raise ``BrokerTemporary`` for the
@@ -67,17 +83,22 @@ Decisions a reviewer should know about
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pyotp
 
+from libs.common.calendar import default_calendar
 from libs.common.clock import IST, Clock, trading_day
 from libs.common.config import ConfigError, ExecutionConfig, KotakConfig
 from libs.common.instruments import Instrument, MasterData
@@ -101,6 +122,7 @@ from services.execution.brokers.base import (
 from services.execution.brokers.kotak_protocol import (
     IP_CODES,
     MAYBE_DONE,
+    ST_SESSION_IP_MISMATCH,
     Kind,
     OrderRefused,
     Verdict,
@@ -134,13 +156,26 @@ IP_TRIAL_WAIT_S = 0.5
 LOGIN_IP_REFUSALS_MAX = 3
 # A read answered with an IP code (Kotak does not IP-check reads): at most one re-login per this.
 READ_IP_RELOGIN_S = 60.0
+# The SDK configuration fields that make a logged-in session (``totp_login`` / ``totp_validate``
+# set them): kept for the day in the saved session file, never the credentials.
+_SESSION_FIELDS = ("edit_token", "edit_sid", "edit_rid", "data_center", "base_url", "ucc", "feed_url",
+                   "rt_url", "sid", "view_token")  # fmt: skip
 # Kinds of an order-call answer that show the IP check passed (Kotak answered the order itself).
 _PAST_IP_CHECK = frozenset({Kind.OK, Kind.REFUSED})
+# A failed login for a passing reason (or a refused TOTP): seconds before the next try, the last
+# step repeating. Lazy logins wait the same, so a failing login is never hammered.
+LOGIN_RETRY_S = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+# Logins whose TOTP Kotak refused, per day, before the scheduled login gives up (each already
+# tried the next 30 s code once): a wrong secret must not be sent again and again.
+LOGIN_TOTP_TRIES = 3
 
 
 class KotakLoginError(BrokerTemporary):
     """Kotak refused our credentials (or some are missing). Not retried automatically:
-    repeated wrong MPINs lock the account. Fix the config, then call ``login()``."""
+    repeated wrong MPINs lock the account. Fix the config, then call ``login()``. ``step`` is
+    the login step Kotak refused ("TOTP login", "MPIN validate"; "" for a local problem)."""
+
+    step = ""
 
 
 class PinnedOriginTransport(httpx.HTTPTransport):
@@ -358,13 +393,13 @@ def _mobile(number: str) -> str:
     return digits
 
 
-def _hhmm(text: str) -> tuple[int, int] | None:
+def _hhmm(text: str, key: str = "execution.logout_at", example: str = "15:45") -> tuple[int, int] | None:
     if not text.strip():
-        return None  # no daily logout
+        return None  # no daily logout / login
     try:
         hh, mm = (int(x) for x in text.strip().split(":"))
     except ValueError:
-        raise ConfigError(f"config error: `execution.logout_at` must look like 15:45, got {text!r}") from None
+        raise ConfigError(f"config error: `{key}` must look like {example}, got {text!r}") from None
     return hh, mm
 
 
@@ -377,6 +412,8 @@ class KotakBroker:
     def __init__(self, kotak: KotakConfig, execution: ExecutionConfig, master: MasterData | None = None,
                  clock: Clock | None = None, log: Any = None, *,
                  ip_probe_s: tuple[float, ...] = IP_PROBE_S, ip_trial_wait_s: float = IP_TRIAL_WAIT_S,
+                 login_retry_s: tuple[float, ...] = LOGIN_RETRY_S, totp_window_wait: bool = True,
+                 session_file: Path | None = None,
                  ) -> None:  # fmt: skip
         if kotak.environment != "prod":
             # In "uat" the SDK ignores the validate reply's baseUrl, so nothing could be pinned.
@@ -415,6 +452,24 @@ class KotakBroker:
         self._ip_trial_wait_s = ip_trial_wait_s
         self._ip_lookup_lock = threading.Lock()  # one whatsmyip per episode, however many were refused
         self._read_ip_relogin_at = 0.0
+        # The daily session (see "Daily login" in the module docstring).
+        self._login_at = _hhmm(kotak.login_at, "kotak.login_at", "08:45")
+        self._login_retry_s = login_retry_s or LOGIN_RETRY_S
+        # False (tests against the fake only): a refused TOTP is sent again without waiting for
+        # the next 30 s window
+        self._totp_window_wait = totp_window_wait
+        self.calendar = default_calendar()
+        self.on_login: list[Callable[[], None]] = []  # called after every login, under the session lock
+        self.public_ip = ""  # the IP Kotak saw at the last login (whatsmyip), "" before / unknown
+        self._login_day = ""  # the trading day of the last successful login
+        self._login_ok_ns = 0
+        self._login_failures = 0  # failed logins since the last success
+        self._login_failure = ""  # why the last one failed
+        self._login_retry_at = 0.0  # monotonic: no login before this (after a failure)
+        self._totp_refusals: dict[str, int] = {}  # trading day -> logins whose TOTP Kotak refused
+        self._login_stopped = ""  # why the scheduled login gave up today ("" while it goes on)
+        self._session_file = session_file
+        self._restore_tried = False  # a fresh process looks for a saved session once
 
     def _new_client(self) -> Any:
         k = self.cfg
@@ -491,6 +546,8 @@ class KotakBroker:
         """Kotak refused a call for the static-IP rule: record it (asking Kotak once per episode
         which IP it sees, for the operator) and return the error to raise."""
         code = verdict.code or 0
+        if code == ST_SESSION_IP_MISMATCH:  # a session tied to another IP: a restart must not take it back
+            self._drop_saved_session()
         with self._ip_lookup_lock:
             block = self._ip.block
             ip = self._public_ip() if self._ip.starts_episode(code) else ""
@@ -530,6 +587,7 @@ class KotakBroker:
                 self._client.logout()  # local only in SDK 3.0.9: clears edit_token/edit_sid
             self._logged_in = False
             self._logged_out_day = trading_day(self.clock)
+            self._drop_saved_session()
         self.log.info("kotak_logout", day=self._logged_out_day)
 
     def logout_if_due(self) -> bool:
@@ -551,12 +609,20 @@ class KotakBroker:
             self._check_not_logged_out()
             if not self._logged_in:
                 self._ip.check_login()  # a login refused for the IP waits for the probe
+                self._check_login_backoff()
                 try:
                     self._login_locked()
                 except BrokerIpBlocked:
                     self._stop_if_login_keeps_refusing()
                     raise
             return self._session_gen
+
+    def _check_login_backoff(self) -> None:
+        """Before a lazy login: raise while the backoff after a failed login runs."""
+        left = self._login_retry_at - time.monotonic()
+        if left > 0:
+            raise BrokerTemporary(f"not logged in to Kotak: the last login failed ({self._login_failure}); "
+                                  f"next try in {left:.0f} s")  # fmt: skip
 
     def _check_not_logged_out(self) -> None:
         if self._logged_out_day and self._logged_out_day == trading_day(self.clock):
@@ -572,6 +638,7 @@ class KotakBroker:
             if self._session_gen != seen_gen and self._logged_in:
                 return
             self._ip.check_login()
+            self._check_login_backoff()
             self.log.warning("kotak_session_expired", reason=why)
             self._logged_in = False
             try:
@@ -581,11 +648,186 @@ class KotakBroker:
                 raise
 
     def _login_locked(self) -> None:
-        self._login_into(self._client, sticky=True)
+        if self._restore_locked():
+            return
+        try:
+            self._login_into(self._client, sticky=True)
+        except BrokerError as exc:
+            self._login_failed(exc)
+            raise
         self._session_gen += 1
         self._logged_in = True
         self._login_error = None
-        self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox)
+        self._save_session()
+        self._logged_in_now(probe=False)
+
+    # ------------------------------------------------------------------ the saved session
+
+    def _session_key(self) -> str:
+        """Which account a saved session belongs to (a digest: no credential on disk)."""
+        return hashlib.sha256(f"{self.cfg.consumer_key}|{self.cfg.ucc}".encode()).hexdigest()[:16]
+
+    def _save_session(self) -> None:
+        path = self._session_file
+        if path is None:
+            return
+        conf = self._client.configuration
+        data = {"day": trading_day(self.clock), "key": self._session_key(),
+                "tokens": {k: getattr(conf, k, None) for k in _SESSION_FIELDS}}  # fmt: skip
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        except OSError as exc:  # the next restart logs in instead: no harm
+            self.log.warning("kotak_session_not_saved", error=f"{type(exc).__name__}: {exc.strerror}")
+
+    def _drop_saved_session(self) -> None:
+        if self._session_file is not None:
+            with contextlib.suppress(OSError):
+                self._session_file.unlink(missing_ok=True)
+
+    def _restore_locked(self) -> bool:
+        """A fresh process's first login: take back today's saved session of this account if
+        Kotak still accepts it (one order-book read), instead of logging in. Under the lock."""
+        if self._restore_tried or self._session_file is None:
+            return False
+        self._restore_tried = True
+        try:
+            saved = json.loads(self._session_file.read_text())
+        except (OSError, ValueError):
+            return False
+        tokens = saved.get("tokens") if isinstance(saved, dict) else None
+        if (not isinstance(tokens, dict) or saved.get("day") != trading_day(self.clock)
+                or saved.get("key") != self._session_key() or not tokens.get("edit_token")):  # fmt: skip
+            self._drop_saved_session()
+            return False
+        conf = self._client.configuration
+        for k in _SESSION_FIELDS:
+            value = tokens.get(k)
+            setattr(conf, k, value if isinstance(value, str) else None)
+        try:
+            conf.resolve_dynamic_urls(self._client.api_client.rest_client)
+            with self.requests_limiter.hold():
+                reply = self._client.order_report()
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on transport errors
+            reply = {"Error": exc}
+        verdict = classify(reply)
+        if verdict.kind not in (Kind.OK, Kind.EMPTY):
+            self.log.info("kotak_saved_session_refused", kind=str(verdict.kind), reason=verdict.reason)
+            for k in _SESSION_FIELDS:
+                setattr(conf, k, None)
+            self._drop_saved_session()
+            return False
+        self._session_gen += 1
+        self._logged_in = True
+        self._login_error = None
+        self.log.info("kotak_session_reused", day=saved.get("day"))
+        self._logged_in_now(probe=False)
+        return True
+
+    def _login_failed(self, exc: BrokerError) -> None:
+        """Count a failed login and set the backoff before the next one (under the session lock)."""
+        if isinstance(exc, BrokerIpBlocked):
+            return  # the static-IP gate and its probe own this one
+        self._login_failures += 1
+        self._login_failure = exc.reason
+        step = self._login_retry_s[min(self._login_failures - 1, len(self._login_retry_s) - 1)]
+        self._login_retry_at = time.monotonic() + step
+        if isinstance(exc, KotakLoginError) and exc.step == "TOTP login":
+            day = trading_day(self.clock)
+            self._totp_refusals[day] = self._totp_refusals.get(day, 0) + 1
+        self.log.warning("kotak_login_failed", failures=self._login_failures, error=exc.reason,
+                         retry_in_s=step)  # fmt: skip
+
+    def _logged_in_now(self, *, probe: bool) -> None:
+        """A login worked (under the session lock): ask Kotak which IP it sees, reset the
+        failure count, and call the ``on_login`` hooks."""
+        self._login_day = trading_day(self.clock)
+        self._login_ok_ns = self.clock.now_ns()
+        failures, self._login_failures, self._login_failure = self._login_failures, 0, ""
+        self._login_retry_at = 0.0
+        self._login_stopped = ""
+        ip = self._public_ip()
+        if ip:
+            self.public_ip = ip
+        self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox, ip=ip or None,
+                      after_failures=failures or None, probe=probe or None)  # fmt: skip
+        for hook in list(self.on_login):
+            try:
+                hook()
+            except Exception as exc:  # noqa: BLE001 - a hook must never fail a login
+                self.log.warning("kotak_on_login_hook_failed", error=f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ daily login
+
+    def login_if_due(self) -> bool:
+        """The scheduled daily login (blocking: run it in the pool, every few seconds). On a trading
+        day from ``kotak.login_at`` until ``execution.logout_at``: log in unless a login already
+        worked today, or the backoff after a failed one has not passed. True when it logged in."""
+        if self._login_at is None:
+            return False
+        now = self.clock.now(IST)
+        today = now.strftime("%Y-%m-%d")
+        if not self.calendar.is_trading_day("NSE", now.date()) or (now.hour, now.minute) < self._login_at:
+            return False
+        if self._logout_at is not None and (now.hour, now.minute) >= self._logout_at:
+            return False  # the day's session is over (logout_if_due)
+        if self._logged_out_day == today or self._login_stopped:
+            return False
+        if (self._logged_in and self._login_day == today) or time.monotonic() < self._login_retry_at:
+            return False
+        error = self._login_error
+        if error is not None:
+            if error.step != "TOTP login":  # MPIN refused, credentials missing: could lock the account
+                self._login_stopped = (f"{error.reason}: not retried (wrong MPINs again and again lock the "
+                                       "account); fix the kotak settings and restart execution")  # fmt: skip
+                self.log.error("kotak_login_stopped", reason=self._login_stopped)
+                return False
+            if self._totp_refusals.get(today, 0) >= LOGIN_TOTP_TRIES:
+                self._login_stopped = (f"{error.reason}: Kotak refused the TOTP {LOGIN_TOTP_TRIES} times "
+                                       "today; check kotak.totp_secret and this machine's clock, then "
+                                       "restart execution")  # fmt: skip
+                self.log.error("kotak_login_stopped", reason=self._login_stopped)
+                return False
+        if self._ip.block is not None:
+            return False  # the static-IP probe logs in on its own schedule
+        self.log.info("kotak_daily_login", day=today, login_at=self.cfg.login_at,
+                      attempt=self._login_failures + 1)  # fmt: skip
+        with self._session_lock:
+            if self._logged_in and self._login_day == today:
+                return False  # another thread logged in meanwhile
+            self._login_error = None
+            self._logged_in = False
+            self._login_locked()
+        return True
+
+    def session_refusal(self) -> str:
+        """Why new orders must be refused for the session ("not logged in: ..."), or "" (a login
+        failed and none has worked since; or the credentials were refused)."""
+        if self._logged_in:
+            return ""
+        if self._login_stopped:
+            return f"not logged in to Kotak: {self._login_stopped}"
+        if self._login_error is not None and self._login_failures:
+            return f"not logged in to Kotak: {self._login_error.reason}"
+        if self._login_failures:
+            left = max(0.0, self._login_retry_at - time.monotonic())
+            return (f"not logged in to Kotak: the login failed {self._login_failures} time(s), last: "
+                    f"{self._login_failure}; next try in {left:.0f} s")  # fmt: skip
+        return ""
+
+    def session_info(self) -> dict[str, Any]:
+        """The session for the heartbeat and ``neopulse status`` (no secret in it)."""
+        return {
+            "logged_in": self._logged_in, "login_day": self._login_day, "login_ok_ns": self._login_ok_ns,
+            "ip": self.public_ip, "login_at": self.cfg.login_at, "login_failures": self._login_failures,
+            "login_error": self._login_failure or (self._login_error.reason if self._login_error else ""),
+            "login_stopped": self._login_stopped, "session": self._session_gen,
+        }  # fmt: skip
 
     def _adopt(self, client: Any) -> None:
         """A client whose login worked becomes the session (under the session lock)."""
@@ -596,7 +838,8 @@ class KotakBroker:
         self._session_gen += 1
         self._logged_in = True
         self._login_error = None
-        self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox, probe=True)
+        self._save_session()
+        self._logged_in_now(probe=True)
 
     def _login_into(self, client: Any, *, sticky: bool) -> None:
         """TOTP login and MPIN validate on ``client``. ``sticky``: a refusal of the credentials
@@ -616,7 +859,8 @@ class KotakBroker:
         view = self._totp_login(client, totp)
         if view is not None and self._is_totp_refusal(view):
             # The code may have been at the edge of its window, or already used: next window.
-            self._wait_next_totp_window(totp)
+            if self._totp_window_wait:
+                self._wait_next_totp_window(totp)
             view = self._totp_login(client, totp)
         if view is not None:
             self._refuse_login("TOTP login", view, sticky=sticky)
@@ -662,8 +906,10 @@ class KotakBroker:
             raise BrokerTemporary(f"Kotak {step} failed: {verdict.reason}", raw=_safe(reply))
         why = verdict.reason or "no reason given"
         error = KotakLoginError(f"Kotak {step} refused: {why}", raw=_safe(reply))
+        error.step = step
         if sticky:
             self._login_error = error
+            self._drop_saved_session()
         self.log.error("kotak_login_refused", step=step, reason=verdict.reason, sticky=sticky)
         raise error
 

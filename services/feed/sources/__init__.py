@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from libs.common.bus import AsyncClient, Reactor
+from libs.common.bus import AsyncClient, Reactor, Subscriber
 from libs.common.clock import Clock
 from libs.common.config import Config
 from libs.common.instruments import Instrument, MasterData
@@ -38,6 +39,9 @@ class FeedSink(Protocol):
     def publish_status(self, detail: str) -> None: ...
 
     def client(self, endpoint: str, timeout_ms: int | None = None) -> AsyncClient: ...
+
+    def subscribe(self, endpoints: list[str], topics: list[bytes],
+                  handler: Callable[[bytes, Any], None]) -> Subscriber: ...  # fmt: skip
 
 
 class Source:

@@ -20,7 +20,9 @@ row failed; it keeps trying, with the backoff capped at ``feed.reconnect_max_s``
 
 Credentials: ``kotak.feed_user`` + ``kotak.feed_auth`` when both are set, otherwise a lease
 from execution (``GetFeedSession`` → ``{"url", "user", "auth"}``), asked again before every
-reconnect so an expired session is replaced. ``kotak.sfeed_url`` overrides the URL.
+reconnect so an expired session is replaced. ``kotak.sfeed_url`` overrides the URL. Execution
+announces every login on ``session.execution.``; one newer than the lease in use (the daily
+login at ``kotak.login_at``, a re-login) makes the feed reconnect at once on a fresh lease.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 from libs.common.bus import AsyncClient
 from libs.common.config import ConfigError
 from libs.common.instruments import Instrument
-from libs.common.messages import GetFeedSession, Message, Reply, Tick
+from libs.common.messages import Alert, GetFeedSession, Message, Reply, Tick
 from services.feed.sources import CONNECTING, DOWN, LIVE, RECONNECTING, STALE, FeedSink, Source
 from services.feed.watchdog import Backoff, MarketHours, Watchdog
 
@@ -174,6 +176,33 @@ class KotakSource(Source):
         check = min(0.5, self.feed.watchdog_s / 4)
         self._timers.append(self.reactor.call_every(check, self._check))
         self.sink.set_state(CONNECTING, f"connecting to SFeed ({len(self.wanted)} instruments)")
+        if not self.sink.cfg.kotak.feed_user:  # leased from execution: follow its logins
+            self.sink.subscribe([self.sink.cfg.bus.endpoint("execution_pub")], [b"session."], self._on_login)
+        self._connect()
+
+    def _on_login(self, _topic: bytes, msg: Any) -> None:
+        """Execution logged in (``session.execution.``, an Alert stamped with the login's time).
+        A login newer than the lease in use replaces that session: reconnect now on a fresh lease.
+        While no connection is up the next attempt leases afresh anyway."""
+        lease = self.lease
+        if not isinstance(msg, Alert) or self.stopped or lease is None:
+            return
+        try:
+            issued_ns = int(lease.get("issued_ns") or 0)
+        except ValueError:
+            issued_ns = 0
+        if msg.ts_ns <= issued_ns:
+            return  # the session this lease came from (or an older one)
+        self.lease = None  # never fall back on the old session's lease
+        gen = self.live_gen
+        self.log.info("feed_session_relogin", text=msg.text, live=bool(gen))
+        if not gen:
+            return
+        self.gen += 1  # late events from the old connection are ignored from now on
+        self.live_gen = 0
+        self.subscribed = set()
+        self._discard(gen)
+        self.sink.set_state(RECONNECTING, "execution logged in again: re-leasing the feed session")
         self._connect()
 
     def _add(self, instruments: list[Instrument]) -> None:
