@@ -190,6 +190,10 @@ class KotakConfig(_Section, frozen=True):
     sfeed_url: str = ""  # test/sandbox override for the market-data websocket
     feed_user: str = ""  # use these SFeed credentials directly instead of asking execution
     feed_auth: str = ""
+    order_feed: bool = True
+    """Take order updates from Kotak's order feed (``/realtime`` websocket), with the order book
+    polled every ``execution.reconcile_s`` while it is up and every second while it is down."""
+    order_feed_url: str = ""  # test/sandbox override for the order-feed websocket
 
 
 class TelegramConfig(_Section, frozen=True):

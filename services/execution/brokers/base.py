@@ -15,6 +15,7 @@ event loop. Errors decide control flow:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -218,4 +219,13 @@ class LiveBroker(Broker, Protocol):
     def probe_ip_block(self) -> bool:
         """Log in again and let one order call test the IP (blocking; at most once per probe
         interval). True when that call passed the broker's IP check: the episode is over."""
+        ...
+
+    def set_wake(self, wake: Callable[[], None] | None) -> None:
+        """Call ``wake`` (from any thread) when the broker's push channel has news: run
+        ``drain_events`` soon."""
+        ...
+
+    def order_feed_status(self) -> dict[str, Any]:
+        """The push channel's state: ``state`` LIVE / DOWN / polling, ``note`` (why not LIVE)."""
         ...
