@@ -40,8 +40,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 LIVE, DOWN, POLLING = "LIVE", "DOWN", "polling"
 ACK_WAIT_S = 3.0
-RECONNECT_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-MAX_FAILURES = 12  # about 4 minutes of attempts at the last delays
+RECONNECT_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+MAX_FAILURES = 12  # about 3 minutes of attempts
 PING_S = 2.0
 PONG_WAIT_S = 2.5
 QUEUE_MAX = 20_000  # rows waiting for drain_events; past this the books are read instead
@@ -198,7 +198,7 @@ class FeedAnnouncer:
     alert, and never a second down alert within ``quiet_s`` of the last one (a flapping feed
     gives one pair, not a storm). No I/O: ``step`` returns the alert to send, or None."""
 
-    def __init__(self, hold_s: float = 5.0, quiet_s: float = 300.0) -> None:
+    def __init__(self, hold_s: float = 3.0, quiet_s: float = 300.0) -> None:
         self.hold_s, self.quiet_s = hold_s, quiet_s
         self.was_live = False
         self.announced_down = False
