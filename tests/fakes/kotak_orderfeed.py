@@ -77,7 +77,7 @@ class FakeOrderFeed:
         self.port = 0
         self._conns: set[ServerConnection] = set()
         self._held: list[str] = []
-        self.stats = {"connections": 0, "sessions": 0, "refused": 0, "frames": 0, "dropped": 0}
+        self.stats = {"attempts": 0, "connections": 0, "sessions": 0, "refused": 0, "frames": 0, "dropped": 0}
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fake-orderfeed", daemon=True)
 
@@ -139,6 +139,7 @@ class FakeOrderFeed:
     def _upgrade(self, conn: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?")[0].rstrip("/") != "/realtime":
             return conn.respond(404, "not found\n")
+        self.stats["attempts"] += 1
         if self.controls.refuse_connections:
             return conn.respond(503, "service unavailable\n")
         return None
