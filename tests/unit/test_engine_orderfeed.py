@@ -14,7 +14,7 @@ def _status(boid: str, tag: str, status: str, filled: int = 0, qty: int = 10) ->
                              filled_qty=filled)  # fmt: skip
 
 
-def test_a_feed_status_and_trade_before_the_place_ack_fill_the_order_once_and_the_ack_changes_nothing() -> None:
+def test_a_feed_status_and_trade_before_the_place_ack_fill_once_and_the_ack_changes_nothing() -> None:
     # Arrange: an order sent, its place reply not back yet.
     h = Hand()
     [res] = h.engine.submit([execute(qty=10)])

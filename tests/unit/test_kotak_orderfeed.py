@@ -38,7 +38,7 @@ ORDER = {"nOrdNo": "261202000000001", "ordSt": "open", "qty": 10, "fldQty": 0, "
         (json.dumps({"type": "position", "data": {"tok": "2885", "flBuyQty": "10"}}), "position"),
         ('{"ak":"ok","type":"cn","task":"cn","msg":"connected"}', "ack"),
         ('{"ak":"nk","type":"cn","task":"cn","msg":"Authentication Failed"}', "refused"),
-        ('{"ak":"nk","type":"failed to process request","task":"nk","msg":"invalid request format"}', "refused"),
+        ('{"ak":"nk","type":"failed to process request","msg":"invalid request format"}', "refused"),
         ('{"type":"trade","data":{}}', "other"),
         (json.dumps({"type": "order", "data": {"ordSt": "open"}}), "bad"),  # no order number
         ('{"type":"order"}', "bad"),
