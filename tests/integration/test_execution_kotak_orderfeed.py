@@ -71,8 +71,11 @@ class Watch:
         return self.fills[order_id][0][0]
 
     def alert(self, code: str, timeout: float) -> Alert:
-        found: Alert = eventually(lambda: (self.pump(), next((a for a in self.alerts if a.code == code), None))[1],
-                                  timeout=timeout, message=f"the {code} alert")  # fmt: skip
+        def seen() -> Alert | None:
+            self.pump()
+            return next((a for a in self.alerts if a.code == code), None)
+
+        found: Alert = eventually(seen, timeout=timeout, message=f"the {code} alert")
         return found
 
 
@@ -83,8 +86,9 @@ def feed(stack: ExecStack) -> str:
 def resting(stack: ExecStack, n: int) -> list[dict[str, Any]]:
     """n BUY 1 orders far below the market, acknowledged at Kotak."""
     placed = [stack.ok(stack.order(qty=1, price="1200.00")) for _ in range(n)]
-    eventually(lambda: all(o["broker_order_id"] for o in stack.orders() if o["order_id"] in
-                           {p["order_id"] for p in placed}), timeout=10, message="the orders acknowledged")  # fmt: skip
+    ids = {p["order_id"] for p in placed}
+    eventually(lambda: all(o["broker_order_id"] for o in stack.orders() if o["order_id"] in ids),
+               timeout=10, message="the orders acknowledged")  # fmt: skip
     rows = {o["order_id"]: o for o in stack.orders()}
     return [rows[p["order_id"]] for p in placed]
 
