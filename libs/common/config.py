@@ -196,6 +196,10 @@ class KotakConfig(_Section, frozen=True):
     # The daily login (IST): on trading days execution logs in at this time (TOTP + MPIN), and
     # again with backoff until it succeeds. Empty: no scheduled login (only on first use).
     login_at: str = "08:45"
+    order_feed: bool = True
+    """Take order updates from Kotak's order feed (``/realtime`` websocket), with the order book
+    polled every ``execution.reconcile_s`` while it is up and every second while it is down."""
+    order_feed_url: str = ""  # test/sandbox override for the order-feed websocket
 
 
 class TelegramConfig(_Section, frozen=True):

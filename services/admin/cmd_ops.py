@@ -96,7 +96,7 @@ def collect_heartbeats(admin: AdminClient, services: list[tuple[str, str]],
 
 def _detail(name: str, info: dict[str, Any]) -> str:
     parts = []
-    for key in ("state", "source", "risk_state", "broker"):
+    for key in ("state", "source", "risk_state", "broker", "order_feed"):
         if isinstance(info.get(key), str) and info[key]:
             parts.append(f"{key}={info[key]}")
     for key in ("gaps", "malformed", "timeouts"):

@@ -11,7 +11,9 @@
 * SUB feed ``tick.``: paper fills, marks, prices for market intent and flatten.
 * Broker calls: the paper broker runs inline on the loop; a real broker's calls run in a
   ``ThreadPoolExecutor(execution.pool_workers)`` and come back via ``call_soon_threadsafe``.
-  Its order status is polled every ``STATUS_POLL_S`` from the pool.
+  Its order status is polled every ``STATUS_POLL_S`` from the pool, and at once when the
+  broker's push channel (Kotak's order feed) wakes us; the feed's state is in the heartbeat
+  (``order_feed``) and announced when it goes down and comes back.
 * Reconciliation at startup and every ``execution.reconcile_s``.
 
 ``NEOPULSE_TEST_CRASH_AT`` (tests only, ignored unless set): ``after_pending`` kills the
@@ -60,6 +62,7 @@ from libs.common.messages import (
 from libs.common.security import GUARDED_COMMANDS, SenderCheck
 from libs.common.service import Service
 from services.execution.brokers.base import Broker, BrokerIpBlocked, InlineBroker, LiveBroker, error_reason
+from services.execution.brokers.kotak_orderfeed import LIVE, FeedAnnouncer
 from services.execution.embedded_pg import Database, DatabaseError, open_database
 from services.execution.engine import ExecutionEngine, Intent, PlaceIntent, run_intent
 from services.execution.ledger import PgOrderStore, connect
@@ -227,6 +230,8 @@ class ExecutionService(Service):
         self._logging_in = False  # the daily login's pool call is out
         self._login_alerted = ""  # the login failure last alerted ("" while none is open)
         self._login_session = 0  # the broker session generation last seen
+        self._poll_again = False  # a wake came while a poll was running
+        self._feed_announcer = FeedAnnouncer()
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -279,6 +284,9 @@ class ExecutionService(Service):
                 live.on_login.append(self._on_broker_login)
                 self.add_task("login", LOGIN_CHECK_S, self._login_if_due)
                 self.add_task("broker_session", DUE_CHECK_S, self._watch_session)
+                reactor = self.reactor
+                live.set_wake(lambda: reactor.call_soon_threadsafe(self._poll_now))
+                self.add_task("order_feed", DUE_CHECK_S, self._watch_order_feed)
         self.log.info(
             "execution_ready",
             broker=self.engine.broker_name,
@@ -318,6 +326,10 @@ class ExecutionService(Service):
             info["ledger_restarts"] = self.recovery.restarts
         if self.live_broker is not None:
             info["broker_session"] = self.live_broker.session_info()
+            feed = self.live_broker.order_feed_status()
+            info["order_feed"] = feed.get("state", "")
+            if feed.get("note"):
+                info["order_feed_note"] = feed["note"]
         return info
 
     def ledger_unavailable(self) -> str:
@@ -444,6 +456,25 @@ class ExecutionService(Service):
 
             self._in_pool(live.probe_ip_block, done)
 
+    def _watch_order_feed(self) -> None:
+        """A WARNING when the order feed has been down 5 s (polling took over), INFO when it has
+        been back 5 s; a flapping feed gives one such pair per FeedAnnouncer.quiet_s."""
+        live = self.live_broker
+        assert live is not None and self.pub is not None
+        feed = live.order_feed_status()
+        said = self._feed_announcer.step(feed.get("state") == LIVE, time.monotonic())
+        if said == "down":
+            self.log.warning("order_feed_down", note=feed.get("note", ""))
+            self.pub.publish(topic("alert", "execution"), Alert(
+                level="WARNING", source="execution", code="order_feed_down",
+                text=f"Kotak's order feed is down ({feed.get('note') or 'no reason given'}): order "
+                     "status is polled every second instead, so fills may show a second late"))  # fmt: skip
+        elif said == "back":
+            self.log.info("order_feed_back")
+            self.pub.publish(topic("alert", "execution"), Alert(
+                level="INFO", source="execution", code="order_feed_back",
+                text="Kotak's order feed is back: order updates arrive live again"))  # fmt: skip
+
     def _working_legs(self) -> str:
         """NeoPulse's stop and target orders working at the broker, for an operator who exits
         by hand (they stay live after a manual exit, and could open a reverse position)."""
@@ -537,6 +568,13 @@ class ExecutionService(Service):
         self.engine.on_result(intent, result)
         self._pump()
 
+    def _poll_now(self) -> None:
+        """The broker's push channel has news: drain it now (or right after the running poll)."""
+        if self._polling:
+            self._poll_again = True
+        else:
+            self._poll_status()
+
     def _poll_status(self) -> None:
         if self._polling:
             return
@@ -544,6 +582,9 @@ class ExecutionService(Service):
 
         def done(events: Any) -> None:
             self._polling = False
+            if self._poll_again:
+                self._poll_again = False
+                self.reactor.call_later(0, self._poll_status)
             if isinstance(events, BrokerIpBlocked):  # alerted once; one line per 10 s, not per poll
                 now = time.monotonic()
                 if now - self._ip_poll_logged_at >= LEDGER_LOG_EVERY_S:

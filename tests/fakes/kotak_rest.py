@@ -83,6 +83,14 @@ Control API (JSON in, JSON out), for tests only::
     POST /_control/clear_faults        {}   drop every armed fault, release held-back trades
     POST /_control/rate_limit          {"orders_per_s": 10, "requests_per_s": 25}  (null = off)
     POST /_control/reset               {}   forget orders, trades, sessions and logs
+    GET  /_control/order_feed          the order-feed fake's URL, controls and counters
+    POST /_control/order_feed          {"mode": "live"|"hold", "delay_s": 0, "ack": true,
+                                        "refuse_auth": false, "refuse_connections": false,
+                                        "resend": true}   (with ``--order-feed``; see
+                                        tests/fakes/kotak_orderfeed.py)
+    POST /_control/order_feed/release  {}   send the frames held in mode "hold"
+    POST /_control/order_feed/drop     {}   cut every order-feed connection (no close frame)
+    POST /_control/order_feed/push     {"frame": "<text>"}  send this frame as it is
 
 Every request log row (``/_control/requests``) also carries ``order_no`` for cancel and
 modify, and ``fault`` when an armed fault changed the answer (``cancel_timeout``,
@@ -689,6 +697,7 @@ class FakeKotakBroker:
         self._held_trades: dict[str, int | None] = {}
         self._orders_per_s: float | None = None
         self._requests_per_s: float | None = None
+        self.order_feed: Any = None  # FakeOrderFeed with --order-feed (attach_order_feed)
         self.state = self._load()
         self._dirty = False
         self._saved_at = 0.0
@@ -1077,6 +1086,26 @@ class FakeKotakBroker:
         order.updated_at = _dt_long(now)
         order.updated_ns = time.time_ns()
         order.history.append(self._history_row(order))
+        if self.order_feed is not None:  # Kotak pushes every order change on the order feed
+            self.order_feed.push("order", self._order_row(order))
+
+    def attach_order_feed(self, port: int = 0) -> str:
+        """Serve the order feed (tests/fakes/kotak_orderfeed.py) for this book; returns its URL,
+        which the dynamic-config call then hands to the SDK."""
+        from tests.fakes.kotak_orderfeed import FakeOrderFeed
+
+        def check(token: str, sid: str) -> bool:
+            with self._lock:
+                return any(s.trade_token == token and s.sid == sid and not s.expired
+                           for s in self.state.sessions)  # fmt: skip
+
+        def snapshot() -> list[dict[str, Any]]:
+            with self._lock:
+                return [self._order_row(o) for o in self.state.orders.values()]
+
+        self.order_feed = FakeOrderFeed(check, snapshot).start(port)
+        self.order_feed_url = self.order_feed.url
+        return self.order_feed_url
 
     def _reject(self, order: FakeOrder, reason: str) -> None:
         order.reject_reason = reason
@@ -1223,6 +1252,10 @@ class FakeKotakBroker:
             order.filled_qty += fill_qty
             order.fill_value = str(Decimal(order.fill_value) + fill_price * fill_qty)
             self._transition(order, "complete" if order.unfilled == 0 else "open")
+            if self.order_feed is not None:
+                for row in self._position_rows():
+                    if row.get("tok") == order.token and row.get("exSeg") == order.segment:
+                        self.order_feed.push("position", row)
             self._save()
             return self._trade_row(trade, order)
 
@@ -1486,6 +1519,8 @@ class FakeKotakBroker:
                 raise _BadBody("control body must be JSON") from exc
         if req.method == "GET":
             return self._control_get(name, req)
+        if name == "order_feed" or name.startswith("order_feed/"):
+            return self._control_order_feed(name, body)
         if name.startswith("orders/"):
             parts = name.split("/")
             if len(parts) != 3:
@@ -1549,6 +1584,26 @@ class FakeKotakBroker:
                 return json_reply(404, {"error": f"no control {name}"})
         return json_reply(200, {"ok": True})
 
+    def _control_order_feed(self, name: str, body: dict[str, Any]) -> Reply:
+        feed = self.order_feed
+        if feed is None:
+            return json_reply(404, {"error": "no order feed (start the fake with --order-feed)"})
+        action = name.partition("/")[2]
+        if action == "":
+            try:
+                return json_reply(200, feed.control(body))
+            except (ValueError, TypeError) as exc:
+                raise _BadBody(str(exc)) from exc
+        if action == "release":
+            feed.release()
+        elif action == "drop":
+            feed.drop()
+        elif action == "push":
+            feed.push_raw(str(body.get("frame", "")))
+        else:
+            return json_reply(404, {"error": f"no order-feed control {action}"})
+        return json_reply(200, {"ok": True})
+
     def _clear_faults(self) -> None:
         self._hang_next.clear()
         self._reject_next.clear()
@@ -1602,6 +1657,8 @@ class FakeKotakBroker:
             if name == "trades":
                 rows = [self._trade_row(t, self.state.orders[t.n_ord_no]) for t in self.state.trades]
                 return json_reply(200, {"trades": rows})
+            if name == "order_feed" and self.order_feed is not None:
+                return json_reply(200, self.order_feed.state())
         return json_reply(404, {"error": f"no control {name}"})
 
     def _control_order(self, n_ord_no: str, action: str, body: dict[str, Any]) -> Reply:
@@ -1757,6 +1814,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-center", default="E21")
     parser.add_argument("--sfeed-url", help="served by the dynamic config service endpoint")
     parser.add_argument("--order-feed-url", help="served by the dynamic config service endpoint")
+    parser.add_argument("--order-feed", action="store_true",
+                        help="serve the order feed (/realtime) too, on its own port")  # fmt: skip
+    parser.add_argument("--order-feed-port", type=int, default=0, help="with --order-feed; 0 = any free port")
     parser.add_argument("--master-csv", action="append", default=[], metavar="SEGMENT=PATH",
                         help="serve this CSV as the segment's scrip master (repeatable)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true")
@@ -1779,6 +1839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     server = FakeKotakHTTPServer((args.host, args.port), factory, verbose=args.verbose)
+    if args.order_feed:
+        print(f"kotak-fake order feed on {server.broker.attach_order_feed(args.order_feed_port)}", flush=True)
     print(f"kotak-fake listening on {server.broker.advertise_url} pid={os.getpid()}", flush=True)
 
     def _stop(*_: Any) -> None:
@@ -2069,6 +2131,24 @@ class KotakRestFake:
 
     def iter_orders_with_tag(self, tag: str) -> Iterator[dict[str, Any]]:
         return (o for o in self.orders() if o["GuiOrdId"] == tag)
+
+    # ---- the order feed (the fake started with --order-feed) -------------------------------
+
+    def order_feed(self, **controls: Any) -> dict[str, Any]:
+        """Set order-feed controls (tests/fakes/kotak_orderfeed.py ``FeedControls``); with none,
+        just read its URL, controls and counters."""
+        if not controls:
+            return self._call("GET", "order_feed")
+        return self._call("POST", "order_feed", controls)
+
+    def order_feed_release(self) -> None:
+        self._call("POST", "order_feed/release", {})
+
+    def order_feed_drop(self) -> None:
+        self._call("POST", "order_feed/drop", {})
+
+    def order_feed_push(self, frame: str) -> None:
+        self._call("POST", "order_feed/push", {"frame": frame})
 
 
 if __name__ == "__main__":

@@ -235,3 +235,12 @@ class LiveBroker(Broker, Protocol):
     def session_info(self) -> dict[str, Any]:
         """The login session for the heartbeat (logged in, the IP the broker sees; no secret)."""
         ...
+
+    def set_wake(self, wake: Callable[[], None] | None) -> None:
+        """Call ``wake`` (from any thread) when the broker's push channel has news: run
+        ``drain_events`` soon."""
+        ...
+
+    def order_feed_status(self) -> dict[str, Any]:
+        """The push channel's state: ``state`` LIVE / DOWN / polling, ``note`` (why not LIVE)."""
+        ...

@@ -34,11 +34,20 @@ Decisions a reviewer should know about
   intents are refused locally (Kotak rejects them from API sessions, and execution turns market
   intent into a protected limit before it gets here). Prices go as strings with the tick's
   decimals, checked against the instrument master when it knows the instrument.
-* **Status source: polling.** ``drain_events()`` reads the order book every call (and the trade
-  book when a filled quantity moved) and returns what changed. The SDK's order feed
-  (``create_order_feed``) is left out: it can be pointed at a local URL, but no fake here
-  serves its ``/realtime`` protocol, so it could not be tested, and the books stay the
-  source of truth either way (the feed does not replay gaps).
+* **Status source: the order feed, polling as reconciliation.** After every login the SDK's
+  order feed (``create_order_feed``, kotak_orderfeed.py) is (re)opened with the new session.
+  While it is LIVE, ``drain_events()`` returns its order frames as ``BrokerOrderStatus``
+  (execution is woken per batch, so no poll interval is waited) and reads the order book only
+  every ``execution.reconcile_s`` and right after the feed came (back) up. Whenever it is not
+  LIVE, ``drain_events()`` reads the order book every call, as before (execution calls it every
+  second). **Fills:** the feed has ``fldQty``/``avgPrc`` but no trade ids, so a filled quantity
+  ahead of the trades seen makes the same call read the trade book at once; trades are only
+  ever taken from the trade book (Kotak's ``flId``), so the feed and polling cannot count a
+  fill twice (and the engine drops a trade id it has seen). A feed frame never moves an order
+  back: a status after a final one (COMPLETE, CANCELLED, REJECTED) or a smaller filled
+  quantity (a state resent on reconnect, out of order) is dropped; the books stay the source
+  of truth (the feed does not replay gaps). In sandbox mode (``kotak.base_url``) the feed's URL
+  must be given (``kotak.order_feed_url``, or the session's own on the sandbox host).
 * **Static IP** (Kotak's rule since 2026-04-01: orders only from a whitelisted static IP, in a
   session created from that IP). ``100008`` (IP not whitelisted) and ``1037`` (session from
   another IP) are neither a session expiry nor a passing error: the call raises
@@ -119,6 +128,7 @@ from services.execution.brokers.base import (
     IpBlock,
     error_reason,
 )
+from services.execution.brokers.kotak_orderfeed import OrderFeed, realtime_url
 from services.execution.brokers.kotak_protocol import (
     IP_CODES,
     MAYBE_DONE,
@@ -168,6 +178,8 @@ LOGIN_RETRY_S = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 # Logins whose TOTP Kotak refused, per day, before the scheduled login gives up (each already
 # tried the next 30 s code once): a wrong secret must not be sent again and again.
 LOGIN_TOTP_TRIES = 3
+_FINAL = frozenset({"COMPLETE", "REJECTED", "CANCELLED"})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class KotakLoginError(BrokerTemporary):
@@ -409,7 +421,8 @@ class KotakBroker:
     name = "kotak"
     inline = False  # blocking HTTP: execution calls it from its thread pool
 
-    def __init__(self, kotak: KotakConfig, execution: ExecutionConfig, master: MasterData | None = None,
+    def __init__(  # noqa: PLR0915 - one statement per piece of the broker's state
+        self, kotak: KotakConfig, execution: ExecutionConfig, master: MasterData | None = None,
                  clock: Clock | None = None, log: Any = None, *,
                  ip_probe_s: tuple[float, ...] = IP_PROBE_S, ip_trial_wait_s: float = IP_TRIAL_WAIT_S,
                  login_retry_s: tuple[float, ...] = LOGIN_RETRY_S, totp_window_wait: bool = True,
@@ -470,6 +483,9 @@ class KotakBroker:
         self._login_stopped = ""  # why the scheduled login gave up today ("" while it goes on)
         self._session_file = session_file
         self._restore_tried = False  # a fresh process looks for a saved session once
+        self.order_feed = OrderFeed(self.log)
+        self._book_due = 0.0  # with the order feed LIVE: when drain_events reads the order book next
+        self._feed_live_since = 0.0  # the LIVE period the last book read covered
 
     def _new_client(self) -> Any:
         k = self.cfg
@@ -588,6 +604,7 @@ class KotakBroker:
             self._logged_in = False
             self._logged_out_day = trading_day(self.clock)
             self._drop_saved_session()
+        self.order_feed.stop("logged out")
         self.log.info("kotak_logout", day=self._logged_out_day)
 
     def logout_if_due(self) -> bool:
@@ -756,6 +773,7 @@ class KotakBroker:
             self.public_ip = ip
         self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox, ip=ip or None,
                       after_failures=failures or None, probe=probe or None)  # fmt: skip
+        self._open_order_feed()  # the feed authenticates with this session's token
         for hook in list(self.on_login):
             try:
                 hook()
@@ -1145,20 +1163,56 @@ class KotakBroker:
         rows_ = self._book("positions", self._client.positions)
         return [p for p in (carried_position(r) for r in rows_) if p is not None]
 
-    # ------------------------------------------------------------------ status polling
+    # ------------------------------------------------------------------ order feed, status polling
+
+    def _open_order_feed(self) -> None:
+        """(Re)open the order feed with the session just made (under the session lock)."""
+        if not self.cfg.order_feed:
+            self.order_feed.stop("order feed off (kotak.order_feed = false)")
+            return
+        client = self._client
+        conf = client.configuration
+        base = "" if self.sandbox else str(conf.base_url or "")  # sandbox: only a URL it was given
+        url = realtime_url(self.cfg.order_feed_url, str(conf.order_feed_url or ""),
+                           str(conf.rt_url or ""), base)  # fmt: skip
+        host = httpx.URL(url).host if url.startswith(("ws://", "wss://")) else ""
+        if not host:
+            self.order_feed.stop("no order-feed URL for this session")
+            return
+        if self.sandbox and host not in _LOOPBACK and host != httpx.URL(self.cfg.base_url).host:
+            self.order_feed.stop(f"sandbox: order-feed host {host} is not the sandbox host")
+            return
+
+        def factory() -> Any:
+            return client.create_order_feed(url=url, max_reconnect_attempts=0, max_connect_retries=0,
+                                            reconnect_delay=0)  # fmt: skip
+
+        self.order_feed.open(factory)
+
+    def set_wake(self, wake: Callable[[], None] | None) -> None:
+        """``wake`` is called (on the feed thread) when the order feed brought something, or went
+        down: the caller should run ``drain_events()`` soon."""
+        self.order_feed.wake = wake
+
+    def order_feed_status(self) -> dict[str, Any]:
+        """The order feed's state (LIVE / DOWN / polling), why it is not LIVE, and counters."""
+        return self.order_feed.status()
 
     def drain_events(self) -> list[BrokerEvent]:
-        """Poll Kotak and return what changed since the previous call: new fills
-        (``BrokerTrade``) first, then order rows whose status, filled quantity, average price
-        or reason moved (``BrokerOrderStatus``). The first call returns the whole day.
+        """What changed since the previous call: new fills (``BrokerTrade``) first, then order
+        rows whose status, filled quantity, average price or reason moved
+        (``BrokerOrderStatus``). The first call returns the whole day.
 
-        Same meaning as ``PaperBroker.drain_events``, but blocking (one order-book request,
-        plus the trade book when a filled quantity is ahead of the fills seen): call it from
-        the pool, every second or so. ``BrokerTemporary`` means "try again next time"; nothing
-        is lost, because the next poll diffs against the same snapshot."""
+        Same meaning as ``PaperBroker.drain_events``, but blocking: call it from the pool, every
+        second or so, and when ``set_wake``'s callback fires. With the order feed LIVE it
+        returns the feed's rows and reads the order book only every ``execution.reconcile_s``
+        (and once the feed came up); otherwise it reads the order book every call. The trade
+        book is read whenever a filled quantity is ahead of the fills seen. ``BrokerTemporary``
+        means "try again next time"; nothing is lost, because the next call reads the book."""
         with self._poll_lock:
             today = trading_day(self.clock)
             if self._logged_out_day == today:
+                self.order_feed.take()
                 return []  # logged out for the day on purpose: nothing to poll, nothing to warn
             if today != self._seen_day:
                 self._seen.clear()
@@ -1166,9 +1220,22 @@ class KotakBroker:
                 self._traded_qty.clear()
                 self._book_filled.clear()
                 self._seen_day = today
-            book = self.order_book()
-            for s in book:
-                self._book_filled[s.broker_order_id] = s.filled_qty
+                self._book_due = 0.0
+            rows, lost = self.order_feed.take()  # before the book: the book is newer than these
+            live_since = self.order_feed.health.live_since
+            now = time.monotonic()
+            from_feed = (self.order_feed.live and not lost and now < self._book_due
+                         and live_since == self._feed_live_since)  # fmt: skip
+            if from_feed:
+                statuses = [s for s in (order_status(r) for r in rows) if self._feed_moves(s)]
+                for s in statuses:
+                    self._book_filled[s.broker_order_id] = s.filled_qty
+            else:
+                statuses = list(reversed(self.order_book()))  # oldest first
+                self._book_due = now + self.execution.reconcile_s
+                self._feed_live_since = live_since
+                for s in statuses:
+                    self._book_filled[s.broker_order_id] = s.filled_qty
             events: list[BrokerEvent] = []
             if any(filled > self._traded_qty.get(oid, 0) for oid, filled in self._book_filled.items()):
                 for t in self.trade_book():
@@ -1178,12 +1245,24 @@ class KotakBroker:
                     oid = t.broker_order_id
                     self._traded_qty[oid] = self._traded_qty.get(oid, 0) + t.quantity
                     events.append(t)
-            for s in reversed(book):  # oldest first
+            for s in statuses:
                 seen = _Seen(s.status, s.filled_qty, s.avg_price, s.reason)
                 if self._seen.get(s.broker_order_id) != seen:
                     self._seen[s.broker_order_id] = seen
                     events.append(s)
             return events
+
+    def _feed_moves(self, s: BrokerOrderStatus) -> bool:
+        """Whether a feed row may change what we know: never back from a final status, never to a
+        smaller filled quantity (a resent or late frame)."""
+        prev = self._seen.get(s.broker_order_id)
+        if not s.broker_order_id or prev is None:
+            return bool(s.broker_order_id)
+        if (prev.status in _FINAL and s.status != prev.status) or s.filled_qty < prev.filled:
+            self.log.info("kotak_order_feed_stale_row", broker_order_id=s.broker_order_id, status=s.status,
+                          known=prev.status, filled=s.filled_qty, known_filled=prev.filled)  # fmt: skip
+            return False
+        return True
 
     # ------------------------------------------------------------------ feed lease, master
 
@@ -1257,6 +1336,7 @@ class KotakBroker:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        self.order_feed.close()
         for client in (*self._retired, self._client):
             self._close_client(client)
 
