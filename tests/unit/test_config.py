@@ -113,6 +113,8 @@ params = { fast = 12 }
          "config error: `strategy.id` ids must be unique"),
         ("[execution]\nlogout_at = \"3:45 pm\"\n",
          "config error: `execution.logout_at` must be empty (no daily logout) or a time of day HH:MM"),
+        ("[kotak]\nlogin_at = \"8:99\"\n",
+         "config error: `kotak.login_at` must be empty (no scheduled login) or a time of day HH:MM"),
         ("[risk\nmax_qty = 5\n", "invalid TOML"),
     ],
 )
