@@ -115,8 +115,8 @@ class Flattening(BrokerEvents):
             if last is not None and (last[0] in self._active_jobs or (
                     stray == last[1] and now - last[2] < STRAY_RETRY_NS)):  # fmt: skip
                 continue
-            last = self.last.get(key)
-            if last is None or not last.ltp > 0:
+            tick = self.last.get(key)
+            if tick is None or not tick.ltp > 0:
                 continue  # a close cannot be priced yet (a restart): at the first tick
             products = pos.by_product or {"MIS": pos.quantity}
             if self._flattening(sid, key) or any(self._close_working(sid, key, p) for p in products):
