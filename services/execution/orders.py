@@ -238,7 +238,8 @@ class Orders(UnitOfWork):
             held = self.positions.get((strategy, inst.key))
             net = held.quantity if held is not None else 0
             more = f" and exits of {working} already working" if working else ""
-            gone = " (less fills the broker has announced)" if closing < abs(net) else ""
+            side_net = net if side == "SELL" else -net  # what this side would close, by trades alone
+            gone = " (less fills the broker has announced)" if closing < side_net else ""
             return (f"nothing to exit: {strategy} holds {net:+d} {inst.symbol}{gone}{more}; an exit only "
                     "reduces a position, so this one was not placed"), qty  # fmt: skip
         return "", min(qty, left)

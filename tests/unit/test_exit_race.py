@@ -180,9 +180,19 @@ def test_an_exit_asked_for_after_the_stop_was_announced_filled_is_refused() -> N
     h.tick(124.0)
     [ex] = h.engine.submit([execute(side="BUY", qty=10, price="126.00", purpose="EXIT", reduce_only=True)])
     assert ex.status == "REJECTED" and "nothing to exit" in ex.reason
+    assert "less fills the broker has announced" in ex.reason
     assert not places(h.take())
     h.trade(stop, 10, "125.00")  # the trade arrives: flat, and nothing else was sent
     assert h.position() == 0
+
+
+def test_an_exit_on_the_wrong_side_is_refused_without_blaming_announced_fills() -> None:
+    h = Hand()
+    _short_with_stop(h)  # short 10: a SELL exit has nothing to close
+    h.tick(100.0)
+    [ex] = h.engine.submit([execute(side="SELL", qty=10, price="99.00", purpose="EXIT", reduce_only=True)])
+    assert ex.status == "REJECTED" and "nothing to exit: s1 holds -10" in ex.reason
+    assert "announced" not in ex.reason
 
 
 def test_a_resize_after_a_timed_out_trail_carries_the_trailed_stop() -> None:
