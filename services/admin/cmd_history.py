@@ -213,7 +213,7 @@ def fetch(  # noqa: PLR0917 - one parameter per CLI option
 def _plan(home: Path, insts: list[Instrument], first: dt.date, last: dt.date,
           interval: str) -> tuple[list[tuple[Instrument, Chunk, Path]], int]:  # fmt: skip
     """The chunks still to fetch, and how many are stored already (complete, covering the days)."""
-    from services.history.store import chunk_path, chunks, stored_covers
+    from services.history.store import chunk_path, chunks, stored_covers, widened
 
     plan: list[tuple[Instrument, Chunk, Path]] = []
     stored = 0
@@ -223,7 +223,7 @@ def _plan(home: Path, insts: list[Instrument], first: dt.date, last: dt.date,
             if stored_covers(path, chunk):
                 stored += 1
             else:
-                plan.append((inst, chunk, path))
+                plan.append((inst, widened(path, chunk), path))
     return plan, stored
 
 

@@ -156,7 +156,14 @@ class Reconciliation(Flattening):
                 and o.updated_ns < started_ns  # closed before this snapshot was asked for
                 and o.filled_qty < o.quantity  # all its trades are in: a stale row, not a live order
             ):
-                self._adopt(o, st)
+                if started_ns - o.updated_ns >= self.book_lag_ns:
+                    self._adopt(o, st)
+                else:
+                    # Asked for within book_lag of the close: a replica behind the order feed
+                    # shows what the broker said before. Adopting it would cancel the live
+                    # replacement (a stop, say) for a dead one: look again once the lag is over.
+                    again = o.updated_ns + self.book_lag_ns + 1
+                    self.reconcile_due_ns = min(self.reconcile_due_ns or 1 << 62, max(again, self._now() + 1))
         traded: set[str] = set()
         for tr in trade_book:
             o = self._find(tr.broker_order_id, tr.client_tag)

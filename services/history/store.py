@@ -105,22 +105,39 @@ def chunk_path(home: Path, key: str, interval: str, start: dt.date) -> Path:
     return home / "history" / instrument_dir(home, key) / interval / f"{start.isoformat()}.parquet"
 
 
-def stored_covers(path: Path, chunk: Chunk) -> bool:
-    """The file at ``path`` is complete and holds at least the days of ``chunk``."""
+def stored_range(path: Path) -> tuple[dt.date, dt.date, bool] | None:
+    """The days the file at ``path`` holds (first, last) and whether they are complete (all
+    before the day they were fetched); None when there is no readable file."""
     if not path.is_file():
-        return False
+        return None
     import pyarrow.parquet as pq
 
     try:
         meta = pq.read_schema(path).metadata or {}
     except (OSError, ValueError):  # a damaged file: fetch again (pyarrow's errors are both)
-        return False
+        return None
     try:
         first = dt.date.fromisoformat(meta.get(b"from", b"").decode())
         last = dt.date.fromisoformat(meta.get(b"to", b"").decode())
     except ValueError:
-        return False
-    return meta.get(b"complete") == b"1" and first <= chunk.first and last >= chunk.last
+        return None
+    return first, last, meta.get(b"complete") == b"1"
+
+
+def stored_covers(path: Path, chunk: Chunk) -> bool:
+    """The file at ``path`` is complete and holds at least the days of ``chunk``."""
+    held = stored_range(path)
+    return held is not None and held[2] and held[0] <= chunk.first and held[1] >= chunk.last
+
+
+def widened(path: Path, chunk: Chunk) -> Chunk:
+    """``chunk`` stretched over the days its stored file holds: a fetch rewrites the whole file,
+    so one that only overlaps (or leaves a gap to) what an earlier fetch stored must fetch those
+    days again rather than drop them."""
+    held = stored_range(path)
+    if held is None:
+        return chunk
+    return Chunk(chunk.start, min(chunk.first, held[0]), max(chunk.last, held[1]))
 
 
 def _schema(pa: Any) -> Any:

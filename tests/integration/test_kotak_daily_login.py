@@ -239,6 +239,30 @@ def test_a_session_kotak_refuses_for_another_ip_is_not_kept_for_a_restart(
     assert not saved.exists()
 
 
+def test_a_restart_on_another_ip_logs_in_afresh_instead_of_taking_back_the_saved_session(
+    fake: KotakRestFake, clock: ManualClock, tmp_path: Path
+) -> None:
+    # Arrange: a session saved with the IP Kotak saw at its login; then the machine's IP
+    # changed (the file says another one: Kotak would answer reads on it and refuse orders, 1037).
+    saved = tmp_path / "run" / "kotak-session.json"
+    clock.set_ns(ist_ns(THURSDAY, 10, 0))
+    first = make_broker(fake, clock, session_file=saved)
+    first.order_book()
+    first.close()
+    data = json.loads(saved.read_text())
+    assert data["ip"] == "127.0.0.1"
+    saved.write_text(json.dumps({**data, "ip": "203.0.113.7"}))
+
+    # Act: a restart the same day.
+    second = make_broker(fake, clock, session_file=saved)
+    second.order_book()
+    second.close()
+
+    # Assert: a fresh login, saved with the IP this machine has now.
+    assert logins(fake) == 2
+    assert json.loads(saved.read_text())["ip"] == "127.0.0.1"
+
+
 # ============================================================================================
 # Execution and risk
 # ============================================================================================

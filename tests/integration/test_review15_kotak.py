@@ -1,6 +1,6 @@
 """Review 15 (adversarial): KotakBroker's order feed and daily session against the real SDK and the
-protocol-level fakes (the REST fake, with ``--order-feed`` where the feed is needed). Each test is
-marked xfail(strict=True): it shows a defect found in review and passes once it is fixed."""
+protocol-level fakes (the REST fake, with ``--order-feed`` where the feed is needed). Each test showed
+a defect found in review (it failed before the fix)."""
 
 from __future__ import annotations
 
@@ -68,12 +68,6 @@ def statuses(events: list[Any], order_no: str) -> list[str]:
     return [e.status for e in events if isinstance(e, BrokerOrderStatus) and e.broker_order_id == order_no]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review15: with the feed LIVE, drain_events takes the feed's rows "
-    "off the queue before the trade-book read; when that read fails (BrokerTemporary), "
-    "every status of the batch is lost until the next order-book read (reconcile_s)",
-)
 def test_review15_a_failed_trade_book_read_does_not_lose_the_feed_statuses_of_its_batch(
     ofake: KotakRestFake, broker: KotakBroker
 ) -> None:
@@ -100,12 +94,6 @@ def test_review15_a_failed_trade_book_read_does_not_lose_the_feed_statuses_of_it
     assert "CANCELLED" in statuses(got, other), got
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review15: a feed frame whose fldQty is absurd (1e30) passes "
-    "_feed_moves and becomes the known filled quantity, so every later frame of that "
-    "order (a smaller fldQty) is dropped as 'stale' until the next order-book read",
-)
 def test_review15_one_absurd_feed_frame_does_not_wedge_the_orders_later_updates(
     ofake: KotakRestFake, broker: KotakBroker
 ) -> None:
@@ -130,12 +118,6 @@ def make_broker(fake: KotakRestFake, clock: ManualClock) -> KotakBroker:
                        login_retry_s=(0.3,), totp_window_wait=False)  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review15: login_if_due checks _login_error and the backoff "
-    "before it takes the session lock, then clears _login_error under it: a lazy "
-    "login whose MPIN Kotak refused meanwhile is followed at once by a second MPIN",
-)
 def test_review15_a_refused_mpin_is_not_sent_again_by_a_daily_login_that_waited_for_the_lock(
     fake: KotakRestFake,
 ) -> None:
@@ -159,12 +141,6 @@ def test_review15_a_refused_mpin_is_not_sent_again_by_a_daily_login_that_waited_
     assert len(fake.requests(api="totp_validate")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review15: after the day's logout, the status poll "
-    "(drain_events every second) logs in lazily as soon as the date changes -- at "
-    "midnight, on a Saturday -- instead of waiting for kotak.login_at on a trading day",
-)
 def test_review15_the_status_poll_does_not_log_in_at_midnight_on_a_non_trading_day(
     fake: KotakRestFake,
 ) -> None:
@@ -182,3 +158,36 @@ def test_review15_the_status_poll_does_not_log_in_at_midnight_on_a_non_trading_d
         b.close()
 
     assert len(fake.requests(api="totp_login")) == 1
+
+
+def test_review15_a_saved_session_the_order_feed_refuses_is_replaced_by_one_fresh_login(
+    ofake: KotakRestFake, tmp_path: Path
+) -> None:
+    # Arrange: a process logged in (its session saved); the feed then refuses that session.
+    saved = tmp_path / "run" / "kotak-session.json"
+    clock = ManualClock(ist_ns(THURSDAY, 10, 0))
+
+    def fresh() -> KotakBroker:
+        return KotakBroker(kotak_config(ofake), ExecutionConfig(broker_timeout_s=5.0), clock=clock,
+                           session_file=saved, totp_window_wait=False)  # fmt: skip
+
+    first = fresh()
+    first.order_book()
+    first.close()
+    ofake.order_feed(refuse_auth=True)
+
+    # Act: a restart takes the session back (REST answers on it) and its feed is refused.
+    second = fresh()
+    try:
+        second.order_book()
+        eventually(lambda: second.order_feed.health.session_refused, timeout=5, message="feed refused")
+        ofake.order_feed(refuse_auth=False)
+        relogged = second.login_if_due()
+
+        # Assert: one fresh login, after which the feed is LIVE; no further login.
+        eventually(lambda: second.order_feed_status()["state"] == LIVE, timeout=5, message="feed LIVE")
+        again = second.login_if_due()
+    finally:
+        second.close()
+    assert relogged and not again
+    assert len(ofake.requests(api="totp_login")) == 2

@@ -76,11 +76,12 @@ class Hand:
     """Engine + in-memory ledger; intents are taken and answered by the test."""
 
     def __init__(self, store: MemoryOrderStore | None = None, clock: ManualClock | None = None,
-                 carried: list[BrokerPosition] | None = None) -> None:  # fmt: skip
+                 carried: list[BrokerPosition] | None = None, book_lag_s: float = 0.0) -> None:  # fmt: skip
         self.cfg = load_config(env={})
         self.clock = clock or ManualClock(DAY0_NS)
         self.store = store if store is not None else MemoryOrderStore()
-        self.engine = ExecutionEngine(self.store, HandBroker(), MASTER, self.clock, self.cfg.execution)
+        self.engine = ExecutionEngine(self.store, HandBroker(book_lag_s=book_lag_s), MASTER, self.clock,
+                                      self.cfg.execution)  # fmt: skip
         self.engine.start()
         self.boids = itertools.count(1)
         self.tids = itertools.count(1)
@@ -587,6 +588,37 @@ def test_a_row_the_ledger_closed_but_the_broker_shows_working_is_adopted_with_an
     h.answer(c, None)
     h.status(new_stop, CANCELLED)
     assert sum(x.remaining for x in h.legs(eid, STOP)) == 10
+
+
+def test_a_book_behind_the_order_feed_does_not_bring_back_a_cancelled_stop_over_its_replacement() -> None:
+    # Arrange: a broker whose books may lag its order feed by 4 s (Kotak's replicas).
+    h = Hand(book_lag_s=4.0)
+    eid = bracketed_entry(h)
+    [stop] = h.legs(eid, STOP)
+    h.clock.advance(1.0)
+    h.status(stop, CANCELLED)  # the order feed: the exchange cancelled the stop
+    [fresh] = places(h.take())
+    h.ack(fresh)
+    new_stop, target = h.order(fresh.order_id), h.legs(eid, TARGET)[0]
+    entry = h.order(eid)
+    whole = [BrokerOrderStatus(broker_order_id=entry.broker_order_id, client_tag=entry.client_tag,
+                               status=COMPLETE, quantity=10, filled_qty=10)]  # fmt: skip
+    trades = [BrokerTrade(trade_id="T1", broker_order_id=entry.broker_order_id, client_tag=entry.client_tag,
+                          side="BUY", quantity=10, price=Decimal("1290.00"))]  # fmt: skip
+
+    # Act 1: a book asked for 1 s after the cancel still shows the old stop working.
+    h.clock.advance(1.0)
+    h.books([*whole, h.row(stop), h.row(new_stop), h.row(target)], trades)
+
+    # Assert 1: nothing adopted, nothing cancelled: the replacement protects the position.
+    assert stop.status == CANCELLED and "order_adopted" not in h.codes()
+    assert not cancels(h.take()) and not new_stop.terminal
+    assert h.engine.reconcile_due_ns and h.engine.reconcile_due_ns <= stop.updated_ns + int(4e9) + 1
+
+    # Act 2 / Assert 2: a book asked for past the lag that still shows it is believed.
+    h.clock.advance(4.0)
+    h.books([*whole, h.row(stop), h.row(new_stop), h.row(target)], trades)
+    assert stop.status == OPEN and "order_adopted" in h.codes()
 
 
 # ------------------------------------------------------------------ 7. the kill switch

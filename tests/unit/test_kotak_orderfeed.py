@@ -14,6 +14,8 @@ from services.execution.brokers.kotak_orderfeed import (
     LIVE,
     MAX_FAILURES,
     POLLING,
+    RECONNECT_S,
+    STABLE_S,
     FeedAnnouncer,
     FeedHealth,
     parse_frame,
@@ -145,14 +147,19 @@ def test_reconnects_back_off_and_give_up_after_max_failures_until_the_next_login
 
 
 def test_a_connection_that_became_live_resets_the_failure_count() -> None:
-    h = FeedHealth(Clock())
+    c = Clock()
+    h = FeedHealth(c)
     h.want()
     for _ in range(5):
         h.lost("connect failed")
     h.socket_open()
     h.on_frame(parse_frame('{"ak":"ok","type":"cn"}'))
     assert h.failures == 0
-    assert h.lost("connection closed") == 0.5
+    c.t += STABLE_S
+    assert h.lost("connection closed") == 0.5  # it had stayed up: reconnect at once
+    h.socket_open()
+    h.on_frame(parse_frame('{"ak":"ok","type":"cn"}'))
+    assert h.lost("connection closed") == RECONNECT_S[1]  # up for no time: one step back
 
 
 def test_a_refused_session_stops_until_the_next_login() -> None:

@@ -1,6 +1,5 @@
 """Review 15 (adversarial): pure-logic defects in the order feed's state machine and the history
-store. Each test is marked xfail(strict=True): it shows a defect found in review and passes once
-it is fixed."""
+store. Each test showed a defect found in review (it failed before the fix)."""
 
 from __future__ import annotations
 
@@ -18,13 +17,6 @@ from services.history.store import IST, read_candles
 # ------------------------------------------------------------------ order feed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review15: FeedHealth counts a failure only for a connection "
-    "that never became LIVE, and an ack makes it LIVE: a server that acks and closes "
-    "at once is reconnected every 0.5 s forever (each LIVE period also costs an "
-    "order-book read), the flapping MAX_FAILURES was meant to stop",
-)
 def test_review15_a_feed_that_acks_and_drops_at_once_backs_off_not_every_half_second() -> None:
     t = [0.0]
     h = FeedHealth(now=lambda: t[0])
@@ -43,12 +35,6 @@ def test_review15_a_feed_that_acks_and_drops_at_once_backs_off_not_every_half_se
     assert delays[-1] is None or delays[-1] > RECONNECT_S[0], delays
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review15: parse_frame catches only ValueError; a deeply nested "
-    "frame (under MAX_FRAME_CHARS) raises RecursionError out of json.loads, which the SDK's "
-    "on_raw guard swallows: the frame is neither logged nor counted as bad",
-)
 @pytest.mark.parametrize("raw", ["[" * 100_000, '{"type":"order","data":"' + "[" * 100_000 + '"}'])
 def test_review15_a_deeply_nested_frame_is_read_as_bad_not_raised(raw: str) -> None:
     assert parse_frame(raw).kind == "bad"
@@ -80,12 +66,6 @@ def _fetch(home: Path, first: dt.date, last: dt.date) -> None:
         _store(path, chunk, _day_candles(chunk.first, chunk.last), TODAY, REL.symbol)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review15: a fetch that overlaps a stored chunk only in part "
-    "replaces the chunk's file with its own days: the days only the earlier fetch "
-    "covered are gone, and a backtest over them silently runs without them",
-)
 def test_review15_an_overlapping_fetch_keeps_the_days_an_earlier_fetch_stored(tmp_path: Path) -> None:
     # Arrange: 5-9 October stored.
     _fetch(tmp_path, dt.date(2026, 10, 5), dt.date(2026, 10, 9))

@@ -112,6 +112,7 @@ from libs.common.clock import IST, Clock, trading_day
 from libs.common.config import ConfigError, ExecutionConfig, KotakConfig
 from libs.common.instruments import Instrument, MasterData
 from libs.common.log import get_logger
+from libs.common.messages import MAX_QTY
 from libs.common.sdk import import_sdk
 from services.execution.brokers import kotak_history
 from services.execution.brokers.base import (
@@ -483,6 +484,7 @@ class KotakBroker:
         self._login_stopped = ""  # why the scheduled login gave up today ("" while it goes on)
         self._session_file = session_file
         self._restore_tried = False  # a fresh process looks for a saved session once
+        self._restored_gen = -1  # the session generation taken back from the saved file
         self.order_feed = OrderFeed(self.log)
         self._book_due = 0.0  # with the order feed LIVE: when drain_events reads the order book next
         self._feed_live_since = 0.0  # the LIVE period the last book read covered
@@ -675,8 +677,7 @@ class KotakBroker:
         self._session_gen += 1
         self._logged_in = True
         self._login_error = None
-        self._save_session()
-        self._logged_in_now(probe=False)
+        self._logged_in_now(probe=False, save=True)
 
     # ------------------------------------------------------------------ the saved session
 
@@ -684,12 +685,13 @@ class KotakBroker:
         """Which account a saved session belongs to (a digest: no credential on disk)."""
         return hashlib.sha256(f"{self.cfg.consumer_key}|{self.cfg.ucc}".encode()).hexdigest()[:16]
 
-    def _save_session(self) -> None:
+    def _save_session(self, ip: str) -> None:
+        """Save the session for a restart today, with the IP Kotak saw at its login ("" unknown)."""
         path = self._session_file
         if path is None:
             return
         conf = self._client.configuration
-        data = {"day": trading_day(self.clock), "key": self._session_key(),
+        data = {"day": trading_day(self.clock), "key": self._session_key(), "ip": ip,
                 "tokens": {k: getattr(conf, k, None) for k in _SESSION_FIELDS}}  # fmt: skip
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -733,8 +735,13 @@ class KotakBroker:
         except Exception as exc:  # noqa: BLE001 - the SDK raises ApiException on transport errors
             reply = {"Error": exc}
         verdict = classify(reply)
-        if verdict.kind not in (Kind.OK, Kind.EMPTY):
-            self.log.info("kotak_saved_session_refused", kind=str(verdict.kind), reason=verdict.reason)
+        # Kotak ties a session to the IP that made it, but does not check it on reads: a session
+        # made from another IP would answer this read and refuse the first order (1037).
+        saved_ip = saved.get("ip") if isinstance(saved.get("ip"), str) else ""
+        ip = self._public_ip() if verdict.kind in (Kind.OK, Kind.EMPTY) else ""
+        if verdict.kind not in (Kind.OK, Kind.EMPTY) or (saved_ip and ip and ip != saved_ip):
+            reason = verdict.reason if not ip else f"made from {saved_ip}, this machine is now {ip}"
+            self.log.info("kotak_saved_session_refused", kind=str(verdict.kind), reason=reason)
             for k in _SESSION_FIELDS:
                 setattr(conf, k, None)
             self._drop_saved_session()
@@ -742,8 +749,9 @@ class KotakBroker:
         self._session_gen += 1
         self._logged_in = True
         self._login_error = None
+        self._restored_gen = self._session_gen
         self.log.info("kotak_session_reused", day=saved.get("day"))
-        self._logged_in_now(probe=False)
+        self._logged_in_now(probe=False, ip=ip)
         return True
 
     def _login_failed(self, exc: BrokerError) -> None:
@@ -760,17 +768,20 @@ class KotakBroker:
         self.log.warning("kotak_login_failed", failures=self._login_failures, error=exc.reason,
                          retry_in_s=step)  # fmt: skip
 
-    def _logged_in_now(self, *, probe: bool) -> None:
-        """A login worked (under the session lock): ask Kotak which IP it sees, reset the
-        failure count, and call the ``on_login`` hooks."""
+    def _logged_in_now(self, *, probe: bool, save: bool = False, ip: str = "") -> None:
+        """A login worked (under the session lock): ask Kotak which IP it sees (unless ``ip`` is
+        known already), save the session with it (``save``), reset the failure count, and call
+        the ``on_login`` hooks."""
         self._login_day = trading_day(self.clock)
         self._login_ok_ns = self.clock.now_ns()
         failures, self._login_failures, self._login_failure = self._login_failures, 0, ""
         self._login_retry_at = 0.0
         self._login_stopped = ""
-        ip = self._public_ip()
+        ip = ip or self._public_ip()
         if ip:
             self.public_ip = ip
+        if save:
+            self._save_session(ip)
         self.log.info("kotak_login", session=self._session_gen, sandbox=self.sandbox, ip=ip or None,
                       after_failures=failures or None, probe=probe or None)  # fmt: skip
         self._open_order_feed()  # the feed authenticates with this session's token
@@ -786,6 +797,8 @@ class KotakBroker:
         """The scheduled daily login (blocking: run it in the pool, every few seconds). On a trading
         day from ``kotak.login_at`` until ``execution.logout_at``: log in unless a login already
         worked today, or the backoff after a failed one has not passed. True when it logged in."""
+        if self._restored_session_refused_by_feed():
+            return True
         if self._login_at is None:
             return False
         now = self.clock.now(IST)
@@ -794,6 +807,41 @@ class KotakBroker:
             return False
         if self._logout_at is not None and (now.hour, now.minute) >= self._logout_at:
             return False  # the day's session is over (logout_if_due)
+        if not self._daily_login_wanted(today):
+            return False
+        with self._session_lock:
+            # Again under the lock: a lazy login may have finished (or been refused) meanwhile,
+            # and a refused MPIN must never be sent a second time.
+            if not self._daily_login_wanted(today):
+                return False
+            self.log.info("kotak_daily_login", day=today, login_at=self.cfg.login_at,
+                          attempt=self._login_failures + 1)  # fmt: skip
+            self._login_error = None
+            self._logged_in = False
+            self._login_locked()
+        return True
+
+    def _restored_session_refused_by_feed(self) -> bool:
+        """A session taken back from the saved file that the order feed refuses (REST still
+        answers on it) is replaced by a fresh login, once: otherwise the day would run on
+        polling until the next morning's login."""
+        if not (self._logged_in and self._restored_gen == self._session_gen
+                and self.order_feed.health.session_refused and self._ip.block is None):  # fmt: skip
+            return False
+        with self._session_lock:
+            if self._restored_gen != self._session_gen or not self._logged_in:
+                return False
+            self._restored_gen = -1
+            self.log.warning("kotak_saved_session_refused_by_order_feed",
+                             note="logging in afresh for the order feed")  # fmt: skip
+            self._logged_in = False
+            self._login_locked()
+        return True
+
+    def _daily_login_wanted(self, today: str) -> bool:
+        """Whether the daily login should try now: not logged out or stopped for the day, not
+        logged in today, no backoff running, no refusal a retry could make worse (a wrong MPIN
+        sent again and again locks the account), no static-IP block (its probe logs in)."""
         if self._logged_out_day == today or self._login_stopped:
             return False
         if (self._logged_in and self._login_day == today) or time.monotonic() < self._login_retry_at:
@@ -811,17 +859,7 @@ class KotakBroker:
                                        "restart execution")  # fmt: skip
                 self.log.error("kotak_login_stopped", reason=self._login_stopped)
                 return False
-        if self._ip.block is not None:
-            return False  # the static-IP probe logs in on its own schedule
-        self.log.info("kotak_daily_login", day=today, login_at=self.cfg.login_at,
-                      attempt=self._login_failures + 1)  # fmt: skip
-        with self._session_lock:
-            if self._logged_in and self._login_day == today:
-                return False  # another thread logged in meanwhile
-            self._login_error = None
-            self._logged_in = False
-            self._login_locked()
-        return True
+        return self._ip.block is None
 
     def session_refusal(self) -> str:
         """Why new orders must be refused for the session ("not logged in: ..."), or "" (a login
@@ -856,8 +894,7 @@ class KotakBroker:
         self._session_gen += 1
         self._logged_in = True
         self._login_error = None
-        self._save_session()
-        self._logged_in_now(probe=True)
+        self._logged_in_now(probe=True, save=True)
 
     def _login_into(self, client: Any, *, sticky: bool) -> None:
         """TOTP login and MPIN validate on ``client``. ``sticky``: a refusal of the credentials
@@ -1208,12 +1245,18 @@ class KotakBroker:
         returns the feed's rows and reads the order book only every ``execution.reconcile_s``
         (and once the feed came up); otherwise it reads the order book every call. The trade
         book is read whenever a filled quantity is ahead of the fills seen. ``BrokerTemporary``
-        means "try again next time"; nothing is lost, because the next call reads the book."""
+        means "try again next time"; nothing is lost, because the next call reads the books (the
+        order book too, when this call had taken rows off the feed's queue)."""
         with self._poll_lock:
             today = trading_day(self.clock)
             if self._logged_out_day == today:
                 self.order_feed.take()
                 return []  # logged out for the day on purpose: nothing to poll, nothing to warn
+            if not self._logged_in and self._login_at is not None:
+                # The daily login (login_if_due) owns logging in: a poll every second must not
+                # log in at midnight, on a holiday, or again and again while Kotak is down.
+                self.order_feed.take()
+                return []
             if today != self._seen_day:
                 self._seen.clear()
                 self._seen_trades.clear()
@@ -1238,7 +1281,13 @@ class KotakBroker:
                     self._book_filled[s.broker_order_id] = s.filled_qty
             events: list[BrokerEvent] = []
             if any(filled > self._traded_qty.get(oid, 0) for oid, filled in self._book_filled.items()):
-                for t in self.trade_book():
+                try:
+                    trades = self.trade_book()
+                except BrokerError:
+                    if from_feed:  # the feed's rows are off its queue: the next call reads the book
+                        self._book_due = 0.0
+                    raise
+                for t in trades:
                     if t.trade_id in self._seen_trades:
                         continue
                     self._seen_trades.add(t.trade_id)
@@ -1255,9 +1304,18 @@ class KotakBroker:
     def _feed_moves(self, s: BrokerOrderStatus) -> bool:
         """Whether a feed row may change what we know: never back from a final status, never to a
         smaller filled quantity (a resent or late frame)."""
+        if not s.broker_order_id:
+            return False
+        if (not 0 <= s.filled_qty <= MAX_QTY or s.quantity > MAX_QTY
+                or 0 < s.quantity < s.filled_qty):  # fmt: skip
+            # malformed (1e30, more filled than ordered): taking it as the known filled quantity
+            # would make every later, true row of the order look stale
+            self.log.warning("kotak_order_feed_bad_row", broker_order_id=s.broker_order_id,
+                             quantity=s.quantity, filled=s.filled_qty)  # fmt: skip
+            return False
         prev = self._seen.get(s.broker_order_id)
-        if not s.broker_order_id or prev is None:
-            return bool(s.broker_order_id)
+        if prev is None:
+            return True
         if (prev.status in _FINAL and s.status != prev.status) or s.filled_qty < prev.filled:
             self.log.info("kotak_order_feed_stale_row", broker_order_id=s.broker_order_id, status=s.status,
                           known=prev.status, filled=s.filled_qty, known_filled=prev.filled)  # fmt: skip

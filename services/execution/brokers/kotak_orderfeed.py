@@ -19,7 +19,8 @@ Decisions (facts in docs/kotak-rest.md "Order feed"):
   ``max_connect_retries=0``): its counter resets on every socket open, so a server that
   accepts and closes would be retried forever. After a drop, a fresh client connects after a
   doubling delay (``RECONNECT_S``); ``MAX_FAILURES`` connections in a row that never became
-  LIVE, or one refused authentication, stop it until the next login (``open()``).
+  LIVE (or each stayed LIVE less than ``STABLE_S``), or one refused authentication, stop it
+  until the next login (``open()``).
 * **Half-open sockets.** websockets pings every ``PING_S``; our own check also pings and
   closes a connection whose pong takes longer than ``PONG_WAIT_S``, so a silent peer is
   noticed within about 5 s (the SDK cannot shorten websockets' 20 s ping timeout).
@@ -42,6 +43,7 @@ LIVE, DOWN, POLLING = "LIVE", "DOWN", "polling"
 ACK_WAIT_S = 3.0
 RECONNECT_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 MAX_FAILURES = 12  # about 3 minutes of attempts
+STABLE_S = 30.0  # a connection LIVE for less than this before it dropped counts as a failure
 PING_S = 2.0
 PONG_WAIT_S = 2.5
 QUEUE_MAX = 20_000  # rows waiting for drain_events; past this the books are read instead
@@ -70,7 +72,7 @@ def parse_frame(raw: str | bytes | bytearray) -> Frame:
         return Frame("bad", text=f"frame of {len(raw)} characters")
     try:
         msg = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return Frame("bad", text=_short(raw))
     if not isinstance(msg, dict):
         return Frame("bad", text=_short(raw))
@@ -83,7 +85,7 @@ def parse_frame(raw: str | bytes | bytearray) -> Frame:
     data = msg.get("data")
     if kind in {"order", "position"}:
         if isinstance(data, str):  # some gateways double-encode
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 data = json.loads(data)
         if not isinstance(data, dict):
             return Frame("bad", text=f"{kind} frame without a data object")
@@ -131,6 +133,8 @@ class FeedHealth:
         self.state = POLLING
         self.note = "order feed not opened yet"
         self.failures = 0  # connections in a row that never became LIVE
+        self.flaps = 0  # LIVE periods in a row shorter than STABLE_S
+        self.session_refused = False  # the server refused this login's session
         self.reconnects = 0
         self.frames = 0
         self.bad_frames = 0
@@ -140,7 +144,7 @@ class FeedHealth:
 
     def want(self) -> None:
         """A login: (re)start from scratch."""
-        self.wanted, self.failures = True, 0
+        self.wanted, self.failures, self.flaps, self.session_refused = True, 0, 0, False
         self._down("connecting")
 
     def stop(self, note: str) -> None:
@@ -163,6 +167,7 @@ class FeedHealth:
     def refused(self, why: str) -> None:
         """The server refused our session (``"ak": "nk"`` on connect): no retry before a login."""
         self.stop(f"order feed refused the session ({why}); polling until the next login")
+        self.session_refused = True
 
     def check_ack(self) -> bool:
         """True when an open socket has gone ``ACK_WAIT_S`` without an ack or any order frame."""
@@ -174,19 +179,26 @@ class FeedHealth:
 
     def lost(self, why: str) -> float | None:
         """The connection is gone. Returns the delay before the next attempt, or None when it
-        gives up (``MAX_FAILURES`` connections in a row that never became LIVE)."""
+        gives up (``MAX_FAILURES`` connections in a row that never became LIVE, or that each were
+        LIVE for less than ``STABLE_S``: a server that acks and closes at once is not retried
+        every half second forever)."""
         self.opened_at = 0.0
         if not self.wanted:
             return None
         if self.state != LIVE:
             self.failures += 1
-        if self.failures >= MAX_FAILURES:
-            self.stop(f"order feed gave up after {self.failures} failed connections ({why}); "
+        elif self.now() - self.live_since >= STABLE_S:
+            self.flaps = 0
+        else:
+            self.flaps += 1
+        tries = max(self.failures, self.flaps)
+        if tries >= MAX_FAILURES:
+            self.stop(f"order feed gave up after {tries} failed connections ({why}); "
                       "polling until the next login")  # fmt: skip
             return None
         self.reconnects += 1
         self._down(why)
-        return RECONNECT_S[min(self.failures, len(RECONNECT_S) - 1)]
+        return RECONNECT_S[min(tries, len(RECONNECT_S) - 1)]
 
     def _down(self, why: str) -> None:
         self.state, self.note, self.live_since = DOWN, why, 0.0
@@ -397,7 +409,9 @@ class OrderFeed:
             self._wake()
             return
         if frame.kind == "bad":
-            self.log.warning("kotak_order_feed_bad_frame", why=frame.text)
+            n = self.health.bad_frames  # the first few, then every 100th: a broken gateway is no log storm
+            if n <= 3 or n % 100 == 0:
+                self.log.warning("kotak_order_feed_bad_frame", why=frame.text, bad_frames=n)
         elif frame.kind == "refused":
             self.log.warning("kotak_order_feed_error_frame", msg=frame.text)
         if not was_live and self.live:
