@@ -65,7 +65,8 @@ class HopRecorder:
         self._merged = _histogram()
         self._i = 0
         self._hist = self._ring[0]
-        self._slot_end = -1  # forces the first record to pick its slot
+        self._slot_end = 0
+        self._advance(clock())  # a slot from the start, so even a first bad value is counted
 
     def record(self, start_ns: Any, end_ns: int) -> None:
         """Record the hop from ``start_ns`` to ``end_ns`` (epoch ns). Never raises."""
