@@ -57,6 +57,8 @@ class BusConfig(_Section, frozen=True):
     sndhwm: NonNegInt = 1_000_000
     curve: bool = False
     keys_dir: str = ""  # default: $NEOPULSE_HOME/keys
+    # Per-hop latency histograms in every heartbeat (`neopulse status --latency`); false: none kept.
+    latency: bool = True
     # Explicit endpoint overrides; empty means derived from host and base_port.
     feed_pub: str = ""
     feed_rep: str = ""

@@ -4,7 +4,8 @@
 ``Heartbeat`` every second, SIGINT/SIGTERM/SIGHUP handling, a stop when the supervisor that
 started it dies (``libs.common.stack.SupervisorWatch``), a task registry, the run file under
 ``$NEOPULSE_HOME/run/`` and a clean exit within 5 s. Subclasses fill in ``on_start``,
-``on_stop`` and ``status_info`` and register sockets with ``self.reactor``.
+``on_stop`` and ``status_info`` and register sockets with ``self.reactor``; the hops a service
+measures (``self.latency``, ``libs.common.latency``) go in its heartbeat as ``info["latency"]``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from libs.common import config as config_mod
 from libs.common.bus import AsyncClient, Bus, Publisher, Reactor, Subscriber, topic
 from libs.common.clock import OFFSET_ENV, check_clock_offset, clock_offset_ns
 from libs.common.config import Config, ConfigError
+from libs.common.latency import LatencyBook
 from libs.common.log import setup_logging
 from libs.common.messages import Heartbeat
 from libs.common.stack import SupervisorWatch
@@ -67,6 +69,8 @@ class Service:
         self._hb_topic = topic("hb", self.name)
         self.exit_code = EXIT_OK
         self.stop_reason = ""
+        # per-hop latency: services take their recorders with ``self.latency.hop(name)``
+        self.latency = LatencyBook(enabled=cfg.bus.latency)
 
     # ----------------------------------------------------------------- hooks
     def on_start(self) -> None:
@@ -114,6 +118,8 @@ class Service:
         if self.pub is None:
             return
         info = {**self.bus_stats(), **self.status_info()}
+        if self.latency.hops:
+            info["latency"] = self.latency.summary()
         state, reason = self.health()
         self.pub.publish(self._hb_topic, Heartbeat(service=self.name, pid=os.getpid(),
                                                    started_ns=self.started_ns, state=state,

@@ -16,6 +16,7 @@ import typer
 import zmq
 
 from libs.common import config as config_mod
+from libs.common import latency
 from libs.common.config import Config, ConfigError, redacted
 from libs.common.instruments import instrument_key
 from libs.common.messages import FeedStatus, GetLastTicks, GetStatus, Heartbeat, Reply, Subscribe, Tick
@@ -118,11 +119,54 @@ _ONLY_OPT = typer.Option(None, "--service", "-s",
                               "instance), e.g. for a healthcheck.")
 
 
+def latency_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per service and hop from the heartbeats' ``info["latency"]`` (services up only)."""
+    return [hop for r in rows if r["up"] for hop in latency.rows(r["service"], r["info"].get("latency"))]
+
+
+def _latency_note(row: dict[str, Any]) -> str:
+    parts = [f"{row[key]} {what}" for key, what in (("negative", "negative (clock skew)"),
+                                                    ("over_range", "over 60 s"), ("invalid", "invalid"))
+             if row[key]]  # fmt: skip
+    note = "not recorded: " + ", ".join(parts) if parts else ""
+    return f"{note}; {row['error']}" if note and row["error"] else note or row["error"]
+
+
+def _print_latency(hops: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # piped or captured: no terminal width to fit, so do not wrap
+        console = Console(width=140)
+    if not hops:
+        console.print("latency: no heartbeat carried any figures yet (or bus.latency is false)")
+        return
+    table = Table(title=f"latency per hop, last {latency.WINDOW_S} s", title_justify="left")
+    for col in ("SERVICE", "HOP", "COUNT", "P50", "P99", "MAX", "UNITS", "NOTE"):
+        table.add_column(col, justify="right" if col in ("COUNT", "P50", "P99", "MAX") else "left")
+    for h in hops:
+        counted = h["count"] > 0
+        table.add_row(h["service"], h["what"], f"{h['count']:,}",
+                      *((f"{h[k]:,}" if counted else "-") for k in ("p50", "p99", "max")),
+                      h["units"], _latency_note(h))  # fmt: skip
+    console.print(table)
+
+
+_LATENCY_OPT = typer.Option(
+    False, "--latency",
+    help="Also show each hop's latency over the last minute, from the heartbeats: count, p50, p99 "
+         "and max in microseconds, one row per service and hop (feed receive -> publish, tick -> "
+         "strategy on_tick, request -> risk verdict, risk -> execution ack, broker call -> broker "
+         "ack, broker fill -> strategy on_fill). With --json they are under \"latency\".")
+
+
 @app.command()
 def status(
     as_json: bool = JSON_OPT,
     only: list[str] = _ONLY_OPT,
     listen: float = typer.Option(1.5, "--listen", min=0.2, max=30, help="Seconds to listen for heartbeats."),
+    show_latency: bool = _LATENCY_OPT,
 ) -> None:
     """Every service with its heartbeat age and pid; exit 3 naming each one that is down."""
     cfg = get_config()
@@ -161,14 +205,20 @@ def status(
     down = [r for r in rows if not r["up"]]
     degraded = [r for r in rows if r["up"] and r["state"] != "ok"]  # running, but cannot do its job
     if as_json:
-        emit({"ok": not down and not degraded, "services": rows, "down": [r["service"] for r in down],
-              "degraded": [r["service"] for r in degraded]}, True)  # fmt: skip
+        out: dict[str, Any] = {"ok": not down and not degraded, "services": rows,
+                               "down": [r["service"] for r in down],
+                               "degraded": [r["service"] for r in degraded]}
+        if show_latency:
+            out["latency"] = latency_rows(rows)
+        emit(out, True)
     else:
         table = [[r["service"], ("up" if r["state"] == "ok" else r["state"].upper()) if r["up"] else "DOWN",
                   _age(r["heartbeat_age_s"]), str(r["pid"] or "-"), _age(r["uptime_s"]), r["endpoint"],
                   " ".join(x for x in (r.get("reason", ""), _detail(r["service"], r["info"])) if x)]
                  for r in rows]  # fmt: skip
         typer.echo(_table(["SERVICE", "STATE", "HEARTBEAT", "PID", "UPTIME", "ENDPOINT", "DETAIL"], table))
+        if show_latency:
+            _print_latency(latency_rows(rows))
     problems = []
     if down:
         problems.append("down: " + "; ".join(

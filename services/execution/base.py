@@ -252,6 +252,8 @@ class EngineBase:
             "adopted": 0,
         }
         self.after_place: Callable[[PlaceIntent, Any], None] | None = None  # test crash hook
+        # told (start_ns, end_ns) of every broker place call that ``pump`` makes (latency)
+        self.place_timer: Callable[[int, int], None] | None = None
 
     def _index(self, o: OrderRow) -> None:
         self.orders[o.order_id] = o

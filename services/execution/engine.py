@@ -148,7 +148,7 @@ class ExecutionEngine(Baskets):
                 break
             for intent in intents:
                 try:
-                    result = run_intent(self.broker, intent, self.clock)
+                    result = run_intent(self.broker, intent, self.clock, self.place_timer)
                 except Exception as exc:  # noqa: BLE001 - any broker error is a result, never a crash
                     result = exc
                 if self.after_place is not None and isinstance(intent, PlaceIntent):

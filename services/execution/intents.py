@@ -5,6 +5,8 @@ The engine never calls the broker itself: it emits these, whoever runs it execut
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -63,15 +65,23 @@ class PositionsIntent:
 Intent = PlaceIntent | CancelIntent | ModifyIntent | BooksIntent | PositionsIntent
 
 
-def run_intent(broker: Broker, intent: Intent, clock: Clock | None = None) -> Any:
+def run_intent(broker: Broker, intent: Intent, clock: Clock | None = None,
+               place_timer: Callable[[int, int], None] | None = None) -> Any:
     """Execute one intent against a broker (on the loop for paper, in a worker thread otherwise).
     A place whose deadline passed while it waited for a worker is not sent: risk has told the
-    strategy by then that the order expires unplaced."""
+    strategy by then that the order expires unplaced. ``place_timer(start_ns, end_ns)`` is
+    told how long each broker place call took, answered or failed (the latency hop)."""
     if isinstance(intent, PlaceIntent):
         if intent.expires_ns and clock is not None and clock.now_ns() > intent.expires_ns:
             late_ms = (clock.now_ns() - intent.expires_ns) / 1e6
             raise BrokerTemporary(f"deadline passed {late_ms:.0f} ms before it could be sent")
-        return broker.place(intent.order)
+        if place_timer is None:
+            return broker.place(intent.order)
+        start_ns = time.time_ns()
+        try:
+            return broker.place(intent.order)
+        finally:
+            place_timer(start_ns, time.time_ns())
     if isinstance(intent, CancelIntent):
         return broker.cancel(intent.broker_order_id)
     if isinstance(intent, ModifyIntent):

@@ -232,6 +232,11 @@ class ExecutionService(Service):
         self._login_session = 0  # the broker session generation last seen
         self._poll_again = False  # a wake came while a poll was running
         self._feed_announcer = FeedAnnouncer()
+        # risk's ExecuteOrder ts_ns → PENDING row committed and the ack sent; the broker place
+        # call → its answer (None when bus.latency is off)
+        self._ack_latency = self.latency.hop("risk_to_ack")
+        self._place_latency = self.latency.hop("broker_place")
+        self._place_timer: Any = None  # the broker_place recorder as the pool's workers report to it
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -257,6 +262,10 @@ class ExecutionService(Service):
         )
         if self.crash_at == "after_broker":
             self.engine.after_place = self._crash_after_place
+        if self._place_latency is not None:
+            self.engine.place_timer = self._place_latency.record  # paper: the calls run on the loop
+            rec, reactor = self._place_latency.record, self.reactor
+            self._place_timer = lambda start, end: reactor.call_soon_threadsafe(lambda: rec(start, end))
         if not self.inline:
             self.pool = ThreadPoolExecutor(cfg.execution.pool_workers, thread_name_prefix="broker")
         # Only risk may place orders; risk or the CLI may flatten, cancel entries, record risk events.
@@ -542,7 +551,8 @@ class ExecutionService(Service):
 
     def _dispatch(self, intent: Intent) -> None:
         self._in_pool(
-            lambda: run_intent(self.broker, intent, self.clock), lambda res: self._on_pool_result(intent, res)
+            lambda: run_intent(self.broker, intent, self.clock, self._place_timer),
+            lambda res: self._on_pool_result(intent, res),
         )
 
     def _in_pool(self, fn: Any, on_done: Any) -> None:
@@ -662,12 +672,15 @@ class ExecutionService(Service):
         if self.crash_at == "after_pending" and any(r.ok for r in results):
             self.log.warning("test_crash", at="after_pending", orders=len(results))
             os.kill(os.getpid(), signal.SIGKILL)
+        lat = self._ack_latency
         for (msg, responder), res in zip(batch, results, strict=True):
             if not res.ok:
                 self.log.info(
                     "order_refused", request_id=msg.request_id, order_id=res.order_id, reason=res.reason
                 )
             responder.send(Reply(ok=res.ok, data=res.data(), error=res.reason, code=res.code))
+            if lat is not None and res.ok:
+                lat.record(msg.ts_ns, time.time_ns())
         self._pump(settle=False)
 
     def _submit_basket(self, msg: ExecuteBasket, responder: Responder) -> None:
@@ -690,6 +703,8 @@ class ExecutionService(Service):
             self.log.info("basket_refused", request_id=msg.request_id, basket_id=res.basket_id,
                           code=res.code, reason=res.reason)  # fmt: skip
         responder.send(Reply(ok=res.ok, data=res.data(), error=res.reason, code=res.code))
+        if self._ack_latency is not None and res.ok:
+            self._ack_latency.record(msg.ts_ns, time.time_ns())
         self._pump(settle=False)
 
     def _handle(self, msg: Message, responder: Responder) -> Message | None:

@@ -74,6 +74,8 @@ class FeedService(Service):
         self._encode = Codec().encode
         self._topics: dict[tuple[str, str], bytes] = {}
         self._last: dict[bytes, bytes] = {}  # topic -> the last tick published on it, encoded
+        # one latency sample per published batch (see publish_ticks); None when bus.latency is off
+        self._latency = self.latency.hop("feed_publish")
         self.recorder: TickRecorder | None = None
         self._rec_append: Any = None
         self.source: Source = self._make_source()
@@ -142,7 +144,12 @@ class FeedService(Service):
         self.publish_ticks([tick])
 
     def publish_ticks(self, ticks: list[Tick]) -> None:
-        """Publish ticks in order: per tick a topic lookup, an encode and a send."""
+        """Publish ticks in order: per tick a topic lookup, an encode and a send.
+
+        The sim and Kotak sources stamp ``ts_ns`` when they make a tick from what arrived, so
+        the batch's first (oldest) tick, from its stamp to the end of the batch's sends, is the
+        feed hop's one sample per batch: the slowest tick of the batch, at one clock read and
+        one histogram update per batch rather than per tick."""
         topics, last, enc, send = self._topics, self._last, self._encode, self._publish_raw
         rec = self._rec_append
         for tick in ticks:
@@ -153,16 +160,24 @@ class FeedService(Service):
             last[t] = payload
             if rec is not None:
                 rec((t, payload))
+        if self._latency is not None and ticks:
+            self._latency.record(ticks[0].ts_ns, time.time_ns())
         self._count(len(ticks))
 
     def publish_frames(self, topics: list[bytes], payloads: list[bytes]) -> None:
-        """Publish ticks that are already encoded, with their topics (a replay at ``max``)."""
+        """Publish ticks that are already encoded, with their topics (a replay at ``max``).
+        Their ``ts_ns`` is the recorded time, so the feed hop's sample is the batch's own time
+        here: from the call to the end of its sends."""
+        lat = self._latency
+        start_ns = time.time_ns() if lat is not None else 0
         last, send, rec = self._last, self._publish_raw, self._rec_append
         for t, payload in zip(topics, payloads, strict=True):
             send(t, payload)
             last[t] = payload
             if rec is not None:
                 rec((t, payload))
+        if lat is not None:
+            lat.record(start_ns, time.time_ns())
         self._count(len(topics))
 
     def _count(self, n: int) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,6 +120,8 @@ class RiskService(Service):
         self._state_file = self.home / "run" / "risk-day.json"
         self.server: Server | None = None
         self.order_sources = OrderSourceCheck(cfg)
+        # the request's ts_ns (set by the strategy or CLI) → its verdict sent; None when off
+        self._verdict_latency = self.latency.hop("request_to_verdict")
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -172,6 +175,7 @@ class RiskService(Service):
             self.log.warning("sender_refused", kind=type(msg).__name__, reason=why,
                              request_id=msg.request_id)
             verdict = RiskVerdict if isinstance(msg, OrderRequest) else BasketVerdict
+            self._verdict_sent(msg)
             return verdict(request_id=msg.request_id, approved=False, reason=why,
                            code=VerdictCode.UNAUTHORISED, state=self.sentinel.current_state)
         match msg:
@@ -198,10 +202,12 @@ class RiskService(Service):
             verdict = RiskVerdict(request_id=req.request_id, approved=False, reason=STARTING_REASON,
                                   code=VerdictCode.STARTING, state=self.sentinel.current_state)
             self._announce(req, verdict)
+            self._verdict_sent(req)
             return verdict
         verdict, execute = self.sentinel.evaluate(req)
         if execute is None:
             self._announce(req, verdict)
+            self._verdict_sent(req)
             return verdict
         self._inflight[req.request_id] = [responder]
         self._send_execute(req, execute, attempt=1)
@@ -220,10 +226,12 @@ class RiskService(Service):
             verdict = BasketVerdict(request_id=req.request_id, approved=False, reason=STARTING_REASON,
                                     code=VerdictCode.STARTING, state=self.sentinel.current_state)
             self._announce_basket(req, verdict)
+            self._verdict_sent(req)
             return verdict
         verdict, execute = self.sentinel.evaluate_basket(req)
         if execute is None:
             self._announce_basket(req, verdict)
+            self._verdict_sent(req)
             return verdict
         self._inflight[key] = [responder]
         self._send_basket(req, execute, attempt=1)
@@ -271,6 +279,7 @@ class RiskService(Service):
         self._announce_basket(req, verdict)
         for responder in self._inflight.pop("basket " + rid, []):
             responder.send(verdict)
+        self._verdict_sent(req)
 
     def _announce_basket(self, req: BasketRequest, verdict: BasketVerdict) -> None:
         self.log.info("basket_approved" if verdict.approved else "basket_rejected", request_id=req.request_id,
@@ -328,6 +337,13 @@ class RiskService(Service):
         self._announce(req, verdict)
         for responder in self._inflight.pop(rid, []):
             responder.send(verdict)
+        self._verdict_sent(req)
+
+    def _verdict_sent(self, req: OrderRequest | BasketRequest) -> None:
+        """The request → verdict hop, from the request's own ``ts_ns`` (strategy to risk
+        included) to the verdict's send."""
+        if self._verdict_latency is not None:
+            self._verdict_latency.record(req.ts_ns, time.time_ns())
 
     def _announce(self, req: OrderRequest, verdict: RiskVerdict) -> None:
         """Log and publish every verdict (the notifier announces rejections)."""

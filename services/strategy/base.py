@@ -617,6 +617,10 @@ class Strategy:
             self._book(oid, instrument_key(update.segment, update.token), update.symbol, update.side, price)
         return self._guarded("on_order", lambda: self.on_order(update))
 
+    def has_fill(self, fill_id: str) -> bool:
+        """True when this fill was booked already (``dispatch_fill`` ignores a repeat)."""
+        return fill_id in self._fill_ids
+
     def dispatch_fill(self, fill: Fill) -> list[OrderRequest] | tuple[OrderRequest, ...]:
         """A ``Fill`` for this strategy: book it into the position, then ``on_fill``."""
         if fill.fill_id in self._fill_ids:

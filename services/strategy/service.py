@@ -24,6 +24,7 @@ process exits 1 with the reason in its log.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import msgspec
@@ -102,6 +103,9 @@ class StrategyService(Service):
         self._extra_pending = False
         self._extra_refusal = ""  # the feed's last refusal, logged once
         self._position_attempts = 0
+        # tick's ts_ns → on_tick and broker fill's ts_ns → on_fill (None when bus.latency is off)
+        self._tick_latency = self.latency.hop("tick_to_strategy")
+        self._fill_latency = self.latency.hop("fill_to_strategy")
 
     # ----------------------------------------------------------------- lifecycle
     def on_start(self) -> None:
@@ -221,6 +225,8 @@ class StrategyService(Service):
         if type(msg) is not Tick or not self.ready:
             return
         self.ticks += 1
+        if self._tick_latency is not None:
+            self._tick_latency.record(msg.ts_ns, time.time_ns())
         orders = self.strategy.dispatch_tick(msg)
         if orders:
             self._send(orders)
@@ -274,6 +280,8 @@ class StrategyService(Service):
                     quantity=msg.quantity,
                     price=str(msg.price),
                 )
+                if self._fill_latency is not None and not self.strategy.has_fill(msg.fill_id):
+                    self._fill_latency.record(msg.ts_ns, time.time_ns())
                 self._send(self.strategy.dispatch_fill(msg))
             case _:
                 return
