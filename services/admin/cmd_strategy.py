@@ -88,6 +88,10 @@ JobsOpt = Annotated[
 YesOpt = Annotated[
     bool, typer.Option("--yes", help=f"--grid: run even more than {10_000:,} backtests.")
 ]
+TopOpt = Annotated[
+    int, typer.Option("--top", metavar="N", help="--grid: rows of the ranked table printed (0: all; "
+                                                 "--json always has every row).")
+]  # fmt: skip
 WalkForwardOpt = Annotated[
     int, typer.Option("--walk-forward", metavar="K",
                       help="With --grid: split the trading days into K+1 blocks; in each of K folds "
@@ -125,6 +129,7 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     grid: GridOpt = None,
     jobs: JobsOpt = 0,
     yes: YesOpt = False,
+    top: TopOpt = 20,
     walk_forward: WalkForwardOpt = 0,
     anchored: AnchoredOpt = False,
     plot: PlotOpt = None,
@@ -168,7 +173,7 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     names = [s.strip() for s in instruments.split(",") if s.strip()]
     params = _params(param or [])
     if grid or walk_forward or anchored or plot is not None:
-        opts = GridOptions(grid or [], jobs, yes, walk_forward, anchored, plot, as_json)
+        opts = GridOptions(grid or [], jobs, yes, walk_forward, anchored, plot, as_json, top)
         _grid(cfg, home, strategy, params, names, strategy_id, opts, ticks=ticks, sim=sim,
               sim_args=(sim_path, sim_underlying, sim_every, sim_strikes),
               history=(history or [], interval, from_, to), out=out)  # fmt: skip
@@ -221,6 +226,7 @@ class GridOptions:
     anchored: bool
     plot: Path | None
     as_json: bool
+    top: int = 20
 
 
 def _grid(  # noqa: PLR0917, PLR0915 - the options of `backtest --grid`, checked in the order given
@@ -330,7 +336,8 @@ def _grid(  # noqa: PLR0917, PLR0915 - the options of `backtest --grid`, checked
     if opts.as_json:
         sys.stdout.write(to_json(report))
     else:
-        typer.echo(gridmod.render_walk_forward(report) if folds else gridmod.render_grid(report))
+        text = gridmod.render_walk_forward(report) if folds else gridmod.render_grid(report, max(0, opts.top))
+        typer.echo(text)
         if png is not None:
             typer.echo(f"wrote {png}")
     typer.echo(timing, err=True)

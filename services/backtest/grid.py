@@ -27,6 +27,7 @@ import signal
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -381,12 +382,9 @@ def render_grid(report: dict[str, Any], top: int = 0) -> str:
 
 
 def _note(r: dict[str, Any]) -> str:
-    parts = []
     if r["halted"]:
-        parts.append(f"halted: {r['halted']}")
-    if r["errors"]:
-        parts.append(f"{r['errors']} strategy errors")
-    return "; ".join(parts)
+        return f"halted: {r['halted']}"
+    return f"strategy errors: {r['errors']}" if r["errors"] else ""
 
 
 # --------------------------------------------------------------------------- walk-forward
@@ -443,7 +441,7 @@ def walk_forward(runner: Runner, store: TickStore, grid: Grid, folds: list[Fold]
         _check([res], [task], f"fold {fold.number} out-of-sample")
     fold_rows: list[dict[str, Any]] = []
     curve: list[list[Any]] = []
-    total = 0.0
+    total = Decimal(0)
     for fold, w, res in zip(folds, winners, oos, strict=True):
         fold_rows.append({
             "fold": fold.number,
@@ -452,8 +450,8 @@ def walk_forward(runner: Runner, store: TickStore, grid: Grid, folds: list[Fold]
             "out_of_sample": {"days": _span(fold.out_days), "n_days": len(fold.out_days),
                               **{k: res[k] for k in SUMMARY_KEYS}},
         })  # fmt: skip
-        curve.extend([when, round(total + eq, 2)] for when, eq in res["equity_curve"])
-        total += res["net_pnl"]
+        curve.extend([when, float(total) + eq] for when, eq in res["equity_curve"])
+        total += Decimal(repr(res["net_pnl"]))  # exact: the folds' nets add up to the paisa
     return {
         "strategy": strategy,
         "mode": "anchored" if anchored else "rolling",
@@ -463,7 +461,7 @@ def walk_forward(runner: Runner, store: TickStore, grid: Grid, folds: list[Fold]
         "cost_rate": cfg.risk.cost_rate,
         "folds": fold_rows,
         "out_of_sample_total": {
-            "net_pnl": round(total, 2),
+            "net_pnl": float(total),
             "trades": sum(r["out_of_sample"]["trades"] for r in fold_rows),
             "folds_positive": sum(1 for r in fold_rows if r["out_of_sample"]["net_pnl"] > 0),
         },
@@ -493,7 +491,7 @@ def stability(grid: Grid, winners: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"winners": chosen, "mode": mode, "mode_folds": mode_n,
                                  "distinct": len(tally)}  # fmt: skip
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in chosen):
-            entry.update(min=min(chosen), max=max(chosen), spread=max(chosen) - min(chosen))
+            entry.update(min=min(chosen), max=max(chosen), spread=round(max(chosen) - min(chosen), 10))
         per_param[name] = entry
     return {"combinations": repeats, "parameters": per_param}
 
