@@ -229,6 +229,9 @@ class GridOptions:
     top: int = 20
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
+
+
 def _grid(  # noqa: PLR0917, PLR0915 - the options of `backtest --grid`, checked in the order given
     cfg: Config, home: Path, strategy: str, fixed: dict[str, str], names: list[str], strategy_id: str,
     opts: GridOptions, *, ticks: Path | None, sim: str, sim_args: tuple[str, str, float, int],
@@ -321,6 +324,8 @@ def _grid(  # noqa: PLR0917, PLR0915 - the options of `backtest --grid`, checked
                                            ticks=rows, progress=advance)  # fmt: skip
         except gridmod.GridError as exc:
             fail(f"backtest: {exc}", EXIT_USAGE)
+        except KeyboardInterrupt:  # the workers ignore SIGINT; leaving the Runner terminated them
+            fail("backtest: interrupted; the grid's workers are stopped", EXIT_INTERRUPTED)
         finally:
             store.close()
     elapsed = time.perf_counter() - t0
