@@ -5,8 +5,8 @@ a backtest's own bookkeeping per tick, and pickling millions of ``Tick`` objects
 would cost more still, so the parent decodes the source once into columns (``write_store``)
 and every worker maps the file (``TickStore``): the pages are shared through the OS page cache,
 nothing is copied or parsed again. A worker turns the columns back into ``Tick`` objects a
-slice at a time as a backtest consumes them (about 0.4 µs a tick, a few percent of a
-backtest's cost), so its memory stays flat however long the recording.
+slice at a time as a backtest consumes them (0.1 to 1 µs a tick over ticks already in memory,
+against 3 to 13 µs for the backtest itself), so its memory stays flat however long the recording.
 
 Strings (segment, token, symbol) are stored as ``int32`` codes into small tables kept beside
 the file (``<name>.json``). A ``day`` column (the IST trading day of each tick, days since 1970-01-01)
