@@ -291,7 +291,9 @@ def _grid(  # noqa: PLR0917, PLR0915 - the options of `backtest --grid`, checked
             spec = gridmod.MasterSpec.for_recording(home, ticks)
             source = iter_ticks(ticks, spec.load())
         else:
-            source, _ = _sim_day(cfg, home, sim, *sim_args)
+            sim_path, sim_underlying, sim_every, sim_strikes = sim_args
+            underlying = sim_underlying or fixed.get("underlying", "NIFTY")
+            source, _ = _sim_day(cfg, home, sim, sim_path, underlying, sim_every, sim_strikes)
             spec = gridmod.MasterSpec(str(home), dt.date.fromisoformat(sim.strip()))
     except (ConfigError, FileNotFoundError, SimDayError, HistoryInputError) as exc:
         fail(f"backtest: {exc}", EXIT_USAGE)

@@ -218,3 +218,19 @@ def test_walk_forward_with_fewer_days_than_k_plus_one_says_so(tmp_path: Path, ru
     assert result.output.strip() == ("backtest: --walk-forward 2 needs at least 3 trading days (K in-sample "
                                      "windows and the out-of-sample day after each); the ticks cover 2 "
                                      "trading days")  # fmt: skip
+
+
+def test_a_grid_over_a_simulated_day_matches_the_single_backtest_of_each_value(runner: CliRunner) -> None:
+    sim = ["--strategy", "straddle", "--sim", "2026-12-03", "--sim-every", "30",
+           "--sim-path", "09:15=0,10:30=+0.8,15:30=+0.8"]  # fmt: skip
+
+    result = runner.invoke(cli.app, ["backtest", *sim, "--grid", "leg_sl_pct=20,30", "--json"])
+
+    assert result.exit_code == 0, result.output
+    rows = {r["params"]["leg_sl_pct"]: r for r in json.loads(result.stdout)["results"]}
+    for pct in (20.0, 30.0):
+        single = runner.invoke(cli.app, ["backtest", *sim, "--param", f"leg_sl_pct={pct}", "--json"])
+        assert single.exit_code == 0, single.output
+        s = json.loads(single.stdout)["summary"]
+        assert (rows[pct]["net_pnl"], rows[pct]["trades"]) == (s["net_pnl"], s["trades"])
+    assert rows[20.0]["trades"] == 2
