@@ -82,7 +82,7 @@ GridOpt = Annotated[
                                         "by net PnL after costs.")
 ]  # fmt: skip
 JobsOpt = Annotated[
-    int, typer.Option("--jobs", metavar="N",
+    int, typer.Option("--jobs", metavar="N", show_default=False,
                       help="--grid: worker processes (default: one per core, os.cpu_count()).")
 ]  # fmt: skip
 YesOpt = Annotated[
@@ -93,7 +93,7 @@ TopOpt = Annotated[
                                                  "--json always has every row).")
 ]  # fmt: skip
 WalkForwardOpt = Annotated[
-    int, typer.Option("--walk-forward", metavar="K",
+    int, typer.Option("--walk-forward", metavar="K", show_default=False,
                       help="With --grid: split the trading days into K+1 blocks; in each of K folds "
                            "pick the best combination on one block and test it on the next.")
 ]  # fmt: skip
