@@ -232,16 +232,21 @@ class _Worker:
 
 
 _worker: _Worker | None = None
+_worker_failed = ""
 
 
 def _init_worker(job: GridJob) -> None:
-    global _worker  # noqa: PLW0603 - a pool worker's state lives as long as the process
+    global _worker, _worker_failed  # noqa: PLW0603 - a pool worker's state lives as long as the process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it stops the pool)
-    _worker = _Worker(job)
+    try:
+        _worker = _Worker(job)
+    except Exception as exc:  # noqa: BLE001 - a Pool whose initializer raises respawns it forever
+        _worker_failed = f"worker start failed: {type(exc).__name__}: {exc}"
 
 
 def _run_in_worker(task: Task) -> dict[str, Any]:
-    assert _worker is not None
+    if _worker is None:
+        return {"index": task.index, "error": _worker_failed}
     return _worker.run(task)
 
 
