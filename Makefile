@@ -30,7 +30,8 @@ lint: $(STAMP)
 
 ## make bench: the benchmarks in about a minute, each figure beside its target (feed >= 200k
 ## ticks/s with no gaps, execution >= 1,000 orders/s, backtest >= 100k ticks per CPU-second,
-## tick -> durable paper order p50 <= 2x the raw floor and p99 <= 3 ms)
+## tick -> durable paper order p50 <= 2x the raw floor and p99 <= 3 ms; a 9-backtest grid's
+## speedup with --jobs 2 over --jobs 1, reported without a target)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 

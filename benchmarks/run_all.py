@@ -1,16 +1,18 @@
 """Run the benchmarks with modest sizes and print one summary (``make bench``, ``neopulse bench``).
 
-    python -m benchmarks.run_all [feed|execution|backtest|pipeline ...] [--full] [--json]
+    python -m benchmarks.run_all [feed|execution|backtest|pipeline|grid ...] [--full] [--json]
 
 Each benchmark runs in its own process (``python -m benchmarks.bench_<name> --json``) with the
-sizes below, chosen so that the four together take about a minute (three at most) on a 2-core machine;
+sizes below, chosen so that the five together take about a minute (three at most) on a 2-core machine;
 ``--full`` uses each benchmark's own defaults instead. The summary gives each one's headline
 figures beside its target: feed at least 200,000 ticks/s to a subscriber with no gaps, and the
 per-hop latency recorder costing at most 2 % of it (A/B runs, recorder on vs off); execution
 at least 1,000 paper orders/s acknowledged; backtest at least 100,000 ticks per CPU-second;
 pipeline (tick to durable paper order) p50 at most twice the raw floor measured in the same run,
-p99 at most 3 ms. Benchmarks are measurements, not tests: a missed target is reported, and the
-exit status is 1 only when a benchmark failed to run.
+p99 at most 3 ms; grid (nine backtests) the speedup of 2 jobs over 1, which has no target (it
+depends on how idle the cores are), beside the one-by-one baseline and the CPU the workers got.
+Benchmarks are measurements, not tests: a missed target is reported, and the exit status is 1
+only when a benchmark failed to run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ BENCHES: dict[str, tuple[list[str], float]] = {
     "execution": (["--orders", "2000", "--inserts", "500", "--single", "300"], 300.0),
     "backtest": (["--ticks", "200000"], 300.0),
     "pipeline": (["--orders", "400"], 300.0),
+    "grid": (["--ticks", "40000", "--jobs", "2"], 300.0),
 }
 
 
@@ -85,8 +88,18 @@ def _pipeline(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _grid(r: dict[str, Any]) -> list[str]:
+    return [
+        f"{r['combinations']} {r['strategy']} backtests over {r['ticks']:,} ticks: --jobs {r['jobs']} "
+        f"{r['grid_jobs_n_s']:.2f} s, --jobs 1 {r['grid_jobs_1_s']:.2f} s, one by one (each reading "
+        f"the CSV) {r['baseline_serial_s']:.2f} s",
+        f"speedup {r['speedup']}x over --jobs 1, {r['vs_baseline']}x over one by one; the workers got "
+        f"{r['workers_cores_used']} of {r['jobs']} cores ({r['cpu_count']} on the machine; no target)",
+    ]
+
+
 SUMMARY: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "feed": _feed, "execution": _execution, "backtest": _backtest, "pipeline": _pipeline,
+    "feed": _feed, "execution": _execution, "backtest": _backtest, "pipeline": _pipeline, "grid": _grid,
 }
 
 

@@ -1,4 +1,4 @@
-"""``neopulse bench [feed|execution|backtest|pipeline] [--full] [--json]`` — the benchmarks.
+"""``neopulse bench [feed|execution|backtest|pipeline|grid] [--full] [--json]`` — the benchmarks.
 
 They live in ``benchmarks/`` of a source checkout, which is not an installed package: the
 command finds that directory next to ``services/`` (an editable install) or in the current
@@ -17,7 +17,7 @@ import typer
 from services.admin.cli import app
 from services.admin.common import EXIT_USAGE, JSON_OPT, fail
 
-NAMES = ("feed", "execution", "backtest", "pipeline")
+NAMES = ("feed", "execution", "backtest", "pipeline", "grid")
 
 
 def find_checkout(candidates: list[Path] | None = None) -> Path | None:
@@ -44,7 +44,8 @@ def bench(
     execution: at least 1,000 paper orders/s acknowledged;
     backtest: at least 100,000 ticks per CPU-second;
     pipeline: tick to durable paper order p50 at most 2x the raw floor, p99 at most 3 ms
-    (the floor: raw PUB/SUB, two round trips and one insert, measured in the same run).
+    (the floor: raw PUB/SUB, two round trips and one insert, measured in the same run);
+    grid: nine backtests with --jobs 2 against --jobs 1 (the speedup, no target).
     A missed target is reported, not failed: the exit status is 1 only when a benchmark could not run.
     """
     if name and name not in NAMES:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -73,6 +75,38 @@ HistoryOpt = Annotated[
 FromOpt = Annotated[str, typer.Option("--from", metavar="YYYY-MM-DD", help="--history: first day (IST).")]
 ToOpt = Annotated[str, typer.Option("--to", metavar="YYYY-MM-DD", help="--history: last day (IST).")]
 IntervalOpt = Annotated[str, typer.Option("--interval", help="--history: 1m, 5m, 15m, 1h or 1d.")]
+GridOpt = Annotated[
+    list[str] | None, typer.Option("--grid", metavar="NAME=V1,V2,...",
+                                   help="Sweep a parameter over these values (repeatable): every "
+                                        "combination of the --grid options is one backtest, ranked "
+                                        "by net PnL after costs.")
+]  # fmt: skip
+JobsOpt = Annotated[
+    int, typer.Option("--jobs", metavar="N", show_default=False,
+                      help="--grid: worker processes (default: one per core, os.cpu_count()).")
+]  # fmt: skip
+YesOpt = Annotated[
+    bool, typer.Option("--yes", help=f"--grid: run even more than {10_000:,} backtests.")
+]
+TopOpt = Annotated[
+    int, typer.Option("--top", metavar="N", help="--grid: rows of the ranked table printed (0: all; "
+                                                 "--json always has every row).")
+]  # fmt: skip
+WalkForwardOpt = Annotated[
+    int, typer.Option("--walk-forward", metavar="K", show_default=False,
+                      help="With --grid: split the trading days into K+1 blocks; in each of K folds "
+                           "pick the best combination on one block and test it on the next.")
+]  # fmt: skip
+AnchoredOpt = Annotated[
+    bool, typer.Option("--anchored",
+                       help="--walk-forward: optimise on every day up to the fold (default: rolling, "
+                            "the one block before it).")
+]  # fmt: skip
+PlotOpt = Annotated[
+    Path | None, typer.Option("--plot", metavar="PATH",
+                              help="--walk-forward: the out-of-sample equity PNG (default "
+                                   "$NEOPULSE_HOME/reports/walk-forward-<strategy>.png).")
+]  # fmt: skip
 
 
 @app.command("backtest")
@@ -92,6 +126,13 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     from_: FromOpt = "",
     to: ToOpt = "",
     interval: IntervalOpt = "1m",
+    grid: GridOpt = None,
+    jobs: JobsOpt = 0,
+    yes: YesOpt = False,
+    top: TopOpt = 20,
+    walk_forward: WalkForwardOpt = 0,
+    anchored: AnchoredOpt = False,
+    plot: PlotOpt = None,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Replay recorded ticks (--ticks) or a simulated day with options (--sim) through a
@@ -105,8 +146,15 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
     what execution did on the way (a stop moved to cost, a trailed stop). With the same input
     it is byte-identical from run to run.
 
+    With --grid NAME=V1,V2,... (repeatable) every combination runs, on --jobs processes that
+    share one decoded copy of the ticks, and the table ranks them by net PnL after costs
+    (equal nets by parameter values); --walk-forward K then tests the in-sample winners on
+    the days after their window.
+
     \b
     neopulse backtest --strategy straddle --sim 2026-12-03 --sim-path 09:15=0,10:30=+0.8,15:30=+0.8
+    neopulse backtest --ticks var/ticks --strategy macd --grid fast=8,12,16 --grid slow=21,26,34
+    neopulse backtest --ticks var/ticks --strategy macd --grid fast=8,12 --grid slow=21,26 --walk-forward 4
     """
     from services.backtest.report import render_text, to_json, write_equity_png
     from services.backtest.runner import BacktestError, run_backtest
@@ -124,6 +172,12 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
         fail(f"no such file or directory: {ticks}", EXIT_USAGE)
     names = [s.strip() for s in instruments.split(",") if s.strip()]
     params = _params(param or [])
+    if grid or walk_forward or anchored or plot is not None:
+        opts = GridOptions(grid or [], jobs, yes, walk_forward, anchored, plot, as_json, top)
+        _grid(cfg, home, strategy, params, names, strategy_id, opts, ticks=ticks, sim=sim,
+              sim_args=(sim_path, sim_underlying, sim_every, sim_strikes),
+              history=(history or [], interval, from_, to), out=out)  # fmt: skip
+        return
     try:
         if history:
             source, master, keys = _history(home, history, interval, from_, to, strategy, params)
@@ -161,6 +215,166 @@ def backtest(  # noqa: PLR0917 - one parameter per CLI option
         typer.echo(f"  {speed}")
         if out is not None:
             typer.echo(f"  wrote {out / 'report.json'} and {out / 'equity.png'}")
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    specs: list[str]
+    jobs: int
+    yes: bool
+    walk_forward: int
+    anchored: bool
+    plot: Path | None
+    as_json: bool
+    top: int = 20
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
+
+
+def _grid(  # noqa: PLR0917, PLR0915 - the options of `backtest --grid`, checked in the order given
+    cfg: Config, home: Path, strategy: str, fixed: dict[str, str], names: list[str], strategy_id: str,
+    opts: GridOptions, *, ticks: Path | None, sim: str, sim_args: tuple[str, str, float, int],
+    history: tuple[list[str], str, str, str], out: Path | None,
+) -> None:
+    """``backtest --grid``: validate everything first, decode the ticks once, run the pool."""
+    import os
+    import re
+    import tempfile
+    import time
+
+    from services.backtest import grid as gridmod
+    from services.backtest.report import to_json
+    from services.backtest.simday import SimDayError
+    from services.backtest.tickstore import TickStore, write_store
+    from services.history.store import HistoryInputError
+    from services.strategy import registry
+    from services.strategy.base import ParamsError
+
+    if out is not None:
+        fail("backtest: --out is for a single backtest; with --grid use --json (and --plot for "
+             "--walk-forward)", EXIT_USAGE)  # fmt: skip
+    if not opts.specs:
+        fail("backtest: --walk-forward, --anchored and --plot need --grid NAME=V1,V2,... (the "
+             "parameters to optimise)", EXIT_USAGE)  # fmt: skip
+    if not opts.walk_forward and (opts.anchored or opts.plot is not None):
+        fail("backtest: --anchored and --plot go with --walk-forward K", EXIT_USAGE)
+    if opts.jobs < 0:
+        fail(f"backtest: --jobs must be 1 or more, got {opts.jobs}", EXIT_USAGE)
+    try:
+        cls = registry.load(strategy)
+        cls.parse_params(fixed)
+        grid = gridmod.parse_grid(opts.specs, cls, fixed)
+        folds_k = opts.walk_forward
+        runs = grid.size * folds_k + folds_k if folds_k else grid.size
+        what = (f"--walk-forward {folds_k} over {grid.size:,} combinations" if folds_k
+                else f"the grid ({grid.label()})")  # fmt: skip
+        gridmod.check_runs(runs, what, opts.yes)
+    except registry.UnknownStrategy as exc:
+        fail(f"backtest: {exc}", EXIT_USAGE)
+    except (ParamsError, gridmod.GridError) as exc:
+        fail(f"backtest: {exc}", EXIT_USAGE)
+    if folds_k < 0:
+        fail(f"backtest: --walk-forward K must be at least 1, got {folds_k}", EXIT_USAGE)
+    label = cls.name or cls.__name__
+    hist_names, interval, from_, to = history
+    try:
+        if hist_names:
+            source, _, keys = _history(home, hist_names, interval, from_, to, strategy, fixed)
+            if "bar_seconds" in grid.names:
+                fixed.pop("bar_seconds", None)  # the grid sets it
+            names = names or keys
+            spec = gridmod.MasterSpec(str(home))
+        elif ticks is not None:
+            from services.feed.sources.replay import iter_ticks
+
+            spec = gridmod.MasterSpec.for_recording(home, ticks)
+            source = iter_ticks(ticks, spec.load())
+        else:
+            sim_path, sim_underlying, sim_every, sim_strikes = sim_args
+            underlying = sim_underlying or fixed.get("underlying", "NIFTY")
+            source, _ = _sim_day(cfg, home, sim, sim_path, underlying, sim_every, sim_strikes)
+            spec = gridmod.MasterSpec(str(home), dt.date.fromisoformat(sim.strip()))
+    except (ConfigError, FileNotFoundError, SimDayError, HistoryInputError) as exc:
+        fail(f"backtest: {exc}", EXIT_USAGE)
+    jobs = opts.jobs or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="neopulse-grid-") as tmp:
+        t0 = time.perf_counter()
+        with _status("decoding the ticks once", show=not opts.as_json):
+            rows = write_store(source, Path(tmp) / "ticks.arrow")
+        decode_s = time.perf_counter() - t0
+        if rows == 0:
+            fail("backtest: no ticks to replay", EXIT_USAGE)
+        store = TickStore(Path(tmp) / "ticks.arrow")
+        days = store.days()
+        try:
+            folds = gridmod.make_folds(days, folds_k, opts.anchored) if folds_k else []
+        except gridmod.GridError as exc:
+            fail(f"backtest: {exc}", EXIT_USAGE)
+        job = gridmod.GridJob(str(store.path), strategy, cfg, spec, fixed, strategy_id, tuple(names))
+        jobs = min(jobs, grid.size * max(1, folds_k))
+        t0 = time.perf_counter()
+        try:
+            with _progress(runs, show=not opts.as_json) as advance, gridmod.Runner(job, jobs) as runner:
+                if folds:
+                    report = gridmod.walk_forward(
+                        runner, store, grid, folds, strategy=label, fixed=fixed, cfg=cfg,
+                        anchored=opts.anchored, progress=advance,
+                    )  # fmt: skip
+                else:
+                    report = gridmod.sweep(runner, grid, strategy=label, fixed=fixed, cfg=cfg, days=days,
+                                           ticks=rows, progress=advance)  # fmt: skip
+        except gridmod.GridError as exc:
+            fail(f"backtest: {exc}", EXIT_USAGE)
+        except KeyboardInterrupt:  # the workers ignore SIGINT; leaving the Runner terminated them
+            fail("backtest: interrupted; the grid's workers are stopped", EXIT_INTERRUPTED)
+        finally:
+            store.close()
+    elapsed = time.perf_counter() - t0
+    plural = "es" if jobs > 1 else ""
+    timing = (f"ran {runs:,} backtests in {elapsed:.1f} s on {jobs} process{plural}; "
+              f"{rows:,} ticks decoded once in {decode_s:.1f} s")  # fmt: skip
+    png = None
+    if folds:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", label)
+        png = opts.plot or home / "reports" / f"walk-forward-{slug}.png"
+        gridmod.write_walk_forward_png(report, png)
+        report["plot"] = str(png)
+    if opts.as_json:
+        sys.stdout.write(to_json(report))
+    else:
+        text = gridmod.render_walk_forward(report) if folds else gridmod.render_grid(report, max(0, opts.top))
+        typer.echo(text)
+        if png is not None:
+            typer.echo(f"wrote {png}")
+    typer.echo(timing, err=True)
+
+
+@contextmanager
+def _progress(total: int, show: bool) -> Iterator[Callable[[], None]]:
+    """A progress bar with ETA on stderr, only on a terminal (never with --json)."""
+    from rich import progress as rp
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    enabled = show and console.is_terminal
+    columns = (rp.TextColumn("backtests"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+               rp.TextColumn("ETA"), rp.TimeRemainingColumn())  # fmt: skip
+    with rp.Progress(*columns, console=console, disable=not enabled, transient=True) as bar:
+        task = bar.add_task("backtests", total=total)
+        yield lambda: bar.advance(task)
+
+
+@contextmanager
+def _status(text: str, show: bool) -> Iterator[None]:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (show and console.is_terminal):
+        yield
+        return
+    with console.status(text):
+        yield
 
 
 def _recording(home: Path, ticks: Path) -> tuple[Iterator[Tick], MasterData]:

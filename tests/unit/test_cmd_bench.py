@@ -48,4 +48,4 @@ def test_run_all_refuses_unknown_names_and_reports_a_failed_benchmark() -> None:
     assert exc.value.code == 2
     lines = run_all.summary_lines("pipeline", {"ok": False, "seconds": 1.5, "error": "exit 1: boom"})
     assert lines == ["== pipeline (1.5 s)", "   FAILED: exit 1: boom"]
-    assert set(run_all.BENCHES) == {"feed", "execution", "backtest", "pipeline"}
+    assert set(run_all.BENCHES) == {"feed", "execution", "backtest", "pipeline", "grid"}
