@@ -330,3 +330,34 @@ def test_a_failed_login_is_announced_halts_risk_with_not_logged_in_until_a_login
     table = s.cli("status", "-s", "execution", "--listen", "3")
     assert "broker_ip=127.0.0.1" in table.stdout, table.stdout
     sub.close()
+
+
+def test_an_ip_block_halts_risk_with_the_ip_reason_and_strategies_hear_it(
+    stack: Stack, fake: KotakRestFake
+) -> None:
+    # Arrange: execution on Kotak and risk; an order goes through, to show the path works.
+    s = stack
+    s.start("execution")
+    s.start("risk")
+    eventually(lambda: s.status()["day_loaded"], timeout=15, message="risk to load the day")
+    first = eventually(lambda: (v := ask_risk(s, f"ip-ok-{time.monotonic_ns()}", "1000.0")).approved and v,
+                       timeout=15, message="an order through risk and execution")  # fmt: skip
+    assert first.order_id
+
+    def risk_state() -> RiskState:
+        reply = s.ask("risk_rep", GetRiskState())
+        assert isinstance(reply, RiskState), reply
+        return reply
+
+    # Act: Kotak starts refusing orders from this IP; the next order meets it at the broker.
+    fake.ip_block(100008)
+    ask_risk(s, f"ip-first-{time.monotonic_ns()}", "1000.0")
+    halted = eventually(lambda: (st := risk_state()).state == "HALTED" and st, timeout=10,
+                        message="risk HALTED for the IP block")  # fmt: skip
+    refused = ask_risk(s, f"ip-next-{time.monotonic_ns()}", "1000.0")
+
+    # Assert: risk says why (the IP and the code), and a strategy's next order is refused with it
+    # by risk itself (no order id: it never reached execution's ledger).
+    assert "IP" in halted.reason and "100008" in halted.reason, halted
+    assert not refused.approved and refused.reason.startswith("HALTED"), refused
+    assert "100008" in refused.reason and not refused.order_id, refused
