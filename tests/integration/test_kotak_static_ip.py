@@ -414,7 +414,9 @@ def status(stack: ExecStack) -> Any:
     return stack.cli("status", "-s", "execution", "--listen", "3")
 
 
-@pytest.mark.parametrize("code", CODES)
+# 100008 only: the whole episode takes ~35 s, and a 1037 on a later order call has its own
+# test below (a 1037 on a place goes through the same path: the adapter tests show both codes).
+@pytest.mark.parametrize("code", [ST_IP_NOT_WHITELISTED])
 def test_execution_alerts_once_refuses_new_orders_and_resumes_after_the_ip_block(
     stack: ExecStack, fake: KotakRestFake, code: int
 ) -> None:
