@@ -534,8 +534,20 @@ class Strategy:
         self.risk.close()
 
 
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Each process's CPU use (% of one core, psutil) over ``seconds`` with no traffic."""
+    import psutil
+
+    procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    t0 = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+    w0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - w0
+    return {name: round((sum(p.cpu_times()[:2]) - t0[name]) / wall * 100, 2) for name, p in procs.items()}
+
+
 def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", rounds: int = 4,
-        keep: bool = False) -> dict[str, Any]:
+        keep: bool = False, idle_s: float = 10.0, spin_us: int | None = None) -> dict[str, Any]:
     from benchmarks.bench_inprocess import InProcessPath, database_url
     from services.execution.embedded_pg import start_embedded
     from tests.helpers import free_base_port, free_port, stack_env
@@ -555,6 +567,7 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
             NEOPULSE_RISK__MAX_OPEN_POSITIONS="100000",
             NEOPULSE_RISK__MAX_NOTIONAL="1000000000000",
             NEOPULSE_RISK__MAX_DAILY_LOSS="1000000000",
+            **({"NEOPULSE_BUS__SPIN_US": str(spin_us)} if spin_us is not None else {}),
         )
 
     # The stand-in feed binds first; on a shared machine a port that was free a moment ago
@@ -579,6 +592,7 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
         "load_avg_1m_before": round(os.getloadavg()[0], 2),
         "orders": n, "gap_ms": [lo, hi], "kind": kind, "warmup": WARMUP, "rounds": rounds,
     }
+    result["spin_us"] = load_config(env=env).bus.spin_us
     samples: dict[str, list[float]] = {k: [] for k in (
         "tick_to_ack", "feed_to_strategy", "order_round_trip", "inprocess_tick_to_ack",
         "inprocess_feed_to_strategy", "inprocess_order_round_trip", "raw_pubsub_hop",
@@ -599,8 +613,11 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
         closers.append(beats)
         # attach to execution's embedded server (a second handle: the last one to close stops it)
         db = start_embedded(home / "pgdata", cleanup_mode="stop")
-        strategy = Strategy(feed, bus, cfg, kind)
+        strategy = Strategy(feed, bus, cfg, kind)  # the feed is quiet from here on
         closers.append(strategy)
+        if idle_s > 0:
+            result["idle_s"] = idle_s
+            result["idle_cpu_pct"] = idle_cpu({name: p.pid for name, p in procs.items()}, idle_s)
         pubsub = RawPubSub(feed, bus.ctx, f"tcp://127.0.0.1:{free_port()}")
         closers.append(pubsub)
         rtt = RawRoundTrip(bus.ctx, f"tcp://127.0.0.1:{free_port()}")
@@ -748,6 +765,9 @@ def print_table(res: dict[str, Any]) -> None:
     print(f"raw floor = pubsub + 2 x round trip + insert = {res['raw_sum_p50_ms']:.3f} ms (p50s)")
     print(f"ratio p50 / floor = {res['ratio_p50']}  (target <= 2: {res['meets_p50']});  "
           f"p99 {res['tick_to_ack']['p99_ms']:.3f} ms (target <= 3 ms: {res['meets_p99']})")
+    if "idle_cpu_pct" in res:
+        print(f"idle CPU over {res['idle_s']:g} s (no ticks, bus.spin_us {res['spin_us']}): "
+              + ", ".join(f"{k} {v:.2f} %" for k, v in res["idle_cpu_pct"].items()))
     print("\n".join(design_lines(res)))
     for svc, hops in res.get("service_hops_us", {}).items():
         print(f"{svc}'s own recorders (last minute, warm-up included): " + "; ".join(
@@ -763,13 +783,20 @@ def main() -> None:
     ap.add_argument("--kind", choices=("market", "limit"), default="market")
     ap.add_argument("--rounds", type=int, default=4, help="interleave the measures in this many rounds")
     ap.add_argument("--keep", action="store_true", help="keep the temp NEOPULSE_HOME (logs) for a look")
+    ap.add_argument("--idle-s", type=float, default=10.0,
+                    help="first measure risk's and execution's CPU for this long with no traffic (0: skip)")
+    ap.add_argument("--spin-us", type=int, default=None, metavar="US",
+                    help="the services' bus.spin_us (busy-poll after traffic, microseconds; default: config)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--role", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role == "feed":
         feed_role()
         return
-    res = run(args.orders, args.gap_ms[0], args.gap_ms[1], args.kind, args.rounds, args.keep)
+    if args.spin_us is not None and args.spin_us < 0:
+        ap.error("--spin-us must be 0 or more")
+    res = run(args.orders, args.gap_ms[0], args.gap_ms[1], args.kind, args.rounds, args.keep,
+              args.idle_s, args.spin_us)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
