@@ -301,7 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.orders < 1 or args.gap_ms[0] < 0 or args.gap_ms[1] < args.gap_ms[0]:
         ap.error("--orders must be at least 1 and --gap-ms MIN MAX with 0 <= MIN <= MAX")
-    res = run(args.orders, args.gap_ms[0], args.gap_ms[1], args.kind, args.rounds)
+    import psycopg
+
+    from services.execution.embedded_pg import DatabaseError
+    from services.execution.store import LedgerError
+
+    try:
+        res = run(args.orders, args.gap_ms[0], args.gap_ms[1], args.kind, args.rounds)
+    except (DatabaseError, LedgerError, psycopg.Error) as exc:
+        why = " ".join(str(exc).split())  # one line
+        print(f"bench_inprocess: the ledger database is not usable: {why}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(res, indent=2))
     else:
