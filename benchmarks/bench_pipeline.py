@@ -39,13 +39,20 @@ Raw baselines, same run, same pacing, while the services stand idle:
 The path of one order has one PUB/SUB hop (feed → strategy), two DEALER/ROUTER round trips
 (strategy ↔ risk, risk ↔ execution) and one durable insert, so the ratio reported is
 ``p50 / (pubsub p50 + 2 x round trip p50 + insert p50)`` (target ≤ 2) and p99 is compared
-with 3 ms.
+with 3 ms and with the floor's p99, the same sum of the raw p99s (target ≤ 2x).
+
+What the process boundaries cost: each round also runs the same path in this one process
+(``benchmarks.bench_inprocess``: one asyncio loop, the same sentinel, engine, paper broker
+and ledger code, a database of its own on the same PostgreSQL), so the two designs meet the
+same machine noise. Targets: multi-process p50 ≤ 1.3x in-process, p99 ≤ 1.5x. The services'
+own per-hop recorders (``libs.common.latency``) are read from their last heartbeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -73,6 +80,7 @@ from libs.common.instruments import MasterData  # noqa: E402
 from libs.common.messages import (  # noqa: E402
     Codec,
     GetStatus,
+    Heartbeat,
     OrderRequest,
     Reply,
     RiskVerdict,
@@ -453,6 +461,20 @@ def postgres_pids(pgdata: Path) -> list[int]:
     return pids
 
 
+def last_hops(beats: Any) -> dict[str, dict[str, Any]]:
+    """``{service: {hop: {p50_us, p99_us, count}}}`` from the last heartbeat of each service
+    (the recorders' window is the last minute: warm-up included)."""
+    hops: dict[str, dict[str, Any]] = {}
+
+    def keep(_topic: bytes, msg: Any) -> None:
+        if isinstance(msg, Heartbeat) and isinstance(msg.info.get("latency"), dict):
+            hops[msg.service] = {h: {k: v.get(k) for k in ("count", "p50_us", "p99_us")}
+                                 for h, v in msg.info["latency"].items() if isinstance(v, dict)}
+
+    beats.drain(keep)
+    return hops
+
+
 class Strategy:
     """The minimal strategy side: SUB on ``tick.``, an ``OrderRequest`` to risk per tick."""
 
@@ -473,15 +495,10 @@ class Strategy:
             self.sub.sock.recv()
 
     def order_for(self, tick: Tick) -> OrderRequest:
+        from benchmarks.bench_inprocess import order_for
+
         self.i += 1
-        rid = f"pl{self.i}-{uuid.uuid4().hex[:8]}"
-        if self.kind == "limit":
-            px = (Decimal(repr(tick.ltp)) * Decimal("0.9") / self.step).to_integral_value() * self.step
-            return OrderRequest(request_id=rid, strategy_id="bench", side="BUY", quantity=1,
-                                segment=tick.segment, token=tick.token, price=px, order_type="LIMIT")
-        side = "BUY" if self.i % 2 else "SELL"
-        return OrderRequest(request_id=rid, strategy_id="bench", side=side, quantity=1,
-                            segment=tick.segment, token=tick.token, order_type="MARKET")
+        return order_for(self.i, tick, self.kind, self.step)
 
     def run(self, n: int, lo: float, hi: float) -> dict[str, list[float]]:
         """n orders, each on a fresh tick published LO..HI ms after the previous verdict."""
@@ -517,8 +534,21 @@ class Strategy:
         self.risk.close()
 
 
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Each process's CPU use (% of one core, psutil) over ``seconds`` with no traffic."""
+    import psutil
+
+    procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    t0 = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+    w0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - w0
+    return {name: round((sum(p.cpu_times()[:2]) - t0[name]) / wall * 100, 2) for name, p in procs.items()}
+
+
 def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", rounds: int = 4,
-        keep: bool = False) -> dict[str, Any]:
+        keep: bool = False, idle_s: float = 10.0, spin_us: int | None = None) -> dict[str, Any]:
+    from benchmarks.bench_inprocess import InProcessPath, database_url
     from services.execution.embedded_pg import start_embedded
     from tests.helpers import free_base_port, free_port, stack_env
 
@@ -537,6 +567,7 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
             NEOPULSE_RISK__MAX_OPEN_POSITIONS="100000",
             NEOPULSE_RISK__MAX_NOTIONAL="1000000000000",
             NEOPULSE_RISK__MAX_DAILY_LOSS="1000000000",
+            **({"NEOPULSE_BUS__SPIN_US": str(spin_us)} if spin_us is not None else {}),
         )
 
     # The stand-in feed binds first; on a shared machine a port that was free a moment ago
@@ -561,8 +592,10 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
         "load_avg_1m_before": round(os.getloadavg()[0], 2),
         "orders": n, "gap_ms": [lo, hi], "kind": kind, "warmup": WARMUP, "rounds": rounds,
     }
+    result["spin_us"] = load_config(env=env).bus.spin_us
     samples: dict[str, list[float]] = {k: [] for k in (
-        "tick_to_ack", "feed_to_strategy", "order_round_trip", "raw_pubsub_hop",
+        "tick_to_ack", "feed_to_strategy", "order_round_trip", "inprocess_tick_to_ack",
+        "inprocess_feed_to_strategy", "inprocess_order_round_trip", "raw_pubsub_hop",
         "raw_dealer_router_round_trip", "raw_psycopg_insert_commit")}
     cpu_used: dict[str, float] = {}
     try:
@@ -575,22 +608,32 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
                 stdout=(home / f"{name}.out").open("ab"), stderr=subprocess.STDOUT,
             )
         result["ready_s"] = round(wait_ready(bus, cfg, procs, home), 2)
+        # the services' own per-hop recorders, from their heartbeats (libs.common.latency)
+        beats = bus.subscriber([cfg.bus.endpoint("risk_pub"), cfg.bus.endpoint("execution_pub")], [b"hb."])
+        closers.append(beats)
         # attach to execution's embedded server (a second handle: the last one to close stops it)
         db = start_embedded(home / "pgdata", cleanup_mode="stop")
-        strategy = Strategy(feed, bus, cfg, kind)
+        strategy = Strategy(feed, bus, cfg, kind)  # the feed is quiet from here on
         closers.append(strategy)
+        if idle_s > 0:
+            result["idle_s"] = idle_s
+            result["idle_cpu_pct"] = idle_cpu({name: p.pid for name, p in procs.items()}, idle_s)
         pubsub = RawPubSub(feed, bus.ctx, f"tcp://127.0.0.1:{free_port()}")
         closers.append(pubsub)
         rtt = RawRoundTrip(bus.ctx, f"tcp://127.0.0.1:{free_port()}")
         closers.append(rtt)
         ins = RawInsert(db.url)
         closers.append(ins)
+        # the same path in one asyncio process, on the same PostgreSQL (a database of its own)
+        inproc = InProcessPath(database_url(db.url), cfg, home / "inprocess", kind)
+        closers.append(inproc)
         pids = {name: p.pid for name, p in procs.items()}
         pids["feed (stand-in)"] = feed.proc.pid
         pids["strategy (this process)"] = os.getpid()
         pids.update({f"pg{pid}": pid for pid in postgres_pids((home / "pgdata").resolve())})
         # warm-up, thrown away
         strategy.run(WARMUP, lo, hi)
+        inproc.run(WARMUP, lo, hi)
         pubsub.run(WARMUP, lo, hi)
         rtt.run(WARMUP, lo, hi)
         ins.run(WARMUP, lo, hi)
@@ -604,11 +647,15 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
             cpu1 = cpu_s(pids)
             for key in pids:
                 cpu_used[key] = cpu_used.get(key, 0.0) + cpu1[key] - cpu0[key]
+            for key, xs in inproc.run(k, lo, hi).items():
+                samples["inprocess_" + key] += xs
             samples["raw_pubsub_hop"] += pubsub.run(k, lo, hi)
             samples["raw_dealer_router_round_trip"] += rtt.run(k, lo, hi)
             samples["raw_psycopg_insert_commit"] += ins.run(k, lo, hi)
-        result["refused"] = len(strategy.refused)
-        result["refused_examples"] = strategy.refused[:3]
+        time.sleep(1.1)  # one more heartbeat each, with the last round in it
+        result["service_hops_us"] = last_hops(beats)
+        result["refused"] = len(strategy.refused) + len(inproc.refused)
+        result["refused_examples"] = (strategy.refused + inproc.refused)[:3]
     finally:
         for c in reversed(closers):
             c.close()
@@ -640,9 +687,55 @@ def run(n: int = 200, lo: float = 5.0, hi: float = 10.0, kind: str = "market", r
     result["ratio_p50"] = round(result["tick_to_ack"]["p50_ms"] / floor, 2) if floor > 0 else None
     result["meets_p50"] = result["ratio_p50"] is not None and result["ratio_p50"] <= 2.0
     result["meets_p99"] = result["tick_to_ack"]["p99_ms"] <= 3.0
+    result.update(design_cost(result))
     if keep:
         result["home"] = str(home)
     return result
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b > 0 and not (math.isnan(a) or math.isnan(b)) else None
+
+
+def design_cost(res: dict[str, Any]) -> dict[str, Any]:
+    """What the process boundaries add: multi-process vs in-process p50/p99 (targets 1.3x and
+    1.5x), and the pipeline's p99 against the raw floor's p99 (target 2x). The floor's p99 is
+    the sum of the four raw hops' p99s, as its p50 is the sum of their p50s."""
+    mp, ip = res["tick_to_ack"], res["inprocess_tick_to_ack"]
+    floor_p99 = (res["raw_pubsub_hop"]["p99_ms"] + 2 * res["raw_dealer_router_round_trip"]["p99_ms"]
+                 + res["raw_psycopg_insert_commit"]["p99_ms"])
+    out: dict[str, Any] = {
+        "mp_vs_ip_p50": _ratio(mp["p50_ms"], ip["p50_ms"]),
+        "mp_vs_ip_p99": _ratio(mp["p99_ms"], ip["p99_ms"]),
+        "boundaries_add_us_p50": round((mp["p50_ms"] - ip["p50_ms"]) * 1e3),
+        "boundaries_add_us_p99": round((mp["p99_ms"] - ip["p99_ms"]) * 1e3),
+        "raw_sum_p99_ms": round(floor_p99, 3),
+        "ratio_p99_floor": _ratio(mp["p99_ms"], floor_p99),
+    }
+    out["meets_mp_p50"] = out["mp_vs_ip_p50"] is not None and out["mp_vs_ip_p50"] <= 1.3
+    out["meets_mp_p99"] = out["mp_vs_ip_p99"] is not None and out["mp_vs_ip_p99"] <= 1.5
+    out["meets_p99_floor"] = out["ratio_p99_floor"] is not None and out["ratio_p99_floor"] <= 2.0
+    return out
+
+
+def design_lines(res: dict[str, Any]) -> list[str]:
+    """The two designs side by side, each target met or missed with its figures."""
+    mp, ip = res["tick_to_ack"], res["inprocess_tick_to_ack"]
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    return [
+        f"in-process (one asyncio process) p50 {ip['p50_ms']:.3f} / p99 {ip['p99_ms']:.3f} ms; "
+        f"multi-process p50 {mp['p50_ms']:.3f} / p99 {mp['p99_ms']:.3f} ms (same run, interleaved)",
+        f"process boundaries add {res['boundaries_add_us_p50']:+,} us at p50, "
+        f"{res['boundaries_add_us_p99']:+,} us at p99",
+        f"multi-process / in-process p50 {res['mp_vs_ip_p50']}x (target <= 1.3x): "
+        f"{mark(res['meets_mp_p50'])}; "
+        f"p99 {res['mp_vs_ip_p99']}x (target <= 1.5x): {mark(res['meets_mp_p99'])}",
+        f"pipeline p99 / raw floor p99 ({res['raw_sum_p99_ms']:.3f} ms, the sum of the raw hops' p99s) "
+        f"{res['ratio_p99_floor']}x (target <= 2x): {mark(res['meets_p99_floor'])}",
+    ]
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -656,6 +749,9 @@ def print_table(res: dict[str, Any]) -> None:
         ("tick -> durable paper order (verdict)", res["tick_to_ack"]),
         ("  feed publish -> strategy has tick", res["feed_to_strategy"]),
         ("  OrderRequest -> RiskVerdict", res["order_round_trip"]),
+        ("same path in one asyncio process", res["inprocess_tick_to_ack"]),
+        ("  tick stamp -> strategy has tick", res["inprocess_feed_to_strategy"]),
+        ("  OrderRequest -> RiskVerdict", res["inprocess_order_round_trip"]),
         ("raw pyzmq PUB->SUB one hop", res["raw_pubsub_hop"]),
         ("raw pyzmq DEALER->ROUTER round trip", res["raw_dealer_router_round_trip"]),
         ("raw psycopg INSERT+COMMIT", res["raw_psycopg_insert_commit"]),
@@ -669,6 +765,13 @@ def print_table(res: dict[str, Any]) -> None:
     print(f"raw floor = pubsub + 2 x round trip + insert = {res['raw_sum_p50_ms']:.3f} ms (p50s)")
     print(f"ratio p50 / floor = {res['ratio_p50']}  (target <= 2: {res['meets_p50']});  "
           f"p99 {res['tick_to_ack']['p99_ms']:.3f} ms (target <= 3 ms: {res['meets_p99']})")
+    if "idle_cpu_pct" in res:
+        print(f"idle CPU over {res['idle_s']:g} s (no ticks, bus.spin_us {res['spin_us']}): "
+              + ", ".join(f"{k} {v:.2f} %" for k, v in res["idle_cpu_pct"].items()))
+    print("\n".join(design_lines(res)))
+    for svc, hops in res.get("service_hops_us", {}).items():
+        print(f"{svc}'s own recorders (last minute, warm-up included): " + "; ".join(
+            f"{h} p50 {v['p50_us']} / p99 {v['p99_us']} us (n {v['count']})" for h, v in hops.items()))
     if res["refused_examples"]:
         print("refused, e.g.:", "; ".join(res["refused_examples"]))
 
@@ -680,13 +783,20 @@ def main() -> None:
     ap.add_argument("--kind", choices=("market", "limit"), default="market")
     ap.add_argument("--rounds", type=int, default=4, help="interleave the measures in this many rounds")
     ap.add_argument("--keep", action="store_true", help="keep the temp NEOPULSE_HOME (logs) for a look")
+    ap.add_argument("--idle-s", type=float, default=10.0,
+                    help="first measure risk's and execution's CPU for this long with no traffic (0: skip)")
+    ap.add_argument("--spin-us", type=int, default=None, metavar="US",
+                    help="the services' bus.spin_us (busy-poll after traffic, microseconds; default: config)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--role", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role == "feed":
         feed_role()
         return
-    res = run(args.orders, args.gap_ms[0], args.gap_ms[1], args.kind, args.rounds, args.keep)
+    if args.spin_us is not None and args.spin_us < 0:
+        ap.error("--spin-us must be 0 or more")
+    res = run(args.orders, args.gap_ms[0], args.gap_ms[1], args.kind, args.rounds, args.keep,
+              args.idle_s, args.spin_us)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
 import os
 import struct
 import threading
@@ -101,6 +102,7 @@ class Bus:
         self.max_frame = getattr(getattr(cfg, "bus", None), "max_frame_bytes", 1_048_576)
         self.sndhwm = getattr(getattr(cfg, "bus", None), "sndhwm", 1_000_000)
         self.timeout_ms = getattr(getattr(cfg, "bus", None), "request_timeout_ms", 2500)
+        self.spin_s = getattr(getattr(cfg, "bus", None), "spin_us", 0) / 1e6
         self.security: Any = None  # set by libs.common.security when bus.curve is on
 
     def socket(self, kind: int, *, server: bool) -> zmq.Socket[Any]:
@@ -431,6 +433,10 @@ class Client:
             corr = _CORR.pack(next(self._corr) & 0xFFFFFFFFFFFFFFFF)
             self.sock.send_multipart(_envelope(corr, payload, self.credential))
             deadline = time.monotonic() + timeout / 1000
+            if self.bus.spin_s:  # poll without blocking for a prompt reply first (bus.spin_us)
+                spin_until = min(deadline, time.monotonic() + self.bus.spin_s)
+                while not self.sock.poll(0) and time.monotonic() < spin_until:
+                    pass
             while True:
                 left = int((deadline - time.monotonic()) * 1000)
                 if left <= 0 or not self.sock.poll(left):
@@ -483,6 +489,8 @@ class AsyncClient:
         except zmq.Again:
             del self._pending[corr]
             callback(RequestTimeout(self.endpoint, 0))
+            return
+        self.reactor.awaiting(1)
 
     def _on_readable(self) -> None:
         while True:
@@ -496,6 +504,7 @@ class AsyncClient:
             entry = self._pending.pop(frames[1], None)
             if entry is None:
                 continue  # late reply after a timeout
+            self.reactor.awaiting(-1)
             try:
                 reply: Message | Exception = self._codec.decode(frames[2])
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -516,6 +525,7 @@ class AsyncClient:
         # flight on the old socket are failed too: their replies could never arrive now.
         callbacks.extend(cb for _, cb in self._pending.values())
         self._pending.clear()
+        self.reactor.awaiting(-len(callbacks))
         self.reactor.remove_reader(self.sock)
         self.sock.close(0)
         self.sock = self._open()
@@ -523,6 +533,8 @@ class AsyncClient:
             cb(RequestTimeout(self.endpoint, self.timeout_ms))
 
     def close(self) -> None:
+        self.reactor.awaiting(-len(self._pending))
+        self._pending.clear()
         self.reactor.remove_reader(self.sock)
         self.sock.close(0)
 
@@ -538,8 +550,14 @@ class Reactor:
     thread pool and comes back through ``call_soon_threadsafe``.
     """
 
-    def __init__(self, ctx: zmq.Context[Any]) -> None:
+    def __init__(self, ctx: zmq.Context[Any], spin_us: int = 0) -> None:
         self.ctx = ctx
+        # While a request of an AsyncClient on this loop awaits its reply, poll without
+        # blocking for up to this long after it was sent (``bus.spin_us``), so a prompt reply
+        # is read without a wake-up; never while nothing is awaited, so an idle loop sleeps.
+        self.spin_s = max(0, spin_us) / 1e6
+        self._awaiting = 0
+        self._spin_until = 0.0
         self.poller = zmq.Poller()
         self._readers: dict[Any, Callable[[], Any]] = {}
         self._timers: list[tuple[float, int, Callable[[], Any], float | None]] = []
@@ -575,6 +593,13 @@ class Reactor:
         tid = next(self._ids)
         heapq.heappush(self._timers, (time.monotonic() + interval, tid, fn, interval))
         return tid
+
+    def awaiting(self, delta: int) -> None:
+        """An AsyncClient's count of requests awaiting a reply: +1 per request sent (which
+        starts a spin window of ``spin_s``), -1 per reply or failure."""
+        self._awaiting = max(0, self._awaiting + delta)
+        if delta > 0 and self.spin_s:
+            self._spin_until = time.monotonic() + self.spin_s
 
     def cancel(self, tid: int) -> None:
         self._cancelled.add(tid)
@@ -620,6 +645,7 @@ class Reactor:
 
     def _loop(self) -> None:
         timers = self._timers
+        poll = self.poller.poll
         while self.running:
             now = time.monotonic()
             while timers and timers[0][0] <= now:
@@ -632,15 +658,20 @@ class Reactor:
                 self._guard("timer", fn)
                 if not self.running:
                     return
+            # Rounded up: a timer due in under a millisecond is waited for in one poll, not by
+            # polling with a zero timeout until it is due (that spun up to 1 ms per timer).
             timeout_ms = 100
             if timers:
-                timeout_ms = min(timeout_ms, max(0, int((timers[0][0] - time.monotonic()) * 1000)))
+                timeout_ms = min(timeout_ms, max(0, math.ceil((timers[0][0] - time.monotonic()) * 1000)))
+            spinning = self._awaiting > 0 and time.monotonic() < self._spin_until
             try:
-                events = self.poller.poll(timeout_ms)
+                events = poll(0 if spinning else timeout_ms)
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ETERM:
                     return
                 raise
+            if not events:
+                continue
             for sock, _ in events:
                 reader = self._readers.get(sock)
                 if reader is not None:

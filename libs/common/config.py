@@ -59,6 +59,10 @@ class BusConfig(_Section, frozen=True):
     keys_dir: str = ""  # default: $NEOPULSE_HOME/keys
     # Per-hop latency histograms in every heartbeat (`neopulse status --latency`); false: none kept.
     latency: bool = True
+    # After handling a message a service's loop keeps polling without blocking for this long
+    # (microseconds) before it sleeps, so a reply or the next message that comes within it is
+    # read without a wake-up; 0: never. Spins only right after traffic, never while idle.
+    spin_us: NonNegInt = 0
     # Explicit endpoint overrides; empty means derived from host and base_port.
     feed_pub: str = ""
     feed_rep: str = ""

@@ -58,7 +58,7 @@ class Service:
             from libs.common.security import install_curve
 
             install_curve(self.bus, cfg, self.name)
-        self.reactor = Reactor(self.bus.ctx)
+        self.reactor = Reactor(self.bus.ctx, spin_us=cfg.bus.spin_us)
         self.reactor.error_handler = self._on_task_error
         self.pub: Publisher | None = None
         if pub_endpoint is not None:

@@ -334,10 +334,11 @@ class RiskService(Service):
         else:
             verdict = self.sentinel.execution_failed(
                 rid, f"execution answered with an unexpected {type(reply).__name__}")
-        self._announce(req, verdict)
+        # the strategy waits on this answer: it goes first, the log line and publication after
         for responder in self._inflight.pop(rid, []):
             responder.send(verdict)
         self._verdict_sent(req)
+        self._announce(req, verdict)
 
     def _verdict_sent(self, req: OrderRequest | BasketRequest) -> None:
         """The request → verdict hop, from the request's own ``ts_ns`` (strategy to risk
