@@ -405,23 +405,24 @@ class PaperBroker:
             fprice=float(order.price),
             ftrigger=float(order.trigger_price) if order.trigger_price is not None else 0.0,
         )
-        self._log(
-            {
-                "op": "place",
-                "id": oid,
-                "tag": o.tag,
-                "seg": o.segment,
-                "tok": o.token,
-                "sym": o.symbol,
-                "side": o.side,
-                "qty": o.quantity,
-                "price": str(o.price),
-                "otype": o.order_type,
-                "trig": str(o.trigger) if o.trigger is not None else None,
-                "product": o.product,
-                "ts": now,
-            }
-        )
+        if self._fh is not None:  # the journal; without one (backtests) no record is built
+            self._log(
+                {
+                    "op": "place",
+                    "id": oid,
+                    "tag": o.tag,
+                    "seg": o.segment,
+                    "tok": o.token,
+                    "sym": o.symbol,
+                    "side": o.side,
+                    "qty": o.quantity,
+                    "price": str(o.price),
+                    "otype": o.order_type,
+                    "trig": str(o.trigger) if o.trigger is not None else None,
+                    "product": o.product,
+                    "ts": now,
+                }
+            )
         self.orders[oid] = o
         self._reserve(o, need)
         self.places += 1
@@ -441,7 +442,8 @@ class PaperBroker:
         o.status = _CANCELLED
         o.reason = "cancelled by user"
         self._reserve(o, 0.0)
-        self._log({"op": "cancel", "oid": o.oid, "reason": o.reason})
+        if self._fh is not None:
+            self._log({"op": "cancel", "oid": o.oid, "reason": o.reason})
         self._finished.append((self.clock.now_ns(), o.oid))
         self._unrest(o)
         self._status(o)
@@ -477,15 +479,16 @@ class PaperBroker:
         if trigger_price is not None:
             o.trigger = trigger_price
             o.ftrigger = float(trigger_price)
-        self._log(
-            {
-                "op": "modify",
-                "oid": o.oid,
-                "qty": o.quantity,
-                "price": str(o.price),
-                "trig": str(o.trigger) if o.trigger is not None else None,
-            }
-        )
+        if self._fh is not None:
+            self._log(
+                {
+                    "op": "modify",
+                    "oid": o.oid,
+                    "qty": o.quantity,
+                    "price": str(o.price),
+                    "trig": str(o.trigger) if o.trigger is not None else None,
+                }
+            )
         self._status(o)
         last = self.last.get(o.key)
         if last is not None:
@@ -578,7 +581,8 @@ class PaperBroker:
         if o.order_type == "SL" and not o.triggered:
             if (o.side == "BUY" and ltp >= o.ftrigger) or (o.side == "SELL" and ltp <= o.ftrigger):
                 o.triggered = True
-                self._log({"op": "trigger", "oid": o.oid})
+                if self._fh is not None:
+                    self._log({"op": "trigger", "oid": o.oid})
                 arriving = True  # a triggered stop arrives at the book as a limit
             else:
                 return
@@ -620,7 +624,8 @@ class PaperBroker:
         self._tseq += 1
         tid = f"T{self._day.replace('-', '')[2:]}{self._tseq:09d}"
         now = self.clock.now_ns()
-        self._log({"op": "trade", "id": tid, "oid": o.oid, "qty": qty, "price": str(price), "ts": now})
+        if self._fh is not None:
+            self._log({"op": "trade", "id": tid, "oid": o.oid, "qty": qty, "price": str(price), "ts": now})
         self._margin_trade(o, qty, price)
         o.filled += qty
         o.value += price * qty
