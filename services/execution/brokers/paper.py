@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -118,6 +119,9 @@ class PaperBroker:
         self._order_trades: dict[str, list[str]] = {}  # broker order id → its trade ids
         self._finished: deque[tuple[int, str]] = deque()  # (when it finished, broker order id)
         self.resting: dict[str, list[PaperOrder]] = {}
+        # per instrument with resting orders: the prices a tick must reach for any of them to
+        # trigger or cross (``_quiet_band``); dropped whenever that book or an order in it changes
+        self._band: dict[str, tuple[float, float, float, float]] = {}
         self.last: dict[str, Tick] = {}
         self.events: list[BrokerEvent] = []
         self.places = 0
@@ -176,6 +180,7 @@ class PaperBroker:
             self._mark_carried()
         self._fh = path.open("a", encoding="utf-8")
         now = self.clock.now_ns()
+        self._band = {}
         for o in self.orders.values():
             if o.status not in _DONE:
                 self.resting.setdefault(o.key, []).append(o)
@@ -427,6 +432,7 @@ class PaperBroker:
         self._reserve(o, need)
         self.places += 1
         self.resting.setdefault(o.key, []).append(o)
+        self._band.pop(o.key, None)
         self._status(o)
         last = self.last.get(o.key)
         if last is not None:
@@ -479,6 +485,7 @@ class PaperBroker:
         if trigger_price is not None:
             o.trigger = trigger_price
             o.ftrigger = float(trigger_price)
+        self._band.pop(o.key, None)
         if self._fh is not None:
             self._log(
                 {
@@ -544,11 +551,16 @@ class PaperBroker:
         book = self.resting.get(key)
         if not book:
             return
+        buy_touch = tick.ask if tick.ask > 0 else ltp
+        sell_touch = tick.bid if tick.bid > 0 else ltp
+        band = self._band.get(key)
+        if band is None:
+            band = self._band[key] = _quiet_band(book)
+        if band[0] > ltp > band[1] and buy_touch > band[2] and sell_touch < band[3]:
+            return  # inside the quiet band: no order of this book can trigger or cross
         # Hot path: only the orders this tick can trigger or cross go to ``_match`` (the same
         # tests as its early returns; a fill only touches its own order, so checking them all
         # first is the same as checking each in turn).
-        buy_touch = tick.ask if tick.ask > 0 else ltp
-        sell_touch = tick.bid if tick.bid > 0 else ltp
         hits = None
         for o in book:
             if o.order_type == "SL" and not o.triggered:
@@ -581,6 +593,7 @@ class PaperBroker:
         if o.order_type == "SL" and not o.triggered:
             if (o.side == "BUY" and ltp >= o.ftrigger) or (o.side == "SELL" and ltp <= o.ftrigger):
                 o.triggered = True
+                self._band.pop(o.key, None)
                 if self._fh is not None:
                     self._log({"op": "trigger", "oid": o.oid})
                 arriving = True  # a triggered stop arrives at the book as a limit
@@ -647,6 +660,7 @@ class PaperBroker:
         self._status(o)
 
     def _unrest(self, o: PaperOrder) -> None:
+        self._band.pop(o.key, None)
         book = self.resting.get(o.key)
         if book and o in book:
             book.remove(o)
@@ -667,3 +681,27 @@ class PaperBroker:
 
     def _status(self, o: PaperOrder) -> None:
         self.events.append(self._as_status(o))
+
+
+def _quiet_band(book: list[PaperOrder]) -> tuple[float, float, float, float]:
+    """(lowest BUY stop trigger, highest SELL stop trigger, highest BUY limit, lowest SELL limit)
+    over ``book``, a triggered stop counting as the limit it has become: a tick whose last
+    price lies strictly between the two triggers, whose buy touch is above every BUY limit and
+    whose sell touch is below every SELL limit triggers or crosses none of them (the tests of
+    ``on_tick``, negated). An order already done counts too: the band is only ever narrower.
+    A price that is not a number makes the band empty (every tick takes the full test)."""
+    buy_stop, sell_stop = math.inf, -math.inf
+    buy_limit, sell_limit = -math.inf, math.inf
+    for o in book:
+        if math.isnan(o.fprice) or math.isnan(o.ftrigger):
+            return math.nan, math.nan, math.nan, math.nan
+        if o.order_type == "SL" and not o.triggered:
+            if o.side == "BUY":
+                buy_stop = min(buy_stop, o.ftrigger)
+            elif o.side == "SELL":
+                sell_stop = max(sell_stop, o.ftrigger)
+        elif o.side == "BUY":
+            buy_limit = max(buy_limit, o.fprice)
+        else:
+            sell_limit = min(sell_limit, o.fprice)
+    return buy_stop, sell_stop, buy_limit, sell_limit
