@@ -307,11 +307,11 @@ def _run(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
                 seen_keys[key] = inst.symbol if inst is not None else (tick.symbol or key)
                 book.mark(key, seen_keys[key], tick.ltp)
             book_tick(key, now, tick.ltp)
-            crossed = risk_tick(tick)
+            crossed = risk_tick(tick, key)
             if crossed:  # a strategy's MTM limit (or the loss limit) crossed
                 pipe.risk_events(crossed)
-            trailed = engine_tick(tick)  # execution's marks (market intent, flatten), trailing stops
-            broker_tick(tick)  # paper fills of resting orders and bracket legs
+            trailed = engine_tick(tick, key)  # execution's marks (market intent, flatten), trailing stops
+            broker_tick(tick, key)  # paper fills of resting orders and bracket legs
             if trailed or broker.events:
                 deliver(execution.pump())
             orders = dispatch(tick, key)

@@ -199,12 +199,14 @@ class RiskBook:
         """Account net quantity in an instrument (``segment|token``)."""
         return self._net_qty.get(key, 0)
 
-    def on_tick(self, tick: Tick) -> Sequence[Event]:
-        """Mark to market. Returns the loss-breach events when this tick trips the limit."""
+    def on_tick(self, tick: Tick, key: str | None = None) -> Sequence[Event]:
+        """Mark to market. Returns the loss-breach events when this tick trips the limit.
+        ``key`` (``segment|token``) may be passed when the caller already has it."""
         ltp = tick.ltp
         if not (ltp > 0 and math.isfinite(ltp)):
             return _NO_EVENTS
-        key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
+        if key is None:
+            key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         marks = self._marks
         marks[key] = ltp
         if key not in self._open_keys:

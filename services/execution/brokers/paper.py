@@ -536,9 +536,10 @@ class PaperBroker:
             self._fh = None
 
     # ------------------------------------------------------------------ market data
-    def on_tick(self, tick: Tick) -> None:
+    def on_tick(self, tick: Tick, key: str | None = None) -> None:
         """Remember the touch; fill resting orders this tick crosses. Cheap when nothing rests.
-        A tick without a possible price (NaN, infinite, not positive, absurd) fills nothing."""
+        A tick without a possible price (NaN, infinite, not positive, absurd) fills nothing.
+        ``key`` (``segment|token``) may be passed when the caller already has it."""
         ltp = tick.ltp
         if not 0.0 < ltp <= 10_000_000.0:  # NaN fails both comparisons
             return
@@ -546,7 +547,8 @@ class PaperBroker:
             # an impossible touch (NaN, negative, far from the last price) is no touch: the
             # last price stands in, so nothing fills at a price the market never showed
             tick = msgspec.structs.replace(tick, bid=0.0, ask=0.0, bid_qty=0, ask_qty=0)
-        key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
+        if key is None:
+            key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         self.last[key] = tick
         book = self.resting.get(key)
         if not book:
