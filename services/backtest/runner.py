@@ -120,17 +120,18 @@ class Pipeline:
                     self._basket(b)
                 continue
             item = work.popleft()
-            if type(item) is OrderRequest:
-                self._order(item)
-            elif type(item) is Fill:
-                self.risk_events(self.risk.on_fill(item))
-                self.book.on_fill(item, self.clock.now_ns(), self._purpose.get(item.order_id, ""))
-                work.extend(strat.dispatch_fill(item))
-            elif type(item) is OrderUpdate:
+            kind = type(item)  # the commonest first: several order updates to each fill
+            if kind is OrderUpdate:
                 self._purpose.setdefault(item.order_id, item.purpose)
                 self.risk.on_order_update(item)
                 work.extend(strat.dispatch_order(item))
-            elif type(item) is Alert:
+            elif kind is Fill:
+                self.risk_events(self.risk.on_fill(item))
+                self.book.on_fill(item, self.clock.now_ns(), self._purpose.get(item.order_id, ""))
+                work.extend(strat.dispatch_fill(item))
+            elif kind is OrderRequest:
+                self._order(item)
+            elif kind is Alert:
                 self._alert(item)
             # Position and the rest are for humans and other services.
 
