@@ -152,11 +152,13 @@ def run(n: int, strategy: str = "momentum", params: dict[str, Any] | None = None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ticks", type=int, default=500_000)
-    ap.add_argument("--strategy", default="momentum")
+    ap.add_argument("--ticks", type=int, default=500_000,
+                    help="ticks in the random walk (default 500,000; make bench uses 200,000)")
+    ap.add_argument("--strategy", default="momentum",
+                    help="strategy of the reader / pipeline / end-to-end figures (default momentum)")
     ap.add_argument("--repeat", type=int, default=3, metavar="N",
                     help="runs of each target case; the best CPU time counts (default 3)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON document")
     args = ap.parse_args()
     if args.ticks < 1 or args.repeat < 1:
         ap.error("--ticks and --repeat must be at least 1")
