@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import itertools
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -286,8 +287,7 @@ def _run(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
     now = 0
     next_timer = 0
     next_day = 0  # IST midnight after the current tick's day: risk starts a new day there
-    tick: Tick | None = first
-    while tick is not None:
+    for tick in itertools.chain((first,), it):
         key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         if wanted is None or key in wanted:
             ts = tick.exch_ts_ns or tick.ts_ns
@@ -327,7 +327,6 @@ def _run(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
                 _follow(strat, wanted)
             if strat.halted:
                 break
-        tick = next(it, None)
     submit(strat.dispatch_stop())
     book.finish()
     elapsed = time.perf_counter() - t0
