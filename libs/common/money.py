@@ -10,6 +10,7 @@ import math
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation
 
 ZERO = Decimal(0)
+_ROUNDING = {"nearest": ROUND_HALF_UP, "down": ROUND_FLOOR, "up": ROUND_CEILING}
 
 
 class MoneyError(ValueError):
@@ -48,7 +49,7 @@ def snap(price: Decimal | float, tick: Decimal, mode: str = "nearest") -> Decima
     if tick is None or tick <= 0:
         raise MoneyError("tick size unknown: refusing to price the order")
     p = to_decimal(price)
-    rounding = {"nearest": ROUND_HALF_UP, "down": ROUND_FLOOR, "up": ROUND_CEILING}[mode]
+    rounding = _ROUNDING[mode]
     units = (p / tick).to_integral_value(rounding=rounding)
     return (units * tick).quantize(tick)
 

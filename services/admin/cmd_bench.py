@@ -42,7 +42,8 @@ def bench(
     The targets:
     feed: at least 200,000 ticks/s reach a subscriber, with no gaps;
     execution: at least 1,000 paper orders/s acknowledged;
-    backtest: at least 100,000 ticks per CPU-second;
+    backtest: at least 100,000 ticks per CPU-second with momentum, 250,000 with ema_cross on
+    1-second bars, 300,000 with ema_cross and with macd on 5-second bars;
     pipeline: tick to durable paper order p50 at most 2x the raw floor, p99 at most 3 ms
     and at most 2x the floor's p99 (the floor: raw PUB/SUB, two round trips and one insert,
     measured in the same run); beside it the same path in one process, with the

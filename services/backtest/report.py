@@ -126,8 +126,15 @@ class Book:
         if pos.quantity:
             self._unreal += pos.quantity * (price - pos.last_price)
         pos.last_price = price
-        if self._open_count:
-            self._observe(ts_ns)
+        if self._open_count:  # ``_observe(ts_ns)``, inlined: hot path
+            eq = self._realised + self._unreal - self._cost
+            if eq > self.peak:
+                self.peak = eq
+            elif self.peak - eq > self.max_drawdown:
+                self.max_drawdown = self.peak - eq
+            if ts_ns >= self._next_sample:
+                self.curve.append((ts_ns, eq))
+                self._next_sample = ts_ns + self.sample_ns
 
     def mark(self, key: str, symbol: str, price: float) -> None:
         """Register an instrument's price before any fill (so open trades mark correctly)."""

@@ -25,9 +25,12 @@ sees its chain's ticks from the next one on. The master must be the recording's 
 from __future__ import annotations
 
 import datetime as dt
+import gc
+import itertools
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -43,6 +46,9 @@ from services.backtest.report import Book, _iso
 from services.strategy import registry
 from services.strategy.base import Strategy, StrategyContext
 
+GC_GEN0 = 20_000  # collector thresholds during a replay (Python's defaults: 700, 10, 10)
+GC_GEN1 = 50
+GC_GEN2 = 100
 TIMER_NS = 1_000_000_000  # strategy housekeeping (quiet bars) once per exchange second
 MAX_EVENTS = 1000  # execution's alerts kept for the report (a stop moved, a square-off, ...)
 
@@ -115,17 +121,18 @@ class Pipeline:
                     self._basket(b)
                 continue
             item = work.popleft()
-            if type(item) is OrderRequest:
-                self._order(item)
-            elif type(item) is Fill:
-                self.risk_events(self.risk.on_fill(item))
-                self.book.on_fill(item, self.clock.now_ns(), self._purpose.get(item.order_id, ""))
-                work.extend(strat.dispatch_fill(item))
-            elif type(item) is OrderUpdate:
+            kind = type(item)  # the commonest first: several order updates to each fill
+            if kind is OrderUpdate:
                 self._purpose.setdefault(item.order_id, item.purpose)
                 self.risk.on_order_update(item)
                 work.extend(strat.dispatch_order(item))
-            elif type(item) is Alert:
+            elif kind is Fill:
+                self.risk_events(self.risk.on_fill(item))
+                self.book.on_fill(item, self.clock.now_ns(), self._purpose.get(item.order_id, ""))
+                work.extend(strat.dispatch_fill(item))
+            elif kind is OrderRequest:
+                self._order(item)
+            elif kind is Alert:
                 self._alert(item)
             # Position and the rest are for humans and other services.
 
@@ -176,7 +183,31 @@ class Pipeline:
         self._work.extend(self.strategy.dispatch_verdict(req, final))
 
 
-def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
+@contextmanager
+def _replay_collector() -> Iterator[None]:
+    """The cyclic garbage collector, tuned for a replay and put back after it.
+
+    A replay allocates container objects by the million (messages, rows, the in-memory
+    ledger's copies) and frees almost all of them by reference counting; at the default
+    thresholds the collector runs every 700 allocations and, every hundred of those, walks
+    everything alive: the master, the decoded ticks, the growing ledger. Here what existed
+    before the replay is frozen out of the collector's walks (``gc.freeze``; not when the
+    caller froze already, as a forking grid parent may have) and collections run less often.
+    No object's life changes: the same garbage is collected, later."""
+    old = gc.get_threshold()
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
+    gc.set_threshold(max(old[0], GC_GEN0), max(old[1], GC_GEN1), max(old[2], GC_GEN2))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        if freeze:
+            gc.unfreeze()
+
+
+def run_backtest(
     ticks: Iterable[Tick],
     strategy: str,
     params: dict[str, Any] | None = None,
@@ -189,6 +220,23 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
     log: Any = None,
 ) -> BacktestResult:
     """Replay ``ticks`` (in exchange-time order) through ``strategy`` and the paper pipeline."""
+    with _replay_collector():
+        return _run(ticks, strategy, params, cfg=cfg, master=master, strategy_id=strategy_id,
+                    instruments=instruments, on_error=on_error, log=log)
+
+
+def _run(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
+    ticks: Iterable[Tick],
+    strategy: str,
+    params: dict[str, Any] | None = None,
+    *,
+    cfg: Config,
+    master: MasterData,
+    strategy_id: str = "bt",
+    instruments: list[str] | None = None,
+    on_error: str = "continue",
+    log: Any = None,
+) -> BacktestResult:
     try:
         cls = registry.load(strategy)
     except registry.UnknownStrategy as exc:
@@ -239,8 +287,7 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
     now = 0
     next_timer = 0
     next_day = 0  # IST midnight after the current tick's day: risk starts a new day there
-    tick: Tick | None = first
-    while tick is not None:
+    for tick in itertools.chain((first,), it):
         key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         if wanted is None or key in wanted:
             ts = tick.exch_ts_ns or tick.ts_ns
@@ -261,11 +308,11 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
                 seen_keys[key] = inst.symbol if inst is not None else (tick.symbol or key)
                 book.mark(key, seen_keys[key], tick.ltp)
             book_tick(key, now, tick.ltp)
-            crossed = risk_tick(tick)
+            crossed = risk_tick(tick, key)
             if crossed:  # a strategy's MTM limit (or the loss limit) crossed
                 pipe.risk_events(crossed)
-            trailed = engine_tick(tick)  # execution's marks (market intent, flatten), trailing stops
-            broker_tick(tick)  # paper fills of resting orders and bracket legs
+            trailed = engine_tick(tick, key)  # execution's marks (market intent, flatten), trailing stops
+            broker_tick(tick, key)  # paper fills of resting orders and bracket legs
             if trailed or broker.events:
                 deliver(execution.pump())
             orders = dispatch(tick, key)
@@ -280,7 +327,6 @@ def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for sp
                 _follow(strat, wanted)
             if strat.halted:
                 break
-        tick = next(it, None)
     submit(strat.dispatch_stop())
     book.finish()
     elapsed = time.perf_counter() - t0

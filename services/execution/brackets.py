@@ -33,6 +33,7 @@ from services.execution.model import (
     EXIT,
     FLATTEN_P,
     STOP,
+    TERMINAL,
     BracketRow,
     OrderRow,
     new_id,
@@ -102,12 +103,20 @@ class Brackets(Orders):
         entry = self.orders.get(b.entry_id)
         if entry is None:
             return 0
-        legs = [self.orders[x] for x in self.legs.get(b.bracket_id, []) if x in self.orders]
-        exit_filled = sum(leg.filled_qty for leg in legs)
+        # one pass over the legs: their fills, and what has exited -- a leg the broker called
+        # complete has, even before its trade is in: the other leg goes now (OCO), and no leg
+        # is placed for those shares again (``exited_qty``, inlined)
+        orders = self.orders
+        legs: list[OrderRow] = []
+        exit_filled = exited = 0
+        for x in self.legs.get(b.bracket_id, ()):
+            leg = orders.get(x)
+            if leg is not None:
+                legs.append(leg)
+                filled = leg.filled_qty
+                exit_filled += filled
+                exited += max(filled, leg.broker_filled) if leg.broker_final else filled
         own = entry.filled_qty - exit_filled
-        # a leg the broker called complete has exited, even before its trade is in: the
-        # other leg goes now (OCO), and no leg is placed for those shares again
-        exited = sum(leg.exited_qty for leg in legs)
         protect = max(0, min(entry.filled_qty - exited, avail))
         changed = entry.filled_qty != b.entry_filled or exit_filled != b.exit_filled
         b.entry_filled, b.exit_filled = entry.filled_qty, exit_filled
@@ -187,8 +196,15 @@ class Brackets(Orders):
         return True
 
     def _size_legs(self, b: BracketRow, kind: str, legs: list[OrderRow], want: int) -> None:
-        live = [x for x in legs if not x.terminal and not x.cancel_requested and x.open_qty]
-        have = sum(x.open_qty for x in live)
+        live: list[OrderRow] = []
+        have = 0
+        for x in legs:
+            if x.status in TERMINAL or x.cancel_requested:
+                continue
+            q = x.open_qty
+            if q:
+                live.append(x)
+                have += q
         if have < want:
             if (b.bracket_id, kind) in self.leg_failed:
                 return

@@ -618,13 +618,15 @@ class BrokerEvents(Brackets):
             self._stray.pop(k, None)
             self._stray_alerted.discard(k)
 
-    def on_tick(self, tick: Tick) -> bool:
+    def on_tick(self, tick: Tick, key: str | None = None) -> bool:
         """Remember the last price (market intent, flatten, marks). Hot path: one dict store.
         A tick whose price is not a possible price (NaN, infinite, not positive, above the
         price cap) is ignored: the last good one stays the reference for pricing. True when
-        it moved a trailing stop (there is a modify to send: pump)."""
+        it moved a trailing stop (there is a modify to send: pump). ``key`` (``segment|token``)
+        may be passed when the caller already has it."""
         if 0.0 < tick.ltp <= MAX_TICK_PRICE:  # NaN fails both comparisons
-            key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
+            if key is None:
+                key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
             if key in self._trailing:
                 prev = self.last.get(key)
                 self.last[key] = tick

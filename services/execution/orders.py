@@ -356,7 +356,7 @@ class Orders(UnitOfWork):
         if reason:
             o.reason = reason
         o.updated_ns = self._now()
-        if o.terminal:
+        if status in TERMINAL_STATES:  # ``o.terminal``
             self.working.pop(o.order_id, None)
             self._settle_later(o)
         else:

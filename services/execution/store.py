@@ -176,62 +176,69 @@ class MemoryOrderStore:
     def migrate(self) -> list[str]:
         return []
 
-    def write(self, changes: Changes) -> dict[str, OrderRow]:
+    def write(self, changes: Changes) -> dict[str, OrderRow]:  # noqa: PLR0915 - one transaction, in order
         conflicts: dict[str, OrderRow] = {}
         skipped: set[str] = set()
         new_rows: list[OrderRow] = []
-        staged_tags: set[str] = set()
-        staged_requests: set[str] = set()
-        for row in changes.new_orders:
-            if row.parent_id and row.parent_id in skipped:
-                skipped.add(row.order_id)
-                continue
-            existing = self.by_request.get(row.request_id)
-            if existing is not None or row.request_id in staged_requests:
-                if existing is not None:
-                    conflicts[row.request_id] = copy.copy(self.orders[existing])
-                skipped.add(row.order_id)
-                continue
-            if row.client_tag in self.tags or row.client_tag in staged_tags:
-                raise LedgerError(f"duplicate client_tag {row.client_tag}")
-            staged_tags.add(row.client_tag)
-            staged_requests.add(row.request_id)
-            new_rows.append(row)
+        orders = self.orders
+        cp = copy.copy
+        if changes.new_orders:
+            staged_tags: set[str] = set()
+            staged_requests: set[str] = set()
+            for row in changes.new_orders:
+                if row.parent_id and row.parent_id in skipped:
+                    skipped.add(row.order_id)
+                    continue
+                existing = self.by_request.get(row.request_id)
+                if existing is not None or row.request_id in staged_requests:
+                    if existing is not None:
+                        conflicts[row.request_id] = cp(orders[existing])
+                    skipped.add(row.order_id)
+                    continue
+                if row.client_tag in self.tags or row.client_tag in staged_tags:
+                    raise LedgerError(f"duplicate client_tag {row.client_tag}")
+                staged_tags.add(row.client_tag)
+                staged_requests.add(row.request_id)
+                new_rows.append(row)
         staged = {r.order_id for r in new_rows}
         for ev in changes.events:
-            if ev.order_id not in skipped and ev.order_id not in self.orders and ev.order_id not in staged:
+            if ev.order_id not in orders and ev.order_id not in skipped and ev.order_id not in staged:
                 raise LedgerError(f"event for unknown order {ev.order_id}")
         for f in changes.fills:
-            if f.order_id not in skipped and f.order_id not in self.orders and f.order_id not in staged:
+            if f.order_id not in orders and f.order_id not in skipped and f.order_id not in staged:
                 raise LedgerError(f"fill for unknown order {f.order_id}")
             problem = fill_problem(f)
             if problem is not None:  # the CHECK constraints of ``fills``
                 raise LedgerDataError(f"fill {f.trade_id} refused: {problem}")
         # all checks passed: apply (all or nothing, like a transaction)
         for row in new_rows:
-            self.orders[row.order_id] = copy.copy(row)
+            orders[row.order_id] = cp(row)
             self.by_request[row.request_id] = row.order_id
             self.tags.add(row.client_tag)
         for oid, row in changes.updated.items():
-            if oid in skipped or oid not in self.orders:
-                continue
-            self.orders[oid] = copy.copy(row)
-        self.events.extend(copy.copy(ev) for ev in changes.events if ev.order_id not in skipped)
+            if oid in orders and oid not in skipped:
+                orders[oid] = cp(row)
+        if skipped:
+            self.events.extend(cp(ev) for ev in changes.events if ev.order_id not in skipped)
+        else:
+            self.events.extend(map(cp, changes.events))
         for f in changes.fills:
             if f.order_id in skipped:
                 continue
-            self.fills.setdefault((f.broker, f.trading_day, f.segment, f.trade_id), copy.copy(f))
+            self.fills.setdefault((f.broker, f.trading_day, f.segment, f.trade_id), cp(f))
         for b in changes.brackets.values():
             if b.entry_id in skipped:
                 continue
-            self.brackets[b.bracket_id] = copy.copy(b)
-        self._write_baskets(changes, skipped)
-        seen = {r.request_id for r in self.risk if r.request_id} if changes.risk_events else set()
-        for r in changes.risk_events:
-            if r.request_id and r.request_id in seen:
-                continue
-            seen.add(r.request_id)
-            self.risk.append(copy.copy(r))
+            self.brackets[b.bracket_id] = cp(b)
+        if changes.baskets:
+            self._write_baskets(changes, skipped)
+        if changes.risk_events:
+            seen = {r.request_id for r in self.risk if r.request_id}
+            for r in changes.risk_events:
+                if r.request_id and r.request_id in seen:
+                    continue
+                seen.add(r.request_id)
+                self.risk.append(cp(r))
         self.transactions += 1
         return conflicts
 

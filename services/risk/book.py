@@ -117,6 +117,9 @@ class RiskBook:
         self._net_qty: dict[str, int] = {}  # instrument key → account net quantity
         self._open_keys: set[str] = set()  # instruments with a non-zero position in any strategy
         self._marks: dict[str, float] = {}  # instrument key → last traded price
+        # per open key, in ``_cost_f``'s order: net qty x mark - cost, the terms ``pnl()`` sums
+        # (0.0 without a mark, which adds nothing); None when a fill or a load changed them
+        self._mtm: dict[str, float] | None = None
         self._realised = _ZERO
         self._turnover = _ZERO
         self._realised_f = 0.0  # float copies for per-tick marking (no Decimal on the tick path)
@@ -196,29 +199,47 @@ class RiskBook:
         """Account net quantity in an instrument (``segment|token``)."""
         return self._net_qty.get(key, 0)
 
-    def on_tick(self, tick: Tick) -> Sequence[Event]:
-        """Mark to market. Returns the loss-breach events when this tick trips the limit."""
+    def on_tick(self, tick: Tick, key: str | None = None) -> Sequence[Event]:
+        """Mark to market. Returns the loss-breach events when this tick trips the limit.
+        ``key`` (``segment|token``) may be passed when the caller already has it."""
         ltp = tick.ltp
         if not (ltp > 0 and math.isfinite(ltp)):
             return _NO_EVENTS
-        key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
+        if key is None:
+            key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         marks = self._marks
         marks[key] = ltp
-        if key in self._open_keys and not self.loss_breached:
-            # Hot path: ``net_pnl()`` inlined (the same sums in the same order, so the same
-            # floats); the breach itself goes through ``_check_loss``.
+        if key not in self._open_keys:
+            return _NO_EVENTS
+        mtm = self._mtm
+        if mtm is not None:
+            mtm[key] = self._net_qty.get(key, 0) * ltp - self._cost_f[key]
+        if not self.loss_breached:
+            # Hot path: ``net_pnl()`` inlined -- the same terms summed in the same order, so the
+            # same floats -- with each term kept between ticks: a tick recomputes only its own
+            # instrument's. The breach itself goes through ``_check_loss``.
+            if mtm is None:
+                mtm = self._mtm_terms()
             unrealised = 0.0
-            net = self._net_qty
-            for k, cost in self._cost_f.items():
-                mark = marks.get(k)
-                if mark is not None:
-                    unrealised += net.get(k, 0) * mark - cost
+            for term in mtm.values():
+                unrealised += term
             net_pnl = (self._realised_f + unrealised) - self._turnover_f * self._cost_rate
             if not net_pnl >= -self.cfg.max_daily_loss:  # written so that NaN breaches, as there
                 return (*self._check_loss(), *self._check_strategies(key))
-        if self._limits and key in self._open_keys:
+        if self._limits:
             return self._check_strategies(key)
         return _NO_EVENTS
+
+    def _mtm_terms(self) -> dict[str, float]:
+        """``pnl()``'s unrealised terms, afresh (adding 0.0 for an unmarked key changes no sum:
+        the running sum starts at +0.0 and so is never -0.0)."""
+        marks, net = self._marks, self._net_qty
+        terms: dict[str, float] = {}
+        for k, cost in self._cost_f.items():
+            mark = marks.get(k)
+            terms[k] = net.get(k, 0) * mark - cost if mark is not None else 0.0
+        self._mtm = terms
+        return terms
 
     def on_fill(self, fill: Fill) -> Sequence[Event]:
         """Book a fill (idempotent on ``fill_id``); returns loss-breach events if any."""
@@ -249,6 +270,7 @@ class RiskBook:
         self._refresh_open(key)
         if key not in self._marks:
             self._marks[key] = float(fill.price)
+        self._mtm = None
         request_id = self._order_ids.get(fill.order_id)
         if request_id is not None:
             working = self._working.get(request_id)
@@ -328,6 +350,7 @@ class RiskBook:
         self._by_key.setdefault(key, []).append(pos)
 
     def _refresh_open(self, key: str) -> None:
+        self._mtm = None
         cost = 0.0
         is_open = False
         for p in self._by_key.get(key, ()):
@@ -535,6 +558,7 @@ class RiskBook:
         return (*events, *self._check_all_strategies()), drifted
 
     def _load_book(self, day: DayState) -> None:
+        self._mtm = None
         self._positions.clear()
         self._by_key.clear()
         self._net_qty.clear()

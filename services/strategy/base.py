@@ -214,6 +214,7 @@ class Strategy:
         self._outbox: list[OrderRequest] = []
         self._exit_ids: set[str] = set()
         self._busy: set[str] = set()  # keys with an order in flight or open
+        self._busy_stale = False  # pending/open_orders changed since ``_busy`` was built
         self._backoff: dict[str, tuple[int, float]] = {}  # key → (entries allowed again at, delay)
         self._fill_ids: set[str] = set()
         self._fill_qty: dict[str, int] = {}  # order_id → quantity seen in Fill messages
@@ -221,6 +222,7 @@ class Strategy:
         self._applied_qty: dict[str, int] = {}  # order_id → quantity booked into positions
         self._bars: dict[str, BarAggregator] = {}
         self._wants_bars = type(self).on_bar is not Strategy.on_bar
+        self._wants_orders = type(self).on_order is not Strategy.on_order
         self._bar_interval = float(getattr(self.params, "bar_seconds", self.bar_interval_s))
         self._bar_start_ns: int | None = None
         # option chains and extra subscriptions (``chain``/``subscribe``)
@@ -424,6 +426,8 @@ class Strategy:
     def has_orders(self, instrument: InstrumentRef) -> bool:
         """True when an order in ``instrument`` is in flight or open at the broker."""
         key = self.key_of(instrument)
+        if self._busy_stale:
+            self._rebuild_busy()
         if key in self._busy:
             return True
         return any(_req_key(req) == key for req in self._outbox)
@@ -615,6 +619,8 @@ class Strategy:
             self._known_qty[oid] = update.filled_qty
             price = float(update.avg_price) if update.avg_price is not None else 0.0
             self._book(oid, instrument_key(update.segment, update.token), update.symbol, update.side, price)
+        if not self._wants_orders and not self._outbox:
+            return _EMPTY  # what ``_guarded`` returns around the base class's empty hook
         return self._guarded("on_order", lambda: self.on_order(update))
 
     def has_fill(self, fill_id: str) -> bool:
@@ -841,10 +847,15 @@ class Strategy:
         return out
 
     def _refresh_busy(self) -> None:
-        """Recompute the instruments with orders in flight or open (on order events only)."""
-        busy = {instrument_key(r.segment, r.token) for r in self.pending.values()}
-        busy.update(instrument_key(u.segment, u.token) for u in self.open_orders.values())
+        """The orders in flight or open changed: ``has_orders`` rebuilds the busy set when it
+        is next asked (an order event costs nothing until then)."""
+        self._busy_stale = True
+
+    def _rebuild_busy(self) -> None:
+        busy = {f"{r.segment}|{r.token}" for r in self.pending.values()}  # instrument_key, inlined
+        busy.update(f"{u.segment}|{u.token}" for u in self.open_orders.values())
         self._busy = busy
+        self._busy_stale = False
 
     def _guarded(self, hook: str, fn: Callable[[], Any]) -> list[OrderRequest] | tuple[OrderRequest, ...]:
         if self.halted:

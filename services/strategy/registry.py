@@ -13,6 +13,7 @@ from services.strategy.base import Strategy
 BUILTIN: dict[str, str] = {
     "momentum": "services.strategy.momentum:Momentum",
     "macd": "services.strategy.macd:MacdCrossover",
+    "ema_cross": "services.strategy.ema_cross:EmaCross",
     "straddle": "services.strategy.straddle:Straddle",
 }
 

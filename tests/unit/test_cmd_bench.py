@@ -49,3 +49,17 @@ def test_run_all_refuses_unknown_names_and_reports_a_failed_benchmark() -> None:
     lines = run_all.summary_lines("pipeline", {"ok": False, "seconds": 1.5, "error": "exit 1: boom"})
     assert lines == ["== pipeline (1.5 s)", "   FAILED: exit 1: boom"]
     assert set(run_all.BENCHES) == {"feed", "execution", "backtest", "pipeline", "grid"}
+
+
+def test_a_tiny_backtest_bench_reports_each_target_met_or_missed() -> None:
+    from benchmarks import bench_backtest, run_all
+
+    res = bench_backtest.run(3000, repeat=1)
+    cases = [t["case"] for t in res["targets"]]
+    assert cases == ["momentum", "ema_cross, 1 s bars", "ema_cross, 5 s bars", "macd, 5 s bars"]
+    assert [t["target"] for t in res["targets"]] == [100_000, 250_000, 300_000, 300_000]
+    assert all(t["ticks_per_cpu_s"] > 0 and t["met"] == (t["ticks_per_cpu_s"] >= t["target"])
+               for t in res["targets"])  # fmt: skip
+    lines = run_all.summary_lines("backtest", {"ok": True, "seconds": 1.0, "result": res})
+    marks = [line.rsplit(": ", 1)[-1] for line in lines if "target >=" in line]
+    assert len(marks) == 4 and set(marks) <= {"met", "MISSED"}

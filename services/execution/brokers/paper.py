@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -118,6 +119,9 @@ class PaperBroker:
         self._order_trades: dict[str, list[str]] = {}  # broker order id → its trade ids
         self._finished: deque[tuple[int, str]] = deque()  # (when it finished, broker order id)
         self.resting: dict[str, list[PaperOrder]] = {}
+        # per instrument with resting orders: the prices a tick must reach for any of them to
+        # trigger or cross (``_quiet_band``); dropped whenever that book or an order in it changes
+        self._band: dict[str, tuple[float, float, float, float]] = {}
         self.last: dict[str, Tick] = {}
         self.events: list[BrokerEvent] = []
         self.places = 0
@@ -176,6 +180,7 @@ class PaperBroker:
             self._mark_carried()
         self._fh = path.open("a", encoding="utf-8")
         now = self.clock.now_ns()
+        self._band = {}
         for o in self.orders.values():
             if o.status not in _DONE:
                 self.resting.setdefault(o.key, []).append(o)
@@ -405,27 +410,29 @@ class PaperBroker:
             fprice=float(order.price),
             ftrigger=float(order.trigger_price) if order.trigger_price is not None else 0.0,
         )
-        self._log(
-            {
-                "op": "place",
-                "id": oid,
-                "tag": o.tag,
-                "seg": o.segment,
-                "tok": o.token,
-                "sym": o.symbol,
-                "side": o.side,
-                "qty": o.quantity,
-                "price": str(o.price),
-                "otype": o.order_type,
-                "trig": str(o.trigger) if o.trigger is not None else None,
-                "product": o.product,
-                "ts": now,
-            }
-        )
+        if self._fh is not None:  # the journal; without one (backtests) no record is built
+            self._log(
+                {
+                    "op": "place",
+                    "id": oid,
+                    "tag": o.tag,
+                    "seg": o.segment,
+                    "tok": o.token,
+                    "sym": o.symbol,
+                    "side": o.side,
+                    "qty": o.quantity,
+                    "price": str(o.price),
+                    "otype": o.order_type,
+                    "trig": str(o.trigger) if o.trigger is not None else None,
+                    "product": o.product,
+                    "ts": now,
+                }
+            )
         self.orders[oid] = o
         self._reserve(o, need)
         self.places += 1
         self.resting.setdefault(o.key, []).append(o)
+        self._band.pop(o.key, None)
         self._status(o)
         last = self.last.get(o.key)
         if last is not None:
@@ -441,7 +448,8 @@ class PaperBroker:
         o.status = _CANCELLED
         o.reason = "cancelled by user"
         self._reserve(o, 0.0)
-        self._log({"op": "cancel", "oid": o.oid, "reason": o.reason})
+        if self._fh is not None:
+            self._log({"op": "cancel", "oid": o.oid, "reason": o.reason})
         self._finished.append((self.clock.now_ns(), o.oid))
         self._unrest(o)
         self._status(o)
@@ -477,15 +485,17 @@ class PaperBroker:
         if trigger_price is not None:
             o.trigger = trigger_price
             o.ftrigger = float(trigger_price)
-        self._log(
-            {
-                "op": "modify",
-                "oid": o.oid,
-                "qty": o.quantity,
-                "price": str(o.price),
-                "trig": str(o.trigger) if o.trigger is not None else None,
-            }
-        )
+        self._band.pop(o.key, None)
+        if self._fh is not None:
+            self._log(
+                {
+                    "op": "modify",
+                    "oid": o.oid,
+                    "qty": o.quantity,
+                    "price": str(o.price),
+                    "trig": str(o.trigger) if o.trigger is not None else None,
+                }
+            )
         self._status(o)
         last = self.last.get(o.key)
         if last is not None:
@@ -526,9 +536,10 @@ class PaperBroker:
             self._fh = None
 
     # ------------------------------------------------------------------ market data
-    def on_tick(self, tick: Tick) -> None:
+    def on_tick(self, tick: Tick, key: str | None = None) -> None:
         """Remember the touch; fill resting orders this tick crosses. Cheap when nothing rests.
-        A tick without a possible price (NaN, infinite, not positive, absurd) fills nothing."""
+        A tick without a possible price (NaN, infinite, not positive, absurd) fills nothing.
+        ``key`` (``segment|token``) may be passed when the caller already has it."""
         ltp = tick.ltp
         if not 0.0 < ltp <= 10_000_000.0:  # NaN fails both comparisons
             return
@@ -536,16 +547,22 @@ class PaperBroker:
             # an impossible touch (NaN, negative, far from the last price) is no touch: the
             # last price stands in, so nothing fills at a price the market never showed
             tick = msgspec.structs.replace(tick, bid=0.0, ask=0.0, bid_qty=0, ask_qty=0)
-        key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
+        if key is None:
+            key = f"{tick.segment}|{tick.token}"  # instrument_key, inlined: hot path
         self.last[key] = tick
         book = self.resting.get(key)
         if not book:
             return
+        buy_touch = tick.ask if tick.ask > 0 else ltp
+        sell_touch = tick.bid if tick.bid > 0 else ltp
+        band = self._band.get(key)
+        if band is None:
+            band = self._band[key] = _quiet_band(book)
+        if band[0] > ltp > band[1] and buy_touch > band[2] and sell_touch < band[3]:
+            return  # inside the quiet band: no order of this book can trigger or cross
         # Hot path: only the orders this tick can trigger or cross go to ``_match`` (the same
         # tests as its early returns; a fill only touches its own order, so checking them all
         # first is the same as checking each in turn).
-        buy_touch = tick.ask if tick.ask > 0 else ltp
-        sell_touch = tick.bid if tick.bid > 0 else ltp
         hits = None
         for o in book:
             if o.order_type == "SL" and not o.triggered:
@@ -578,7 +595,9 @@ class PaperBroker:
         if o.order_type == "SL" and not o.triggered:
             if (o.side == "BUY" and ltp >= o.ftrigger) or (o.side == "SELL" and ltp <= o.ftrigger):
                 o.triggered = True
-                self._log({"op": "trigger", "oid": o.oid})
+                self._band.pop(o.key, None)
+                if self._fh is not None:
+                    self._log({"op": "trigger", "oid": o.oid})
                 arriving = True  # a triggered stop arrives at the book as a limit
             else:
                 return
@@ -620,7 +639,8 @@ class PaperBroker:
         self._tseq += 1
         tid = f"T{self._day.replace('-', '')[2:]}{self._tseq:09d}"
         now = self.clock.now_ns()
-        self._log({"op": "trade", "id": tid, "oid": o.oid, "qty": qty, "price": str(price), "ts": now})
+        if self._fh is not None:
+            self._log({"op": "trade", "id": tid, "oid": o.oid, "qty": qty, "price": str(price), "ts": now})
         self._margin_trade(o, qty, price)
         o.filled += qty
         o.value += price * qty
@@ -642,6 +662,7 @@ class PaperBroker:
         self._status(o)
 
     def _unrest(self, o: PaperOrder) -> None:
+        self._band.pop(o.key, None)
         book = self.resting.get(o.key)
         if book and o in book:
             book.remove(o)
@@ -662,3 +683,27 @@ class PaperBroker:
 
     def _status(self, o: PaperOrder) -> None:
         self.events.append(self._as_status(o))
+
+
+def _quiet_band(book: list[PaperOrder]) -> tuple[float, float, float, float]:
+    """(lowest BUY stop trigger, highest SELL stop trigger, highest BUY limit, lowest SELL limit)
+    over ``book``, a triggered stop counting as the limit it has become: a tick whose last
+    price lies strictly between the two triggers, whose buy touch is above every BUY limit and
+    whose sell touch is below every SELL limit triggers or crosses none of them (the tests of
+    ``on_tick``, negated). An order already done counts too: the band is only ever narrower.
+    A price that is not a number makes the band empty (every tick takes the full test)."""
+    buy_stop, sell_stop = math.inf, -math.inf
+    buy_limit, sell_limit = -math.inf, math.inf
+    for o in book:
+        if math.isnan(o.fprice) or math.isnan(o.ftrigger):
+            return math.nan, math.nan, math.nan, math.nan
+        if o.order_type == "SL" and not o.triggered:
+            if o.side == "BUY":
+                buy_stop = min(buy_stop, o.ftrigger)
+            elif o.side == "SELL":
+                sell_stop = max(sell_stop, o.ftrigger)
+        elif o.side == "BUY":
+            buy_limit = max(buy_limit, o.fprice)
+        else:
+            sell_limit = min(sell_limit, o.fprice)
+    return buy_stop, sell_stop, buy_limit, sell_limit
