@@ -659,7 +659,8 @@ class Reactor:
                 if not self.running:
                     return
             # Rounded up: a timer due in under a millisecond is waited for in one poll, not by
-            # polling with a zero timeout until it is due (that spun up to 1 ms per timer).
+            # polling with a zero timeout until it is due (that spun up to 1 ms per timer). So a
+            # timer may run up to 1 ms late, after a message that came in during that wait.
             timeout_ms = 100
             if timers:
                 timeout_ms = min(timeout_ms, max(0, math.ceil((timers[0][0] - time.monotonic()) * 1000)))

@@ -222,7 +222,6 @@ class Strategy:
         self._applied_qty: dict[str, int] = {}  # order_id → quantity booked into positions
         self._bars: dict[str, BarAggregator] = {}
         self._wants_bars = type(self).on_bar is not Strategy.on_bar
-        self._wants_orders = type(self).on_order is not Strategy.on_order
         self._bar_interval = float(getattr(self.params, "bar_seconds", self.bar_interval_s))
         self._bar_start_ns: int | None = None
         # option chains and extra subscriptions (``chain``/``subscribe``)
@@ -619,8 +618,6 @@ class Strategy:
             self._known_qty[oid] = update.filled_qty
             price = float(update.avg_price) if update.avg_price is not None else 0.0
             self._book(oid, instrument_key(update.segment, update.token), update.symbol, update.side, price)
-        if not self._wants_orders and not self._outbox:
-            return _EMPTY  # what ``_guarded`` returns around the base class's empty hook
         return self._guarded("on_order", lambda: self.on_order(update))
 
     def has_fill(self, fill_id: str) -> bool:

@@ -117,6 +117,18 @@ def test_no_double_entry_while_an_order_is_in_flight_or_a_position_is_open() -> 
     assert strat.dispatch_tick(_tick(1293.0)) == ()  # holding
 
 
+def test_an_on_order_hook_set_on_the_instance_is_called() -> None:
+    # a plugin or wrapper may set the hook at start rather than in the class body
+    seen: list[str] = []
+    strat = Probe(_ctx())
+    strat.dispatch_start()
+    strat.on_order = lambda update: seen.append(update.status)  # type: ignore[method-assign]
+    (req,) = strat.dispatch_tick(_tick(1290.0))
+    strat.dispatch_verdict(req, RiskVerdict(request_id=req.request_id, approved=True, order_id="o1"))
+    strat.dispatch_order(_update(req, "OPEN"))
+    assert seen == ["OPEN"]
+
+
 def test_a_rejected_order_frees_the_instrument_and_reaches_on_reject() -> None:
     seen: list[str] = []
 
