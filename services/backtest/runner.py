@@ -207,7 +207,8 @@ def _replay_collector() -> Iterator[None]:
             gc.unfreeze()
 
 
-def run_backtest(
+@_replay_collector()  # a fresh collector setting for each call (contextmanager as a decorator)
+def run_backtest(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
     ticks: Iterable[Tick],
     strategy: str,
     params: dict[str, Any] | None = None,
@@ -220,23 +221,6 @@ def run_backtest(
     log: Any = None,
 ) -> BacktestResult:
     """Replay ``ticks`` (in exchange-time order) through ``strategy`` and the paper pipeline."""
-    with _replay_collector():
-        return _run(ticks, strategy, params, cfg=cfg, master=master, strategy_id=strategy_id,
-                    instruments=instruments, on_error=on_error, log=log)
-
-
-def _run(  # noqa: PLR0915 - the replay loop is kept in one frame for speed
-    ticks: Iterable[Tick],
-    strategy: str,
-    params: dict[str, Any] | None = None,
-    *,
-    cfg: Config,
-    master: MasterData,
-    strategy_id: str = "bt",
-    instruments: list[str] | None = None,
-    on_error: str = "continue",
-    log: Any = None,
-) -> BacktestResult:
     try:
         cls = registry.load(strategy)
     except registry.UnknownStrategy as exc:
