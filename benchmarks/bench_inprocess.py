@@ -65,6 +65,11 @@ RISK_ENV = {
     "NEOPULSE_RISK__MAX_NOTIONAL": "1000000000000",
     "NEOPULSE_RISK__MAX_DAILY_LOSS": "1000000000",
     "NEOPULSE_EXECUTION__RECONCILE_S": "3600",
+    # and, as bench_pipeline's stack_env does, no time-of-day rules: the bench runs at any hour
+    # (after 15:00 IST the late-entry cutoff refused every order and the run measured nothing)
+    "NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "",
+    "NEOPULSE_EXECUTION__SQUARE_OFF_AT": "",
+    "NEOPULSE_EXECUTION__LOGOUT_AT": "",
 }
 
 
@@ -316,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res, indent=2))
     else:
         print_table(res)
+    if res["refused"]:  # the figures then time refusals, not the order path: say so, fail the run
+        print(f"bench_inprocess: risk or execution refused {res['refused']} orders, so the figures do "
+              f"not describe the order path; first: {res['refused_examples'][0]}", file=sys.stderr)
+        return 1
     return 0
 
 
