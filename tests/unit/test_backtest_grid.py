@@ -234,3 +234,46 @@ def test_a_grid_over_a_simulated_day_matches_the_single_backtest_of_each_value(r
         s = json.loads(single.stdout)["summary"]
         assert (rows[pct]["net_pnl"], rows[pct]["trades"]) == (s["net_pnl"], s["trades"])
     assert rows[20.0]["trades"] == 2
+
+
+def test_a_grid_over_stored_candles_matches_the_single_history_backtest_of_each_value(
+    runner: CliRunner,
+) -> None:
+    import math
+
+    from services.history import store
+
+    # Arrange: three days of RELIANCE-EQ 1-minute candles swinging every 45 minutes, stored the
+    # way `neopulse history fetch` stores them.
+    home = home_dir()
+    days = [dt.date(2026, 11, 23), dt.date(2026, 11, 24), dt.date(2026, 11, 25)]
+    rows = []
+    for day in days:
+        t0 = int(dt.datetime.combine(day, dt.time(9, 15), IST).timestamp()) * S
+        for k in range(375):
+            o, c = (1000 + 10 * math.sin(2 * math.pi * (k + j) / 45) for j in (0, 1))
+            rows.append([t0 + k * 60 * S, o, max(o, c) + 0.5, min(o, c) - 0.5, c, 100, 0])
+    for chunk in store.chunks(days[0], days[-1], "1m"):
+        inside = [
+            r for r in rows if chunk.first <= dt.datetime.fromtimestamp(r[0] / S, IST).date() <= chunk.last
+        ]
+        store.write_chunk(store.chunk_path(home, "nse_cm|2885", "1m", chunk.start), chunk, inside,
+                          today=dt.date(2026, 12, 1), symbol="RELIANCE-EQ")  # fmt: skip
+    hist = ["--strategy", "macd", "--history", "RELIANCE-EQ", "--from", "2026-11-23", "--to", "2026-11-25",
+            "--interval", "1m"]  # fmt: skip
+
+    # Act
+    result = runner.invoke(cli.app, ["backtest", *hist, "--grid", "fast=8,12", "--json", "--jobs", "1"])
+
+    # Assert: one bar per candle in every combination, and each row is that value's own backtest
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fixed_params"] == {"bar_seconds": "60"} and report["days"] == ["2026-11-23", "2026-11-25"]
+    rows_by_fast = {r["params"]["fast"]: r for r in report["results"]}
+    assert set(rows_by_fast) == {8, 12}
+    for fast, row in rows_by_fast.items():
+        single = runner.invoke(cli.app, ["backtest", *hist, "--param", f"fast={fast}", "--json"])
+        assert single.exit_code == 0, single.output
+        s = json.loads(single.stdout)["summary"]
+        assert (row["net_pnl"], row["trades"]) == (s["net_pnl"], s["trades"])
+        assert row["trades"] > 0
