@@ -5,6 +5,7 @@ resolved by tag without a second send, and kill -9 after the broker accepted."""
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -69,6 +70,16 @@ def test_kotak_orders_run_in_the_pool_and_fills_arrive_by_polling(
     assert found["broker_order_id"] and len(received(fake, hung["client_tag"])) == 1
     eventually(lambda: stack.ok(GetStatus())["unknown"] == 1, timeout=10, message="the lost place reply")
     assert stack.find(hung["order_id"])["status"] == "OPEN" and len(received(fake, hung["client_tag"])) == 1
+
+    # the broker call -> ack hop is timed on the pool's threads too: both places, the hung one as well
+    def place_hop() -> dict[str, Any] | None:
+        res = stack.cli("status", "--latency", "--json", "-s", "execution")
+        hops = json.loads(res.stdout)["latency"] if res.stdout else []
+        rows = [r for r in hops if r["hop"] == "broker_place"]
+        return rows[0] if rows and rows[0]["count"] >= 2 else None
+
+    hop = eventually(place_hop, timeout=10, message="broker_place counted in execution's heartbeat")
+    assert hop["service"] == "execution" and hop["max"] >= 1_000_000  # us: the hung place, timed out at 1 s
 
 
 def test_kotak_kill_9_after_the_broker_accepted(stack: ExecStack, fake: KotakRestFake) -> None:

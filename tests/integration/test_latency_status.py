@@ -62,3 +62,31 @@ def test_status_latency_shows_every_hop_with_a_count_once_a_strategy_order_fille
     finally:
         stack.stop()
         stack.kill_all()
+
+
+def test_with_bus_latency_false_no_hop_is_kept_and_the_strategy_still_trades(
+        tmp_path: Path, pg_url: str) -> None:
+    home = tmp_path / "home"
+    home.mkdir(parents=True)
+    (home / "neopulse.toml").write_text(CONFIG)
+    stack = Stack(free_base_port(), home=home, NEOPULSE_DATABASE__URL=pg_url,
+                  NEOPULSE_CONFIG=str(home / "neopulse.toml"), NEOPULSE_FEED__RECORD="false",
+                  NEOPULSE_BUS__LATENCY="false")
+    stack.start("feed", "risk", "execution", "strategy")
+    try:
+        def traded() -> bool:
+            res = stack.cli("positions", "--json")
+            return res.returncode == 0 and any(p["strategy_id"] == "lat1" for p in json.loads(res.stdout))
+
+        eventually(traded, 40, 0.5, message=f"a lat1 position\n{stack.log()[-3000:]}")
+
+        res = stack.cli("status", "--latency", "--json", *SERVICES)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["latency"] == []
+        table = stack.cli("status", "--latency", *SERVICES)
+        assert table.returncode == 0, table.stderr
+        said = " ".join(table.stdout.split())
+        assert "no heartbeat carried any figures yet (or bus.latency is false)" in said
+    finally:
+        stack.stop()
+        stack.kill_all()
