@@ -14,7 +14,8 @@ import pytest
 
 from libs.common.messages import Codec, ExecuteOrder, OrderRequest, Tick, VerdictCode
 from libs.common.money import pct_stop
-from services.execution.model import STOP
+from services.execution.brokers.base import BrokerOrderStatus, BrokerTrade
+from services.execution.model import COMPLETE, OPEN, STOP
 from tests.unit.test_engine_faults import Hand, execute, places
 from tests.unit.test_risk_baskets import CE, PE, basket, leg, make
 
@@ -125,3 +126,58 @@ def test_a_percent_out_of_range_never_decodes(bad: str) -> None:
                                  symbol="X")  # fmt: skip
     with pytest.raises(msgspec.ValidationError, match=r"order\.stop_loss_pct"):
         codec.decode(codec.encode(execute_order))
+
+
+# ----------------------------------------------------------- kill -9 around the anchoring
+
+
+def _trade_row(o: Any, qty: int, price: str) -> BrokerTrade:
+    return BrokerTrade(trade_id="T1", broker_order_id=o.broker_order_id, client_tag=o.client_tag,
+                       side=o.side, quantity=qty, price=D(price))  # fmt: skip
+
+
+def _complete(o: Any) -> BrokerOrderStatus:
+    return BrokerOrderStatus(broker_order_id=o.broker_order_id, client_tag=o.client_tag, status=COMPLETE,
+                             quantity=o.quantity, filled_qty=o.quantity)  # fmt: skip
+
+
+def test_a_kill_after_the_fill_anchored_the_stop_in_memory_anchors_it_again_from_the_books() -> None:
+    h = Hand()
+    eid = _sell_with_pct(h)
+    entry = h.order(eid)
+    # the trade arrives and the stop is anchored in memory; kill -9 before anything is written
+    h.engine.on_broker_event(_trade_row(entry, 10, "1300.00"))
+    assert h.engine.brackets[entry.bracket_id].stop_loss == D("1625.00")  # anchored in memory
+    assert h.store.brackets[entry.bracket_id].stop_pct == D("25")  # the ledger still has the percent
+
+    h2 = Hand(store=h.store, clock=h.clock)
+    h2.books([_complete(entry)], [_trade_row(entry, 10, "1300.00")])
+
+    [stop] = places(h2.take())
+    assert stop.order.trigger_price == D("1625.00") and stop.order.quantity == 10  # from the fill, once
+    b = h2.store.brackets[entry.bracket_id]
+    assert b.stop_loss == D("1625.00") and b.stop_pct is None
+    h2.ack(stop)
+    h2.books([_complete(entry)], [_trade_row(entry, 10, "1300.00")])
+    assert places(h2.take()) == []  # the books again: no second stop
+
+
+def test_a_kill_after_the_anchored_stop_was_sent_keeps_it_and_never_sends_another() -> None:
+    h = Hand()
+    eid = _sell_with_pct(h)
+    entry = h.order(eid)
+    h.trade(entry, 10, "1300.00")
+    [stop] = places(h.take())  # the stop's row committed and sent: kill -9 before the answer
+    stop_row = h.order(stop.order_id)
+    assert h.store.brackets[entry.bracket_id].stop_loss == D("1625.00")
+
+    h2 = Hand(store=h.store, clock=h.clock)
+    at_broker = BrokerOrderStatus(broker_order_id="B9", client_tag=stop_row.client_tag, status=OPEN,
+                                  quantity=10)  # fmt: skip
+    h2.books([_complete(entry), at_broker], [_trade_row(entry, 10, "1300.00")])
+
+    assert places(h2.take()) == []
+    [leg_row] = h2.legs(eid, STOP)
+    assert leg_row.order_id == stop_row.order_id and leg_row.broker_order_id == "B9"
+    assert leg_row.trigger_price == D("1625.00")
+    assert h2.store.brackets[entry.bracket_id].stop_pct is None
