@@ -54,6 +54,7 @@ from services.execution.engine import ExecutionEngine  # noqa: E402
 from services.execution.ledger import PgOrderStore  # noqa: E402
 from services.execution.service import FLUSH_DELAY_S  # noqa: E402
 from services.risk.sentinel import RiskSentinel  # noqa: E402
+from tests.helpers import ANY_HOUR  # noqa: E402
 
 SYMBOL = "RELIANCE-EQ"
 WARMUP = 20
@@ -65,11 +66,9 @@ RISK_ENV = {
     "NEOPULSE_RISK__MAX_NOTIONAL": "1000000000000",
     "NEOPULSE_RISK__MAX_DAILY_LOSS": "1000000000",
     "NEOPULSE_EXECUTION__RECONCILE_S": "3600",
-    # and, as bench_pipeline's stack_env does, no time-of-day rules: the bench runs at any hour
-    # (after 15:00 IST the late-entry cutoff refused every order and the run measured nothing)
-    "NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "",
-    "NEOPULSE_EXECUTION__SQUARE_OFF_AT": "",
-    "NEOPULSE_EXECUTION__LOGOUT_AT": "",
+    # and, as bench_pipeline's stack_env has, no time-of-day rules (after 15:00 IST the late-entry
+    # cutoff refused every order and the run measured nothing)
+    **ANY_HOUR,
 }
 
 

@@ -60,6 +60,15 @@ def free_base_port() -> int:
     raise RuntimeError("no free base port")
 
 
+# The suite and the benchmarks run at any hour: the late-entry cutoff, the intraday square-off
+# and the daily Kotak logout (else the IP probe fails) are off unless a test sets them.
+ANY_HOUR = {
+    "NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "",
+    "NEOPULSE_EXECUTION__SQUARE_OFF_AT": "",
+    "NEOPULSE_EXECUTION__LOGOUT_AT": "",
+}
+
+
 def stack_env(home: Path, base_port: int, **extra: Any) -> dict[str, str]:
     """Environment for running services/CLI against one isolated stack."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEOPULSE_")}
@@ -67,10 +76,7 @@ def stack_env(home: Path, base_port: int, **extra: Any) -> dict[str, str]:
         "NEOPULSE_HOME": str(home),
         "NEOPULSE_BUS__BASE_PORT": str(base_port),
         "PYTHONUNBUFFERED": "1",
-        # the suite runs at any hour: the late-entry cutoff is off unless a test sets it
-        "NEOPULSE_RISK__NO_NEW_ENTRIES_AFTER": "",
-        "NEOPULSE_EXECUTION__SQUARE_OFF_AT": "",  # and so is the intraday square-off
-        "NEOPULSE_EXECUTION__LOGOUT_AT": "",  # and the daily Kotak logout (else the IP probe fails)
+        **ANY_HOUR,
     })
     env.update({k: str(v) for k, v in extra.items()})
     return env

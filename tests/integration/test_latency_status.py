@@ -24,6 +24,17 @@ params = { lookback = 2, entry_pct = 0.01, exit_pct = 5.0, quantity = 1, stop_pc
 SERVICES = ("-s", "feed", "-s", "risk", "-s", "execution", "-s", "strategy")
 
 
+def _paper_stack(tmp_path: Path, pg_url: str, **env: str) -> Stack:
+    """Feed, risk, execution and the lat1 momentum strategy on a paper stack, started."""
+    home = tmp_path / "home"
+    home.mkdir(parents=True)
+    (home / "neopulse.toml").write_text(CONFIG)
+    stack = Stack(free_base_port(), home=home, NEOPULSE_DATABASE__URL=pg_url,
+                  NEOPULSE_CONFIG=str(home / "neopulse.toml"), NEOPULSE_FEED__RECORD="false", **env)
+    stack.start("feed", "risk", "execution", "strategy")
+    return stack
+
+
 def _latency(stack: Stack) -> dict[str, dict[str, Any]] | None:
     """hop → its row, once every hop has a non-zero count."""
     res = stack.cli("status", "--latency", "--json", *SERVICES)
@@ -35,12 +46,7 @@ def _latency(stack: Stack) -> dict[str, dict[str, Any]] | None:
 
 def test_status_latency_shows_every_hop_with_a_count_once_a_strategy_order_filled(
         tmp_path: Path, pg_url: str) -> None:
-    home = tmp_path / "home"
-    home.mkdir(parents=True)
-    (home / "neopulse.toml").write_text(CONFIG)
-    stack = Stack(free_base_port(), home=home, NEOPULSE_DATABASE__URL=pg_url,
-                  NEOPULSE_CONFIG=str(home / "neopulse.toml"), NEOPULSE_FEED__RECORD="false")
-    stack.start("feed", "risk", "execution", "strategy")
+    stack = _paper_stack(tmp_path, pg_url)
     try:
         hops = eventually(lambda: _latency(stack), 40, 0.5,
                           message=f"every hop with a count\n{stack.log()[-3000:]}")
@@ -66,13 +72,7 @@ def test_status_latency_shows_every_hop_with_a_count_once_a_strategy_order_fille
 
 def test_with_bus_latency_false_no_hop_is_kept_and_the_strategy_still_trades(
         tmp_path: Path, pg_url: str) -> None:
-    home = tmp_path / "home"
-    home.mkdir(parents=True)
-    (home / "neopulse.toml").write_text(CONFIG)
-    stack = Stack(free_base_port(), home=home, NEOPULSE_DATABASE__URL=pg_url,
-                  NEOPULSE_CONFIG=str(home / "neopulse.toml"), NEOPULSE_FEED__RECORD="false",
-                  NEOPULSE_BUS__LATENCY="false")
-    stack.start("feed", "risk", "execution", "strategy")
+    stack = _paper_stack(tmp_path, pg_url, NEOPULSE_BUS__LATENCY="false")
     try:
         def traded() -> bool:
             res = stack.cli("positions", "--json")

@@ -546,10 +546,11 @@ def test_settled_orders_on_postgres_answer_repeats_and_come_back_for_a_late_trad
 
 
 def test_an_order_update_finds_its_row_by_key_in_a_table_of_any_size(pg_url: str) -> None:
-    """np_ledger_write's UPDATE joins the updates (jsonb_to_recordset, which the planner always
+    """np_ledger_write's UPDATE joined the updates (jsonb_to_recordset, which the planner always
     guesses at 100 rows) to order_ledger. With a few thousand rows, a hash join over the whole
     table looked cheaper than 100 key lookups, so every write read every order of the day: a soak
-    saw tick -> ack p50 creep from 8 to 13 ms over 9,000 orders. The update must use the key."""
+    saw tick -> ack p50 creep from 8 to 13 ms over 9,000 orders. The update must use the key
+    (migration 0007)."""
     from services.execution.ledger import _WRITE, _write_args
 
     # Arrange: a day of 3,000 orders, analyzed (the statistics autovacuum would give the planner)
